@@ -1,0 +1,159 @@
+"""Datasets (MNIST via torchvision, CIFAR-10 via ImageFolder) held in memory as tensors."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DATASETS = ("mnist", "cifar10")
+SPLITS = ("train", "val", "test", "train-full")
+VAL_SIZE = 5000
+MNIST_CLASSES = [str(i) for i in range(10)]
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+_MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def default_data_root() -> Path:
+    """The data root from ``RDC_DATA_ROOT``, else ``../shared/data`` next to the project."""
+    env = os.environ.get("RDC_DATA_ROOT")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+
+
+def default_cache_dir() -> Path:
+    """Writable cache for extracted archives (``RDC_CACHE_DIR`` or ~/.cache/rdc-studio)."""
+    env = os.environ.get("RDC_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "rdc-studio"
+
+
+@dataclass
+class TensorDataset:
+    """Images as uint8 (N, C, H, W) and labels (N,) int64, with class names."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    classes: list[str]
+    name: str
+    split: str
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def float_images(self, index: slice | torch.Tensor | None = None) -> torch.Tensor:
+        """Images in [0, 1] as float32."""
+        imgs = self.images if index is None else self.images[index]
+        return imgs.float() / 255.0
+
+
+def _find_mnist_raw(data_root: Path) -> Path:
+    for cand in (data_root / "MNIST" / "raw", data_root / "raw", data_root):
+        if (cand / (_MNIST_FILES[0] + ".gz")).exists() or (cand / _MNIST_FILES[0]).exists():
+            return cand
+    raise FileNotFoundError(
+        f"MNIST not found under {data_root}: expected MNIST/raw/{_MNIST_FILES[0]}.gz "
+        "(pass --data-root or set RDC_DATA_ROOT)"
+    )
+
+
+def _extract_mnist(data_root: Path, cache_dir: Path) -> Path:
+    """Decompress the four MNIST IDX files into ``cache_dir/MNIST/raw`` (atomically)."""
+    raw_src = _find_mnist_raw(data_root)
+    raw_dst = cache_dir / "MNIST" / "raw"
+    raw_dst.mkdir(parents=True, exist_ok=True)
+    for name in _MNIST_FILES:
+        dst = raw_dst / name
+        if dst.exists():
+            continue
+        src_plain, src_gz = raw_src / name, raw_src / (name + ".gz")
+        fd, tmp = tempfile.mkstemp(dir=raw_dst, prefix=name, suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                if src_plain.exists():
+                    with open(src_plain, "rb") as f:
+                        shutil.copyfileobj(f, out)
+                else:
+                    with gzip.open(src_gz, "rb") as f:
+                        shutil.copyfileobj(f, out)
+            os.replace(tmp, dst)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return cache_dir
+
+
+def _split_indices(n_train: int, split: str, seed: int = 0) -> np.ndarray:
+    perm = np.random.default_rng(seed).permutation(n_train)
+    if split == "val":
+        return np.sort(perm[:VAL_SIZE])
+    if split == "train":
+        return np.sort(perm[VAL_SIZE:])
+    return np.arange(n_train)
+
+
+def load_mnist(split: str, data_root: str | Path | None = None, cache_dir: str | Path | None = None) -> TensorDataset:
+    """Exact MNIST via ``torchvision.datasets.MNIST``.
+
+    ``train`` is the 60k training set minus a fixed 5k validation subset (``val``);
+    ``train-full`` is all 60k; ``test`` is the official 10k test set in order.
+    """
+    from torchvision.datasets import MNIST
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    root = _extract_mnist(Path(data_root or default_data_root()), Path(cache_dir or default_cache_dir()))
+    ds = MNIST(str(root), train=split != "test", download=False)
+    images = ds.data.unsqueeze(1).contiguous()
+    labels = ds.targets.long()
+    if split != "test":
+        idx = torch.from_numpy(_split_indices(len(labels), split))
+        images, labels = images[idx], labels[idx]
+    return TensorDataset(images, labels, list(MNIST_CLASSES), "mnist", split)
+
+
+def load_cifar10(split: str, data_root: str | Path | None = None, cache_dir: str | Path | None = None) -> TensorDataset:
+    """The CIFAR-10 JPEG re-encoding via ``torchvision.datasets.ImageFolder``.
+
+    Note: these are JPEG (quality 75) re-encodings, not the official binaries.
+    """
+    from torchvision.datasets import ImageFolder
+
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    data_root = Path(data_root or default_data_root())
+    cache_dir = Path(cache_dir or default_cache_dir())
+    folder = cache_dir / "cifar10-jpeg"
+    if not folder.exists():
+        archive = data_root / "cifar10-jpeg.tar.gz"
+        if not archive.exists():
+            raise FileNotFoundError(f"CIFAR-10 archive not found: {archive}")
+        tmp = Path(tempfile.mkdtemp(dir=cache_dir.mkdir(parents=True, exist_ok=True) or cache_dir))
+        with tarfile.open(archive) as tar:
+            tar.extractall(tmp, filter="data")
+        os.replace(tmp / "cifar10-jpeg", folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+    sub = "test" if split == "test" else "train"
+    ds = ImageFolder(str(folder / sub))
+    arrays = np.stack([np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples])
+    images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
+    labels = torch.tensor([t for _, t in ds.samples], dtype=torch.long)
+    if split != "test":
+        idx = torch.from_numpy(_split_indices(len(labels), split))
+        images, labels = images[idx], labels[idx]
+    return TensorDataset(images, labels, list(ds.classes), "cifar10", split)
+
+
+def load_dataset(name: str, split: str, data_root: str | Path | None = None, cache_dir: str | Path | None = None) -> TensorDataset:
+    """Load ``mnist`` or ``cifar10`` for a split (``train``, ``val``, ``test``, ``train-full``)."""
+    if name == "mnist":
+        return load_mnist(split, data_root, cache_dir)
+    if name == "cifar10":
+        return load_cifar10(split, data_root, cache_dir)
+    raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")

@@ -1,0 +1,183 @@
+"""Checkpoint format and the registry of bundled models.
+
+A model is two files side by side: ``NAME.safetensors`` (weights; the JSON config is
+also embedded in its metadata) and ``NAME.json`` (config and model card: architecture,
+dataset, classes, image size, classifier defaults, training command, metrics). Loading
+never unpickles anything.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .nets import Denoiser, NetConfig, build_denoiser
+
+FORMAT = "rdc-studio/diffusion-classifier"
+FORMAT_VERSION = 1
+BUNDLED_DIR = Path(__file__).resolve().parent.parent / "resources" / "models"
+DEFAULT_MODEL = "mnist-multihead"
+
+
+class CheckpointError(ValueError):
+    """A file is not a valid RDC Studio checkpoint; the message names file and problem."""
+
+
+@dataclass
+class LoadedModel:
+    """A denoiser with its card (config + metadata) and where it came from."""
+
+    net: Denoiser
+    card: dict[str, Any]
+    path: Path
+
+    @property
+    def name(self) -> str:
+        return self.card.get("name", self.path.stem)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card["classes"])
+
+    @property
+    def classifier_defaults(self) -> dict[str, Any]:
+        return dict(self.card.get("classifier", {}))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
+    os.close(fd)
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_checkpoint(path: str | Path, net: Denoiser, card: dict[str, Any]) -> Path:
+    """Save ``net`` weights to ``path`` (.safetensors) and ``card`` beside it (.json)."""
+    path = Path(path).with_suffix(".safetensors")
+    card = dict(card)
+    card["format"] = FORMAT
+    card["format_version"] = FORMAT_VERSION
+    card["net"] = net.config.to_dict()
+    card.setdefault("name", path.stem)
+    atomic_save_tensors(path, net.state_dict(), metadata={"rdc_card": json.dumps(card)})
+    atomic_write_json(path.with_suffix(".json"), card)
+    return path
+
+
+def _read_card(weights: Path) -> dict[str, Any]:
+    side = weights.with_suffix(".json")
+    if side.exists():
+        try:
+            card = json.loads(side.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CheckpointError(f"{side}: model card is not valid JSON ({exc})") from exc
+    else:
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as f:
+                meta = f.metadata() or {}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from exc
+        if "rdc_card" not in meta:
+            raise CheckpointError(f"{weights}: no model card (neither {side.name} nor embedded metadata)")
+        card = json.loads(meta["rdc_card"])
+    if not isinstance(card, dict) or card.get("format") != FORMAT:
+        raise CheckpointError(f"{weights}: model card does not declare format {FORMAT!r}")
+    for key in ("net", "classes"):
+        if key not in card:
+            raise CheckpointError(f"{weights}: model card lacks {key!r}")
+    return card
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> Path:
+    """Map a bundled model name or a file path (.safetensors or .json) to the weights file."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_MODEL
+    p = Path(name_or_path)
+    if p.suffix in (".safetensors", ".json") or p.exists() or os.sep in str(name_or_path):
+        p = p.with_suffix(".safetensors")
+        if not p.exists():
+            raise CheckpointError(f"{p}: checkpoint file not found")
+        return p
+    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
+    if not bundled.exists():
+        names = ", ".join(list_bundled_models()) or "none"
+        raise CheckpointError(f"no bundled model named {name_or_path!r} (bundled: {names})")
+    return bundled
+
+
+def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
+    """Load a bundled model by name or a checkpoint by path, validating every tensor."""
+    path = resolve_model_path(name_or_path)
+    card = _read_card(path)
+    try:
+        config = NetConfig.from_dict(card["net"])
+        net = build_denoiser(config)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{path}: invalid network config ({exc})") from exc
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    expected = net.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match the config: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, ref in expected.items():
+        if tuple(tensors[key].shape) != tuple(ref.shape):
+            raise CheckpointError(
+                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, config expects {tuple(ref.shape)}"
+            )
+        if not torch.isfinite(tensors[key].float()).all():
+            raise CheckpointError(f"{path}: tensor {key!r} contains NaN or inf")
+    net.load_state_dict(tensors)
+    net.eval().to(device)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    if len(card["classes"]) != config.num_classes:
+        raise CheckpointError(f"{path}: {len(card['classes'])} class names for {config.num_classes} classes")
+    return LoadedModel(net, card, path)
+
+
+def list_bundled_models() -> list[str]:
+    """Names of the models shipped in ``resources/models``."""
+    if not BUNDLED_DIR.exists():
+        return []
+    return sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))

@@ -1,0 +1,241 @@
+"""Training of the denoisers with the EDM loss: a resumable generator of step records."""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .data import TensorDataset
+from .diffusion import loss_weight, sample_training_sigmas, to_model_space
+from .models import atomic_save_tensors, atomic_write_json, save_checkpoint
+from .nets import Denoiser, NetConfig, build_denoiser, count_parameters
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation settings (stored in the run directory and the model card)."""
+
+    epochs: float = 10.0
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 500
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    uncond_prob: float = 0.1  # embedding net: label dropout to learn the unconditional head
+    bf16: bool = True  # bfloat16 autocast (large speed-up on CPUs with AMX/AVX512-BF16)
+    seed: int = 0
+    checkpoint_minutes: float = 5.0
+    threads: int = 0  # 0 = leave torch's default
+    max_minutes: float = 0.0  # > 0: stop after this wall time and write the final model
+
+
+@dataclass(frozen=True)
+class TrainStep:
+    """One logged training step."""
+
+    step: int
+    total_steps: int
+    epoch: float
+    loss: float
+    images_per_second: float
+    lr: float
+    elapsed_seconds: float
+    checkpointed: bool = False
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """EMA decay warmed up as (1 + step) / (10 + step) so early weights fade quickly."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+def diffusion_loss(net: Denoiser, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
+                   uncond_prob: float = 0.1) -> torch.Tensor:
+    """EDM loss on each example's class head and on the unconditional head.
+
+    Parameters
+    ----------
+    x : (N, C, H, W) images in [0, 1].
+    labels : (N,) class indices.
+    """
+    n = x.shape[0]
+    k = net.config.num_classes
+    x0 = to_model_space(x)
+    sigma = sample_training_sigmas(n, generator, x.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x.device)
+    x_noisy = x0 + sigma.view(-1, 1, 1, 1) * noise
+    w = loss_weight(sigma)
+    if net.config.architecture == "multihead":
+        from .diffusion import precondition
+
+        pc = precondition(sigma)
+        raw = net.forward_raw(x_noisy * pc.c_in.view(-1, 1, 1, 1), pc.c_noise).float()
+        idx = torch.arange(n, device=x.device)
+        both = torch.stack([raw[idx, labels], raw[:, k]], dim=1)
+        d = pc.c_skip.view(-1, 1, 1, 1, 1) * x_noisy.unsqueeze(1) + pc.c_out.view(-1, 1, 1, 1, 1) * both
+        err = (d - x0.unsqueeze(1)).pow(2).mean(dim=(2, 3, 4)).sum(dim=1)
+    else:
+        drop = torch.rand(n, generator=generator).to(x.device) < uncond_prob
+        lab = torch.where(drop, torch.full_like(labels, k), labels)
+        d = net.denoise_labels(x_noisy, sigma, lab).float()
+        err = (d - x0).pow(2).mean(dim=(1, 2, 3))
+    return (w * err).mean()
+
+
+def _lr_at(step: int, cfg: TrainConfig) -> float:
+    return cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+
+
+def _save_state(run_dir: Path, net, ema, opt, gen: torch.Generator, step: int, wall: float, meta: dict) -> None:
+    tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    opt_state = opt.state_dict()
+    for pid, st in opt_state["state"].items():
+        for key, val in st.items():
+            if torch.is_tensor(val):
+                tensors[f"opt.{pid}.{key}"] = val.reshape(-1) if val.dim() == 0 else val
+    tensors["rng"] = gen.get_state()
+    atomic_save_tensors(run_dir / "state.safetensors", tensors)
+    state = dict(meta, step=step, wall_seconds=wall, param_groups=opt_state["param_groups"])
+    atomic_write_json(run_dir / "state.json", state)
+
+
+def _load_state(run_dir: Path, net, ema, opt, gen: torch.Generator) -> tuple[int, float]:
+    from safetensors.torch import load_file
+
+    state = json.loads((run_dir / "state.json").read_text())
+    tensors = load_file(str(run_dir / "state.safetensors"))
+    net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        if k.startswith("opt."):
+            _, pid, key = k.split(".", 2)
+            opt_state.setdefault(int(pid), {})[key] = v.reshape(()) if key == "step" else v
+    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    gen.set_state(tensors["rng"])
+    return int(state["step"]), float(state["wall_seconds"])
+
+
+def train(
+    dataset: TensorDataset,
+    net_config: NetConfig,
+    train_config: TrainConfig,
+    run_dir: str | Path,
+    card_extra: dict[str, Any] | None = None,
+    log_every: int = 50,
+    should_stop: Callable[[], bool] | None = None,
+    device: str | torch.device = "cpu",
+) -> Iterator[TrainStep]:
+    """Train a denoiser, yielding a :class:`TrainStep` every ``log_every`` steps.
+
+    Resumes from ``run_dir/state.*`` when present (same configs required). Writes a
+    checkpoint every ``checkpoint_minutes`` and, at the end, the EMA weights in the
+    bundled format as ``run_dir/model.safetensors`` + ``model.json``.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg = train_config
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    meta = {"net": net_config.to_dict(), "train": asdict(cfg), "dataset": dataset.name, "split": dataset.split}
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)  # parameter initialisation only; restored below
+    net = build_denoiser(net_config).to(device)
+    torch.random.set_rng_state(torch_state)
+    ema = copy.deepcopy(net).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    step, wall = 0, 0.0
+    if (run_dir / "state.json").exists():
+        prev = json.loads((run_dir / "state.json").read_text())
+        if prev.get("net") != meta["net"]:
+            raise ValueError(f"{run_dir}: existing run has a different network config; use a new --out")
+        step, wall = _load_state(run_dir, net, ema, opt, gen)
+    else:
+        atomic_write_json(run_dir / "config.json", meta)
+    n = len(dataset)
+    steps_per_epoch = max(1, n // cfg.batch_size)
+    total_steps = int(math.ceil(cfg.epochs * steps_per_epoch))
+    images = dataset.images
+    labels = dataset.labels
+    # the permutation position is derived from the step so resume continues the epoch
+    perm_epoch = step // steps_per_epoch
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + perm_epoch))
+    last_ckpt = time.perf_counter()
+    t_log, imgs_since = time.perf_counter(), 0
+    start = time.perf_counter() - wall
+    loss_acc, loss_n = 0.0, 0
+    net.train()
+    while step < total_steps:
+        if cfg.max_minutes > 0 and time.perf_counter() - start > cfg.max_minutes * 60:
+            _save_state(run_dir, net, ema, opt, gen, step, time.perf_counter() - start, meta)
+            break
+        if should_stop is not None and should_stop():
+            _save_state(run_dir, net, ema, opt, gen, step, time.perf_counter() - start, meta)
+            return
+        epoch_idx, pos = divmod(step, steps_per_epoch)
+        if epoch_idx != perm_epoch:
+            perm_epoch = epoch_idx
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + perm_epoch))
+        idx = perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
+        x = images[idx].to(device).float() / 255.0
+        y = labels[idx].to(device)
+        lr = _lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with torch.autocast("cpu" if str(device) == "cpu" else "cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
+            loss = diffusion_loss(net, x, y, gen, cfg.uncond_prob)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+        opt.step()
+        decay = ema_decay_at(step, cfg.ema_decay)
+        with torch.no_grad():
+            for pe, pn in zip(ema.parameters(), net.parameters()):
+                pe.lerp_(pn, 1.0 - decay)
+        step += 1
+        loss_acc += float(loss.detach())
+        loss_n += 1
+        imgs_since += x.shape[0]
+        checkpointed = False
+        if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 or step == total_steps:
+            _save_state(run_dir, net, ema, opt, gen, step, time.perf_counter() - start, meta)
+            last_ckpt = time.perf_counter()
+            checkpointed = True
+        if step % log_every == 0 or step == total_steps or checkpointed:
+            now = time.perf_counter()
+            yield TrainStep(step, total_steps, step / steps_per_epoch, loss_acc / loss_n,
+                            imgs_since / max(now - t_log, 1e-9), lr, now - start, checkpointed)
+            t_log, imgs_since, loss_acc, loss_n = now, 0, 0.0, 0
+    wall = time.perf_counter() - start
+    card = {
+        "name": run_dir.name,
+        "dataset": dataset.name,
+        "classes": dataset.classes,
+        "image_size": net_config.image_size,
+        "channels": net_config.in_channels,
+        "normalization": "pixels in [0,1], network input 2x-1",
+        "parameters": count_parameters(ema),
+        "training": {
+            **asdict(cfg),
+            "split": dataset.split,
+            "examples": n,
+            "steps": step,
+            "wall_seconds": round(wall, 1),
+            "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, {device}",
+            "torch": torch.__version__,
+        },
+    }
+    if card_extra:
+        card.update(card_extra)
+    save_checkpoint(run_dir / "model.safetensors", ema, card)
