@@ -191,3 +191,14 @@ def classify_batches(clf: DiffusionClassifier, images: torch.Tensor, batch_size:
             if cancelled():
                 return
             yield i, clf(images[i:i + batch_size].to(clf.device))
+
+
+def build_classifier(model, device: str | torch.device = "cpu", **overrides) -> DiffusionClassifier:
+    """A classifier for a loaded model: the card's ``classifier`` defaults, then overrides.
+
+    ``overrides`` whose value is None are ignored, so CLI flags can be passed through.
+    """
+    settings = ClassifierSettings.from_dict(model.classifier_defaults)
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    settings = ClassifierSettings.from_dict({**settings.to_dict(), **changes})
+    return DiffusionClassifier(model.net, settings).to(device)

@@ -71,6 +71,119 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def resolve_device(name: str) -> str:
+    """``auto`` picks CUDA when available, else CPU."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("rdc: error: --device cuda requested but CUDA is not available")
+    return name
+
+
+def _classifier_overrides(args: argparse.Namespace) -> dict:
+    return {"steps": args.steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
+            "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed}
+
+
+def _add_classifier_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="bundled model name or checkpoint path (default: the bundled default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--steps", type=int, default=None, help="noise levels T (default: the model card's)")
+    p.add_argument("--weighting", choices=["elbo", "edm"], default=None)
+    p.add_argument("--sigma-min", type=float, default=None)
+    p.add_argument("--sigma-max", type=float, default=None)
+    p.add_argument("--mode", choices=["deterministic", "randomized"], default=None)
+    p.add_argument("--noise-seed", type=int, default=None)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+
+
+def _setup_threads(args: argparse.Namespace) -> None:
+    import os
+
+    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+
+
+def _load(args: argparse.Namespace):
+    from .classifier import build_classifier
+    from .models import CheckpointError, load_checkpoint
+
+    device = resolve_device(args.device)
+    try:
+        model = load_checkpoint(args.model, device=device)
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    return model, build_classifier(model, device, **_classifier_overrides(args))
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from .images import ImageLoadError, load_for_model
+
+    _setup_threads(args)
+    model, clf = _load(args)
+    cfg = model.net.config
+    results, status = [], 0
+    for path in args.images:
+        try:
+            arr = load_for_model(path, cfg.image_size, cfg.in_channels)
+        except ImageLoadError as exc:
+            print(f"rdc: error: {exc}", file=sys.stderr)
+            results.append({"image": path, "error": str(exc)})
+            status = 1
+            continue
+        x = torch.from_numpy(arr).unsqueeze(0).to(clf.device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            logits = clf(x)[0]
+        seconds = time.perf_counter() - t0
+        probs = torch.softmax(logits, 0).cpu()
+        pred = int(probs.argmax())
+        results.append({"image": path, "predicted": pred, "class": model.classes[pred],
+                        "confidence": float(probs[pred]), "probabilities": dict(zip(model.classes, map(float, probs))),
+                        "logits": [float(v) for v in logits.cpu()], "seconds": seconds})
+        if not args.json:
+            bars = "  ".join(f"{c}:{p:.3f}" for c, p in zip(model.classes, probs.tolist()))
+            print(f"{path}: {model.classes[pred]} ({float(probs[pred]):.1%})  [{bars}]  {seconds * 1000:.0f} ms")
+    if args.json:
+        print(json.dumps({"model": model.name, "settings": clf.settings.to_dict(), "results": results}, indent=2))
+    return status
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import load_dataset
+    from .evaluate import clean_report, evaluate_clean
+    from .models import atomic_write_json
+
+    _setup_threads(args)
+    model, clf = _load(args)
+    if args.defense != "dc" or args.attack != "none":
+        raise SystemExit("rdc: error: only --defense dc --attack none is available in this version")
+    ds = load_dataset(args.dataset, args.split, args.data_root)
+    if ds.name != model.card.get("dataset"):
+        raise SystemExit(f"rdc: error: model {model.name} was trained on {model.card.get('dataset')}, not {ds.name}")
+    steps = []
+    total = min(args.n or len(ds), len(ds))
+    with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        for rec in evaluate_clean(clf, ds, total, args.batch_size):
+            steps.append(rec)
+            bar.update(rec.done - bar.n)
+            bar.set_postfix(acc=f"{rec.accuracy:.4f}")
+    report = clean_report(
+        steps,
+        model={"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture},
+        settings={"dataset": args.dataset, "split": args.split, "defense": args.defense, "attack": args.attack,
+                  "classifier": clf.settings.to_dict(), "device": str(clf.device), "batch_size": args.batch_size,
+                  "command": _command_line()},
+    )
+    if args.out:
+        atomic_write_json(args.out, report)
+    lo, hi = report["ci95"]
+    print(f"clean accuracy {report['clean_acc']:.4f} on n={report['n']} (95% CI {lo:.4f}-{hi:.4f}), "
+          f"{report['seconds_per_image'] * 1000:.0f} ms/image")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdc", description="Robust Diffusion Classifier engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -99,6 +212,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log", default=None, help="append JSON lines of step records here")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("classify", help="classify image files with the diffusion classifier")
+    p.add_argument("images", nargs="+")
+    _add_classifier_args(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("eval", help="evaluate accuracy on a dataset split")
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p.add_argument("--n", type=int, default=None, help="first N examples (default: all)")
+    p.add_argument("--defense", choices=["dc"], default="dc", help="dc: diffusion classifier (rdc/cnn: later)")
+    p.add_argument("--attack", choices=["none"], default="none", help="none: clean accuracy (attacks: later)")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
+    _add_classifier_args(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

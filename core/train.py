@@ -239,3 +239,24 @@ def train(
     if card_extra:
         card.update(card_extra)
     save_checkpoint(run_dir / "model.safetensors", ema, card)
+
+
+def export_from_state(run_dir: str | Path, out: str | Path, card_extra: dict[str, Any] | None = None) -> Path:
+    """Write the EMA weights of an (unfinished) run's saved state as a checkpoint."""
+    from safetensors.torch import load_file
+
+    run_dir = Path(run_dir)
+    state = json.loads((run_dir / "state.json").read_text())
+    net = build_denoiser(NetConfig.from_dict(state["net"]))
+    tensors = load_file(str(run_dir / "state.safetensors"))
+    net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    from .data import CIFAR10_CLASSES, MNIST_CLASSES
+
+    classes = MNIST_CLASSES if state["dataset"] == "mnist" else CIFAR10_CLASSES
+    card = {"name": Path(out).stem, "dataset": state["dataset"], "classes": classes,
+            "image_size": net.config.image_size, "channels": net.config.in_channels,
+            "training": {**state["train"], "steps": state["step"], "wall_seconds": state["wall_seconds"],
+                         "unfinished_export": True}}
+    if card_extra:
+        card.update(card_extra)
+    return save_checkpoint(out, net, card)

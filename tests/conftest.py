@@ -1,0 +1,41 @@
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture
+def tiny_config():
+    from core.nets import NetConfig
+
+    return NetConfig(channels=(8, 16), head_channels=(4,), emb_dim=32)
+
+
+@pytest.fixture
+def tiny_net(tiny_config):
+    """A small multi-head denoiser with random (non-zero) weights."""
+    from core.nets import build_denoiser
+
+    torch.manual_seed(0)
+    net = build_denoiser(tiny_config)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval()
+
+
+@pytest.fixture
+def tiny_checkpoint(tmp_path, tiny_net):
+    from core.models import save_checkpoint
+
+    return save_checkpoint(tmp_path / "tiny.safetensors", tiny_net,
+                           {"name": "tiny", "dataset": "mnist", "classes": [str(i) for i in range(10)]})
+
+
+def mnist_available() -> bool:
+    from core.data import default_data_root
+
+    return (default_data_root() / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()

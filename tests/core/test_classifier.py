@@ -1,0 +1,113 @@
+import numpy as np
+import pytest
+import torch
+
+from core.classifier import ClassifierSettings, DiffusionClassifier, classify_batches
+from core.diffusion import to_model_space
+
+
+@pytest.fixture
+def images():
+    g = torch.Generator().manual_seed(3)
+    return torch.rand(4, 1, 28, 28, generator=g)
+
+
+def test_logits_shape_and_determinism(tiny_net, images):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=6, noise_seed=1))
+    with torch.no_grad():
+        a, b = clf(images), clf(images)
+    assert a.shape == (4, 10)
+    assert torch.equal(a, b)
+    again = DiffusionClassifier(tiny_net, ClassifierSettings(steps=6, noise_seed=1))
+    with torch.no_grad():
+        assert torch.allclose(again(images), a)
+        other = DiffusionClassifier(tiny_net, ClassifierSettings(steps=6, noise_seed=2))(images)
+    assert not torch.allclose(other, a)
+
+
+def test_randomized_mode_uses_explicit_generator(tiny_net, images):
+    s = ClassifierSettings(steps=4, mode="randomized")
+    c1 = DiffusionClassifier(tiny_net, s, generator=torch.Generator().manual_seed(5))
+    c2 = DiffusionClassifier(tiny_net, s, generator=torch.Generator().manual_seed(5))
+    global_state = torch.random.get_rng_state()
+    with torch.no_grad():
+        a1, a2 = c1(images), c1(images)
+        b1 = c2(images)
+    assert not torch.allclose(a1, a2)  # fresh noise every call
+    assert torch.equal(a1, b1)  # reproducible from the generator
+    assert torch.equal(torch.random.get_rng_state(), global_state)  # global RNG untouched
+
+
+def test_logits_equal_weighted_sum_with_shared_noise(tiny_net, images):
+    """Recompute the logits by hand: the same noise for every class, one pass per class."""
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=3, noise_seed=0))
+    x0 = to_model_space(images)
+    expected = torch.zeros(4, 10)
+    with torch.no_grad():
+        for i in range(3):
+            s = clf.sigmas[i]
+            noisy = x0 + s * clf.noise_bank[i]
+            for y in range(10):
+                d = tiny_net.denoise(noisy, s.repeat(4), heads=[y])[:, 0]
+                expected[:, y] -= clf.weights[i] * (d - x0).pow(2).flatten(1).sum(1)
+        got = clf(images)
+    assert torch.allclose(got, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_per_class_mode_matches_multihead(tiny_net, images):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=3))
+    with torch.no_grad():
+        assert torch.allclose(clf(images), clf(images, per_class=True), rtol=1e-4, atol=1e-3)
+
+
+def test_chunked_levels_match_one_pass(tiny_net, images):
+    one = DiffusionClassifier(tiny_net, ClassifierSettings(steps=5))
+    chunked = DiffusionClassifier(tiny_net, ClassifierSettings(steps=5, levels_per_pass=2))
+    with torch.no_grad():
+        assert torch.allclose(one(images), chunked(images), rtol=1e-4, atol=1e-3)
+
+
+def test_streaming_form_equals_one_shot(tiny_net, images):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=5))
+    steps = list(clf.stream(images, levels_per_step=2))
+    assert [s.levels_done for s in steps] == [2, 4, 5]
+    assert steps[0].level_errors.shape == (4, 2, 10)
+    with torch.no_grad():
+        full = clf(images).numpy()
+    assert np.allclose(steps[-1].logits, full, rtol=1e-4, atol=1e-3)
+    assert np.allclose(steps[-1].probabilities.sum(1), 1.0, atol=1e-5)
+    # the running estimate is rescaled to the full mass: the first step is level 0 alone
+    first = -steps[0].level_errors.sum(1) * float(clf.weights[0]) * 5 / 2
+    assert np.allclose(steps[0].logits, first, rtol=1e-4, atol=1e-3)
+
+
+def test_stream_cancellation_stops_early(tiny_net, images):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=6))
+    calls = {"n": 0}
+
+    def cancelled():
+        calls["n"] += 1
+        return calls["n"] > 2
+
+    assert len(list(clf.stream(images, 1, cancelled))) == 2
+
+
+def test_gradients_flow_to_input(tiny_net, images):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2))
+    x = images.clone().requires_grad_(True)
+    clf(x)[:, 3].sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_classify_batches_covers_all(tiny_net):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2))
+    imgs = torch.rand(7, 1, 28, 28)
+    out = list(classify_batches(clf, imgs, batch_size=3))
+    assert [i for i, _ in out] == [0, 3, 6] and sum(l.shape[0] for _, l in out) == 7
+
+
+def test_settings_validation():
+    with pytest.raises(ValueError):
+        ClassifierSettings(mode="sometimes")
+    with pytest.raises(ValueError):
+        ClassifierSettings(steps=0)

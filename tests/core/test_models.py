@@ -1,0 +1,104 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from core.models import CheckpointError, load_checkpoint, save_checkpoint
+
+
+def test_round_trip(tiny_checkpoint, tiny_net):
+    loaded = load_checkpoint(tiny_checkpoint)
+    assert loaded.name == "tiny" and loaded.classes == [str(i) for i in range(10)]
+    x, s = torch.randn(2, 1, 28, 28), torch.ones(2)
+    with torch.no_grad():
+        assert torch.equal(loaded.net.denoise(x, s), tiny_net.denoise(x, s))
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    assert card["net"]["channels"] == [8, 16]
+
+
+def test_loads_from_embedded_card_without_json(tiny_checkpoint):
+    tiny_checkpoint.with_suffix(".json").unlink()
+    assert load_checkpoint(tiny_checkpoint).name == "tiny"
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.safetensors")
+
+
+def test_unknown_bundled_name():
+    with pytest.raises(CheckpointError, match="no bundled model named"):
+        load_checkpoint("definitely-not-a-model")
+
+
+def test_garbage_file(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"this is not a checkpoint" * 10)
+    with pytest.raises(CheckpointError, match="bad.safetensors"):
+        load_checkpoint(bad)
+
+
+def test_pickle_is_never_loaded(tmp_path, tiny_net):
+    # a torch.save pickle renamed to .safetensors must be rejected, not unpickled
+    bad = tmp_path / "pickled.safetensors"
+    torch.save(tiny_net.state_dict(), bad)
+    with pytest.raises(CheckpointError, match="pickled.safetensors"):
+        load_checkpoint(bad)
+
+
+def test_invalid_json_card(tiny_checkpoint):
+    tiny_checkpoint.with_suffix(".json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_checkpoint(tiny_checkpoint)
+
+
+def test_wrong_format_card(tiny_checkpoint):
+    tiny_checkpoint.with_suffix(".json").write_text(json.dumps({"hello": 1}))
+    with pytest.raises(CheckpointError, match="format"):
+        load_checkpoint(tiny_checkpoint)
+
+
+def test_tensors_not_matching_config(tiny_checkpoint):
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    card["net"]["channels"] = [16, 32]
+    tiny_checkpoint.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="shape"):
+        load_checkpoint(tiny_checkpoint)
+
+
+def test_missing_tensor(tmp_path, tiny_net):
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
+    tensors = dict(tiny_net.state_dict())
+    tensors.pop("conv_in.weight")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    with pytest.raises(CheckpointError, match="missing.*conv_in.weight"):
+        load_checkpoint(path)
+
+
+def test_nan_weights_rejected(tmp_path, tiny_net):
+    sd = {k: v.clone() for k, v in tiny_net.state_dict().items()}
+    sd["conv_in.weight"][0, 0, 0, 0] = float("nan")
+    tiny_net.load_state_dict(sd)
+    path = save_checkpoint(tmp_path / "nan.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
+    with pytest.raises(CheckpointError, match="NaN"):
+        load_checkpoint(path)
+
+
+def test_bad_net_config(tiny_checkpoint):
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    card["net"]["architecture"] = "transformer"
+    tiny_checkpoint.with_suffix(".json").write_text(json.dumps(card))
+    with pytest.raises(CheckpointError, match="invalid network config"):
+        load_checkpoint(tiny_checkpoint)
+
+
+def test_class_count_mismatch(tmp_path, tiny_net):
+    path = save_checkpoint(tmp_path / "c.safetensors", tiny_net, {"dataset": "mnist", "classes": ["a", "b"]})
+    with pytest.raises(CheckpointError, match="class names"):
+        load_checkpoint(path)
+
+
+def test_save_leaves_no_partial_files(tmp_path, tiny_net):
+    save_checkpoint(tmp_path / "ok.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "ok.safetensors"]

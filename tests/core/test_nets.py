@@ -1,0 +1,56 @@
+import pytest
+import torch
+
+from core.nets import NetConfig, build_denoiser
+
+
+def test_multihead_shapes_and_head_subsets(tiny_net):
+    x = torch.randn(3, 1, 28, 28)
+    s = torch.tensor([0.1, 1.0, 5.0])
+    with torch.no_grad():
+        full = tiny_net.denoise(x, s)
+        sub = tiny_net.denoise(x, s, heads=[7, 10, 2])
+    assert full.shape == (3, 11, 1, 28, 28)
+    assert sub.shape == (3, 3, 1, 28, 28)
+    # evaluating a subset of heads gives exactly those heads of the full pass
+    assert torch.allclose(sub, full[:, [7, 10, 2]], atol=1e-5)
+    # the heads differ (they have separate weights)
+    assert (full[:, 0] - full[:, 1]).abs().max() > 1e-4
+
+
+def test_embedding_net_shapes_and_consistency():
+    torch.manual_seed(0)
+    net = build_denoiser(NetConfig(architecture="embedding", channels=(8, 16), emb_dim=32)).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+        x, s = torch.randn(2, 1, 28, 28), torch.tensor([0.5, 2.0])
+        full = net.denoise(x, s)
+        one = net.denoise(x, s, heads=[4])
+        per = net.denoise_labels(x, s, torch.tensor([4, 4]))
+    assert full.shape == (2, 11, 1, 28, 28)
+    assert torch.allclose(one[:, 0], full[:, 4], atol=1e-5)
+    assert torch.allclose(per, full[:, 4], atol=1e-5)
+
+
+def test_rgb_32px_config():
+    net = build_denoiser(NetConfig(image_size=32, in_channels=3, channels=(8, 16, 16), head_channels=(4, 4),
+                                   emb_dim=32))
+    out = net.denoise(torch.randn(2, 3, 32, 32), torch.ones(2))
+    assert out.shape == (2, 11, 3, 32, 32)
+
+
+def test_denoiser_is_identity_at_tiny_noise(tiny_net):
+    x = torch.rand(2, 1, 28, 28) * 2 - 1
+    with torch.no_grad():
+        d = tiny_net.denoise(x, torch.full((2,), 1e-4))
+    assert torch.allclose(d, x.unsqueeze(1).expand_as(d), atol=1e-3)
+
+
+def test_config_validation():
+    with pytest.raises(ValueError):
+        NetConfig(architecture="transformer")
+    with pytest.raises(ValueError):
+        NetConfig(image_size=30, channels=(8, 16, 32))
+    with pytest.raises(ValueError):
+        NetConfig.from_dict({"channels": [8], "bogus": 1})
