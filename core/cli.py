@@ -12,8 +12,12 @@ from pathlib import Path
 import torch
 
 
+_ARGV: list[str] = []
+
+
 def _command_line() -> str:
-    return "rdc " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as the user typed it (for model cards and reports)."""
+    return "rdc " + " ".join(shlex.quote(a) for a in _ARGV)
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -30,6 +34,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     ds = load_dataset(args.dataset, args.split, args.data_root)
+    if args.limit:
+        ds.images, ds.labels = ds.images[: args.limit], ds.labels[: args.limit]
     channels = 1 if args.dataset == "mnist" else 3
     size = 28 if args.dataset == "mnist" else 32
     net_cfg = NetConfig(
@@ -38,7 +44,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         head_channels=_int_tuple(args.head_channels), dropout=args.dropout,
     )
     train_cfg = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, ema_decay=args.ema_decay,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
         bf16=not args.fp32, seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads, max_minutes=args.max_minutes,
     )
@@ -203,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
     p.add_argument("--fp32", action="store_true", help="disable bfloat16 autocast")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -211,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--log", default=None, help="append JSON lines of step records here")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N examples only (smoke runs)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("classify", help="classify image files with the diffusion classifier")
@@ -235,6 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _ARGV[:] = argv
     args = parser.parse_args(argv)
     return int(args.func(args) or 0)
 

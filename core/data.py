@@ -53,6 +53,15 @@ class TensorDataset:
         return imgs.float() / 255.0
 
 
+def mnist_available(data_root: str | Path | None = None) -> bool:
+    """Whether the MNIST IDX files can be found under ``data_root``."""
+    try:
+        _find_mnist_raw(Path(data_root or default_data_root()))
+        return True
+    except FileNotFoundError:
+        return False
+
+
 def _find_mnist_raw(data_root: Path) -> Path:
     for cand in (data_root / "MNIST" / "raw", data_root / "raw", data_root):
         if (cand / (_MNIST_FILES[0] + ".gz")).exists() or (cand / _MNIST_FILES[0]).exists():

@@ -157,7 +157,7 @@ def train(
     step, wall = 0, 0.0
     if (run_dir / "state.json").exists():
         prev = json.loads((run_dir / "state.json").read_text())
-        if prev.get("net") != meta["net"]:
+        if prev.get("net") != json.loads(json.dumps(meta["net"])):
             raise ValueError(f"{run_dir}: existing run has a different network config; use a new --out")
         step, wall = _load_state(run_dir, net, ema, opt, gen)
     else:

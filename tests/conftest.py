@@ -33,9 +33,3 @@ def tiny_checkpoint(tmp_path, tiny_net):
 
     return save_checkpoint(tmp_path / "tiny.safetensors", tiny_net,
                            {"name": "tiny", "dataset": "mnist", "classes": [str(i) for i in range(10)]})
-
-
-def mnist_available() -> bool:
-    from core.data import default_data_root
-
-    return (default_data_root() / "MNIST" / "raw" / "train-images-idx3-ubyte.gz").exists()
