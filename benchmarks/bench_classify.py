@@ -1,0 +1,102 @@
+"""Classification speed of the diffusion classifier on this machine.
+
+Prints, measured in one run: ms per image for the default model and settings (single
+image and batched), multi-head vs per-class evaluation time and their ratio, and the
+achieved GFLOP/s against the measured fp32 matmul throughput.
+
+    python benchmarks/bench_classify.py [--model NAME|PATH] [--steps T] [--threads N] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from core.classifier import build_classifier
+from core.evaluate import hardware_description
+from core.models import load_checkpoint
+
+
+def time_call(fn, repeats: int, warmup: int = 2) -> float:
+    """Median wall time of ``fn()`` in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    t = time_call(lambda: a @ b, repeats)
+    return 2 * size**3 / t / 1e9
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None)
+    p.add_argument("--steps", type=int, default=None, help="noise levels (default: the model card's)")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.model)
+    clf = build_classifier(model, "cpu", steps=args.steps)
+    cfg = model.net.config
+    g = torch.Generator().manual_seed(0)
+    one = torch.rand(1, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    batch = torch.rand(args.batch, cfg.in_channels, cfg.image_size, cfg.image_size, generator=g)
+    with torch.no_grad():
+        t_single = time_call(lambda: clf(one), args.repeats)
+        t_batch = time_call(lambda: clf(batch), max(3, args.repeats // 3)) / args.batch
+        t_perclass = time_call(lambda: clf(one, per_class=True), max(3, args.repeats // 3))
+        flops_single = count_flops(lambda: clf(one))
+        flops_perclass = count_flops(lambda: clf(one, per_class=True))
+    peak = matmul_gflops()
+    s = clf.settings
+    result = {
+        "model": model.name, "architecture": cfg.architecture, "steps": s.steps, "weighting": s.weighting,
+        "threads": args.threads, "hardware": hardware_description(),
+        "ms_single_image": t_single * 1e3, "ms_per_image_batched": t_batch * 1e3, "batch": args.batch,
+        "ms_per_class_mode": t_perclass * 1e3, "multihead_speedup": t_perclass / t_single,
+        "gflop_per_image": flops_single / 1e9, "gflop_per_image_per_class_mode": flops_perclass / 1e9,
+        "gflops_single": flops_single / t_single / 1e9, "gflops_batched": flops_single / t_batch / 1e9,
+        "matmul_fp32_gflops": peak,
+    }
+    print(f"model {model.name} ({cfg.architecture}), T={s.steps} {s.weighting} [{s.sigma_min}, {s.sigma_max}], "
+          f"{args.threads} threads")
+    print(f"hardware: {result['hardware']}")
+    print(f"single image      : {result['ms_single_image']:8.1f} ms")
+    print(f"batched ({args.batch:3d})     : {result['ms_per_image_batched']:8.1f} ms/image")
+    print(f"per-class mode    : {result['ms_per_class_mode']:8.1f} ms/image  (K={cfg.num_classes} separate passes)")
+    print(f"multi-head speedup: {result['multihead_speedup']:8.2f} x   "
+          f"(FLOP ratio {flops_perclass / flops_single:.2f} x)")
+    print(f"work              : {result['gflop_per_image']:8.3f} GFLOP/image")
+    print(f"achieved          : {result['gflops_single']:8.1f} GFLOP/s single, {result['gflops_batched']:.1f} GFLOP/s "
+          f"batched; fp32 matmul peak {peak:.1f} GFLOP/s "
+          f"({result['gflops_batched'] / peak:.0%} of it batched)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from core.cli import main
+from core.data import mnist_available
+
+
+@pytest.fixture
+def digit_png(tmp_path):
+    arr = np.zeros((28, 28), np.uint8)
+    arr[6:22, 12:16] = 255
+    path = tmp_path / "digit.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+def test_classify_json(tiny_checkpoint, digit_png, capsys):
+    rc = main(["classify", str(digit_png), "--model", str(tiny_checkpoint), "--steps", "3", "--json",
+               "--device", "cpu"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    res = out["results"][0]
+    assert res["image"] == str(digit_png)
+    assert 0 <= res["predicted"] < 10 and res["class"] == str(res["predicted"])
+    probs = list(res["probabilities"].values())
+    assert abs(sum(probs) - 1) < 1e-5 and max(probs) == pytest.approx(res["confidence"])
+    assert out["settings"]["steps"] == 3
+
+
+def test_classify_text_and_bad_file(tiny_checkpoint, digit_png, tmp_path, capsys):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    rc = main(["classify", str(digit_png), str(bad), "--model", str(tiny_checkpoint), "--steps", "2"])
+    captured = capsys.readouterr()
+    assert rc == 1
+    assert "digit.png:" in captured.out and "ms" in captured.out
+    assert "broken.png" in captured.err
+
+
+def test_bad_checkpoint_is_a_clear_error(tmp_path, digit_png):
+    bad = tmp_path / "x.safetensors"
+    bad.write_text("nope")
+    with pytest.raises(SystemExit, match="x.safetensors"):
+        main(["classify", str(digit_png), "--model", str(bad)])
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_writes_report(tiny_checkpoint, tmp_path):
+    out = tmp_path / "results.json"
+    rc = main(["eval", "--dataset", "mnist", "--split", "test", "--n", "12", "--defense", "dc", "--attack", "none",
+               "--model", str(tiny_checkpoint), "--steps", "2", "--batch-size", "5", "--out", str(out)])
+    assert rc == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == 12 and 0 <= report["clean_acc"] <= 1
+    lo, hi = report["ci95"]
+    assert lo <= report["clean_acc"] <= hi
+    assert report["seconds"] > 0 and report["seconds_per_image"] == pytest.approx(report["seconds"] / 12)
+    assert report["settings"]["classifier"]["steps"] == 2 and report["model"]["name"] == "tiny"
+
+
+def test_wilson_interval_known_values():
+    from core.evaluate import wilson_interval
+
+    lo, hi = wilson_interval(985, 1000)
+    assert lo == pytest.approx(0.9754, abs=5e-4) and hi == pytest.approx(0.9910, abs=5e-4)
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
