@@ -152,11 +152,14 @@ class DiffusionClassifier(nn.Module):
                cancelled=lambda: False) -> Iterator[ClassifyStep]:
         """Yield the running estimate after each chunk of ``levels_per_step`` levels.
 
-        The estimate rescales the partial weighted sum to the full mass, so it is
-        comparable across steps; after the last step it equals :meth:`forward`.
+        Levels are visited in an interleaved order (a stratified subset of the grid at
+        every step) and the partial weighted sum is rescaled to the full mass, so the
+        estimate is comparable across steps; after the last step it equals
+        :meth:`forward`. ``level_errors`` of a record follow the visiting order.
         """
         noise = self.draw_noise()
         t = self.settings.steps
+        order = interleaved_order(t)
         acc = torch.zeros(x.shape[0], self.num_classes, device=self.device)
         mass_done = 0.0
         total_mass = float(self.weights.sum())
@@ -164,23 +167,33 @@ class DiffusionClassifier(nn.Module):
             for start in range(0, t, levels_per_step):
                 if cancelled():
                     return
-                levels = list(range(start, min(start + levels_per_step, t)))
+                levels = order[start:start + levels_per_step]
                 err = self.level_errors(x, levels, noise)
                 w = self.weights[levels]
                 acc = acc - (err * w.view(1, -1, 1)).sum(1)
                 mass_done += float(w.sum())
-                done = levels[-1] + 1
+                done = start + len(levels)
                 if done == t:
                     est = acc + self.log_prior
                 else:
                     est = acc * (total_mass / mass_done) + self.log_prior
                 yield ClassifyStep(
                     levels_done=done, total_levels=t,
-                    sigmas_done=self.sigmas[:done].cpu().numpy().copy(),
+                    sigmas_done=self.sigmas[order[:done]].cpu().numpy().copy(),
                     logits=est.cpu().numpy().copy(),
                     probabilities=torch.softmax(est, dim=1).cpu().numpy().copy(),
                     level_errors=err.cpu().numpy().copy(),
                 )
+
+
+def interleaved_order(steps: int) -> list[int]:
+    """A permutation of range(steps) whose every prefix spreads over the whole grid.
+
+    Bit-reversal (van der Corput) order: 8 levels are visited as 0, 4, 2, 6, 1, 5, 3, 7.
+    """
+    bits = max(1, (steps - 1).bit_length())
+    keys = sorted(range(steps), key=lambda i: int(format(i, f"0{bits}b")[::-1], 2))
+    return keys
 
 
 def classify_batches(clf: DiffusionClassifier, images: torch.Tensor, batch_size: int = 64,

@@ -76,9 +76,21 @@ def test_streaming_form_equals_one_shot(tiny_net, images):
         full = clf(images).numpy()
     assert np.allclose(steps[-1].logits, full, rtol=1e-4, atol=1e-3)
     assert np.allclose(steps[-1].probabilities.sum(1), 1.0, atol=1e-5)
-    # the running estimate is rescaled to the full mass: the first step is level 0 alone
+    # the running estimate is rescaled to the full mass: the first step holds levels 0 and 4
+    assert list(steps[0].sigmas_done) == pytest.approx([float(clf.sigmas[0]), float(clf.sigmas[4])])
     first = -steps[0].level_errors.sum(1) * float(clf.weights[0]) * 5 / 2
     assert np.allclose(steps[0].logits, first, rtol=1e-4, atol=1e-3)
+
+
+def test_interleaved_order_is_a_spread_permutation():
+    from core.classifier import interleaved_order
+
+    assert interleaved_order(8) == [0, 4, 2, 6, 1, 5, 3, 7]
+    for t in (1, 5, 16, 125):
+        order = interleaved_order(t)
+        assert sorted(order) == list(range(t))
+        if t >= 5:
+            assert max(order[:2]) >= t // 2  # the first two levels span both halves
 
 
 def test_stream_cancellation_stops_early(tiny_net, images):

@@ -1,0 +1,74 @@
+"""``rdc-studio``: the desktop application."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rdc-studio", description="RDC Studio: classify images with a diffusion model")
+    p.add_argument("image", nargs="?", help="image to open at start")
+    p.add_argument("--model", default=None, help="bundled model name or checkpoint path")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=None, help="noise levels T")
+    p.add_argument("--screenshot", default=None, help="classify IMAGE, save a PNG of the window and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.screenshot:
+        os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    import torch
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QApplication, QMessageBox
+
+    from core.cli import resolve_device
+    from core.models import CheckpointError, load_checkpoint
+
+    from .main_window import MainWindow
+
+    torch.set_num_threads(max(1, os.cpu_count() or 1))  # one thread per core; the GUI thread mostly waits
+    app = QApplication.instance() or QApplication(sys.argv[:1])
+    app.setApplicationName("RDC Studio")
+    try:
+        device = resolve_device(args.device)
+        model = load_checkpoint(args.model, device=device)
+    except (CheckpointError, SystemExit) as exc:
+        message = str(exc)
+        print(f"rdc-studio: error: {message}", file=sys.stderr)
+        if not args.screenshot:
+            QMessageBox.critical(None, "Cannot load model", message)
+        return 2
+    window = MainWindow(model, device=device, steps=args.steps)
+    window.show()
+    if args.screenshot:
+        result = {"code": 0}
+
+        def grab(*_):
+            app.processEvents()
+            pixmap = window.grab()
+            if not pixmap.save(args.screenshot, "PNG"):
+                print(f"rdc-studio: error: cannot write {args.screenshot}", file=sys.stderr)
+                result["code"] = 1
+            window.close()
+            app.quit()
+
+        if args.image:
+            window.classification_finished.connect(lambda _p: QTimer.singleShot(200, grab))
+            window.runner.failed.connect(lambda _m: QTimer.singleShot(0, grab))
+            if not window.open_path(args.image):
+                result["code"] = 1
+                QTimer.singleShot(0, grab)
+        else:
+            QTimer.singleShot(500, grab)
+        app.exec()
+        return result["code"]
+    if args.image:
+        QTimer.singleShot(0, lambda: window.open_path(args.image))
+    return app.exec()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,149 @@
+"""pytest-qt tests of the main window, driving the real engine on a tiny model."""
+import time
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("pytestqt")
+from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl  # noqa: E402
+from PySide6.QtGui import QDropEvent  # noqa: E402
+
+from app.main_window import MainWindow  # noqa: E402
+from core.classifier import build_classifier  # noqa: E402
+from core.images import load_for_model  # noqa: E402
+from core.models import load_checkpoint  # noqa: E402
+
+
+@pytest.fixture
+def digit_png(tmp_path):
+    arr = np.zeros((28, 28), np.uint8)
+    arr[5:23, 12:16] = 255
+    path = tmp_path / "digit.png"
+    Image.fromarray(arr).save(path)
+    return path
+
+
+@pytest.fixture
+def window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # keep QSettings of tests away from the user's
+    from PySide6.QtCore import QSettings
+
+    QSettings.setDefaultFormat(QSettings.Format.IniFormat)
+    QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
+    win = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+    errors = []
+    win.show_error = lambda title, text: errors.append((title, text))
+    win.errors = errors
+    qtbot.addWidget(win)
+    win.show()
+    yield win
+    win.runner.shutdown()
+
+
+def drop(window, path):
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(path))])
+    event = QDropEvent(QPointF(10, 10), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                       Qt.KeyboardModifier.NoModifier)
+    window.dropEvent(event)
+
+
+def test_drop_classifies_and_bars_match_engine(qtbot, window, digit_png, tiny_checkpoint):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000) as blocker:
+        drop(window, digit_png)
+    shown = window.bars.heights
+    assert shown.sum() == pytest.approx(1.0, abs=1e-5)
+    model = load_checkpoint(tiny_checkpoint)
+    clf = build_classifier(model, steps=4)
+    x = torch.from_numpy(load_for_model(digit_png, 28, 1)).unsqueeze(0)
+    expected = clf.predict_proba(x)[0].numpy()
+    assert np.allclose(shown, expected, atol=1e-4)
+    assert np.allclose(blocker.args[0], expected, atol=1e-4)
+    assert window.bars.verdict.text().startswith("Predicted: ")
+    assert len(window.curves.steps) >= 1 and window.curves.steps[-1] == 4
+    assert window.input_view.image.shape == (1, 28, 28)
+
+
+def test_corrupt_drop_shows_error_and_changes_nothing(qtbot, window, digit_png, tmp_path):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        drop(window, digit_png)
+    before_img, before_p = window.image.copy(), window.bars.heights.copy()
+    bad = tmp_path / "corrupt.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    drop(window, bad)
+    assert window.errors and "corrupt.png" in window.errors[-1][1]
+    assert np.array_equal(window.image, before_img) and np.array_equal(window.bars.heights, before_p)
+    assert not window.runner.busy
+
+
+def test_new_job_cancels_running_one(qtbot, window, digit_png):
+    window.steps_spin.setValue(64)
+    finished = []
+    window.classification_finished.connect(finished.append)
+    window.open_path(str(digit_png))
+    window.steps_spin.setValue(3)
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.classify()
+    qtbot.wait(200)
+    assert len(finished) == 1
+    assert window.progress.maximum() == 3 and window.curves.steps[-1] == 3
+
+
+def test_stop_cancels_quickly(qtbot, window, digit_png):
+    window.steps_spin.setValue(400)
+    window.open_path(str(digit_png))
+    qtbot.waitUntil(lambda: len(window.curves.steps) >= 1, timeout=30000)
+    t0 = time.perf_counter()
+    window.stop()
+    qtbot.waitUntil(lambda: window.runner.running_threads() == 0, timeout=10000)
+    assert time.perf_counter() - t0 < 5.0
+    assert window.curves.steps[-1] < 400 and not window.runner.busy
+
+
+def test_close_during_run_exits_cleanly(qtbot, window, digit_png):
+    window.steps_spin.setValue(400)
+    window.open_path(str(digit_png))
+    qtbot.waitUntil(lambda: window.runner.running_threads() == 1, timeout=10000)
+    window.close()
+    assert window.runner.running_threads() == 0
+
+
+def test_gui_thread_never_stalls_during_classification(qtbot, window, digit_png):
+    """The longest gap between event-loop ticks stays under 100 ms while the engine runs."""
+    window.steps_spin.setValue(48)
+    ticks = []
+    timer = QTimer()
+    timer.setInterval(5)
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start()
+    with qtbot.waitSignal(window.classification_finished, timeout=60000):
+        window.open_path(str(digit_png))
+    timer.stop()
+    gaps = np.diff(ticks)
+    assert len(ticks) > 10
+    assert gaps.max() < 0.1, f"longest event-loop gap {gaps.max() * 1000:.0f} ms"
+
+
+def test_bad_checkpoint_keeps_current_model(qtbot, window, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense")
+    assert window.load_model(str(bad)) is False
+    assert "bad.safetensors" in window.errors[-1][1] and window.model.name == "tiny"
+
+
+def test_screenshot_command(tiny_checkpoint, digit_png, tmp_path, qapp):
+    from app.main import main
+
+    out = tmp_path / "shot.png"
+    assert main([str(digit_png), "--model", str(tiny_checkpoint), "--steps", "3", "--screenshot", str(out)]) == 0
+    img = Image.open(out)
+    assert img.size[0] >= 1000 and img.size[1] >= 600
+
+
+def test_screenshot_bad_model_exits_2(tmp_path, qapp, capsys):
+    from app.main import main
+
+    assert main(["--model", str(tmp_path / "none.safetensors"), "--screenshot", str(tmp_path / "s.png")]) == 2
+    assert "none.safetensors" in capsys.readouterr().err
