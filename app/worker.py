@@ -134,18 +134,22 @@ class JobRunner(QObject):
         if self._is_current(job_id):
             self.step_ready.emit(record)
 
+    def _release_if_current(self, job_id: int) -> bool:
+        """Mark the current job done; False if ``job_id`` is a stale (cancelled) job."""
+        if not self._is_current(job_id):
+            return False
+        self._current = None
+        self.busy_changed.emit(False)
+        return True
+
     @Slot(int, object)
     def _on_job_finished(self, job_id: int, record: object) -> None:
-        if self._is_current(job_id):
-            self._current = None
-            self.busy_changed.emit(False)
+        if self._release_if_current(job_id):
             self.finished.emit(record)
 
     @Slot(int, str)
     def _on_job_failed(self, job_id: int, message: str) -> None:
-        if self._is_current(job_id):
-            self._current = None
-            self.busy_changed.emit(False)
+        if self._release_if_current(job_id):
             self.failed.emit(message)
 
     @Slot(int)

@@ -33,3 +33,16 @@ def tiny_checkpoint(tmp_path, tiny_net):
 
     return save_checkpoint(tmp_path / "tiny.safetensors", tiny_net,
                            {"name": "tiny", "dataset": "mnist", "classes": [str(i) for i in range(10)]})
+
+
+@pytest.fixture
+def digit_png(tmp_path):
+    """A 28x28 white-on-black stroke (a '1'-like digit) saved as PNG."""
+    import numpy as np
+    from PIL import Image
+
+    arr = np.zeros((28, 28), np.uint8)
+    arr[5:23, 12:16] = 255
+    path = tmp_path / "digit.png"
+    Image.fromarray(arr).save(path)
+    return path

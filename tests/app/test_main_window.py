@@ -17,15 +17,6 @@ from core.models import load_checkpoint  # noqa: E402
 
 
 @pytest.fixture
-def digit_png(tmp_path):
-    arr = np.zeros((28, 28), np.uint8)
-    arr[5:23, 12:16] = 255
-    path = tmp_path / "digit.png"
-    Image.fromarray(arr).save(path)
-    return path
-
-
-@pytest.fixture
 def window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))  # keep QSettings of tests away from the user's
     from PySide6.QtCore import QSettings

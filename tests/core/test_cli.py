@@ -8,15 +8,6 @@ from core.cli import main
 from core.data import mnist_available
 
 
-@pytest.fixture
-def digit_png(tmp_path):
-    arr = np.zeros((28, 28), np.uint8)
-    arr[6:22, 12:16] = 255
-    path = tmp_path / "digit.png"
-    Image.fromarray(arr).save(path)
-    return path
-
-
 def test_classify_json(tiny_checkpoint, digit_png, capsys):
     rc = main(["classify", str(digit_png), "--model", str(tiny_checkpoint), "--steps", "3", "--json",
                "--device", "cpu"])
