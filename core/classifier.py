@@ -125,7 +125,7 @@ class DiffusionClassifier(nn.Module):
                 d = torch.cat(outs, dim=1)
             else:
                 d = self.net.denoise(x_noisy, sig_b, heads=range(k))
-        d = d.float().view(n, L, k, *x.shape[1:])
+        d = d.to(x0.dtype).view(n, L, k, *x.shape[1:])
         return (d - x0.view(n, 1, 1, *x.shape[1:])).pow(2).flatten(3).sum(-1)
 
     def _chunks(self) -> list[list[int]]:

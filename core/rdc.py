@@ -1,0 +1,74 @@
+"""The Robust Diffusion Classifier: likelihood maximisation followed by the diffusion classifier.
+
+``RobustDiffusionClassifier`` is a plain ``nn.Module`` (NCHW in [0, 1] in, logits (N, K)
+out) so that any attack library can use it. Gradient modes:
+
+* ``exact``: back-propagate through the N likelihood-maximisation steps (second order:
+  the inner gradients are taken with ``create_graph``) and the classifier;
+* ``bpda``: identity through the purification, exact through the classifier;
+* ``dc-only``: the classifier alone, without purification.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .classifier import ClassifierSettings, DiffusionClassifier
+from .nets import Denoiser
+from .purify import LikelihoodMaximizer, PurifySettings
+
+GRAD_MODES = ("exact", "bpda", "dc-only")
+
+
+class RobustDiffusionClassifier(nn.Module):
+    """LM (``purify``) then DC (``classifier``), with a selectable gradient mode."""
+
+    def __init__(self, net: Denoiser, classifier: ClassifierSettings | None = None,
+                 purify: PurifySettings | None = None, grad_mode: str = "exact") -> None:
+        super().__init__()
+        if grad_mode not in GRAD_MODES:
+            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
+        self.grad_mode = grad_mode
+        self.classifier = DiffusionClassifier(net, classifier)
+        self.maximizer = LikelihoodMaximizer(net, purify)
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.num_classes
+
+    def purify(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
+        """The purified images; differentiable in ``x`` when ``create_graph``."""
+        lm = self.maximizer
+        s = lm.settings
+        sigmas, noises = lm.draws()
+        x_orig = x if create_graph else x.detach()
+        cur = x_orig
+        m = torch.zeros_like(x)
+        v = torch.zeros_like(x)
+        b1, b2 = 0.9, 0.999
+        for i in range(s.steps):
+            if not create_graph:
+                cur = cur.detach().requires_grad_(True)
+            with torch.enable_grad():
+                obj = lm.objective(cur, sigmas[i], noises[i]).sum()
+                (grad,) = torch.autograd.grad(obj, cur, create_graph=create_graph)
+            if s.optimizer == "sign":
+                step = grad.sign()
+            else:
+                m = b1 * m + (1 - b1) * grad
+                v = b2 * v + (1 - b2) * grad * grad
+                step = (m / (1 - b1 ** (i + 1))) / ((v / (1 - b2 ** (i + 1))).sqrt() + 1e-8)
+            cur = cur - s.step_size * step
+            cur = torch.minimum(torch.maximum(cur, x_orig - s.eta), x_orig + s.eta).clamp(0.0, 1.0)
+        return cur if create_graph else cur.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.grad_mode == "dc-only":
+            return self.classifier(x)
+        needs_grad = torch.is_grad_enabled() and x.requires_grad
+        if self.grad_mode == "exact" and needs_grad:
+            return self.classifier(self.purify(x, create_graph=True))
+        purified = self.purify(x)
+        if needs_grad:  # BPDA: the purification acts as the identity for gradients
+            purified = x + (purified - x).detach()
+        return self.classifier(purified)
