@@ -190,6 +190,36 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sample(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .images import image_from_array, save_png_atomic
+    from .sample import sample
+
+    _setup_threads(args)
+    from .models import CheckpointError, load_checkpoint
+
+    try:
+        model = load_checkpoint(args.model, device=resolve_device(args.device))
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    k = model.net.config.num_classes
+    labels = list(range(k)) if args.label == "all" else [None if args.label == "uncond" else int(args.label)]
+    columns = []
+    for y in labels:
+        last = None
+        for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0)):
+            pass
+        columns.append(np.concatenate(list(last.image), axis=1))  # stack the n samples vertically
+    grid = np.concatenate(columns, axis=2)
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise SystemExit("rdc: error: --out must be a .png file")
+    save_png_atomic(grid, out)
+    print(f"wrote {out} ({len(labels)} column(s) x {args.n} sample(s), {args.sampler_steps} Heun steps)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdc", description="Robust Diffusion Classifier engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -226,6 +256,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classifier_args(p)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_classify)
+
+    p = sub.add_parser("sample", help="generate images of a class with the EDM sampler (a PNG grid)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--label", default="all", help="class index, 'all' (one column per class) or 'uncond'")
+    p.add_argument("--n", type=int, default=4, help="samples per class")
+    p.add_argument("--sampler-steps", type=int, default=18)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--out", required=True, help="output PNG")
+    p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("eval", help="evaluate accuracy on a dataset split")
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")

@@ -60,3 +60,10 @@ def test_wilson_interval_known_values():
     assert wilson_interval(0, 10)[0] == pytest.approx(0.0, abs=1e-12)
     assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
     assert wilson_interval(0, 10)[1] == pytest.approx(0.2775, abs=1e-3)
+
+
+def test_sample_grid(tiny_checkpoint, tmp_path):
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--n", "2", "--sampler-steps", "3", "--out", str(out),
+                 "--device", "cpu"]) == 0
+    assert Image.open(out).size == (28 * 10, 28 * 2)
