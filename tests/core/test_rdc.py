@@ -69,3 +69,16 @@ def test_modes_agree_on_values_and_dc_only_skips_purification(tiny_net):
 def test_bad_grad_mode(tiny_net):
     with pytest.raises(ValueError):
         RobustDiffusionClassifier(tiny_net, grad_mode="magic")
+
+
+def test_apgd_against_the_full_defense_returns_valid_examples(tiny_net):
+    from core.attacks import AttackSettings, run_attack
+
+    rdc = RobustDiffusionClassifier(tiny_net, ClassifierSettings(steps=2),
+                                    PurifySettings(eta=0.1, steps=2, step_size=0.03), grad_mode="exact")
+    x = torch.round(_x(torch.float32) * 255) / 255
+    with torch.no_grad():
+        y = rdc(x).argmax(1)
+    res = run_attack(rdc, x, y, AttackSettings(eps=0.3, steps=4))
+    assert all(res.checks.values()) and (res.linf <= 0.3 + 1e-6).all()
+    assert res.clean_correct.all() and res.queries >= 5
