@@ -87,14 +87,15 @@ def resolve_device(name: str) -> str:
 
 
 def _classifier_overrides(args: argparse.Namespace) -> dict:
-    return {"steps": args.steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
+    return {"steps": args.dc_steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
             "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed}
 
 
-def _add_classifier_args(p: argparse.ArgumentParser) -> None:
+def _add_classifier_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
     p.add_argument("--model", default=None, help="bundled model name or checkpoint path (default: the bundled default)")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument("--steps", type=int, default=None, help="noise levels T (default: the model card's)")
+    p.add_argument(steps_flag, dest="dc_steps", type=int, default=None,
+                   help="classifier noise levels T (default: the model card's)")
     p.add_argument("--weighting", choices=["elbo", "edm"], default=None)
     p.add_argument("--sigma-min", type=float, default=None)
     p.add_argument("--sigma-max", type=float, default=None)
@@ -220,6 +221,193 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_cnn(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .baseline import save_cnn, train_cnn
+    from .data import load_dataset
+    from .evaluate import hardware_description, wilson_interval
+
+    _setup_threads(args)
+    ds = load_dataset(args.dataset, "train", args.data_root)
+    gen = train_cnn(ds, epochs=args.epochs, seed=args.seed)
+    t0 = time.perf_counter()
+    with tqdm(unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
+        while True:
+            try:
+                rec = next(gen)
+            except StopIteration as stop:
+                model = stop.value
+                break
+            bar.total = rec.total_steps
+            bar.n = rec.step
+            bar.set_postfix(loss=f"{rec.loss:.4f}", acc=f"{rec.accuracy:.4f}")
+            bar.refresh()
+    wall = time.perf_counter() - t0
+    metrics = {}
+    for split in ("val", "test"):
+        ev = load_dataset(args.dataset, split, args.data_root)
+        with torch.no_grad():
+            pred = torch.cat([model(ev.float_images(slice(i, i + 500))).argmax(1) for i in range(0, len(ev), 500)])
+        k = int((pred == ev.labels).sum())
+        metrics[split] = {"n": len(ev), "accuracy": k / len(ev), "ci95": list(wilson_interval(k, len(ev)))}
+    card = {"name": Path(args.out).stem, "dataset": args.dataset, "classes": ds.classes,
+            "training_command": _command_line(), "training": {"epochs": args.epochs, "seed": args.seed,
+            "wall_seconds": round(wall, 1), "hardware": hardware_description(), "split": "train"},
+            "metrics": metrics}
+    path = save_cnn(args.out, model, card)
+    print(f"wrote {path}: val {metrics['val']['accuracy']:.4f}, test {metrics['test']['accuracy']:.4f}")
+    return 0
+
+
+def _fraction(text: str) -> float:
+    """Parse '0.3' or '8/255'."""
+    if "/" in text:
+        num, den = text.split("/", 1)
+        return float(num) / float(den)
+    return float(text)
+
+
+def _purify_settings(model, args: argparse.Namespace):
+    from .purify import PurifySettings
+
+    base = dict(model.card.get("purify", {}))
+    if getattr(args, "eta", None) is not None:
+        base["eta"] = _fraction(args.eta)
+    if getattr(args, "lm_step_size", None) is not None:
+        base["step_size"] = _fraction(args.lm_step_size)
+    for key in ("lm_steps", "optimizer"):
+        val = getattr(args, key, None)
+        if val is not None:
+            base["steps" if key == "lm_steps" else key] = val
+    return PurifySettings(**base)
+
+
+def _load_image_tensor(path: str, cfg) -> torch.Tensor:
+    from .images import ImageLoadError, load_for_model
+
+    try:
+        return torch.from_numpy(load_for_model(path, cfg.image_size, cfg.in_channels)).unsqueeze(0)
+    except ImageLoadError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+
+
+def cmd_purify(args: argparse.Namespace) -> int:
+    from .images import save_png_atomic
+    from .purify import LikelihoodMaximizer
+
+    _setup_threads(args)
+    model, clf = _load(args)
+    x = _load_image_tensor(args.image, model.net.config).to(clf.device)
+    lm = LikelihoodMaximizer(model.net, _purify_settings(model, args))
+    t0 = time.perf_counter()
+    records = list(lm.run(x, classifier=clf))
+    seconds = time.perf_counter() - t0
+    final = records[-1] if records else None
+    image = final.image[0] if final else x[0].cpu().numpy()
+    if args.out:
+        save_png_atomic(image, args.out, source=args.image)
+    steps = [{"step": r.step, "objective": float(r.objective[0]), "sigma": r.sigma, "linf": float(r.linf[0]),
+              "l2": float(r.l2[0]), "probabilities": torch.softmax(torch.from_numpy(r.logits[0]), 0).tolist()}
+             for r in records]
+    report = {"image": args.image, "out": args.out, "settings": lm.settings.to_dict(),
+              "classifier": clf.settings.to_dict(), "steps": steps, "seconds": seconds, "classes": model.classes}
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        for st in steps:
+            p = st["probabilities"]
+            top = max(range(len(p)), key=p.__getitem__)
+            print(f"step {st['step']:3d}  objective {st['objective']:10.3f}  linf {st['linf']:.4f}  "
+                  f"l2 {st['l2']:.3f}  -> {model.classes[top]} ({p[top]:.1%})")
+        print(f"{seconds:.2f} s" + (f", wrote {args.out}" if args.out else ""))
+    return 0
+
+
+def build_defense(kind: str, model, clf, args: argparse.Namespace):
+    """The attacked module: ``cnn``, ``dc`` or ``rdc`` (with the chosen gradient mode)."""
+    if kind == "cnn":
+        from .baseline import load_cnn
+        from .models import CheckpointError
+
+        try:
+            cnn, _ = load_cnn(args.cnn, device=clf.device)
+        except CheckpointError as exc:
+            raise SystemExit(f"rdc: error: {exc}") from None
+        return cnn
+    if kind == "dc":
+        return clf
+    from .rdc import RobustDiffusionClassifier
+
+    return RobustDiffusionClassifier(model.net, clf.settings, _purify_settings(model, args), args.grad).to(clf.device)
+
+
+ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),
+           "pgd": ("pgd", "ce")}
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    import resource
+
+    from .attacks import AttackSettings, attack
+    from .images import save_png_atomic
+    from .models import atomic_write_json
+
+    _setup_threads(args)
+    model, clf = _load(args)
+    x = _load_image_tensor(args.image, model.net.config).to(clf.device)
+    x = torch.round(x * 255) / 255  # attack the image as it is stored (8-bit)
+    defense = build_defense(args.defense, model, clf, args)
+    with torch.no_grad():
+        clean_logits = defense(x)
+    label = int(clean_logits.argmax(1)) if args.label is None else args.label
+    method, loss = ATTACKS[args.attack]
+    settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=_fraction(args.eps), steps=args.steps,
+                              restarts=args.restarts, eot=args.eot, seed=args.seed,
+                              step_size=_fraction(args.step_size) if args.step_size else None, target=args.target)
+    y = torch.tensor([label], device=x.device)
+    t0 = time.perf_counter()
+    gen = attack(defense, x, y, settings)
+    while True:
+        try:
+            rec = next(gen)
+        except StopIteration as stop:
+            result = stop.value
+            break
+        if not args.quiet and (rec.iteration % max(1, args.steps // 10) == 0 or rec.iteration == args.steps):
+            print(f"iter {rec.iteration:4d}/{rec.total_iterations}  loss {rec.loss[0]:9.4f}  margin "
+                  f"{rec.margin[0]:9.4f}  pred {model.classes[int(rec.prediction[0])]}  "
+                  f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}", file=sys.stderr)
+    seconds = time.perf_counter() - t0
+    with torch.no_grad():
+        adv_logits = defense(result.adversarial)
+    adv_pred = int(adv_logits.argmax(1))
+    if args.out:
+        save_png_atomic(result.adversarial[0].cpu().numpy(), args.out, source=args.image)
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    report = {
+        "image": args.image, "out": args.out, "defense": args.defense, "attack": args.attack,
+        "grad": args.grad if args.defense == "rdc" else None, "settings": settings.__dict__,
+        "classifier": clf.settings.to_dict(),
+        "purify": _purify_settings(model, args).to_dict() if args.defense == "rdc" else None,
+        "label": label, "label_name": model.classes[label],
+        "clean_probabilities": torch.softmax(clean_logits[0], 0).tolist(),
+        "adversarial_prediction": adv_pred, "adversarial_class": model.classes[adv_pred],
+        "adversarial_probabilities": torch.softmax(adv_logits[0], 0).tolist(),
+        "success": bool(result.success[0]), "linf": float(result.linf[0]), "l2": float(result.l2[0]),
+        "checks": result.checks, "queries": result.queries, "seconds": seconds,
+        "seconds_per_iteration": seconds / (args.steps * args.restarts), "peak_rss_mb": peak_mb,
+        "command": _command_line(),
+    }
+    if args.report:
+        atomic_write_json(args.report, report)
+    verdict = "attack succeeded" if report["success"] else "attack failed"
+    print(f"{verdict}: {model.classes[label]} -> {model.classes[adv_pred]}  linf {report['linf']:.4f} "
+          f"l2 {report['l2']:.3f}  {seconds:.1f} s ({report['seconds_per_iteration']:.2f} s/iter), "
+          f"peak RSS {peak_mb:.0f} MB")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rdc", description="Robust Diffusion Classifier engine")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -251,6 +439,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=0, help="train on the first N examples only (smoke runs)")
     p.set_defaults(func=cmd_train)
 
+    p = sub.add_parser("train-cnn", help="train the small discriminative CNN baseline")
+    p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--out", required=True, help="output checkpoint (.safetensors; a .json card is written beside)")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.set_defaults(func=cmd_train_cnn)
+
     p = sub.add_parser("classify", help="classify image files with the diffusion classifier")
     p.add_argument("images", nargs="+")
     _add_classifier_args(p)
@@ -267,6 +464,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", required=True, help="output PNG")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("purify", help="likelihood maximisation of one image (the RDC's purification)")
+    p.add_argument("image")
+    p.add_argument("--eta", default=None, help="l-inf radius in [0,1] units, e.g. 0.3 or 8/255")
+    p.add_argument("--steps", dest="lm_steps", type=int, default=None, help="likelihood-maximisation steps N")
+    p.add_argument("--step-size", dest="lm_step_size", default=None, help="LM step size in [0,1] units")
+    p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
+    p.add_argument("--out", default=None, help="write the purified image here (PNG)")
+    p.add_argument("--json", action="store_true")
+    _add_classifier_args(p, steps_flag="--levels")
+    p.set_defaults(func=cmd_purify)
+
+    p = sub.add_parser("attack", help="craft an adversarial example against a defense")
+    p.add_argument("image")
+    p.add_argument("--defense", choices=["rdc", "dc", "cnn"], default="rdc")
+    p.add_argument("--attack", choices=sorted(ATTACKS), default="apgd-ce")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--eps", default="0.3", help="radius in [0,1] units, e.g. 0.3 or 8/255")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--step-size", default=None, help="PGD step size (APGD adapts its own)")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--eot", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
+    p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
+    p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
+    p.add_argument("--cnn", default="mnist-cnn", help="CNN checkpoint for --defense cnn")
+    p.add_argument("--eta", default=None)
+    p.add_argument("--lm-steps", type=int, default=None)
+    p.add_argument("--lm-step-size", default=None)
+    p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
+    p.add_argument("--out", default=None, help="adversarial PNG (8-bit, lossless)")
+    p.add_argument("--report", default=None, help="JSON report")
+    p.add_argument("--quiet", action="store_true")
+    _add_classifier_args(p, steps_flag="--levels")
+    p.set_defaults(func=cmd_attack)
 
     p = sub.add_parser("eval", help="evaluate accuracy on a dataset split")
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")

@@ -67,3 +67,30 @@ def test_sample_grid(tiny_checkpoint, tmp_path):
     assert main(["sample", "--model", str(tiny_checkpoint), "--n", "2", "--sampler-steps", "3", "--out", str(out),
                  "--device", "cpu"]) == 0
     assert Image.open(out).size == (28 * 10, 28 * 2)
+
+
+def test_purify_writes_png_and_never_touches_input(tiny_checkpoint, digit_png, tmp_path, capsys):
+    before = digit_png.read_bytes()
+    out = tmp_path / "purified.png"
+    assert main(["purify", str(digit_png), "--model", str(tiny_checkpoint), "--levels", "2", "--eta", "8/255",
+                 "--steps", "3", "--out", str(out), "--json", "--device", "cpu"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [s["step"] for s in rep["steps"]] == [0, 1, 2, 3]
+    assert max(s["linf"] for s in rep["steps"]) <= 8 / 255 + 1e-6
+    assert Image.open(out).size == (28, 28) and digit_png.read_bytes() == before
+    with pytest.raises(ValueError, match="refusing"):
+        main(["purify", str(digit_png), "--model", str(tiny_checkpoint), "--levels", "2", "--out", str(digit_png)])
+
+
+@pytest.mark.parametrize("defense,grad", [("dc", "exact"), ("rdc", "exact"), ("rdc", "bpda")])
+def test_attack_writes_valid_example_and_report(tiny_checkpoint, digit_png, tmp_path, defense, grad):
+    out, rep = tmp_path / "adv.png", tmp_path / "report.json"
+    assert main(["attack", str(digit_png), "--model", str(tiny_checkpoint), "--defense", defense, "--grad", grad,
+                 "--steps", "2", "--levels", "2", "--lm-steps", "2", "--eta", "0.1", "--eps", "0.3", "--out", str(out),
+                 "--report", str(rep), "--device", "cpu", "--quiet"]) == 0
+    report = json.loads(rep.read_text())
+    assert all(report["checks"].values()) and report["linf"] <= 0.3 + 1e-6
+    adv = np.asarray(Image.open(out), dtype=np.float64) / 255
+    orig = np.asarray(Image.open(digit_png), dtype=np.float64) / 255
+    assert np.abs(adv - orig).max() <= 0.3 + 1e-6
+    assert report["seconds_per_iteration"] > 0 and report["peak_rss_mb"] > 0
