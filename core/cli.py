@@ -159,35 +159,57 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .data import load_dataset
-    from .evaluate import clean_report, evaluate_clean
+    from .evaluate import clean_report, evaluate_attack, evaluate_clean, robust_report
     from .models import atomic_write_json
 
     _setup_threads(args)
     model, clf = _load(args)
-    if args.defense != "dc" or args.attack != "none":
-        raise SystemExit("rdc: error: only --defense dc --attack none is available in this version")
     ds = load_dataset(args.dataset, args.split, args.data_root)
     if ds.name != model.card.get("dataset"):
         raise SystemExit(f"rdc: error: model {model.name} was trained on {model.card.get('dataset')}, not {ds.name}")
-    steps = []
     total = min(args.n or len(ds), len(ds))
-    with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-        for rec in evaluate_clean(clf, ds, total, args.batch_size):
-            steps.append(rec)
-            bar.update(rec.done - bar.n)
-            bar.set_postfix(acc=f"{rec.accuracy:.4f}")
-    report = clean_report(
-        steps,
-        model={"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture},
-        settings={"dataset": args.dataset, "split": args.split, "defense": args.defense, "attack": args.attack,
-                  "classifier": clf.settings.to_dict(), "device": str(clf.device), "batch_size": args.batch_size,
-                  "command": _command_line()},
-    )
+    settings = {"dataset": args.dataset, "split": args.split, "defense": args.defense, "attack": args.attack,
+                "classifier": clf.settings.to_dict(), "device": str(clf.device), "batch_size": args.batch_size,
+                "command": _command_line()}
+    model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
+    steps = []
+    if args.attack == "none" and args.defense == "dc":
+        with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+            for rec in evaluate_clean(clf, ds, total, args.batch_size):
+                steps.append(rec)
+                bar.update(rec.done - bar.n)
+                bar.set_postfix(acc=f"{rec.accuracy:.4f}")
+        report = clean_report(steps, model_info, settings)
+    else:
+        from .attacks import AttackSettings
+
+        defense = build_defense(args.defense, model, clf, args)
+        if args.defense == "cnn":
+            model_info = {"name": args.cnn, "architecture": "cnn"}
+        if args.defense == "rdc":
+            settings["purify"] = _purify_settings(model, args).to_dict()
+            settings["grad"] = args.grad
+        if args.attack == "none":
+            att = AttackSettings(eps=0.0, steps=1, random_start=False)
+        else:
+            method, loss = ATTACKS[args.attack]
+            att = AttackSettings(method=method, loss=loss, norm=args.norm, eps=_fraction(args.eps),
+                                 steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed)
+        settings["attack_settings"] = att.__dict__
+        with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+            for rec in evaluate_attack(defense, ds, att, total, args.batch_size):
+                steps.append(rec)
+                bar.update(rec.done - bar.n)
+                bar.set_postfix(clean=f"{rec.clean_correct / rec.done:.3f}", robust=f"{rec.robust_correct / rec.done:.3f}")
+        report = robust_report(steps, model_info, settings)
     if args.out:
         atomic_write_json(args.out, report)
     lo, hi = report["ci95"]
-    print(f"clean accuracy {report['clean_acc']:.4f} on n={report['n']} (95% CI {lo:.4f}-{hi:.4f}), "
-          f"{report['seconds_per_image'] * 1000:.0f} ms/image")
+    line = (f"clean accuracy {report['clean_acc']:.4f} on n={report['n']} (95% CI {lo:.4f}-{hi:.4f})")
+    if "robust_acc" in report:
+        rlo, rhi = report["robust_ci95"]
+        line += f", robust accuracy {report['robust_acc']:.4f} (95% CI {rlo:.4f}-{rhi:.4f})"
+    print(line + f", {report['seconds_per_image'] * 1000:.0f} ms/image")
     return 0
 
 
@@ -506,11 +528,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
     p.add_argument("--n", type=int, default=None, help="first N examples (default: all)")
-    p.add_argument("--defense", choices=["dc"], default="dc", help="dc: diffusion classifier (rdc/cnn: later)")
-    p.add_argument("--attack", choices=["none"], default="none", help="none: clean accuracy (attacks: later)")
+    p.add_argument("--defense", choices=["dc", "rdc", "cnn"], default="dc",
+                   help="dc: diffusion classifier; rdc: likelihood maximisation + dc; cnn: the baseline")
+    p.add_argument("--attack", choices=["none"] + sorted(ATTACKS), default="none")
+    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
+    p.add_argument("--eps", default="0.3")
+    p.add_argument("--steps", type=int, default=100, help="attack iterations")
+    p.add_argument("--restarts", type=int, default=1)
+    p.add_argument("--eot", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
+    p.add_argument("--cnn", default="mnist-cnn")
+    p.add_argument("--eta", default=None)
+    p.add_argument("--lm-steps", type=int, default=None)
+    p.add_argument("--lm-step-size", default=None)
+    p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
-    _add_classifier_args(p)
+    _add_classifier_args(p, steps_flag="--levels")
     p.set_defaults(func=cmd_eval)
     return parser
 

@@ -92,3 +92,66 @@ def clean_report(steps: list[EvalStep], model: dict[str, Any], settings: dict[st
         "settings": settings,
         "hardware": hardware_description(),
     }
+
+
+@dataclass(frozen=True)
+class RobustEvalStep:
+    """Progress of an attack evaluation after ``done`` examples."""
+
+    done: int
+    total: int
+    clean_correct: int
+    robust_correct: int
+    elapsed_seconds: float
+    queries: int
+    max_linf: float
+    max_l2: float
+
+
+def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, n: int | None = None,
+                    batch_size: int = 25, cancelled=lambda: False) -> Iterator[RobustEvalStep]:
+    """Attack the first ``n`` examples batch by batch; robust = correct after the attack.
+
+    ``settings`` is a :class:`core.attacks.AttackSettings`; examples are taken as stored
+    (8-bit) and every adversarial example is validated by the attack itself.
+    """
+    from .attacks import run_attack
+
+    device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    total = len(dataset) if n is None else min(n, len(dataset))
+    clean = robust = queries = 0
+    max_linf = max_l2 = 0.0
+    start = time.perf_counter()
+    for i in range(0, total, batch_size):
+        if cancelled():
+            return
+        j = min(i + batch_size, total)
+        x = dataset.float_images(slice(i, j)).to(device)
+        y = dataset.labels[i:j].to(device)
+        res = run_attack(model, x, y, settings)
+        clean += int(res.clean_correct.sum())
+        robust += int((~res.success).sum())
+        queries += res.queries * (j - i)
+        max_linf = max(max_linf, float(res.linf.max()))
+        max_l2 = max(max_l2, float(res.l2.max()))
+        yield RobustEvalStep(j, total, clean, robust, time.perf_counter() - start, queries, max_linf, max_l2)
+
+
+def robust_report(steps: list[RobustEvalStep], model: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """JSON report of a finished attack evaluation."""
+    last = steps[-1]
+    return {
+        "clean_acc": last.clean_correct / last.done,
+        "robust_acc": last.robust_correct / last.done,
+        "n": last.done,
+        "ci95": list(wilson_interval(last.clean_correct, last.done)),
+        "robust_ci95": list(wilson_interval(last.robust_correct, last.done)),
+        "seconds": last.elapsed_seconds,
+        "seconds_per_image": last.elapsed_seconds / max(1, last.done),
+        "forward_backward_passes_per_image": last.queries / max(1, last.done),
+        "max_linf": last.max_linf,
+        "max_l2": last.max_l2,
+        "model": model,
+        "settings": settings,
+        "hardware": hardware_description(),
+    }

@@ -42,7 +42,7 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, digit_png):
 def test_eval_writes_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "results.json"
     rc = main(["eval", "--dataset", "mnist", "--split", "test", "--n", "12", "--defense", "dc", "--attack", "none",
-               "--model", str(tiny_checkpoint), "--steps", "2", "--batch-size", "5", "--out", str(out)])
+               "--model", str(tiny_checkpoint), "--levels", "2", "--batch-size", "5", "--out", str(out)])
     assert rc == 0
     report = json.loads(out.read_text())
     assert report["n"] == 12 and 0 <= report["clean_acc"] <= 1
@@ -94,3 +94,15 @@ def test_attack_writes_valid_example_and_report(tiny_checkpoint, digit_png, tmp_
     orig = np.asarray(Image.open(digit_png), dtype=np.float64) / 255
     assert np.abs(adv - orig).max() <= 0.3 + 1e-6
     assert report["seconds_per_iteration"] > 0 and report["peak_rss_mb"] > 0
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_with_attack_on_rdc(tiny_checkpoint, tmp_path):
+    out = tmp_path / "robust.json"
+    assert main(["eval", "--dataset", "mnist", "--n", "4", "--defense", "rdc", "--attack", "apgd-ce",
+                 "--eps", "0.3", "--steps", "2", "--levels", "2", "--lm-steps", "1", "--batch-size", "2",
+                 "--model", str(tiny_checkpoint), "--out", str(out), "--device", "cpu"]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["n"] == 4 and 0 <= rep["robust_acc"] <= rep["clean_acc"] <= 1
+    assert rep["max_linf"] <= 0.3 + 1e-6 and rep["settings"]["grad"] == "exact"
+    assert rep["forward_backward_passes_per_image"] >= 3
