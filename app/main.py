@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.screenshot:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     import torch
-    from PySide6.QtCore import QTimer
+    from PySide6.QtCore import QCoreApplication, QEvent, QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication, QMessageBox
 
     from core.cli import resolve_device
@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     window.show()
     if args.screenshot:
         result = {"code": 0}
+        loop = QEventLoop()  # a local loop: never quit an application we may not own
 
         def grab(*_):
             app.processEvents()
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"rdc-studio: error: cannot write {args.screenshot}", file=sys.stderr)
                 result["code"] = 1
             window.close()
-            app.quit()
+            loop.quit()
 
         if args.image:
             window.classification_finished.connect(lambda _p: QTimer.singleShot(200, grab))
@@ -63,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
                 QTimer.singleShot(0, grab)
         else:
             QTimer.singleShot(500, grab)
-        app.exec()
+        loop.exec()
+        # destroy the window now, while the application is alive (not at interpreter exit)
+        window.runner.shutdown()
+        window.deleteLater()
+        QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         return result["code"]
     if args.image:
         QTimer.singleShot(0, lambda: window.open_path(args.image))

@@ -8,16 +8,23 @@ import numpy as np
 import torch
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent, QGuiApplication, QImage, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QHBoxLayout, QLabel, QMainWindow, QMessageBox, QProgressBar,
-                               QPushButton, QSpinBox, QSplitter, QToolBar, QVBoxLayout, QWidget)
+from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QMainWindow, QMessageBox,
+                               QProgressBar, QPushButton, QSlider, QSpinBox, QSplitter, QTabWidget, QToolBar,
+                               QVBoxLayout, QWidget)
 
+from core.attacks import AttackResult, AttackStep, DefenseOutcome, attack_session
 from core.classifier import ClassifyStep, build_classifier
+from core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
+from core.rdc import RobustDiffusionClassifier
 from core.images import ImageLoadError, convert_image, load_for_model
 from core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint
 
-from .widgets.image_view import ImageView
+from .widgets.attack_panel import AttackPanel
+from .widgets.image_view import ImageView, PerturbationView
 from .widgets.likelihood_plot import LikelihoodPlot
 from .widgets.probability_bars import ProbabilityBars
+from .widgets.purify_panel import PurifyPanel
+from .widgets.step_plot import StepPlot
 from .worker import JobRunner
 
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.tif *.tiff *.gif);;All files (*)"
@@ -27,6 +34,8 @@ class MainWindow(QMainWindow):
     """Drop, open or paste an image; the engine classifies it on a worker thread."""
 
     classification_finished = Signal(object)
+    attack_finished = Signal(object)
+    purification_finished = Signal(object)
     image_loaded = Signal(str)
 
     def __init__(self, model: LoadedModel, device: str = "cpu", steps: int | None = None) -> None:
@@ -38,6 +47,9 @@ class MainWindow(QMainWindow):
         self.image: np.ndarray | None = None
         self.image_source = ""
         self.last_probabilities: np.ndarray | None = None
+        self.last_outcome: DefenseOutcome | None = None
+        self.purify_records: list[PurifyStep] = []
+        self._job_kind = ""
         self._started_at = 0.0
         self.runner = JobRunner(self)
         self.runner.step_ready.connect(self._on_runner_step_ready)
@@ -77,21 +89,14 @@ class MainWindow(QMainWindow):
         toolbar.addWidget(self.stop_button)
 
         self.input_view = ImageView("Model input (converted)")
-        self.bars = ProbabilityBars(self.model.classes)
-        self.curves = LikelihoodPlot(self.model.classes)
-        curves_box = QWidget()
-        cl = QVBoxLayout(curves_box)
-        cl.setContentsMargins(2, 2, 2, 2)
-        cl.addWidget(QLabel("<b>Per-class likelihood estimate, converging over noise levels</b>"))
-        cl.addWidget(self.curves, 1)
-        right = QSplitter(Qt.Orientation.Vertical)
-        right.addWidget(self.bars)
-        right.addWidget(curves_box)
-        right.setSizes([380, 380])
+        self.tabs = QTabWidget()
+        self.tabs.addTab(self._build_classify_tab(), "Classify")
+        self.tabs.addTab(self._build_attack_tab(), "Attack")
+        self.tabs.addTab(self._build_purify_tab(), "Purify")
         main = QSplitter(Qt.Orientation.Horizontal)
         main.addWidget(self.input_view)
-        main.addWidget(right)
-        main.setSizes([480, 800])
+        main.addWidget(self.tabs)
+        main.setSizes([360, 920])
         central = QWidget()
         layout = QHBoxLayout(central)
         layout.addWidget(main)
@@ -107,6 +112,85 @@ class MainWindow(QMainWindow):
         status.addPermanentWidget(self.progress)
         status.addPermanentWidget(self.device_label)
 
+    def _build_classify_tab(self) -> QWidget:
+        self.bars = ProbabilityBars(self.model.classes)
+        self.curves = LikelihoodPlot(self.model.classes)
+        curves_box = QWidget()
+        cl = QVBoxLayout(curves_box)
+        cl.setContentsMargins(2, 2, 2, 2)
+        cl.addWidget(QLabel("<b>Per-class likelihood estimate, converging over noise levels</b>"))
+        cl.addWidget(self.curves, 1)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(self.bars)
+        split.addWidget(curves_box)
+        split.setSizes([360, 360])
+        return split
+
+    def _build_attack_tab(self) -> QWidget:
+        self.attack_panel = AttackPanel(self.model.classes)
+        self.attack_panel.setMaximumWidth(260)
+        self.attack_panel.run_requested.connect(self.run_attack)
+        self.attack_panel.stop_requested.connect(self.stop)
+        self.view_original = ImageView("Original")
+        self.view_perturbation = PerturbationView("Perturbation (amplified)")
+        self.view_adversarial = ImageView("Adversarial")
+        self.view_purified = ImageView("Adversarial, purified")
+        views = [self.view_original, self.view_perturbation, self.view_adversarial, self.view_purified]
+        for v in views[1:]:  # linked zoom and pan
+            v.view.setXLink(views[0].view)
+            v.view.setYLink(views[0].view)
+        grid = QGridLayout()
+        for i, v in enumerate(views):
+            grid.addWidget(v, 0, i)
+        self.attack_verdict = QLabel("Run an attack to see the verdict")
+        self.attack_verdict.setWordWrap(True)
+        self.attack_verdict.setStyleSheet("font-size: 13pt; font-weight: bold;")
+        self.attack_plot = StepPlot("iteration", "loss / margin", ["loss", "margin"])
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(2, 2, 2, 2)
+        rl.addLayout(grid, 3)
+        rl.addWidget(self.attack_verdict)
+        rl.addWidget(self.attack_plot, 2)
+        tab = QWidget()
+        tl = QHBoxLayout(tab)
+        tl.addWidget(self.attack_panel)
+        tl.addWidget(right, 1)
+        return tab
+
+    def _build_purify_tab(self) -> QWidget:
+        defaults = PurifySettings(**self.model.card.get("purify", {}))
+        self.purify_panel = PurifyPanel(defaults)
+        self.purify_panel.setMaximumWidth(260)
+        self.purify_panel.run_requested.connect(self.run_purification)
+        self.purify_panel.stop_requested.connect(self.stop)
+        self.purify_view = ImageView("Purified image (live)")
+        self.purify_curves = LikelihoodPlot(self.model.classes, x_label="likelihood-maximisation step")
+        self.objective_plot = StepPlot("step", "diffusion loss", ["objective"])
+        self.scrubber = QSlider(Qt.Orientation.Horizontal)
+        self.scrubber.setEnabled(False)
+        self.scrubber.valueChanged.connect(self._on_scrubber_value_changed)
+        self.scrubber_label = QLabel("step –")
+        scrub = QHBoxLayout()
+        scrub.addWidget(QLabel("Replay:"))
+        scrub.addWidget(self.scrubber, 1)
+        scrub.addWidget(self.scrubber_label)
+        top = QHBoxLayout()
+        top.addWidget(self.purify_view, 1)
+        top.addWidget(self.objective_plot, 1)
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(2, 2, 2, 2)
+        rl.addLayout(top, 1)
+        rl.addWidget(QLabel("<b>Per-class likelihood over the purification steps</b>"))
+        rl.addWidget(self.purify_curves, 1)
+        rl.addLayout(scrub)
+        tab = QWidget()
+        tl = QHBoxLayout(tab)
+        tl.addWidget(self.purify_panel)
+        tl.addWidget(right, 1)
+        return tab
+
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
         self._add_action(file_menu, "&Open image…", QKeySequence.StandardKey.Open, self.open_dialog)
@@ -115,6 +199,8 @@ class MainWindow(QMainWindow):
         self._add_action(file_menu, "&Quit", QKeySequence.StandardKey.Quit, self.close)
         run_menu = self.menuBar().addMenu("&Run")
         self._add_action(run_menu, "&Classify", QKeySequence("Ctrl+R"), self.classify)
+        self._add_action(run_menu, "&Attack", QKeySequence("Ctrl+T"), self.run_attack)
+        self._add_action(run_menu, "&Purify", QKeySequence("Ctrl+P"), self.run_purification)
         self._add_action(run_menu, "&Stop", QKeySequence("Esc"), self.stop)
         model_menu = self.menuBar().addMenu("&Model")
         for name in list_bundled_models():
@@ -134,6 +220,7 @@ class MainWindow(QMainWindow):
         self.setWindowTitle(f"RDC Studio — {self.model.name}")
         self.bars.set_classes(self.model.classes)
         self.curves.set_classes(self.model.classes)
+        self.purify_curves.set_classes(self.model.classes)
         cfg = self.model.net.config
         self.device_label.setText(f"{self.model.name} · {cfg.architecture} · {self.device.upper()} "
                                   f"· {torch.get_num_threads()} threads")
@@ -246,31 +333,156 @@ class MainWindow(QMainWindow):
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
         self.curves.reset()
         self.progress.setRange(0, steps)
+        self.progress.setFormat("%v / %m levels")
         self.progress.setValue(0)
+        levels_per_step = max(1, steps // 32)
+        self._start_job("classify", lambda cancelled: clf.stream(x, levels_per_step, cancelled))
+
+    def _start_job(self, kind: str, factory) -> None:
+        self._job_kind = kind
         self._started_at = time.perf_counter()
         self._timer.start()
         self.stop_button.setEnabled(True)
-        levels_per_step = max(1, steps // 32)
-        self.runner.start(lambda cancelled: clf.stream(x, levels_per_step, cancelled))
+        self.attack_panel.set_running(kind == "attack")
+        self.purify_panel.set_running(kind == "purify")
+        self.runner.start(factory)
+
+    def _job_ended(self) -> None:
+        self._timer.stop()
+        self._on_timer_timeout()
+        self.stop_button.setEnabled(False)
+        self.attack_panel.set_running(False)
+        self.purify_panel.set_running(False)
+
+    def _classifier(self):
+        return build_classifier(self.model, self.device, steps=int(self.steps_spin.value()))
+
+    def run_attack(self) -> None:
+        """Attack the current image with the panel's settings against the full defense."""
+        if self.image is None:
+            self.statusBar().showMessage("Open, drop or paste an image first", 4000)
+            return
+        settings = self.attack_panel.settings()
+        grad = self.attack_panel.grad.currentText()
+        clf = self._classifier()
+        purify_settings = self.purify_panel.settings()
+        full = RobustDiffusionClassifier(self.model.net, clf.settings, purify_settings, "exact").to(self.device)
+        attacked = clf if grad == "dc-only" else RobustDiffusionClassifier(
+            self.model.net, clf.settings, purify_settings, grad).to(self.device)
+        x = torch.round(torch.from_numpy(self.image).unsqueeze(0) * 255).div(255).to(self.device)
+        self.attack_plot.reset()
+        for v in (self.view_original, self.view_adversarial, self.view_purified):
+            v.set_image(None)
+        self.view_perturbation.set_perturbation(None)
+        self.view_original.set_image(x[0].cpu().numpy(), self.image_source)
+        self.attack_verdict.setText("Attacking…")
+        self.attack_verdict.setStyleSheet("font-size: 13pt; font-weight: bold; color: #444;")
+        self.progress.setRange(0, settings.steps * settings.restarts)
+        self.progress.setFormat("%v / %m iterations")
+        self.progress.setValue(0)
+        self.tabs.setCurrentIndex(1)
+        self._start_job("attack", lambda cancelled: attack_session(attacked, x, settings, defense=full,
+                                                                   purify=full.purify, cancelled=cancelled))
+
+    def run_purification(self) -> None:
+        """Likelihood maximisation of the current image, drawn live."""
+        if self.image is None:
+            self.statusBar().showMessage("Open, drop or paste an image first", 4000)
+            return
+        settings = self.purify_panel.settings()
+        clf = self._classifier()
+        lm = LikelihoodMaximizer(self.model.net, settings)
+        x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
+        self.purify_records = []
+        self.purify_curves.reset()
+        self.objective_plot.reset()
+        self.scrubber.setEnabled(False)
+        self.progress.setRange(0, settings.steps)
+        self.progress.setFormat("%v / %m steps")
+        self.progress.setValue(0)
+        self.tabs.setCurrentIndex(2)
+        self._start_job("purify", lambda cancelled: lm.run(x, classifier=clf, cancelled=cancelled))
 
     def stop(self) -> None:
         if self.runner.busy:
             self.runner.cancel()
-            self._timer.stop()
-            self.stop_button.setEnabled(False)
+            self._job_ended()
             self.statusBar().showMessage("Stopped", 3000)
 
     @Slot(object)
-    def _on_runner_step_ready(self, step: ClassifyStep) -> None:
-        self.curves.add_point(step.levels_done, step.logits[0])
-        self.bars.set_probabilities(step.probabilities[0], final=step.levels_done == step.total_levels)
-        self.progress.setValue(step.levels_done)
+    def _on_runner_step_ready(self, record) -> None:
+        if isinstance(record, ClassifyStep):
+            self.curves.add_point(record.levels_done, record.logits[0])
+            self.bars.set_probabilities(record.probabilities[0], final=record.levels_done == record.total_levels)
+            self.progress.setValue(record.levels_done)
+        elif isinstance(record, AttackStep):
+            done = record.restart * record.total_iterations + record.iteration
+            self.attack_plot.append("loss", done, record.loss[0])
+            self.attack_plot.append("margin", done, record.margin[0])
+            self.view_adversarial.set_image(record.image[0], f"iteration {record.iteration}: predicted "
+                                            f"{self.model.classes[int(record.prediction[0])]}")
+            self.view_perturbation.set_perturbation(record.image[0] - self.view_original.image)
+            self.progress.setValue(done)
+        elif isinstance(record, PurifyStep):
+            self._show_purify_record(record, live=True)
+        elif isinstance(record, DefenseOutcome):
+            self._show_outcome(record)
+
+    def _show_purify_record(self, record: PurifyStep, live: bool) -> None:
+        if live:
+            self.purify_records.append(record)
+            self.purify_curves.add_point(record.step, record.logits[0])
+            self.objective_plot.append("objective", record.step, record.objective[0])
+            self.progress.setValue(record.step)
+        probs = np.exp(record.logits[0] - record.logits[0].max())
+        probs /= probs.sum()
+        top = int(np.argmax(probs))
+        self.purify_view.set_image(record.image[0], f"step {record.step}/{record.total_steps}: "
+                                   f"{self.model.classes[top]} ({probs[top]:.1%}), ‖x*−x‖∞ = "
+                                   f"{record.linf[0] * 255:.1f}/255, objective {record.objective[0]:.2f}")
+
+    def _on_scrubber_value_changed(self, index: int) -> None:
+        if 0 <= index < len(self.purify_records):
+            self._show_purify_record(self.purify_records[index], live=False)
+            self.purify_curves.show_upto(index + 1)
+            self.scrubber_label.setText(f"step {self.purify_records[index].step}")
+
+    def _show_outcome(self, outcome: DefenseOutcome) -> None:
+        self.last_outcome = outcome
+        classes = self.model.classes
+        label = int(outcome.labels[0])
+        adv_pred = int(outcome.attacked_prediction[0])
+        probs = outcome.defense_probabilities[0]
+        defended = int(np.argmax(probs))
+        self.view_adversarial.set_image(outcome.adversarial[0], f"attacked model says {classes[adv_pred]}")
+        self.view_perturbation.set_perturbation(outcome.adversarial[0] - outcome.clean[0])
+        if outcome.purified is not None:
+            self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
+        attack = "Attack succeeded" if outcome.attack_succeeded[0] else "Attack failed"
+        defense = "defense recovered" if outcome.defense_recovered[0] else "defense failed"
+        good = bool(outcome.defense_recovered[0])
+        self.attack_verdict.setText(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: the full RDC "
+                                    f"predicts {classes[defended]} ({probs[defended]:.1%}).")
+        colour = "#1a7f37" if good else "#c62828"
+        self.attack_verdict.setStyleSheet(f"font-size: 13pt; font-weight: bold; color: {colour};")
 
     @Slot(object)
-    def _on_runner_finished(self, step: ClassifyStep) -> None:
-        self._timer.stop()
-        self._on_timer_timeout()
-        self.stop_button.setEnabled(False)
+    def _on_runner_finished(self, record) -> None:
+        self._job_ended()
+        if self._job_kind == "attack":
+            self.attack_finished.emit(record)
+            return
+        if self._job_kind == "purify":
+            if self.purify_records:
+                self.scrubber.blockSignals(True)
+                self.scrubber.setRange(0, len(self.purify_records) - 1)
+                self.scrubber.setValue(len(self.purify_records) - 1)
+                self.scrubber.blockSignals(False)
+                self.scrubber.setEnabled(True)
+                self.scrubber_label.setText(f"step {self.purify_records[-1].step}")
+            self.purification_finished.emit(self.purify_records)
+            return
+        step = record
         self.last_probabilities = step.probabilities[0].copy()
         self.bars.set_probabilities(self.last_probabilities, final=True)
         self.progress.setValue(step.total_levels)
@@ -282,9 +494,8 @@ class MainWindow(QMainWindow):
 
     @Slot(str)
     def _on_runner_failed(self, message: str) -> None:
-        self._timer.stop()
-        self.stop_button.setEnabled(False)
-        self.show_error("Classification failed", message)
+        self._job_ended()
+        self.show_error(f"{self._job_kind.capitalize() or 'Job'} failed", message)
 
     def _on_timer_timeout(self) -> None:
         self.elapsed_label.setText(f"{time.perf_counter() - self._started_at:.1f} s")

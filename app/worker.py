@@ -2,8 +2,8 @@
 
 The job is a callable ``factory(cancelled) -> iterator of step records``; ``cancelled`` is
 a zero-argument callable the generator polls at every step. Records cross the thread
-boundary through queued signals (they are immutable numpy copies), throttled to about
-30 Hz; the last record is always delivered.
+boundary through queued signals (they are immutable numpy copies) in batches at most
+about 30 times a second, so the GUI redraws at most at that rate; no record is dropped.
 """
 from __future__ import annotations
 
@@ -37,22 +37,21 @@ class _Job(QObject):
 
     @Slot()
     def run(self) -> None:
-        last, pending, last_emit = None, None, 0.0
+        last, pending, last_emit = None, [], 0.0
         try:
             for record in self._factory(self.is_cancelled):
                 last = record
+                pending.append(record)
                 now = time.monotonic()
                 if now - last_emit >= UPDATE_INTERVAL_S:
-                    self.step_ready.emit(self.job_id, record)
-                    last_emit, pending = now, None
-                else:
-                    pending = record
+                    self.step_ready.emit(self.job_id, pending)
+                    last_emit, pending = now, []
                 if self._cancel:
                     break
             if self._cancel:
                 self.cancelled.emit(self.job_id)
                 return
-            if pending is not None:
+            if pending:
                 self.step_ready.emit(self.job_id, pending)
             self.finished.emit(self.job_id, last)
         except Exception as exc:  # the GUI shows it; the thread must not die silently
@@ -130,8 +129,10 @@ class JobRunner(QObject):
         return self._current is not None and self._current.job_id == job_id
 
     @Slot(int, object)
-    def _on_job_step_ready(self, job_id: int, record: object) -> None:
-        if self._is_current(job_id):
+    def _on_job_step_ready(self, job_id: int, records: list) -> None:
+        for record in records:
+            if not self._is_current(job_id):  # a handler may have started another job
+                return
             self.step_ready.emit(record)
 
     def _release_if_current(self, job_id: int) -> bool:

@@ -68,6 +68,7 @@ class AttackResult:
     """Best adversarial examples found and their validation."""
 
     adversarial: torch.Tensor  # 8-bit-rounded, validated, (N, C, H, W)
+    labels: torch.Tensor  # (N,) the labels attacked
     success: torch.Tensor  # (N,) bool: misclassified after 8-bit rounding
     clean_correct: torch.Tensor
     linf: torch.Tensor
@@ -147,9 +148,12 @@ def apgd_checkpoints(steps: int) -> list[int]:
     return sorted({int(math.ceil(v * steps - 1e-9)) for v in p if v <= 1})
 
 
-def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
+def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: AttackSettings,
            cancelled: Callable[[], bool] = lambda: False) -> Iterator[AttackStep]:
-    """Run the attack, yielding a record per iteration; returns an :class:`AttackResult`."""
+    """Run the attack, yielding a record per iteration; returns an :class:`AttackResult`.
+
+    ``y`` None attacks the model's own clean predictions.
+    """
     s = settings
     gen = torch.Generator().manual_seed(s.seed)
     x0 = x.detach()
@@ -157,6 +161,8 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: AttackS
     with torch.no_grad():
         clean_logits = model(x0)
         queries += 1
+    if y is None:
+        y = clean_logits.argmax(1)
     clean_correct = clean_logits.argmax(1) == y
     if s.loss == "dlr-targeted":
         if s.target is not None:
@@ -263,7 +269,7 @@ def finalize(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, adv: torch.Ten
     with torch.no_grad():
         pred = model(adv_q).argmax(1)
     success = (pred != y) | ~clean_correct
-    return AttackResult(adv_q, success, clean_correct, linf, l2, queries + 1, checks)
+    return AttackResult(adv_q, y, success, clean_correct, linf, l2, queries + 1, checks)
 
 
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
@@ -277,3 +283,64 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Att
             return stop.value
         if on_step is not None:
             on_step(step)
+
+
+def attack_records(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: AttackSettings,
+                   cancelled: Callable[[], bool] = lambda: False) -> Iterator[AttackStep | AttackResult]:
+    """Like :func:`attack`, but the final :class:`AttackResult` is yielded as the last record
+    (for consumers that only iterate, such as the GUI's job runner)."""
+    gen = attack(model, x, y, settings, cancelled)
+    while True:
+        try:
+            yield next(gen)
+        except StopIteration as stop:
+            if stop.value is not None:
+                yield stop.value
+            return
+
+
+@dataclass(frozen=True)
+class DefenseOutcome:
+    """What the full defense makes of an attack's result (the GUI's verdict)."""
+
+    clean: np.ndarray  # (N, C, H, W)
+    adversarial: np.ndarray
+    purified: np.ndarray | None  # the adversarial image after likelihood maximisation
+    labels: np.ndarray
+    attacked_prediction: np.ndarray  # prediction of the attacked module on the adversarial image
+    defense_probabilities: np.ndarray  # full defense (purification + classifier) on the adversarial image
+    attack_succeeded: np.ndarray
+    defense_recovered: np.ndarray
+    linf: np.ndarray
+    l2: np.ndarray
+
+
+def attack_session(model: nn.Module, x: torch.Tensor, settings: AttackSettings, defense: nn.Module | None = None,
+                   purify: Callable[[torch.Tensor], torch.Tensor] | None = None, y: torch.Tensor | None = None,
+                   cancelled: Callable[[], bool] = lambda: False):
+    """Attack ``model``, then judge the result with the full ``defense`` (default: ``model``).
+
+    Yields the attack's :class:`AttackStep` records, its :class:`AttackResult`, then a
+    :class:`DefenseOutcome` (with the purified adversarial image when ``purify`` is given).
+    """
+    result = None
+    for rec in attack_records(model, x, y, settings, cancelled):
+        if isinstance(rec, AttackResult):
+            result = rec
+        yield rec
+    if result is None or cancelled():
+        return
+    defense = defense or model
+    adv = result.adversarial
+    with torch.no_grad():
+        attacked_pred = model(adv).argmax(1)
+        probs = torch.softmax(defense(adv), dim=1)
+        purified = purify(adv) if purify is not None else None
+    yield DefenseOutcome(
+        clean=x.detach().cpu().numpy().copy(), adversarial=adv.cpu().numpy().copy(),
+        purified=None if purified is None else purified.cpu().numpy().copy(),
+        labels=result.labels.cpu().numpy().copy(), attacked_prediction=attacked_pred.cpu().numpy().copy(),
+        defense_probabilities=probs.cpu().numpy().copy(),
+        attack_succeeded=(attacked_pred != result.labels).cpu().numpy().copy(),
+        defense_recovered=(probs.argmax(1) == result.labels).cpu().numpy().copy(),
+        linf=result.linf.cpu().numpy().copy(), l2=result.l2.cpu().numpy().copy())

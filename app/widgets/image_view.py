@@ -35,3 +35,29 @@ class ImageView(QWidget):
             self.item.setImage(hwc, levels=(0.0, 1.0), autoLevels=False)
             self.view.autoRange(padding=0.02)
         self.caption.setText(caption)
+
+
+class PerturbationView(ImageView):
+    """A signed perturbation with a diverging colour map, amplified to the full range."""
+
+    def __init__(self, title: str, parent: QWidget | None = None) -> None:
+        super().__init__(title, parent)
+        cmap = pg.colormap.get("CET-D1")
+        self.item.setLookupTable(cmap.getLookupTable(nPts=256))
+
+    def set_perturbation(self, delta: np.ndarray | None) -> None:
+        """``delta``: (C, H, W) adversarial minus original, in [0, 1] units."""
+        if delta is None:
+            self.image = None
+            self.item.clear()
+            self.caption.setText("")
+            return
+        self.image = np.array(delta, copy=True)
+        signed = delta.mean(axis=0)
+        peak = float(np.abs(signed).max()) or 1.0
+        self.item.setImage(signed, levels=(-peak, peak), autoLevels=False)
+        self.view.autoRange(padding=0.02)
+        linf = float(np.abs(delta).max())
+        l2 = float(np.sqrt((delta.astype(np.float64) ** 2).sum()))
+        self.caption.setText(f"‖δ‖∞ = {linf:.4f} ({linf * 255:.1f}/255)   ‖δ‖₂ = {l2:.3f}   "
+                             f"(colours scaled to ±{peak:.3f})")

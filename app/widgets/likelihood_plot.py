@@ -16,9 +16,10 @@ class LikelihoodPlot(pg.PlotWidget):
     curves stay readable whatever the absolute scale of the ELBO.
     """
 
-    def __init__(self, classes: list[str], parent: QWidget | None = None) -> None:
+    def __init__(self, classes: list[str], x_label: str = "noise levels processed",
+                 parent: QWidget | None = None) -> None:
         super().__init__(parent=parent, background="w")
-        self.setLabel("bottom", "noise levels processed")
+        self.setLabel("bottom", x_label)
         self.setLabel("left", "logit − max logit (nats)")
         self.showGrid(x=True, y=True, alpha=0.3)
         self.legend = self.addLegend(offset=(-5, 5), labelTextSize="8pt", colCount=2)
@@ -41,10 +42,18 @@ class LikelihoodPlot(pg.PlotWidget):
     def add_point(self, levels_done: int, logits: np.ndarray) -> None:
         self.steps.append(int(levels_done))
         self.history.append(np.asarray(logits, dtype=float).copy())
-        hist = np.stack(self.history)
+        self.show_upto(len(self.steps))
+
+    def show_upto(self, count: int) -> None:
+        """Draw the first ``count`` stored points (the step scrubber replays with this)."""
+        if count <= 0:
+            for curve in self.curves:
+                curve.setData([], [])
+            return
+        hist = np.stack(self.history[:count])
         rel = hist - hist.max(axis=1, keepdims=True)
         top = int(np.argmax(hist[-1]))
-        x = np.asarray(self.steps)
+        x = np.asarray(self.steps[:count])
         for k, curve in enumerate(self.curves):
             curve.setData(x, rel[:, k])
             curve.setPen(pg.mkPen(PALETTE[k % len(PALETTE)], width=3.5 if k == top else 1.2))

@@ -138,3 +138,40 @@ def test_screenshot_bad_model_exits_2(tmp_path, qapp, capsys):
 
     assert main(["--model", str(tmp_path / "none.safetensors"), "--screenshot", str(tmp_path / "s.png")]) == 2
     assert "none.safetensors" in capsys.readouterr().err
+
+
+def test_attack_run_shows_adversarial_and_verdict(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.steps_spin.setValue(2)
+    window.attack_panel.steps.setValue(3)
+    window.purify_panel.steps.setValue(1)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        window.run_attack()
+    out = window.last_outcome
+    assert out is not None and out.adversarial.shape == (1, 1, 28, 28)
+    eps = window.attack_panel.eps_value()
+    assert np.abs(out.adversarial - out.clean).max() <= eps + 1e-6
+    assert window.view_adversarial.image is not None and window.view_purified.image is not None
+    assert window.view_perturbation.image is not None and "‖δ‖∞" in window.view_perturbation.caption.text()
+    text = window.attack_verdict.text()
+    assert ("Attack succeeded" in text or "Attack failed" in text) and "defense" in text
+    assert len(window.attack_plot.data["loss"][0]) == 3
+
+
+def test_purification_run_draws_one_point_per_step_and_replays(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.purify_panel.steps.setValue(4)
+    with qtbot.waitSignal(window.purification_finished, timeout=60000) as blocker:
+        window.run_purification()
+    records = blocker.args[0]
+    assert [r.step for r in records] == [0, 1, 2, 3, 4]
+    hist = np.stack(window.purify_curves.history)
+    assert hist.shape == (5, 10)  # one point per step (and the start) per class
+    assert len(window.objective_plot.data["objective"][0]) == 5
+    assert window.scrubber.isEnabled() and window.scrubber.maximum() == 4
+    window.scrubber.setValue(1)
+    assert np.allclose(window.purify_view.image, records[1].image[0])
+    x, _ = window.purify_curves.curves[0].getData()
+    assert list(x) == [0, 1]

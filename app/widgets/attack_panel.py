@@ -1,0 +1,95 @@
+"""Attack settings form: method, norm, eps, steps, step size, target, gradient mode, EOT, seed."""
+from __future__ import annotations
+
+from PySide6.QtCore import Signal
+from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox,
+                               QVBoxLayout, QWidget)
+
+from core.attacks import AttackSettings
+
+METHODS = {"APGD-CE": ("apgd", "ce"), "APGD-DLR": ("apgd", "dlr"), "APGD-T (targeted DLR)": ("apgd", "dlr-targeted"),
+           "PGD (CE)": ("pgd", "ce")}
+
+
+class AttackPanel(QWidget):
+    """Emits ``run_requested`` / ``stop_requested``; :meth:`settings` builds the engine settings."""
+
+    run_requested = Signal()
+    stop_requested = Signal()
+
+    def __init__(self, classes: list[str], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.method = QComboBox()
+        self.method.addItems(list(METHODS))
+        self.norm = QComboBox()
+        self.norm.addItems(["linf", "l2"])
+        self.eps = QDoubleSpinBox()
+        self.eps.setDecimals(2)
+        self.eps.setRange(0.0, 255.0)
+        self.eps.setValue(76.5)
+        self.eps.setSuffix(" /255")
+        self.eps.setToolTip("l-inf: radius in /255 pixel units; l2: radius in [0,1] units")
+        self.steps = QSpinBox()
+        self.steps.setRange(1, 10000)
+        self.steps.setValue(20)
+        self.step_size = QDoubleSpinBox()
+        self.step_size.setDecimals(4)
+        self.step_size.setRange(0.0, 10.0)
+        self.step_size.setSpecialValueText("auto")
+        self.step_size.setToolTip("PGD step size in [0,1] units (auto: 2.5 eps / steps); APGD adapts its own")
+        self.target = QComboBox()
+        self.target.addItem("runner-up (auto)")
+        self.target.addItems(classes)
+        self.grad = QComboBox()
+        self.grad.addItems(["exact", "bpda", "dc-only"])
+        self.grad.setToolTip("exact: through the purification; bpda: identity through it; dc-only: no purification")
+        self.eot = QSpinBox()
+        self.eot.setRange(1, 100)
+        self.seed = QSpinBox()
+        self.seed.setRange(0, 2**31 - 1)
+        self.norm.currentTextChanged.connect(self._on_norm_changed)
+        form = QFormLayout()
+        for label, widget in (("Method", self.method), ("Norm", self.norm), ("Epsilon", self.eps),
+                              ("Steps", self.steps), ("Step size", self.step_size), ("Target", self.target),
+                              ("Gradient", self.grad), ("EOT draws", self.eot), ("Seed", self.seed)):
+            form.addRow(label, widget)
+        self.run_button = QPushButton("Run attack")
+        self.stop_button = QPushButton("Stop")
+        self.stop_button.setEnabled(False)
+        self.run_button.clicked.connect(self._on_run_button_clicked)
+        self.stop_button.clicked.connect(self._on_stop_button_clicked)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.stop_button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addStretch(1)
+
+    def _on_norm_changed(self, norm: str) -> None:
+        if norm == "l2":
+            self.eps.setSuffix("")
+            self.eps.setValue(1.5)
+        else:
+            self.eps.setSuffix(" /255")
+            self.eps.setValue(76.5)
+
+    def eps_value(self) -> float:
+        return self.eps.value() / 255.0 if self.norm.currentText() == "linf" else self.eps.value()
+
+    def settings(self) -> AttackSettings:
+        method, loss = METHODS[self.method.currentText()]
+        target = self.target.currentIndex() - 1
+        return AttackSettings(method=method, loss=loss, norm=self.norm.currentText(), eps=self.eps_value(),
+                              steps=self.steps.value(), step_size=self.step_size.value() or None,
+                              target=target if target >= 0 else None, eot=self.eot.value(), seed=self.seed.value())
+
+    def set_running(self, running: bool) -> None:
+        self.run_button.setEnabled(not running)
+        self.stop_button.setEnabled(running)
+
+    def _on_run_button_clicked(self) -> None:
+        self.run_requested.emit()
+
+    def _on_stop_button_clicked(self) -> None:
+        self.stop_requested.emit()
