@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -82,3 +83,22 @@ def test_apgd_against_the_full_defense_returns_valid_examples(tiny_net):
     res = run_attack(rdc, x, y, AttackSettings(eps=0.3, steps=4))
     assert all(res.checks.values()) and (res.linf <= 0.3 + 1e-6).all()
     assert res.clean_correct.all() and res.queries >= 5
+
+
+def test_attack_session_judges_with_the_full_defense(tiny_net):
+    from core.attacks import AttackResult, AttackSettings, AttackStep, DefenseOutcome, attack_session
+
+    cs, ps = ClassifierSettings(steps=2), PurifySettings(eta=0.1, steps=1, step_size=0.03)
+    full = RobustDiffusionClassifier(tiny_net, cs, ps, "exact")
+    x = torch.round(_x(torch.float32)[:1] * 255) / 255
+    records = list(attack_session(full.classifier, x, AttackSettings(eps=0.2, steps=3), defense=full,
+                                  purify=full.purify))
+    assert [type(r) for r in records] == [AttackStep] * 3 + [AttackResult, DefenseOutcome]
+    out = records[-1]
+    with torch.no_grad():
+        expected = torch.softmax(full(torch.from_numpy(out.adversarial)), 1).numpy()
+        dc_pred = full.classifier(torch.from_numpy(out.adversarial)).argmax(1).numpy()
+    assert np.allclose(out.defense_probabilities, expected, atol=1e-5)
+    assert np.array_equal(out.attacked_prediction, dc_pred)
+    assert out.defense_recovered[0] == (expected.argmax(1)[0] == out.labels[0])
+    assert out.purified.shape == x.shape and np.abs(out.purified - out.adversarial).max() <= 0.1 + 1e-6
