@@ -163,15 +163,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import atomic_write_json
 
     _setup_threads(args)
-    model, clf = _load(args)
     ds = load_dataset(args.dataset, args.split, args.data_root)
-    if ds.name != model.card.get("dataset"):
-        raise SystemExit(f"rdc: error: model {model.name} was trained on {model.card.get('dataset')}, not {ds.name}")
+    if args.defense == "cnn":  # the diffusion model is not needed
+        model, clf = None, None
+        device = resolve_device(args.device)
+        settings = {"device": device}
+        model_info = {"name": args.cnn, "architecture": "cnn"}
+    else:
+        model, clf = _load(args)
+        if ds.name != model.card.get("dataset"):
+            raise SystemExit(f"rdc: error: model {model.name} was trained on {model.card.get('dataset')}, "
+                             f"not {ds.name}")
+        settings = {"classifier": clf.settings.to_dict(), "device": str(clf.device)}
+        model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
     total = min(args.n or len(ds), len(ds))
-    settings = {"dataset": args.dataset, "split": args.split, "defense": args.defense, "attack": args.attack,
-                "classifier": clf.settings.to_dict(), "device": str(clf.device), "batch_size": args.batch_size,
-                "command": _command_line()}
-    model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
+    settings.update({"dataset": args.dataset, "split": args.split, "defense": args.defense, "attack": args.attack,
+                     "batch_size": args.batch_size, "command": _command_line()})
     steps = []
     if args.attack == "none" and args.defense == "dc":
         with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
@@ -184,8 +191,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from .attacks import AttackSettings
 
         defense = build_defense(args.defense, model, clf, args)
-        if args.defense == "cnn":
-            model_info = {"name": args.cnn, "architecture": "cnn"}
         if args.defense == "rdc":
             settings["purify"] = _purify_settings(model, args).to_dict()
             settings["grad"] = args.grad
@@ -353,7 +358,7 @@ def build_defense(kind: str, model, clf, args: argparse.Namespace):
         from .models import CheckpointError
 
         try:
-            cnn, _ = load_cnn(args.cnn, device=clf.device)
+            cnn, _ = load_cnn(args.cnn, device=resolve_device(args.device))
         except CheckpointError as exc:
             raise SystemExit(f"rdc: error: {exc}") from None
         return cnn

@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .models import publish_file
+
 MAX_PIXELS = 50_000_000  # decompression-bomb guard (declared width * height)
 MAX_FILE_BYTES = 200 * 1024 * 1024
 SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
@@ -166,7 +168,7 @@ def save_png_atomic(arr: np.ndarray, path: str | os.PathLike, source: str | os.P
     try:
         with os.fdopen(fd, "wb") as f:
             img.save(f, format="PNG")
-        os.replace(tmp, path)
+        publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -102,3 +102,14 @@ def test_class_count_mismatch(tmp_path, tiny_net):
 def test_save_leaves_no_partial_files(tmp_path, tiny_net):
     save_checkpoint(tmp_path / "ok.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ok.json", "ok.safetensors"]
+
+
+def test_saved_files_get_normal_permissions(tmp_path, tiny_net):
+    import os
+    import stat
+
+    path = save_checkpoint(tmp_path / "p.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in (path, path.with_suffix(".json")):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
