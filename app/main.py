@@ -12,6 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, help="bundled model name or checkpoint path")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--steps", type=int, default=None, help="noise levels T")
+    p.add_argument("--session", default=None, help="reopen a saved session (model, image, settings) and re-run it")
     p.add_argument("--screenshot", default=None, help="classify IMAGE, save a PNG of the window and exit")
     return p
 
@@ -32,10 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # one thread per core; the GUI thread mostly waits
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("RDC Studio")
+    from core.session import SessionError, load_session
+
     try:
         device = resolve_device(args.device)
-        model = load_checkpoint(args.model, device=device)
-    except (CheckpointError, SystemExit) as exc:
+        session = load_session(args.session) if args.session else None
+        model = load_checkpoint(session["model"] if session else args.model, device=device)
+    except (CheckpointError, SessionError, SystemExit) as exc:
         message = str(exc)
         print(f"rdc-studio: error: {message}", file=sys.stderr)
         if not args.screenshot:
@@ -56,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
             window.close()
             loop.quit()
 
-        if args.image:
+        if args.image or session:
             window.classification_finished.connect(lambda _p: QTimer.singleShot(200, grab))
             window.runner.failed.connect(lambda _m: QTimer.singleShot(0, grab))
-            if not window.open_path(args.image):
+            opened = window.open_session(args.session) if session else window.open_path(args.image)
+            if not opened:
                 result["code"] = 1
                 QTimer.singleShot(0, grab)
         else:
@@ -70,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
         window.deleteLater()
         QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
         return result["code"]
-    if args.image:
+    if session:
+        QTimer.singleShot(0, lambda: window.open_session(args.session))
+    elif args.image:
         QTimer.singleShot(0, lambda: window.open_path(args.image))
     return app.exec()
 

@@ -15,7 +15,9 @@ from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QLabel, QM
 from core.attacks import AttackResult, AttackStep, DefenseOutcome, attack_session
 from core.classifier import ClassifyStep, build_classifier
 from core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
+from core.images import save_png_atomic
 from core.rdc import RobustDiffusionClassifier
+from core.session import SessionError, load_session, make_session, save_session, write_csv
 from core.images import ImageLoadError, convert_image, load_for_model
 from core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint
 
@@ -46,6 +48,8 @@ class MainWindow(QMainWindow):
         default_steps = int(model.classifier_defaults.get("steps", 16))
         self.image: np.ndarray | None = None
         self.image_source = ""
+        self.image_path = ""
+        self.session_classifier: dict | None = None
         self.last_probabilities: np.ndarray | None = None
         self.last_outcome: DefenseOutcome | None = None
         self.purify_records: list[PurifyStep] = []
@@ -196,6 +200,11 @@ class MainWindow(QMainWindow):
         self._add_action(file_menu, "&Open image…", QKeySequence.StandardKey.Open, self.open_dialog)
         self._add_action(file_menu, "&Paste image", QKeySequence.StandardKey.Paste, self.paste_from_clipboard)
         file_menu.addSeparator()
+        self._add_action(file_menu, "Export &adversarial PNG…", QKeySequence("Ctrl+E"), self.export_adversarial_dialog)
+        self._add_action(file_menu, "Export curves and probabilities &CSV…", None, self.export_csv_dialog)
+        self._add_action(file_menu, "&Save session…", QKeySequence.StandardKey.Save, self.save_session_dialog)
+        self._add_action(file_menu, "Open sess&ion…", QKeySequence("Ctrl+Shift+O"), self.open_session_dialog)
+        file_menu.addSeparator()
         self._add_action(file_menu, "&Quit", QKeySequence.StandardKey.Quit, self.close)
         run_menu = self.menuBar().addMenu("&Run")
         self._add_action(run_menu, "&Classify", QKeySequence("Ctrl+R"), self.classify)
@@ -263,6 +272,7 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot open image", str(exc))
             return False
         self.settings_store.setValue("paths/last_dir", str(Path(path).parent))
+        self.image_path = str(path)
         self.set_image(arr, Path(path).name)
         return True
 
@@ -300,6 +310,117 @@ class MainWindow(QMainWindow):
         self.image_loaded.emit(source)
         self.classify()
 
+    # -- export and sessions ----------------------------------------------------------
+    def _save_dialog(self, title: str, name: str, filt: str) -> str:
+        start = str(Path(str(self.settings_store.value("paths/last_dir", str(Path.home())))) / name)
+        path, _ = QFileDialog.getSaveFileName(self, title, start, filt)
+        return path
+
+    def export_adversarial_dialog(self) -> None:
+        path = self._save_dialog("Export adversarial image", "adversarial.png", "PNG (*.png)")
+        if path:
+            self.export_adversarial(path)
+
+    def export_adversarial(self, path: str) -> bool:
+        """Save the last attack's adversarial image as a lossless 8-bit PNG."""
+        if self.last_outcome is None:
+            self.show_error("Nothing to export", "Run an attack first.")
+            return False
+        try:
+            save_png_atomic(self.last_outcome.adversarial[0], path, source=self.image_path or None)
+        except (OSError, ValueError) as exc:
+            self.show_error("Cannot export", str(exc))
+            return False
+        self.statusBar().showMessage(f"Saved {path}", 5000)
+        return True
+
+    def export_csv_dialog(self) -> None:
+        path = self._save_dialog("Export CSV", "rdc-results.csv", "CSV (*.csv)")
+        if path:
+            self.export_csv(path)
+
+    def export_csv(self, path: str) -> bool:
+        """Probabilities, likelihood curves, purification and attack curves in one tidy CSV."""
+        classes = self.model.classes
+        rows: list[list] = []
+        if self.last_probabilities is not None:
+            rows += [["probability", "", c, float(p)] for c, p in zip(classes, self.last_probabilities)]
+        for step, logits in zip(self.curves.steps, self.curves.history):
+            rows += [["classify_logit", step, c, float(v)] for c, v in zip(classes, logits)]
+        for rec in self.purify_records:
+            rows.append(["purify_objective", rec.step, "", float(rec.objective[0])])
+            rows += [["purify_logit", rec.step, c, float(v)] for c, v in zip(classes, rec.logits[0])]
+        for name, (xs, ys) in self.attack_plot.data.items():
+            rows += [[f"attack_{name}", int(x), "", y] for x, y in zip(xs, ys)]
+        try:
+            write_csv(path, ["kind", "step", "class", "value"], rows)
+        except OSError as exc:
+            self.show_error("Cannot export", str(exc))
+            return False
+        self.statusBar().showMessage(f"Saved {path} ({len(rows)} rows)", 5000)
+        return True
+
+    def session(self) -> dict:
+        """The current session: model, exact input, every setting (with seeds) and results."""
+        if self.image is None:
+            raise SessionError("no image is open")
+        results = {}
+        if self.last_probabilities is not None:
+            results["probabilities"] = [float(p) for p in self.last_probabilities]
+        if self.last_outcome is not None:
+            results["attack"] = {"success": bool(self.last_outcome.attack_succeeded[0]),
+                                 "defense_recovered": bool(self.last_outcome.defense_recovered[0]),
+                                 "linf": float(self.last_outcome.linf[0]), "l2": float(self.last_outcome.l2[0])}
+        return make_session(str(self.model.path), self.image, self.image_source,
+                            self._classifier().settings.to_dict(), self.attack_panel.settings().__dict__,
+                            self.purify_panel.settings().to_dict(), results, self.device) | {
+            "attack_gradient": self.attack_panel.grad.currentText()}
+
+    def save_session_dialog(self) -> None:
+        path = self._save_dialog("Save session", "session.json", "RDC Studio session (*.json)")
+        if path:
+            self.save_session(path)
+
+    def save_session(self, path: str) -> bool:
+        try:
+            save_session(path, self.session())
+        except (OSError, SessionError) as exc:
+            self.show_error("Cannot save session", str(exc))
+            return False
+        self.statusBar().showMessage(f"Saved session {path}", 5000)
+        return True
+
+    def open_session_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open session", "", "RDC Studio session (*.json)")
+        if path:
+            self.open_session(path)
+
+    def open_session(self, path: str) -> bool:
+        """Restore a saved session and re-run its classification."""
+        try:
+            session = load_session(path)
+        except SessionError as exc:
+            self.show_error("Cannot open session", str(exc))
+            return False
+        if str(self.model.path) != session["model"] and not self.load_model(session["model"]):
+            return False
+        cfg = self.model.net.config
+        image = session["image_array"]
+        if image.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
+            self.show_error("Cannot open session", f"{path}: image shape {image.shape} does not fit the model")
+            return False
+        self.session_classifier = dict(session["classifier"])
+        self.steps_spin.setValue(int(self.session_classifier.get("steps", self.steps_spin.value())))
+        if session.get("attack"):
+            self.attack_panel.apply(session["attack"])
+        if session.get("attack_gradient"):
+            self.attack_panel.grad.setCurrentText(session["attack_gradient"])
+        if session.get("purify"):
+            self.purify_panel.apply(session["purify"])
+        self.image_path = ""
+        self.set_image(image, session["image"].get("source", Path(path).name))
+        return True
+
     # -- model ------------------------------------------------------------------
     def load_model_dialog(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Load checkpoint", "", "Checkpoints (*.safetensors *.json)")
@@ -329,7 +450,7 @@ class MainWindow(QMainWindow):
             return
         steps = int(self.steps_spin.value())
         self.settings_store.setValue("classify/steps", steps)
-        clf = build_classifier(self.model, self.device, steps=steps)
+        clf = self._classifier()
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
         self.curves.reset()
         self.progress.setRange(0, steps)
@@ -355,7 +476,9 @@ class MainWindow(QMainWindow):
         self.purify_panel.set_running(False)
 
     def _classifier(self):
-        return build_classifier(self.model, self.device, steps=int(self.steps_spin.value()))
+        overrides = dict(self.session_classifier or {})
+        overrides["steps"] = int(self.steps_spin.value())
+        return build_classifier(self.model, self.device, **overrides)
 
     def run_attack(self) -> None:
         """Attack the current image with the panel's settings against the full defense."""

@@ -93,3 +93,17 @@ class AttackPanel(QWidget):
 
     def _on_stop_button_clicked(self) -> None:
         self.stop_requested.emit()
+
+    def apply(self, settings: dict) -> None:
+        """Restore the form from :meth:`settings`' dictionary form (session files)."""
+        s = AttackSettings(**settings)
+        for text, (method, loss) in METHODS.items():
+            if (method, loss) == (s.method, s.loss):
+                self.method.setCurrentText(text)
+        self.norm.setCurrentText(s.norm)
+        self.eps.setValue(s.eps * 255 if s.norm == "linf" else s.eps)
+        self.steps.setValue(s.steps)
+        self.step_size.setValue(s.step_size or 0.0)
+        self.target.setCurrentIndex(0 if s.target is None else s.target + 1)
+        self.eot.setValue(s.eot)
+        self.seed.setValue(s.seed)

@@ -61,3 +61,12 @@ class PurifyPanel(QWidget):
 
     def _on_stop_button_clicked(self) -> None:
         self.stop_requested.emit()
+
+    def apply(self, settings: dict) -> None:
+        """Restore the form (and the hidden settings such as the noise seed) from a dictionary."""
+        s = PurifySettings(**settings)
+        self._defaults = s
+        self.eta.setValue(s.eta * 255)
+        self.steps.setValue(s.steps)
+        self.step_size.setValue(s.step_size * 255)
+        self.optimizer.setCurrentText(s.optimizer)

@@ -175,3 +175,51 @@ def test_purification_run_draws_one_point_per_step_and_replays(qtbot, window, di
     assert np.allclose(window.purify_view.image, records[1].image[0])
     x, _ = window.purify_curves.curves[0].getData()
     assert list(x) == [0, 1]
+
+
+def test_exports_and_session_round_trip(qtbot, window, digit_png, tmp_path, tiny_checkpoint):
+    import csv
+    import json
+
+    window.steps_spin.setValue(5)
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.attack_panel.steps.setValue(2)
+    window.attack_panel.seed.setValue(7)
+    window.purify_panel.steps.setValue(1)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        window.run_attack()
+    png, table, sess = tmp_path / "adv.png", tmp_path / "out.csv", tmp_path / "session.json"
+    assert window.export_adversarial(str(png))
+    saved = np.asarray(Image.open(png), dtype=np.float32)[None] / 255
+    assert np.array_equal(saved, window.last_outcome.adversarial[0])  # lossless
+    assert window.export_csv(str(table))
+    rows = list(csv.DictReader(open(table)))
+    probs = [float(r["value"]) for r in rows if r["kind"] == "probability"]
+    assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-5
+    assert any(r["kind"] == "attack_loss" for r in rows)
+    assert window.save_session(str(sess))
+    data = json.loads(sess.read_text())
+    assert data["attack"]["seed"] == 7 and data["classifier"]["steps"] == 5
+    # a new window reopens the session and reproduces the same probabilities
+    other = MainWindow(load_checkpoint(tiny_checkpoint), steps=3)
+    qtbot.addWidget(other)
+    with qtbot.waitSignal(other.classification_finished, timeout=30000) as blocker:
+        assert other.open_session(str(sess))
+    assert np.array_equal(np.asarray(blocker.args[0]), window.last_probabilities)
+    assert other.steps_spin.value() == 5 and other.attack_panel.seed.value() == 7
+    other.runner.shutdown()
+
+
+def test_session_command_line(tmp_path, qapp, window, digit_png, qtbot):
+    from app.main import main
+
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    sess = tmp_path / "s.json"
+    assert window.save_session(str(sess))
+    shot = tmp_path / "shot.png"
+    assert main(["--session", str(sess), "--screenshot", str(shot)]) == 0 and shot.stat().st_size > 0
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    assert main(["--session", str(bad), "--screenshot", str(shot)]) == 2
