@@ -223,3 +223,38 @@ def test_session_command_line(tmp_path, qapp, window, digit_png, qtbot):
     bad = tmp_path / "bad.json"
     bad.write_text("{}")
     assert main(["--session", str(bad), "--screenshot", str(shot)]) == 2
+
+
+def test_generate_sample_then_classify(qtbot, window):
+    with qtbot.waitSignal(window.classification_finished, timeout=60000):
+        window.generate_sample(3, seed=1, steps=4)
+    assert window.image.shape == (1, 28, 28) and "generated 3" in window.image_source
+
+
+def test_dataset_browser_opens_a_test_digit(qtbot, window):
+    from core.data import mnist_available
+
+    if not mnist_available():
+        pytest.skip("needs ../shared/data MNIST")
+    from app.widgets.dataset_browser import DatasetBrowser
+
+    browser = DatasetBrowser("mnist", 28, 1)
+    qtbot.addWidget(browser)
+    chosen = []
+    browser.image_chosen.connect(lambda img, label: chosen.append((img, label)))
+    assert browser.load(0, str(__import__("core.data", fromlist=["x"]).default_data_root()))
+    assert browser.gallery.count() == 48 and browser.gallery.item(0).text() == "#0: 7"
+    browser.gallery.itemClicked.emit(browser.gallery.item(0))
+    assert chosen and chosen[0][0].shape == (1, 28, 28) and chosen[0][1] == "#0: 7"
+    failed = []
+    browser.failed.connect(failed.append)
+    assert not browser.load(2, "/nonexistent/folder") and failed
+
+
+def test_gallery_click_opens_image(qtbot, window):
+    img = np.zeros((1, 28, 28), np.float32)
+    img[0, 10:20, 12:16] = 1
+    window.gallery.set_images([img], ["sample"])
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.gallery.itemClicked.emit(window.gallery.item(0))
+    assert np.array_equal(window.image, img) and window.image_source == "sample"
