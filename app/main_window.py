@@ -1,6 +1,7 @@
 """The RDC Studio main window: open an image, classify it live with the diffusion model."""
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -69,6 +70,15 @@ class MainWindow(QMainWindow):
         self._build_menus()
         stored = self.settings_store.value("classify/steps", None)
         self.steps_spin.setValue(int(steps or (stored if stored is not None else default_steps)))
+        geometry = self.settings_store.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        saved_attack = self.settings_store.value("attack/settings")
+        if saved_attack:
+            try:
+                self.attack_panel.apply(json.loads(saved_attack))
+            except (TypeError, ValueError):
+                pass  # settings from another version: keep the defaults
         self._timer = QTimer(self)
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._on_timer_timeout)
@@ -701,6 +711,8 @@ class MainWindow(QMainWindow):
         self.elapsed_label.setText(f"{time.perf_counter() - self._started_at:.1f} s")
 
     def closeEvent(self, event) -> None:  # noqa: N802
+        self.settings_store.setValue("window/geometry", self.saveGeometry())
+        self.settings_store.setValue("attack/settings", json.dumps(self.attack_panel.settings().__dict__))
         self._timer.stop()
         self.runner.shutdown()
         super().closeEvent(event)

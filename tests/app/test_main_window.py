@@ -258,3 +258,13 @@ def test_gallery_click_opens_image(qtbot, window):
     with qtbot.waitSignal(window.classification_finished, timeout=30000):
         window.gallery.itemClicked.emit(window.gallery.item(0))
     assert np.array_equal(window.image, img) and window.image_source == "sample"
+
+
+def test_attack_settings_persist_across_windows(qtbot, window, tiny_checkpoint):
+    window.attack_panel.steps.setValue(17)
+    window.attack_panel.norm.setCurrentText("l2")
+    window.close()
+    again = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+    qtbot.addWidget(again)
+    assert again.attack_panel.steps.value() == 17 and again.attack_panel.norm.currentText() == "l2"
+    again.runner.shutdown()
