@@ -1,21 +1,18 @@
 """Attack settings form: method, norm, eps, steps, step size, target, gradient mode, EOT, seed."""
 from __future__ import annotations
 
-from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox, QWidget
 
 from core.attacks import AttackSettings
+
+from .run_stop_panel import RunStopPanel
 
 METHODS = {"APGD-CE": ("apgd", "ce"), "APGD-DLR": ("apgd", "dlr"), "APGD-T (targeted DLR)": ("apgd", "dlr-targeted"),
            "PGD (CE)": ("pgd", "ce")}
 
 
-class AttackPanel(QWidget):
+class AttackPanel(RunStopPanel):
     """Emits ``run_requested`` / ``stop_requested``; :meth:`settings` builds the engine settings."""
-
-    run_requested = Signal()
-    stop_requested = Signal()
 
     def __init__(self, classes: list[str], parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -48,23 +45,9 @@ class AttackPanel(QWidget):
         self.seed = QSpinBox()
         self.seed.setRange(0, 2**31 - 1)
         self.norm.currentTextChanged.connect(self._on_norm_changed)
-        form = QFormLayout()
-        for label, widget in (("Method", self.method), ("Norm", self.norm), ("Epsilon", self.eps),
-                              ("Steps", self.steps), ("Step size", self.step_size), ("Target", self.target),
-                              ("Gradient", self.grad), ("EOT draws", self.eot), ("Seed", self.seed)):
-            form.addRow(label, widget)
-        self.run_button = QPushButton("Run attack")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        self.run_button.clicked.connect(self._on_run_button_clicked)
-        self.stop_button.clicked.connect(self._on_stop_button_clicked)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addStretch(1)
+        self._build([("Method", self.method), ("Norm", self.norm), ("Epsilon", self.eps), ("Steps", self.steps),
+                     ("Step size", self.step_size), ("Target", self.target), ("Gradient", self.grad),
+                     ("EOT draws", self.eot), ("Seed", self.seed)], "Run attack")
 
     def _on_norm_changed(self, norm: str) -> None:
         if norm == "l2":
@@ -84,15 +67,6 @@ class AttackPanel(QWidget):
                               steps=self.steps.value(), step_size=self.step_size.value() or None,
                               target=target if target >= 0 else None, eot=self.eot.value(), seed=self.seed.value())
 
-    def set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.stop_button.setEnabled(running)
-
-    def _on_run_button_clicked(self) -> None:
-        self.run_requested.emit()
-
-    def _on_stop_button_clicked(self) -> None:
-        self.stop_requested.emit()
 
     def apply(self, settings: dict) -> None:
         """Restore the form from :meth:`settings`' dictionary form (session files)."""

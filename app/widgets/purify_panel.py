@@ -1,16 +1,15 @@
 """Likelihood-maximisation settings form: eta, steps, step size, optimiser."""
 from __future__ import annotations
 
-from PySide6.QtCore import Signal
-from PySide6.QtWidgets import (QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QPushButton, QSpinBox,
-                               QVBoxLayout, QWidget)
+from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox, QWidget
 
 from core.purify import PurifySettings
 
+from .run_stop_panel import RunStopPanel
 
-class PurifyPanel(QWidget):
-    run_requested = Signal()
-    stop_requested = Signal()
+
+class PurifyPanel(RunStopPanel):
+    """Likelihood-maximisation settings; :meth:`settings` builds the engine settings."""
 
     def __init__(self, defaults: PurifySettings, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -29,22 +28,8 @@ class PurifyPanel(QWidget):
         self.optimizer.addItems(["sign", "adam"])
         self.optimizer.setCurrentText(defaults.optimizer)
         self._defaults = defaults
-        form = QFormLayout()
-        for label, widget in (("Eta (l-inf radius)", self.eta), ("Steps N", self.steps),
-                              ("Step size", self.step_size), ("Optimiser", self.optimizer)):
-            form.addRow(label, widget)
-        self.run_button = QPushButton("Run purification")
-        self.stop_button = QPushButton("Stop")
-        self.stop_button.setEnabled(False)
-        self.run_button.clicked.connect(self._on_run_button_clicked)
-        self.stop_button.clicked.connect(self._on_stop_button_clicked)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.stop_button)
-        layout = QVBoxLayout(self)
-        layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addStretch(1)
+        self._build([("Eta (l-inf radius)", self.eta), ("Steps N", self.steps),
+                              ("Step size", self.step_size), ("Optimiser", self.optimizer)], "Run purification")
 
     def settings(self) -> PurifySettings:
         d = self._defaults.to_dict()
@@ -52,15 +37,6 @@ class PurifyPanel(QWidget):
                  optimizer=self.optimizer.currentText())
         return PurifySettings(**d)
 
-    def set_running(self, running: bool) -> None:
-        self.run_button.setEnabled(not running)
-        self.stop_button.setEnabled(running)
-
-    def _on_run_button_clicked(self) -> None:
-        self.run_requested.emit()
-
-    def _on_stop_button_clicked(self) -> None:
-        self.stop_requested.emit()
 
     def apply(self, settings: dict) -> None:
         """Restore the form (and the hidden settings such as the noise seed) from a dictionary."""
