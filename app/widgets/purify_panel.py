@@ -28,8 +28,8 @@ class PurifyPanel(RunStopPanel):
         self.optimizer.addItems(["sign", "adam"])
         self.optimizer.setCurrentText(defaults.optimizer)
         self._defaults = defaults
-        self._build([("Eta (l-inf radius)", self.eta), ("Steps N", self.steps),
-                              ("Step size", self.step_size), ("Optimiser", self.optimizer)], "Run purification")
+        self._build([("Eta (l-inf radius)", self.eta), ("Steps N", self.steps), ("Step size", self.step_size),
+                     ("Optimiser", self.optimizer)], "Run purification")
 
     def settings(self) -> PurifySettings:
         d = self._defaults.to_dict()
