@@ -131,13 +131,19 @@ def _normalized(g: torch.Tensor, norm: str) -> torch.Tensor:
     return g / g.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (g.dim() - 1)))
 
 
-def _random_start(x0: torch.Tensor, eps: float, norm: str, gen: torch.Generator) -> torch.Tensor:
-    if norm == "linf":
-        r = (torch.rand(x0.shape, generator=gen) * 2 - 1).to(x0) * eps
-    else:
-        r = torch.randn(x0.shape, generator=gen).to(x0)
-        r = _normalized(r, "l2") * eps * torch.rand(x0.shape[0], generator=gen).to(x0).view(-1, *([1] * (x0.dim() - 1)))
-    return project(x0 + r, x0, eps, norm)
+def _random_start(x0: torch.Tensor, eps: float, norm: str, seeds: list[int]) -> torch.Tensor:
+    """Uniform start in the ball, drawn per example from its own seed, so an example's
+    attack does not depend on which other examples share its batch (or shard)."""
+    rs = []
+    for seed in seeds:
+        gen = torch.Generator().manual_seed(seed)
+        if norm == "linf":
+            r = (torch.rand(x0.shape[1:], generator=gen) * 2 - 1) * eps
+        else:
+            r = torch.randn(x0.shape[1:], generator=gen)
+            r = r / r.norm().clamp_min(1e-12) * eps * torch.rand((), generator=gen)
+        rs.append(r)
+    return project(x0 + torch.stack(rs).to(x0), x0, eps, norm)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -149,14 +155,15 @@ def apgd_checkpoints(steps: int) -> list[int]:
 
 
 def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: AttackSettings,
-           cancelled: Callable[[], bool] = lambda: False) -> Iterator[AttackStep]:
+           cancelled: Callable[[], bool] = lambda: False, example_ids: list[int] | None = None) -> Iterator[AttackStep]:
     """Run the attack, yielding a record per iteration; returns an :class:`AttackResult`.
 
-    ``y`` None attacks the model's own clean predictions.
+    ``y`` None attacks the model's own clean predictions. ``example_ids`` (default
+    0..N-1) seed each example's random starts, so results do not depend on batching.
     """
     s = settings
-    gen = torch.Generator().manual_seed(s.seed)
     x0 = x.detach()
+    ids = list(range(x0.shape[0])) if example_ids is None else [int(i) for i in example_ids]
     queries = 0
     with torch.no_grad():
         clean_logits = model(x0)
@@ -194,7 +201,8 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: 
         return losses / s.eot, grad / s.eot, logits_sum / s.eot
 
     for restart in range(s.restarts):
-        cur = _random_start(x0, s.eps, s.norm, gen) if s.random_start else x0.clone()
+        seeds = [(s.seed * 1_000_003 + i) * 101 + restart for i in ids]
+        cur = _random_start(x0, s.eps, s.norm, seeds) if s.random_start else x0.clone()
         loss, grad, logits = loss_and_grad(cur)
         n = x0.shape[0]
         eta = torch.full((n,), float(step_size0), device=x0.device)
@@ -273,9 +281,10 @@ def finalize(model: nn.Module, x0: torch.Tensor, y: torch.Tensor, adv: torch.Ten
 
 
 def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: AttackSettings,
-               on_step: Callable[[AttackStep], None] | None = None) -> AttackResult:
+               on_step: Callable[[AttackStep], None] | None = None,
+               example_ids: list[int] | None = None) -> AttackResult:
     """Drive :func:`attack` to the end and return its result."""
-    gen = attack(model, x, y, settings)
+    gen = attack(model, x, y, settings, example_ids=example_ids)
     while True:
         try:
             step = next(gen)

@@ -155,6 +155,21 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return status
 
 
+def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
+    """Under ``torchrun`` join the process group (gloo on CPU, NCCL on GPU); else (0, 1)."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() and resolve_device(args.device) == "cuda" else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -201,12 +216,40 @@ def cmd_eval(args: argparse.Namespace) -> int:
             att = AttackSettings(method=method, loss=loss, norm=args.norm, eps=_fraction(args.eps),
                                  steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed)
         settings["attack_settings"] = att.__dict__
-        with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-            for rec in evaluate_attack(defense, ds, att, total, args.batch_size):
-                steps.append(rec)
-                bar.update(rec.done - bar.n)
-                bar.set_postfix(clean=f"{rec.clean_correct / rec.done:.3f}", robust=f"{rec.robust_correct / rec.done:.3f}")
-        report = robust_report(steps, model_info, settings)
+        rank, world = _init_distributed(args)
+        indices = list(range(total))[rank::world]
+        state = None
+        if args.state:
+            from .evaluate import ResumeState
+
+            state_path = args.state if world == 1 else f"{args.state}.rank{rank}-of-{world}"
+            try:
+                identity = {k: v for k, v in settings.items() if k != "command"}
+                state = ResumeState(state_path, identity | {"n": total, "shard": [rank, world]})
+            except ValueError as exc:
+                raise SystemExit(f"rdc: error: {exc}") from None
+        results = list(state.results.values()) if state else []
+        t0 = time.perf_counter()
+        with tqdm(total=len(indices), unit="img", dynamic_ncols=True, file=sys.stderr, disable=rank != 0,
+                  initial=len(results)) as bar:
+            for rec in evaluate_attack(defense, ds, att, indices, args.batch_size,
+                                       skip=set(state.results) if state else frozenset()):
+                results.extend(rec.results)
+                if state:
+                    state.add(rec.results)
+                bar.update(len(rec.results))
+                bar.set_postfix(clean=f"{sum(r.clean_correct for r in results) / len(results):.3f}",
+                                robust=f"{sum(r.robust_correct for r in results) / len(results):.3f}")
+        if world > 1:
+            import torch.distributed as dist
+
+            gathered: list = [None] * world
+            dist.all_gather_object(gathered, results)
+            results = [r for part in gathered for r in part]
+            settings["shards"] = world
+        report = robust_report(results, time.perf_counter() - t0, model_info, settings)
+        if rank != 0:
+            return 0
     if args.out:
         atomic_write_json(args.out, report)
     lo, hi = report["ci95"]
@@ -532,7 +575,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
     p.add_argument("--data-root", default=None)
     p.add_argument("--split", choices=["test", "val", "train"], default="test")
-    p.add_argument("--n", type=int, default=None, help="first N examples (default: all)")
+    p.add_argument("--n", "--num-examples", dest="n", type=int, default=None,
+                   help="first N examples (default: all); spell it --num-examples under torchrun")
     p.add_argument("--defense", choices=["dc", "rdc", "cnn"], default="dc",
                    help="dc: diffusion classifier; rdc: likelihood maximisation + dc; cnn: the baseline")
     p.add_argument("--attack", choices=["none"] + sorted(ATTACKS), default="none")
@@ -549,6 +593,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lm-step-size", default=None)
     p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
     p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")
     p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
     _add_classifier_args(p, steps_flag="--levels")
     p.set_defaults(func=cmd_eval)

@@ -98,3 +98,14 @@ def test_settings_validation():
         AttackSettings(norm="l1")
     with pytest.raises(ValueError):
         AttackSettings(loss="hinge")
+
+
+def test_results_do_not_depend_on_batching(toy):
+    """Per-example seeds: attacking in one batch or in two gives the same examples."""
+    model, x, y = toy
+    s = AttackSettings(eps=0.05, steps=10)
+    whole = run_attack(model, x, y, s)
+    first = run_attack(model, x[:7], y[:7], s, example_ids=list(range(7)))
+    second = run_attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16)))
+    assert torch.equal(whole.adversarial, torch.cat([first.adversarial, second.adversarial]))
+    assert torch.equal(whole.success, torch.cat([first.success, second.success]))

@@ -106,3 +106,51 @@ def test_eval_with_attack_on_rdc(tiny_checkpoint, tmp_path):
     assert rep["n"] == 4 and 0 <= rep["robust_acc"] <= rep["clean_acc"] <= 1
     assert rep["max_linf"] <= 0.3 + 1e-6 and rep["settings"]["grad"] == "exact"
     assert rep["forward_backward_passes_per_image"] >= 3
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_resumes_from_state(tiny_checkpoint, tmp_path):
+    args = ["eval", "--dataset", "mnist", "--n", "6", "--defense", "dc", "--attack", "apgd-ce", "--eps", "0.3",
+            "--steps", "2", "--levels", "2", "--batch-size", "2", "--model", str(tiny_checkpoint), "--device", "cpu"]
+    state = tmp_path / "state.jsonl"
+    assert main(args + ["--state", str(state), "--out", str(tmp_path / "a.json")]) == 0
+    lines = state.read_text().splitlines()
+    assert len(lines) == 7  # header + one line per example
+    # an interruption after two examples, in the middle of writing the third line
+    state.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
+    assert main(args + ["--state", str(state), "--out", str(tmp_path / "b.json")]) == 0
+    a, b = json.loads((tmp_path / "a.json").read_text()), json.loads((tmp_path / "b.json").read_text())
+    assert a["per_example"] == b["per_example"] and a["robust_acc"] == b["robust_acc"]
+    # resuming a finished run recomputes nothing and reports the same
+    before = state.read_text()
+    assert main(args + ["--state", str(state), "--out", str(tmp_path / "c.json")]) == 0
+    assert state.read_text() == before
+    assert json.loads((tmp_path / "c.json").read_text())["per_example"] == a["per_example"]
+    with pytest.raises(SystemExit, match="other settings"):
+        main(args + ["--state", str(state), "--eps", "0.1"])
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_sharded_eval_matches_single_process(tiny_checkpoint, tmp_path):
+    """``torchrun --nproc-per-node 2`` (gloo on CPU) gathers the same report as one process."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    # torchrun's own parser would take "--n" for an abbreviation of its options
+    args = ["eval", "--dataset", "mnist", "--num-examples", "6", "--defense", "dc", "--attack", "apgd-ce",
+            "--eps", "0.3", "--steps", "2", "--levels", "2", "--batch-size", "2", "--model", str(tiny_checkpoint),
+            "--device", "cpu", "--threads", "1"]
+    assert main(args + ["--out", str(tmp_path / "single.json")]) == 0
+    env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                    "-m", "core.cli"] + args + ["--out", str(tmp_path / "sharded.json")],
+                   check=True, cwd=root, env=env, timeout=300, capture_output=True)
+    single = json.loads((tmp_path / "single.json").read_text())
+    sharded = json.loads((tmp_path / "sharded.json").read_text())
+    assert sharded["settings"]["shards"] == 2
+    for key in ("n", "clean_acc", "robust_acc", "ci95", "robust_ci95", "per_example", "max_linf",
+                "forward_backward_passes_per_image"):
+        assert sharded[key] == single[key], key
