@@ -45,8 +45,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
-        bf16=not args.fp32, seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
-        threads=args.threads, max_minutes=args.max_minutes,
+        bf16=args.bf16, seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
+        threads=args.threads, max_minutes=args.max_minutes, ce_weight=args.ce_weight,
     )
     stop = {"flag": False}
 
@@ -63,7 +63,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             bar = tqdm(total=rec.total_steps, initial=rec.step - args.log_every, unit="step", dynamic_ncols=True,
                        mininterval=5, file=sys.stderr)
         bar.n = rec.step
-        bar.set_postfix(loss=f"{rec.loss:.4f}", ips=f"{rec.images_per_second:.0f}", ep=f"{rec.epoch:.2f}")
+        post = dict(loss=f"{rec.loss:.4f}", ips=f"{rec.images_per_second:.0f}", ep=f"{rec.epoch:.2f}")
+        if rec.train_accuracy == rec.train_accuracy:  # not NaN: the hybrid objective is on
+            post.update(ce=f"{rec.ce_loss:.3f}", acc=f"{rec.train_accuracy:.3f}")
+        bar.set_postfix(post)
         bar.refresh()
         if args.log:
             with open(args.log, "a") as f:
@@ -498,7 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
-    p.add_argument("--fp32", action="store_true", help="disable bfloat16 autocast")
+    precision = p.add_mutually_exclusive_group()
+    precision.add_argument("--bf16", action="store_true",
+                           help="bfloat16 autocast (fast on GPUs and CPUs with AMX/AVX512-BF16, slow elsewhere)")
+    precision.add_argument("--fp32", action="store_true", help="float32 throughout (the default)")
+    p.add_argument("--ce-weight", type=float, default=0.0,
+                   help="hybrid objective: weight of the cross-entropy of the classifier's own logits "
+                        "(multi-head; 0 = purely generative)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")

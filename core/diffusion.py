@@ -70,6 +70,11 @@ def sample_training_sigmas(
     return torch.exp(P_MEAN + P_STD * z).to(device)
 
 
+def log_normal_density(log_sigma: torch.Tensor) -> torch.Tensor:
+    """Log density of the training distribution of ln sigma, N(P_MEAN, P_STD^2)."""
+    return -((log_sigma - P_MEAN) ** 2) / (2.0 * P_STD**2) - math.log(P_STD * math.sqrt(2.0 * math.pi))
+
+
 def log_weight_density(log_sigma: np.ndarray, weighting: str) -> np.ndarray:
     """Log of the weighting density per unit ln(sigma), up to no constant.
 

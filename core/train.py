@@ -13,7 +13,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 from .data import TensorDataset
-from .diffusion import loss_weight, sample_training_sigmas, to_model_space
+from .diffusion import (log_normal_density, log_weight_density, loss_weight, precondition,
+                        sample_training_sigmas, to_model_space)
 from .models import atomic_save_tensors, atomic_write_json, save_checkpoint
 from .nets import Denoiser, NetConfig, build_denoiser, count_parameters
 
@@ -29,11 +30,20 @@ class TrainConfig:
     ema_decay: float = 0.999
     grad_clip: float = 1.0
     uncond_prob: float = 0.1  # embedding net: label dropout to learn the unconditional head
-    bf16: bool = True  # bfloat16 autocast (large speed-up on CPUs with AMX/AVX512-BF16)
+    # bfloat16 autocast: a large speed-up on GPUs and CPUs with AMX/AVX512-BF16, a large
+    # slow-down on CPUs without them (emulated), so it is opt-in.
+    bf16: bool = False
     seed: int = 0
     checkpoint_minutes: float = 5.0
     threads: int = 0  # 0 = leave torch's default
     max_minutes: float = 0.0  # > 0: stop after this wall time and write the final model
+    # Hybrid objective: weight of the cross-entropy of the diffusion classifier's own
+    # logits (a one-level unbiased estimate of the test-time ELBO logits), 0 = purely
+    # generative training. See :func:`classifier_cross_entropy`.
+    ce_weight: float = 0.0
+    ce_weighting: str = "edm"
+    ce_sigma_min: float = 0.1
+    ce_sigma_max: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -48,6 +58,8 @@ class TrainStep:
     lr: float
     elapsed_seconds: float
     checkpointed: bool = False
+    ce_loss: float = 0.0  # mean cross-entropy term (hybrid objective), 0 when not used
+    train_accuracy: float = float("nan")  # accuracy of the one-level logit estimates
 
 
 def ema_decay_at(step: int, decay: float) -> float:
@@ -55,9 +67,57 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
+@dataclass
+class LossParts:
+    """The terms of one training loss evaluation (tensors keep their graph)."""
+
+    total: torch.Tensor
+    denoising: torch.Tensor
+    cross_entropy: torch.Tensor | None = None
+    correct: int = 0
+    counted: int = 0
+
+
+def classifier_cross_entropy(
+    errors: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor, weighting: str,
+    sigma_min: float, sigma_max: float,
+) -> tuple[torch.Tensor | None, int, int]:
+    """Cross-entropy of the one-level estimate of the diffusion classifier's logits.
+
+    The classifier's logit is logit_y = -int w(s) ||D_y(x~ + s n; s) - x~||^2 d ln s over
+    [sigma_min, sigma_max]. With s drawn from the training density p_train, the
+    importance-weighted single draw -w(s)/p_train(s) * err_y(s) is an unbiased estimate of
+    it (for ``edm`` the ratio is exactly lambda(s)); its cross-entropy with the label
+    pushes the class heads apart exactly where the classifier reads them.
+
+    Parameters
+    ----------
+    errors : (N, K) squared errors summed over pixels, one noise draw per example.
+    sigma : (N,) the draw's noise levels.
+
+    Returns
+    -------
+    (mean cross-entropy or None when no draw fell in the range, correct, counted)
+    """
+    inside = (sigma >= sigma_min) & (sigma <= sigma_max)
+    if not bool(inside.any()):
+        return None, 0, 0
+    log_s = sigma[inside].double().log()
+    log_ratio = torch.from_numpy(log_weight_density(log_s.cpu().numpy(), weighting)).to(errors.device)
+    log_ratio = log_ratio - log_normal_density(log_s).to(errors.device)
+    logits = -log_ratio.exp().float().unsqueeze(1) * errors[inside]
+    ce = torch.nn.functional.cross_entropy(logits, labels[inside])
+    correct = int((logits.detach().argmax(1) == labels[inside]).sum())
+    return ce, correct, int(inside.sum())
+
+
 def diffusion_loss(net: Denoiser, x: torch.Tensor, labels: torch.Tensor, generator: torch.Generator,
-                   uncond_prob: float = 0.1) -> torch.Tensor:
+                   uncond_prob: float = 0.1, config: "TrainConfig | None" = None) -> LossParts:
     """EDM loss on each example's class head and on the unconditional head.
+
+    With ``config.ce_weight > 0`` (multi-head only) adds the cross-entropy of the
+    classifier's one-level logit estimate (:func:`classifier_cross_entropy`), computed
+    from the same forward pass: every head is evaluated anyway.
 
     Parameters
     ----------
@@ -71,21 +131,29 @@ def diffusion_loss(net: Denoiser, x: torch.Tensor, labels: torch.Tensor, generat
     noise = torch.randn(x0.shape, generator=generator).to(x.device)
     x_noisy = x0 + sigma.view(-1, 1, 1, 1) * noise
     w = loss_weight(sigma)
+    ce_weight = config.ce_weight if config is not None else 0.0
     if net.config.architecture == "multihead":
-        from .diffusion import precondition
-
         pc = precondition(sigma)
         raw = net.forward_raw(x_noisy * pc.c_in.view(-1, 1, 1, 1), pc.c_noise).float()
+        d = pc.c_skip.view(-1, 1, 1, 1, 1) * x_noisy.unsqueeze(1) + pc.c_out.view(-1, 1, 1, 1, 1) * raw
+        sq = (d - x0.unsqueeze(1)).pow(2).flatten(2)  # (N, K+1, pixels)
         idx = torch.arange(n, device=x.device)
-        both = torch.stack([raw[idx, labels], raw[:, k]], dim=1)
-        d = pc.c_skip.view(-1, 1, 1, 1, 1) * x_noisy.unsqueeze(1) + pc.c_out.view(-1, 1, 1, 1, 1) * both
-        err = (d - x0.unsqueeze(1)).pow(2).mean(dim=(2, 3, 4)).sum(dim=1)
-    else:
-        drop = torch.rand(n, generator=generator).to(x.device) < uncond_prob
-        lab = torch.where(drop, torch.full_like(labels, k), labels)
-        d = net.denoise_labels(x_noisy, sigma, lab).float()
-        err = (d - x0).pow(2).mean(dim=(1, 2, 3))
-    return (w * err).mean()
+        err = sq[idx, labels].mean(1) + sq[:, k].mean(1)
+        denoising = (w * err).mean()
+        if ce_weight > 0:
+            ce, correct, counted = classifier_cross_entropy(
+                sq[:, :k].sum(2), sigma, labels, config.ce_weighting, config.ce_sigma_min, config.ce_sigma_max)
+            if ce is not None:
+                return LossParts(denoising + ce_weight * ce, denoising, ce, correct, counted)
+        return LossParts(denoising, denoising)
+    if ce_weight > 0:
+        raise ValueError("the cross-entropy term needs the multi-head network (one pass for all classes)")
+    drop = torch.rand(n, generator=generator).to(x.device) < uncond_prob
+    lab = torch.where(drop, torch.full_like(labels, k), labels)
+    d = net.denoise_labels(x_noisy, sigma, lab).float()
+    err = (d - x0).pow(2).mean(dim=(1, 2, 3))
+    denoising = (w * err).mean()
+    return LossParts(denoising, denoising)
 
 
 def _lr_at(step: int, cfg: TrainConfig) -> float:
@@ -174,6 +242,7 @@ def train(
     t_log, imgs_since = time.perf_counter(), 0
     start = time.perf_counter() - wall
     loss_acc, loss_n = 0.0, 0
+    ce_acc, correct_acc, counted_acc = 0.0, 0, 0
     net.train()
     while step < total_steps:
         if cfg.max_minutes > 0 and time.perf_counter() - start > cfg.max_minutes * 60:
@@ -193,7 +262,8 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu" if str(device) == "cpu" else "cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
-            loss = diffusion_loss(net, x, y, gen, cfg.uncond_prob)
+            parts = diffusion_loss(net, x, y, gen, cfg.uncond_prob, cfg)
+        loss = parts.total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -206,6 +276,10 @@ def train(
         step += 1
         loss_acc += float(loss.detach())
         loss_n += 1
+        if parts.cross_entropy is not None:
+            ce_acc += float(parts.cross_entropy.detach()) * parts.counted
+        correct_acc += parts.correct
+        counted_acc += parts.counted
         imgs_since += x.shape[0]
         checkpointed = False
         if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 or step == total_steps:
@@ -215,8 +289,11 @@ def train(
         if step % log_every == 0 or step == total_steps or checkpointed:
             now = time.perf_counter()
             yield TrainStep(step, total_steps, step / steps_per_epoch, loss_acc / loss_n,
-                            imgs_since / max(now - t_log, 1e-9), lr, now - start, checkpointed)
+                            imgs_since / max(now - t_log, 1e-9), lr, now - start, checkpointed,
+                            ce_loss=ce_acc / counted_acc if counted_acc else 0.0,
+                            train_accuracy=correct_acc / counted_acc if counted_acc else float("nan"))
             t_log, imgs_since, loss_acc, loss_n = now, 0, 0.0, 0
+            ce_acc, correct_acc, counted_acc = 0.0, 0, 0
     wall = time.perf_counter() - start
     card = {
         "name": run_dir.name,

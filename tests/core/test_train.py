@@ -84,3 +84,38 @@ def test_real_training_run_lowers_loss(tmp_path):
     assert records[-1]["loss"] < 0.7 * records[0]["loss"]
     model = load_checkpoint(tmp_path / "run" / "model.safetensors")
     assert model.card["training_command"].startswith("rdc train --dataset mnist")
+
+
+def test_cross_entropy_uses_the_classifier_logit_estimate():
+    """For the edm weighting the importance ratio w/p_train is exactly lambda(sigma)."""
+    from core.diffusion import loss_weight
+    from core.train import classifier_cross_entropy
+
+    errors = torch.tensor([[3.0, 1.0, 2.0], [0.5, 0.25, 4.0], [1.0, 2.0, 3.0]])
+    sigma = torch.tensor([0.5, 2.0, 50.0])  # the last draw lies outside [0.1, 10]
+    labels = torch.tensor([1, 0, 2])
+    ce, correct, counted = classifier_cross_entropy(errors, sigma, labels, "edm", 0.1, 10.0)
+    logits = -loss_weight(sigma[:2]).unsqueeze(1) * errors[:2]
+    expected = torch.nn.functional.cross_entropy(logits, labels[:2])
+    assert counted == 2 and correct == 1  # example 0 is right (smallest error), example 1 is wrong
+    assert ce.item() == pytest.approx(expected.item(), rel=1e-5)
+    none, _, n = classifier_cross_entropy(errors[2:], sigma[2:], labels[2:], "edm", 0.1, 10.0)
+    assert none is None and n == 0
+
+
+def test_hybrid_objective_trains_and_reports_accuracy(tmp_path):
+    net_cfg, cfg = _cfgs()
+    cfg.ce_weight = 0.01
+    recs = list(train(_dataset(), net_cfg, cfg, tmp_path / "h", log_every=4))
+    assert all(r.ce_loss > 0 and 0.0 <= r.train_accuracy <= 1.0 for r in recs)
+    assert all(torch.isfinite(torch.tensor(r.loss)) for r in recs)
+    card = load_checkpoint(tmp_path / "h" / "model.safetensors").card
+    assert card["training"]["ce_weight"] == 0.01
+
+
+def test_hybrid_objective_refuses_the_embedding_network(tmp_path):
+    _, cfg = _cfgs()
+    cfg.ce_weight = 0.01
+    net_cfg = NetConfig(architecture="embedding", channels=(8, 16), emb_dim=32)
+    with pytest.raises(ValueError, match="multi-head"):
+        list(train(_dataset(), net_cfg, cfg, tmp_path / "e"))
