@@ -177,8 +177,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .data import load_dataset
-    from .evaluate import clean_report, evaluate_attack, evaluate_clean, robust_report
-    from .models import atomic_write_json
+    from .evaluate import clean_report, evaluate_attack, evaluate_clean, evaluate_ensemble, robust_log, robust_report
+    from .models import atomic_write_bytes, atomic_write_json
 
     _setup_threads(args)
     ds = load_dataset(args.dataset, args.split, args.data_root)
@@ -212,13 +212,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.defense == "rdc":
             settings["purify"] = _purify_settings(model, args).to_dict()
             settings["grad"] = args.grad
+        members, surrogate = None, None
         if args.attack == "none":
             att = AttackSettings(eps=0.0, steps=1, random_start=False)
+        elif args.attack == "ensemble":
+            members, surrogate = _ensemble(args, ds)
         else:
-            method, loss = ATTACKS[args.attack]
-            att = AttackSettings(method=method, loss=loss, norm=args.norm, eps=_fraction(args.eps),
-                                 steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed)
-        settings["attack_settings"] = att.__dict__
+            att = _single_attack_settings(args)
+        if members is not None:
+            settings["attack_settings"] = {m.name: m.settings.to_dict() for m in members}
+            settings["ensemble"] = {"order": [m.name for m in members], "targets": args.targets,
+                                    "transfer_source": args.cnn}
+            seeds = {"attack_seed": args.seed,
+                     "classifier_noise_seed": settings.get("classifier", {}).get("noise_seed"),
+                     "per_example": "(attack_seed * 1000003 + index) * 101 + restart"}
+        else:
+            settings["attack_settings"] = att.to_dict()
         rank, world = _init_distributed(args)
         indices = list(range(total))[rank::world]
         state = None
@@ -233,11 +242,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 raise SystemExit(f"rdc: error: {exc}") from None
         results = list(state.results.values()) if state else []
         t0 = time.perf_counter()
+        skip = set(state.results) if state else frozenset()
+        if members is not None:
+            records = evaluate_ensemble(defense, ds, members, indices, args.batch_size, skip=skip, surrogate=surrogate)
+        else:
+            records = evaluate_attack(defense, ds, att, indices, args.batch_size, skip=skip)
+        attack_seconds: dict[str, float] = {}
+        attack_queries: dict[str, int] = {}
         with tqdm(total=len(indices), unit="img", dynamic_ncols=True, file=sys.stderr, disable=rank != 0,
                   initial=len(results)) as bar:
-            for rec in evaluate_attack(defense, ds, att, indices, args.batch_size,
-                                       skip=set(state.results) if state else frozenset()):
+            for rec in records:
                 results.extend(rec.results)
+                for name, sec in rec.attack_seconds.items():
+                    attack_seconds[name] = attack_seconds.get(name, 0.0) + sec
+                for name, q in rec.attack_queries.items():
+                    attack_queries[name] = attack_queries.get(name, 0) + q
                 if state:
                     state.add(rec.results)
                 bar.update(len(rec.results))
@@ -247,12 +266,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
             import torch.distributed as dist
 
             gathered: list = [None] * world
-            dist.all_gather_object(gathered, results)
-            results = [r for part in gathered for r in part]
+            dist.all_gather_object(gathered, (results, attack_seconds, attack_queries))
+            results = [r for part, _, _ in gathered for r in part]
+            attack_seconds = {m.name: sum(sec.get(m.name, 0.0) for _, sec, _ in gathered) for m in members or []}
+            attack_queries = {m.name: sum(q.get(m.name, 0) for _, _, q in gathered) for m in members or []}
             settings["shards"] = world
-        report = robust_report(results, time.perf_counter() - t0, model_info, settings)
+        if members is not None:
+            report = robust_report(results, time.perf_counter() - t0, model_info, settings,
+                                   attacks=[(m.name, m.label) for m in members], attack_seconds=attack_seconds,
+                                   attack_queries=attack_queries, seeds=seeds)
+        else:
+            report = robust_report(results, time.perf_counter() - t0, model_info, settings)
         if rank != 0:
             return 0
+        if args.log:
+            atomic_write_bytes(args.log, robust_log(report).encode())
     if args.out:
         atomic_write_json(args.out, report)
     lo, hi = report["ci95"]
@@ -260,8 +288,41 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if "robust_acc" in report:
         rlo, rhi = report["robust_ci95"]
         line += f", robust accuracy {report['robust_acc']:.4f} (95% CI {rlo:.4f}-{rhi:.4f})"
+    for row in report.get("per_attack", []):
+        print(f"robust accuracy after {row['label']}: {row['robust_acc']:.4f} ({row['success']} broken)")
     print(line + f", {report['seconds_per_image'] * 1000:.0f} ms/image")
     return 0
+
+
+def _single_attack_settings(args: argparse.Namespace):
+    """The :class:`core.attacks.AttackSettings` of ``--attack NAME`` (not the ensemble)."""
+    from .attacks import AttackSettings
+
+    method, loss = ATTACKS[args.attack]
+    steps = args.square_queries if method == "square" and args.square_queries else args.steps
+    return AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps), steps=steps,
+                          restarts=args.restarts, eot=args.eot, seed=args.seed, p_init=args.p_init)
+
+
+def _ensemble(args: argparse.Namespace, ds):
+    """The members of ``--attack ensemble`` and the surrogate CNN of its transfer attack."""
+    from .attacks import standard_ensemble
+    from .baseline import load_cnn
+    from .models import CheckpointError
+
+    if args.targets < 1:
+        raise SystemExit("rdc: error: --targets must be at least 1")
+    try:
+        surrogate, _ = load_cnn(args.cnn, device=resolve_device(args.device))
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: transfer attack: {exc}") from None
+    shape = (surrogate.in_channels, surrogate.image_size)
+    if shape != (ds.images.shape[1], ds.images.shape[-1]) or surrogate.num_classes != len(ds.classes):
+        raise SystemExit(f"rdc: error: transfer attack: CNN {args.cnn} does not fit the {ds.name} data")
+    members = standard_ensemble(args.norm, parse_fraction(args.eps), steps=args.steps, restarts=args.restarts,
+                                eot=args.eot, seed=args.seed, targets=args.targets,
+                                square_queries=args.square_queries or 5000, p_init=args.p_init)
+    return members, surrogate
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -333,7 +394,7 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
     return 0
 
 
-def _fraction(text: str) -> float:
+def parse_fraction(text: str) -> float:
     """Parse '0.3' or '8/255'."""
     if "/" in text:
         num, den = text.split("/", 1)
@@ -346,9 +407,9 @@ def _purify_settings(model, args: argparse.Namespace):
 
     base = dict(model.card.get("purify", {}))
     if getattr(args, "eta", None) is not None:
-        base["eta"] = _fraction(args.eta)
+        base["eta"] = parse_fraction(args.eta)
     if getattr(args, "lm_step_size", None) is not None:
-        base["step_size"] = _fraction(args.lm_step_size)
+        base["step_size"] = parse_fraction(args.lm_step_size)
     for key in ("lm_steps", "optimizer"):
         val = getattr(args, key, None)
         if val is not None:
@@ -416,7 +477,7 @@ def build_defense(kind: str, model, clf, args: argparse.Namespace):
 
 
 ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),
-           "pgd": ("pgd", "ce")}
+           "pgd": ("pgd", "ce"), "square": ("square", "margin")}
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -435,9 +496,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         clean_logits = defense(x)
     label = int(clean_logits.argmax(1)) if args.label is None else args.label
     method, loss = ATTACKS[args.attack]
-    settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=_fraction(args.eps), steps=args.steps,
+    settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps), steps=args.steps,
                               restarts=args.restarts, eot=args.eot, seed=args.seed,
-                              step_size=_fraction(args.step_size) if args.step_size else None, target=args.target)
+                              step_size=parse_fraction(args.step_size) if args.step_size else None, target=args.target,
+                              p_init=args.p_init)
     y = torch.tensor([label], device=x.device)
     t0 = time.perf_counter()
     gen = attack(defense, x, y, settings)
@@ -460,7 +522,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "image": args.image, "out": args.out, "defense": args.defense, "attack": args.attack,
-        "grad": args.grad if args.defense == "rdc" else None, "settings": settings.__dict__,
+        "grad": args.grad if args.defense == "rdc" else None, "settings": settings.to_dict(),
         "classifier": clf.settings.to_dict(),
         "purify": _purify_settings(model, args).to_dict() if args.defense == "rdc" else None,
         "label": label, "label_name": model.classes[label],
@@ -566,6 +628,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--eot", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--p-init", type=float, default=0.8, help="square: initial fraction of pixels per square")
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
     p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
@@ -588,15 +651,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N examples (default: all); spell it --num-examples under torchrun")
     p.add_argument("--defense", choices=["dc", "rdc", "cnn"], default="dc",
                    help="dc: diffusion classifier; rdc: likelihood maximisation + dc; cnn: the baseline")
-    p.add_argument("--attack", choices=["none"] + sorted(ATTACKS), default="none")
+    p.add_argument("--attack", choices=["none", "ensemble"] + sorted(ATTACKS), default="none",
+                   help="ensemble: APGD-CE, APGD-DLR, targeted APGD-DLR, Square and a transfer attack from --cnn, "
+                        "each on the examples still unbroken (AutoAttack style)")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf")
     p.add_argument("--eps", default="0.3")
-    p.add_argument("--steps", type=int, default=100, help="attack iterations")
+    p.add_argument("--steps", type=int, default=100, help="attack iterations (APGD, PGD; Square: queries)")
     p.add_argument("--restarts", type=int, default=1)
     p.add_argument("--eot", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--targets", type=int, default=9,
+                   help="ensemble: target classes of targeted APGD-DLR (the top runner-up classes)")
+    p.add_argument("--square-queries", type=int, default=None,
+                   help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
+    p.add_argument("--p-init", type=float, default=0.8, help="Square: initial fraction of pixels per square")
     p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
-    p.add_argument("--cnn", default="mnist-cnn")
+    p.add_argument("--cnn", default="mnist-cnn",
+                   help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
     p.add_argument("--eta", default=None)
     p.add_argument("--lm-steps", type=int, default=None)
     p.add_argument("--lm-step-size", default=None)
@@ -604,6 +675,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")
     p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
+    p.add_argument("--log", default=None,
+                   help="attack evaluations: write a readable AutoAttack-style log here (atomically, at the end)")
     _add_classifier_args(p, steps_flag="--levels")
     p.set_defaults(func=cmd_eval)
     return parser

@@ -1,10 +1,11 @@
 """Clean-accuracy evaluation as a generator of step records, and report helpers."""
 from __future__ import annotations
 
+import json
 import math
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -106,6 +107,7 @@ class ExampleResult:
     linf: float
     l2: float
     queries: int
+    broken_by: str | None = None  # ensemble: "clean", the attack that broke it, or None (robust)
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,8 @@ class RobustEvalStep:
     total: int
     results: tuple[ExampleResult, ...]
     elapsed_seconds: float
+    attack_seconds: dict[str, float] = field(default_factory=dict)  # ensemble: per attack, this batch
+    attack_queries: dict[str, int] = field(default_factory=dict)
 
 
 def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, indices: list[int],
@@ -142,24 +146,85 @@ def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, in
         x = dataset.float_images(idx).to(device)
         y = dataset.labels[idx].to(device)
         res = run_attack(model, x, y, settings, example_ids=batch)
-        per = res.queries
+        per = [res.queries] * len(batch) if res.example_queries is None else res.example_queries.tolist()
         results = tuple(
             ExampleResult(int(i), int(y[k]), bool(res.clean_correct[k]), bool(~res.success[k]),
-                          float(res.linf[k]), float(res.l2[k]), per)
+                          float(res.linf[k]), float(res.l2[k]), int(per[k]))
             for k, i in enumerate(batch))
         done += len(batch)
         yield RobustEvalStep(done, len(indices), results, time.perf_counter() - start)
 
 
+def evaluate_ensemble(model: torch.nn.Module, dataset: TensorDataset, members: list, indices: list[int],
+                      batch_size: int = 25, skip: set[int] | frozenset = frozenset(),
+                      surrogate: torch.nn.Module | None = None, cancelled=lambda: False) -> Iterator[RobustEvalStep]:
+    """Like :func:`evaluate_attack`, for an ensemble (a list of
+    :class:`core.attacks.EnsembleMember`): each attack runs only on the examples still
+    unbroken, and every :class:`ExampleResult` records the attack that broke it.
+    ``surrogate`` is the model transfer attacks are crafted on.
+    """
+    from .attacks import run_ensemble
+
+    device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    todo = [i for i in indices if i not in skip]
+    start = time.perf_counter()
+    done = len(indices) - len(todo)
+    for b in range(0, len(todo), batch_size):
+        if cancelled():
+            return
+        batch = todo[b:b + batch_size]
+        idx = torch.tensor(batch)
+        x = dataset.float_images(idx).to(device)
+        y = dataset.labels[idx].to(device)
+        res = run_ensemble(model, x, y, members, example_ids=batch, surrogate=surrogate)
+        results = tuple(
+            ExampleResult(int(i), int(y[k]), bool(res.clean_correct[k]), bool(res.robust[k]), float(res.linf[k]),
+                          float(res.l2[k]), int(res.queries[k]), res.broken_by[k])
+            for k, i in enumerate(batch))
+        done += len(batch)
+        yield RobustEvalStep(done, len(indices), results, time.perf_counter() - start, dict(res.seconds),
+                             dict(res.attack_queries))
+
+
+def attack_table(results: list[ExampleResult], attacks: list[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Per-attack rows of an ensemble: examples each attack broke (its own successes) and
+    the robust accuracy after it and all attacks before it, with Wilson 95% intervals.
+
+    ``attacks`` is the ensemble's order as (name, label) pairs.
+    """
+    n = len(results)
+    names = {name for name, _ in attacks}
+    for r in results:
+        if (r.broken_by is None) != r.robust_correct or (r.broken_by == "clean") == r.clean_correct \
+                or (r.broken_by not in names | {None, "clean"}):
+            raise ValueError(f"example {r.index}: inconsistent result {r}")
+    remaining = sum(r.clean_correct for r in results)
+    rows = []
+    for name, label in attacks:
+        broken = sum(r.broken_by == name for r in results)
+        rows.append({"attack": name, "label": label, "attacked": remaining, "success": broken,
+                     "robust_acc": (remaining - broken) / max(1, n),
+                     "robust_ci95": list(wilson_interval(remaining - broken, n))})
+        remaining -= broken
+    return rows
+
+
 def robust_report(results: list[ExampleResult], seconds: float, model: dict[str, Any],
-                  settings: dict[str, Any]) -> dict[str, Any]:
-    """JSON report of a finished attack evaluation (examples sorted by index)."""
+                  settings: dict[str, Any], attacks: list[tuple[str, str]] | None = None,
+                  attack_seconds: dict[str, float] | None = None, attack_queries: dict[str, int] | None = None,
+                  seeds: dict[str, Any] | None = None) -> dict[str, Any]:
+    """JSON report of a finished attack evaluation (examples sorted by index).
+
+    For an ensemble, ``attacks`` (its order, as (name, label) pairs) adds the per-attack
+    table of :func:`attack_table`, the breaking attack of every example, and this run's
+    seconds and forward passes per attack; ``seeds`` records the seeds used.
+    """
     results = sorted(results, key=lambda r: r.index)
     n = len(results)
     clean = sum(r.clean_correct for r in results)
     robust = sum(r.robust_correct for r in results)
     queries = sum(r.queries for r in results)
-    return {
+    report = {
         "clean_acc": clean / max(1, n),
         "robust_acc": robust / max(1, n),
         "n": n,
@@ -175,6 +240,67 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
         "settings": settings,
         "hardware": hardware_description(),
     }
+    if seeds is not None:
+        report["seeds"] = seeds
+    if attacks is not None:
+        table = attack_table(results, attacks)
+        if table and table[-1]["robust_acc"] != report["robust_acc"]:
+            raise ValueError("per-attack table does not end at the robust accuracy")
+        report["per_attack"] = table
+        report["per_example"] = [row + [r.broken_by] for row, r in zip(report["per_example"], results)]
+        report["per_example_columns"] = ["index", "label", "clean_correct", "robust_correct", "broken_by"]
+        report["attack_seconds_this_run"] = dict(attack_seconds or {})
+        report["attack_forward_passes_this_run"] = dict(attack_queries or {})
+    return report
+
+
+def robust_log(report: dict[str, Any]) -> str:
+    """A readable, AutoAttack-style log of a :func:`robust_report` (ensemble or single attack)."""
+    def pct(v: float) -> str:
+        return f"{100 * v:.2f}%"
+
+    def ci(lo_hi: list[float]) -> str:
+        return f"(95% CI {pct(lo_hi[0])}-{pct(lo_hi[1])})"
+
+    st = report["settings"]
+    n = report["n"]
+    lines = [f"command: {st.get('command', '')}",
+             f"model: {report['model'].get('name')} ({report['model'].get('architecture')}), "
+             f"defense {st.get('defense')}, device {st.get('device')}",
+             f"data: {st.get('dataset')} {st.get('split')} split, n = {n}"]
+    if "classifier" in st:
+        lines.append(f"classifier: {json.dumps(st['classifier'], sort_keys=True)}")
+    if "purify" in st:
+        lines.append(f"purification: {json.dumps(st['purify'], sort_keys=True)}, gradients {st.get('grad')}")
+    att = st.get("attack_settings", {})
+    per_attack = report.get("per_attack")
+    if per_attack is not None:
+        lines.append(f"attack: ensemble of {', '.join(row['attack'] for row in per_attack)}, each run only on "
+                     f"the examples still unbroken (worst case per example)")
+        for row in per_attack:
+            lines.append(f"  {row['attack']}: {json.dumps(att.get(row['attack'], {}), sort_keys=True)}")
+        for key, value in st.get("ensemble", {}).items():
+            lines.append(f"  {key}: {value}")
+    else:
+        lines.append(f"attack: {st.get('attack')} {json.dumps(att, sort_keys=True)}")
+    if "seeds" in report:
+        lines.append(f"seeds: {json.dumps(report['seeds'], sort_keys=True)}")
+    clean = report["clean_acc"]
+    lines.append(f"clean accuracy: {pct(clean)} {ci(report['ci95'])}")
+    seconds = report.get("attack_seconds_this_run", {})
+    for row in per_attack or []:
+        timing = f" (total time {seconds[row['attack']]:.1f} s this run)" if row["attack"] in seconds else ""
+        lines.append(f"{row['attack']} - {row['success']} out of {row['attacked']} successfully perturbed")
+        lines.append(f"robust accuracy after {row['label']}: {pct(row['robust_acc'])} {ci(row['robust_ci95'])}{timing}")
+    lines.append(f"max linf perturbation: {report['max_linf']:.5f}, max l2 perturbation: {report['max_l2']:.5f}; "
+                 f"every example checked: inside the eps ball and [0, 1], finite, re-classified after 8-bit rounding")
+    lines.append(f"robust accuracy: {pct(report['robust_acc'])} {ci(report['robust_ci95'])}")
+    lines.append(f"time: {report['seconds']:.1f} s, {report['seconds_per_image']:.3f} s per image; "
+                 f"forward passes per image: {report['forward_backward_passes_per_image']:.1f}")
+    if "shards" in st:
+        lines.append(f"shards: {st['shards']}")
+    lines.append(f"hardware: {report['hardware']}")
+    return "\n".join(lines) + "\n"
 
 
 class ResumeState:
@@ -215,7 +341,10 @@ class ResumeState:
 
         with open(self.path, "a") as f:
             for r in results:
-                f.write(json.dumps(asdict(r)) + "\n")
+                row = asdict(r)
+                if row["broken_by"] is None:  # single attacks keep their old line format
+                    del row["broken_by"]
+                f.write(json.dumps(row) + "\n")
                 self.results[r.index] = r
             f.flush()
             os.fsync(f.fileno())

@@ -22,7 +22,9 @@ import torch
 from core.classifier import ClassifierSettings, DiffusionClassifier
 from core.data import load_dataset
 from core.evaluate import evaluate_clean, hardware_description, wilson_interval
-from core.models import BUNDLED_DIR, atomic_write_json, load_checkpoint, save_checkpoint
+from core.cli import parse_fraction
+from core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint
+from core.purify import PurifySettings
 
 
 def measure(clf: DiffusionClassifier, split: str, n: int, data_root) -> dict:
@@ -50,6 +52,11 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--note", default="", help="how the settings were chosen")
+    p.add_argument("--purify-eta", default=None, help="likelihood-maximisation radius (e.g. 0.3 or 8/255)")
+    p.add_argument("--purify-steps", type=int, default=None)
+    p.add_argument("--purify-step-size", default=None)
+    p.add_argument("--purify-optimizer", default="sign", choices=["sign", "adam"])
+    p.add_argument("--purify-note", default="", help="how the purification defaults were chosen")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = Path(args.run)
@@ -70,6 +77,11 @@ def main(argv=None) -> int:
         "settings_choice": args.note,
         "measure_seconds": round(time.perf_counter() - t0, 1),
     }
+    if args.purify_eta is not None:
+        purify = PurifySettings(eta=parse_fraction(args.purify_eta), steps=args.purify_steps or 5,
+                                step_size=parse_fraction(args.purify_step_size or "0"), optimizer=args.purify_optimizer)
+        card["purify"] = purify.to_dict()
+        card["metrics"]["purify_choice"] = args.purify_note
     dst = BUNDLED_DIR / f"{args.name}.safetensors"
     save_checkpoint(dst, model.net, card)
     print(json.dumps(card["metrics"], indent=2))

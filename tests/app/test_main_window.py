@@ -268,3 +268,37 @@ def test_attack_settings_persist_across_windows(qtbot, window, tiny_checkpoint):
     qtbot.addWidget(again)
     assert again.attack_panel.steps.value() == 17 and again.attack_panel.norm.currentText() == "l2"
     again.runner.shutdown()
+
+
+def test_bundled_default_model_end_to_end(qtbot, tmp_path, monkeypatch):
+    """The shipped default model in the real window: drop a digit, classify, attack, purify."""
+    from core.data import load_dataset, mnist_available
+    from core.models import DEFAULT_MODEL
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    model = load_checkpoint()
+    assert model.name == DEFAULT_MODEL
+    if mnist_available():  # a real test digit, else the synthetic stroke
+        digit = load_dataset("mnist", "test").float_images(slice(0, 1))[0].numpy()
+    else:
+        digit = np.zeros((1, 28, 28), np.float32)
+        digit[0, 5:23, 12:16] = 1
+    path = tmp_path / "digit.png"
+    Image.fromarray(np.round(digit[0] * 255).astype(np.uint8)).save(path)
+    win = MainWindow(model)
+    win.show_error = lambda title, text: pytest.fail(f"{title}: {text}")
+    qtbot.addWidget(win)
+    win.show()
+    try:
+        with qtbot.waitSignal(win.classification_finished, timeout=60000) as blocker:
+            drop(win, path)
+        expected = build_classifier(model).predict_proba(torch.from_numpy(load_for_model(path, 28, 1))[None])[0]
+        assert np.allclose(blocker.args[0], expected.numpy(), atol=1e-4)
+        assert win.bars.verdict.text().startswith(f"Predicted: {int(expected.argmax())}")
+        win.attack_panel.steps.setValue(2)
+        win.purify_panel.steps.setValue(1)
+        with qtbot.waitSignal(win.attack_finished, timeout=120000):
+            win.run_attack()
+        assert win.last_outcome is not None and "defense" in win.attack_verdict.text()
+    finally:
+        win.runner.shutdown()

@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from core.attacks import (AttackSettings, apgd_checkpoints, attack_loss, margin_of, project, quantize_in_ball,
-                          run_attack)
+from core.attacks import (AttackSettings, EnsembleMember, apgd_checkpoints, attack_loss, margin_of, project,
+                          quantize_in_ball, run_attack, run_ensemble, square_fraction, square_side, standard_ensemble)
 
 
 @pytest.fixture
@@ -46,6 +46,16 @@ def test_projection_and_quantization_stay_in_ball(norm):
         d = (z - x0).flatten(1)
         size = d.abs().amax(1) if norm == "linf" else d.norm(dim=1)
         assert (size <= eps + 1e-6).all() and z.min() >= 0 and z.max() <= 1
+    assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
+
+
+def test_l2_rounding_never_leaves_the_ball():
+    """Many sub-level steps all round up to one level; shrinking by 2% cannot undo that."""
+    x0 = torch.full((1, 1, 8, 8), 100 / 255)
+    x = x0 + 0.6 / 255
+    eps = 0.019  # |x - x0| = 0.0188, one level everywhere would be 0.0314
+    q = quantize_in_ball(x, x0, eps, "l2")
+    assert (q - x0).norm() <= eps + 1e-6
     assert torch.allclose(q * 255, torch.round(q * 255), atol=1e-4)
 
 
@@ -109,3 +119,149 @@ def test_results_do_not_depend_on_batching(toy):
     second = run_attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16)))
     assert torch.equal(whole.adversarial, torch.cat([first.adversarial, second.adversarial]))
     assert torch.equal(whole.success, torch.cat([first.success, second.success]))
+
+
+def test_square_schedule_follows_the_paper():
+    """p_init is halved at iterations 10, 50, 200, ..., 8000 of 10 000, rescaled to the budget."""
+    p = [square_fraction(0.8, i, 10_000) for i in (10, 11, 50, 51, 200, 201, 8000, 8001, 10_000)]
+    assert p == [0.8, 0.4, 0.4, 0.2, 0.2, 0.1, 0.8 / 2 ** 8, 0.8 / 2 ** 9, 0.8 / 2 ** 9]
+    assert square_fraction(0.8, 1, 1000) == 0.8 and square_fraction(0.8, 2, 1000) == 0.4
+    assert square_side(0.8, 28, 28) == 25 and square_side(1e-4, 28, 28) == 1 and square_side(1.0, 28, 28) == 28
+    assert square_side(1e-4, 28, 28, minimum=3) == 3
+
+
+def test_square_l2_pattern():
+    from core.attacks import _pyramid
+
+    eta = _pyramid(5)
+    assert eta.norm().item() == pytest.approx(1.0)
+    assert torch.equal(eta, eta.T) and torch.equal(eta, eta.flip(0))
+    assert eta[2, 2] == eta.max() and eta[0, 0] == eta.min() and eta[1, 1] > eta[0, 1]
+
+
+def test_square_settings():
+    s = AttackSettings(method="square")
+    assert s.loss == "margin" and s.to_dict()["p_init"] == 0.8
+    for bad in (dict(loss="dlr"), dict(loss="dlr-targeted"), dict(p_init=0.0), dict(p_init=1.5)):
+        with pytest.raises(ValueError):
+            AttackSettings(method="square", **bad)
+    with pytest.raises(ValueError):
+        AttackSettings(target_rank=0)
+    # other attacks keep their settings dicts (reports, resumable states) as they were
+    assert set(AttackSettings().to_dict()) == {"method", "loss", "norm", "eps", "steps", "step_size", "restarts",
+                                               "random_start", "eot", "target", "seed"}
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.3), ("l2", 3.0)])
+def test_square_breaks_everything_at_large_eps_and_results_validate(toy, norm, eps):
+    model, x, y = toy
+    records = []
+    res = run_attack(model, x, y, AttackSettings(method="square", norm=norm, eps=eps, steps=100), records.append)
+    assert res.success.all() and all(res.checks.values())
+    size = res.linf if norm == "linf" else res.l2
+    assert (size <= eps + 1e-6).all() and res.adversarial.min() >= 0 and res.adversarial.max() <= 1
+    with torch.no_grad():
+        assert (model(res.adversarial).argmax(1) != y).all()
+    # stops once all are broken; one query per iteration per example still unbroken
+    assert 1 <= len(records) < 100 and records[0].image.shape == x.shape
+    assert records[0].step_size[0] == pytest.approx(square_fraction(0.8, 1, 100))
+    assert (res.example_queries >= 3).all() and (res.example_queries <= len(records) + 3).all()
+    assert res.queries == len(records) + 3
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.05), ("l2", 0.5)])
+def test_square_is_seeded_per_example(toy, norm, eps):
+    """Deterministic for a seed, independent of batching, margins only go down, inside the ball."""
+    model, x, y = toy
+    s = AttackSettings(method="square", norm=norm, eps=eps, steps=30)
+    records = []
+    whole = run_attack(model, x, y, s, records.append)
+    assert torch.equal(whole.adversarial, run_attack(model, x, y, s).adversarial)
+    first = run_attack(model, x[:7], y[:7], s, example_ids=list(range(7)))
+    second = run_attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16)))
+    assert torch.equal(whole.adversarial, torch.cat([first.adversarial, second.adversarial]))
+    assert torch.equal(whole.success, torch.cat([first.success, second.success]))
+    other = run_attack(model, x, y, AttackSettings(method="square", norm=norm, eps=eps, steps=30, seed=1))
+    assert not torch.equal(whole.adversarial, other.adversarial)
+    margins = np.stack([r.margin for r in records])
+    assert (np.diff(margins, axis=0) <= 0).all()
+    for r in records:
+        assert ((r.linf if norm == "linf" else r.l2) <= eps + 1e-6).all()
+    assert ((whole.linf if norm == "linf" else whole.l2) <= eps + 1e-6).all() and all(whole.checks.values())
+
+
+def test_square_accuracy_decreases_with_eps(toy):
+    model, x, y = toy
+    acc = [1 - run_attack(model, x, y, AttackSettings(method="square", eps=e, steps=50)).success.float().mean().item()
+           for e in (0.0, 0.02, 0.1, 0.3)]
+    assert acc[0] == 1.0 and acc[-1] == 0.0 and acc[1] < 1.0
+    assert all(a >= b for a, b in zip(acc, acc[1:]))
+
+
+def test_square_on_a_linear_model_finds_the_corner():
+    """On a linear two-class model the best l-inf perturbation is -eps * sign(w) (margin
+    reduction 2 * eps * |w|_1); with a margin too large to overturn, Square searches all its
+    iterations and gets close to that optimum."""
+    w = torch.tensor([1.0, -1.0]).repeat_interleave(32)
+    model = nn.Linear(64, 2)
+    with torch.no_grad():
+        model.weight.copy_(torch.stack([w, -w]))
+        model.bias.copy_(torch.tensor([10.0, -10.0]))
+    model = nn.Sequential(nn.Flatten(), model)
+    x = torch.full((2, 1, 8, 8), 128 / 255)
+    y = torch.tensor([0, 0])
+    eps = 20 / 255
+    records = []
+    res = run_attack(model, x, y, AttackSettings(method="square", eps=eps, steps=200), records.append)
+    assert len(records) == 200 and not res.success.any()
+    best = 2 * eps * 64
+    reached = 20.0 - torch.from_numpy(records[-1].margin)
+    assert (reached >= 0.9 * best).all() and (reached <= best + 1e-4).all()
+
+
+def test_ensemble_runs_in_order_on_unbroken_examples(toy):
+    model, x, y = toy
+    y = y.clone()
+    y[0] = (y[0] + 1) % 10  # misclassified clean: never attacked
+    torch.manual_seed(3)
+    surrogate = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    members = [EnsembleMember("nothing", AttackSettings(eps=0.0, steps=2))] + \
+        standard_ensemble("linf", 0.05, steps=5, targets=2, square_queries=20)
+    steps = []
+    res = run_ensemble(model, x, y, members, surrogate=surrogate, on_step=steps.append)
+    assert [st.name for st in steps] == ["nothing", "apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer"]
+    assert res.broken_by[0] == "clean" and steps[0].broken == 0 and steps[0].attacked == 15
+    left = 15
+    for st in steps:
+        assert st.attacked == left and st.broken == left - int(st.robust.sum())
+        left = int(st.robust.sum())
+    assert [b is None for b in res.broken_by] == res.robust.tolist()
+    assert 0 < int(res.robust.sum()) < 15
+    # per-example worst case: what APGD-CE alone breaks (same per-example seeds), the ensemble breaks
+    alone = run_attack(model, x, y, AttackSettings(eps=0.05, steps=5))
+    assert not (alone.success & res.robust).any()
+    broken = ~res.robust
+    with torch.no_grad():
+        assert (model(res.adversarial[broken]).argmax(1) != y[broken]).all()
+    assert (res.linf <= 0.05 + 1e-6).all() and (res.queries >= 1).all()
+
+
+def test_ensemble_transfer_and_targets():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 10)).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.round(torch.rand(6, 1, 8, 8, generator=g) * 255) / 255
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    s = AttackSettings(eps=0.03, steps=5)
+    # transferring from the attacked model itself is the white-box attack
+    res = run_ensemble(model, x, y, [EnsembleMember("transfer", s, transfer=True)], surrogate=model)
+    assert res.robust.tolist() == (~run_attack(model, x, y, s).success).tolist()
+    with pytest.raises(ValueError, match="surrogate"):
+        run_ensemble(model, x, y, [EnsembleMember("transfer", s, transfer=True)])
+    # targeted DLR runs once per runner-up class (nothing breaks at eps 0, so every run sees every example)
+    t = AttackSettings(loss="dlr-targeted", eps=0.0, steps=3)
+    one = run_ensemble(model, x, y, [EnsembleMember("apgd-t", t, targets=1)])
+    three = run_ensemble(model, x, y, [EnsembleMember("apgd-t", t, targets=3)])
+    assert three.attack_queries["apgd-t"] == 3 * one.attack_queries["apgd-t"] > 0
+    assert run_ensemble(model, x, y, [EnsembleMember("apgd-t", t, targets=50)]).attack_queries["apgd-t"] == \
+        9 * one.attack_queries["apgd-t"]

@@ -154,3 +154,97 @@ def test_sharded_eval_matches_single_process(tiny_checkpoint, tmp_path):
     for key in ("n", "clean_acc", "robust_acc", "ci95", "robust_ci95", "per_example", "max_linf",
                 "forward_backward_passes_per_image"):
         assert sharded[key] == single[key], key
+
+
+@pytest.fixture
+def tiny_cnn(tmp_path):
+    """An untrained CNN checkpoint: the transfer attack's source."""
+    import torch
+
+    from core.baseline import SmallCNN, save_cnn
+
+    torch.manual_seed(0)
+    return save_cnn(tmp_path / "cnn.safetensors", SmallCNN().eval(), {"name": "cnn", "dataset": "mnist"})
+
+
+def _ensemble_args(checkpoint, cnn, eps="0.3"):
+    # the tiny random model classifies example 6 of the first 8 correctly
+    return ["eval", "--dataset", "mnist", "--num-examples", "8", "--defense", "dc", "--attack", "ensemble",
+            "--eps", eps, "--steps", "2", "--square-queries", "4", "--targets", "2", "--levels", "2",
+            "--batch-size", "3", "--model", str(checkpoint), "--cnn", str(cnn), "--device", "cpu"]
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_ensemble_report_log_and_resume(tiny_checkpoint, tiny_cnn, tmp_path):
+    args = _ensemble_args(tiny_checkpoint, tiny_cnn)
+    state, log = tmp_path / "state.jsonl", tmp_path / "eval.log"
+    assert main(args + ["--state", str(state), "--out", str(tmp_path / "a.json"), "--log", str(log)]) == 0
+    rep = json.loads((tmp_path / "a.json").read_text())
+    order = ["apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer"]
+    assert [row["attack"] for row in rep["per_attack"]] == order == rep["settings"]["ensemble"]["order"]
+    accs = [rep["clean_acc"]] + [row["robust_acc"] for row in rep["per_attack"]]
+    assert all(a >= b for a, b in zip(accs, accs[1:])) and accs[-1] == rep["robust_acc"]
+    n_clean = round(rep["clean_acc"] * rep["n"])
+    assert n_clean >= 1 and n_clean - sum(row["success"] for row in rep["per_attack"]) == round(rep["robust_acc"] * 8)
+    for row in rep["per_attack"]:
+        lo, hi = row["robust_ci95"]
+        assert lo <= row["robust_acc"] <= hi
+    for index, label, clean, robust, broken_by in rep["per_example"]:
+        assert (broken_by is None) == bool(robust) and (broken_by == "clean") == (not clean)
+    assert rep["seeds"]["attack_seed"] == 0 and rep["settings"]["attack_settings"]["square"]["steps"] == 4
+    assert rep["settings"]["attack_settings"]["square"]["method"] == "square"
+    assert rep["max_linf"] <= 0.3 + 1e-6 and rep["seconds_per_image"] > 0
+    assert rep["forward_backward_passes_per_image"] > 1 and set(rep["attack_forward_passes_this_run"]) == set(order)
+    text = log.read_text()
+    assert f"clean accuracy: {100 * rep['clean_acc']:.2f}%" in text
+    assert f"robust accuracy after APGD-CE: {100 * rep['per_attack'][0]['robust_acc']:.2f}%" in text
+    assert "robust accuracy after Square:" in text and f"robust accuracy: {100 * rep['robust_acc']:.2f}%" in text
+    assert "seeds:" in text and "per image" in text and not list(tmp_path.glob("*.part"))
+    # resumable: an interruption after two examples, mid-line; the report comes out the same
+    lines = state.read_text().splitlines()
+    assert len(lines) == 9 and any('"broken_by"' in line for line in lines[1:])
+    state.write_text("\n".join(lines[:3]) + "\n" + lines[3][:10])
+    assert main(args + ["--state", str(state), "--out", str(tmp_path / "b.json")]) == 0
+    again = json.loads((tmp_path / "b.json").read_text())
+    assert again["per_example"] == rep["per_example"] and again["per_attack"] == rep["per_attack"]
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_ensemble_runs_every_attack_on_the_unbroken(tiny_checkpoint, tiny_cnn, tmp_path):
+    """At eps 0 nothing can be broken: each attack runs on every clean-correct example."""
+    out = tmp_path / "r.json"
+    assert main(_ensemble_args(tiny_checkpoint, tiny_cnn, eps="0") + ["--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["robust_acc"] == rep["clean_acc"] > 0
+    assert all(row["success"] == 0 and row["attacked"] == round(rep["clean_acc"] * 8) for row in rep["per_attack"])
+    assert all(q > 0 for q in rep["attack_forward_passes_this_run"].values())
+    assert rep["max_linf"] == 0.0
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_ensemble_results_do_not_depend_on_shards_or_batches(tiny_checkpoint):
+    """What torchrun shards (indices rank::world) and batch sizes change must not change an
+    example's ensemble result (per-example seeds)."""
+    import torch
+    from torch import nn
+
+    from core.attacks import standard_ensemble
+    from core.classifier import build_classifier
+    from core.data import load_dataset
+    from core.evaluate import evaluate_ensemble
+    from core.models import load_checkpoint
+
+    model = load_checkpoint(tiny_checkpoint)
+    clf = build_classifier(model, "cpu", steps=2)
+    ds = load_dataset("mnist", "test")
+    torch.manual_seed(0)
+    surrogate = nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10)).eval()
+    members = standard_ensemble("linf", 0.1, steps=2, targets=2, square_queries=4)
+
+    def run(indices, batch_size):
+        return {r.index: r for rec in evaluate_ensemble(clf, ds, members, indices, batch_size, surrogate=surrogate)
+                for r in rec.results}
+
+    whole = run(list(range(8)), 8)
+    shards = run(list(range(8))[0::2], 3) | run(list(range(8))[1::2], 2)
+    assert whole == shards and any(r.broken_by not in (None, "clean") for r in whole.values())
