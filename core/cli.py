@@ -215,14 +215,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
         members, surrogate = None, None
         if args.attack == "none":
             att = AttackSettings(eps=0.0, steps=1, random_start=False)
-        elif args.attack == "ensemble":
+        elif args.attack in ("ensemble", "transfer"):
             members, surrogate = _ensemble(args, ds)
+            if args.attack == "transfer":  # the ensemble's transfer attack alone
+                members = [m for m in members if m.transfer]
         else:
             att = _single_attack_settings(args)
         if members is not None:
             settings["attack_settings"] = {m.name: m.settings.to_dict() for m in members}
-            settings["ensemble"] = {"order": [m.name for m in members], "targets": args.targets,
-                                    "transfer_source": args.cnn}
+            settings["ensemble"] = {"order": [m.name for m in members], "transfer_source": args.cnn}
+            if args.attack == "ensemble":
+                settings["ensemble"]["targets"] = args.targets
             seeds = {"attack_seed": args.seed,
                      "classifier_noise_seed": settings.get("classifier", {}).get("noise_seed"),
                      "per_example": "(attack_seed * 1000003 + index) * 101 + restart"}
@@ -651,9 +654,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="first N examples (default: all); spell it --num-examples under torchrun")
     p.add_argument("--defense", choices=["dc", "rdc", "cnn"], default="dc",
                    help="dc: diffusion classifier; rdc: likelihood maximisation + dc; cnn: the baseline")
-    p.add_argument("--attack", choices=["none", "ensemble"] + sorted(ATTACKS), default="none",
+    p.add_argument("--attack", choices=["none", "ensemble", "transfer"] + sorted(ATTACKS), default="none",
                    help="ensemble: APGD-CE, APGD-DLR, targeted APGD-DLR, Square and a transfer attack from --cnn, "
-                        "each on the examples still unbroken (AutoAttack style)")
+                        "each on the examples still unbroken (AutoAttack style); transfer: the ensemble's transfer "
+                        "attack alone (APGD-CE crafted on --cnn)")
     p.add_argument("--norm", choices=["linf", "l2"], default="linf")
     p.add_argument("--eps", default="0.3")
     p.add_argument("--steps", type=int, default=100, help="attack iterations (APGD, PGD; Square: queries)")

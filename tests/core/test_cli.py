@@ -248,3 +248,17 @@ def test_ensemble_results_do_not_depend_on_shards_or_batches(tiny_checkpoint):
     whole = run(list(range(8)), 8)
     shards = run(list(range(8))[0::2], 3) | run(list(range(8))[1::2], 2)
     assert whole == shards and any(r.broken_by not in (None, "clean") for r in whole.values())
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_transfer_attack_alone(tiny_checkpoint, tiny_cnn, tmp_path):
+    """``--attack transfer``: the ensemble's transfer attack on its own (the masking checks compare it)."""
+    args = [a if a != "ensemble" else "transfer" for a in _ensemble_args(tiny_checkpoint, tiny_cnn)]
+    out, log = tmp_path / "t.json", tmp_path / "t.log"
+    assert main(args + ["--out", str(out), "--log", str(log)]) == 0
+    rep = json.loads(out.read_text())
+    assert [row["attack"] for row in rep["per_attack"]] == ["transfer"] == rep["settings"]["ensemble"]["order"]
+    assert rep["settings"]["attack"] == "transfer" and "targets" not in rep["settings"]["ensemble"]
+    assert list(rep["settings"]["attack_settings"]) == ["transfer"] and rep["max_linf"] <= 0.3 + 1e-6
+    assert rep["per_attack"][-1]["robust_acc"] == rep["robust_acc"] <= rep["clean_acc"]
+    assert "robust accuracy after transfer (APGD-CE on the CNN)" in log.read_text()
