@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--note", default="", help="how the settings were chosen")
+    p.add_argument("--training-command", action="append", default=[],
+                   help="every command of a resumed run, in order (repeat the flag); default: the card's")
     p.add_argument("--purify-eta", default=None, help="likelihood-maximisation radius (e.g. 0.3 or 8/255)")
     p.add_argument("--purify-steps", type=int, default=None)
     p.add_argument("--purify-step-size", default=None)
@@ -71,6 +73,8 @@ def main(argv=None) -> int:
     card = dict(model.card)
     card["name"] = args.name
     card["classifier"] = settings.to_dict()
+    if args.training_command:
+        card["training_commands"] = list(args.training_command)
     card["metrics"] = {
         "val": val, "test": test, "hardware": hardware_description(),
         "measured_by": "python scripts/bundle_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),

@@ -1,9 +1,10 @@
 """Generate the app's sample gallery with the bundled model's own EDM sampler.
 
-    python scripts/make_samples.py --model mnist-embedding --per-class 2 --out resources/samples
+    python scripts/make_samples.py --model mnist-multihead --unconditional 20 --out resources/samples
+    python scripts/make_samples.py --model mnist-multihead --per-class 2 --out resources/samples
 
-Every file is a sample of the model (never a dataset image); the name says the class it
-was drawn from and its seed.
+Every file is a sample of the model (never a dataset image); the name says the head it
+was drawn from (a class, or ``uncond``) and its seed.
 """
 from __future__ import annotations
 
@@ -25,10 +26,20 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=18)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="resources/samples")
+    p.add_argument("--unconditional", type=int, default=0,
+                   help="draw this many samples from the unconditional head instead of per class")
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     model = load_checkpoint(args.model)
     out = Path(args.out)
+    if args.unconditional:
+        last = None
+        for last in sample(model.net, len(model.classes), n=args.unconditional, steps=args.steps, seed=args.seed):
+            pass
+        for k, image in enumerate(last.image):
+            save_png_atomic(image, out / f"uncond-seed{args.seed}-{k:02d}.png")
+        print(f"wrote {args.unconditional} unconditional samples to {out}")
+        return 0
     for y, name in enumerate(model.classes):
         seed = args.seed + 1000 * y
         last = None

@@ -29,3 +29,12 @@ def test_importing_core_loads_no_qt():
             + f"bad = [m for m in sys.modules if m.split('.')[0] in {sorted(QT_MODULES)!r}]\n"
             + "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=CORE.parent)
+
+
+def test_allocator_tuning_is_idempotent_and_reported():
+    from core.runtime import tune_allocator
+
+    first = tune_allocator()
+    assert isinstance(first, bool) and tune_allocator() is first
+    if sys.platform.startswith("linux") and "glibc" in " ".join(__import__("platform").libc_ver()):
+        assert first is True
