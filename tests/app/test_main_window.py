@@ -16,13 +16,21 @@ from core.images import load_for_model  # noqa: E402
 from core.models import load_checkpoint  # noqa: E402
 
 
-@pytest.fixture
-def window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
-    monkeypatch.setenv("HOME", str(tmp_path))  # keep QSettings of tests away from the user's
+def isolate_settings(monkeypatch, tmp_path) -> None:
+    """Keep QSettings of a test away from the user's and from other tests'."""
+    monkeypatch.setenv("HOME", str(tmp_path))
     from PySide6.QtCore import QSettings
 
     QSettings.setDefaultFormat(QSettings.Format.IniFormat)
     QSettings.setPath(QSettings.Format.IniFormat, QSettings.Scope.UserScope, str(tmp_path))
+    # Qt resolves the user config folder once per process, so earlier tests' values may
+    # still be visible: start from an empty store.
+    QSettings("RDC Studio", "RDC Studio").clear()
+
+
+@pytest.fixture
+def window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
+    isolate_settings(monkeypatch, tmp_path)
     win = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
     errors = []
     win.show_error = lambda title, text: errors.append((title, text))
@@ -275,7 +283,7 @@ def test_bundled_default_model_end_to_end(qtbot, tmp_path, monkeypatch):
     from core.data import load_dataset, mnist_available
     from core.models import DEFAULT_MODEL
 
-    monkeypatch.setenv("HOME", str(tmp_path))
+    isolate_settings(monkeypatch, tmp_path)  # the card's classifier settings, not a stored T
     model = load_checkpoint()
     assert model.name == DEFAULT_MODEL
     if mnist_available():  # a real test digit, else the synthetic stroke
@@ -286,6 +294,7 @@ def test_bundled_default_model_end_to_end(qtbot, tmp_path, monkeypatch):
     path = tmp_path / "digit.png"
     Image.fromarray(np.round(digit[0] * 255).astype(np.uint8)).save(path)
     win = MainWindow(model)
+    assert win.steps_spin.value() == model.card["classifier"]["steps"]
     win.show_error = lambda title, text: pytest.fail(f"{title}: {text}")
     qtbot.addWidget(win)
     win.show()
