@@ -135,17 +135,20 @@ def diffusion_loss(net: Denoiser, x: torch.Tensor, labels: torch.Tensor, generat
     if net.config.architecture == "multihead":
         pc = precondition(sigma)
         raw = net.forward_raw(x_noisy * pc.c_in.view(-1, 1, 1, 1), pc.c_noise).float()
-        d = pc.c_skip.view(-1, 1, 1, 1, 1) * x_noisy.unsqueeze(1) + pc.c_out.view(-1, 1, 1, 1, 1) * raw
-        sq = (d - x0.unsqueeze(1)).pow(2).flatten(2)  # (N, K+1, pixels)
         idx = torch.arange(n, device=x.device)
-        err = sq[idx, labels].mean(1) + sq[:, k].mean(1)
-        denoising = (w * err).mean()
-        if ce_weight > 0:
-            ce, correct, counted = classifier_cross_entropy(
-                sq[:, :k].sum(2), sigma, labels, config.ce_weighting, config.ce_sigma_min, config.ce_sigma_max)
-            if ce is not None:
-                return LossParts(denoising + ce_weight * ce, denoising, ce, correct, counted)
-        return LossParts(denoising, denoising)
+        if ce_weight <= 0:  # only the example's class head and the unconditional head are needed
+            raw = torch.stack([raw[idx, labels], raw[:, k]], dim=1)
+        d = pc.c_skip.view(-1, 1, 1, 1, 1) * x_noisy.unsqueeze(1) + pc.c_out.view(-1, 1, 1, 1, 1) * raw
+        sq = (d - x0.unsqueeze(1)).pow(2).flatten(2)  # (N, heads, pixels)
+        if ce_weight <= 0:
+            denoising = (w * (sq[:, 0].mean(1) + sq[:, 1].mean(1))).mean()
+            return LossParts(denoising, denoising)
+        denoising = (w * (sq[idx, labels].mean(1) + sq[:, k].mean(1))).mean()
+        ce, correct, counted = classifier_cross_entropy(
+            sq[:, :k].sum(2), sigma, labels, config.ce_weighting, config.ce_sigma_min, config.ce_sigma_max)
+        if ce is None:
+            return LossParts(denoising, denoising)
+        return LossParts(denoising + ce_weight * ce, denoising, ce, correct, counted)
     if ce_weight > 0:
         raise ValueError("the cross-entropy term needs the multi-head network (one pass for all classes)")
     drop = torch.rand(n, generator=generator).to(x.device) < uncond_prob
