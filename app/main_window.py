@@ -61,7 +61,7 @@ class MainWindow(QMainWindow):
         self._job_kind = ""
         self._started_at = 0.0
         self.runner = JobRunner(self)
-        self.runner.step_ready.connect(self._on_runner_step_ready)
+        self.runner.steps_ready.connect(self._on_runner_steps_ready)
         self.runner.finished.connect(self._on_runner_finished)
         self.runner.failed.connect(self._on_runner_failed)
         self.setAcceptDrops(True)
@@ -531,7 +531,7 @@ class MainWindow(QMainWindow):
         self.settings_store.setValue("classify/steps", steps)
         clf = self._classifier()
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
-        self.curves.reset()
+        self.curves.reset(x_extent=steps)
         self.progress.setRange(0, steps)
         self.progress.setFormat("%v / %m levels")
         self.progress.setValue(0)
@@ -572,7 +572,7 @@ class MainWindow(QMainWindow):
         attacked = clf if grad == "dc-only" else RobustDiffusionClassifier(
             self.model.net, clf.settings, purify_settings, grad).to(self.device)
         x = torch.round(torch.from_numpy(self.image).unsqueeze(0) * 255).div(255).to(self.device)
-        self.attack_plot.reset()
+        self.attack_plot.reset(x_extent=settings.steps * settings.restarts)
         for v in (self.view_original, self.view_adversarial, self.view_purified):
             v.set_image(None)
         self.view_perturbation.set_perturbation(None)
@@ -596,8 +596,8 @@ class MainWindow(QMainWindow):
         lm = LikelihoodMaximizer(self.model.net, settings)
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
         self.purify_records = []
-        self.purify_curves.reset()
-        self.objective_plot.reset()
+        self.purify_curves.reset(x_extent=settings.steps)
+        self.objective_plot.reset(x_extent=settings.steps)
         self.scrubber.setEnabled(False)
         self.progress.setRange(0, settings.steps)
         self.progress.setFormat("%v / %m steps")
@@ -611,35 +611,42 @@ class MainWindow(QMainWindow):
             self._job_ended()
             self.statusBar().showMessage("Stopped", 3000)
 
-    @Slot(object)
-    def _on_runner_step_ready(self, record) -> None:
-        if isinstance(record, ClassifyStep):
-            self.curves.add_point(record.levels_done, record.logits[0])
-            self.bars.set_probabilities(record.probabilities[0], final=record.levels_done == record.total_levels)
-            self.progress.setValue(record.levels_done)
-        elif isinstance(record, AttackStep):
-            done = record.restart * record.total_iterations + record.iteration
-            self.attack_plot.append("loss", done, record.loss[0])
-            self.attack_plot.append("margin", done, record.margin[0])
-            self.view_adversarial.set_image(record.image[0], f"iteration {record.iteration}: predicted "
-                                            f"{self.model.classes[int(record.prediction[0])]}")
-            self.view_perturbation.set_perturbation(record.image[0] - self.view_original.image)
-            self.progress.setValue(done)
-        elif isinstance(record, PurifyStep):
-            self._show_purify_record(record, live=True)
-        elif isinstance(record, DefenseOutcome):
-            self._show_outcome(record)
-        elif isinstance(record, SampleStep):
-            self.input_view.set_image(record.image[0], f"sampling: step {record.step}/{record.total_steps}, "
-                                      f"sigma {record.sigma:.3f}")
-            self.progress.setValue(record.step)
+    @Slot(list)
+    def _on_runner_steps_ready(self, records: list) -> None:
+        """Draw one throttled flush of step records: data for every record, one redraw per view."""
+        def of_type(kind):
+            return [r for r in records if isinstance(r, kind)]
 
-    def _show_purify_record(self, record: PurifyStep, live: bool) -> None:
-        if live:
-            self.purify_records.append(record)
-            self.purify_curves.add_point(record.step, record.logits[0])
-            self.objective_plot.append("objective", record.step, record.objective[0])
-            self.progress.setValue(record.step)
+        if classified := of_type(ClassifyStep):
+            last = classified[-1]
+            self.curves.add_points([r.levels_done for r in classified], [r.logits[0] for r in classified])
+            self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels)
+            self.progress.setValue(last.levels_done)
+        if attacked := of_type(AttackStep):
+            last = attacked[-1]
+            done = [r.restart * r.total_iterations + r.iteration for r in attacked]
+            self.attack_plot.extend("loss", done, [r.loss[0] for r in attacked])
+            self.attack_plot.extend("margin", done, [r.margin[0] for r in attacked])
+            self.view_adversarial.set_image(last.image[0], f"iteration {last.iteration}: predicted "
+                                            f"{self.model.classes[int(last.prediction[0])]}")
+            self.view_perturbation.set_perturbation(last.image[0] - self.view_original.image)
+            self.progress.setValue(done[-1])
+        if purified := of_type(PurifyStep):
+            self.purify_records.extend(purified)
+            steps = [r.step for r in purified]
+            self.purify_curves.add_points(steps, [r.logits[0] for r in purified])
+            self.objective_plot.extend("objective", steps, [r.objective[0] for r in purified])
+            self.progress.setValue(steps[-1])
+            self._show_purify_record(purified[-1])
+        if sampled := of_type(SampleStep):
+            last = sampled[-1]
+            self.input_view.set_image(last.image[0], f"sampling: step {last.step}/{last.total_steps}, "
+                                      f"sigma {last.sigma:.3f}")
+            self.progress.setValue(last.step)
+        for outcome in of_type(DefenseOutcome):
+            self._show_outcome(outcome)
+
+    def _show_purify_record(self, record: PurifyStep) -> None:
         probs = np.exp(record.logits[0] - record.logits[0].max())
         probs /= probs.sum()
         top = int(np.argmax(probs))
@@ -649,7 +656,7 @@ class MainWindow(QMainWindow):
 
     def _on_scrubber_value_changed(self, index: int) -> None:
         if 0 <= index < len(self.purify_records):
-            self._show_purify_record(self.purify_records[index], live=False)
+            self._show_purify_record(self.purify_records[index])
             self.purify_curves.show_upto(index + 1)
             self.scrubber_label.setText(f"step {self.purify_records[index].step}")
 

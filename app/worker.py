@@ -62,11 +62,12 @@ class _Job(QObject):
 class JobRunner(QObject):
     """One job at a time on a worker thread; starting a job cancels the running one.
 
-    Signals carry only the current job's events: ``step_ready(record)``,
+    Signals carry only the current job's events: ``steps_ready(records)`` (the records of
+    one throttled flush, oldest first, so a view can redraw once per flush),
     ``finished(last_record)``, ``failed(message)``, ``cancelled()``.
     """
 
-    step_ready = Signal(object)
+    steps_ready = Signal(list)
     finished = Signal(object)
     failed = Signal(str)
     cancelled = Signal()
@@ -130,10 +131,8 @@ class JobRunner(QObject):
 
     @Slot(int, object)
     def _on_job_step_ready(self, job_id: int, records: list) -> None:
-        for record in records:
-            if not self._is_current(job_id):  # a handler may have started another job
-                return
-            self.step_ready.emit(record)
+        if self._is_current(job_id) and records:
+            self.steps_ready.emit(records)
 
     def _release_if_current(self, job_id: int) -> bool:
         """Mark the current job done; False if ``job_id`` is a stale (cancelled) job."""

@@ -5,6 +5,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QWidget
 
+from .plotting import cache_axes, set_x_extent
+
 PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
@@ -23,25 +25,40 @@ class LikelihoodPlot(pg.PlotWidget):
         self.setLabel("left", "logit − max logit (nats)")
         self.showGrid(x=True, y=True, alpha=0.3)
         self.legend = self.addLegend(offset=(-5, 5), labelTextSize="8pt", colCount=2)
+        cache_axes(self)
         self.set_classes(classes)
 
     def set_classes(self, classes: list[str]) -> None:
         self.clear()
         self.legend.clear()
         self.classes = list(classes)
-        self.curves = [self.plot([], [], pen=pg.mkPen(PALETTE[i % len(PALETTE)], width=1.5), name=c)
-                       for i, c in enumerate(classes)]
+        self.curves = [self.plot([], [], pen=self._pen(i, False), name=c) for i, c in enumerate(classes)]
+        self._highlighted: int | None = None
         self.reset()
 
-    def reset(self) -> None:
+    @staticmethod
+    def _pen(k: int, highlighted: bool):
+        return pg.mkPen(PALETTE[k % len(PALETTE)], width=3.5 if highlighted else 1.2)
+
+    def reset(self, x_extent: float | None = None) -> None:
+        """Clear the curves; ``x_extent`` (the run's length, when known) fixes the x axis."""
         self.steps: list[int] = []
         self.history: list[np.ndarray] = []
+        self._y_low: float | None = None
         for curve in self.curves:
             curve.setData([], [])
+        set_x_extent(self, x_extent)
+        if x_extent is None:
+            self.enableAutoRange(y=True)
 
     def add_point(self, levels_done: int, logits: np.ndarray) -> None:
-        self.steps.append(int(levels_done))
-        self.history.append(np.asarray(logits, dtype=float).copy())
+        self.add_points([levels_done], [logits])
+
+    def add_points(self, levels_done: list[int], logits: list[np.ndarray]) -> None:
+        """Append several points and redraw once (a flush of live records is drawn in one go)."""
+        for step, row in zip(levels_done, logits):
+            self.steps.append(int(step))
+            self.history.append(np.asarray(row, dtype=float).copy())
         self.show_upto(len(self.steps))
 
     def show_upto(self, count: int) -> None:
@@ -56,4 +73,19 @@ class LikelihoodPlot(pg.PlotWidget):
         x = np.asarray(self.steps[:count])
         for k, curve in enumerate(self.curves):
             curve.setData(x, rel[:, k])
-            curve.setPen(pg.mkPen(PALETTE[k % len(PALETTE)], width=3.5 if k == top else 1.2))
+        self._fit_y(float(rel.min()))
+        if top != self._highlighted:  # new pens re-render the legend: only when the leader changes
+            for k in {top, self._highlighted} - {None}:
+                self.curves[k].setPen(self._pen(k, k == top))
+            self._highlighted = top
+
+    def _fit_y(self, low: float) -> None:
+        """Keep the y range steady: change it only when the curves leave it or fill < half of it.
+
+        The curves are <= 0 (relative to the leader); a steady range keeps the cached axes valid.
+        """
+        low = min(low, -1.0)
+        if self._y_low is not None and self._y_low <= low <= 0.5 * self._y_low:
+            return
+        self._y_low = 1.25 * low
+        self.setYRange(self._y_low, -0.05 * self._y_low, padding=0)

@@ -5,6 +5,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
+from .plotting import cache_axes
+
 BAR_COLOUR = (120, 144, 176)
 TOP_COLOUR = (214, 96, 40)
 
@@ -21,6 +23,7 @@ class ProbabilityBars(QWidget):
         self.plot.setMouseEnabled(False, False)
         self.plot.setLabel("left", "probability")
         self.plot.showGrid(y=True, alpha=0.3)
+        cache_axes(self.plot)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addWidget(self.verdict)

@@ -5,6 +5,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QWidget
 
+from .plotting import cache_axes, set_x_extent
+
 COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
 
 
@@ -20,14 +22,21 @@ class StepPlot(pg.PlotWidget):
         self.curves = {n: self.plot([], [], pen=pg.mkPen(COLOURS[i % len(COLOURS)], width=2), name=n)
                        for i, n in enumerate(names)}
         self.data: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
+        cache_axes(self)
 
-    def reset(self) -> None:
+    def reset(self, x_extent: float | None = None) -> None:
+        """Clear the curves; ``x_extent`` (the run's length, when known) fixes the x axis."""
         for name, curve in self.curves.items():
             self.data[name] = ([], [])
             curve.setData([], [])
+        set_x_extent(self, x_extent)
 
     def append(self, name: str, x: float, y: float) -> None:
+        self.extend(name, [x], [y])
+
+    def extend(self, name: str, x: list[float], y: list[float]) -> None:
+        """Append several points to one curve and redraw it once."""
         xs, ys = self.data[name]
-        xs.append(float(x))
-        ys.append(float(y))
+        xs.extend(float(v) for v in x)
+        ys.extend(float(v) for v in y)
         self.curves[name].setData(np.asarray(xs), np.asarray(ys))
