@@ -1,7 +1,8 @@
 """Classification speed of the diffusion classifier on this machine.
 
 Prints, measured in one run: ms per image for the default model and settings (single
-image and batched), multi-head vs per-class evaluation time and their ratio, and the
+image and batched), multi-head vs per-class evaluation time and their ratio (timed in
+interleaved pairs), and the
 achieved GFLOP/s against the measured fp32 matmul throughput.
 
     python benchmarks/bench_classify.py [--model NAME|PATH] [--steps T] [--threads N] [--json out.json]
@@ -35,6 +36,25 @@ def time_call(fn, repeats: int, warmup: int = 2) -> float:
     return statistics.median(times)
 
 
+def paired_times(fast, slow, rounds: int) -> tuple[float, float, float]:
+    """Interleaved timing of two calls: median times of each and the median per-round ratio.
+
+    Alternating the calls makes their ratio robust to the machine's speed drifting during
+    the run (a shared virtual machine varies by 10-20% over seconds).
+    """
+    fast(), slow()
+    pairs = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fast()
+        t1 = time.perf_counter()
+        slow()
+        t2 = time.perf_counter()
+        pairs.append((t1 - t0, t2 - t1))
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[1] / p[0] for p in pairs))
+
+
 def matmul_gflops(size: int = 1024, repeats: int = 10) -> float:
     a, b = torch.randn(size, size), torch.randn(size, size)
     t = time_call(lambda: a @ b, repeats)
@@ -66,7 +86,7 @@ def main(argv=None) -> int:
     with torch.no_grad():
         t_single = time_call(lambda: clf(one), args.repeats)
         t_batch = time_call(lambda: clf(batch), max(3, args.repeats // 3)) / args.batch
-        t_perclass = time_call(lambda: clf(one, per_class=True), max(3, args.repeats // 3))
+        _, t_perclass, speedup = paired_times(lambda: clf(one), lambda: clf(one, per_class=True), args.repeats)
         flops_single = count_flops(lambda: clf(one))
         flops_perclass = count_flops(lambda: clf(one, per_class=True))
     peak = matmul_gflops()
@@ -75,7 +95,7 @@ def main(argv=None) -> int:
         "model": model.name, "architecture": cfg.architecture, "steps": s.steps, "weighting": s.weighting,
         "threads": args.threads, "hardware": hardware_description(),
         "ms_single_image": t_single * 1e3, "ms_per_image_batched": t_batch * 1e3, "batch": args.batch,
-        "ms_per_class_mode": t_perclass * 1e3, "multihead_speedup": t_perclass / t_single,
+        "ms_per_class_mode": t_perclass * 1e3, "multihead_speedup": speedup,
         "gflop_per_image": flops_single / 1e9, "gflop_per_image_per_class_mode": flops_perclass / 1e9,
         "gflops_single": flops_single / t_single / 1e9, "gflops_batched": flops_single / t_batch / 1e9,
         "matmul_fp32_gflops": peak,
@@ -87,7 +107,7 @@ def main(argv=None) -> int:
     print(f"batched ({args.batch:3d})     : {result['ms_per_image_batched']:8.1f} ms/image")
     print(f"per-class mode    : {result['ms_per_class_mode']:8.1f} ms/image  (K={cfg.num_classes} separate passes)")
     print(f"multi-head speedup: {result['multihead_speedup']:8.2f} x   "
-          f"(FLOP ratio {flops_perclass / flops_single:.2f} x)")
+          f"(median of {args.repeats} interleaved pairs; FLOP ratio {flops_perclass / flops_single:.2f} x)")
     print(f"work              : {result['gflop_per_image']:8.3f} GFLOP/image")
     print(f"achieved          : {result['gflops_single']:8.1f} GFLOP/s single, {result['gflops_batched']:.1f} GFLOP/s "
           f"batched; fp32 matmul peak {peak:.1f} GFLOP/s "
