@@ -1,0 +1,53 @@
+"""Live plots keep their axes steady, so a redraw does not re-lay out the tick labels."""
+import numpy as np
+import pytest
+
+pytest.importorskip("pytestqt")
+from app.widgets.likelihood_plot import LikelihoodPlot  # noqa: E402
+from app.widgets.step_plot import StepPlot  # noqa: E402
+
+
+def test_likelihood_plot_fixed_x_and_steady_y(qtbot):
+    plot = LikelihoodPlot([str(k) for k in range(10)])
+    qtbot.addWidget(plot)
+    plot.reset(x_extent=16)
+    rng = np.random.default_rng(0)
+    lows = []
+    for step in range(1, 17):
+        plot.add_points([step], [rng.normal(scale=3.0, size=10)])
+        (x0, x1), (y0, y1) = plot.viewRange()
+        assert x0 <= 0 and 16 <= x1 < 17
+        hist = np.stack(plot.history)
+        rel = hist - hist.max(axis=1, keepdims=True)
+        assert y0 <= rel.min() and y1 >= 0  # every point stays in view
+        lows.append(y0)
+    assert len(set(lows)) <= 4, "the y range should change only when the curves leave it"
+    assert len(plot.steps) == 16 and plot.curves[0].getData()[0].size == 16
+
+
+def test_likelihood_plot_batched_points_equal_single_points(qtbot):
+    rng = np.random.default_rng(1)
+    logits = [rng.normal(size=3) for _ in range(5)]
+    one, many = LikelihoodPlot(["a", "b", "c"]), LikelihoodPlot(["a", "b", "c"])
+    qtbot.addWidget(one)
+    qtbot.addWidget(many)
+    for i, row in enumerate(logits):
+        one.add_point(i + 1, row)
+    many.add_points(list(range(1, 6)), logits)
+    for a, b in zip(one.curves, many.curves):
+        assert np.array_equal(a.getData()[1], b.getData()[1])
+    assert one._highlighted == many._highlighted == int(np.argmax(logits[-1]))
+
+
+def test_step_plot_extend_and_reset(qtbot):
+    plot = StepPlot("step", "loss", ["loss", "margin"])
+    qtbot.addWidget(plot)
+    plot.reset(x_extent=10)
+    plot.extend("loss", [1, 2, 3], [0.5, 0.4, 0.3])
+    plot.append("loss", 4, 0.2)
+    assert plot.data["loss"] == ([1.0, 2.0, 3.0, 4.0], [0.5, 0.4, 0.3, 0.2])
+    assert list(plot.curves["loss"].getData()[1]) == [0.5, 0.4, 0.3, 0.2]
+    (x0, x1), _ = plot.viewRange()
+    assert x0 <= 0 and 10 <= x1 < 11
+    plot.reset()
+    assert plot.data["loss"] == ([], [])
