@@ -1,7 +1,8 @@
 """The README's robustness table for the bundled MNIST models, with gradient-masking checks.
 
-Rows: CNN, DC, RDC (exact gradients) and RDC (BPDA), each under l-inf eps 0.3 and l2
-eps 1.5, attacked with the AutoAttack-style ensemble of ``rdc eval --attack ensemble``
+Rows: CNN, DC, RDC (exact gradients), RDC (smooth: exact with a tanh surrogate for the
+LM's sign steps, whose derivative is zero) and RDC (BPDA), each under l-inf eps 0.3 and
+l2 eps 1.5, attacked with the AutoAttack-style ensemble of ``rdc eval --attack ensemble``
 (APGD-CE, APGD-DLR, APGD-T, Square, transfer from the CNN) on the first n MNIST test
 images. Every number comes from an ``rdc eval`` command that is printed and recorded, so
 any row can be re-run on its own. Each evaluation writes NAME.json (report), NAME.log
@@ -39,6 +40,7 @@ DEFENSES = {  # key: (--defense, --grad, label)
     "cnn": ("cnn", None, "CNN"),
     "dc": ("dc", None, "DC"),
     "rdc-exact": ("rdc", "exact", "RDC (exact gradients)"),
+    "rdc-smooth": ("rdc", "smooth", "RDC (smooth gradients)"),
     "rdc-bpda": ("rdc", "bpda", "RDC (BPDA)"),
 }
 NORM_LABELS = {"linf": "l-inf", "l2": "l2"}
@@ -95,7 +97,7 @@ def _split_list(text: str) -> list[str]:
 
 def build_rows(args: argparse.Namespace) -> list[Row]:
     """The rows selected by ``--rows`` (shell patterns over keys such as ``rdc-exact-linf``)."""
-    n = {"cnn": args.n_cnn, "dc": args.n_dc, "rdc-exact": args.n_rdc, "rdc-bpda": args.n_rdc}
+    n = {"cnn": args.n_cnn, "dc": args.n_dc, "rdc-exact": args.n_rdc, "rdc-smooth": args.n_rdc, "rdc-bpda": args.n_rdc}
     rows = [Row(d, norm, eps, n[d]) for d in DEFENSES for norm, eps in (("linf", args.eps_linf), ("l2", args.eps_l2))]
     patterns = _split_list(args.rows)
     selected = [r for r in rows if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
@@ -325,10 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cnn", default="mnist-cnn", help="the CNN row and the transfer source")
     p.add_argument("--out-dir", default="runs/robustness-table")
     p.add_argument("--rows", default="*", help="comma-separated shell patterns over row keys "
-                   "(cnn-linf, cnn-l2, dc-linf, dc-l2, rdc-exact-linf, rdc-exact-l2, rdc-bpda-linf, rdc-bpda-l2)")
+                   "(cnn-linf, cnn-l2, dc-linf, dc-l2, rdc-exact-linf, rdc-exact-l2, rdc-smooth-linf, rdc-smooth-l2, "
+                   "rdc-bpda-linf, rdc-bpda-l2)")
     p.add_argument("--n-cnn", type=int, default=1000, help="test images of the CNN rows")
     p.add_argument("--n-dc", type=int, default=200, help="test images of the DC rows")
-    p.add_argument("--n-rdc", type=int, default=100, help="test images of the RDC rows (exact and BPDA)")
+    p.add_argument("--n-rdc", type=int, default=100, help="test images of the RDC rows (exact, smooth and BPDA)")
     p.add_argument("--eps-linf", default="0.3")
     p.add_argument("--eps-l2", default="1.5")
     p.add_argument("--steps", type=int, default=100, help="APGD iterations")

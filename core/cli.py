@@ -13,6 +13,8 @@ import torch
 
 
 _ARGV: list[str] = []
+GRAD_HELP = ("rdc: exact (through the LM steps), smooth (exact, with a tanh surrogate in the backward pass of "
+             "the sign steps) or bpda (identity through the LM)")
 
 
 def _command_line() -> str:
@@ -634,7 +636,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-init", type=float, default=0.8, help="square: initial fraction of pixels per square")
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
-    p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
+    p.add_argument("--grad", choices=["exact", "smooth", "bpda"], default="exact", help=GRAD_HELP)
     p.add_argument("--cnn", default="mnist-cnn", help="CNN checkpoint for --defense cnn")
     p.add_argument("--eta", default=None)
     p.add_argument("--lm-steps", type=int, default=None)
@@ -669,7 +671,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--square-queries", type=int, default=None,
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
     p.add_argument("--p-init", type=float, default=0.8, help="Square: initial fraction of pixels per square")
-    p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
+    p.add_argument("--grad", choices=["exact", "smooth", "bpda"], default="exact", help=GRAD_HELP)
     p.add_argument("--cnn", default="mnist-cnn",
                    help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
     p.add_argument("--eta", default=None)

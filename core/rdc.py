@@ -5,6 +5,13 @@ out) so that any attack library can use it. Gradient modes:
 
 * ``exact``: back-propagate through the N likelihood-maximisation steps (second order:
   the inner gradients are taken with ``create_graph``) and the classifier;
+* ``smooth``: as ``exact``, but the backward pass of every sign step uses the derivative
+  of ``tanh(g / tau)`` (``tau``: the example's mean ``|g|``) instead of that of
+  ``sign(g)``, which is zero almost everywhere. With sign steps the ``exact`` gradient
+  therefore ignores how the purification responds to the input and reduces to BPDA up
+  to the clipping masks; the smooth surrogate (a differentiable approximation in the
+  sense of BPDA, Athalye et al. 2018) lets an attack see that response. The forward
+  pass is unchanged;
 * ``bpda``: identity through the purification, exact through the classifier;
 * ``dc-only``: the classifier alone, without purification.
 """
@@ -17,7 +24,7 @@ from .classifier import ClassifierSettings, DiffusionClassifier
 from .nets import Denoiser
 from .purify import LikelihoodMaximizer, PurifySettings
 
-GRAD_MODES = ("exact", "bpda", "dc-only")
+GRAD_MODES = ("exact", "smooth", "bpda", "dc-only")
 
 
 class RobustDiffusionClassifier(nn.Module):
@@ -36,8 +43,12 @@ class RobustDiffusionClassifier(nn.Module):
     def num_classes(self) -> int:
         return self.classifier.num_classes
 
-    def purify(self, x: torch.Tensor, create_graph: bool = False) -> torch.Tensor:
-        """The purified images; differentiable in ``x`` when ``create_graph``."""
+    def purify(self, x: torch.Tensor, create_graph: bool = False, smooth_sign: bool = False) -> torch.Tensor:
+        """The purified images; differentiable in ``x`` when ``create_graph``.
+
+        ``smooth_sign`` (with ``create_graph``) back-propagates sign steps through
+        ``tanh(g / tau)``; the values are those of the sign steps.
+        """
         lm = self.maximizer
         s = lm.settings
         sigmas, noises = lm.draws()
@@ -54,6 +65,10 @@ class RobustDiffusionClassifier(nn.Module):
                 (grad,) = torch.autograd.grad(obj, cur, create_graph=create_graph)
             if s.optimizer == "sign":
                 step = grad.sign()
+                if smooth_sign and create_graph:
+                    tau = grad.detach().abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+                    surrogate = torch.tanh(grad / tau)
+                    step = step.detach() + (surrogate - surrogate.detach())
             else:
                 m = b1 * m + (1 - b1) * grad
                 v = b2 * v + (1 - b2) * grad * grad
@@ -66,8 +81,8 @@ class RobustDiffusionClassifier(nn.Module):
         if self.grad_mode == "dc-only":
             return self.classifier(x)
         needs_grad = torch.is_grad_enabled() and x.requires_grad
-        if self.grad_mode == "exact" and needs_grad:
-            return self.classifier(self.purify(x, create_graph=True))
+        if self.grad_mode in ("exact", "smooth") and needs_grad:
+            return self.classifier(self.purify(x, create_graph=True, smooth_sign=self.grad_mode == "smooth"))
         purified = self.purify(x)
         if needs_grad:  # BPDA: the purification acts as the identity for gradients
             purified = x + (purified - x).detach()

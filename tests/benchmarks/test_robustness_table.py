@@ -12,7 +12,8 @@ from core.data import mnist_available
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [("cnn", None, "linf"), ("cnn", None, "l2"), ("dc", None, "linf"), ("dc", None, "l2"),
-        ("rdc", "exact", "linf"), ("rdc", "exact", "l2"), ("rdc", "bpda", "linf"), ("rdc", "bpda", "l2")]
+        ("rdc", "exact", "linf"), ("rdc", "exact", "l2"), ("rdc", "smooth", "linf"), ("rdc", "smooth", "l2"),
+        ("rdc", "bpda", "linf"), ("rdc", "bpda", "l2")]
 
 
 @pytest.fixture(scope="module")
@@ -59,10 +60,11 @@ def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     assert table.main(["--dry-run", "--rows", "rdc-*-linf", "--sweep-linf", "0.1,0.2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     split = lines.index("# gradient-masking checks")
-    assert [shlex.split(line)[shlex.split(line).index("--grad") + 1] for line in lines[:split]] == ["exact", "bpda"]
+    assert [shlex.split(line)[shlex.split(line).index("--grad") + 1] for line in lines[:split]] == ["exact", "smooth",
+                                                                                                  "bpda"]
     checks = [build_parser().parse_args(shlex.split(line)[1:]) for line in lines[split + 1:]]
     # per row: APGD-CE at 0.1, 0.2, the row's 0.3 and the large 0.6; twice the steps at 0.3; Square; transfer
-    assert len(checks) == 2 * 7
+    assert len(checks) == 3 * 7
     first = checks[:7]
     assert [(a.attack, a.eps, a.steps) for a in first if a.attack == "apgd-ce"] == [
         ("apgd-ce", "0.1", 100), ("apgd-ce", "0.2", 100), ("apgd-ce", "0.3", 100), ("apgd-ce", "0.6", 100),

@@ -102,3 +102,31 @@ def test_attack_session_judges_with_the_full_defense(tiny_net):
     assert np.array_equal(out.attacked_prediction, dc_pred)
     assert out.defense_recovered[0] == (expected.argmax(1)[0] == out.labels[0])
     assert out.purified.shape == x.shape and np.abs(out.purified - out.adversarial).max() <= 0.1 + 1e-6
+
+
+def test_smooth_mode_keeps_values_and_sees_the_purification_respond(net64):
+    """With sign steps the exact gradient ignores the LM's response (d sign = 0); smooth does not."""
+    p = PurifySettings(eta=0.3, steps=3, step_size=0.05)
+    x = _x()
+    grads, values = {}, {}
+    for mode in ("exact", "smooth", "bpda"):
+        rdc = RobustDiffusionClassifier(net64, ClassifierSettings(steps=2), p, grad_mode=mode).double()
+        z = x.clone().requires_grad_(True)
+        out = rdc(z)
+        values[mode] = out.detach()
+        (grads[mode],) = torch.autograd.grad(out[:, 0].sum(), z)
+    assert torch.allclose(values["smooth"], values["exact"]) and torch.allclose(values["smooth"], values["bpda"])
+    assert torch.isfinite(grads["smooth"]).all() and grads["smooth"].abs().sum() > 0
+    rel = (grads["smooth"] - grads["exact"]).norm() / grads["exact"].norm()
+    assert rel > 1e-3, "the surrogate should change the gradient of sign steps"
+
+
+def test_smooth_mode_equals_exact_for_adam(net64):
+    p = PurifySettings(eta=0.3, steps=2, step_size=0.01, optimizer="adam")
+    x = _x()
+    grads = {}
+    for mode in ("exact", "smooth"):
+        rdc = RobustDiffusionClassifier(net64, ClassifierSettings(steps=2), p, grad_mode=mode).double()
+        z = x.clone().requires_grad_(True)
+        (grads[mode],) = torch.autograd.grad(rdc(z)[:, 0].sum(), z)
+    assert torch.allclose(grads["exact"], grads["smooth"])
