@@ -6,7 +6,7 @@
 #   bash benchmarks/attack_sanity.sh [OUT_DIR]      (default: runs/eval; resumable)
 #
 # Every evaluation keeps per-example state in OUT_DIR, so an interrupted run resumes; a
-# finished one is not recomputed. About 75 minutes on a 2-core CPU.
+# finished one is not recomputed. About 70 minutes on a 2-core CPU.
 set -euo pipefail
 out=${1:-runs/eval}
 mkdir -p "$out"
