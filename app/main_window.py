@@ -18,7 +18,7 @@ from core.classifier import ClassifyStep, build_classifier
 from core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
 from core.sample import SampleStep, sample
 from core.images import save_png_atomic
-from core.rdc import RobustDiffusionClassifier
+from core.rdc import RobustDiffusionClassifier, masked_gradient_warning
 from core.session import SessionError, load_session, make_session, save_session, write_csv
 from core.images import ImageLoadError, convert_image, load_for_model
 from core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint
@@ -583,6 +583,8 @@ class MainWindow(QMainWindow):
         self.progress.setFormat("%v / %m iterations")
         self.progress.setValue(0)
         self.tabs.setCurrentIndex(1)
+        if warning := masked_gradient_warning(grad, purify_settings):
+            self.statusBar().showMessage(f"Note: {warning.replace('--grad ', '')}", 15000)
         self._start_job("attack", lambda cancelled: attack_session(attacked, x, settings, defense=full,
                                                                    purify=full.purify, cancelled=cancelled))
 

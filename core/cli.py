@@ -476,9 +476,13 @@ def build_defense(kind: str, model, clf, args: argparse.Namespace):
         return cnn
     if kind == "dc":
         return clf
-    from .rdc import RobustDiffusionClassifier
+    from .rdc import RobustDiffusionClassifier, masked_gradient_warning
 
-    return RobustDiffusionClassifier(model.net, clf.settings, _purify_settings(model, args), args.grad).to(clf.device)
+    purify = _purify_settings(model, args)
+    warning = masked_gradient_warning(args.grad, purify)
+    if warning and getattr(args, "attack", None) not in (None, "none", "square", "transfer"):
+        print(f"rdc: warning: {warning}", file=sys.stderr)
+    return RobustDiffusionClassifier(model.net, clf.settings, purify, args.grad).to(clf.device)
 
 
 ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),

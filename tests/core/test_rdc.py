@@ -130,3 +130,13 @@ def test_smooth_mode_equals_exact_for_adam(net64):
         z = x.clone().requires_grad_(True)
         (grads[mode],) = torch.autograd.grad(rdc(z)[:, 0].sum(), z)
     assert torch.allclose(grads["exact"], grads["smooth"])
+
+
+def test_masked_gradient_warning_only_for_exact_through_sign_steps():
+    from core.rdc import masked_gradient_warning
+
+    sign, adam = PurifySettings(steps=3), PurifySettings(steps=3, optimizer="adam")
+    assert "smooth" in masked_gradient_warning("exact", sign)
+    assert masked_gradient_warning("smooth", sign) is None and masked_gradient_warning("bpda", sign) is None
+    assert masked_gradient_warning("exact", adam) is None
+    assert masked_gradient_warning("exact", PurifySettings(steps=0)) is None
