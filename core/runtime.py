@@ -7,11 +7,10 @@ for fresh zeroed pages: on a 2-core machine the diffusion classifier spent about
 time in the kernel as in its own arithmetic. Keeping freed memory in the process
 halves the time per image there (measured with ``benchmarks/bench_classify.py``).
 
-Threads get the same treatment: glibc gives a new thread its own arena, and the GUI runs
-the engine on a worker thread. With one shared arena, streaming one classification (16
-levels, one image) on a worker thread took about 170 ms instead of about 230 ms on the
-2-core development machine (the main thread: about 125 ms). The engine has one compute
-thread, so the shared arena's lock is not contended.
+Threads get the same treatment: glibc gives a new thread its own arena, which does not
+keep memory the way the main arena is told to, and the GUI runs the engine on a worker
+thread; so all threads share the one arena. The engine has one compute thread, so the
+arena's lock is not contended.
 """
 from __future__ import annotations
 
