@@ -18,7 +18,7 @@ from core.classifier import ClassifyStep, build_classifier
 from core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
 from core.sample import SampleStep, sample
 from core.images import save_png_atomic
-from core.rdc import RobustDiffusionClassifier, masked_gradient_warning
+from core.rdc import RobustDiffusionClassifier, masked_gradient_warning, resolve_grad_mode
 from core.session import SessionError, load_session, make_session, save_session, write_csv
 from core.images import ImageLoadError, convert_image, load_for_model
 from core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint
@@ -568,6 +568,7 @@ class MainWindow(QMainWindow):
         grad = self.attack_panel.grad.currentText()
         clf = self._classifier()
         purify_settings = self.purify_panel.settings()
+        grad = resolve_grad_mode(grad, purify_settings)
         full = RobustDiffusionClassifier(self.model.net, clf.settings, purify_settings, "exact").to(self.device)
         attacked = clf if grad == "dc-only" else RobustDiffusionClassifier(
             self.model.net, clf.settings, purify_settings, grad).to(self.device)

@@ -13,8 +13,9 @@ import torch
 
 
 _ARGV: list[str] = []
-GRAD_HELP = ("rdc: exact (through the LM steps), smooth (exact, with a tanh surrogate in the backward pass of "
-             "the sign steps) or bpda (identity through the LM)")
+GRAD_HELP = ("rdc: auto (the default: smooth for sign-step LM, exact for Adam), exact (through the LM steps), "
+             "smooth (exact, with a tanh surrogate in the backward pass of the sign steps) or bpda (identity "
+             "through the LM)")
 
 
 def _command_line() -> str:
@@ -35,20 +36,31 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    init_net, init_name = None, None
+    if args.init_from:
+        from .models import load_checkpoint
+
+        init_model = load_checkpoint(args.init_from)
+        if init_model.card.get("dataset") != args.dataset:
+            raise ValueError(f"--init-from {args.init_from}: a {init_model.card.get('dataset')} model, not {args.dataset}")
+        init_net, init_name = init_model.net, init_model.name
+        net_cfg = NetConfig.from_dict(init_model.net.config.to_dict())
     ds = load_dataset(args.dataset, args.split, args.data_root)
     if args.limit:
         ds.images, ds.labels = ds.images[: args.limit], ds.labels[: args.limit]
     channels = 1 if args.dataset == "mnist" else 3
     size = 28 if args.dataset == "mnist" else 32
-    net_cfg = NetConfig(
-        architecture=args.arch, image_size=size, in_channels=channels, num_classes=len(ds.classes),
-        channels=_int_tuple(args.channels), blocks_per_level=args.blocks, emb_dim=args.emb_dim,
-        head_channels=_int_tuple(args.head_channels), dropout=args.dropout,
-    )
+    if init_net is None:
+        net_cfg = NetConfig(
+            architecture=args.arch, image_size=size, in_channels=channels, num_classes=len(ds.classes),
+            channels=_int_tuple(args.channels), blocks_per_level=args.blocks, emb_dim=args.emb_dim,
+            head_channels=_int_tuple(args.head_channels), dropout=args.dropout,
+        )
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
         bf16=args.bf16, seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads, max_minutes=args.max_minutes, ce_weight=args.ce_weight,
+        ce_sigma_min=args.ce_sigma_min, ce_sigma_max=args.ce_sigma_max,
     )
     stop = {"flag": False}
 
@@ -60,7 +72,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     extra = {"training_command": _command_line(), "data": f"{args.dataset} {args.split} split (data root {args.data_root or 'RDC_DATA_ROOT'})"}
     bar = None
     for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=lambda: stop["flag"],
-                     device=args.device, log_every=args.log_every):
+                     device=args.device, log_every=args.log_every, init_from=init_net, init_name=init_name):
         if bar is None:
             bar = tqdm(total=rec.total_steps, initial=rec.step - args.log_every, unit="step", dynamic_ncols=True,
                        mininterval=5, file=sys.stderr)
@@ -476,9 +488,10 @@ def build_defense(kind: str, model, clf, args: argparse.Namespace):
         return cnn
     if kind == "dc":
         return clf
-    from .rdc import RobustDiffusionClassifier, masked_gradient_warning
+    from .rdc import RobustDiffusionClassifier, masked_gradient_warning, resolve_grad_mode
 
     purify = _purify_settings(model, args)
+    args.grad = resolve_grad_mode(args.grad, purify)  # reports record the mode actually used
     warning = masked_gradient_warning(args.grad, purify)
     if warning and getattr(args, "attack", None) not in (None, "none", "square", "transfer"):
         print(f"rdc: warning: {warning}", file=sys.stderr)
@@ -579,6 +592,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ce-weight", type=float, default=0.0,
                    help="hybrid objective: weight of the cross-entropy of the classifier's own logits "
                         "(multi-head; 0 = purely generative)")
+    p.add_argument("--ce-sigma-min", type=float, default=0.1,
+                   help="hybrid objective: noise levels whose draws enter the cross-entropy term")
+    p.add_argument("--ce-sigma-max", type=float, default=10.0)
+    p.add_argument("--init-from", default=None, metavar="NAME|PATH",
+                   help="fine-tune: start from this checkpoint's weights (its architecture replaces "
+                        "--arch/--channels/--head-channels/--blocks/--emb-dim)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
@@ -640,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--p-init", type=float, default=0.8, help="square: initial fraction of pixels per square")
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
-    p.add_argument("--grad", choices=["exact", "smooth", "bpda"], default="exact", help=GRAD_HELP)
+    p.add_argument("--grad", choices=["auto", "exact", "smooth", "bpda"], default="auto", help=GRAD_HELP)
     p.add_argument("--cnn", default="mnist-cnn", help="CNN checkpoint for --defense cnn")
     p.add_argument("--eta", default=None)
     p.add_argument("--lm-steps", type=int, default=None)
@@ -675,7 +694,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--square-queries", type=int, default=None,
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
     p.add_argument("--p-init", type=float, default=0.8, help="Square: initial fraction of pixels per square")
-    p.add_argument("--grad", choices=["exact", "smooth", "bpda"], default="exact", help=GRAD_HELP)
+    p.add_argument("--grad", choices=["auto", "exact", "smooth", "bpda"], default="auto", help=GRAD_HELP)
     p.add_argument("--cnn", default="mnist-cnn",
                    help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
     p.add_argument("--eta", default=None)

@@ -109,6 +109,14 @@ class ResBlock(nn.Module):
         return h + self.skip(x)
 
 
+def _select_heads(t: torch.Tensor, select: Sequence[int]) -> torch.Tensor:
+    """Rows ``select`` of a per-head tensor (a view when they are consecutive)."""
+    select = list(select)
+    if select == list(range(select[0], select[0] + len(select))):
+        return t[select[0]:select[0] + len(select)]
+    return t[torch.tensor(select, device=t.device)]
+
+
 class HeadConv(nn.Module):
     """Grouped convolution with one group per head; can evaluate a subset of heads.
 
@@ -127,9 +135,8 @@ class HeadConv(nn.Module):
     def forward(self, x: torch.Tensor, select: Sequence[int] | None = None) -> torch.Tensor:
         w, b, n = self.weight, self.bias, self.heads
         if select is not None:
-            idx = torch.tensor(select, device=w.device)
-            w = w.view(n, self.c_out, self.c_in, self.kernel, self.kernel)[idx].flatten(0, 1)
-            b = b.view(n, self.c_out)[idx].flatten()
+            w = _select_heads(w.view(n, self.c_out, self.c_in, self.kernel, self.kernel), select).flatten(0, 1)
+            b = _select_heads(b.view(n, self.c_out), select).flatten()
             n = len(select)
         if self.c_out == 1 and n > 1 and not self.shared_input:
             # One output channel per head: a depthwise convolution and a sum over each
@@ -153,14 +160,21 @@ class HeadNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(heads * channels))
         self.bias = nn.Parameter(torch.zeros(heads * channels))
 
-    def forward(self, x: torch.Tensor, select: Sequence[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, select: Sequence[int] | None = None,
+                scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalise, then apply the affine map and (optionally) a per-example FiLM.
+
+        ``scale``/``shift`` are (N, channels) and give ``norm(x) * (1 + scale) + shift``.
+        """
         w, b, n = self.weight, self.bias, self.heads
         if select is not None:
-            idx = torch.tensor(select, device=w.device)
-            w = w.view(n, self.channels)[idx].flatten()
-            b = b.view(n, self.channels)[idx].flatten()
+            w = _select_heads(w.view(n, self.channels), select).flatten()
+            b = _select_heads(b.view(n, self.channels), select).flatten()
             n = len(select)
-        return F.group_norm(x, n * self.groups_per_head, w, b)
+        out = F.group_norm(x, n * self.groups_per_head, w, b)
+        if scale is not None:
+            out = torch.addcmul(shift[:, :, None, None], out, 1 + scale[:, :, None, None])
+        return out
 
 
 class HeadLinear(nn.Module):
@@ -194,9 +208,9 @@ class HeadResBlock(nn.Module):
         h = self.conv1(F.silu(self.norm1(x, select)), select)
         n = h.shape[1] // self.channels
         e = self.emb(emb, select).view(h.shape[0], n, 2, self.channels)
-        scale = e[:, :, 0].reshape(h.shape[0], -1, 1, 1)
-        shift = e[:, :, 1].reshape(h.shape[0], -1, 1, 1)
-        h = self.norm2(h * 1.0, select) * (1 + scale) + shift
+        scale = e[:, :, 0].reshape(h.shape[0], -1)
+        shift = e[:, :, 1].reshape(h.shape[0], -1)
+        h = self.norm2(h, select, scale, shift)
         h = self.conv2(F.silu(h), select)
         return x + h
 

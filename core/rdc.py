@@ -27,6 +27,18 @@ from .purify import LikelihoodMaximizer, PurifySettings
 GRAD_MODES = ("exact", "smooth", "bpda", "dc-only")
 
 
+def resolve_grad_mode(grad_mode: str, purify: PurifySettings) -> str:
+    """The gradient mode an attack should use: ``auto`` picks the adaptive one.
+
+    ``auto`` is ``smooth`` when the likelihood maximisation takes sign steps (their
+    exact derivative is zero, so exact gradients are masked) and ``exact`` otherwise
+    (Adam steps are differentiable). Any other mode is returned unchanged.
+    """
+    if grad_mode != "auto":
+        return grad_mode
+    return "smooth" if purify.optimizer == "sign" and purify.steps > 0 else "exact"
+
+
 def masked_gradient_warning(grad_mode: str, purify: PurifySettings) -> str | None:
     """Why ``grad_mode`` gives a masked gradient for this purification, or None.
 

@@ -203,12 +203,18 @@ def train(
     log_every: int = 50,
     should_stop: Callable[[], bool] | None = None,
     device: str | torch.device = "cpu",
+    init_from: Denoiser | None = None,
+    init_name: str | None = None,
 ) -> Iterator[TrainStep]:
     """Train a denoiser, yielding a :class:`TrainStep` every ``log_every`` steps.
 
     Resumes from ``run_dir/state.*`` when present (same configs required). Writes a
     checkpoint every ``checkpoint_minutes`` and, at the end, the EMA weights in the
     bundled format as ``run_dir/model.safetensors`` + ``model.json``.
+
+    ``init_from`` (fine-tuning) starts a new run from that denoiser's weights, for both
+    the trained and the EMA copy; its config must equal ``net_config``. ``init_name``
+    (the checkpoint it came from) is recorded in the run and the model card.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -216,11 +222,18 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     meta = {"net": net_config.to_dict(), "train": asdict(cfg), "dataset": dataset.name, "split": dataset.split}
+    if init_from is not None:
+        if json.loads(json.dumps(init_from.config.to_dict())) != json.loads(json.dumps(net_config.to_dict())):
+            raise ValueError(f"--init-from {init_name or 'model'}: its network config "
+                             f"{init_from.config.to_dict()} differs from the requested {net_config.to_dict()}")
+        meta["init_from"] = init_name or "model"
     gen = torch.Generator().manual_seed(cfg.seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)  # parameter initialisation only; restored below
     net = build_denoiser(net_config).to(device)
     torch.random.set_rng_state(torch_state)
+    if init_from is not None:
+        net.load_state_dict(init_from.state_dict())
     ema = copy.deepcopy(net).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
@@ -316,6 +329,8 @@ def train(
             "torch": torch.__version__,
         },
     }
+    if init_from is not None:
+        card["training"]["init_from"] = meta["init_from"]
     if card_extra:
         card.update(card_extra)
     save_checkpoint(run_dir / "model.safetensors", ema, card)

@@ -38,9 +38,10 @@ class AttackPanel(RunStopPanel):
         self.target.addItem("runner-up (auto)")
         self.target.addItems(classes)
         self.grad = QComboBox()
-        self.grad.addItems(["exact", "smooth", "bpda", "dc-only"])
-        self.grad.setToolTip("exact: through the purification; smooth: exact with a tanh surrogate for the sign "
-                             "steps' backward pass; bpda: identity through it; dc-only: no purification")
+        self.grad.addItems(["auto", "exact", "smooth", "bpda", "dc-only"])
+        self.grad.setToolTip("auto: smooth for sign-step purification, exact for Adam; exact: through the "
+                             "purification; smooth: exact with a tanh surrogate for the sign steps' backward "
+                             "pass; bpda: identity through it; dc-only: no purification")
         self.eot = QSpinBox()
         self.eot.setRange(1, 100)
         self.seed = QSpinBox()

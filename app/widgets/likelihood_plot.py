@@ -24,7 +24,12 @@ class LikelihoodPlot(pg.PlotWidget):
         self.setLabel("bottom", x_label)
         self.setLabel("left", "logit − max logit (nats)")
         self.showGrid(x=True, y=True, alpha=0.3)
-        self.legend = self.addLegend(offset=(-5, 5), labelTextSize="8pt", colCount=2)
+        # The legend sits in its own column right of the plot: the curves end at the top
+        # right (the leader is at 0), where an anchored legend would hide them.
+        item = self.getPlotItem()
+        self.legend = pg.LegendItem(offset=None, labelTextSize="8pt", colCount=1, verSpacing=-6)
+        item.layout.addItem(self.legend, 2, 3)
+        item.legend = self.legend  # curves created with a name register themselves
         cache_axes(self)
         self.set_classes(classes)
 

@@ -54,3 +54,15 @@ def test_config_validation():
         NetConfig(image_size=30, channels=(8, 16, 32))
     with pytest.raises(ValueError):
         NetConfig.from_dict({"channels": [8], "bogus": 1})
+
+
+
+def test_head_subsets_by_view_and_by_index_agree(tiny_net):
+    """Consecutive heads are sliced (a view), others gathered: both give the full pass's heads."""
+    x, s = torch.randn(2, 1, 28, 28), torch.tensor([0.3, 2.0])
+    with torch.no_grad():
+        full = tiny_net.denoise(x, s)
+        classes = tiny_net.denoise(x, s, heads=range(10))
+        scattered = tiny_net.denoise(x, s, heads=[9, 3, 10])
+    assert torch.allclose(classes, full[:, :10], atol=1e-5)
+    assert torch.allclose(scattered, full[:, [9, 3, 10]], atol=1e-5)

@@ -140,3 +140,13 @@ def test_masked_gradient_warning_only_for_exact_through_sign_steps():
     assert masked_gradient_warning("smooth", sign) is None and masked_gradient_warning("bpda", sign) is None
     assert masked_gradient_warning("exact", adam) is None
     assert masked_gradient_warning("exact", PurifySettings(steps=0)) is None
+
+
+def test_auto_gradient_mode_is_adaptive_for_each_optimiser():
+    from core.rdc import resolve_grad_mode
+
+    assert resolve_grad_mode("auto", PurifySettings(steps=3)) == "smooth"
+    assert resolve_grad_mode("auto", PurifySettings(steps=3, optimizer="adam")) == "exact"
+    assert resolve_grad_mode("auto", PurifySettings(steps=0)) == "exact"
+    for explicit in ("exact", "smooth", "bpda", "dc-only"):
+        assert resolve_grad_mode(explicit, PurifySettings(steps=3)) == explicit

@@ -69,6 +69,46 @@ def test_resume_refuses_different_config(tmp_path):
         list(train(_dataset(), NetConfig(channels=(8, 8), head_channels=(4,), emb_dim=32), cfg, tmp_path / "r"))
 
 
+def test_init_from_starts_at_the_given_weights(tmp_path):
+    """Fine-tuning: zero steps reproduce the source exactly; the card names the source."""
+    net_cfg, cfg = _cfgs()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "src"))
+    source = load_checkpoint(tmp_path / "src" / "model.safetensors")
+    list(train(_dataset(), net_cfg, TrainConfig(epochs=0, batch_size=12, seed=5), tmp_path / "ft",
+               init_from=source.net, init_name="src"))
+    tuned = load_checkpoint(tmp_path / "ft" / "model.safetensors")
+    assert tuned.card["training"]["init_from"] == "src"
+    for k, v in source.net.state_dict().items():
+        assert torch.equal(v, tuned.net.state_dict()[k])
+    # a step of training moves the weights away from the source
+    list(train(_dataset(), net_cfg, TrainConfig(epochs=1, batch_size=12, warmup_steps=1, seed=5),
+               tmp_path / "ft2", init_from=source.net, init_name="src"))
+    moved = load_checkpoint(tmp_path / "ft2" / "model.safetensors").net.state_dict()
+    assert any(not torch.equal(v, moved[k]) for k, v in source.net.state_dict().items())
+
+
+def test_init_from_refuses_a_different_architecture(tmp_path):
+    net_cfg, cfg = _cfgs()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "src"))
+    source = load_checkpoint(tmp_path / "src" / "model.safetensors")
+    other = NetConfig(channels=(8, 8), head_channels=(4,), emb_dim=32)
+    with pytest.raises(ValueError, match="differs from the requested"):
+        list(train(_dataset(), other, cfg, tmp_path / "ft", init_from=source.net, init_name="src"))
+
+
+def test_cli_init_from_refuses_another_dataset(tmp_path):
+    from core.cli import main
+
+    net_cfg, cfg = _cfgs()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "src"))
+    card = json.loads((tmp_path / "src" / "model.json").read_text())
+    card["dataset"] = "cifar10"
+    (tmp_path / "src" / "model.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="cifar10 model, not mnist"):
+        main(["train", "--dataset", "mnist", "--out", str(tmp_path / "ft"),
+              "--init-from", str(tmp_path / "src" / "model.safetensors"), "--epochs", "0"])
+
+
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
 def test_real_training_run_lowers_loss(tmp_path):
     """A short real run on MNIST through the CLI: the loss falls and the model classifies."""
