@@ -74,7 +74,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=lambda: stop["flag"],
                      device=args.device, log_every=args.log_every, init_from=init_net, init_name=init_name):
         if bar is None:
-            bar = tqdm(total=rec.total_steps, initial=rec.step - args.log_every, unit="step", dynamic_ncols=True,
+            # start counting at the first record: the steps before it (a resumed run's, or
+            # the first log_every) took unknown time, and would show an absurd rate
+            bar = tqdm(total=rec.total_steps, initial=rec.step, unit="step", dynamic_ncols=True,
                        mininterval=5, file=sys.stderr)
         bar.n = rec.step
         post = dict(loss=f"{rec.loss:.4f}", ips=f"{rec.images_per_second:.0f}", ep=f"{rec.epoch:.2f}")

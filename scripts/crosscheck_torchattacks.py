@@ -1,8 +1,9 @@
 """Cross-check our APGD-CE against torchattacks' APGD on the same RDC module.
 
 Both attack one :class:`core.rdc.RobustDiffusionClassifier`, built from the model card's
-classifier and purification defaults in deterministic mode (exact gradients unless
-``--grad bpda``), with l-inf APGD-CE at the same eps and iterations, one restart, on the
+classifier and purification defaults in deterministic mode (``--grad auto``: smooth
+gradients for sign-step purification, exact for Adam; or exact, smooth, bpda), with
+l-inf APGD-CE at the same eps and iterations, one restart, on the
 first n test images. It prints and writes both robust accuracies with 95% Wilson
 intervals and whether the intervals overlap (DESIGN.md section 3, point 7).
 
@@ -29,7 +30,7 @@ from core.data import load_dataset
 from core.evaluate import hardware_description, wilson_interval
 from core.models import CheckpointError, atomic_write_json, load_checkpoint
 from core.purify import PurifySettings
-from core.rdc import RobustDiffusionClassifier
+from core.rdc import RobustDiffusionClassifier, resolve_grad_mode
 
 
 def build_rdc(model, grad: str, levels: int | None = None) -> RobustDiffusionClassifier:
@@ -38,7 +39,8 @@ def build_rdc(model, grad: str, levels: int | None = None) -> RobustDiffusionCla
     if levels:
         clf["steps"] = levels
     purify = PurifySettings(**{**model.card.get("purify", {}), "mode": "deterministic"})
-    return RobustDiffusionClassifier(model.net, ClassifierSettings.from_dict(clf), purify, grad)
+    return RobustDiffusionClassifier(model.net, ClassifierSettings.from_dict(clf), purify,
+                                     resolve_grad_mode(grad, purify))
 
 
 def _summary(robust: torch.Tensor) -> dict:
@@ -57,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=50, help="first N test images")
     p.add_argument("--eps", default="0.3", help="l-inf radius in [0,1] units, e.g. 0.3 or 8/255")
     p.add_argument("--steps", type=int, default=100, help="APGD iterations (both attacks)")
-    p.add_argument("--grad", choices=["exact", "bpda"], default="exact")
+    p.add_argument("--grad", choices=["auto", "exact", "smooth", "bpda"], default="auto",
+                   help="gradient mode of the attacked RDC (auto: smooth for sign-step purification)")
     p.add_argument("--levels", type=int, default=None, help="classifier noise levels T (default: the card's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=25)
@@ -111,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     clean_t, ours_t = torch.cat(clean), torch.cat(robust_ours)
     float_t, bit8_t = torch.cat(robust_float), torch.cat(robust_8bit)
     report = {
-        "model": model.name, "n": n, "eps": eps, "steps": args.steps, "grad": args.grad, "seed": args.seed,
+        "model": model.name, "n": n, "eps": eps, "steps": args.steps, "grad": rdc.grad_mode, "seed": args.seed,
         "classifier": rdc.classifier.settings.to_dict(), "purify": rdc.maximizer.settings.to_dict(),
         "clean_acc": float(clean_t.float().mean()), "clean_ci95": list(wilson_interval(int(clean_t.sum()), n)),
         "ours": {"attack": "core.attacks APGD-CE l-inf, 1 restart", "seconds": seconds["ours"], **_summary(ours_t)},
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         lo, hi = s["robust_ci95"]
         return f"{name}: robust accuracy {s['robust_acc']:.4f} (95% CI {lo:.4f}-{hi:.4f})"
 
-    print(f"RDC ({args.grad} gradients) of {model.name}, l-inf eps {eps:g}, {args.steps} APGD-CE iterations, "
+    print(f"RDC ({rdc.grad_mode} gradients) of {model.name}, l-inf eps {eps:g}, {args.steps} APGD-CE iterations, "
           f"n = {n}, clean accuracy {report['clean_acc']:.4f}")
     print(line("ours        ", report["ours"]) + f", {seconds['ours']:.1f} s")
     print(line("torchattacks", report["torchattacks"]) + f" after 8-bit rounding, {seconds['torchattacks']:.1f} s "

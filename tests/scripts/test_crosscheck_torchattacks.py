@@ -22,7 +22,7 @@ def test_crosscheck_writes_both_accuracies(tiny_checkpoint, tmp_path, capsys):
     assert script.main(["--model", str(tiny_checkpoint), "--n", "2", "--steps", "2", "--levels", "2",
                         "--threads", "1", "--out", str(out)]) == 0
     rep = json.loads(out.read_text())
-    assert rep["n"] == 2 and rep["steps"] == 2 and rep["eps"] == 0.3 and rep["grad"] == "exact"
+    assert rep["n"] == 2 and rep["steps"] == 2 and rep["eps"] == 0.3 and rep["grad"] == "smooth"  # auto, sign-step LM
     assert rep["classifier"]["mode"] == rep["purify"]["mode"] == "deterministic" and rep["classifier"]["steps"] == 2
     for side in (rep["ours"], rep["torchattacks"], rep["torchattacks"]["float"]):
         lo, hi = side["robust_ci95"]
