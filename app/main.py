@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             QMessageBox.critical(None, "Cannot load model", message)
         return 2
     window = MainWindow(model, device=device, steps=args.steps)
+    if args.screenshot:  # a fixed size, whatever geometry an earlier session saved
+        window.resize(1280, 800)
     window.show()
     if args.screenshot:
         result = {"code": 0}

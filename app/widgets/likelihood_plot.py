@@ -83,6 +83,8 @@ class LikelihoodPlot(pg.PlotWidget):
             for k in {top, self._highlighted} - {None}:
                 self.curves[k].setPen(self._pen(k, k == top))
             self._highlighted = top
+            for sample, _label in self.legend.items:  # redraw the samples with the new pens
+                sample.update()
 
     def _fit_y(self, low: float) -> None:
         """Keep the y range steady: change it only when the curves leave it or fill < half of it.
