@@ -99,10 +99,14 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
     """The rows selected by ``--rows`` (shell patterns over keys such as ``rdc-exact-linf``)."""
     n = {"cnn": args.n_cnn, "dc": args.n_dc, "rdc-exact": args.n_rdc, "rdc-smooth": args.n_rdc, "rdc-bpda": args.n_rdc}
     rows = [Row(d, norm, eps, n[d]) for d in DEFENSES for norm, eps in (("linf", args.eps_linf), ("l2", args.eps_l2))]
-    patterns = _split_list(args.rows)
-    selected = [r for r in rows if any(fnmatch.fnmatchcase(r.key, p) for p in patterns)]
+    return select_rows(rows, args.rows, "--rows")
+
+
+def select_rows(rows: list[Row], patterns: str, flag: str) -> list[Row]:
+    """The rows whose key matches one of the comma-separated shell ``patterns``."""
+    selected = [r for r in rows if any(fnmatch.fnmatchcase(r.key, p) for p in _split_list(patterns))]
     if not selected:
-        raise SystemExit(f"robustness_table: --rows {args.rows!r} matches none of {', '.join(r.key for r in rows)}")
+        raise SystemExit(f"robustness_table: {flag} {patterns!r} matches none of {', '.join(r.key for r in rows)}")
     return selected
 
 
@@ -345,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None)
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="run the gradient-masking checks")
+    p.add_argument("--check-rows", default="*", help="shell patterns: the rows (of --rows) that get the checks")
     p.add_argument("--check-n", type=int, default=50, help="test images of each check evaluation")
     p.add_argument("--check-steps", type=int, default=None, help="APGD iterations of the checks (default: --steps)")
     p.add_argument("--check-square-queries", type=int, default=1000)
@@ -364,7 +369,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = build_rows(args)
     out_dir = Path(args.out_dir)
     row_evs = [(row, row_evaluation(args, row)) for row in rows]
-    check_evs = [(row, check_evaluations(args, row)) for row in rows] if args.checks else []
+    check_evs = [(row, check_evaluations(args, row)) for row in select_rows(rows, args.check_rows, "--check-rows")
+                 ] if args.checks else []
     if args.dry_run:
         for _, ev in row_evs:
             print(ev.command)

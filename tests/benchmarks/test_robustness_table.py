@@ -46,7 +46,7 @@ def test_dry_run_prints_one_rdc_eval_command_per_row(table, tmp_path, capsys):
     for line, (defense, grad, norm) in zip(lines, ROWS):
         args = build_parser().parse_args(shlex.split(line)[1:])  # a valid rdc command line
         assert (args.defense, args.norm, args.attack) == (defense, norm, "ensemble")
-        assert args.grad == (grad or "exact") and args.eps == ("0.3" if norm == "linf" else "1.5")
+        assert args.grad == (grad or "auto") and args.eps == ("0.3" if norm == "linf" else "1.5")
         assert args.n == {"cnn": 500, "dc": 60, "rdc": 30}[defense]
         assert (args.steps, args.square_queries, args.targets, args.seed) == (20, 300, 9, 0)
         assert args.dc_steps == (None if defense == "cnn" else 8) and args.cnn == "mnist-cnn"
@@ -73,6 +73,14 @@ def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     assert next(a for a in first if a.attack == "square").square_queries == 1000
     with pytest.raises(SystemExit, match="matches none"):
         table.main(["--dry-run", "--rows", "vit-*"])
+    # --check-rows narrows the checks to some of the rows; the table keeps them all
+    assert table.main(["--dry-run", "--rows", "rdc-*-linf", "--check-rows", "rdc-smooth-*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    split = lines.index("# gradient-masking checks")
+    assert split == 3 and len(lines) - split - 1 == 7
+    assert all(shlex.split(line)[shlex.split(line).index("--grad") + 1] == "smooth" for line in lines[split + 1:])
+    with pytest.raises(SystemExit, match="--check-rows"):
+        table.main(["--dry-run", "--rows", "rdc-*-linf", "--check-rows", "cnn-*"])
 
 
 def _tiny_args(checkpoint, cnn, out_dir):
