@@ -18,7 +18,7 @@ from core.classifier import ClassifyStep, build_classifier
 from core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
 from core.sample import SampleStep, sample
 from core.images import save_png_atomic
-from core.rdc import RobustDiffusionClassifier, masked_gradient_warning, resolve_grad_mode
+from core.rdc import RobustDiffusionClassifier, masked_gradient_warning
 from core.session import SessionError, load_session, make_session, save_session, write_csv
 from core.images import ImageLoadError, convert_image, load_for_model
 from core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint
@@ -568,10 +568,11 @@ class MainWindow(QMainWindow):
         grad = self.attack_panel.grad.currentText()
         clf = self._classifier()
         purify_settings = self.purify_panel.settings()
-        grad = resolve_grad_mode(grad, purify_settings)
         full = RobustDiffusionClassifier(self.model.net, clf.settings, purify_settings, "exact").to(self.device)
-        attacked = clf if grad == "dc-only" else RobustDiffusionClassifier(
-            self.model.net, clf.settings, purify_settings, grad).to(self.device)
+        attacked = clf
+        if grad != "dc-only":
+            attacked = RobustDiffusionClassifier(self.model.net, clf.settings, purify_settings, grad).to(self.device)
+            grad = attacked.grad_mode  # "auto" resolved
         x = torch.round(torch.from_numpy(self.image).unsqueeze(0) * 255).div(255).to(self.device)
         self.attack_plot.reset(x_extent=settings.steps * settings.restarts)
         for v in (self.view_original, self.view_adversarial, self.view_purified):

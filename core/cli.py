@@ -490,14 +490,15 @@ def build_defense(kind: str, model, clf, args: argparse.Namespace):
         return cnn
     if kind == "dc":
         return clf
-    from .rdc import RobustDiffusionClassifier, masked_gradient_warning, resolve_grad_mode
+    from .rdc import RobustDiffusionClassifier, masked_gradient_warning
 
     purify = _purify_settings(model, args)
-    args.grad = resolve_grad_mode(args.grad, purify)  # reports record the mode actually used
+    rdc = RobustDiffusionClassifier(model.net, clf.settings, purify, args.grad).to(clf.device)
+    args.grad = rdc.grad_mode  # reports record the mode actually used (auto resolved)
     warning = masked_gradient_warning(args.grad, purify)
     if warning and getattr(args, "attack", None) not in (None, "none", "square", "transfer"):
         print(f"rdc: warning: {warning}", file=sys.stderr)
-    return RobustDiffusionClassifier(model.net, clf.settings, purify, args.grad).to(clf.device)
+    return rdc
 
 
 ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),

@@ -58,11 +58,11 @@ class RobustDiffusionClassifier(nn.Module):
     def __init__(self, net: Denoiser, classifier: ClassifierSettings | None = None,
                  purify: PurifySettings | None = None, grad_mode: str = "exact") -> None:
         super().__init__()
-        if grad_mode not in GRAD_MODES:
-            raise ValueError(f"grad_mode must be one of {GRAD_MODES}, got {grad_mode!r}")
-        self.grad_mode = grad_mode
+        if grad_mode not in GRAD_MODES + ("auto",):
+            raise ValueError(f"grad_mode must be auto or one of {GRAD_MODES}, got {grad_mode!r}")
         self.classifier = DiffusionClassifier(net, classifier)
         self.maximizer = LikelihoodMaximizer(net, purify)
+        self.grad_mode = resolve_grad_mode(grad_mode, self.maximizer.settings)
 
     @property
     def num_classes(self) -> int:

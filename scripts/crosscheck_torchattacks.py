@@ -30,7 +30,7 @@ from core.data import load_dataset
 from core.evaluate import hardware_description, wilson_interval
 from core.models import CheckpointError, atomic_write_json, load_checkpoint
 from core.purify import PurifySettings
-from core.rdc import RobustDiffusionClassifier, resolve_grad_mode
+from core.rdc import RobustDiffusionClassifier
 
 
 def build_rdc(model, grad: str, levels: int | None = None) -> RobustDiffusionClassifier:
@@ -39,8 +39,7 @@ def build_rdc(model, grad: str, levels: int | None = None) -> RobustDiffusionCla
     if levels:
         clf["steps"] = levels
     purify = PurifySettings(**{**model.card.get("purify", {}), "mode": "deterministic"})
-    return RobustDiffusionClassifier(model.net, ClassifierSettings.from_dict(clf), purify,
-                                     resolve_grad_mode(grad, purify))
+    return RobustDiffusionClassifier(model.net, ClassifierSettings.from_dict(clf), purify, grad)
 
 
 def _summary(robust: torch.Tensor) -> dict:

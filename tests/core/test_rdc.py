@@ -142,7 +142,7 @@ def test_masked_gradient_warning_only_for_exact_through_sign_steps():
     assert masked_gradient_warning("exact", PurifySettings(steps=0)) is None
 
 
-def test_auto_gradient_mode_is_adaptive_for_each_optimiser():
+def test_auto_gradient_mode_is_adaptive_for_each_optimiser(tiny_net):
     from core.rdc import resolve_grad_mode
 
     assert resolve_grad_mode("auto", PurifySettings(steps=3)) == "smooth"
@@ -150,3 +150,7 @@ def test_auto_gradient_mode_is_adaptive_for_each_optimiser():
     assert resolve_grad_mode("auto", PurifySettings(steps=0)) == "exact"
     for explicit in ("exact", "smooth", "bpda", "dc-only"):
         assert resolve_grad_mode(explicit, PurifySettings(steps=3)) == explicit
+    # the module resolves "auto" itself, so every caller gets the same policy
+    assert RobustDiffusionClassifier(tiny_net, purify=PurifySettings(steps=3), grad_mode="auto").grad_mode == "smooth"
+    with pytest.raises(ValueError, match="grad_mode"):
+        RobustDiffusionClassifier(tiny_net, grad_mode="sideways")
