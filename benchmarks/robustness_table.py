@@ -188,34 +188,35 @@ def _done_in_state(path: Path) -> int:
     return len(done)
 
 
-def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
-    """Run ``ev`` in this process (unless its report already exists for the same command)
-    and return its report, with ``table_timing``: seconds per image over the examples the
-    runs actually computed (``rdc eval`` times only its own run, also when it resumed)."""
-    from core.cli import main as rdc_main
+def _existing_report(ev: Evaluation, out_dir: Path) -> dict[str, Any] | None:
+    """The report of ``ev`` in ``out_dir`` if one was made by exactly ``ev``'s command."""
+    path = out_dir / f"{ev.name}.json"
+    if not path.exists():
+        return None
+    report = json.loads(path.read_text())
+    return report if report.get("settings", {}).get("command") == ev.command else None
 
-    report_path, timing_path = out_dir / f"{ev.name}.json", out_dir / f"{ev.name}.timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    if timing.get("command") != ev.command:
-        timing = {"command": ev.command, "seconds": 0.0, "examples": 0}
-    report = json.loads(report_path.read_text()) if report_path.exists() else None
-    if report is None or report.get("settings", {}).get("command") != ev.command:
-        print(f"\n$ {ev.command}", file=sys.stderr, flush=True)
-        before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
-        try:
-            rc = rdc_main(list(ev.argv))
-        except SystemExit as exc:
-            hint = (f" (the state {ev.name}.state.jsonl in {out_dir} belongs to a run with other settings: use "
-                    f"another --out-dir or delete it)") if "other settings" in str(exc) else ""
-            raise SystemExit(f"robustness_table: {ev.name}: {exc}{hint}") from None
-        if rc != 0:
-            raise SystemExit(f"robustness_table: {ev.name}: rdc eval exited with {rc}")
-        report = json.loads(report_path.read_text())
-        computed = report["n"] - before
-        if computed > 0:
-            timing["seconds"] += report["seconds"]
-            timing["examples"] += computed
-            atomic_write_json(timing_path, timing)
+
+def _load_timing(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
+    path = out_dir / f"{ev.name}.timing.json"
+    timing = json.loads(path.read_text()) if path.exists() else {}
+    return timing if timing.get("command") == ev.command else {"command": ev.command, "seconds": 0.0, "examples": 0}
+
+
+def _add_timing(ev: Evaluation, out_dir: Path, report: dict[str, Any], done_before: int) -> None:
+    """Add the run that just made ``report`` to ``ev``'s timing file (the examples it computed)."""
+    timing = _load_timing(ev, out_dir)
+    computed = report["n"] - done_before
+    if computed > 0:
+        timing["seconds"] += report["seconds"]
+        timing["examples"] += computed
+        atomic_write_json(out_dir / f"{ev.name}.timing.json", timing)
+
+
+def _with_timing(ev: Evaluation, out_dir: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """``report`` with ``table_timing``: seconds per image over the examples this script's runs
+    computed (``rdc eval`` times only its own run, also when it resumed)."""
+    timing = _load_timing(ev, out_dir)
     if timing["examples"] > 0:
         report["table_timing"] = {"seconds_per_image": timing["seconds"] / timing["examples"],
                                   "examples_timed": timing["examples"], "source": "measured by this script"}
@@ -223,6 +224,88 @@ def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
         report["table_timing"] = {"seconds_per_image": report["seconds_per_image"], "examples_timed": report["n"],
                                   "source": "the report (its last run only)"}
     return report
+
+
+def _failure_hint(ev: Evaluation, out_dir: Path, message: str) -> str:
+    if "other settings" in message:
+        return (f" (the state {ev.name}.state.jsonl in {out_dir} belongs to a run with other settings: use "
+                f"another --out-dir or delete it)")
+    return ""
+
+
+def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
+    """Run ``ev`` in this process (unless its report already exists for the same command)
+    and return its report, with ``table_timing`` (see :func:`_with_timing`)."""
+    from core.cli import main as rdc_main
+
+    report = _existing_report(ev, out_dir)
+    if report is None:
+        print(f"\n$ {ev.command}", file=sys.stderr, flush=True)
+        before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
+        try:
+            rc = rdc_main(list(ev.argv))
+        except SystemExit as exc:
+            raise SystemExit(f"robustness_table: {ev.name}: {exc}{_failure_hint(ev, out_dir, str(exc))}") from None
+        if rc != 0:
+            raise SystemExit(f"robustness_table: {ev.name}: rdc eval exited with {rc}")
+        report = json.loads((out_dir / f"{ev.name}.json").read_text())
+        _add_timing(ev, out_dir, report, before)
+    return _with_timing(ev, out_dir, report)
+
+
+def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,
+                     poll_seconds: float = 0.5) -> dict[str, str]:
+    """Run the evaluations that lack a report as up to ``jobs`` ``rdc eval`` subprocesses at once.
+
+    Each one's console output goes to NAME.out in ``out_dir``. Returns ``{name: reason}`` for
+    the evaluations that failed; the others leave their reports (and timings) behind, so the
+    sequential pass that follows only reads them. Stopping this script stops the subprocesses,
+    which save their resumable state.
+    """
+    import subprocess
+
+    queue, seen = [], set()
+    for ev in evaluations:
+        if ev.name not in seen and _existing_report(ev, out_dir) is None:
+            queue.append(ev)
+            seen.add(ev.name)
+    running: list[tuple[Evaluation, subprocess.Popen, int, Any]] = []
+    failed: dict[str, str] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < jobs:
+                ev = queue.pop(0)
+                print(f"$ {ev.command}   [{ev.name}.out]", file=sys.stderr, flush=True)
+                before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
+                log = open(out_dir / f"{ev.name}.out", "ab")
+                proc = subprocess.Popen([sys.executable, "-m", "core.cli", *ev.argv], stdout=log,
+                                        stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+                running.append((ev, proc, before, log))
+            time.sleep(poll_seconds)
+            for item in [r for r in running if r[1].poll() is not None]:
+                running.remove(item)
+                ev, proc, before, log = item
+                log.close()
+                report = _existing_report(ev, out_dir)
+                if proc.returncode == 0 and report is not None:
+                    _add_timing(ev, out_dir, report, before)
+                    print(f"done {ev.name}: robust {100 * report['robust_acc']:.1f}% (n={report['n']})",
+                          file=sys.stderr, flush=True)
+                else:
+                    tail = (out_dir / f"{ev.name}.out").read_text(errors="replace").strip().splitlines()[-1:]
+                    reason = f"rdc eval exited with {proc.returncode}" + (f": {tail[0]}" if tail else "")
+                    failed[ev.name] = reason + _failure_hint(ev, out_dir, reason)
+                    print(f"FAILED {ev.name}: {failed[ev.name]}", file=sys.stderr, flush=True)
+    finally:
+        for _, proc, _, log in running:  # interrupted: let each save its state
+            proc.terminate()
+        for _, proc, _, log in running:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            log.close()
+    return failed
 
 
 def row_summary(row: Row, ev: Evaluation, report: dict[str, Any], out_dir: Path) -> dict[str, Any]:
@@ -346,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="evaluations run at once, each an rdc eval subprocess (e.g. several on one GPU)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="run the gradient-masking checks")
@@ -398,11 +483,19 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out_dir / "table.json", {"meta": meta, "rows": summaries, "checks": checks})
         atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta).encode())
 
+    failed: dict[str, str] = {}
+    if args.jobs > 1:
+        failed = run_concurrently([ev for _, ev in row_evs] + [ev for _, evs in check_evs for ev in evs.values()],
+                                  out_dir, args.jobs)
     for row, ev in row_evs:
+        if ev.name in failed:
+            continue
         reports[row.key] = run_evaluation(ev, out_dir)
         summaries.append(row_summary(row, ev, reports[row.key], out_dir))
         write()
     for row, evs in check_evs:
+        if any(ev.name in failed for ev in evs.values()):
+            continue
         for result, commands in run_checks(args, row, evs, out_dir, reports.get(row.key)):
             results.append(result)
             checks.append({"row": row.key, "defense": row.label, "norm": row.norm, "eps": row.eps,
@@ -414,7 +507,9 @@ def main(argv: list[str] | None = None) -> int:
     if checks:
         print("all gradient-masking checks passed" if all_passed(results)
               else "some gradient-masking checks FAILED (see table.md)")
-    return 0
+    for name, reason in failed.items():
+        print(f"not in the table: {name}: {reason} (see {out_dir / (name + '.out')})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -123,3 +123,30 @@ def test_table_on_a_tiny_model(table, tiny_checkpoint, tiny_cnn, tmp_path, capsy
     assert "## Gradient-masking checks" in md and md.count("| CNN | l-inf 0.3 |") == 1 + 4
     assert "rdc eval --dataset mnist --split test --n 2 --defense cnn --attack transfer" in md
     assert "check-cnn-linf-apgd-ce-eps0.6-s1-n2" in md and "check-cnn-linf-apgd-ce-eps0.3-s2-n2" in md
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_jobs_run_evaluations_as_subprocesses_with_the_same_results(table, tiny_checkpoint, tiny_cnn, tmp_path,
+                                                                    capsys):
+    rows = ["--rows", "cnn-linf,dc-l2,rdc-smooth-linf", "--check-rows", "cnn-linf"]
+    sequential, parallel = tmp_path / "seq", tmp_path / "par"
+    assert table.main(_tiny_args(tiny_checkpoint, tiny_cnn, sequential) + rows) == 0
+    # a stale state of another run makes one evaluation fail; the rest of the table is still made
+    (parallel / "dc-l2-n2.state.jsonl").parent.mkdir(parents=True)
+    (parallel / "dc-l2-n2.state.jsonl").write_text('{"settings": {"other": 1}}\n')
+    capsys.readouterr()
+    assert table.main(_tiny_args(tiny_checkpoint, tiny_cnn, parallel) + rows + ["--jobs", "3"]) == 1
+    out = capsys.readouterr()
+    assert "not in the table: dc-l2-n2: rdc eval exited with" in out.out and "other settings" in out.out
+    seq = json.loads((sequential / "table.json").read_text())
+    par = json.loads((parallel / "table.json").read_text())
+    assert [r["key"] for r in par["rows"]] == ["cnn-linf", "rdc-smooth-linf"]
+    for row in par["rows"]:
+        twin = next(r for r in seq["rows"] if r["key"] == row["key"])
+        assert row["command"] == twin["command"].replace(str(sequential), str(parallel))
+        assert json.loads(Path(row["report"]).read_text())["per_example"] == \
+            json.loads(Path(twin["report"]).read_text())["per_example"]
+        assert row["timing"]["source"] == "measured by this script" and row["timing"]["examples_timed"] == 2
+        assert Path(row["report"]).with_suffix(".out").read_text()  # each subprocess's console output
+    assert [c["check"]["name"] for c in par["checks"]] == [c["check"]["name"] for c in seq["checks"]]
+    assert [c["check"]["passed"] for c in par["checks"]] == [c["check"]["passed"] for c in seq["checks"]]
