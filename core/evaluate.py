@@ -1,6 +1,7 @@
 """Clean-accuracy evaluation as a generator of step records, and report helpers."""
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import platform
@@ -122,6 +123,16 @@ class RobustEvalStep:
     attack_queries: dict[str, int] = field(default_factory=dict)
 
 
+def module_device(model: torch.nn.Module) -> torch.device:
+    """The device of ``model``'s tensors: its parameters, else its buffers (CPU when it has none).
+
+    A plain CNN has parameters but no buffers; the diffusion classifier keeps its noise bank
+    in a buffer and may hold the denoiser's parameters elsewhere.
+    """
+    first = next(itertools.chain(model.buffers(), model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device
+
+
 def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, indices: list[int],
                     batch_size: int = 25, skip: set[int] | frozenset = frozenset(),
                     cancelled=lambda: False) -> Iterator[RobustEvalStep]:
@@ -134,7 +145,7 @@ def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, in
     """
     from .attacks import run_attack
 
-    device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    device = module_device(model)
     todo = [i for i in indices if i not in skip]
     start = time.perf_counter()
     done = len(indices) - len(todo)
@@ -165,7 +176,7 @@ def evaluate_ensemble(model: torch.nn.Module, dataset: TensorDataset, members: l
     """
     from .attacks import run_ensemble
 
-    device = next((b.device for b in model.buffers()), torch.device("cpu"))
+    device = module_device(model)
     todo = [i for i in indices if i not in skip]
     start = time.perf_counter()
     done = len(indices) - len(todo)

@@ -82,3 +82,15 @@ def test_eval_ensemble_on_cuda_writes_a_gpu_report(tmp_path):
     assert rep["settings"]["device"].startswith("cuda") and "GPU" in rep["hardware"]
     assert rep["n"] == 6 and rep["clean_acc"] >= 5 / 6 and rep["max_linf"] <= 0.3 + 1e-6
     assert [row["attack"] for row in rep["per_attack"]] == ["apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer"]
+
+
+def test_eval_of_the_cnn_on_cuda(tmp_path):
+    """The CNN has parameters but no buffers: its inputs must still go to the GPU."""
+    from core.cli import main
+
+    out = tmp_path / "cnn.json"
+    assert main(["eval", "--dataset", "mnist", "--split", "test", "--n", "20", "--defense", "cnn", "--attack",
+                 "ensemble", "--norm", "l2", "--eps", "1.5", "--steps", "5", "--square-queries", "10", "--targets",
+                 "2", "--device", "cuda", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["settings"]["device"] == "cuda" and rep["clean_acc"] >= 0.9 and rep["max_l2"] <= 1.5 + 1e-4
