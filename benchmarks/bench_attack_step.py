@@ -1,0 +1,125 @@
+"""Cost of one attack iteration against the full RDC (likelihood maximisation, then classifier).
+
+An attack iteration is one forward pass of the RDC on a batch plus, for gradient attacks,
+one backward pass to the input. Both dominate every robustness evaluation: APGD runs one
+per iteration, Square one forward pass per query. For each gradient mode (``smooth``,
+``exact``, ``bpda``) and batch size this prints the median milliseconds per iteration and per
+image-iteration, with and without the input gradient, and (``--count-ops``) how many ATen
+operators one iteration dispatches: on a GPU each is at least one kernel launch, so a
+high count makes small batches launch-bound rather than compute-bound.
+
+    python benchmarks/bench_attack_step.py                        # CPU, batch 10
+    python benchmarks/bench_attack_step.py --device cuda --batch-sizes 50,100,200
+    python benchmarks/bench_attack_step.py --count-ops --batch-sizes 1 --json ops.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from core.classifier import build_classifier
+from core.cli import resolve_device
+from core.data import load_dataset
+from core.evaluate import hardware_description
+from core.models import load_checkpoint
+from core.purify import PurifySettings
+from core.rdc import RobustDiffusionClassifier
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def attack_iteration(rdc: RobustDiffusionClassifier, x: torch.Tensor, y: torch.Tensor, with_grad: bool) -> None:
+    """One RDC forward pass on ``x`` and, when ``with_grad``, the cross-entropy gradient in ``x``."""
+    xr = x.clone().requires_grad_(with_grad)
+    with torch.set_grad_enabled(with_grad):
+        logits = rdc(xr)
+        if with_grad:
+            torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xr)
+
+
+def time_iteration(rdc, x, y, with_grad: bool, repeats: int) -> float:
+    """Median seconds of one attack iteration (after one warm-up)."""
+    attack_iteration(rdc, x, y, with_grad)
+    times = []
+    for _ in range(repeats):
+        _sync(x.device)
+        t0 = time.perf_counter()
+        attack_iteration(rdc, x, y, with_grad)
+        _sync(x.device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def count_aten_ops(rdc, x, y, with_grad: bool) -> int:
+    """ATen operators dispatched by one attack iteration (the profiler's count)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    attack_iteration(rdc, x, y, with_grad)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        attack_iteration(rdc, x, y, with_grad)
+    return sum(e.count for e in prof.key_averages() if e.key.startswith("aten::"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=None, help="bundled model name or checkpoint path (default: the default)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--modes", default="smooth,exact,bpda", help="gradient modes, comma-separated")
+    p.add_argument("--batch-sizes", default="10", help="comma-separated")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--count-ops", action="store_true", help="also count the ATen operators of one iteration")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(resolve_device(args.device))
+    model = load_checkpoint(args.model, device=device)
+    clf = build_classifier(model, device)
+    purify = PurifySettings(**model.card.get("purify", {}))
+    data = load_dataset(model.card.get("dataset", "mnist"), "test", args.data_root)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    rows = []
+    print(f"model {model.name}, device {device}, LM {purify.steps} steps, classifier T = {clf.settings.steps}; "
+          f"{hardware_description()}")
+    print(f"{'mode':7s} {'batch':>5s} {'grad':>5s} {'ms / iteration':>15s} {'ms / image':>11s}"
+          + (f" {'ATen ops':>9s}" if args.count_ops else ""))
+    for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
+        rdc = RobustDiffusionClassifier(model.net, clf.settings, purify, grad_mode=mode).to(device).eval()
+        for batch in batch_sizes:
+            x = data.float_images(slice(0, batch)).to(device)
+            y = data.labels[:batch].to(device)
+            for with_grad in (True, False):
+                seconds = time_iteration(rdc, x, y, with_grad, args.repeats)
+                row = {"mode": mode, "batch": batch, "grad": with_grad, "ms_per_iteration": 1000 * seconds,
+                       "ms_per_image": 1000 * seconds / batch}
+                if args.count_ops:
+                    row["aten_ops"] = count_aten_ops(rdc, x, y, with_grad)
+                rows.append(row)
+                print(f"{mode:7s} {batch:5d} {str(with_grad):>5s} {row['ms_per_iteration']:15.1f} "
+                      f"{row['ms_per_image']:11.2f}" + (f" {row['aten_ops']:9d}" if args.count_ops else ""),
+                      flush=True)
+    result = {"model": model.name, "device": str(device), "hardware": hardware_description(),
+              "command": "python benchmarks/bench_attack_step.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "rows": rows}
+    if device.type == "cuda":
+        result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
+        print(f"peak GPU memory {result['max_memory_gb']:.1f} GB")
+    if args.json:
+        from core.models import atomic_write_json
+
+        atomic_write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
