@@ -5,8 +5,9 @@ one backward pass to the input. Both dominate every robustness evaluation: APGD 
 per iteration, Square one forward pass per query. For each gradient mode (``smooth``,
 ``exact``, ``bpda``) and batch size this prints the median milliseconds per iteration and per
 image-iteration, with and without the input gradient, and (``--count-ops``) how many ATen
-operators one iteration dispatches: on a GPU each is at least one kernel launch, so a
-high count makes small batches launch-bound rather than compute-bound.
+operator calls the profiler records for one iteration (nested calls included, e.g. conv2d
+-> convolution -> the backend's kernel). On a GPU the innermost calls are kernel launches,
+so a high count makes small batches launch-bound rather than compute-bound.
 
     python benchmarks/bench_attack_step.py                        # CPU, batch 10
     python benchmarks/bench_attack_step.py --device cuda --batch-sizes 50,100,200
@@ -59,7 +60,7 @@ def time_iteration(rdc, x, y, with_grad: bool, repeats: int) -> float:
 
 
 def count_aten_ops(rdc, x, y, with_grad: bool) -> int:
-    """ATen operators dispatched by one attack iteration (the profiler's count)."""
+    """ATen operator calls of one attack iteration, nested ones included (the profiler's count)."""
     from torch.profiler import ProfilerActivity, profile
 
     attack_iteration(rdc, x, y, with_grad)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from core.cli import parse_fraction
+from core.evaluate import worst_case_report
 from core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
 from core.models import DEFAULT_MODEL, atomic_write_bytes, atomic_write_json
@@ -354,7 +355,22 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+def worst_cases(summaries: list[dict[str, Any]], reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per threat model with two or more RDC rows: the per-example worst case over their
+    gradient modes (on the examples all of them attacked), as :func:`core.evaluate.worst_case_report`."""
+    out = []
+    for norm in NORM_LABELS:
+        rows = [s for s in summaries if s["defense_flag"] == "rdc" and s["norm"] == norm]
+        if len(rows) < 2:
+            continue
+        combined = worst_case_report([reports[s["key"]] for s in rows], labels=[s["defense"] for s in rows])
+        combined.pop("per_example")
+        out.append({"norm": norm, "eps": rows[0]["eps"], "rows": [s["key"] for s in rows]} | combined)
+    return out
+
+
+def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any],
+                    worst: list[dict[str, Any]] | None = None) -> str:
     """table.md: the results table, the checks and the commands behind every number."""
     hardware: list[str] = []
     for s in summaries:
@@ -383,6 +399,16 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
     lines.append("")
     lines.append("Seconds per image: wall time of the evaluation divided by the images it computed; passes per "
                  "image: forward(-backward) passes of the attacked model, all attacks together.")
+    if worst:
+        lines += ["", "## Worst case over gradient modes", "",
+                  "An example counts as robust only if the ensemble left it robust in every RDC row of its threat "
+                  "model (DESIGN rule 3), on the first n examples all those rows attacked.", "",
+                  "| Threat model | n | Rows | Robust per row on these n | Worst case (95% CI) |", "|---|---|---|---|---|"]
+        for w in worst:
+            lo, hi = w["robust_ci95"]
+            per_row = ", ".join(f"{r['label']} {_pct(r['robust_acc_on_common'])}" for r in w["runs"])
+            lines.append(f"| {NORM_LABELS[w['norm']]} {w['eps']} | {w['n']} | {len(w['runs'])} | {per_row} | "
+                         f"**{_pct(w['robust_acc'])}** ({_pct(lo)}-{_pct(hi)}) |")
     if checks:
         lines += ["", "## Gradient-masking checks", "",
                   f"APGD-CE ({meta['check_steps']} iterations, 1 restart) on the first {meta['check_n']} test images "
@@ -480,8 +506,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         meta["all_checks_passed"] = all_passed(results)
-        atomic_write_json(out_dir / "table.json", {"meta": meta, "rows": summaries, "checks": checks})
-        atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta).encode())
+        worst = worst_cases(summaries, reports)
+        atomic_write_json(out_dir / "table.json", {"meta": meta, "rows": summaries, "worst_case": worst,
+                                                   "checks": checks})
+        atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta, worst).encode())
 
     failed: dict[str, str] = {}
     if args.jobs > 1:

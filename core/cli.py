@@ -477,6 +477,30 @@ def cmd_purify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_worst_case(args: argparse.Namespace) -> int:
+    from .evaluate import run_label, worst_case_log, worst_case_report
+    from .models import atomic_write_json
+
+    reports = []
+    for path in args.reports:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SystemExit(f"rdc: error: cannot read report {path}: {exc}") from None
+        if "per_example" not in reports[-1] or "settings" not in reports[-1]:
+            raise SystemExit(f"rdc: error: {path} is not an rdc eval attack report")
+    try:
+        report = worst_case_report(reports, labels=[f"{Path(p).name} ({run_label(r)})"
+                                                    for p, r in zip(args.reports, reports)])
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    report["reports"] = [str(p) for p in args.reports]
+    print(worst_case_log(report), end="")
+    if args.out:
+        atomic_write_json(args.out, report)
+    return 0
+
+
 def build_defense(kind: str, model, clf, args: argparse.Namespace):
     """The attacked module: ``cnn``, ``dc`` or ``rdc`` (with the chosen gradient mode)."""
     if kind == "cnn":
@@ -711,6 +735,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack evaluations: write a readable AutoAttack-style log here (atomically, at the end)")
     _add_classifier_args(p, steps_flag="--levels")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("worst-case", help="per-example worst case over several rdc eval reports of one model",
+                       description="An example counts as robust only if every report left it robust (e.g. the "
+                                   "exact, smooth and BPDA evaluations of the RDC). Taken over the examples all "
+                                   "reports share.")
+    p.add_argument("reports", nargs="+", help="rdc eval --out JSON reports (two or more)")
+    p.add_argument("--out", default=None, help="write the combined JSON report here (atomically)")
+    p.set_defaults(func=cmd_worst_case)
     return parser
 
 

@@ -220,6 +220,99 @@ def attack_table(results: list[ExampleResult], attacks: list[tuple[str, str]]) -
     return rows
 
 
+def threat_model(report: dict[str, Any]) -> tuple[str, float]:
+    """(norm, eps) of an attack report, single attack or ensemble."""
+    attack = report["settings"].get("attack_settings", {})
+    members = [attack] if "norm" in attack else list(attack.values())
+    if not members:
+        raise ValueError("the report has no attack settings")
+    threats = {(m["norm"], float(m["eps"])) for m in members}
+    if len(threats) != 1:
+        raise ValueError(f"the report's attacks use several threat models: {sorted(threats)}")
+    return threats.pop()
+
+
+def run_label(report: dict[str, Any]) -> str:
+    """A short name of an evaluation: defense, gradient mode and attack (``rdc smooth ensemble``)."""
+    st = report["settings"]
+    return " ".join(str(part) for part in (st.get("defense"), st.get("grad"), st.get("attack")) if part)
+
+
+# what decides an example's class: two reports must agree on these to be one model's results
+DECISION_SETTINGS = ("dataset", "split", "defense", "classifier", "purify")
+
+
+def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
+    """Per-example worst case over several attack reports on the same model and threat model.
+
+    An example counts as robust only if every run left it robust (DESIGN rule 3: exact and
+    BPDA gradients, and here also ``smooth``, are each one attack of an adaptive evaluation).
+    The runs may have different n: the worst case is taken over the examples all of them
+    attacked. Raises ``ValueError`` when the reports are not of one model, data split and
+    threat model.
+    """
+    if len(reports) < 2:
+        raise ValueError("the worst case needs at least two reports")
+    labels = labels or [run_label(r) for r in reports]
+    base, base_threat = reports[0], threat_model(reports[0])
+    for label, rep in zip(labels[1:], reports[1:]):
+        if rep["model"].get("name") != base["model"].get("name"):
+            raise ValueError(f"{label}: model {rep['model'].get('name')}, not {base['model'].get('name')}")
+        for key in DECISION_SETTINGS:
+            if rep["settings"].get(key) != base["settings"].get(key):
+                raise ValueError(f"{label}: {key} {rep['settings'].get(key)!r} differs from "
+                                 f"{labels[0]}'s {base['settings'].get(key)!r}")
+        if threat_model(rep) != base_threat:
+            raise ValueError(f"{label}: threat model {threat_model(rep)}, not {base_threat}")
+    by_index = [{int(e[0]): e for e in rep["per_example"]} for rep in reports]
+    common = sorted(set.intersection(*(set(d) for d in by_index)))
+    if not common:
+        raise ValueError("the reports share no examples")
+    per_example, broken_by_run = [], [0] * len(reports)
+    only_by_run = [0] * len(reports)
+    for i in common:
+        rows = [d[i] for d in by_index]
+        if len({int(r[1]) for r in rows}) != 1:
+            raise ValueError(f"example {i} has different labels in the reports")
+        clean = all(bool(r[2]) for r in rows)
+        breakers = [k for k, r in enumerate(rows) if bool(r[2]) and not bool(r[3])]
+        for k in breakers:
+            broken_by_run[k] += 1
+        if len(breakers) == 1:
+            only_by_run[breakers[0]] += 1
+        robust = clean and not breakers
+        per_example.append([i, int(rows[0][1]), int(clean), int(robust), [labels[k] for k in breakers]])
+    n = len(common)
+    n_clean = sum(e[2] for e in per_example)
+    n_robust = sum(e[3] for e in per_example)
+    runs = []
+    for k, (label, rep) in enumerate(zip(labels, reports)):
+        robust_here = sum(int(by_index[k][i][3]) for i in common)
+        runs.append({"label": label, "command": rep["settings"].get("command"), "n": rep["n"],
+                     "robust_acc_on_common": robust_here / n, "broke": broken_by_run[k],
+                     "broke_alone": only_by_run[k]})
+    norm, eps = base_threat
+    return {"model": base["model"].get("name"), "dataset": base["settings"].get("dataset"),
+            "split": base["settings"].get("split"), "norm": norm, "eps": eps, "n": n,
+            "clean_acc": n_clean / n, "ci95": list(wilson_interval(n_clean, n)), "robust_acc": n_robust / n,
+            "robust_ci95": list(wilson_interval(n_robust, n)), "runs": runs, "per_example": per_example}
+
+
+def worst_case_log(report: dict[str, Any]) -> str:
+    """A readable summary of :func:`worst_case_report`."""
+    lo, hi = report["robust_ci95"]
+    lines = [f"model {report['model']}, {report['dataset']} {report['split']}, {report['norm']} eps {report['eps']:g}, "
+             f"first common n = {report['n']} examples",
+             f"clean accuracy: {100 * report['clean_acc']:.2f}%"]
+    for run in report["runs"]:
+        lines.append(f"  {run['label']}: robust {100 * run['robust_acc_on_common']:.2f}% on these examples "
+                     f"(broke {run['broke']}, {run['broke_alone']} that no other run broke; n = {run['n']} in its "
+                     f"report)")
+    lines.append(f"worst case per example: robust accuracy {100 * report['robust_acc']:.2f}% "
+                 f"(95% CI {100 * lo:.2f}%-{100 * hi:.2f}%)")
+    return "\n".join(lines) + "\n"
+
+
 def robust_report(results: list[ExampleResult], seconds: float, model: dict[str, Any],
                   settings: dict[str, Any], attacks: list[tuple[str, str]] | None = None,
                   attack_seconds: dict[str, float] | None = None, attack_queries: dict[str, int] | None = None,

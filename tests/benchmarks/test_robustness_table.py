@@ -106,7 +106,15 @@ def test_table_on_a_tiny_model(table, tiny_checkpoint, tiny_cnn, tmp_path, capsy
         assert Path(row["log"]).read_text().startswith("command: rdc eval")
         assert (out_dir / f"{Path(row['report']).stem}.state.jsonl").exists()
     md = (out_dir / "table.md").read_text()
-    assert md.count("\n| ") == 1 + len(ROWS) and "| RDC (BPDA) | l2 1.5 | 2 |" in md
+    main_table, worst_table = md.split("## Worst case over gradient modes")
+    assert main_table.count("\n| ") == 1 + len(ROWS) and "| RDC (BPDA) | l2 1.5 | 2 |" in md
+    # per norm, the per-example worst case over the three RDC rows (exact, smooth, BPDA)
+    assert [(w["norm"], w["n"], len(w["runs"])) for w in data["worst_case"]] == [("linf", 2, 3), ("l2", 2, 3)]
+    for w in data["worst_case"]:
+        rdc_rows = [r for r in data["rows"] if r["defense_flag"] == "rdc" and r["norm"] == w["norm"]]
+        assert w["robust_acc"] <= min(r["robust_acc"] for r in rdc_rows)
+        assert [r["robust_acc_on_common"] for r in w["runs"]] == [r["robust_acc"] for r in rdc_rows]
+    assert worst_table.count("\n| ") == 1 + 2 and "| l2 1.5 | 2 | 3 | RDC (exact gradients) " in worst_table
     assert all(f"`{row['command']}`" in md for row in data["rows"]) and data["checks"] == []
     # the checks of one row; its finished table row is reused, not recomputed
     state = out_dir / "cnn-linf-n2.state.jsonl"

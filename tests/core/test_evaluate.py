@@ -10,3 +10,68 @@ def test_module_device_looks_at_parameters_when_there_are_no_buffers():
     with_buffer = torch.nn.BatchNorm2d(2, device="meta")
     assert module_device(with_buffer) == torch.device("meta")
     assert module_device(torch.nn.ReLU()) == torch.device("cpu")  # nothing to go by
+
+
+def _report(grad, per_example, eps=0.3, purify_eta=0.3, attack="apgd-ce", model="m"):
+    """A minimal rdc eval attack report: [index, label, clean, robust(, broken_by)] rows."""
+    return {"model": {"name": model}, "n": len(per_example), "per_example": per_example,
+            "settings": {"dataset": "mnist", "split": "test", "defense": "rdc", "classifier": {"steps": 4},
+                         "purify": {"eta": purify_eta}, "grad": grad, "attack": attack,
+                         "command": f"rdc eval --grad {grad}",
+                         "attack_settings": {"method": "apgd", "norm": "linf", "eps": eps}}}
+
+
+def test_worst_case_counts_an_example_robust_only_if_every_run_left_it_robust():
+    from core.evaluate import worst_case_report
+
+    smooth = _report("smooth", [[0, 7, 1, 0], [1, 2, 1, 1], [2, 1, 1, 1], [3, 0, 0, 0], [4, 4, 1, 1]])
+    bpda = _report("bpda", [[0, 7, 1, 1], [1, 2, 1, 0], [2, 1, 1, 1], [3, 0, 0, 0]])  # n = 4: common are 0..3
+    w = worst_case_report([smooth, bpda])
+    assert w["n"] == 4 and w["clean_acc"] == 0.75 and w["robust_acc"] == 0.25  # only example 2 survives both
+    assert [e[3] for e in w["per_example"]] == [0, 0, 1, 0]
+    assert w["per_example"][0][4] == ["rdc smooth apgd-ce"] and w["per_example"][3][4] == []  # 3 was never clean
+    assert [(r["label"], r["robust_acc_on_common"], r["broke"], r["broke_alone"]) for r in w["runs"]] == [
+        ("rdc smooth apgd-ce", 0.5, 1, 1), ("rdc bpda apgd-ce", 0.5, 1, 1)]
+    lo, hi = w["robust_ci95"]
+    assert lo < 0.25 < hi and (w["norm"], w["eps"]) == ("linf", 0.3)
+
+
+def test_worst_case_refuses_reports_of_different_models_or_threats():
+    import pytest
+
+    from core.evaluate import worst_case_report
+
+    rows = [[0, 7, 1, 1]]
+    with pytest.raises(ValueError, match="threat model"):
+        worst_case_report([_report("smooth", rows), _report("bpda", rows, eps=0.2)])
+    with pytest.raises(ValueError, match="purify"):
+        worst_case_report([_report("smooth", rows), _report("bpda", rows, purify_eta=0.5)])
+    with pytest.raises(ValueError, match="model"):
+        worst_case_report([_report("smooth", rows), _report("bpda", rows, model="other")])
+    with pytest.raises(ValueError, match="share no examples"):
+        worst_case_report([_report("smooth", rows), _report("bpda", [[5, 1, 1, 1]])])
+    with pytest.raises(ValueError, match="at least two"):
+        worst_case_report([_report("smooth", rows)])
+
+
+def test_rdc_worst_case_command(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from core.cli import main
+
+    a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "w.json"
+    a.write_text(json.dumps(_report("smooth", [[0, 7, 1, 1], [1, 2, 1, 0]], attack="ensemble")))
+    b.write_text(json.dumps(_report("exact", [[0, 7, 1, 0], [1, 2, 1, 1]])))
+    assert main(["worst-case", str(a), str(b), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "a.json (rdc smooth ensemble): robust 50.00%" in text and "worst case per example: robust accuracy 0.00%" in text
+    w = json.loads(out.read_text())
+    assert w["robust_acc"] == 0.0 and w["reports"] == [str(a), str(b)]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(SystemExit, match="cannot read report"):
+        main(["worst-case", str(a), str(tmp_path / "bad.json")])
+    with pytest.raises(SystemExit, match="threat model"):
+        b.write_text(json.dumps(_report("exact", [[0, 7, 1, 0]], eps=0.1)))
+        main(["worst-case", str(a), str(b)])
