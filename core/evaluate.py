@@ -109,6 +109,8 @@ class ExampleResult:
     l2: float
     queries: int
     broken_by: str | None = None  # ensemble: "clean", the attack that broke it, or None (robust)
+    # its batch's wall time / batch size (None in states written before timings); not part of the result
+    seconds: float | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -153,14 +155,16 @@ def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, in
         if cancelled():
             return
         batch = todo[b:b + batch_size]
+        batch_start = time.perf_counter()
         idx = torch.tensor(batch)
         x = dataset.float_images(idx).to(device)
         y = dataset.labels[idx].to(device)
         res = run_attack(model, x, y, settings, example_ids=batch)
         per = [res.queries] * len(batch) if res.example_queries is None else res.example_queries.tolist()
+        each = (time.perf_counter() - batch_start) / len(batch)
         results = tuple(
             ExampleResult(int(i), int(y[k]), bool(res.clean_correct[k]), bool(~res.success[k]),
-                          float(res.linf[k]), float(res.l2[k]), int(per[k]))
+                          float(res.linf[k]), float(res.l2[k]), int(per[k]), seconds=each)
             for k, i in enumerate(batch))
         done += len(batch)
         yield RobustEvalStep(done, len(indices), results, time.perf_counter() - start)
@@ -184,13 +188,15 @@ def evaluate_ensemble(model: torch.nn.Module, dataset: TensorDataset, members: l
         if cancelled():
             return
         batch = todo[b:b + batch_size]
+        batch_start = time.perf_counter()
         idx = torch.tensor(batch)
         x = dataset.float_images(idx).to(device)
         y = dataset.labels[idx].to(device)
         res = run_ensemble(model, x, y, members, example_ids=batch, surrogate=surrogate)
+        each = (time.perf_counter() - batch_start) / len(batch)
         results = tuple(
             ExampleResult(int(i), int(y[k]), bool(res.clean_correct[k]), bool(res.robust[k]), float(res.linf[k]),
-                          float(res.l2[k]), int(res.queries[k]), res.broken_by[k])
+                          float(res.l2[k]), int(res.queries[k]), res.broken_by[k], seconds=each)
             for k, i in enumerate(batch))
         done += len(batch)
         yield RobustEvalStep(done, len(indices), results, time.perf_counter() - start, dict(res.seconds),
@@ -328,6 +334,10 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
     clean = sum(r.clean_correct for r in results)
     robust = sum(r.robust_correct for r in results)
     queries = sum(r.queries for r in results)
+    # per-example timings cover resumed examples too (and every shard: process-seconds);
+    # examples from a state written before timings existed are left out of the average
+    timed = [r.seconds for r in results if r.seconds is not None]
+    per_image = sum(timed) / len(timed) if timed else seconds / max(1, n)
     report = {
         "clean_acc": clean / max(1, n),
         "robust_acc": robust / max(1, n),
@@ -335,7 +345,10 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
         "ci95": list(wilson_interval(clean, n)),
         "robust_ci95": list(wilson_interval(robust, n)),
         "seconds": seconds,
-        "seconds_per_image": seconds / max(1, n),
+        "seconds_per_image": per_image,
+        "timing": {"wall_seconds_this_run": seconds, "examples_timed": len(timed),
+                   "seconds_per_image": "each example's batch wall time / batch size, averaged over the timed "
+                                        "examples of every run and shard" if timed else "this run's wall time / n"},
         "forward_backward_passes_per_image": queries / max(1, n),
         "max_linf": max((r.linf for r in results), default=0.0),
         "max_l2": max((r.l2 for r in results), default=0.0),
@@ -399,7 +412,8 @@ def robust_log(report: dict[str, Any]) -> str:
     lines.append(f"max linf perturbation: {report['max_linf']:.5f}, max l2 perturbation: {report['max_l2']:.5f}; "
                  f"every example checked: inside the eps ball and [0, 1], finite, re-classified after 8-bit rounding")
     lines.append(f"robust accuracy: {pct(report['robust_acc'])} {ci(report['robust_ci95'])}")
-    lines.append(f"time: {report['seconds']:.1f} s, {report['seconds_per_image']:.3f} s per image; "
+    lines.append(f"time: {report['seconds']:.1f} s this run, {report['seconds_per_image']:.3f} s per image "
+                 f"(all runs); "
                  f"forward passes per image: {report['forward_backward_passes_per_image']:.1f}")
     if "shards" in st:
         lines.append(f"shards: {st['shards']}")
@@ -448,6 +462,8 @@ class ResumeState:
                 row = asdict(r)
                 if row["broken_by"] is None:  # single attacks keep their old line format
                     del row["broken_by"]
+                if row["seconds"] is None:
+                    del row["seconds"]
                 f.write(json.dumps(row) + "\n")
                 self.results[r.index] = r
             f.flush()

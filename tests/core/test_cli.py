@@ -127,7 +127,24 @@ def test_eval_resumes_from_state(tiny_checkpoint, tmp_path):
     before = state.read_text()
     assert main(args + ["--state", str(state), "--out", str(tmp_path / "c.json")]) == 0
     assert state.read_text() == before
-    assert json.loads((tmp_path / "c.json").read_text())["per_example"] == a["per_example"]
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert c["per_example"] == a["per_example"]
+    # its time per image still covers every example (the state keeps per-example seconds)
+    rows = {}
+    for line in before.splitlines()[1:]:
+        if line.endswith("}"):  # not the line cut off above
+            rows[json.loads(line)["index"]] = json.loads(line)
+    per_example_seconds = [row["seconds"] for row in rows.values()]
+    assert len(per_example_seconds) == 6 and all(t > 0 for t in per_example_seconds)
+    assert c["seconds_per_image"] == pytest.approx(sum(per_example_seconds) / 6)
+    assert c["timing"]["examples_timed"] == 6 and c["seconds"] < sum(per_example_seconds)
+    # a state written before per-example timings: those lines are left out of the average
+    old_format = [before.splitlines()[0]] + [json.dumps({k: v for k, v in rows[i].items() if k != "seconds"})
+                                             for i in range(3)]
+    state.write_text("\n".join(old_format) + "\n")
+    assert main(args + ["--state", str(state), "--out", str(tmp_path / "d.json")]) == 0
+    d = json.loads((tmp_path / "d.json").read_text())
+    assert d["per_example"] == a["per_example"] and d["timing"]["examples_timed"] == 3
     with pytest.raises(SystemExit, match="other settings"):
         main(args + ["--state", str(state), "--eps", "0.1"])
 
