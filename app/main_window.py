@@ -451,7 +451,7 @@ class MainWindow(QMainWindow):
                                  "defense_recovered": bool(self.last_outcome.defense_recovered[0]),
                                  "linf": float(self.last_outcome.linf[0]), "l2": float(self.last_outcome.l2[0])}
         return make_session(str(self.model.path), self.image, self.image_source,
-                            self._classifier().settings.to_dict(), self.attack_panel.settings().__dict__,
+                            self._classifier().settings.to_dict(), self.attack_panel.settings().to_dict(),
                             self.purify_panel.settings().to_dict(), results, self.device) | {
             "attack_gradient": self.attack_panel.grad.currentText()}
 
@@ -723,7 +723,7 @@ class MainWindow(QMainWindow):
 
     def closeEvent(self, event) -> None:  # noqa: N802
         self.settings_store.setValue("window/geometry", self.saveGeometry())
-        self.settings_store.setValue("attack/settings", json.dumps(self.attack_panel.settings().__dict__))
+        self.settings_store.setValue("attack/settings", json.dumps(self.attack_panel.settings().to_dict()))
         self._timer.stop()
         self.runner.shutdown()
         super().closeEvent(event)
