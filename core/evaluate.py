@@ -126,10 +126,11 @@ class RobustEvalStep:
 
 
 def module_device(model: torch.nn.Module) -> torch.device:
-    """The device of ``model``'s tensors: its parameters, else its buffers (CPU when it has none).
+    """The device of ``model``'s tensors: its first buffer, else its first parameter (CPU when
+    it has neither).
 
-    A plain CNN has parameters but no buffers; the diffusion classifier keeps its noise bank
-    in a buffer and may hold the denoiser's parameters elsewhere.
+    Buffers come first because the diffusion classifier's noise bank (a buffer) sets the
+    device its inputs must go to; a plain CNN has parameters but no buffers.
     """
     first = next(itertools.chain(model.buffers(), model.parameters()), None)
     return torch.device("cpu") if first is None else first.device
