@@ -25,15 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QCoreApplication, QEvent, QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication, QMessageBox
 
-    from core.cli import resolve_device
-    from core.models import CheckpointError, load_checkpoint
+    from ..core.cli import resolve_device
+    from ..core.models import CheckpointError, load_checkpoint
 
     from .main_window import MainWindow
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # one thread per core; the GUI thread mostly waits
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("RDC Studio")
-    from core.session import SessionError, load_session
+    from ..core.session import SessionError, load_session
 
     try:
         device = resolve_device(args.device)

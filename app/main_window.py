@@ -13,15 +13,15 @@ from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QInputDial
                                QProgressBar, QPushButton, QSlider, QSpinBox, QSplitter, QTabWidget, QToolBar,
                                QVBoxLayout, QWidget)
 
-from core.attacks import AttackResult, AttackStep, DefenseOutcome, attack_session
-from core.classifier import ClassifyStep, build_classifier
-from core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
-from core.sample import SampleStep, sample
-from core.images import save_png_atomic
-from core.rdc import RobustDiffusionClassifier, masked_gradient_warning
-from core.session import SessionError, load_session, make_session, save_session, write_csv
-from core.images import ImageLoadError, convert_image, load_for_model
-from core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint
+from ..core.attacks import AttackResult, AttackStep, DefenseOutcome, attack_session
+from ..core.classifier import ClassifyStep, build_classifier
+from ..core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
+from ..core.sample import SampleStep, sample
+from ..core.images import save_png_atomic
+from ..core.rdc import RobustDiffusionClassifier, masked_gradient_warning
+from ..core.session import SessionError, load_session, make_session, save_session, write_csv
+from ..core.images import ImageLoadError, convert_image, load_for_model
+from ..core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint, resource_dir
 
 from .widgets.attack_panel import AttackPanel
 from .widgets.dataset_browser import DatasetBrowser
@@ -33,7 +33,7 @@ from .widgets.purify_panel import PurifyPanel
 from .widgets.step_plot import StepPlot
 from .worker import JobRunner
 
-SAMPLES_DIR = Path(__file__).resolve().parent.parent / "resources" / "samples"
+SAMPLES_DIR = resource_dir("samples")
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.tif *.tiff *.gif);;All files (*)"
 
 

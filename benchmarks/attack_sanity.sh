@@ -46,8 +46,8 @@ run rdc-transfer-0.3-s100-n50 --n 50 --defense rdc --attack transfer --eps 0.3 -
 # `rdc attack` on the first test digit: wall time, per-step cost and peak memory
 python - "$out/digit.png" <<'PY'
 import sys
-from core.data import load_dataset
-from core.images import save_png_atomic
+from rdc_studio.core.data import load_dataset
+from rdc_studio.core.images import save_png_atomic
 data = load_dataset("mnist", "test")
 save_png_atomic(data.float_images(slice(0, 1))[0].numpy(), sys.argv[1])
 PY
@@ -65,7 +65,7 @@ for p in sorted(out.glob("*-0.[0-9]-s*-n*.json")):
     print(f"{p.stem:34s} {r['n']:4d} {r['clean_acc']:6.3f} {r['robust_acc']:6.3f}  {lo:.3f}-{hi:.3f}  {r['seconds_per_image']:6.1f}")
 
 # the full RDC at eps 0.3: the per-example worst case over its white-box attacks
-from core.evaluate import wilson_interval
+from rdc_studio.core.evaluate import wilson_interval
 states = sorted(out.glob("rdc-*apgd-ce-0.3-s100-n50.state.jsonl"))
 survived = None
 for path in states:

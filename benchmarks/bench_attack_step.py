@@ -23,13 +23,13 @@ import time
 
 import torch
 
-from core.classifier import build_classifier
-from core.cli import resolve_device
-from core.data import load_dataset
-from core.evaluate import hardware_description
-from core.models import load_checkpoint
-from core.purify import PurifySettings
-from core.rdc import RobustDiffusionClassifier
+from rdc_studio.core.classifier import build_classifier
+from rdc_studio.core.cli import resolve_device
+from rdc_studio.core.data import load_dataset
+from rdc_studio.core.evaluate import hardware_description
+from rdc_studio.core.models import load_checkpoint
+from rdc_studio.core.purify import PurifySettings
+from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 
 def _sync(device: torch.device) -> None:
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         result["max_memory_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         print(f"peak GPU memory {result['max_memory_gb']:.1f} GB")
     if args.json:
-        from core.models import atomic_write_json
+        from rdc_studio.core.models import atomic_write_json
 
         atomic_write_json(args.json, result)
     return 0

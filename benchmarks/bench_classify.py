@@ -19,9 +19,9 @@ import time
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.classifier import build_classifier
-from core.evaluate import hardware_description
-from core.models import load_checkpoint
+from rdc_studio.core.classifier import build_classifier
+from rdc_studio.core.evaluate import hardware_description
+from rdc_studio.core.models import load_checkpoint
 
 
 def time_call(fn, repeats: int, warmup: int = 2) -> float:

@@ -30,9 +30,9 @@ def main(argv=None) -> int:
     from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
-    from app.main_window import MainWindow
-    from core.evaluate import hardware_description
-    from core.models import load_checkpoint
+    from rdc_studio.app.main_window import MainWindow
+    from rdc_studio.core.evaluate import hardware_description
+    from rdc_studio.core.models import load_checkpoint
 
     torch.set_num_threads(os.cpu_count() or 1)
     app = QApplication.instance() or QApplication([])

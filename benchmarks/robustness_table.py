@@ -31,11 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from core.cli import parse_fraction
-from core.evaluate import worst_case_report
-from core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
+from rdc_studio.core.cli import parse_fraction
+from rdc_studio.core.evaluate import worst_case_report
+from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
-from core.models import DEFAULT_MODEL, atomic_write_bytes, atomic_write_json
+from rdc_studio.core.models import DEFAULT_MODEL, atomic_write_bytes, atomic_write_json
 
 DEFENSES = {  # key: (--defense, --grad, label)
     "cnn": ("cnn", None, "CNN"),
@@ -237,7 +237,7 @@ def _failure_hint(ev: Evaluation, out_dir: Path, message: str) -> str:
 def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
     """Run ``ev`` in this process (unless its report already exists for the same command)
     and return its report, with ``table_timing`` (see :func:`_with_timing`)."""
-    from core.cli import main as rdc_main
+    from rdc_studio.core.cli import main as rdc_main
 
     report = _existing_report(ev, out_dir)
     if report is None:
@@ -279,7 +279,7 @@ def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,
                 print(f"$ {ev.command}   [{ev.name}.out]", file=sys.stderr, flush=True)
                 before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
                 log = open(out_dir / f"{ev.name}.out", "ab")
-                proc = subprocess.Popen([sys.executable, "-m", "core.cli", *ev.argv], stdout=log,
+                proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *ev.argv], stdout=log,
                                         stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
                 running.append((ev, proc, before, log))
             time.sleep(poll_seconds)

@@ -751,7 +751,13 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _ARGV[:] = argv
     args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
+    from .data import DatasetNotFoundError
+
+    try:
+        return int(args.func(args) or 0)
+    except DatasetNotFoundError as exc:  # engine errors that are the user's to fix: one line
+        print(f"rdc: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

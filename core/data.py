@@ -20,12 +20,49 @@ CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
+class DatasetNotFoundError(FileNotFoundError):
+    """A dataset's files are not where the data root says; the message is one line."""
+
+
+def user_data_dir() -> Path:
+    """The per-user data directory (``$XDG_DATA_HOME/rdc-studio/data``, default
+    ``~/.local/share/rdc-studio/data``)."""
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "rdc-studio" / "data"
+
+
+def source_checkout_data_dir() -> Path | None:
+    """``../shared/data`` beside a source checkout (the folder holding ``core/``), if this
+    module runs from one; None for an installed package."""
+    checkout = Path(__file__).resolve().parent.parent
+    if not (checkout / "pyproject.toml").exists():
+        return None
+    return checkout.parent / "shared" / "data"
+
+
+def data_root_candidates(data_root: str | Path | None = None) -> list[Path]:
+    """Where datasets are looked for, in order: the explicit argument, ``RDC_DATA_ROOT``,
+    the user data directory, ``../shared/data`` next to a source checkout."""
+    if data_root:
+        return [Path(data_root)]
+    if os.environ.get("RDC_DATA_ROOT"):
+        return [Path(os.environ["RDC_DATA_ROOT"])]
+    shared = source_checkout_data_dir()
+    return [user_data_dir()] + ([shared] if shared is not None else [])
+
+
 def default_data_root() -> Path:
-    """The data root from ``RDC_DATA_ROOT``, else ``../shared/data`` next to the project."""
-    env = os.environ.get("RDC_DATA_ROOT")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    """The data root in use: the first existing of :func:`data_root_candidates` (the
+    first candidate when none exists, so that error messages name it)."""
+    candidates = data_root_candidates()
+    return next((c for c in candidates if c.is_dir()), candidates[0])
+
+
+def _missing(what: str, expected: str, data_root: str | Path | None) -> DatasetNotFoundError:
+    looked = ", ".join(str(c) for c in data_root_candidates(data_root))
+    return DatasetNotFoundError(
+        f"{what} not found (looked for {expected} under: {looked}); "
+        "set RDC_DATA_ROOT or pass --data-root to the folder that holds it")
 
 
 def default_cache_dir() -> Path:
@@ -54,25 +91,23 @@ class TensorDataset:
 
 
 def mnist_available(data_root: str | Path | None = None) -> bool:
-    """Whether the MNIST IDX files can be found under ``data_root``."""
+    """Whether the MNIST IDX files can be found (see :func:`data_root_candidates`)."""
     try:
-        _find_mnist_raw(Path(data_root or default_data_root()))
+        _find_mnist_raw(data_root)
         return True
-    except FileNotFoundError:
+    except DatasetNotFoundError:
         return False
 
 
-def _find_mnist_raw(data_root: Path) -> Path:
-    for cand in (data_root / "MNIST" / "raw", data_root / "raw", data_root):
-        if (cand / (_MNIST_FILES[0] + ".gz")).exists() or (cand / _MNIST_FILES[0]).exists():
-            return cand
-    raise FileNotFoundError(
-        f"MNIST not found under {data_root}: expected MNIST/raw/{_MNIST_FILES[0]}.gz "
-        "(pass --data-root or set RDC_DATA_ROOT)"
-    )
+def _find_mnist_raw(data_root: str | Path | None) -> Path:
+    for root in data_root_candidates(data_root):
+        for cand in (root / "MNIST" / "raw", root / "raw", root):
+            if (cand / (_MNIST_FILES[0] + ".gz")).exists() or (cand / _MNIST_FILES[0]).exists():
+                return cand
+    raise _missing("MNIST", f"MNIST/raw/{_MNIST_FILES[0]}.gz", data_root)
 
 
-def _extract_mnist(data_root: Path, cache_dir: Path) -> Path:
+def _extract_mnist(data_root: str | Path | None, cache_dir: Path) -> Path:
     """Decompress the four MNIST IDX files into ``cache_dir/MNIST/raw`` (atomically)."""
     raw_src = _find_mnist_raw(data_root)
     raw_dst = cache_dir / "MNIST" / "raw"
@@ -117,7 +152,7 @@ def load_mnist(split: str, data_root: str | Path | None = None, cache_dir: str |
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    root = _extract_mnist(Path(data_root or default_data_root()), Path(cache_dir or default_cache_dir()))
+    root = _extract_mnist(data_root, Path(cache_dir or default_cache_dir()))
     ds = MNIST(str(root), train=split != "test", download=False)
     images = ds.data.unsqueeze(1).contiguous()
     labels = ds.targets.long()
@@ -136,13 +171,13 @@ def load_cifar10(split: str, data_root: str | Path | None = None, cache_dir: str
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    data_root = Path(data_root or default_data_root())
     cache_dir = Path(cache_dir or default_cache_dir())
     folder = cache_dir / "cifar10-jpeg"
     if not folder.exists():
-        archive = data_root / "cifar10-jpeg.tar.gz"
-        if not archive.exists():
-            raise FileNotFoundError(f"CIFAR-10 archive not found: {archive}")
+        archive = next((root / "cifar10-jpeg.tar.gz" for root in data_root_candidates(data_root)
+                        if (root / "cifar10-jpeg.tar.gz").exists()), None)
+        if archive is None:
+            raise _missing("CIFAR-10", "cifar10-jpeg.tar.gz", data_root)
         tmp = Path(tempfile.mkdtemp(dir=cache_dir.mkdir(parents=True, exist_ok=True) or cache_dir))
         with tarfile.open(archive) as tar:
             tar.extractall(tmp, filter="data")

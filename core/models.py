@@ -22,7 +22,20 @@ from .nets import Denoiser, NetConfig, build_denoiser
 
 FORMAT = "rdc-studio/diffusion-classifier"
 FORMAT_VERSION = 1
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "resources" / "models"
+
+
+def resource_dir(name: str) -> Path:
+    """A folder of the installed ``rdc_studio.resources`` package (``models``, ``samples``).
+
+    Read through :mod:`importlib.resources`, so it works from a wheel, an editable install
+    and a source checkout alike.
+    """
+    from importlib.resources import files
+
+    return Path(str(files("rdc_studio.resources") / name))
+
+
+BUNDLED_DIR = resource_dir("models")
 DEFAULT_MODEL = "mnist-multihead"
 
 

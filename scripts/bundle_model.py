@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from core.classifier import ClassifierSettings, DiffusionClassifier
-from core.data import load_dataset
-from core.evaluate import evaluate_clean, hardware_description, wilson_interval
-from core.cli import parse_fraction
-from core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint
-from core.purify import PurifySettings
+from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
+from rdc_studio.core.data import load_dataset
+from rdc_studio.core.evaluate import evaluate_clean, hardware_description, wilson_interval
+from rdc_studio.core.cli import parse_fraction
+from rdc_studio.core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint
+from rdc_studio.core.purify import PurifySettings
 
 
 def measure(clf: DiffusionClassifier, split: str, n: int, data_root) -> dict:

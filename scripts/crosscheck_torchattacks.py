@@ -23,14 +23,14 @@ import time
 
 import torch
 
-from core.attacks import AttackSettings, quantize_in_ball, run_attack
-from core.classifier import ClassifierSettings
-from core.cli import parse_fraction, resolve_device
-from core.data import load_dataset
-from core.evaluate import hardware_description, wilson_interval
-from core.models import CheckpointError, atomic_write_json, load_checkpoint
-from core.purify import PurifySettings
-from core.rdc import RobustDiffusionClassifier
+from rdc_studio.core.attacks import AttackSettings, quantize_in_ball, run_attack
+from rdc_studio.core.classifier import ClassifierSettings
+from rdc_studio.core.cli import parse_fraction, resolve_device
+from rdc_studio.core.data import load_dataset
+from rdc_studio.core.evaluate import hardware_description, wilson_interval
+from rdc_studio.core.models import CheckpointError, atomic_write_json, load_checkpoint
+from rdc_studio.core.purify import PurifySettings
+from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 
 def build_rdc(model, grad: str, levels: int | None = None) -> RobustDiffusionClassifier:

@@ -17,9 +17,9 @@ import time
 import numpy as np
 import torch
 
-from core.data import load_dataset
-from core.diffusion import log_weight_density, to_model_space
-from core.models import load_checkpoint
+from rdc_studio.core.data import load_dataset
+from rdc_studio.core.diffusion import log_weight_density, to_model_space
+from rdc_studio.core.models import load_checkpoint
 
 
 def dense_errors(net, images: torch.Tensor, sigmas: torch.Tensor, seed: int, batch: int) -> torch.Tensor:

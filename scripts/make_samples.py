@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from core.images import save_png_atomic
-from core.models import load_checkpoint
-from core.sample import sample
+from rdc_studio.core.images import save_png_atomic
+from rdc_studio.core.models import load_checkpoint
+from rdc_studio.core.sample import sample
 
 
 def main(argv=None) -> int:

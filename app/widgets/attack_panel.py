@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from PySide6.QtWidgets import QComboBox, QDoubleSpinBox, QSpinBox, QWidget
 
-from core.attacks import AttackSettings
+from ...core.attacks import AttackSettings
 
 from .run_stop_panel import RunStopPanel
 

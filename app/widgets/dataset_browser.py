@@ -8,8 +8,8 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
                                QSpinBox, QVBoxLayout, QWidget)
 
-from core.data import TensorDataset, default_data_root, load_dataset
-from core.images import ImageLoadError, load_for_model
+from ...core.data import TensorDataset, default_data_root, load_dataset
+from ...core.images import ImageLoadError, load_for_model
 
 from .gallery import Gallery
 

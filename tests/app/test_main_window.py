@@ -10,10 +10,10 @@ pytest.importorskip("pytestqt")
 from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl  # noqa: E402
 from PySide6.QtGui import QDropEvent  # noqa: E402
 
-from app.main_window import MainWindow  # noqa: E402
-from core.classifier import build_classifier  # noqa: E402
-from core.images import load_for_model  # noqa: E402
-from core.models import load_checkpoint  # noqa: E402
+from rdc_studio.app.main_window import MainWindow  # noqa: E402
+from rdc_studio.core.classifier import build_classifier  # noqa: E402
+from rdc_studio.core.images import load_for_model  # noqa: E402
+from rdc_studio.core.models import load_checkpoint  # noqa: E402
 
 
 def isolate_settings(monkeypatch, tmp_path) -> None:
@@ -141,7 +141,7 @@ def test_bad_checkpoint_keeps_current_model(qtbot, window, tmp_path):
 
 
 def test_screenshot_command(tiny_checkpoint, digit_png, tmp_path, qapp):
-    from app.main import main
+    from rdc_studio.app.main import main
 
     out = tmp_path / "shot.png"
     assert main([str(digit_png), "--model", str(tiny_checkpoint), "--steps", "3", "--screenshot", str(out)]) == 0
@@ -150,7 +150,7 @@ def test_screenshot_command(tiny_checkpoint, digit_png, tmp_path, qapp):
 
 
 def test_screenshot_bad_model_exits_2(tmp_path, qapp, capsys):
-    from app.main import main
+    from rdc_studio.app.main import main
 
     assert main(["--model", str(tmp_path / "none.safetensors"), "--screenshot", str(tmp_path / "s.png")]) == 2
     assert "none.safetensors" in capsys.readouterr().err
@@ -228,7 +228,7 @@ def test_exports_and_session_round_trip(qtbot, window, digit_png, tmp_path, tiny
 
 
 def test_session_command_line(tmp_path, qapp, window, digit_png, qtbot):
-    from app.main import main
+    from rdc_studio.app.main import main
 
     with qtbot.waitSignal(window.classification_finished, timeout=30000):
         window.open_path(str(digit_png))
@@ -248,17 +248,17 @@ def test_generate_sample_then_classify(qtbot, window):
 
 
 def test_dataset_browser_opens_a_test_digit(qtbot, window):
-    from core.data import mnist_available
+    from rdc_studio.core.data import mnist_available
 
     if not mnist_available():
         pytest.skip("needs ../shared/data MNIST")
-    from app.widgets.dataset_browser import DatasetBrowser
+    from rdc_studio.app.widgets.dataset_browser import DatasetBrowser
 
     browser = DatasetBrowser("mnist", 28, 1)
     qtbot.addWidget(browser)
     chosen = []
     browser.image_chosen.connect(lambda img, label: chosen.append((img, label)))
-    assert browser.load(0, str(__import__("core.data", fromlist=["x"]).default_data_root()))
+    assert browser.load(0, str(__import__("rdc_studio.core.data", fromlist=["x"]).default_data_root()))
     assert browser.gallery.count() == 48 and browser.gallery.item(0).text() == "#0: 7"
     browser.gallery.itemClicked.emit(browser.gallery.item(0))
     assert chosen and chosen[0][0].shape == (1, 28, 28) and chosen[0][1] == "#0: 7"
@@ -288,8 +288,8 @@ def test_attack_settings_persist_across_windows(qtbot, window, tiny_checkpoint):
 
 def test_bundled_default_model_end_to_end(qtbot, tmp_path, monkeypatch):
     """The shipped default model in the real window: drop a digit, classify, attack, purify."""
-    from core.data import load_dataset, mnist_available
-    from core.models import DEFAULT_MODEL
+    from rdc_studio.core.data import load_dataset, mnist_available
+    from rdc_studio.core.models import DEFAULT_MODEL
 
     isolate_settings(monkeypatch, tmp_path)  # the card's classifier settings, not a stored T
     model = load_checkpoint()

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 pytest.importorskip("pytestqt")
-from app.widgets.likelihood_plot import LikelihoodPlot  # noqa: E402
-from app.widgets.step_plot import StepPlot  # noqa: E402
+from rdc_studio.app.widgets.likelihood_plot import LikelihoodPlot  # noqa: E402
+from rdc_studio.app.widgets.step_plot import StepPlot  # noqa: E402
 
 
 def test_likelihood_plot_fixed_x_and_steady_y(qtbot):

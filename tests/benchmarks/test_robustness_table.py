@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from core.cli import build_parser
-from core.data import mnist_available
+from rdc_studio.core.cli import build_parser
+from rdc_studio.core.data import mnist_available
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = [("cnn", None, "linf"), ("cnn", None, "l2"), ("dc", None, "linf"), ("dc", None, "l2"),
@@ -30,7 +30,7 @@ def tiny_cnn(tmp_path):
     """An untrained CNN checkpoint: the CNN row and the transfer source."""
     import torch
 
-    from core.baseline import SmallCNN, save_cnn
+    from rdc_studio.core.baseline import SmallCNN, save_cnn
 
     torch.manual_seed(0)
     return save_cnn(tmp_path / "cnn.safetensors", SmallCNN().eval(), {"name": "cnn", "dataset": "mnist"})

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch import nn
 
-from core.attacks import (AttackSettings, EnsembleMember, apgd_checkpoints, attack_loss, margin_of, project,
+from rdc_studio.core.attacks import (AttackSettings, EnsembleMember, apgd_checkpoints, attack_loss, margin_of, project,
                           quantize_in_ball, run_attack, run_ensemble, square_fraction, square_side, standard_ensemble)
 
 
@@ -89,7 +89,7 @@ def test_targeted_dlr_reaches_the_target(toy):
 
 
 def test_cancel_returns_no_result(toy):
-    from core.attacks import attack
+    from rdc_studio.core.attacks import attack
 
     model, x, y = toy
     calls = {"n": 0}
@@ -131,7 +131,7 @@ def test_square_schedule_follows_the_paper():
 
 
 def test_square_l2_pattern():
-    from core.attacks import _pyramid
+    from rdc_studio.core.attacks import _pyramid
 
     eta = _pyramid(5)
     assert eta.norm().item() == pytest.approx(1.0)

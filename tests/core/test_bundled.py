@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from core.classifier import build_classifier
-from core.data import load_dataset, mnist_available
-from core.models import DEFAULT_MODEL, list_bundled_models, load_checkpoint
+from rdc_studio.core.classifier import build_classifier
+from rdc_studio.core.data import load_dataset, mnist_available
+from rdc_studio.core.models import DEFAULT_MODEL, list_bundled_models, load_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +13,7 @@ def default_model():
 
 
 def test_default_model_is_bundled_and_small():
-    from core.models import BUNDLED_DIR
+    from rdc_studio.core.models import BUNDLED_DIR
 
     assert DEFAULT_MODEL in list_bundled_models()
     for suffix in (".safetensors", ".json"):

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.classifier import ClassifierSettings, DiffusionClassifier, classify_batches
-from core.diffusion import to_model_space
+from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, classify_batches
+from rdc_studio.core.diffusion import to_model_space
 
 
 @pytest.fixture
@@ -83,7 +83,7 @@ def test_streaming_form_equals_one_shot(tiny_net, images):
 
 
 def test_interleaved_order_is_a_spread_permutation():
-    from core.classifier import interleaved_order
+    from rdc_studio.core.classifier import interleaved_order
 
     assert interleaved_order(8) == [0, 4, 2, 6, 1, 5, 3, 7]
     for t in (1, 5, 16, 125):

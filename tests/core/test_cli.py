@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core.cli import main
-from core.data import mnist_available
+from rdc_studio.core.cli import main
+from rdc_studio.core.data import mnist_available
 
 
 def test_classify_json(tiny_checkpoint, digit_png, capsys):
@@ -53,7 +53,7 @@ def test_eval_writes_report(tiny_checkpoint, tmp_path):
 
 
 def test_wilson_interval_known_values():
-    from core.evaluate import wilson_interval
+    from rdc_studio.core.evaluate import wilson_interval
 
     lo, hi = wilson_interval(985, 1000)
     assert lo == pytest.approx(0.9754, abs=5e-4) and hi == pytest.approx(0.9910, abs=5e-4)
@@ -165,7 +165,7 @@ def test_sharded_eval_matches_single_process(tiny_checkpoint, tmp_path):
     assert main(args + ["--out", str(tmp_path / "single.json")]) == 0
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "core.cli"] + args + ["--out", str(tmp_path / "sharded.json")],
+                    "-m", "rdc_studio.core.cli"] + args + ["--out", str(tmp_path / "sharded.json")],
                    check=True, cwd=root, env=env, timeout=300, capture_output=True)
     single = json.loads((tmp_path / "single.json").read_text())
     sharded = json.loads((tmp_path / "sharded.json").read_text())
@@ -180,7 +180,7 @@ def tiny_cnn(tmp_path):
     """An untrained CNN checkpoint: the transfer attack's source."""
     import torch
 
-    from core.baseline import SmallCNN, save_cnn
+    from rdc_studio.core.baseline import SmallCNN, save_cnn
 
     torch.manual_seed(0)
     return save_cnn(tmp_path / "cnn.safetensors", SmallCNN().eval(), {"name": "cnn", "dataset": "mnist"})
@@ -247,11 +247,11 @@ def test_ensemble_results_do_not_depend_on_shards_or_batches(tiny_checkpoint):
     import torch
     from torch import nn
 
-    from core.attacks import standard_ensemble
-    from core.classifier import build_classifier
-    from core.data import load_dataset
-    from core.evaluate import evaluate_ensemble
-    from core.models import load_checkpoint
+    from rdc_studio.core.attacks import standard_ensemble
+    from rdc_studio.core.classifier import build_classifier
+    from rdc_studio.core.data import load_dataset
+    from rdc_studio.core.evaluate import evaluate_ensemble
+    from rdc_studio.core.models import load_checkpoint
 
     model = load_checkpoint(tiny_checkpoint)
     clf = build_classifier(model, "cpu", steps=2)

@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from core.classifier import build_classifier
-from core.data import load_dataset, mnist_available
-from core.models import load_checkpoint
-from core.purify import PurifySettings
-from core.rdc import RobustDiffusionClassifier
+from rdc_studio.core.classifier import build_classifier
+from rdc_studio.core.data import load_dataset, mnist_available
+from rdc_studio.core.models import load_checkpoint
+from rdc_studio.core.purify import PurifySettings
+from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 pytestmark = [pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
               pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")]
@@ -72,7 +72,7 @@ def test_rdc_values_and_gradients_match_cpu(digits, grad_mode):
 
 
 def test_eval_ensemble_on_cuda_writes_a_gpu_report(tmp_path):
-    from core.cli import main
+    from rdc_studio.core.cli import main
 
     out = tmp_path / "r.json"
     assert main(["eval", "--dataset", "mnist", "--split", "test", "--n", "6", "--defense", "rdc", "--grad", "smooth",
@@ -86,7 +86,7 @@ def test_eval_ensemble_on_cuda_writes_a_gpu_report(tmp_path):
 
 def test_eval_of_the_cnn_on_cuda(tmp_path):
     """The CNN has parameters but no buffers: its inputs must still go to the GPU."""
-    from core.cli import main
+    from rdc_studio.core.cli import main
 
     out = tmp_path / "cnn.json"
     assert main(["eval", "--dataset", "mnist", "--split", "test", "--n", "20", "--defense", "cnn", "--attack",

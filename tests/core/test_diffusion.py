@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.diffusion import (SIGMA_DATA, log_weight_density, loss_weight, precondition, quantile_grid,
+from rdc_studio.core.diffusion import (SIGMA_DATA, log_weight_density, loss_weight, precondition, quantile_grid,
                             sample_training_sigmas, to_model_space, to_pixel_space)
 
 

@@ -1,7 +1,7 @@
 """core.evaluate helpers that the CLI tests do not pin down."""
 import torch
 
-from core.evaluate import module_device
+from rdc_studio.core.evaluate import module_device
 
 
 def test_module_device_looks_at_parameters_when_there_are_no_buffers():
@@ -22,7 +22,7 @@ def _report(grad, per_example, eps=0.3, purify_eta=0.3, attack="apgd-ce", model=
 
 
 def test_worst_case_counts_an_example_robust_only_if_every_run_left_it_robust():
-    from core.evaluate import worst_case_report
+    from rdc_studio.core.evaluate import worst_case_report
 
     smooth = _report("smooth", [[0, 7, 1, 0], [1, 2, 1, 1], [2, 1, 1, 1], [3, 0, 0, 0], [4, 4, 1, 1]])
     bpda = _report("bpda", [[0, 7, 1, 1], [1, 2, 1, 0], [2, 1, 1, 1], [3, 0, 0, 0]])  # n = 4: common are 0..3
@@ -39,7 +39,7 @@ def test_worst_case_counts_an_example_robust_only_if_every_run_left_it_robust():
 def test_worst_case_refuses_reports_of_different_models_or_threats():
     import pytest
 
-    from core.evaluate import worst_case_report
+    from rdc_studio.core.evaluate import worst_case_report
 
     rows = [[0, 7, 1, 1]]
     with pytest.raises(ValueError, match="threat model"):
@@ -59,7 +59,7 @@ def test_rdc_worst_case_command(tmp_path, capsys):
 
     import pytest
 
-    from core.cli import main
+    from rdc_studio.core.cli import main
 
     a, b, out = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "w.json"
     a.write_text(json.dumps(_report("smooth", [[0, 7, 1, 1], [1, 2, 1, 0]], attack="ensemble")))

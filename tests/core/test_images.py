@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from core import images
-from core.images import (ImageLoadError, border_mean, convert_image, image_from_array, load_for_model,
+from rdc_studio.core import images
+from rdc_studio.core.images import (ImageLoadError, border_mean, convert_image, image_from_array, load_for_model,
                          load_image, save_png_atomic)
 
 SIZE = (30, 20)  # deliberately not square

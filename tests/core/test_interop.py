@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from core.classifier import ClassifierSettings
-from core.purify import PurifySettings
-from core.rdc import RobustDiffusionClassifier
+from rdc_studio.core.classifier import ClassifierSettings
+from rdc_studio.core.purify import PurifySettings
+from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -29,7 +29,7 @@ def test_torchattacks_pgd_on_rdc_returns_valid_examples(tiny_net, grad_mode):
 
 
 def test_torchattacks_apgd_on_dc(tiny_net):
-    from core.classifier import DiffusionClassifier
+    from rdc_studio.core.classifier import DiffusionClassifier
 
     clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2))
     g = torch.Generator().manual_seed(1)

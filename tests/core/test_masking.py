@@ -1,8 +1,8 @@
 """Gradient-masking checks on hand-made report dicts (pass and fail cases)."""
 import pytest
 
-from core.evaluate import wilson_interval
-from core.masking import (all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
+from rdc_studio.core.evaluate import wilson_interval
+from rdc_studio.core.masking import (all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox, paired_difference_ci, robust_flags)
 
 

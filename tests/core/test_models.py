@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from core.models import CheckpointError, load_checkpoint, save_checkpoint
+from rdc_studio.core.models import CheckpointError, load_checkpoint, save_checkpoint
 
 
 def test_round_trip(tiny_checkpoint, tiny_net):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from core.nets import NetConfig, build_denoiser
+from rdc_studio.core.nets import NetConfig, build_denoiser
 
 
 def test_multihead_shapes_and_head_subsets(tiny_net):

@@ -4,13 +4,22 @@ import pathlib
 import subprocess
 import sys
 
-CORE = pathlib.Path(__file__).resolve().parents[2] / "core"
+import rdc_studio.core
+
+# the installed package's own folder (a wheel install checks what was installed)
+CORE = pathlib.Path(rdc_studio.core.__file__).resolve().parent
 QT_MODULES = {"PySide6", "PySide2", "PyQt5", "PyQt6", "pyqtgraph", "qtpy", "superqt", "shiboken6"}
+
+
+def _core_sources() -> list[pathlib.Path]:
+    sources = sorted(CORE.rglob("*.py"))
+    assert len(sources) >= 8, f"found only {len(sources)} modules under {CORE}: nothing to check"
+    return sources
 
 
 def test_no_qt_imports_in_core_source():
     offenders = []
-    for path in CORE.rglob("*.py"):
+    for path in _core_sources():
         tree = ast.parse(path.read_text(), filename=str(path))
         for node in ast.walk(tree):
             names = []
@@ -20,19 +29,19 @@ def test_no_qt_imports_in_core_source():
                 names = [node.module]
             offenders += [f"{path.name}: {n}" for n in names if n.split(".")[0] in QT_MODULES]
     assert not offenders, offenders
-    assert len(list(CORE.rglob("*.py"))) >= 8
 
 
 def test_importing_core_loads_no_qt():
-    mods = [p.stem for p in CORE.glob("*.py") if p.stem != "__init__"]
-    code = ("import sys\n" + "".join(f"import core.{m}\n" for m in mods)
+    mods = [".".join(p.relative_to(CORE).with_suffix("").parts) for p in _core_sources()]
+    mods = [m.removesuffix(".__init__") for m in mods if m != "__init__"]
+    code = ("import sys\n" + "".join(f"import rdc_studio.core.{m}\n" for m in mods)
             + f"bad = [m for m in sys.modules if m.split('.')[0] in {sorted(QT_MODULES)!r}]\n"
             + "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=CORE.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=pathlib.Path.home())
 
 
 def test_allocator_tuning_is_idempotent_and_reported():
-    from core.runtime import tune_allocator
+    from rdc_studio.core.runtime import tune_allocator
 
     first = tune_allocator()
     assert isinstance(first, bool) and tune_allocator() is first

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from core.classifier import ClassifierSettings, DiffusionClassifier
-from core.purify import LikelihoodMaximizer, PurifySettings
+from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
+from rdc_studio.core.purify import LikelihoodMaximizer, PurifySettings
 
 
 @pytest.fixture

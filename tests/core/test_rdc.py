@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from core.classifier import ClassifierSettings
-from core.purify import LikelihoodMaximizer, PurifySettings
-from core.rdc import RobustDiffusionClassifier
+from rdc_studio.core.classifier import ClassifierSettings
+from rdc_studio.core.purify import LikelihoodMaximizer, PurifySettings
+from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 
 @pytest.fixture
@@ -73,7 +73,7 @@ def test_bad_grad_mode(tiny_net):
 
 
 def test_apgd_against_the_full_defense_returns_valid_examples(tiny_net):
-    from core.attacks import AttackSettings, run_attack
+    from rdc_studio.core.attacks import AttackSettings, run_attack
 
     rdc = RobustDiffusionClassifier(tiny_net, ClassifierSettings(steps=2),
                                     PurifySettings(eta=0.1, steps=2, step_size=0.03), grad_mode="exact")
@@ -86,7 +86,7 @@ def test_apgd_against_the_full_defense_returns_valid_examples(tiny_net):
 
 
 def test_attack_session_judges_with_the_full_defense(tiny_net):
-    from core.attacks import AttackResult, AttackSettings, AttackStep, DefenseOutcome, attack_session
+    from rdc_studio.core.attacks import AttackResult, AttackSettings, AttackStep, DefenseOutcome, attack_session
 
     cs, ps = ClassifierSettings(steps=2), PurifySettings(eta=0.1, steps=1, step_size=0.03)
     full = RobustDiffusionClassifier(tiny_net, cs, ps, "exact")
@@ -133,7 +133,7 @@ def test_smooth_mode_equals_exact_for_adam(net64):
 
 
 def test_masked_gradient_warning_only_for_exact_through_sign_steps():
-    from core.rdc import masked_gradient_warning
+    from rdc_studio.core.rdc import masked_gradient_warning
 
     sign, adam = PurifySettings(steps=3), PurifySettings(steps=3, optimizer="adam")
     assert "smooth" in masked_gradient_warning("exact", sign)
@@ -143,7 +143,7 @@ def test_masked_gradient_warning_only_for_exact_through_sign_steps():
 
 
 def test_auto_gradient_mode_is_adaptive_for_each_optimiser(tiny_net):
-    from core.rdc import resolve_grad_mode
+    from rdc_studio.core.rdc import resolve_grad_mode
 
     assert resolve_grad_mode("auto", PurifySettings(steps=3)) == "smooth"
     assert resolve_grad_mode("auto", PurifySettings(steps=3, optimizer="adam")) == "exact"

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from core.sample import karras_sigmas, sample
+from rdc_studio.core.sample import karras_sigmas, sample
 
 
 def test_karras_sigmas():

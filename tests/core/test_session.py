@@ -3,7 +3,7 @@ import json
 import numpy as np
 import pytest
 
-from core.session import SessionError, decode_array, encode_array, load_session, make_session, save_session
+from rdc_studio.core.session import SessionError, decode_array, encode_array, load_session, make_session, save_session
 
 
 def test_array_round_trip_is_exact():

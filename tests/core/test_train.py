@@ -3,12 +3,12 @@ import json
 import pytest
 import torch
 
-from core.data import TensorDataset
-from core.models import load_checkpoint
-from core.nets import NetConfig
-from core.train import TrainConfig, ema_decay_at, export_from_state, train
+from rdc_studio.core.data import TensorDataset
+from rdc_studio.core.models import load_checkpoint
+from rdc_studio.core.nets import NetConfig
+from rdc_studio.core.train import TrainConfig, ema_decay_at, export_from_state, train
 
-from core.data import mnist_available
+from rdc_studio.core.data import mnist_available
 
 
 def _dataset(n=96):
@@ -97,7 +97,7 @@ def test_init_from_refuses_a_different_architecture(tmp_path):
 
 
 def test_cli_init_from_refuses_another_dataset(tmp_path):
-    from core.cli import main
+    from rdc_studio.core.cli import main
 
     net_cfg, cfg = _cfgs()
     list(train(_dataset(), net_cfg, cfg, tmp_path / "src"))
@@ -112,7 +112,7 @@ def test_cli_init_from_refuses_another_dataset(tmp_path):
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
 def test_real_training_run_lowers_loss(tmp_path):
     """A short real run on MNIST through the CLI: the loss falls and the model classifies."""
-    from core.cli import main
+    from rdc_studio.core.cli import main
 
     log = tmp_path / "log.jsonl"
     rc = main(["train", "--dataset", "mnist", "--out", str(tmp_path / "run"), "--channels", "8,16",
@@ -128,8 +128,8 @@ def test_real_training_run_lowers_loss(tmp_path):
 
 def test_cross_entropy_uses_the_classifier_logit_estimate():
     """For the edm weighting the importance ratio w/p_train is exactly lambda(sigma)."""
-    from core.diffusion import loss_weight
-    from core.train import classifier_cross_entropy
+    from rdc_studio.core.diffusion import loss_weight
+    from rdc_studio.core.train import classifier_cross_entropy
 
     errors = torch.tensor([[3.0, 1.0, 2.0], [0.5, 0.25, 4.0], [1.0, 2.0, 3.0]])
     sigma = torch.tensor([0.5, 2.0, 50.0])  # the last draw lies outside [0.1, 10]

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from core.data import mnist_available
+from rdc_studio.core.data import mnist_available
 
 ROOT = Path(__file__).resolve().parents[2]
 pytest.importorskip("torchattacks")
