@@ -103,6 +103,19 @@ def save_cnn(path: str | Path, model: SmallCNN, card: dict[str, Any]) -> Path:
     return path
 
 
+def is_cnn_checkpoint(name_or_path: str | Path | None) -> bool:
+    """Whether a bundled name or path names a CNN baseline checkpoint (by its card)."""
+    if name_or_path is None:
+        return False
+    p = Path(name_or_path)
+    if p.suffix not in (".safetensors", ".json") and not p.exists():
+        p = BUNDLED_DIR / f"{name_or_path}.safetensors"
+    try:
+        return json.loads(p.with_suffix(".json").read_text()).get("format") == CNN_FORMAT
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return False
+
+
 def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device = "cpu") -> tuple[SmallCNN, dict]:
     """Load a CNN checkpoint (bundled name or path); clear errors for bad files."""
     p = Path(name_or_path)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field, asdict
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -32,12 +32,26 @@ class ClassifierSettings:
     noise_seed: int = 0
     levels_per_pass: int = 0  # noise levels per forward pass (0 = all); bounds memory
     bf16: bool = False
+    # Progressive class elimination: the first ``screen_levels`` levels (a stratified
+    # subset of the grid) are spent on all K classes, the rest on the ``keep_classes``
+    # classes leading after them. 0 = every level on every class.
+    screen_levels: int = 0
+    keep_classes: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
+        if self.screen_levels < 0 or self.keep_classes < 0:
+            raise ValueError("screen_levels and keep_classes must be >= 0")
+        if self.screen_levels > self.steps:
+            raise ValueError(f"screen_levels ({self.screen_levels}) exceeds the number of levels ({self.steps})")
+
+    @property
+    def eliminates(self) -> bool:
+        """Whether some levels are evaluated on the leading classes only."""
+        return 0 < self.screen_levels < self.steps and self.keep_classes > 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,11 +120,12 @@ class DiffusionClassifier(nn.Module):
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def level_errors(self, x: torch.Tensor, levels: Sequence[int], noise: torch.Tensor,
-                     per_class: bool = False) -> torch.Tensor:
+                     per_class: bool = False, classes: torch.Tensor | None = None) -> torch.Tensor:
         """Squared denoising errors ||D_y(x~ + s_i n_i; s_i) - x~||^2, shape (N, L, K).
 
-        ``per_class`` evaluates each class with its own pass (K passes; only used to
-        measure the multi-head speed-up).
+        ``classes`` (N, M) restricts each example to M classes of its own; the result is
+        then (N, L, M) in that order. ``per_class`` evaluates each class with its own
+        pass (K passes; only used to measure the multi-head speed-up).
         """
         x0 = to_model_space(x)
         n, L = x.shape[0], len(levels)
@@ -119,6 +134,14 @@ class DiffusionClassifier(nn.Module):
         x_noisy = (x0.unsqueeze(1) + sig.view(1, L, 1, 1, 1) * noise[idx].unsqueeze(0)).flatten(0, 1)
         sig_b = sig.repeat(n)
         k = self.num_classes
+        if classes is not None:
+            m = classes.shape[1]
+            labels = classes.unsqueeze(1).expand(n, L, m).reshape(-1)
+            rep = lambda t: t.repeat_interleave(m, dim=0)  # noqa: E731  (example, level, class) order
+            with self._autocast():
+                d = self.net.denoise_labels(rep(x_noisy), rep(sig_b), labels)
+            d = d.to(x0.dtype).view(n, L, m, *x.shape[1:])
+            return (d - x0.view(n, 1, 1, *x.shape[1:])).pow(2).flatten(3).sum(-1)
         with self._autocast():
             if per_class:
                 outs = [self.net.denoise(x_noisy, sig_b, heads=[y]) for y in range(k)]
@@ -128,55 +151,84 @@ class DiffusionClassifier(nn.Module):
         d = d.to(x0.dtype).view(n, L, k, *x.shape[1:])
         return (d - x0.view(n, 1, 1, *x.shape[1:])).pow(2).flatten(3).sum(-1)
 
-    def _chunks(self) -> list[list[int]]:
-        t = self.settings.steps
-        size = self.settings.levels_per_pass or t
-        return [list(range(i, min(i + size, t))) for i in range(0, t, size)]
+    def _passes(self, x: torch.Tensor, noise: torch.Tensor, levels_per_step: int,
+                per_class: bool = False) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """The one quadrature that :meth:`forward` and :meth:`stream` both run.
+
+        Visits the levels in :func:`interleaved_order`, ``levels_per_step`` at a time, and
+        yields ``(levels_done, estimate, errors)``: the logits estimated from the levels so
+        far (partial sums rescaled to the full weight mass, so estimates are comparable
+        across steps) and the (N, L, K) errors of this chunk (NaN for eliminated classes).
+        With progressive elimination (:attr:`ClassifierSettings.eliminates`) the levels
+        after the screening ones are evaluated on each example's ``keep_classes`` leading
+        classes only; an eliminated class keeps its screening estimate. The last estimate
+        is the classifier's output.
+        """
+        s = self.settings
+        t, k = s.steps, self.num_classes
+        order = interleaved_order(t)
+        total_mass = self.weights.sum()
+        acc = torch.zeros(x.shape[0], k, device=self.device, dtype=x.dtype)
+        mass_done = torch.zeros((), device=self.device)
+        screen = s.screen_levels if s.eliminates and s.keep_classes < k else t
+        kept: torch.Tensor | None = None
+        kept_acc = kept_mass = None
+        done = 0
+        while done < t:
+            end = min(done + levels_per_step, screen if done < screen else t)
+            levels = order[done:end]
+            w = self.weights[levels]
+            if kept is None:
+                err = self.level_errors(x, levels, noise, per_class)
+                acc = acc - (err * w.view(1, -1, 1)).sum(1)
+                mass_done = mass_done + w.sum()
+                estimate = acc * (total_mass / mass_done) if end < t else acc
+            else:
+                part = self.level_errors(x, levels, noise, classes=kept)
+                kept_acc = kept_acc - (part * w.view(1, -1, 1)).sum(1)
+                kept_mass = kept_mass + w.sum()
+                scaled = kept_acc * (total_mass / kept_mass) if end < t else kept_acc
+                estimate = screened.scatter(1, kept, scaled)
+                err = torch.full((x.shape[0], len(levels), k), float("nan"), device=self.device, dtype=part.dtype)
+                err = err.scatter(2, kept.unsqueeze(1).expand(-1, len(levels), -1), part)
+            done = end
+            yield done, estimate + self.log_prior, err
+            if kept is None and done == screen and screen < t:
+                screened = estimate
+                # the selection is a (piecewise constant) part of the deployed classifier
+                kept = estimate.detach().topk(s.keep_classes, dim=1).indices
+                kept_acc, kept_mass = acc.gather(1, kept), mass_done
 
     def forward(self, x: torch.Tensor, per_class: bool = False) -> torch.Tensor:
         """Logits (N, K) for images (N, C, H, W) in [0, 1]; differentiable in ``x``."""
         noise = self.draw_noise()
-        total = None
-        for levels in self._chunks():
-            err = self.level_errors(x, levels, noise, per_class)
-            w = self.weights[levels].view(1, -1, 1)
-            part = -(err * w).sum(1)
-            total = part if total is None else total + part
-        return total + self.log_prior
+        estimate = None
+        for _, estimate, _ in self._passes(x, noise, self.settings.levels_per_pass or self.settings.steps,
+                                           per_class):
+            pass
+        return estimate
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return torch.softmax(self.forward(x), dim=1)
 
     def stream(self, x: torch.Tensor, levels_per_step: int = 1,
-               cancelled=lambda: False) -> Iterator[ClassifyStep]:
+               cancelled: Callable[[], bool] = lambda: False) -> Iterator[ClassifyStep]:
         """Yield the running estimate after each chunk of ``levels_per_step`` levels.
 
         Levels are visited in an interleaved order (a stratified subset of the grid at
         every step) and the partial weighted sum is rescaled to the full mass, so the
         estimate is comparable across steps; after the last step it equals
-        :meth:`forward`. ``level_errors`` of a record follow the visiting order.
+        :meth:`forward`. ``level_errors`` of a record follow the visiting order (NaN for
+        classes eliminated by progressive elimination).
         """
         noise = self.draw_noise()
         t = self.settings.steps
         order = interleaved_order(t)
-        acc = torch.zeros(x.shape[0], self.num_classes, device=self.device)
-        mass_done = 0.0
-        total_mass = float(self.weights.sum())
         with torch.no_grad():
-            for start in range(0, t, levels_per_step):
-                if cancelled():
-                    return
-                levels = order[start:start + levels_per_step]
-                err = self.level_errors(x, levels, noise)
-                w = self.weights[levels]
-                acc = acc - (err * w.view(1, -1, 1)).sum(1)
-                mass_done += float(w.sum())
-                done = start + len(levels)
-                if done == t:
-                    est = acc + self.log_prior
-                else:
-                    est = acc * (total_mass / mass_done) + self.log_prior
+            if cancelled():
+                return
+            for done, est, err in self._passes(x, noise, levels_per_step):
                 yield ClassifyStep(
                     levels_done=done, total_levels=t,
                     sigmas_done=self.sigmas[order[:done]].cpu().numpy().copy(),
@@ -184,6 +236,8 @@ class DiffusionClassifier(nn.Module):
                     probabilities=torch.softmax(est, dim=1).cpu().numpy().copy(),
                     level_errors=err.cpu().numpy().copy(),
                 )
+                if cancelled():
+                    return
 
 
 def interleaved_order(steps: int) -> list[int]:

@@ -107,7 +107,8 @@ def resolve_device(name: str) -> str:
 
 def _classifier_overrides(args: argparse.Namespace) -> dict:
     return {"steps": args.dc_steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
-            "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed}
+            "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed,
+            "screen_levels": args.screen_levels, "keep_classes": args.keep_classes}
 
 
 def _add_classifier_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
@@ -120,6 +121,11 @@ def _add_classifier_args(p: argparse.ArgumentParser, steps_flag: str = "--steps"
     p.add_argument("--sigma-max", type=float, default=None)
     p.add_argument("--mode", choices=["deterministic", "randomized"], default=None)
     p.add_argument("--noise-seed", type=int, default=None)
+    p.add_argument("--screen-levels", type=int, default=None,
+                   help="progressive class elimination: levels spent on all classes before the leading "
+                        "--keep-classes get the rest (default: the model card's; 0 = off)")
+    p.add_argument("--keep-classes", type=int, default=None,
+                   help="classes kept after the screening levels (default: the model card's; 0 = all)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
 
 
@@ -142,35 +148,49 @@ def _load(args: argparse.Namespace):
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
+    from .baseline import is_cnn_checkpoint, load_cnn
     from .images import ImageLoadError, load_for_model
 
     _setup_threads(args)
-    model, clf = _load(args)
-    cfg = model.net.config
+    if is_cnn_checkpoint(args.model):  # the discriminative baseline, e.g. to judge samples
+        from .models import CheckpointError
+
+        device = resolve_device(args.device)
+        try:
+            classify, card = load_cnn(args.model, device=device)
+        except CheckpointError as exc:
+            raise SystemExit(f"rdc: error: {exc}") from None
+        name, classes, settings = card["name"], list(card["classes"]), None
+        image_size, channels = card["image_size"], card["in_channels"]
+    else:
+        model, classify = _load(args)
+        device, name, classes = classify.device, model.name, model.classes
+        settings = classify.settings.to_dict()
+        image_size, channels = model.net.config.image_size, model.net.config.in_channels
     results, status = [], 0
     for path in args.images:
         try:
-            arr = load_for_model(path, cfg.image_size, cfg.in_channels)
+            arr = load_for_model(path, image_size, channels)
         except ImageLoadError as exc:
             print(f"rdc: error: {exc}", file=sys.stderr)
             results.append({"image": path, "error": str(exc)})
             status = 1
             continue
-        x = torch.from_numpy(arr).unsqueeze(0).to(clf.device)
+        x = torch.from_numpy(arr).unsqueeze(0).to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
-            logits = clf(x)[0]
+            logits = classify(x)[0]
         seconds = time.perf_counter() - t0
         probs = torch.softmax(logits, 0).cpu()
         pred = int(probs.argmax())
-        results.append({"image": path, "predicted": pred, "class": model.classes[pred],
-                        "confidence": float(probs[pred]), "probabilities": dict(zip(model.classes, map(float, probs))),
+        results.append({"image": path, "predicted": pred, "class": classes[pred],
+                        "confidence": float(probs[pred]), "probabilities": dict(zip(classes, map(float, probs))),
                         "logits": [float(v) for v in logits.cpu()], "seconds": seconds})
         if not args.json:
-            bars = "  ".join(f"{c}:{p:.3f}" for c, p in zip(model.classes, probs.tolist()))
-            print(f"{path}: {model.classes[pred]} ({float(probs[pred]):.1%})  [{bars}]  {seconds * 1000:.0f} ms")
+            bars = "  ".join(f"{c}:{p:.3f}" for c, p in zip(classes, probs.tolist()))
+            print(f"{path}: {classes[pred]} ({float(probs[pred]):.1%})  [{bars}]  {seconds * 1000:.0f} ms")
     if args.json:
-        print(json.dumps({"model": model.name, "settings": clf.settings.to_dict(), "results": results}, indent=2))
+        print(json.dumps({"model": name, "settings": settings, "results": results}, indent=2))
     return status
 
 
@@ -347,30 +367,47 @@ def _ensemble(args: argparse.Namespace, ds):
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from .images import image_from_array, save_png_atomic
+    from .images import save_png_atomic
+    from .models import CheckpointError, load_checkpoint
     from .sample import sample
 
+    if not args.out and not args.out_dir:
+        raise SystemExit("rdc: error: give --out GRID.png, --out-dir DIR, or both")
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise SystemExit("rdc: error: --out must be a .png file")
     _setup_threads(args)
-    from .models import CheckpointError, load_checkpoint
-
     try:
         model = load_checkpoint(args.model, device=resolve_device(args.device))
     except CheckpointError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
     k = model.net.config.num_classes
-    labels = list(range(k)) if args.label == "all" else [None if args.label == "uncond" else int(args.label)]
+    if args.label == "all":
+        labels: list[int | None] = list(range(k))
+    elif args.label == "uncond":
+        labels = [None]
+    else:
+        try:
+            labels = [int(args.label)]
+        except ValueError:
+            raise SystemExit(f"rdc: error: --label must be a class index, 'all' or 'uncond', not {args.label!r}") from None
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
     columns = []
     for y in labels:
         last = None
         for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0)):
             pass
+        if out_dir is not None:
+            name = "uncond" if y is None else str(y)
+            for i, image in enumerate(last.image):
+                save_png_atomic(image, out_dir / f"{name}-{i:03d}.png")
         columns.append(np.concatenate(list(last.image), axis=1))  # stack the n samples vertically
-    grid = np.concatenate(columns, axis=2)
-    out = Path(args.out)
-    if out.suffix.lower() != ".png":
-        raise SystemExit("rdc: error: --out must be a .png file")
-    save_png_atomic(grid, out)
-    print(f"wrote {out} ({len(labels)} column(s) x {args.n} sample(s), {args.sampler_steps} Heun steps)")
+    if args.out:
+        save_png_atomic(np.concatenate(columns, axis=2), Path(args.out))
+        print(f"wrote {args.out} ({len(labels)} column(s) x {args.n} sample(s), {args.sampler_steps} Heun steps)")
+    if out_dir is not None:
+        print(f"wrote {len(labels) * args.n} PNGs to {out_dir} (LABEL-INDEX.png)")
     return 0
 
 
@@ -658,7 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sampler-steps", type=int, default=18)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", required=True, help="output PNG")
+    p.add_argument("--out", default=None, help="write all samples as one PNG grid (a column per class)")
+    p.add_argument("--out-dir", default=None,
+                   help="write one PNG per sample into this folder, named LABEL-INDEX.png (e.g. 3-007.png)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("purify", help="likelihood maximisation of one image (the RDC's purification)")

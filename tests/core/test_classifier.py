@@ -123,3 +123,54 @@ def test_settings_validation():
         ClassifierSettings(mode="sometimes")
     with pytest.raises(ValueError):
         ClassifierSettings(steps=0)
+
+
+@pytest.fixture(params=["multihead", "embedding"])
+def any_net(request, tiny_net):
+    if request.param == "multihead":
+        return tiny_net
+    from rdc_studio.core.nets import NetConfig, build_denoiser
+
+    torch.manual_seed(1)
+    net = build_denoiser(NetConfig(architecture="embedding", channels=(8, 16), emb_dim=32))
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval()
+
+
+def test_progressive_elimination_keeps_the_leaders_exact(any_net, images):
+    """Kept classes get the full quadrature, eliminated ones their screening estimate."""
+    full = DiffusionClassifier(any_net, ClassifierSettings(steps=8, noise_seed=4))
+    screen_only = DiffusionClassifier(any_net, ClassifierSettings(steps=8, noise_seed=4))
+    pruned = DiffusionClassifier(any_net, ClassifierSettings(steps=8, noise_seed=4, screen_levels=4, keep_classes=3))
+    assert pruned.settings.eliminates
+    with torch.no_grad():
+        exact = full(images)
+        # the screening estimate: the first 4 levels in visiting order, rescaled to the full mass
+        _, screened, _ = next(iter(screen_only._passes(images, screen_only.noise_bank, 4)))
+        out = pruned(images)
+    kept = screened.topk(3, dim=1).indices
+    for i in range(images.shape[0]):
+        for c in range(10):
+            if c in kept[i]:
+                assert torch.allclose(out[i, c], exact[i, c], rtol=1e-5, atol=1e-3), (i, c)
+            else:
+                assert torch.allclose(out[i, c], screened[i, c], rtol=1e-5, atol=1e-3), (i, c)
+    # the stream ends where forward ends, and marks eliminated classes' errors as NaN
+    steps = list(pruned.stream(images, levels_per_step=3))
+    assert [s.levels_done for s in steps] == [3, 4, 7, 8]
+    assert np.allclose(steps[-1].logits, out.numpy(), rtol=1e-5, atol=1e-3)
+    assert np.isnan(steps[-1].level_errors).sum() == images.shape[0] * 1 * 7
+    assert not np.isnan(steps[0].level_errors).any()
+
+
+def test_progressive_elimination_is_differentiable_and_validated(tiny_net, images):
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=6, screen_levels=2, keep_classes=2))
+    x = images.clone().requires_grad_(True)
+    clf(x).logsumexp(1).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert not ClassifierSettings(steps=6, screen_levels=6, keep_classes=2).eliminates
+    assert not ClassifierSettings(steps=6, screen_levels=2, keep_classes=0).eliminates
+    with pytest.raises(ValueError, match="exceeds"):
+        ClassifierSettings(steps=4, screen_levels=5, keep_classes=2)

@@ -69,6 +69,30 @@ def test_sample_grid(tiny_checkpoint, tmp_path):
     assert Image.open(out).size == (28 * 10, 28 * 2)
 
 
+def test_sample_out_dir_writes_one_png_per_sample(tiny_checkpoint, tmp_path, capsys):
+    out = tmp_path / "samples"
+    assert main(["sample", "--model", str(tiny_checkpoint), "--label", "all", "--n", "2", "--sampler-steps", "2",
+                 "--out-dir", str(out), "--device", "cpu"]) == 0
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == sorted(f"{y}-{i:03d}.png" for y in range(10) for i in range(2))
+    assert Image.open(out / "7-001.png").size == (28, 28)
+    assert main(["sample", "--model", str(tiny_checkpoint), "--label", "uncond", "--n", "1", "--sampler-steps", "2",
+                 "--out-dir", str(out / "u"), "--device", "cpu"]) == 0
+    assert [p.name for p in (out / "u").glob("*.png")] == ["uncond-000.png"]
+    with pytest.raises(SystemExit, match="--out-dir"):
+        main(["sample", "--model", str(tiny_checkpoint)])
+
+
+def test_classify_with_the_cnn_baseline(digit_png, capsys):
+    """``--model mnist-cnn`` classifies with the bundled discriminative baseline."""
+    assert main(["classify", str(digit_png), "--model", "mnist-cnn", "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["model"] == "mnist-cnn" and out["settings"] is None
+    res = out["results"][0]
+    assert res["class"] == "1"  # the fixture is a vertical stroke
+    assert sum(res["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_purify_writes_png_and_never_touches_input(tiny_checkpoint, digit_png, tmp_path, capsys):
     before = digit_png.read_bytes()
     out = tmp_path / "purified.png"
