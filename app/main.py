@@ -25,10 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QCoreApplication, QEvent, QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication, QMessageBox
 
-    from ..core.cli import resolve_device
+    from ..core.defense import DeviceUnavailableError, resolve_device
     from ..core.models import CheckpointError, load_checkpoint
 
+    from .interrupt import InterruptHandler
     from .main_window import MainWindow
+    from .worker import wait_for_workers
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))  # one thread per core; the GUI thread mostly waits
     app = QApplication.instance() or QApplication(sys.argv[:1])
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         session = load_session(args.session) if args.session else None
         model = load_checkpoint(session["model"] if session else args.model, device=device)
-    except (CheckpointError, SessionError, SystemExit) as exc:
+    except (CheckpointError, SessionError, DeviceUnavailableError) as exc:
         message = str(exc)
         print(f"rdc-studio: error: {message}", file=sys.stderr)
         if not args.screenshot:
@@ -81,7 +83,14 @@ def main(argv: list[str] | None = None) -> int:
         QTimer.singleShot(0, lambda: window.open_session(args.session))
     elif args.image:
         QTimer.singleShot(0, lambda: window.open_path(args.image))
-    return app.exec()
+    interrupt = InterruptHandler(window.close)  # Ctrl+C: the same clean close as File > Quit
+    code = app.exec()
+    interrupt.uninstall()
+    # the window has closed after its jobs ended; join any worker left (never destroy a running QThread)
+    wait_for_workers()
+    window.deleteLater()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+    return code
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The RDC Studio main window: open an image, classify it live with the diffusion model."""
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -9,31 +11,32 @@ import numpy as np
 import torch
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent, QGuiApplication, QImage, QKeySequence
-from PySide6.QtWidgets import (QFileDialog, QGridLayout, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QMessageBox,
-                               QProgressBar, QPushButton, QSlider, QSpinBox, QSplitter, QTabWidget, QToolBar,
+from PySide6.QtWidgets import (QCheckBox, QFileDialog, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QMessageBox,
+                               QProgressBar, QPushButton, QSpinBox, QSplitter, QTabWidget, QToolBar,
                                QVBoxLayout, QWidget)
 
-from ..core.attacks import AttackResult, AttackStep, DefenseOutcome, attack_session
-from ..core.classifier import ClassifyStep, build_classifier
-from ..core.purify import LikelihoodMaximizer, PurifySettings, PurifyStep
-from ..core.sample import SampleStep, sample
+from ..core.classifier import build_classifier
+from ..core.defense import build_defense, gradient_warning, purify_settings
+from ..core.purify import LikelihoodMaximizer
+from ..core.sample import SampleStep
 from ..core.images import save_png_atomic
-from ..core.rdc import RobustDiffusionClassifier, masked_gradient_warning
 from ..core.session import SessionError, load_session, make_session, save_session, write_csv
 from ..core.images import ImageLoadError, convert_image, load_for_model
 from ..core.models import CheckpointError, LoadedModel, list_bundled_models, load_checkpoint, resource_dir
 
-from .widgets.attack_panel import AttackPanel
+from .jobs import attack_job, classify_job, purify_job, sample_job
+from .session_state import CSV_HEADER, SessionState
+from .tabs.attack_tab import AttackTab
+from .tabs.classify_tab import ClassifyTab
+from .tabs.purify_tab import PurifyTab
 from .widgets.dataset_browser import DatasetBrowser
 from .widgets.gallery import Gallery
-from .widgets.image_view import ImageView, PerturbationView
-from .widgets.likelihood_plot import LikelihoodPlot
-from .widgets.probability_bars import ProbabilityBars
-from .widgets.purify_panel import PurifyPanel
-from .widgets.step_plot import StepPlot
+from .widgets.image_view import ImageView
 from .worker import JobRunner
 
 SAMPLES_DIR = resource_dir("samples")
+HEAVY_ATTACK_SETTINGS = ("steps", "eot", "restarts")
+"""Attack settings that set an attack's cost: reset on launch unless pinned."""
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.tif *.tiff *.gif);;All files (*)"
 
 
@@ -43,42 +46,30 @@ class MainWindow(QMainWindow):
     classification_finished = Signal(object)
     attack_finished = Signal(object)
     purification_finished = Signal(object)
-    image_loaded = Signal(str)
 
     def __init__(self, model: LoadedModel, device: str = "cpu", steps: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.device = device
         self.settings_store = QSettings("RDC Studio", "RDC Studio")
-        default_steps = int(model.classifier_defaults.get("steps", 16))
-        self.image: np.ndarray | None = None
-        self.image_source = ""
-        self.image_path = ""
+        self.state = SessionState(model.classes)
+        self.state.subscribe(self._on_state_changed)
         self.session_classifier: dict | None = None
-        self.last_probabilities: np.ndarray | None = None
-        self.last_outcome: DefenseOutcome | None = None
-        self.purify_records: list[PurifyStep] = []
+        self.sample_label = ""
         self._job_kind = ""
         self._started_at = 0.0
+        self._closing = False
+        self._pending_device: str | None = None
         self.runner = JobRunner(self)
         self.runner.steps_ready.connect(self._on_runner_steps_ready)
         self.runner.finished.connect(self._on_runner_finished)
         self.runner.failed.connect(self._on_runner_failed)
+        self.runner.drained.connect(self._on_runner_drained)
         self.setAcceptDrops(True)
         self.resize(1280, 800)
         self._build_ui()
         self._build_menus()
-        stored = self.settings_store.value("classify/steps", None)
-        self.steps_spin.setValue(int(steps or (stored if stored is not None else default_steps)))
-        geometry = self.settings_store.value("window/geometry")
-        if geometry is not None:
-            self.restoreGeometry(geometry)
-        saved_attack = self.settings_store.value("attack/settings")
-        if saved_attack:
-            try:
-                self.attack_panel.apply(json.loads(saved_attack))
-            except (TypeError, ValueError):
-                pass  # settings from another version: keep the defaults
+        self._restore_settings(steps)
         self._timer = QTimer(self)
         self._timer.setInterval(100)
         self._timer.timeout.connect(self._on_timer_timeout)
@@ -105,6 +96,11 @@ class MainWindow(QMainWindow):
         self.stop_button.setEnabled(False)
         self.stop_button.clicked.connect(self.stop)
         toolbar.addWidget(self.stop_button)
+        toolbar.addSeparator()
+        self.pin_check = QCheckBox("Pin heavy settings")
+        self.pin_check.setToolTip("Keep T and the attack's steps and EOT draws for the next launch; unpinned, "
+                                  "they start from the model card's defaults")
+        toolbar.addWidget(self.pin_check)
 
         self.input_view = ImageView("Model input (converted)")
         self.gallery = Gallery(icon_size=40)
@@ -114,20 +110,51 @@ class MainWindow(QMainWindow):
         gallery_box = QWidget()
         gl = QVBoxLayout(gallery_box)
         gl.setContentsMargins(2, 2, 2, 2)
-        gl.addWidget(QLabel("<b>Samples</b> (generated by the bundled model; click to open)"))
+        samples_label = QLabel("<b>Samples</b> (generated by the bundled model; click to open)")
+        samples_label.setWordWrap(True)
+        gl.addWidget(samples_label)
         gl.addWidget(self.gallery, 1)
+        gallery_box.setMinimumHeight(110)
         left.addWidget(gallery_box)
+        left.setChildrenCollapsible(False)
         left.setSizes([520, 200])
+        left.setMinimumWidth(190)
+        defaults = purify_settings(self.model)
+        self.classify_tab = ClassifyTab(self.state)
+        self.attack_tab = AttackTab(self.state)
+        self.purify_tab = PurifyTab(self.state, defaults)
+        self.attack_tab.panel.run_requested.connect(self._on_attack_panel_run_requested)
+        self.attack_tab.panel.stop_requested.connect(self.stop)
+        self.attack_tab.purify_requested.connect(self._on_attack_tab_purify_requested)
+        self.purify_tab.panel.run_requested.connect(self._on_purify_panel_run_requested)
+        self.purify_tab.panel.stop_requested.connect(self.stop)
+        self.purify_tab.attack_requested.connect(self._on_purify_tab_attack_requested)
+        self._views = {"classify": self.classify_tab, "attack": self.attack_tab, "purify": self.purify_tab}
+        # the widgets tests, benchmarks and sessions reach by name
+        self.bars, self.curves = self.classify_tab.bars, self.classify_tab.curves
+        self.attack_panel, self.attack_plot = self.attack_tab.panel, self.attack_tab.plot
+        self.view_original, self.view_perturbation = self.attack_tab.view_original, self.attack_tab.view_perturbation
+        self.view_adversarial, self.view_purified = self.attack_tab.view_adversarial, self.attack_tab.view_purified
+        self.attack_verdict = self.attack_tab.verdict
+        self.purify_panel, self.purify_view = self.purify_tab.panel, self.purify_tab.view
+        self.purify_curves, self.objective_plot = self.purify_tab.curves, self.purify_tab.objective_plot
+        self.scrubber = self.purify_tab.scrubber
         self.tabs = QTabWidget()
-        self.tabs.addTab(self._build_classify_tab(), "Classify")
-        self.tabs.addTab(self._build_attack_tab(), "Attack")
-        self.tabs.addTab(self._build_purify_tab(), "Purify")
+        self.tabs.addTab(self.classify_tab, "Classify")
+        self.tabs.addTab(self.attack_tab, "Attack")
+        self.tabs.addTab(self.purify_tab, "Purify")
+        self.tabs.setMinimumWidth(600)
         main = QSplitter(Qt.Orientation.Horizontal)
         main.addWidget(left)
         main.addWidget(self.tabs)
-        main.setSizes([360, 920])
+        main.setChildrenCollapsible(False)
+        main.setStretchFactor(0, 0)
+        main.setStretchFactor(1, 1)
+        main.setSizes([300, 980])
+        self.main_splitter = main
         central = QWidget()
         layout = QHBoxLayout(central)
+        layout.setContentsMargins(4, 4, 4, 4)
         layout.addWidget(main)
         self.setCentralWidget(central)
 
@@ -136,89 +163,70 @@ class MainWindow(QMainWindow):
         self.progress.setMaximumWidth(220)
         self.progress.setFormat("%v / %m levels")
         self.elapsed_label = QLabel("")
+        self.message_label = QLabel("")  # long messages are elided here, whole in the tooltip
+        self.message_label.setMinimumWidth(50)
+        self._message_text = ""
+        self._message_timer = QTimer(self)
+        self._message_timer.setSingleShot(True)
+        self._message_timer.timeout.connect(self._on_message_timer_timeout)
         status = self.statusBar()
+        status.addWidget(self.message_label, 1)
         status.addPermanentWidget(self.elapsed_label)
         status.addPermanentWidget(self.progress)
         status.addPermanentWidget(self.device_label)
 
-    def _build_classify_tab(self) -> QWidget:
-        self.bars = ProbabilityBars(self.model.classes)
-        self.curves = LikelihoodPlot(self.model.classes)
-        curves_box = QWidget()
-        cl = QVBoxLayout(curves_box)
-        cl.setContentsMargins(2, 2, 2, 2)
-        cl.addWidget(QLabel("<b>Per-class likelihood estimate, converging over noise levels</b>"))
-        cl.addWidget(self.curves, 1)
-        split = QSplitter(Qt.Orientation.Vertical)
-        split.addWidget(self.bars)
-        split.addWidget(curves_box)
-        split.setSizes([360, 360])
-        return split
+    def _restore_settings(self, steps: int | None) -> None:
+        """Window geometry and light settings always; T and the attack's heavy settings only
+        when pinned (otherwise the model card's and the panel's defaults)."""
+        store = self.settings_store
+        pinned = str(store.value("settings/pinned", "false")).lower() == "true"
+        self.pin_check.setChecked(pinned)
+        default_steps = int(self.model.classifier_defaults.get("steps", 16))
+        stored = store.value("classify/steps", None) if pinned else None
+        self.steps_spin.setValue(int(steps or (stored if stored is not None else default_steps)))
+        geometry = store.value("window/geometry")
+        if geometry is not None:
+            self.restoreGeometry(geometry)
+        saved_attack = store.value("attack/settings")
+        if saved_attack:
+            try:
+                saved = json.loads(saved_attack)
+                if not pinned:
+                    defaults = self.attack_panel.settings().to_dict()
+                    saved.update({k: defaults[k] for k in HEAVY_ATTACK_SETTINGS if k in defaults})
+                self.attack_panel.apply(saved)
+            except (TypeError, ValueError, KeyError):
+                pass  # settings from another version: keep the defaults
 
-    def _build_attack_tab(self) -> QWidget:
-        self.attack_panel = AttackPanel(self.model.classes)
-        self.attack_panel.setMaximumWidth(260)
-        self.attack_panel.run_requested.connect(self.run_attack)
-        self.attack_panel.stop_requested.connect(self.stop)
-        self.view_original = ImageView("Original")
-        self.view_perturbation = PerturbationView("Perturbation (amplified)")
-        self.view_adversarial = ImageView("Adversarial")
-        self.view_purified = ImageView("Adversarial, purified")
-        views = [self.view_original, self.view_perturbation, self.view_adversarial, self.view_purified]
-        for v in views[1:]:  # linked zoom and pan
-            v.view.setXLink(views[0].view)
-            v.view.setYLink(views[0].view)
-        grid = QGridLayout()
-        for i, v in enumerate(views):
-            grid.addWidget(v, 0, i)
-        self.attack_verdict = QLabel("Run an attack to see the verdict")
-        self.attack_verdict.setWordWrap(True)
-        self.attack_verdict.setStyleSheet("font-size: 13pt; font-weight: bold;")
-        self.attack_plot = StepPlot("iteration", "loss / margin", ["loss", "margin"])
-        right = QWidget()
-        rl = QVBoxLayout(right)
-        rl.setContentsMargins(2, 2, 2, 2)
-        rl.addLayout(grid, 3)
-        rl.addWidget(self.attack_verdict)
-        rl.addWidget(self.attack_plot, 2)
-        tab = QWidget()
-        tl = QHBoxLayout(tab)
-        tl.addWidget(self.attack_panel)
-        tl.addWidget(right, 1)
-        return tab
+    def _save_settings(self) -> None:
+        store = self.settings_store
+        store.setValue("window/geometry", self.saveGeometry())
+        store.setValue("attack/settings", json.dumps(self.attack_panel.settings().to_dict()))
+        store.setValue("settings/pinned", "true" if self.pin_check.isChecked() else "false")
+        store.setValue("classify/steps", int(self.steps_spin.value()))
 
-    def _build_purify_tab(self) -> QWidget:
-        defaults = PurifySettings(**self.model.card.get("purify", {}))
-        self.purify_panel = PurifyPanel(defaults)
-        self.purify_panel.setMaximumWidth(260)
-        self.purify_panel.run_requested.connect(self.run_purification)
-        self.purify_panel.stop_requested.connect(self.stop)
-        self.purify_view = ImageView("Purified image (live)")
-        self.purify_curves = LikelihoodPlot(self.model.classes, x_label="likelihood-maximisation step")
-        self.objective_plot = StepPlot("step", "diffusion loss", ["objective"])
-        self.scrubber = QSlider(Qt.Orientation.Horizontal)
-        self.scrubber.setEnabled(False)
-        self.scrubber.valueChanged.connect(self._on_scrubber_value_changed)
-        self.scrubber_label = QLabel("step –")
-        scrub = QHBoxLayout()
-        scrub.addWidget(QLabel("Replay:"))
-        scrub.addWidget(self.scrubber, 1)
-        scrub.addWidget(self.scrubber_label)
-        top = QHBoxLayout()
-        top.addWidget(self.purify_view, 1)
-        top.addWidget(self.objective_plot, 1)
-        right = QWidget()
-        rl = QVBoxLayout(right)
-        rl.setContentsMargins(2, 2, 2, 2)
-        rl.addLayout(top, 1)
-        rl.addWidget(QLabel("<b>Per-class likelihood over the purification steps</b>"))
-        rl.addWidget(self.purify_curves, 1)
-        rl.addLayout(scrub)
-        tab = QWidget()
-        tl = QHBoxLayout(tab)
-        tl.addWidget(self.purify_panel)
-        tl.addWidget(right, 1)
-        return tab
+    def show_status(self, text: str, timeout_ms: int = 5000) -> None:
+        """A status-bar message, elided to the room left by the permanent widgets."""
+        self._message_text = text
+        self._elide_message()
+        self.message_label.setToolTip(text)
+        if timeout_ms > 0:
+            self._message_timer.start(timeout_ms)
+
+    def _elide_message(self) -> None:
+        width = max(20, self.message_label.width() - 4)
+        metrics = self.message_label.fontMetrics()
+        self.message_label.setText(metrics.elidedText(self._message_text, Qt.TextElideMode.ElideRight, width))
+
+    def _on_message_timer_timeout(self) -> None:
+        self._message_text = ""
+        self.message_label.setText("")
+        self.message_label.setToolTip("")
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        if self._message_text:
+            QTimer.singleShot(0, self._elide_message)  # after the status bar's layout
 
     def _build_menus(self) -> None:
         file_menu = self.menuBar().addMenu("&File")
@@ -269,7 +277,6 @@ class MainWindow(QMainWindow):
         self.gallery.set_images(images, labels)
 
     def _on_gallery_image_chosen(self, image: np.ndarray, label: str) -> None:
-        self.image_path = ""
         self.set_image(image, label)
 
     def open_dataset_browser(self) -> None:
@@ -282,11 +289,21 @@ class MainWindow(QMainWindow):
         self.dataset_browser = browser
 
     def set_device(self, device: str) -> None:
+        """Run later jobs on ``device``.
+
+        A cancelled job may still be inside a network pass on the old device: while a worker
+        runs, the network is copied to the new device instead of moved, so the old job keeps
+        its own (the copy is freed when it ends).
+        """
         if device == self.device:
             return
         self.runner.cancel()
+        self._on_job_stopped()
+        if self.runner.running_threads():
+            self.model = dataclasses.replace(self.model, net=copy.deepcopy(self.model.net).to(device))
+        else:
+            self.model.net.to(device)
         self.device = device
-        self.model.net.to(device)
         self._apply_model()
 
     def generate_sample_dialog(self) -> None:
@@ -298,16 +315,15 @@ class MainWindow(QMainWindow):
         """Draw an image of class ``label`` with the EDM sampler (shown live), then classify it."""
         seed = int(time.time()) % 100000 if seed is None else seed
         net = self.model.net
-        self.progress.setRange(0, steps)
-        self.progress.setFormat("%v / %m sampler steps")
+        self._set_progress(steps, "sampler steps")
         self.sample_label = f"generated {self.model.classes[label]} (seed {seed})"
-        self._start_job("sample", lambda cancelled: sample(net, label, 1, steps, seed, cancelled))
+        self._start_job("sample", lambda cancelled: sample_job(net, label, steps, seed, cancelled))
 
     def _apply_model(self) -> None:
         self.setWindowTitle(f"RDC Studio — {self.model.name}")
-        self.bars.set_classes(self.model.classes)
-        self.curves.set_classes(self.model.classes)
-        self.purify_curves.set_classes(self.model.classes)
+        self.state.set_classes(self.model.classes)
+        self.classify_tab.set_classes(self.model.classes)
+        self.purify_tab.set_classes(self.model.classes)
         self._load_samples()
         cfg = self.model.net.config
         self.device_label.setText(f"{self.model.name} · {cfg.architecture} · {self.device.upper()} "
@@ -316,7 +332,7 @@ class MainWindow(QMainWindow):
     # -- errors -----------------------------------------------------------------
     def show_error(self, title: str, text: str) -> None:
         """Report a problem without changing the current state (tests replace this)."""
-        self.statusBar().showMessage(f"{title}: {text}", 10000)
+        self.show_status(f"{title}: {text}", 10000)
         box = QMessageBox(QMessageBox.Icon.Warning, title, text, QMessageBox.StandardButton.Ok, self)
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         box.open()
@@ -351,8 +367,7 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot open image", str(exc))
             return False
         self.settings_store.setValue("paths/last_dir", str(Path(path).parent))
-        self.image_path = str(path)
-        self.set_image(arr, Path(path).name)
+        self.set_image(arr, Path(path).name, path=str(path))
         return True
 
     def paste_from_clipboard(self) -> None:
@@ -381,13 +396,44 @@ class MainWindow(QMainWindow):
         cfg = self.model.net.config
         self.set_image(convert_image(Image.fromarray(arr, "RGBA"), cfg.image_size, cfg.in_channels), label)
 
-    def set_image(self, image: np.ndarray, source: str) -> None:
-        self.image = np.array(image, dtype=np.float32, copy=True)
-        self.image_source = source
-        c, h, w = self.image.shape
-        self.input_view.set_image(self.image, f"{source} → {w}×{h}, {'grayscale' if c == 1 else 'RGB'}")
-        self.image_loaded.emit(source)
+    def set_image(self, image: np.ndarray, source: str, path: str = "") -> None:
+        """Make ``image`` (C, H, W) in [0, 1] the input and classify it."""
+        self.state.set_image(image, source, path)
         self.classify()
+
+    def _on_state_changed(self, event: str) -> None:
+        if event == "image":
+            image, source = self.state.image, self.state.image_source
+            if image is None:
+                self.input_view.set_image(None)
+            else:
+                c, h, w = image.shape
+                self.input_view.set_image(image, f"{source} → {w}×{h}, {'grayscale' if c == 1 else 'RGB'}")
+
+    # the session state, by the names tests and scripts use
+    @property
+    def image(self) -> np.ndarray | None:
+        return self.state.image
+
+    @property
+    def image_source(self) -> str:
+        return self.state.image_source
+
+    @property
+    def image_path(self) -> str:
+        return self.state.image_path
+
+    @property
+    def last_probabilities(self) -> np.ndarray | None:
+        return self.state.probabilities
+
+    @property
+    def last_outcome(self):
+        return self.state.attack.outcome
+
+    @property
+    def purify_records(self) -> list:
+        return self.state.purification.records
 
     # -- export and sessions ----------------------------------------------------------
     def _save_dialog(self, title: str, name: str, filt: str) -> str:
@@ -410,7 +456,7 @@ class MainWindow(QMainWindow):
         except (OSError, ValueError) as exc:
             self.show_error("Cannot export", str(exc))
             return False
-        self.statusBar().showMessage(f"Saved {path}", 5000)
+        self.show_status(f"Saved {path}", 5000)
         return True
 
     def export_csv_dialog(self) -> None:
@@ -420,36 +466,20 @@ class MainWindow(QMainWindow):
 
     def export_csv(self, path: str) -> bool:
         """Probabilities, likelihood curves, purification and attack curves in one tidy CSV."""
-        classes = self.model.classes
-        rows: list[list] = []
-        if self.last_probabilities is not None:
-            rows += [["probability", "", c, float(p)] for c, p in zip(classes, self.last_probabilities)]
-        for step, logits in zip(self.curves.steps, self.curves.history):
-            rows += [["classify_logit", step, c, float(v)] for c, v in zip(classes, logits)]
-        for rec in self.purify_records:
-            rows.append(["purify_objective", rec.step, "", float(rec.objective[0])])
-            rows += [["purify_logit", rec.step, c, float(v)] for c, v in zip(classes, rec.logits[0])]
-        for name, (xs, ys) in self.attack_plot.data.items():
-            rows += [[f"attack_{name}", int(x), "", y] for x, y in zip(xs, ys)]
+        rows = self.state.csv_rows()
         try:
-            write_csv(path, ["kind", "step", "class", "value"], rows)
+            write_csv(path, CSV_HEADER, rows)
         except OSError as exc:
             self.show_error("Cannot export", str(exc))
             return False
-        self.statusBar().showMessage(f"Saved {path} ({len(rows)} rows)", 5000)
+        self.show_status(f"Saved {path} ({len(rows)} rows)", 5000)
         return True
 
     def session(self) -> dict:
         """The current session: model, exact input, every setting (with seeds) and results."""
         if self.image is None:
             raise SessionError("no image is open")
-        results = {}
-        if self.last_probabilities is not None:
-            results["probabilities"] = [float(p) for p in self.last_probabilities]
-        if self.last_outcome is not None:
-            results["attack"] = {"success": bool(self.last_outcome.attack_succeeded[0]),
-                                 "defense_recovered": bool(self.last_outcome.defense_recovered[0]),
-                                 "linf": float(self.last_outcome.linf[0]), "l2": float(self.last_outcome.l2[0])}
+        results = self.state.results()
         return make_session(str(self.model.path), self.image, self.image_source,
                             self._classifier().settings.to_dict(), self.attack_panel.settings().to_dict(),
                             self.purify_panel.settings().to_dict(), results, self.device) | {
@@ -466,7 +496,7 @@ class MainWindow(QMainWindow):
         except (OSError, SessionError) as exc:
             self.show_error("Cannot save session", str(exc))
             return False
-        self.statusBar().showMessage(f"Saved session {path}", 5000)
+        self.show_status(f"Saved session {path}", 5000)
         return True
 
     def open_session_dialog(self) -> None:
@@ -496,7 +526,6 @@ class MainWindow(QMainWindow):
             self.attack_panel.grad.setCurrentText(session["attack_gradient"])
         if session.get("purify"):
             self.purify_panel.apply(session["purify"])
-        self.image_path = ""
         self.set_image(image, session["image"].get("source", Path(path).name))
         return True
 
@@ -513,32 +542,24 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot load model", str(exc))
             return False
         self.runner.cancel()
+        self._on_job_stopped()
         self.model = model
         self._apply_model()
         if self.image is not None and self.image.shape[0] != model.net.config.in_channels:
-            self.image = None
-            self.input_view.set_image(None)
+            self.state.set_image(None)
         if self.image is not None:
             self.classify()
         return True
 
-    # -- classification -----------------------------------------------------------
-    def classify(self) -> None:
-        if self.image is None:
-            self.statusBar().showMessage("Open, drop or paste an image first", 4000)
-            return
-        steps = int(self.steps_spin.value())
-        self.settings_store.setValue("classify/steps", steps)
-        clf = self._classifier()
-        x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
-        self.curves.reset(x_extent=steps)
-        self.progress.setRange(0, steps)
-        self.progress.setFormat("%v / %m levels")
+    # -- jobs ---------------------------------------------------------------------
+    def _set_progress(self, total: int, unit: str) -> None:
+        self.progress.setRange(0, max(1, total))
+        self.progress.setFormat(f"%v / %m {unit}")
         self.progress.setValue(0)
-        levels_per_step = max(1, steps // 32)
-        self._start_job("classify", lambda cancelled: clf.stream(x, levels_per_step, cancelled))
 
     def _start_job(self, kind: str, factory) -> None:
+        if self._closing:
+            return
         self._job_kind = kind
         self._started_at = time.perf_counter()
         self._timer.start()
@@ -559,171 +580,164 @@ class MainWindow(QMainWindow):
         overrides["steps"] = int(self.steps_spin.value())
         return build_classifier(self.model, self.device, **overrides)
 
-    def run_attack(self) -> None:
-        """Attack the current image with the panel's settings against the full defense."""
+    def classify(self) -> None:
+        """Classify the input with the current T, drawing the running estimate."""
         if self.image is None:
-            self.statusBar().showMessage("Open, drop or paste an image first", 4000)
+            self.show_status("Open, drop or paste an image first", 4000)
+            return
+        steps = int(self.steps_spin.value())
+        clf = self._classifier()
+        x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
+        self.classify_tab.begin(steps)
+        self._set_progress(steps, "levels")
+        levels_per_step = max(1, steps // 32)
+        self._start_job("classify", lambda cancelled: classify_job(clf, x, levels_per_step, cancelled))
+
+    def _on_attack_panel_run_requested(self) -> None:
+        self.run_attack()
+
+    def _on_purify_tab_attack_requested(self, image: np.ndarray, label: str) -> None:
+        self.run_attack(image, label)
+
+    def run_attack(self, image: np.ndarray | None = None, source: str = "") -> None:
+        """Attack ``image`` (default: the input) with the panel's settings against the full defense."""
+        image, source = (self.image, self.image_source) if image is None else (image, source)
+        if image is None:
+            self.show_status("Open, drop or paste an image first", 4000)
             return
         settings = self.attack_panel.settings()
         grad = self.attack_panel.grad.currentText()
         clf = self._classifier()
         purify_settings = self.purify_panel.settings()
-        full = RobustDiffusionClassifier(self.model.net, clf.settings, purify_settings, "exact").to(self.device)
+        full = build_defense("rdc", self.model, clf, purify=purify_settings, grad_mode="exact", device=self.device)
         attacked = clf
         if grad != "dc-only":
-            attacked = RobustDiffusionClassifier(self.model.net, clf.settings, purify_settings, grad).to(self.device)
-            grad = attacked.grad_mode  # "auto" resolved
-        x = torch.round(torch.from_numpy(self.image).unsqueeze(0) * 255).div(255).to(self.device)
-        self.attack_plot.reset(x_extent=settings.steps * settings.restarts)
-        for v in (self.view_original, self.view_adversarial, self.view_purified):
-            v.set_image(None)
-        self.view_perturbation.set_perturbation(None)
-        self.view_original.set_image(x[0].cpu().numpy(), self.image_source)
-        self.attack_verdict.setText("Attacking…")
-        self.attack_verdict.setStyleSheet("font-size: 13pt; font-weight: bold; color: #444;")
-        self.progress.setRange(0, settings.steps * settings.restarts)
-        self.progress.setFormat("%v / %m iterations")
-        self.progress.setValue(0)
-        self.tabs.setCurrentIndex(1)
-        if warning := masked_gradient_warning(grad, purify_settings):
-            self.statusBar().showMessage(f"Note: {warning.replace('--grad ', '')}", 15000)
-        self._start_job("attack", lambda cancelled: attack_session(attacked, x, settings, defense=full,
-                                                                   purify=full.purify, cancelled=cancelled))
+            attacked = build_defense("rdc", self.model, clf, purify=purify_settings, grad_mode=grad,
+                                     device=self.device)
+        x = torch.round(torch.from_numpy(np.asarray(image)).unsqueeze(0) * 255).div(255).to(self.device)
+        iterations = settings.steps * settings.restarts
+        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations)
+        self._set_progress(iterations, "iterations")
+        self.tabs.setCurrentWidget(self.attack_tab)
+        if warning := gradient_warning(attacked):
+            self.show_status(f"Note: {warning} (choose it under Gradient)", 15000)
+        self._start_job("attack", lambda cancelled: attack_job(attacked, x, settings, full, full.purify, cancelled))
 
-    def run_purification(self) -> None:
-        """Likelihood maximisation of the current image, drawn live."""
-        if self.image is None:
-            self.statusBar().showMessage("Open, drop or paste an image first", 4000)
+    def _on_purify_panel_run_requested(self) -> None:
+        self.run_purification()
+
+    def _on_attack_tab_purify_requested(self, image: np.ndarray, label: str) -> None:
+        self.run_purification(image, label)
+
+    def run_purification(self, image: np.ndarray | None = None, source: str = "") -> None:
+        """Likelihood maximisation of ``image`` (default: the input), drawn live."""
+        image, source = (self.image, self.image_source) if image is None else (image, source)
+        if image is None:
+            self.show_status("Open, drop or paste an image first", 4000)
             return
         settings = self.purify_panel.settings()
         clf = self._classifier()
         lm = LikelihoodMaximizer(self.model.net, settings)
-        x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
-        self.purify_records = []
-        self.purify_curves.reset(x_extent=settings.steps)
-        self.objective_plot.reset(x_extent=settings.steps)
-        self.scrubber.setEnabled(False)
-        self.progress.setRange(0, settings.steps)
-        self.progress.setFormat("%v / %m steps")
-        self.progress.setValue(0)
-        self.tabs.setCurrentIndex(2)
-        self._start_job("purify", lambda cancelled: lm.run(x, classifier=clf, cancelled=cancelled))
+        x = torch.from_numpy(np.asarray(image, dtype=np.float32)).unsqueeze(0).to(self.device)
+        self.purify_tab.begin(source, settings.steps)
+        self._set_progress(settings.steps, "steps")
+        self.tabs.setCurrentWidget(self.purify_tab)
+        self._start_job("purify", lambda cancelled: purify_job(lm, x, clf, cancelled))
 
     def stop(self) -> None:
-        if self.runner.busy:
-            self.runner.cancel()
-            self._job_ended()
-            self.statusBar().showMessage("Stopped", 3000)
+        """Stop the running job; the views say so at once (the worker may end a moment later)."""
+        if self.runner.cancel():
+            self._on_job_stopped()
+            self.show_status("Stopped", 3000)
+
+    def _on_job_stopped(self) -> None:
+        """Reflect a stop in the views: verdict, progress bar, buttons."""
+        if not self._job_kind:
+            return
+        self._job_ended()
+        view = self._views.get(self._job_kind)
+        if view is not None:
+            view.stopped()
+        self.progress.setFormat(f"stopped at %v / %m {self.progress.format().split('%m ', 1)[-1]}")
+        self._job_kind = ""
 
     @Slot(list)
     def _on_runner_steps_ready(self, records: list) -> None:
-        """Draw one throttled flush of step records: data for every record, one redraw per view."""
-        def of_type(kind):
-            return [r for r in records if isinstance(r, kind)]
-
-        if classified := of_type(ClassifyStep):
-            last = classified[-1]
-            self.curves.add_points([r.levels_done for r in classified], [r.logits[0] for r in classified])
-            self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels)
-            self.progress.setValue(last.levels_done)
-        if attacked := of_type(AttackStep):
-            last = attacked[-1]
-            done = [r.restart * r.total_iterations + r.iteration for r in attacked]
-            self.attack_plot.extend("loss", done, [r.loss[0] for r in attacked])
-            self.attack_plot.extend("margin", done, [r.margin[0] for r in attacked])
-            self.view_adversarial.set_image(last.image[0], f"iteration {last.iteration}: predicted "
-                                            f"{self.model.classes[int(last.prediction[0])]}")
-            self.view_perturbation.set_perturbation(last.image[0] - self.view_original.image)
-            self.progress.setValue(done[-1])
-        if purified := of_type(PurifyStep):
-            self.purify_records.extend(purified)
-            steps = [r.step for r in purified]
-            self.purify_curves.add_points(steps, [r.logits[0] for r in purified])
-            self.objective_plot.extend("objective", steps, [r.objective[0] for r in purified])
-            self.progress.setValue(steps[-1])
-            self._show_purify_record(purified[-1])
-        if sampled := of_type(SampleStep):
-            last = sampled[-1]
-            self.input_view.set_image(last.image[0], f"sampling: step {last.step}/{last.total_steps}, "
-                                      f"sigma {last.sigma:.3f}")
-            self.progress.setValue(last.step)
-        for outcome in of_type(DefenseOutcome):
-            self._show_outcome(outcome)
-
-    def _show_purify_record(self, record: PurifyStep) -> None:
-        probs = np.exp(record.logits[0] - record.logits[0].max())
-        probs /= probs.sum()
-        top = int(np.argmax(probs))
-        self.purify_view.set_image(record.image[0], f"step {record.step}/{record.total_steps}: "
-                                   f"{self.model.classes[top]} ({probs[top]:.1%}), ‖x*−x‖∞ = "
-                                   f"{record.linf[0] * 255:.1f}/255, objective {record.objective[0]:.2f}")
-
-    def _on_scrubber_value_changed(self, index: int) -> None:
-        if 0 <= index < len(self.purify_records):
-            self._show_purify_record(self.purify_records[index])
-            self.purify_curves.show_upto(index + 1)
-            self.scrubber_label.setText(f"step {self.purify_records[index].step}")
-
-    def _show_outcome(self, outcome: DefenseOutcome) -> None:
-        self.last_outcome = outcome
-        classes = self.model.classes
-        label = int(outcome.labels[0])
-        adv_pred = int(outcome.attacked_prediction[0])
-        probs = outcome.defense_probabilities[0]
-        defended = int(np.argmax(probs))
-        self.view_adversarial.set_image(outcome.adversarial[0], f"attacked model says {classes[adv_pred]}")
-        self.view_perturbation.set_perturbation(outcome.adversarial[0] - outcome.clean[0])
-        if outcome.purified is not None:
-            self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
-        attack = "Attack succeeded" if outcome.attack_succeeded[0] else "Attack failed"
-        defense = "defense recovered" if outcome.defense_recovered[0] else "defense failed"
-        good = bool(outcome.defense_recovered[0])
-        self.attack_verdict.setText(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: the full RDC "
-                                    f"predicts {classes[defended]} ({probs[defended]:.1%}).")
-        colour = "#1a7f37" if good else "#c62828"
-        self.attack_verdict.setStyleSheet(f"font-size: 13pt; font-weight: bold; color: {colour};")
+        """Hand one throttled flush of records to the view of the running job (one redraw)."""
+        view = self._views.get(self._job_kind)
+        if view is not None:
+            done = view.show_records(records)
+        else:  # the sampler draws into the input view
+            sampled = [r for r in records if isinstance(r, SampleStep)]
+            done = -1
+            if sampled:
+                last = sampled[-1]
+                self.input_view.set_image(last.image[0], f"sampling: step {last.step}/{last.total_steps}, "
+                                          f"sigma {last.sigma:.3f}")
+                done = last.step
+        if done >= 0:
+            self.progress.setValue(done)
 
     @Slot(object)
-    def _on_runner_finished(self, record) -> None:
+    def _on_runner_finished(self, result) -> None:
+        """The job's return value: a final record, an outcome or a trajectory (None: ended early)."""
+        kind, self._job_kind = self._job_kind, ""
         self._job_ended()
-        if self._job_kind == "attack":
-            self.attack_finished.emit(record)
+        if result is None:
             return
-        if self._job_kind == "sample":
-            self.image_path = ""
-            self.set_image(record.image[0], self.sample_label)
-            return
-        if self._job_kind == "purify":
-            if self.purify_records:
-                self.scrubber.blockSignals(True)
-                self.scrubber.setRange(0, len(self.purify_records) - 1)
-                self.scrubber.setValue(len(self.purify_records) - 1)
-                self.scrubber.blockSignals(False)
-                self.scrubber.setEnabled(True)
-                self.scrubber_label.setText(f"step {self.purify_records[-1].step}")
-            self.purification_finished.emit(self.purify_records)
-            return
-        step = record
-        self.last_probabilities = step.probabilities[0].copy()
-        self.bars.set_probabilities(self.last_probabilities, final=True)
-        self.progress.setValue(step.total_levels)
-        top = int(np.argmax(self.last_probabilities))
-        self.statusBar().showMessage(
-            f"{self.image_source}: {self.model.classes[top]} ({self.last_probabilities[top]:.1%}) "
-            f"in {time.perf_counter() - self._started_at:.2f} s", 10000)
-        self.classification_finished.emit(self.last_probabilities)
+        self.progress.setValue(self.progress.maximum())
+        if kind == "attack":
+            self.attack_tab.finish(result)
+            self.attack_finished.emit(result)
+        elif kind == "sample":
+            self.set_image(result.image[0], self.sample_label)
+        elif kind == "purify":
+            self.purify_tab.finish(result)
+            self.purification_finished.emit(result)
+        elif kind == "classify":
+            self.classify_tab.finish(result)
+            probs = self.state.probabilities
+            top = int(np.argmax(probs))
+            self.show_status(f"{self.image_source}: {self.model.classes[top]} ({probs[top]:.1%}) "
+                             f"in {time.perf_counter() - self._started_at:.2f} s", 10000)
+            self.classification_finished.emit(probs)
 
     @Slot(str)
     def _on_runner_failed(self, message: str) -> None:
+        kind, self._job_kind = self._job_kind, ""
         self._job_ended()
-        self.show_error(f"{self._job_kind.capitalize() or 'Job'} failed", message)
+        if kind == "attack":
+            self.attack_tab.failed()
+        self.show_error(f"{kind.capitalize() or 'Job'} failed", message)
 
     def _on_timer_timeout(self) -> None:
         self.elapsed_label.setText(f"{time.perf_counter() - self._started_at:.1f} s")
 
+    # -- closing ------------------------------------------------------------------
     def closeEvent(self, event) -> None:  # noqa: N802
-        self.settings_store.setValue("window/geometry", self.saveGeometry())
-        self.settings_store.setValue("attack/settings", json.dumps(self.attack_panel.settings().to_dict()))
-        self._timer.stop()
-        self.runner.shutdown()
+        """Close at once when idle; else cancel the job and close when its worker has ended.
+
+        The GUI thread never waits for the worker: the window stays responsive (and says
+        that it is stopping) until the runner reports that its threads have drained.
+        """
+        if not self._closing:
+            self._save_settings()
+            self._timer.stop()
+            self._closing = True
+        self.stop()
+        if self.runner.running_threads():
+            self.setEnabled(False)
+            self.show_status("Stopping the running job before closing…", 0)
+            event.ignore()
+            return
         super().closeEvent(event)
+
+    @Slot()
+    def _on_runner_drained(self) -> None:
+        if self._closing:
+            QTimer.singleShot(0, self.close)
+
+    def cancel_close(self) -> None:
+        """Forget a pending close (tests; the window stays usable)."""
+        self._closing = False
+        self.setEnabled(True)

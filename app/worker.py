@@ -1,62 +1,104 @@
-"""Runs one engine generator at a time on a worker thread and relays its step records.
+"""Runs one engine job at a time on a worker thread and relays its step records.
 
-The job is a callable ``factory(cancelled) -> iterator of step records``; ``cancelled`` is
-a zero-argument callable the generator polls at every step. Records cross the thread
-boundary through queued signals (they are immutable numpy copies) in batches at most
-about 30 times a second, so the GUI redraws at most at that rate; no record is dropped.
+A job is a callable ``factory(cancelled) -> generator``; ``cancelled`` is a zero-argument
+callable the engine polls between chunks of network passes. The generator yields step
+records and *returns* its result (``return value`` of the generator, None when the job
+gave up); a factory that is a plain function (no records) just returns its result. The
+runner relays the records in batches at most about 30 times a second (so
+the GUI redraws at most at that rate; no record is dropped) and the return value once.
+
+Worker threads outlive the runner that started them until their job ends: a cancelled
+job that is still inside a long network pass is never destroyed while running (Qt aborts
+the process when that happens). :func:`wait_for_workers` joins them before exit.
 """
 from __future__ import annotations
 
+import threading
 import time
 import traceback
-from typing import Any, Callable, Iterator
+from collections import abc
+from typing import Any, Callable, Generator
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
-JobFactory = Callable[[Callable[[], bool]], Iterator[Any]]
+JobFactory = Callable[[Callable[[], bool]], Generator[Any, None, Any] | Any]
 UPDATE_INTERVAL_S = 1.0 / 30.0
 
+_LIVE: set["_JobThread"] = set()  # every started worker thread until it has finished
+_LIVE_LOCK = threading.Lock()
 
-class _Job(QObject):
+
+def live_workers() -> int:
+    """How many worker threads (of any runner) are still running."""
+    with _LIVE_LOCK:
+        return sum(1 for t in _LIVE if t.isRunning())
+
+
+def wait_for_workers(timeout_ms: int = 60000) -> bool:
+    """Cancel and join every worker thread; True if all ended within ``timeout_ms``."""
+    deadline = time.monotonic() + timeout_ms / 1000
+    with _LIVE_LOCK:
+        threads = list(_LIVE)
+    for thread in threads:
+        thread.cancel()
+    ok = True
+    for thread in threads:
+        left = max(0, int((deadline - time.monotonic()) * 1000))
+        ok = thread.wait(left) and ok
+    return ok
+
+
+class _JobThread(QThread):
+    """Drives one job's generator; its signals are queued to the GUI thread."""
+
     step_ready = Signal(int, object)
-    finished = Signal(int, object)
+    finished_with = Signal(int, object)
     failed = Signal(int, str)
-    cancelled = Signal(int)
 
     def __init__(self, job_id: int, factory: JobFactory) -> None:
         super().__init__()
         self.job_id = job_id
         self._factory = factory
-        self._cancel = False
+        self._cancel = threading.Event()
+        self.setObjectName(f"rdc-job-{job_id}")
 
     def cancel(self) -> None:
-        self._cancel = True
+        self._cancel.set()
 
     def is_cancelled(self) -> bool:
-        return self._cancel
+        return self._cancel.is_set()
 
-    @Slot()
-    def run(self) -> None:
-        last, pending, last_emit = None, [], 0.0
+    def run(self) -> None:  # the worker thread
+        pending: list = []
+        last_emit = 0.0
         try:
-            for record in self._factory(self.is_cancelled):
-                last = record
+            gen = self._factory(self.is_cancelled)
+            result = gen
+            while isinstance(gen, abc.Generator):  # a plain function's value is the result
+                try:
+                    record = next(gen)
+                except StopIteration as stop:
+                    result = stop.value
+                    break
                 pending.append(record)
                 now = time.monotonic()
                 if now - last_emit >= UPDATE_INTERVAL_S:
                     self.step_ready.emit(self.job_id, pending)
                     last_emit, pending = now, []
-                if self._cancel:
-                    break
-            if self._cancel:
-                self.cancelled.emit(self.job_id)
+                if self.is_cancelled():
+                    gen.close()
+                    return
+            if self.is_cancelled():
                 return
             if pending:
                 self.step_ready.emit(self.job_id, pending)
-            self.finished.emit(self.job_id, last)
+            self.finished_with.emit(self.job_id, result)
         except Exception as exc:  # the GUI shows it; the thread must not die silently
-            traceback.print_exc()
-            self.failed.emit(self.job_id, f"{type(exc).__name__}: {exc}")
+            if not self.is_cancelled():
+                traceback.print_exc()
+                self.failed.emit(self.job_id, f"{type(exc).__name__}: {exc}")
+        finally:
+            self._factory = None  # drop the engine objects (model, tensors) with the job
 
 
 class JobRunner(QObject):
@@ -64,73 +106,76 @@ class JobRunner(QObject):
 
     Signals carry only the current job's events: ``steps_ready(records)`` (the records of
     one throttled flush, oldest first, so a view can redraw once per flush),
-    ``finished(last_record)``, ``failed(message)``, ``cancelled()``.
+    ``finished(result)`` (the generator's return value), ``failed(message)``,
+    ``cancelled()`` (at once, when :meth:`cancel` stops the current job). ``drained()``
+    is emitted when the last worker thread of this runner has ended (a cancelled job
+    may run on for a while inside a network pass).
     """
 
     steps_ready = Signal(list)
     finished = Signal(object)
     failed = Signal(str)
     cancelled = Signal()
-    busy_changed = Signal(bool)
+    drained = Signal()
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
         self._next_id = 0
-        self._current: _Job | None = None
-        self._threads: dict[int, tuple[QThread, _Job]] = {}
+        self._current: _JobThread | None = None
+        self._threads: dict[int, _JobThread] = {}
+        self.gui_thread = threading.get_ident()
 
     @property
     def busy(self) -> bool:
+        """A job is current (not cancelled, not finished)."""
         return self._current is not None
 
     def start(self, factory: JobFactory) -> int:
         """Cancel any running job and start ``factory`` on a new worker thread."""
         self.cancel()
         self._next_id += 1
-        job = _Job(self._next_id, factory)
-        thread = QThread()
-        thread.setObjectName(f"rdc-job-{job.job_id}")
-        job.moveToThread(thread)
-        thread.started.connect(job.run)
-        job.step_ready.connect(self._on_job_step_ready)
-        job.finished.connect(self._on_job_finished)
-        job.failed.connect(self._on_job_failed)
-        job.cancelled.connect(self._on_job_cancelled)
-        for sig in (job.finished, job.failed, job.cancelled):
-            sig.connect(thread.quit)
-        thread.finished.connect(lambda jid=job.job_id: self._on_thread_finished(jid))
-        self._threads[job.job_id] = (thread, job)
-        self._current = job
+        thread = _JobThread(self._next_id, factory)
+        thread.step_ready.connect(self._on_thread_step_ready)
+        thread.finished_with.connect(self._on_thread_finished_with)
+        thread.failed.connect(self._on_thread_failed)
+        thread.finished.connect(self._on_thread_finished)  # queued: the slot runs on the GUI thread
+        self._threads[thread.job_id] = thread
+        with _LIVE_LOCK:
+            _LIVE.add(thread)
+        self._current = thread
         thread.start()
-        self.busy_changed.emit(True)
-        return job.job_id
+        return thread.job_id
 
-    def cancel(self) -> None:
-        """Ask the running job to stop at its next step."""
-        if self._current is not None:
-            self._current.cancel()
-            self._current = None
-            self.busy_changed.emit(False)
-            self.cancelled.emit()
+    def cancel(self) -> bool:
+        """Ask the running job to stop at its next check; True if one was running."""
+        if self._current is None:
+            return False
+        self._current.cancel()
+        self._current = None
+        self.cancelled.emit()
+        return True
 
     def shutdown(self, timeout_ms: int = 30000) -> bool:
-        """Cancel every job and wait for the worker threads; True if all stopped."""
+        """Cancel every job and block until the worker threads end; True if all stopped.
+
+        Blocks the calling thread: the window uses :meth:`cancel` and :attr:`drained`
+        instead; this is for scripts and tests.
+        """
         self.cancel()
         ok = True
-        for thread, job in list(self._threads.values()):
-            job.cancel()
-            thread.quit()
+        for thread in list(self._threads.values()):
+            thread.cancel()
             ok = thread.wait(timeout_ms) and ok
         return ok
 
     def running_threads(self) -> int:
-        return sum(1 for thread, _ in self._threads.values() if thread.isRunning())
+        return sum(1 for thread in self._threads.values() if thread.isRunning())
 
     def _is_current(self, job_id: int) -> bool:
         return self._current is not None and self._current.job_id == job_id
 
     @Slot(int, object)
-    def _on_job_step_ready(self, job_id: int, records: list) -> None:
+    def _on_thread_step_ready(self, job_id: int, records: list) -> None:
         if self._is_current(job_id) and records:
             self.steps_ready.emit(records)
 
@@ -139,26 +184,25 @@ class JobRunner(QObject):
         if not self._is_current(job_id):
             return False
         self._current = None
-        self.busy_changed.emit(False)
         return True
 
     @Slot(int, object)
-    def _on_job_finished(self, job_id: int, record: object) -> None:
+    def _on_thread_finished_with(self, job_id: int, result: object) -> None:
         if self._release_if_current(job_id):
-            self.finished.emit(record)
+            self.finished.emit(result)
 
     @Slot(int, str)
-    def _on_job_failed(self, job_id: int, message: str) -> None:
+    def _on_thread_failed(self, job_id: int, message: str) -> None:
         if self._release_if_current(job_id):
             self.failed.emit(message)
 
-    @Slot(int)
-    def _on_job_cancelled(self, job_id: int) -> None:
-        pass  # cancel() already told the listeners
-
-    def _on_thread_finished(self, job_id: int) -> None:
-        entry = self._threads.pop(job_id, None)
-        if entry is not None:
-            thread, job = entry
-            job.deleteLater()
-            thread.deleteLater()
+    @Slot()
+    def _on_thread_finished(self) -> None:
+        thread = self.sender()
+        if not isinstance(thread, _JobThread) or self._threads.pop(thread.job_id, None) is None:
+            return
+        with _LIVE_LOCK:
+            _LIVE.discard(thread)
+        thread.deleteLater()
+        if not any(t.isRunning() for t in self._threads.values()):
+            self.drained.emit()

@@ -33,7 +33,7 @@ for eps in 0.1 0.2 0.3; do
     run rdc-apgd-ce-$eps-s20-n50 --n 50 --defense rdc --grad exact --attack apgd-ce --eps $eps --steps 20 --batch-size 25
 done
 
-# gradient-masking checks of the full RDC at eps 0.3 (DESIGN section 3): a large eps must
+# gradient-masking checks of the full RDC at eps 0.3 (docs/architecture.md, evaluation rules): a large eps must
 # break it, BPDA and a transfer attack from the CNN must not beat the exact white-box
 # attack, and doubling the iterations must not change the result much; `smooth` replaces
 # the zero derivative of the LM's sign steps by that of tanh (see core/rdc.py)

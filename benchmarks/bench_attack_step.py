@@ -24,11 +24,10 @@ import time
 import torch
 
 from rdc_studio.core.classifier import build_classifier
-from rdc_studio.core.cli import resolve_device
 from rdc_studio.core.data import load_dataset
+from rdc_studio.core.defense import build_defense, purify_settings, resolve_device, setup_threads
 from rdc_studio.core.evaluate import hardware_description
 from rdc_studio.core.models import load_checkpoint
-from rdc_studio.core.purify import PurifySettings
 from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 
@@ -81,12 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    setup_threads(args.threads)
     device = torch.device(resolve_device(args.device))
     model = load_checkpoint(args.model, device=device)
     clf = build_classifier(model, device)
-    purify = PurifySettings(**model.card.get("purify", {}))
+    purify = purify_settings(model)
     data = load_dataset(model.card.get("dataset", "mnist"), "test", args.data_root)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     rows = []
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'mode':7s} {'batch':>5s} {'grad':>5s} {'ms / iteration':>15s} {'ms / image':>11s}"
           + (f" {'ATen ops':>9s}" if args.count_ops else ""))
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
-        rdc = RobustDiffusionClassifier(model.net, clf.settings, purify, grad_mode=mode).to(device).eval()
+        rdc = build_defense("rdc", model, clf, purify=purify, grad_mode=mode, device=str(device)).eval()
         for batch in batch_sizes:
             x = data.float_images(slice(0, batch)).to(device)
             y = data.labels[:batch].to(device)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rdc_studio.core.cli import parse_fraction
+from rdc_studio.core.defense import parse_fraction
 from rdc_studio.core.evaluate import worst_case_report
 from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
@@ -234,21 +234,37 @@ def _failure_hint(ev: Evaluation, out_dir: Path, message: str) -> str:
     return ""
 
 
-def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
-    """Run ``ev`` in this process (unless its report already exists for the same command)
-    and return its report, with ``table_timing`` (see :func:`_with_timing`)."""
-    from rdc_studio.core.cli import main as rdc_main
+def _rdc_eval(ev: Evaluation) -> tuple[int, str]:
+    """Run ``ev``'s ``rdc eval`` command as a subprocess, its console output passed through;
+    returns its exit code and last line of output."""
+    import subprocess
 
+    proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *ev.argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+    tail = ""
+    try:
+        for chunk in iter(lambda: proc.stdout.read1(4096), b""):
+            text = chunk.decode(errors="replace")
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail = (tail + text)[-2000:]
+    finally:
+        rc = proc.wait()
+    lines = [line for line in tail.replace("\r", "\n").splitlines() if line.strip()]
+    return rc, lines[-1] if lines else ""
+
+
+def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
+    """Run ``ev`` (unless its report already exists for the same command), exactly as its
+    printed command, and return its report, with ``table_timing`` (see :func:`_with_timing`)."""
     report = _existing_report(ev, out_dir)
     if report is None:
         print(f"\n$ {ev.command}", file=sys.stderr, flush=True)
         before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
-        try:
-            rc = rdc_main(list(ev.argv))
-        except SystemExit as exc:
-            raise SystemExit(f"robustness_table: {ev.name}: {exc}{_failure_hint(ev, out_dir, str(exc))}") from None
+        rc, last = _rdc_eval(ev)
         if rc != 0:
-            raise SystemExit(f"robustness_table: {ev.name}: rdc eval exited with {rc}")
+            raise SystemExit(f"robustness_table: {ev.name}: rdc eval exited with {rc}: {last}"
+                             f"{_failure_hint(ev, out_dir, last)}")
         report = json.loads((out_dir / f"{ev.name}.json").read_text())
         _add_timing(ev, out_dir, report, before)
     return _with_timing(ev, out_dir, report)
@@ -402,7 +418,8 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
     if worst:
         lines += ["", "## Worst case over gradient modes", "",
                   "An example counts as robust only if the ensemble left it robust in every RDC row of its threat "
-                  "model (DESIGN rule 3), on the first n examples all those rows attacked.", "",
+                  "model (docs/architecture.md, evaluation rules), on the first n examples all those rows "
+                  "attacked.", "",
                   "| Threat model | n | Rows | Robust per row on these n | Worst case (95% CI) |", "|---|---|---|---|---|"]
         for w in worst:
             lo, hi = w["robust_ci95"]

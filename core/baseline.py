@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -140,7 +139,3 @@ def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device 
     for q in model.parameters():
         q.requires_grad_(False)
     return model, card
-
-
-def hardware_line() -> str:
-    return f"{platform.machine()}, {torch.get_num_threads()} threads"

@@ -260,11 +260,32 @@ def classify_batches(clf: DiffusionClassifier, images: torch.Tensor, batch_size:
             yield i, clf(images[i:i + batch_size].to(clf.device))
 
 
+class UnconditionalModelError(ValueError):
+    """The model has no classes, so it cannot classify (it can only purify)."""
+
+
 def build_classifier(model, device: str | torch.device = "cpu", **overrides) -> DiffusionClassifier:
     """A classifier for a loaded model: the card's ``classifier`` defaults, then overrides.
 
-    ``overrides`` whose value is None are ignored, so CLI flags can be passed through.
+    Parameters
+    ----------
+    model : LoadedModel
+        A class-conditional model with its card.
+    device : str or torch.device
+        Where the classifier runs.
+    **overrides
+        ``ClassifierSettings`` fields; those whose value is None are ignored, so
+        CLI flags can be passed through.
+
+    Raises
+    ------
+    UnconditionalModelError
+        If the model is unconditional (no class names on its card).
     """
+    if not model.classes:
+        raise UnconditionalModelError(
+            f"{model.name} is an unconditional model: it has no classes to compare, so it cannot "
+            "classify on its own (it can serve as the purifier beside a class-conditional model)")
     settings = ClassifierSettings.from_dict(model.classifier_defaults)
     changes = {k: v for k, v in overrides.items() if v is not None}
     settings = ClassifierSettings.from_dict({**settings.to_dict(), **changes})

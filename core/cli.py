@@ -1,21 +1,42 @@
-"""The ``rdc`` command line: train, classify, eval."""
+"""The ``rdc`` command line: train, classify, purify, attack, eval.
+
+The parser is built from torch-free modules and every command imports the engine when
+it runs, so ``rdc --help`` answers at once. Defenses are assembled by
+:mod:`core.defense` and evaluations run by :func:`core.evaluate.run_evaluation`; this
+module turns options into their arguments and engine errors into one-line messages.
+"""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-import torch
+from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
+                      OPTIMIZERS, WEIGHTINGS)
 
+
+class _LazyModule:
+    """A module imported at its first attribute access (keeps ``rdc --help`` fast)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        return getattr(importlib.import_module(self._name), attr)
+
+
+torch = _LazyModule("torch")
 
 _ARGV: list[str] = []
-GRAD_HELP = ("rdc: auto (the default: smooth for sign-step LM, exact for Adam), exact (through the LM steps), "
-             "smooth (exact, with a tanh surrogate in the backward pass of the sign steps) or bpda (identity "
-             "through the LM)")
+GRAD_HELP = ("gradient mode of an attacked rdc: auto (smooth for sign-step purification, exact for Adam), "
+             "exact (through the purification steps), smooth (exact, with a tanh surrogate in the backward "
+             "pass of the sign steps) or bpda (identity through the purification)")
 
 
 def _command_line() -> str:
@@ -97,30 +118,52 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def resolve_device(name: str) -> str:
-    """``auto`` picks CUDA when available, else CPU."""
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("rdc: error: --device cuda requested but CUDA is not available")
-    return name
+    """The device for ``--device NAME`` (``auto``: CUDA when available, else CPU)."""
+    from .defense import DeviceUnavailableError, resolve_device as resolve
+
+    try:
+        return resolve(name)
+    except DeviceUnavailableError as exc:
+        raise SystemExit(f"rdc: error: --device {name}: {exc}; use --device cpu or auto") from None
 
 
-def _classifier_overrides(args: argparse.Namespace) -> dict:
+def parse_fraction(text: str, flag: str = "") -> float:
+    """``0.3`` or ``8/255`` as a number (a one-line error naming ``flag`` otherwise)."""
+    from .defense import parse_fraction as parse
+
+    try:
+        return parse(text)
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: {flag + ': ' if flag else ''}{exc}") from None
+
+
+def _classifier_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.dc_steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
             "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed,
             "screen_levels": args.screen_levels, "keep_classes": args.keep_classes}
 
 
-def _add_classifier_args(p: argparse.ArgumentParser, steps_flag: str = "--steps") -> None:
-    p.add_argument("--model", default=None, help="bundled model name or checkpoint path (default: the bundled default)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
-    p.add_argument(steps_flag, dest="dc_steps", type=int, default=None,
+def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) -> None:
+    """The model, device, thread and classifier options (``steps_alias``: also accept the
+    deprecated ``--steps`` for ``--levels``)."""
+    p.add_argument("--model", default=None, metavar="NAME|PATH",
+                   help="bundled model name or checkpoint path (default: the bundled default)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--levels", dest="dc_steps", type=int, default=None, metavar="T",
                    help="classifier noise levels T (default: the model card's)")
-    p.add_argument("--weighting", choices=["elbo", "edm"], default=None)
-    p.add_argument("--sigma-min", type=float, default=None)
-    p.add_argument("--sigma-max", type=float, default=None)
-    p.add_argument("--mode", choices=["deterministic", "randomized"], default=None)
-    p.add_argument("--noise-seed", type=int, default=None)
+    if steps_alias:
+        p.add_argument("--steps", dest="dc_steps", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
+                   help="weights of the noise levels in the classifier's ELBO (default: the model card's)")
+    p.add_argument("--sigma-min", type=float, default=None,
+                   help="smallest classifier noise level (default: the model card's)")
+    p.add_argument("--sigma-max", type=float, default=None,
+                   help="largest classifier noise level (default: the model card's)")
+    p.add_argument("--mode", choices=CLASSIFIER_MODES, default=None,
+                   help="deterministic: a frozen noise bank (same image, same logits); randomized: fresh noise "
+                        "per call (default: the model card's)")
+    p.add_argument("--noise-seed", type=int, default=None,
+                   help="seed of the classifier's noise bank (default: the model card's)")
     p.add_argument("--screen-levels", type=int, default=None,
                    help="progressive class elimination: levels spent on all classes before the leading "
                         "--keep-classes get the rest (default: the model card's; 0 = off)")
@@ -129,13 +172,29 @@ def _add_classifier_args(p: argparse.ArgumentParser, steps_flag: str = "--steps"
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
 
 
-def _setup_threads(args: argparse.Namespace) -> None:
-    import os
+def _add_purify_args(p: argparse.ArgumentParser, aliases: bool = False) -> None:
+    """The likelihood-maximisation options (``aliases``: also the old spellings of ``rdc purify``)."""
+    p.add_argument("--eta", default=None,
+                   help="purification l-inf radius in [0,1] units, e.g. 0.3 or 8/255 (default: the model card's)")
+    p.add_argument("--lm-steps", type=int, default=None, metavar="N",
+                   help="purification (likelihood-maximisation) steps N (default: the model card's)")
+    p.add_argument("--lm-step-size", default=None,
+                   help="purification step size in [0,1] units (default: the model card's)")
+    if aliases:
+        p.add_argument("--steps", dest="lm_steps", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--step-size", dest="lm_step_size", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
+                   help="purification optimiser: sign steps or Adam (default: the model card's)")
 
-    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
+
+def _setup_threads(args: argparse.Namespace) -> None:
+    from .defense import setup_threads
+
+    setup_threads(args.threads)
 
 
 def _load(args: argparse.Namespace):
+    """The loaded model and its classifier (card defaults with the classifier options)."""
     from .classifier import build_classifier
     from .models import CheckpointError, load_checkpoint
 
@@ -194,174 +253,72 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return status
 
 
-def _init_distributed(args: argparse.Namespace) -> tuple[int, int]:
-    """Under ``torchrun`` join the process group (gloo on CPU, NCCL on GPU); else (0, 1)."""
-    import os
+def _eval_config(args: argparse.Namespace):
+    """The :class:`core.evaluate.EvalConfig` of ``rdc eval``'s options."""
+    from .evaluate import EvalConfig
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() and resolve_device(args.device) == "cuda" else "gloo"
-        dist.init_process_group(backend)
-    return dist.get_rank(), dist.get_world_size()
+    return EvalConfig(dataset=args.dataset, split=args.split, n=args.n, data_root=args.data_root,
+                      defense=args.defense, attack=args.attack, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
+                      steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed, targets=args.targets,
+                      square_queries=args.square_queries, p_init=args.p_init, grad=args.grad, cnn=args.cnn,
+                      batch_size=args.batch_size, state=args.state, command=_command_line())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from .data import load_dataset
-    from .evaluate import clean_report, evaluate_attack, evaluate_clean, evaluate_ensemble, robust_log, robust_report
+    from .evaluate import init_distributed, robust_log, run_evaluation
     from .models import atomic_write_bytes, atomic_write_json
 
     _setup_threads(args)
-    ds = load_dataset(args.dataset, args.split, args.data_root)
+    config = _eval_config(args)
     if args.defense == "cnn":  # the diffusion model is not needed
-        model, clf = None, None
+        model, clf, purify = None, None, None
         device = resolve_device(args.device)
-        settings = {"device": device}
-        model_info = {"name": args.cnn, "architecture": "cnn"}
     else:
         model, clf = _load(args)
-        if ds.name != model.card.get("dataset"):
-            raise SystemExit(f"rdc: error: model {model.name} was trained on {model.card.get('dataset')}, "
-                             f"not {ds.name}")
-        settings = {"classifier": clf.settings.to_dict(), "device": str(clf.device)}
-        model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
-    total = min(args.n or len(ds), len(ds))
-    settings.update({"dataset": args.dataset, "split": args.split, "defense": args.defense, "attack": args.attack,
-                     "batch_size": args.batch_size, "command": _command_line()})
-    steps = []
-    if args.attack == "none" and args.defense == "dc":
-        with tqdm(total=total, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-            for rec in evaluate_clean(clf, ds, total, args.batch_size):
-                steps.append(rec)
-                bar.update(rec.done - bar.n)
-                bar.set_postfix(acc=f"{rec.accuracy:.4f}")
-        report = clean_report(steps, model_info, settings)
-    else:
-        from .attacks import AttackSettings
+        device = str(clf.device)
+        purify = _purify_settings(model, args) if args.defense == "rdc" else None
+    rank, world = (0, 1) if config.attack == "none" and config.defense == "dc" else init_distributed(device)
+    bar = None
 
-        defense = build_defense(args.defense, model, clf, args)
-        if args.defense == "rdc":
-            settings["purify"] = _purify_settings(model, args).to_dict()
-            settings["grad"] = args.grad
-        members, surrogate = None, None
-        if args.attack == "none":
-            att = AttackSettings(eps=0.0, steps=1, random_start=False)
-        elif args.attack in ("ensemble", "transfer"):
-            members, surrogate = _ensemble(args, ds)
-            if args.attack == "transfer":  # the ensemble's transfer attack alone
-                members = [m for m in members if m.transfer]
-        else:
-            att = _single_attack_settings(args)
-        if members is not None:
-            settings["attack_settings"] = {m.name: m.settings.to_dict() for m in members}
-            settings["ensemble"] = {"order": [m.name for m in members], "transfer_source": args.cnn}
-            if args.attack == "ensemble":
-                settings["ensemble"]["targets"] = args.targets
-            seeds = {"attack_seed": args.seed,
-                     "classifier_noise_seed": settings.get("classifier", {}).get("noise_seed"),
-                     "per_example": "(attack_seed * 1000003 + index) * 101 + restart"}
-        else:
-            settings["attack_settings"] = att.to_dict()
-        rank, world = _init_distributed(args)
-        indices = list(range(total))[rank::world]
-        state = None
-        if args.state:
-            from .evaluate import ResumeState
+    def progress(p) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=p.total, initial=p.done, unit="img", dynamic_ncols=True, file=sys.stderr,
+                       disable=rank != 0)
+        bar.update(p.done - bar.n)
+        if p.robust_acc is None:
+            bar.set_postfix(acc=f"{p.clean_acc:.4f}")
+        elif p.done:
+            bar.set_postfix(clean=f"{p.clean_acc:.3f}", robust=f"{p.robust_acc:.3f}")
 
-            state_path = args.state if world == 1 else f"{args.state}.rank{rank}-of-{world}"
-            try:
-                identity = {k: v for k, v in settings.items() if k != "command"}
-                state = ResumeState(state_path, identity | {"n": total, "shard": [rank, world]})
-            except ValueError as exc:
-                raise SystemExit(f"rdc: error: {exc}") from None
-        results = list(state.results.values()) if state else []
-        t0 = time.perf_counter()
-        skip = set(state.results) if state else frozenset()
-        if members is not None:
-            records = evaluate_ensemble(defense, ds, members, indices, args.batch_size, skip=skip, surrogate=surrogate)
-        else:
-            records = evaluate_attack(defense, ds, att, indices, args.batch_size, skip=skip)
-        attack_seconds: dict[str, float] = {}
-        attack_queries: dict[str, int] = {}
-        with tqdm(total=len(indices), unit="img", dynamic_ncols=True, file=sys.stderr, disable=rank != 0,
-                  initial=len(results)) as bar:
-            for rec in records:
-                results.extend(rec.results)
-                for name, sec in rec.attack_seconds.items():
-                    attack_seconds[name] = attack_seconds.get(name, 0.0) + sec
-                for name, q in rec.attack_queries.items():
-                    attack_queries[name] = attack_queries.get(name, 0) + q
-                if state:
-                    state.add(rec.results)
-                bar.update(len(rec.results))
-                bar.set_postfix(clean=f"{sum(r.clean_correct for r in results) / len(results):.3f}",
-                                robust=f"{sum(r.robust_correct for r in results) / len(results):.3f}")
-        if world > 1:
-            import torch.distributed as dist
+    def warn(message: str) -> None:
+        print(f"rdc: warning: {message} (choose it with --grad smooth or --grad bpda)", file=sys.stderr)
 
-            gathered: list = [None] * world
-            dist.all_gather_object(gathered, (results, attack_seconds, attack_queries))
-            results = [r for part, _, _ in gathered for r in part]
-            attack_seconds = {m.name: sum(sec.get(m.name, 0.0) for _, sec, _ in gathered) for m in members or []}
-            attack_queries = {m.name: sum(q.get(m.name, 0) for _, _, q in gathered) for m in members or []}
-            settings["shards"] = world
-        if members is not None:
-            report = robust_report(results, time.perf_counter() - t0, model_info, settings,
-                                   attacks=[(m.name, m.label) for m in members], attack_seconds=attack_seconds,
-                                   attack_queries=attack_queries, seeds=seeds)
-        else:
-            report = robust_report(results, time.perf_counter() - t0, model_info, settings)
-        if rank != 0:
-            return 0
-        if args.log:
-            atomic_write_bytes(args.log, robust_log(report).encode())
-    if args.out:
-        atomic_write_json(args.out, report)
-    lo, hi = report["ci95"]
-    line = (f"clean accuracy {report['clean_acc']:.4f} on n={report['n']} (95% CI {lo:.4f}-{hi:.4f})")
-    if "robust_acc" in report:
-        rlo, rhi = report["robust_ci95"]
-        line += f", robust accuracy {report['robust_acc']:.4f} (95% CI {rlo:.4f}-{rhi:.4f})"
-    for row in report.get("per_attack", []):
-        print(f"robust accuracy after {row['label']}: {row['robust_acc']:.4f} ({row['success']} broken)")
-    print(line + f", {report['seconds_per_image'] * 1000:.0f} ms/image")
-    return 0
-
-
-def _single_attack_settings(args: argparse.Namespace):
-    """The :class:`core.attacks.AttackSettings` of ``--attack NAME`` (not the ensemble)."""
-    from .attacks import AttackSettings
-
-    method, loss = ATTACKS[args.attack]
-    steps = args.square_queries if method == "square" and args.square_queries else args.steps
-    return AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps), steps=steps,
-                          restarts=args.restarts, eot=args.eot, seed=args.seed, p_init=args.p_init)
-
-
-def _ensemble(args: argparse.Namespace, ds):
-    """The members of ``--attack ensemble`` and the surrogate CNN of its transfer attack."""
-    from .attacks import standard_ensemble
-    from .baseline import load_cnn
-    from .models import CheckpointError
-
-    if args.targets < 1:
-        raise SystemExit("rdc: error: --targets must be at least 1")
     try:
-        surrogate, _ = load_cnn(args.cnn, device=resolve_device(args.device))
-    except CheckpointError as exc:
-        raise SystemExit(f"rdc: error: transfer attack: {exc}") from None
-    shape = (surrogate.in_channels, surrogate.image_size)
-    if shape != (ds.images.shape[1], ds.images.shape[-1]) or surrogate.num_classes != len(ds.classes):
-        raise SystemExit(f"rdc: error: transfer attack: CNN {args.cnn} does not fit the {ds.name} data")
-    members = standard_ensemble(args.norm, parse_fraction(args.eps), steps=args.steps, restarts=args.restarts,
-                                eot=args.eot, seed=args.seed, targets=args.targets,
-                                square_queries=args.square_queries or 5000, p_init=args.p_init)
-    return members, surrogate
+        report = run_evaluation(config, model, clf, device=device, purify=purify, shard=(rank, world),
+                                progress=progress, warn=warn)
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    finally:
+        if bar is not None:
+            bar.close()
+    if rank != 0:
+        return 0
+    if args.log and report.attacked:
+        atomic_write_bytes(args.log, robust_log(report).encode())
+    if args.out:
+        atomic_write_json(args.out, report.to_dict())
+    lo, hi = report.ci95
+    line = f"clean accuracy {report.clean_acc:.4f} on n={report.n} (95% CI {lo:.4f}-{hi:.4f})"
+    if report.attacked:
+        rlo, rhi = report.robust_ci95
+        line += f", robust accuracy {report.robust_acc:.4f} (95% CI {rlo:.4f}-{rhi:.4f})"
+    for row in report.per_attack or []:
+        print(f"robust accuracy after {row.label}: {row.robust_acc:.4f} ({row.success} broken)")
+    print(line + f", {report.seconds_per_image * 1000:.0f} ms/image")
+    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -417,22 +374,19 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
     from .baseline import save_cnn, train_cnn
     from .data import load_dataset
     from .evaluate import hardware_description, wilson_interval
+    from .runtime import run_to_end
 
     _setup_threads(args)
     ds = load_dataset(args.dataset, "train", args.data_root)
-    gen = train_cnn(ds, epochs=args.epochs, seed=args.seed)
     t0 = time.perf_counter()
     with tqdm(unit="step", dynamic_ncols=True, file=sys.stderr) as bar:
-        while True:
-            try:
-                rec = next(gen)
-            except StopIteration as stop:
-                model = stop.value
-                break
+        def show(rec) -> None:
             bar.total = rec.total_steps
             bar.n = rec.step
             bar.set_postfix(loss=f"{rec.loss:.4f}", acc=f"{rec.accuracy:.4f}")
             bar.refresh()
+
+        model = run_to_end(train_cnn(ds, epochs=args.epochs, seed=args.seed), show)
     wall = time.perf_counter() - t0
     metrics = {}
     for split in ("val", "test"):
@@ -450,27 +404,17 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
     return 0
 
 
-def parse_fraction(text: str) -> float:
-    """Parse '0.3' or '8/255'."""
-    if "/" in text:
-        num, den = text.split("/", 1)
-        return float(num) / float(den)
-    return float(text)
-
-
 def _purify_settings(model, args: argparse.Namespace):
-    from .purify import PurifySettings
+    """The model card's purification settings with the purification options applied."""
+    from .defense import purify_settings
 
-    base = dict(model.card.get("purify", {}))
-    if getattr(args, "eta", None) is not None:
-        base["eta"] = parse_fraction(args.eta)
-    if getattr(args, "lm_step_size", None) is not None:
-        base["step_size"] = parse_fraction(args.lm_step_size)
-    for key in ("lm_steps", "optimizer"):
-        val = getattr(args, key, None)
-        if val is not None:
-            base["steps" if key == "lm_steps" else key] = val
-    return PurifySettings(**base)
+    eta, size = getattr(args, "eta", None), getattr(args, "lm_step_size", None)
+    try:
+        return purify_settings(model, eta=None if eta is None else parse_fraction(eta, "--eta"),
+                               step_size=None if size is None else parse_fraction(size, "--lm-step-size"),
+                               steps=getattr(args, "lm_steps", None), optimizer=getattr(args, "optimizer", None))
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: purification settings: {exc}") from None
 
 
 def _load_image_tensor(path: str, cfg) -> torch.Tensor:
@@ -538,38 +482,27 @@ def cmd_worst_case(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_defense(kind: str, model, clf, args: argparse.Namespace):
-    """The attacked module: ``cnn``, ``dc`` or ``rdc`` (with the chosen gradient mode)."""
-    if kind == "cnn":
-        from .baseline import load_cnn
-        from .models import CheckpointError
+def _build_defense(kind: str, model, clf, args: argparse.Namespace):
+    """:func:`core.defense.build_defense` for the options of ``rdc attack``; warns (with the
+    option to change) when the gradient mode masks gradients."""
+    from .defense import build_defense, gradient_warning
+    from .models import CheckpointError
 
-        try:
-            cnn, _ = load_cnn(args.cnn, device=resolve_device(args.device))
-        except CheckpointError as exc:
-            raise SystemExit(f"rdc: error: {exc}") from None
-        return cnn
-    if kind == "dc":
-        return clf
-    from .rdc import RobustDiffusionClassifier, masked_gradient_warning
-
-    purify = _purify_settings(model, args)
-    rdc = RobustDiffusionClassifier(model.net, clf.settings, purify, args.grad).to(clf.device)
-    args.grad = rdc.grad_mode  # reports record the mode actually used (auto resolved)
-    warning = masked_gradient_warning(args.grad, purify)
-    if warning and getattr(args, "attack", None) not in (None, "none", "square", "transfer"):
-        print(f"rdc: warning: {warning}", file=sys.stderr)
-    return rdc
-
-
-ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),
-           "pgd": ("pgd", "ce"), "square": ("square", "margin")}
+    try:
+        defense = build_defense(kind, model, clf, purify=_purify_settings(model, args) if kind == "rdc" else None,
+                                grad_mode=args.grad, cnn=args.cnn, device=str(clf.device))
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    warning = gradient_warning(defense)
+    if warning and args.attack not in ("square", "transfer"):
+        print(f"rdc: warning: {warning} (choose it with --grad smooth or --grad bpda)", file=sys.stderr)
+    return defense
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
     import resource
 
-    from .attacks import AttackSettings, attack
+    from .attacks import AttackSettings, attack, run_to_end
     from .images import save_png_atomic
     from .models import atomic_write_json
 
@@ -577,28 +510,29 @@ def cmd_attack(args: argparse.Namespace) -> int:
     model, clf = _load(args)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
     x = torch.round(x * 255) / 255  # attack the image as it is stored (8-bit)
-    defense = build_defense(args.defense, model, clf, args)
+    defense = _build_defense(args.defense, model, clf, args)
+    grad = getattr(defense, "grad_mode", None)  # reports record the mode actually used (auto resolved)
     with torch.no_grad():
         clean_logits = defense(x)
     label = int(clean_logits.argmax(1)) if args.label is None else args.label
-    method, loss = ATTACKS[args.attack]
-    settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps), steps=args.steps,
-                              restarts=args.restarts, eot=args.eot, seed=args.seed,
-                              step_size=parse_fraction(args.step_size) if args.step_size else None, target=args.target,
-                              p_init=args.p_init)
+    method, loss = NAMED_ATTACKS[args.attack]
+    try:
+        settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
+                                  steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed,
+                                  step_size=parse_fraction(args.step_size, "--step-size") if args.step_size else None,
+                                  target=args.target, p_init=args.p_init)
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
     y = torch.tensor([label], device=x.device)
-    t0 = time.perf_counter()
-    gen = attack(defense, x, y, settings)
-    while True:
-        try:
-            rec = next(gen)
-        except StopIteration as stop:
-            result = stop.value
-            break
+
+    def show(rec) -> None:
         if not args.quiet and (rec.iteration % max(1, args.steps // 10) == 0 or rec.iteration == args.steps):
             print(f"iter {rec.iteration:4d}/{rec.total_iterations}  loss {rec.loss[0]:9.4f}  margin "
                   f"{rec.margin[0]:9.4f}  pred {model.classes[int(rec.prediction[0])]}  "
                   f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}", file=sys.stderr)
+
+    t0 = time.perf_counter()
+    result = run_to_end(attack(defense, x, y, settings), show)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         adv_logits = defense(result.adversarial)
@@ -608,7 +542,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "image": args.image, "out": args.out, "defense": args.defense, "attack": args.attack,
-        "grad": args.grad if args.defense == "rdc" else None, "settings": settings.to_dict(),
+        "grad": grad if args.defense == "rdc" else None, "settings": settings.to_dict(),
         "classifier": clf.settings.to_dict(),
         "purify": _purify_settings(model, args).to_dict() if args.defense == "rdc" else None,
         "label": label, "label_name": model.classes[label],
@@ -629,25 +563,69 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_edm(args: argparse.Namespace) -> int:
+    """Convert an EDM snapshot (.pkl) into a checkpoint, reading it with the safe importer."""
+    from .edm_import import import_edm
+    from .models import CheckpointError
+
+    try:
+        path = import_edm(args.snapshot, args.out, command=_command_line())
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    card = json.loads(path.with_suffix(".json").read_text())
+    print(f"wrote {path} and {path.with_suffix('.json').name}: {card['description']}, "
+          f"{card['parameters']:,} parameters, {len(card['classes'])} classes; use it with --model {path}")
+    return 0
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows every option's default, unless the help text already says what it is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (text != argparse.SUPPRESS and "default" not in text and action.option_strings
+                and action.default not in (None, False, argparse.SUPPRESS)):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _add_attack_args(p: argparse.ArgumentParser) -> None:
+    """The threat model and budget options shared by ``rdc attack`` and ``rdc eval``."""
+    p.add_argument("--norm", choices=NORMS, default="linf", help="threat model: l-inf or l2 ball")
+    p.add_argument("--eps", default="0.3", help="attack radius in [0,1] units, e.g. 0.3 or 8/255")
+    p.add_argument("--steps", type=int, default=100,
+                   help="attack iterations (APGD, PGD; Square: queries unless --square-queries)")
+    p.add_argument("--restarts", type=int, default=1, help="attack restarts (random starts)")
+    p.add_argument("--eot", type=int, default=1,
+                   help="expectation over transformation: gradient (Square: query) draws averaged per step")
+    p.add_argument("--seed", type=int, default=0, help="attack seed (random starts, Square's squares)")
+    p.add_argument("--p-init", type=float, default=0.8, help="Square: initial fraction of pixels per square")
+    p.add_argument("--grad", choices=GRAD_MODES, default="auto", help=GRAD_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rdc", description="Robust Diffusion Classifier engine")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="rdc", description="Robust Diffusion Classifier engine",
+                                     formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="train a diffusion classifier (resumable)")
-    p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
-    p.add_argument("--data-root", default=None, help="dataset root (default: RDC_DATA_ROOT or ../shared/data)")
-    p.add_argument("--split", default="train", choices=["train", "train-full"])
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+    p.add_argument("--split", default="train", choices=["train", "train-full"],
+                   help="train: the training split without the validation images; train-full: all of it")
     p.add_argument("--out", required=True, help="run directory (resumes if it holds a state)")
-    p.add_argument("--arch", choices=["multihead", "embedding"], default="multihead")
-    p.add_argument("--channels", default="32,64,128")
+    p.add_argument("--arch", choices=["multihead", "embedding"], default="multihead",
+                   help="multihead: one shared trunk with a branch per class; embedding: a class-embedding UNet")
+    p.add_argument("--channels", default="32,64,128", help="UNet channels per resolution, comma-separated")
     p.add_argument("--head-channels", default="16,8", help="multi-head: per-class branch widths (coarse to fine)")
-    p.add_argument("--blocks", type=int, default=1)
-    p.add_argument("--emb-dim", type=int, default=128)
-    p.add_argument("--dropout", type=float, default=0.0)
-    p.add_argument("--epochs", type=float, default=10.0)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--blocks", type=int, default=1, help="residual blocks per resolution")
+    p.add_argument("--emb-dim", type=int, default=128, help="width of the noise-level (and class) embedding")
+    p.add_argument("--dropout", type=float, default=0.0, help="dropout rate in the residual blocks")
+    p.add_argument("--epochs", type=float, default=10.0, help="passes over the training data (may be fractional)")
+    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam)")
+    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' exponential moving average")
     p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true",
@@ -657,122 +635,107 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hybrid objective: weight of the cross-entropy of the classifier's own logits "
                         "(multi-head; 0 = purely generative)")
     p.add_argument("--ce-sigma-min", type=float, default=0.1,
-                   help="hybrid objective: noise levels whose draws enter the cross-entropy term")
-    p.add_argument("--ce-sigma-max", type=float, default=10.0)
+                   help="hybrid objective: smallest noise level whose draws enter the cross-entropy term")
+    p.add_argument("--ce-sigma-max", type=float, default=10.0,
+                   help="hybrid objective: largest noise level whose draws enter the cross-entropy term")
     p.add_argument("--init-from", default=None, metavar="NAME|PATH",
                    help="fine-tune: start from this checkpoint's weights (its architecture replaces "
                         "--arch/--channels/--head-channels/--blocks/--emb-dim)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-minutes", type=float, default=0.0, help="stop after this wall time and write the model")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0)
-    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise draws")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--max-minutes", type=float, default=0.0,
+                   help="stop after this wall time and write the model (0: no limit)")
+    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between resumable state saves")
+    p.add_argument("--log-every", type=int, default=50, help="steps between progress records")
     p.add_argument("--log", default=None, help="append JSON lines of step records here")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N examples only (smoke runs)")
+    p.add_argument("--limit", type=int, default=0, help="train on the first N examples only (smoke runs; 0: all)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-cnn", help="train the small discriminative CNN baseline")
-    p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
-    p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors; a .json card is written beside)")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     p.set_defaults(func=cmd_train_cnn)
 
     p = sub.add_parser("classify", help="classify image files with the diffusion classifier")
-    p.add_argument("images", nargs="+")
-    _add_classifier_args(p)
+    p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
+    _add_classifier_args(p, steps_alias=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("sample", help="generate images of a class with the EDM sampler (a PNG grid)")
-    p.add_argument("--model", default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--model", default=None, metavar="NAME|PATH",
+                   help="bundled model name or checkpoint path (default: the bundled default)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--label", default="all", help="class index, 'all' (one column per class) or 'uncond'")
     p.add_argument("--n", type=int, default=4, help="samples per class")
-    p.add_argument("--sampler-steps", type=int, default=18)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--sampler-steps", type=int, default=18, help="Heun steps of the EDM sampler")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (plus the class index)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     p.add_argument("--out", default=None, help="write all samples as one PNG grid (a column per class)")
     p.add_argument("--out-dir", default=None,
                    help="write one PNG per sample into this folder, named LABEL-INDEX.png (e.g. 3-007.png)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("purify", help="likelihood maximisation of one image (the RDC's purification)")
-    p.add_argument("image")
-    p.add_argument("--eta", default=None, help="l-inf radius in [0,1] units, e.g. 0.3 or 8/255")
-    p.add_argument("--steps", dest="lm_steps", type=int, default=None, help="likelihood-maximisation steps N")
-    p.add_argument("--step-size", dest="lm_step_size", default=None, help="LM step size in [0,1] units")
-    p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
+    p.add_argument("image", help="image file to purify (never overwritten)")
+    _add_purify_args(p, aliases=True)
     p.add_argument("--out", default=None, help="write the purified image here (PNG)")
-    p.add_argument("--json", action="store_true")
-    _add_classifier_args(p, steps_flag="--levels")
+    p.add_argument("--json", action="store_true", help="print every step as JSON")
+    _add_classifier_args(p)
     p.set_defaults(func=cmd_purify)
 
     p = sub.add_parser("attack", help="craft an adversarial example against a defense")
-    p.add_argument("image")
-    p.add_argument("--defense", choices=["rdc", "dc", "cnn"], default="rdc")
-    p.add_argument("--attack", choices=sorted(ATTACKS), default="apgd-ce")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    p.add_argument("--eps", default="0.3", help="radius in [0,1] units, e.g. 0.3 or 8/255")
-    p.add_argument("--steps", type=int, default=100)
-    p.add_argument("--step-size", default=None, help="PGD step size (APGD adapts its own)")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--eot", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--p-init", type=float, default=0.8, help="square: initial fraction of pixels per square")
+    p.add_argument("image", help="image file to attack (as stored: 8-bit)")
+    p.add_argument("--defense", choices=DEFENSES, default="rdc",
+                   help="rdc: purification + diffusion classifier; dc: the classifier alone; cnn: the baseline")
+    p.add_argument("--attack", choices=sorted(NAMED_ATTACKS), default="apgd-ce",
+                   help="apgd-ce, apgd-dlr, apgd-t (targeted DLR), pgd (cross-entropy) or square (gradient-free)")
+    _add_attack_args(p)
+    p.add_argument("--step-size", default=None, help="PGD step size in [0,1] units (default: 2.5 eps / steps; "
+                                                     "APGD adapts its own)")
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
-    p.add_argument("--grad", choices=["auto", "exact", "smooth", "bpda"], default="auto", help=GRAD_HELP)
     p.add_argument("--cnn", default="mnist-cnn", help="CNN checkpoint for --defense cnn")
-    p.add_argument("--eta", default=None)
-    p.add_argument("--lm-steps", type=int, default=None)
-    p.add_argument("--lm-step-size", default=None)
-    p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
+    _add_purify_args(p)
     p.add_argument("--out", default=None, help="adversarial PNG (8-bit, lossless)")
-    p.add_argument("--report", default=None, help="JSON report")
-    p.add_argument("--quiet", action="store_true")
-    _add_classifier_args(p, steps_flag="--levels")
+    p.add_argument("--report", default=None, help="write a JSON report here")
+    p.add_argument("--quiet", action="store_true", help="no per-iteration progress lines")
+    _add_classifier_args(p)
     p.set_defaults(func=cmd_attack)
 
-    p = sub.add_parser("eval", help="evaluate accuracy on a dataset split")
-    p.add_argument("--dataset", choices=["mnist", "cifar10"], default="mnist")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--split", choices=["test", "val", "train"], default="test")
+    p = sub.add_parser("eval", help="evaluate accuracy on a dataset split (clean, or under attack)")
+    p.add_argument("--dataset", choices=DATASETS, default="mnist", help="evaluation data")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+    p.add_argument("--split", choices=["test", "val", "train"], default="test", help="dataset split")
     p.add_argument("--n", "--num-examples", dest="n", type=int, default=None,
                    help="first N examples (default: all); spell it --num-examples under torchrun")
-    p.add_argument("--defense", choices=["dc", "rdc", "cnn"], default="dc",
+    p.add_argument("--defense", choices=DEFENSES, default="dc",
                    help="dc: diffusion classifier; rdc: likelihood maximisation + dc; cnn: the baseline")
-    p.add_argument("--attack", choices=["none", "ensemble", "transfer"] + sorted(ATTACKS), default="none",
-                   help="ensemble: APGD-CE, APGD-DLR, targeted APGD-DLR, Square and a transfer attack from --cnn, "
-                        "each on the examples still unbroken (AutoAttack style); transfer: the ensemble's transfer "
-                        "attack alone (APGD-CE crafted on --cnn)")
-    p.add_argument("--norm", choices=["linf", "l2"], default="linf")
-    p.add_argument("--eps", default="0.3")
-    p.add_argument("--steps", type=int, default=100, help="attack iterations (APGD, PGD; Square: queries)")
-    p.add_argument("--restarts", type=int, default=1)
-    p.add_argument("--eot", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--attack", choices=EVAL_ATTACKS, default="none",
+                   help="none: clean accuracy; ensemble: APGD-CE, APGD-DLR, targeted APGD-DLR, Square and a "
+                        "transfer attack from --cnn, each on the examples still unbroken (AutoAttack style); "
+                        "transfer: the ensemble's transfer attack alone (APGD-CE crafted on --cnn); or one attack")
+    _add_attack_args(p)
     p.add_argument("--targets", type=int, default=9,
                    help="ensemble: target classes of targeted APGD-DLR (the top runner-up classes)")
     p.add_argument("--square-queries", type=int, default=None,
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
-    p.add_argument("--p-init", type=float, default=0.8, help="Square: initial fraction of pixels per square")
-    p.add_argument("--grad", choices=["auto", "exact", "smooth", "bpda"], default="auto", help=GRAD_HELP)
     p.add_argument("--cnn", default="mnist-cnn",
                    help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
-    p.add_argument("--eta", default=None)
-    p.add_argument("--lm-steps", type=int, default=None)
-    p.add_argument("--lm-step-size", default=None)
-    p.add_argument("--optimizer", choices=["sign", "adam"], default=None)
-    p.add_argument("--batch-size", type=int, default=50)
+    _add_purify_args(p)
+    p.add_argument("--batch-size", type=int, default=50, help="examples per batch (results do not depend on it)")
     p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")
     p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
     p.add_argument("--log", default=None,
                    help="attack evaluations: write a readable AutoAttack-style log here (atomically, at the end)")
-    _add_classifier_args(p, steps_flag="--levels")
+    _add_classifier_args(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("worst-case", help="per-example worst case over several rdc eval reports of one model",
@@ -782,6 +745,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("reports", nargs="+", help="rdc eval --out JSON reports (two or more)")
     p.add_argument("--out", default=None, help="write the combined JSON report here (atomically)")
     p.set_defaults(func=cmd_worst_case)
+
+    p = sub.add_parser("import-edm", help="convert an EDM snapshot (.pkl) into a checkpoint, without running "
+                                          "the code inside the pickle")
+    p.add_argument("snapshot", help="EDM snapshot, e.g. cifar10-32x32-cond-vp.pkl or network-snapshot-*.pkl")
+    p.add_argument("--out", required=True, metavar="NAME_OR_DIR",
+                   help="output checkpoint path (.safetensors added; a .json card beside it), or a folder "
+                        "(existing, or ending in /) to write SNAPSHOT-STEM.safetensors into")
+    p.set_defaults(func=cmd_import_edm)
+    for command in sub.choices.values():
+        command.formatter_class = _HelpFormatter
     return parser
 
 
@@ -791,10 +764,12 @@ def main(argv: list[str] | None = None) -> int:
     _ARGV[:] = argv
     args = parser.parse_args(argv)
     from .data import DatasetNotFoundError
+    from .classifier import UnconditionalModelError
+    from .defense import DeviceUnavailableError
 
     try:
         return int(args.func(args) or 0)
-    except DatasetNotFoundError as exc:  # engine errors that are the user's to fix: one line
+    except (DatasetNotFoundError, DeviceUnavailableError, UnconditionalModelError) as exc:  # engine errors that are the user's to fix
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 2
 

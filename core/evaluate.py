@@ -6,9 +6,9 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -45,7 +45,7 @@ class EvalStep:
 
 
 def evaluate_clean(clf: DiffusionClassifier, dataset: TensorDataset, n: int | None = None,
-                   batch_size: int = 50, cancelled=lambda: False) -> Iterator[EvalStep]:
+                   batch_size: int = 50, cancelled: Callable[[], bool] = lambda: False) -> Iterator[EvalStep]:
     """Classify the first ``n`` examples of ``dataset``, yielding one record per batch."""
     total = len(dataset) if n is None else min(n, len(dataset))
     correct, start = 0, time.perf_counter()
@@ -80,21 +80,13 @@ def hardware_description() -> str:
     return desc
 
 
-def clean_report(steps: list[EvalStep], model: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
-    """Assemble the JSON report of a finished clean evaluation."""
+def clean_report(steps: list[EvalStep], model: dict[str, Any], settings: dict[str, Any]) -> EvalReport:
+    """The report of a finished clean evaluation."""
     last = steps[-1]
     lo, hi = wilson_interval(last.correct, last.done)
-    return {
-        "clean_acc": last.accuracy,
-        "n": last.done,
-        "correct": last.correct,
-        "ci95": [lo, hi],
-        "seconds": last.elapsed_seconds,
-        "seconds_per_image": last.elapsed_seconds / max(1, last.done),
-        "model": model,
-        "settings": settings,
-        "hardware": hardware_description(),
-    }
+    return EvalReport(clean_acc=last.accuracy, n=last.done, ci95=[lo, hi], seconds=last.elapsed_seconds,
+                      seconds_per_image=last.elapsed_seconds / max(1, last.done), model=model, settings=settings,
+                      hardware=hardware_description(), correct=last.correct)
 
 
 @dataclass(frozen=True)
@@ -125,6 +117,114 @@ class RobustEvalStep:
     attack_queries: dict[str, int] = field(default_factory=dict)
 
 
+PER_EXAMPLE_COLUMNS = ("index", "label", "clean_correct", "robust_correct", "broken_by")
+
+
+@dataclass(frozen=True)
+class ExampleRow:
+    """One example of a report's ``per_example`` table, read by column name."""
+
+    index: int
+    label: int
+    clean_correct: bool
+    robust_correct: bool
+    broken_by: str | None = None
+
+
+def example_rows(report: dict[str, Any]) -> list[ExampleRow]:
+    """The ``per_example`` table of a JSON attack report as :class:`ExampleRow` records
+    (columns from ``per_example_columns``; reports of single attacks have the first four)."""
+    columns = report.get("per_example_columns", PER_EXAMPLE_COLUMNS[:4])
+    rows = []
+    for entry in report["per_example"]:
+        row = dict(zip(columns, entry))
+        rows.append(ExampleRow(int(row["index"]), int(row["label"]), bool(row["clean_correct"]),
+                               bool(row["robust_correct"]), row.get("broken_by")))
+    return rows
+
+
+@dataclass(frozen=True)
+class AttackRow:
+    """One attack of an ensemble report: what it broke and the robust accuracy after it."""
+
+    attack: str
+    label: str
+    attacked: int  # examples still unbroken before it
+    success: int  # of those, the examples it broke
+    robust_acc: float  # after it and all attacks before it
+    robust_ci95: list[float]
+
+
+@dataclass
+class EvalReport:
+    """The report of an evaluation, clean (``robust_acc`` None) or under attack.
+
+    :meth:`to_dict` is the JSON file ``rdc eval --out`` writes; :meth:`from_dict` reads one.
+    """
+
+    clean_acc: float
+    n: int
+    ci95: list[float]
+    seconds: float  # wall time of this run
+    seconds_per_image: float
+    model: dict[str, Any]
+    settings: dict[str, Any]
+    hardware: str
+    correct: int | None = None  # clean evaluations
+    robust_acc: float | None = None  # attack evaluations, from here on
+    robust_ci95: list[float] | None = None
+    timing: dict[str, Any] | None = None
+    forward_backward_passes_per_image: float | None = None
+    max_linf: float | None = None
+    max_l2: float | None = None
+    examples: list[ExampleRow] = field(default_factory=list)
+    seeds: dict[str, Any] | None = None
+    per_attack: list[AttackRow] | None = None  # ensembles
+    attack_seconds_this_run: dict[str, float] | None = None
+    attack_forward_passes_this_run: dict[str, int] | None = None
+
+    @property
+    def attacked(self) -> bool:
+        """Whether this is the report of an attack evaluation."""
+        return self.robust_acc is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (the keys and order ``rdc eval`` has always written)."""
+        if not self.attacked:
+            return {"clean_acc": self.clean_acc, "n": self.n, "correct": self.correct, "ci95": list(self.ci95),
+                    "seconds": self.seconds, "seconds_per_image": self.seconds_per_image, "model": self.model,
+                    "settings": self.settings, "hardware": self.hardware}
+        ensemble = self.per_attack is not None
+        columns = PER_EXAMPLE_COLUMNS if ensemble else PER_EXAMPLE_COLUMNS[:4]
+        d = {"clean_acc": self.clean_acc, "robust_acc": self.robust_acc, "n": self.n, "ci95": list(self.ci95),
+             "robust_ci95": list(self.robust_ci95 or []), "seconds": self.seconds,
+             "seconds_per_image": self.seconds_per_image, "timing": self.timing,
+             "forward_backward_passes_per_image": self.forward_backward_passes_per_image,
+             "max_linf": self.max_linf, "max_l2": self.max_l2,
+             "per_example": [[getattr(r, c) if c == "broken_by" else int(getattr(r, c)) for c in columns]
+                             for r in self.examples],
+             "model": self.model, "settings": self.settings, "hardware": self.hardware}
+        if self.seeds is not None:
+            d["seeds"] = self.seeds
+        if ensemble:
+            d["per_attack"] = [asdict(row) for row in self.per_attack]
+            d["per_example_columns"] = list(PER_EXAMPLE_COLUMNS)
+            d["attack_seconds_this_run"] = dict(self.attack_seconds_this_run or {})
+            d["attack_forward_passes_this_run"] = dict(self.attack_forward_passes_this_run or {})
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EvalReport":
+        """Read the JSON form (clean or attack report)."""
+        names = {f for f in cls.__dataclass_fields__} - {"examples", "per_attack"}
+        report = cls(**{k: v for k, v in d.items() if k in names})
+        if "per_example" in d:
+            report.examples = example_rows(d)
+        if "per_attack" in d:
+            report.per_attack = [AttackRow(**row) for row in d["per_attack"]]
+        return report
+
+
 def module_device(model: torch.nn.Module) -> torch.device:
     """The device of ``model``'s tensors: its first buffer, else its first parameter (CPU when
     it has neither).
@@ -138,7 +238,7 @@ def module_device(model: torch.nn.Module) -> torch.device:
 
 def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, indices: list[int],
                     batch_size: int = 25, skip: set[int] | frozenset = frozenset(),
-                    cancelled=lambda: False) -> Iterator[RobustEvalStep]:
+                    cancelled: Callable[[], bool] = lambda: False) -> Iterator[RobustEvalStep]:
     """Attack the examples ``indices`` batch by batch (robust = still correct after it).
 
     ``settings`` is a :class:`core.attacks.AttackSettings`. Examples are taken as stored
@@ -146,8 +246,26 @@ def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, in
     seeded per example, so results do not depend on batching, resuming or sharding.
     Indices in ``skip`` (already done, e.g. from a resumed state) are not attacked.
     """
-    from .attacks import run_attack
+    from .attacks import attack, run_to_end
 
+    def attack_batch(x: torch.Tensor, y: torch.Tensor, batch: list[int]):
+        res = run_to_end(attack(model, x, y, settings, cancelled, example_ids=batch))
+        if res is None:
+            return None
+        per = [res.queries] * len(batch) if res.example_queries is None else res.example_queries.tolist()
+        rows = [(int(i), int(y[k]), bool(res.clean_correct[k]), bool(~res.success[k]), float(res.linf[k]),
+                 float(res.l2[k]), int(per[k])) for k, i in enumerate(batch)]
+        return rows, {}, {}
+
+    return _attack_batches(model, dataset, indices, batch_size, skip, cancelled, attack_batch)
+
+
+def _attack_batches(model: torch.nn.Module, dataset: TensorDataset, indices: list[int], batch_size: int,
+                    skip: set[int] | frozenset, cancelled: Callable[[], bool],
+                    attack_batch: Callable) -> Iterator[RobustEvalStep]:
+    """The batch loop of :func:`evaluate_attack` and :func:`evaluate_ensemble`: ``attack_batch(x, y,
+    batch)`` returns the :class:`ExampleResult` fields of each example (without the seconds) and the
+    batch's per-attack seconds and passes, or None when cancelled."""
     device = module_device(model)
     todo = [i for i in indices if i not in skip]
     start = time.perf_counter()
@@ -158,53 +276,40 @@ def evaluate_attack(model: torch.nn.Module, dataset: TensorDataset, settings, in
         batch = todo[b:b + batch_size]
         batch_start = time.perf_counter()
         idx = torch.tensor(batch)
-        x = dataset.float_images(idx).to(device)
-        y = dataset.labels[idx].to(device)
-        res = run_attack(model, x, y, settings, example_ids=batch)
-        per = [res.queries] * len(batch) if res.example_queries is None else res.example_queries.tolist()
+        out = attack_batch(dataset.float_images(idx).to(device), dataset.labels[idx].to(device), batch)
+        if out is None:  # cancelled
+            return
+        rows, seconds, queries = out
         each = (time.perf_counter() - batch_start) / len(batch)
-        results = tuple(
-            ExampleResult(int(i), int(y[k]), bool(res.clean_correct[k]), bool(~res.success[k]),
-                          float(res.linf[k]), float(res.l2[k]), int(per[k]), seconds=each)
-            for k, i in enumerate(batch))
         done += len(batch)
-        yield RobustEvalStep(done, len(indices), results, time.perf_counter() - start)
+        yield RobustEvalStep(done, len(indices), tuple(ExampleResult(*row, seconds=each) for row in rows),
+                             time.perf_counter() - start, seconds, queries)
 
 
 def evaluate_ensemble(model: torch.nn.Module, dataset: TensorDataset, members: list, indices: list[int],
                       batch_size: int = 25, skip: set[int] | frozenset = frozenset(),
-                      surrogate: torch.nn.Module | None = None, cancelled=lambda: False) -> Iterator[RobustEvalStep]:
+                      surrogate: torch.nn.Module | None = None,
+                      cancelled: Callable[[], bool] = lambda: False) -> Iterator[RobustEvalStep]:
     """Like :func:`evaluate_attack`, for an ensemble (a list of
     :class:`core.attacks.EnsembleMember`): each attack runs only on the examples still
     unbroken, and every :class:`ExampleResult` records the attack that broke it.
     ``surrogate`` is the model transfer attacks are crafted on.
     """
-    from .attacks import run_ensemble
+    from .attacks import ensemble_attack, run_to_end
 
-    device = module_device(model)
-    todo = [i for i in indices if i not in skip]
-    start = time.perf_counter()
-    done = len(indices) - len(todo)
-    for b in range(0, len(todo), batch_size):
-        if cancelled():
-            return
-        batch = todo[b:b + batch_size]
-        batch_start = time.perf_counter()
-        idx = torch.tensor(batch)
-        x = dataset.float_images(idx).to(device)
-        y = dataset.labels[idx].to(device)
-        res = run_ensemble(model, x, y, members, example_ids=batch, surrogate=surrogate)
-        each = (time.perf_counter() - batch_start) / len(batch)
-        results = tuple(
-            ExampleResult(int(i), int(y[k]), bool(res.clean_correct[k]), bool(res.robust[k]), float(res.linf[k]),
-                          float(res.l2[k]), int(res.queries[k]), res.broken_by[k], seconds=each)
-            for k, i in enumerate(batch))
-        done += len(batch)
-        yield RobustEvalStep(done, len(indices), results, time.perf_counter() - start, dict(res.seconds),
-                             dict(res.attack_queries))
+    def attack_batch(x: torch.Tensor, y: torch.Tensor, batch: list[int]):
+        res = run_to_end(ensemble_attack(model, x, y, members, example_ids=batch, surrogate=surrogate,
+                                         cancelled=cancelled))
+        if res is None:
+            return None
+        rows = [(int(i), int(y[k]), bool(res.clean_correct[k]), bool(res.robust[k]), float(res.linf[k]),
+                 float(res.l2[k]), int(res.queries[k]), res.broken_by[k]) for k, i in enumerate(batch)]
+        return rows, dict(res.seconds), dict(res.attack_queries)
+
+    return _attack_batches(model, dataset, indices, batch_size, skip, cancelled, attack_batch)
 
 
-def attack_table(results: list[ExampleResult], attacks: list[tuple[str, str]]) -> list[dict[str, Any]]:
+def attack_table(results: list[ExampleResult], attacks: list[tuple[str, str]]) -> list[AttackRow]:
     """Per-attack rows of an ensemble: examples each attack broke (its own successes) and
     the robust accuracy after it and all attacks before it, with Wilson 95% intervals.
 
@@ -220,9 +325,8 @@ def attack_table(results: list[ExampleResult], attacks: list[tuple[str, str]]) -
     rows = []
     for name, label in attacks:
         broken = sum(r.broken_by == name for r in results)
-        rows.append({"attack": name, "label": label, "attacked": remaining, "success": broken,
-                     "robust_acc": (remaining - broken) / max(1, n),
-                     "robust_ci95": list(wilson_interval(remaining - broken, n))})
+        rows.append(AttackRow(name, label, remaining, broken, (remaining - broken) / max(1, n),
+                              list(wilson_interval(remaining - broken, n))))
         remaining -= broken
     return rows
 
@@ -252,8 +356,9 @@ DECISION_SETTINGS = ("dataset", "split", "defense", "classifier", "purify")
 def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
     """Per-example worst case over several attack reports on the same model and threat model.
 
-    An example counts as robust only if every run left it robust (DESIGN rule 3: exact and
-    BPDA gradients, and here also ``smooth``, are each one attack of an adaptive evaluation).
+    An example counts as robust only if every run left it robust (docs/architecture.md,
+    evaluation rules: exact and BPDA gradients, and here also ``smooth``, are each one
+    attack of an adaptive evaluation).
     The runs may have different n: the worst case is taken over the examples all of them
     attacked. Raises ``ValueError`` when the reports are not of one model, data split and
     threat model.
@@ -271,7 +376,7 @@ def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = 
                                  f"{labels[0]}'s {base['settings'].get(key)!r}")
         if threat_model(rep) != base_threat:
             raise ValueError(f"{label}: threat model {threat_model(rep)}, not {base_threat}")
-    by_index = [{int(e[0]): e for e in rep["per_example"]} for rep in reports]
+    by_index = [{r.index: r for r in example_rows(rep)} for rep in reports]
     common = sorted(set.intersection(*(set(d) for d in by_index)))
     if not common:
         raise ValueError("the reports share no examples")
@@ -279,22 +384,22 @@ def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = 
     only_by_run = [0] * len(reports)
     for i in common:
         rows = [d[i] for d in by_index]
-        if len({int(r[1]) for r in rows}) != 1:
+        if len({r.label for r in rows}) != 1:
             raise ValueError(f"example {i} has different labels in the reports")
-        clean = all(bool(r[2]) for r in rows)
-        breakers = [k for k, r in enumerate(rows) if bool(r[2]) and not bool(r[3])]
+        clean = all(r.clean_correct for r in rows)
+        breakers = [k for k, r in enumerate(rows) if r.clean_correct and not r.robust_correct]
         for k in breakers:
             broken_by_run[k] += 1
         if len(breakers) == 1:
             only_by_run[breakers[0]] += 1
         robust = clean and not breakers
-        per_example.append([i, int(rows[0][1]), int(clean), int(robust), [labels[k] for k in breakers]])
+        per_example.append([i, rows[0].label, int(clean), int(robust), [labels[k] for k in breakers]])
     n = len(common)
     n_clean = sum(e[2] for e in per_example)
     n_robust = sum(e[3] for e in per_example)
     runs = []
     for k, (label, rep) in enumerate(zip(labels, reports)):
-        robust_here = sum(int(by_index[k][i][3]) for i in common)
+        robust_here = sum(int(by_index[k][i].robust_correct) for i in common)
         runs.append({"label": label, "command": rep["settings"].get("command"), "n": rep["n"],
                      "robust_acc_on_common": robust_here / n, "broke": broken_by_run[k],
                      "broke_alone": only_by_run[k]})
@@ -323,8 +428,8 @@ def worst_case_log(report: dict[str, Any]) -> str:
 def robust_report(results: list[ExampleResult], seconds: float, model: dict[str, Any],
                   settings: dict[str, Any], attacks: list[tuple[str, str]] | None = None,
                   attack_seconds: dict[str, float] | None = None, attack_queries: dict[str, int] | None = None,
-                  seeds: dict[str, Any] | None = None) -> dict[str, Any]:
-    """JSON report of a finished attack evaluation (examples sorted by index).
+                  seeds: dict[str, Any] | None = None) -> EvalReport:
+    """The report of a finished attack evaluation (examples sorted by index).
 
     For an ensemble, ``attacks`` (its order, as (name, label) pairs) adds the per-attack
     table of :func:`attack_table`, the breaking attack of every example, and this run's
@@ -339,41 +444,30 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
     # examples from a state written before timings existed are left out of the average
     timed = [r.seconds for r in results if r.seconds is not None]
     per_image = sum(timed) / len(timed) if timed else seconds / max(1, n)
-    report = {
-        "clean_acc": clean / max(1, n),
-        "robust_acc": robust / max(1, n),
-        "n": n,
-        "ci95": list(wilson_interval(clean, n)),
-        "robust_ci95": list(wilson_interval(robust, n)),
-        "seconds": seconds,
-        "seconds_per_image": per_image,
-        "timing": {"wall_seconds_this_run": seconds, "examples_timed": len(timed),
-                   "seconds_per_image": "each example's batch wall time / batch size, averaged over the timed "
-                                        "examples of every run and shard" if timed else "this run's wall time / n"},
-        "forward_backward_passes_per_image": queries / max(1, n),
-        "max_linf": max((r.linf for r in results), default=0.0),
-        "max_l2": max((r.l2 for r in results), default=0.0),
-        "per_example": [[r.index, r.label, int(r.clean_correct), int(r.robust_correct)] for r in results],
-        "model": model,
-        "settings": settings,
-        "hardware": hardware_description(),
-    }
-    if seeds is not None:
-        report["seeds"] = seeds
+    report = EvalReport(
+        clean_acc=clean / max(1, n), robust_acc=robust / max(1, n), n=n, ci95=list(wilson_interval(clean, n)),
+        robust_ci95=list(wilson_interval(robust, n)), seconds=seconds, seconds_per_image=per_image,
+        timing={"wall_seconds_this_run": seconds, "examples_timed": len(timed),
+                "seconds_per_image": "each example's batch wall time / batch size, averaged over the timed "
+                                     "examples of every run and shard" if timed else "this run's wall time / n"},
+        forward_backward_passes_per_image=queries / max(1, n),
+        max_linf=max((r.linf for r in results), default=0.0), max_l2=max((r.l2 for r in results), default=0.0),
+        examples=[ExampleRow(r.index, r.label, r.clean_correct, r.robust_correct, r.broken_by) for r in results],
+        model=model, settings=settings, hardware=hardware_description(), seeds=seeds)
     if attacks is not None:
         table = attack_table(results, attacks)
-        if table and table[-1]["robust_acc"] != report["robust_acc"]:
+        if table and table[-1].robust_acc != report.robust_acc:
             raise ValueError("per-attack table does not end at the robust accuracy")
-        report["per_attack"] = table
-        report["per_example"] = [row + [r.broken_by] for row, r in zip(report["per_example"], results)]
-        report["per_example_columns"] = ["index", "label", "clean_correct", "robust_correct", "broken_by"]
-        report["attack_seconds_this_run"] = dict(attack_seconds or {})
-        report["attack_forward_passes_this_run"] = dict(attack_queries or {})
+        report.per_attack = table
+        report.attack_seconds_this_run = dict(attack_seconds or {})
+        report.attack_forward_passes_this_run = dict(attack_queries or {})
     return report
 
 
-def robust_log(report: dict[str, Any]) -> str:
+def robust_log(report: EvalReport | dict[str, Any]) -> str:
     """A readable, AutoAttack-style log of a :func:`robust_report` (ensemble or single attack)."""
+    if isinstance(report, EvalReport):
+        report = report.to_dict()
     def pct(v: float) -> str:
         return f"{100 * v:.2f}%"
 
@@ -442,7 +536,7 @@ class ResumeState:
                     f.write("\n")
             lines = text.splitlines()
             if not lines or lines[0] != header:
-                raise ValueError(f"{self.path}: state of a run with other settings; use another --state file")
+                raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
             for line in lines[1:]:
                 try:
                     r = ExampleResult(**json.loads(line))
@@ -469,3 +563,232 @@ class ResumeState:
                 self.results[r.index] = r
             f.flush()
             os.fsync(f.fileno())
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """What an evaluation runs: data, defense, attack and how to run it.
+
+    ``attack`` is one of :data:`core.choices.EVAL_ATTACKS`: ``none`` (clean accuracy),
+    ``ensemble`` (APGD-CE, APGD-DLR, APGD-T, Square and a transfer attack from the CNN
+    ``cnn``), ``transfer`` (that transfer attack alone) or a single attack by name.
+    ``state`` is a per-example results file an interrupted run resumes from; ``command``
+    is recorded in the report (how to reproduce it).
+    """
+
+    dataset: str = "mnist"
+    split: str = "test"
+    n: int | None = None  # first n examples (None: all)
+    data_root: str | None = None
+    defense: str = "dc"
+    attack: str = "none"
+    norm: str = "linf"
+    eps: float = 0.3
+    steps: int = 100
+    restarts: int = 1
+    eot: int = 1
+    seed: int = 0
+    targets: int = 9
+    square_queries: int | None = None
+    p_init: float = 0.8
+    grad: str = "auto"
+    cnn: str = "mnist-cnn"
+    batch_size: int = 50
+    state: str | None = None
+    command: str = ""
+
+
+@dataclass(frozen=True)
+class EvalProgress:
+    """Progress of :func:`run_evaluation`: ``done`` of ``total`` examples of this shard."""
+
+    done: int
+    total: int
+    clean_acc: float
+    robust_acc: float | None = None  # None for clean evaluations
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Under ``torchrun`` join the process group (gloo on CPU, NCCL on GPU) and return
+    (rank, world size); (0, 1) in a single process."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and device.startswith("cuda") else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def single_attack_settings(config: EvalConfig):
+    """The :class:`core.attacks.AttackSettings` of ``config.attack`` naming one attack."""
+    from .attacks import AttackSettings
+    from .choices import NAMED_ATTACKS
+
+    method, loss = NAMED_ATTACKS[config.attack]
+    steps = config.square_queries if method == "square" and config.square_queries else config.steps
+    return AttackSettings(method=method, loss=loss, norm=config.norm, eps=config.eps, steps=steps,
+                          restarts=config.restarts, eot=config.eot, seed=config.seed, p_init=config.p_init)
+
+
+def _ensemble(config: EvalConfig, dataset: TensorDataset, device: str):
+    """The members of the ensemble and the surrogate CNN of its transfer attack."""
+    from .attacks import standard_ensemble
+    from .baseline import load_cnn
+    from .models import CheckpointError
+
+    if config.targets < 1:
+        raise ValueError("the ensemble needs at least 1 target class for APGD-T")
+    try:
+        surrogate, _ = load_cnn(config.cnn, device=device)
+    except CheckpointError as exc:
+        raise ValueError(f"transfer attack: {exc}") from None
+    shape = (surrogate.in_channels, surrogate.image_size)
+    if shape != (dataset.images.shape[1], dataset.images.shape[-1]) or surrogate.num_classes != len(dataset.classes):
+        raise ValueError(f"transfer attack: CNN {config.cnn} does not fit the {dataset.name} data")
+    members = standard_ensemble(config.norm, config.eps, steps=config.steps, restarts=config.restarts,
+                                eot=config.eot, seed=config.seed, targets=config.targets,
+                                square_queries=config.square_queries or 5000, p_init=config.p_init)
+    return members, surrogate
+
+
+def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifier | None = None, *,
+                   device: str = "cpu", purify=None, dataset: TensorDataset | None = None,
+                   shard: tuple[int, int] = (0, 1), progress: Callable[[EvalProgress], None] | None = None,
+                   warn: Callable[[str], None] | None = None,
+                   cancelled: Callable[[], bool] | None = None) -> EvalReport | None:
+    """Evaluate a defense on a dataset split: clean accuracy, or robust accuracy under attack.
+
+    Parameters
+    ----------
+    model, classifier
+        The loaded diffusion model and its classifier (None for the ``cnn`` defense).
+    purify
+        The RDC's :class:`core.purify.PurifySettings` (default: the model card's).
+    shard
+        (rank, world size): this process attacks every world-th example from rank; with
+        a process group (:func:`init_distributed`) all shards' results are gathered.
+    progress
+        Called at the start (resumed examples count as done) and after every batch.
+    warn
+        Receives engine warnings (e.g. masked gradients) before the attacks start.
+
+    Returns
+    -------
+    EvalReport or None
+        The report (every shard gets the gathered report), None when cancelled.
+
+    Raises
+    ------
+    ValueError
+        For a model trained on another dataset, an unusable CNN or ensemble setting, or a
+        ``state`` file of a run with other settings.
+    """
+    from .data import load_dataset
+    from .defense import build_defense, gradient_warning
+
+    ds = dataset if dataset is not None else load_dataset(config.dataset, config.split, config.data_root)
+    cancelled = cancelled or (lambda: False)
+    if config.defense == "cnn":  # the diffusion model is not needed
+        settings: dict[str, Any] = {"device": device}
+        model_info = {"name": config.cnn, "architecture": "cnn"}
+    else:
+        if ds.name != model.card.get("dataset"):
+            raise ValueError(f"model {model.name} was trained on {model.card.get('dataset')}, not {ds.name}")
+        settings = {"classifier": classifier.settings.to_dict(), "device": str(classifier.device)}
+        model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
+    total = min(config.n or len(ds), len(ds))
+    settings.update({"dataset": config.dataset, "split": config.split, "defense": config.defense,
+                     "attack": config.attack, "batch_size": config.batch_size, "command": config.command})
+    if config.attack == "none" and config.defense == "dc":
+        steps = []
+        for rec in evaluate_clean(classifier, ds, total, config.batch_size, cancelled=cancelled):
+            steps.append(rec)
+            if progress is not None:
+                progress(EvalProgress(rec.done, total, rec.accuracy))
+        if cancelled() or not steps:
+            return None
+        return clean_report(steps, model_info, settings)
+
+    from .attacks import AttackSettings
+
+    defense = build_defense(config.defense, model, classifier, purify=purify, grad_mode=config.grad,
+                            cnn=config.cnn, device=device)
+    if config.defense == "rdc":
+        settings["purify"] = defense.maximizer.settings.to_dict()
+        settings["grad"] = defense.grad_mode  # the mode actually used (auto resolved)
+    members, surrogate, seeds = None, None, None
+    if config.attack == "none":
+        att = AttackSettings(eps=0.0, steps=1, random_start=False)
+    elif config.attack in ("ensemble", "transfer"):
+        members, surrogate = _ensemble(config, ds, device)
+        if config.attack == "transfer":  # the ensemble's transfer attack alone
+            members = [m for m in members if m.transfer]
+    else:
+        att = single_attack_settings(config)
+    if members is not None:
+        settings["attack_settings"] = {m.name: m.settings.to_dict() for m in members}
+        settings["ensemble"] = {"order": [m.name for m in members], "transfer_source": config.cnn}
+        if config.attack == "ensemble":
+            settings["ensemble"]["targets"] = config.targets
+        seeds = {"attack_seed": config.seed,
+                 "classifier_noise_seed": settings.get("classifier", {}).get("noise_seed"),
+                 "per_example": "(attack_seed * 1000003 + index) * 101 + restart"}
+    else:
+        settings["attack_settings"] = att.to_dict()
+    warning = gradient_warning(defense)
+    if warning and warn is not None and config.attack not in ("none", "square", "transfer"):
+        warn(warning)
+    rank, world = shard
+    indices = list(range(total))[rank::world]
+    state = None
+    if config.state:
+        state_path = config.state if world == 1 else f"{config.state}.rank{rank}-of-{world}"
+        identity = {k: v for k, v in settings.items() if k != "command"}
+        state = ResumeState(state_path, identity | {"n": total, "shard": [rank, world]})
+    results = list(state.results.values()) if state else []
+    t0 = time.perf_counter()
+    skip = set(state.results) if state else frozenset()
+    if members is not None:
+        records = evaluate_ensemble(defense, ds, members, indices, config.batch_size, skip=skip, surrogate=surrogate,
+                                    cancelled=cancelled)
+    else:
+        records = evaluate_attack(defense, ds, att, indices, config.batch_size, skip=skip, cancelled=cancelled)
+    attack_seconds: dict[str, float] = {}
+    attack_queries: dict[str, int] = {}
+
+    def report_progress() -> None:
+        if progress is not None:
+            done = max(1, len(results))
+            progress(EvalProgress(len(results), len(indices), sum(r.clean_correct for r in results) / done,
+                                  sum(r.robust_correct for r in results) / done))
+
+    report_progress()
+    for rec in records:
+        results.extend(rec.results)
+        for name, sec in rec.attack_seconds.items():
+            attack_seconds[name] = attack_seconds.get(name, 0.0) + sec
+        for name, q in rec.attack_queries.items():
+            attack_queries[name] = attack_queries.get(name, 0) + q
+        if state:
+            state.add(rec.results)
+        report_progress()
+    if cancelled():
+        return None
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (results, attack_seconds, attack_queries))
+        results = [r for part, _, _ in gathered for r in part]
+        attack_seconds = {m.name: sum(sec.get(m.name, 0.0) for _, sec, _ in gathered) for m in members or []}
+        attack_queries = {m.name: sum(q.get(m.name, 0) for _, _, q in gathered) for m in members or []}
+        settings["shards"] = world
+    if members is not None:
+        return robust_report(results, time.perf_counter() - t0, model_info, settings,
+                             attacks=[(m.name, m.label) for m in members], attack_seconds=attack_seconds,
+                             attack_queries=attack_queries, seeds=seeds)
+    return robust_report(results, time.perf_counter() - t0, model_info, settings)

@@ -43,9 +43,6 @@ MAX_PIXELS = 50_000_000
 MAX_FILE_BYTES = 200 * 1024 * 1024
 """Files larger than this many bytes are refused without being read."""
 
-SUPPORTED_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
-"""File suffixes offered in file dialogs (other formats Pillow can read still load)."""
-
 BACKGROUND_RGB = (255, 255, 255)
 """Colour that transparent pixels are composited over (for both RGB and grayscale models)."""
 
@@ -125,8 +122,8 @@ def _decode(file: Any, path: Path) -> Image.Image:
     except ImageLoadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageLoadError(f"{path}: image is too large to decode safely "
-                             f"(decompression-bomb guard: {exc})") from exc
+        raise ImageLoadError(f"{path}: image has more pixels than the {MAX_PIXELS:,} allowed; "
+                             f"refused without decoding (decompression-bomb guard)") from exc
     except UnidentifiedImageError as exc:
         raise ImageLoadError(f"{path}: not a recognised image format") from exc
     except MemoryError as exc:

@@ -1,4 +1,4 @@
-"""Gradient-masking checks (DESIGN.md section 3, point 4) over ``rdc eval`` reports.
+"""Gradient-masking checks (docs/architecture.md, evaluation rules) over ``rdc eval`` reports.
 
 Pure functions of the JSON report dicts that :func:`core.evaluate.robust_report` writes;
 each returns a :class:`CheckResult` (PASS/FAIL with the numbers behind it):
@@ -49,7 +49,9 @@ def _ci(lo_hi: Sequence[float]) -> str:
 
 def robust_flags(report: Report) -> dict[int, bool]:
     """Example index -> still classified correctly after the attack."""
-    return {int(row[0]): bool(row[3]) for row in report["per_example"]}
+    from .evaluate import example_rows
+
+    return {row.index: row.robust_correct for row in example_rows(report)}
 
 
 def attack_settings(report: Report) -> dict[str, Any]:

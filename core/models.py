@@ -162,12 +162,25 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
 
 
 def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
-    """Load a bundled model by name or a checkpoint by path, validating every tensor."""
+    """Load a bundled model by name or a checkpoint by path, validating every tensor.
+
+    An EDM snapshot (``.pkl``) is converted in memory by the safe importer (:mod:`.edm_import`).
+    """
+    if str(name_or_path).lower().endswith(".pkl"):
+        from .edm_import import load_edm_pickle
+
+        return load_edm_pickle(name_or_path, device)
     path = resolve_model_path(name_or_path)
     card = _read_card(path)
     try:
-        config = NetConfig.from_dict(card["net"])
-        net = build_denoiser(config)
+        if isinstance(card["net"], dict) and card["net"].get("architecture") == "edm":
+            from .edm_nets import build_edm_denoiser
+
+            net = build_edm_denoiser(card["net"])
+            config = net.config
+        else:
+            config = NetConfig.from_dict(card["net"])
+            net = build_denoiser(config)
     except (TypeError, ValueError) as exc:
         raise CheckpointError(f"{path}: invalid network config ({exc})") from exc
     try:

@@ -18,6 +18,13 @@ from .nets import Denoiser
 
 OPTIMIZERS = ("sign", "adam")
 SCORES = ("uncond", "mixture")
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPS = 1e-8
+
+
+def project_eta(x: torch.Tensor, x_orig: torch.Tensor, eta: float) -> torch.Tensor:
+    """Project onto the l-inf ball of radius ``eta`` around ``x_orig`` and the [0, 1] box."""
+    return torch.minimum(torch.maximum(x, x_orig - eta), x_orig + eta).clamp(0.0, 1.0)
 
 
 @dataclass
@@ -119,8 +126,7 @@ class LikelihoodMaximizer:
         sigmas, noises = self.draws()
         x_orig = x.detach()
         cur = x_orig.clone()
-        m = torch.zeros_like(cur)
-        v = torch.zeros_like(cur)
+        moments = None
 
         def record(step: int, obj: torch.Tensor, sigma: float) -> PurifyStep:
             d = (cur - x_orig).flatten(1)
@@ -134,30 +140,61 @@ class LikelihoodMaximizer:
         for i in range(s.steps):
             if cancelled():
                 return
-            cur.requires_grad_(True)
-            with torch.enable_grad():
-                obj = self.objective(cur, sigmas[i], noises[i])
-                (grad,) = torch.autograd.grad(obj.sum(), cur)
-            cur = cur.detach()
+            nxt, obj, moments = self.step(cur, x_orig, i, sigmas[i], noises[i], moments)
             if i == 0:
                 yield record(0, obj, float(sigmas[0]))
-            cur = self._update(cur, grad, i, m, v)
-            cur = torch.minimum(torch.maximum(cur, x_orig - s.eta), x_orig + s.eta).clamp(0.0, 1.0)
-            nxt = min(i + 1, s.steps - 1)
+            cur = nxt
+            after = min(i + 1, s.steps - 1)
             with torch.no_grad():
-                obj_next = self.objective(cur, sigmas[nxt], noises[nxt])
-            yield record(i + 1, obj_next, float(sigmas[nxt]))
+                obj_next = self.objective(cur, sigmas[after], noises[after])
+            yield record(i + 1, obj_next, float(sigmas[after]))
 
-    def _update(self, x: torch.Tensor, grad: torch.Tensor, i: int, m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, x_orig: torch.Tensor, i: int, sigma: torch.Tensor, noise: torch.Tensor,
+             moments: tuple[torch.Tensor, torch.Tensor] | None = None, create_graph: bool = False,
+             smooth_sign: bool = False) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Likelihood-maximisation step ``i`` (0-based) of ``x`` at one noise level.
+
+        The one implementation of a step, shared by :meth:`run` and the RDC module.
+
+        Parameters
+        ----------
+        x_orig
+            The input: steps are projected onto its ``eta`` ball and [0, 1].
+        moments
+            Adam's (first, second) moments from the previous step (None at the start).
+        create_graph
+            Keep the graph, so the result is differentiable in ``x`` (second order).
+        smooth_sign
+            With ``create_graph``: back-propagate sign steps through ``tanh(g / tau)``
+            (``tau``: the example's mean ``|g|``); the values are those of the sign steps.
+
+        Returns
+        -------
+        tuple
+            (the next iterate, the per-example objective at ``x`` (detached), the moments).
+        """
         s = self.settings
+        if not create_graph:
+            x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            obj = self.objective(x, sigma, noise)
+            (grad,) = torch.autograd.grad(obj.sum(), x, create_graph=create_graph)
+        if not create_graph:
+            x = x.detach()
         if s.optimizer == "sign":
-            return x - s.step_size * grad.sign()
-        b1, b2, eps = 0.9, 0.999, 1e-8
-        m.mul_(b1).add_(grad, alpha=1 - b1)
-        v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        m_hat = m / (1 - b1 ** (i + 1))
-        v_hat = v / (1 - b2 ** (i + 1))
-        return x - s.step_size * m_hat / (v_hat.sqrt() + eps)
+            direction = grad.sign()
+            if smooth_sign and create_graph:
+                tau = grad.detach().abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
+                surrogate = torch.tanh(grad / tau)
+                direction = direction.detach() + (surrogate - surrogate.detach())
+        else:
+            b1, b2 = ADAM_BETAS
+            m, v = moments if moments is not None else (torch.zeros_like(grad), torch.zeros_like(grad))
+            m = b1 * m + (1 - b1) * grad
+            v = b2 * v + (1 - b2) * grad * grad
+            direction = (m / (1 - b1 ** (i + 1))) / ((v / (1 - b2 ** (i + 1))).sqrt() + ADAM_EPS)
+            moments = (m, v)
+        return project_eta(x - s.step_size * direction, x_orig, s.eta), obj.detach(), moments
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The purified images (no gradient to the input; see the RDC module for that)."""

@@ -48,7 +48,7 @@ def masked_gradient_warning(grad_mode: str, purify: PurifySettings) -> str | Non
     """
     if grad_mode == "exact" and purify.optimizer == "sign" and purify.steps > 0:
         return ("exact gradients through the likelihood maximisation's sign steps are masked (the derivative of "
-                "sign is zero): use --grad smooth or bpda for an adaptive attack")
+                "sign is zero); the smooth or bpda gradient mode gives an adaptive attack")
     return None
 
 
@@ -75,31 +75,12 @@ class RobustDiffusionClassifier(nn.Module):
         ``tanh(g / tau)``; the values are those of the sign steps.
         """
         lm = self.maximizer
-        s = lm.settings
         sigmas, noises = lm.draws()
         x_orig = x if create_graph else x.detach()
-        cur = x_orig
-        m = torch.zeros_like(x)
-        v = torch.zeros_like(x)
-        b1, b2 = 0.9, 0.999
-        for i in range(s.steps):
-            if not create_graph:
-                cur = cur.detach().requires_grad_(True)
-            with torch.enable_grad():
-                obj = lm.objective(cur, sigmas[i], noises[i]).sum()
-                (grad,) = torch.autograd.grad(obj, cur, create_graph=create_graph)
-            if s.optimizer == "sign":
-                step = grad.sign()
-                if smooth_sign and create_graph:
-                    tau = grad.detach().abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
-                    surrogate = torch.tanh(grad / tau)
-                    step = step.detach() + (surrogate - surrogate.detach())
-            else:
-                m = b1 * m + (1 - b1) * grad
-                v = b2 * v + (1 - b2) * grad * grad
-                step = (m / (1 - b1 ** (i + 1))) / ((v / (1 - b2 ** (i + 1))).sqrt() + 1e-8)
-            cur = cur - s.step_size * step
-            cur = torch.minimum(torch.maximum(cur, x_orig - s.eta), x_orig + s.eta).clamp(0.0, 1.0)
+        cur, moments = x_orig, None
+        for i in range(lm.settings.steps):
+            cur, _, moments = lm.step(cur, x_orig, i, sigmas[i], noises[i], moments, create_graph=create_graph,
+                                      smooth_sign=smooth_sign)
         return cur if create_graph else cur.detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

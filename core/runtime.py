@@ -1,4 +1,5 @@
-"""Process-level tuning for CPU inference and training (no Qt, no torch import needed).
+"""Process-level tuning for CPU inference and training, and the driver of step generators
+(no Qt, no torch import needed).
 
 glibc's malloc returns large freed blocks to the kernel at once (they are ``mmap``-ed
 above a threshold, and the heap top is trimmed). PyTorch on the CPU frees and
@@ -17,6 +18,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import sys
+from typing import Any, Callable, Generator, TypeVar
+
+S = TypeVar("S")
+R = TypeVar("R")
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -55,3 +60,19 @@ def tune_allocator() -> bool:
     ok_arena = mallopt(_M_ARENA_MAX, 1)
     _tuned = bool(ok_mmap and ok_trim and ok_arena)
     return _tuned
+
+
+def run_to_end(steps: Generator[S, Any, R], on_step: Callable[[S], None] | None = None) -> R:
+    """Run a step generator (attack, ensemble, training, ...) to its return value.
+
+    The engine's long operations are generators: they yield a record per step (for live
+    plots and progress bars) and return their result. ``on_step`` sees every record.
+    A cancelled operation returns None.
+    """
+    while True:
+        try:
+            record = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        if on_step is not None:
+            on_step(record)

@@ -21,8 +21,8 @@ import torch
 
 from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
 from rdc_studio.core.data import load_dataset
+from rdc_studio.core.defense import parse_fraction
 from rdc_studio.core.evaluate import evaluate_clean, hardware_description, wilson_interval
-from rdc_studio.core.cli import parse_fraction
 from rdc_studio.core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint
 from rdc_studio.core.purify import PurifySettings
 

@@ -5,7 +5,7 @@ classifier and purification defaults in deterministic mode (``--grad auto``: smo
 gradients for sign-step purification, exact for Adam; or exact, smooth, bpda), with
 l-inf APGD-CE at the same eps and iterations, one restart, on the
 first n test images. It prints and writes both robust accuracies with 95% Wilson
-intervals and whether the intervals overlap (DESIGN.md section 3, point 7).
+intervals and whether the intervals overlap (docs/architecture.md, evaluation rules).
 
 torchattacks' examples are judged as it returns them (float) and, like ours, after
 rounding to 8 bits inside the eps ball; the agreement is judged on the 8-bit numbers.
@@ -16,30 +16,26 @@ rounding to 8 bits inside the eps ball; the agreement is judged on the 8-bit num
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import sys
 import time
 
 import torch
 
-from rdc_studio.core.attacks import AttackSettings, quantize_in_ball, run_attack
-from rdc_studio.core.classifier import ClassifierSettings
-from rdc_studio.core.cli import parse_fraction, resolve_device
+from rdc_studio.core.attacks import AttackSettings, attack, quantize_in_ball, run_to_end
+from rdc_studio.core.classifier import build_classifier
 from rdc_studio.core.data import load_dataset
+from rdc_studio.core.defense import (DeviceUnavailableError, build_defense, parse_fraction, purify_settings,
+                                     resolve_device, setup_threads)
 from rdc_studio.core.evaluate import hardware_description, wilson_interval
 from rdc_studio.core.models import CheckpointError, atomic_write_json, load_checkpoint
-from rdc_studio.core.purify import PurifySettings
 from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 
-def build_rdc(model, grad: str, levels: int | None = None) -> RobustDiffusionClassifier:
+def build_rdc(model, grad: str, levels: int | None = None, device: str = "cpu") -> RobustDiffusionClassifier:
     """The RDC of a loaded model with its card's defaults, in deterministic mode."""
-    clf = {**model.classifier_defaults, "mode": "deterministic"}
-    if levels:
-        clf["steps"] = levels
-    purify = PurifySettings(**{**model.card.get("purify", {}), "mode": "deterministic"})
-    return RobustDiffusionClassifier(model.net, ClassifierSettings.from_dict(clf), purify, grad)
+    clf = build_classifier(model, device, mode="deterministic", steps=levels or None)
+    return build_defense("rdc", model, clf, purify=purify_settings(model, mode="deterministic"), grad_mode=grad)
 
 
 def _summary(robust: torch.Tensor) -> dict:
@@ -72,13 +68,13 @@ def main(argv: list[str] | None = None) -> int:
         import torchattacks
     except ImportError:
         raise SystemExit("crosscheck_torchattacks: needs torchattacks (pip install -e '.[test]')") from None
-    torch.set_num_threads(args.threads or max(1, os.cpu_count() or 1))
-    device = resolve_device(args.device)
+    setup_threads(args.threads)
     try:
+        device = resolve_device(args.device)
         model = load_checkpoint(args.model, device=device)
-    except CheckpointError as exc:
+    except (CheckpointError, DeviceUnavailableError) as exc:
         raise SystemExit(f"crosscheck_torchattacks: {exc}") from None
-    rdc = build_rdc(model, args.grad, args.levels).to(device).eval()
+    rdc = build_rdc(model, args.grad, args.levels, device).eval()
     eps = parse_fraction(args.eps)
     data = load_dataset(model.card["dataset"], "test", args.data_root)
     n = min(args.n, len(data))
@@ -91,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         x = data.float_images(torch.tensor(idx)).to(device)
         y = data.labels[idx].to(device)
         t0 = time.perf_counter()
-        res = run_attack(rdc, x, y, ours, example_ids=idx)
+        res = run_to_end(attack(rdc, x, y, ours, example_ids=idx))
         seconds["ours"] += time.perf_counter() - t0
         clean.append(res.clean_correct.cpu())
         robust_ours.append((~res.success).cpu())

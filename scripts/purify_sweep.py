@@ -23,14 +23,13 @@ import time
 
 import torch
 
-from rdc_studio.core.attacks import AttackSettings, run_attack
-from rdc_studio.core.classifier import ClassifierSettings
-from rdc_studio.core.cli import parse_fraction
+from rdc_studio.core.attacks import AttackSettings, attack, run_to_end
+from rdc_studio.core.classifier import build_classifier
 from rdc_studio.core.data import load_dataset
+from rdc_studio.core.defense import build_defense, parse_fraction, setup_threads
 from rdc_studio.core.evaluate import hardware_description, wilson_interval
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
 from rdc_studio.core.purify import PurifySettings
-from rdc_studio.core.rdc import RobustDiffusionClassifier
 
 
 def _floats(text: str) -> list[float]:
@@ -53,16 +52,17 @@ def main(argv=None) -> int:
     p.add_argument("--data-root", default=None)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    setup_threads(args.threads)
     model = load_checkpoint(args.model)
-    clf_settings = ClassifierSettings.from_dict(model.classifier_defaults)
+    clf = build_classifier(model)
+    clf_settings = clf.settings
     data = load_dataset(model.card["dataset"], "val", args.data_root)
     rows = []
     candidates = [(eta, steps, ratio) for eta in _floats(args.eta) for steps in _floats(args.lm_steps)
                   for ratio in _floats(args.step_size_ratio)]
     for eta, steps, ratio in candidates:
         settings = PurifySettings(eta=eta, steps=int(steps), step_size=ratio * eta, optimizer=args.optimizer)
-        rdc = RobustDiffusionClassifier(model.net, clf_settings, settings, grad_mode="exact")
+        rdc = build_defense("rdc", model, clf, purify=settings, grad_mode="exact")
         t0 = time.perf_counter()
         correct = 0
         for i in range(0, args.n, args.batch_size):
@@ -77,7 +77,8 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             idx = list(range(args.attack_n))
             atk = AttackSettings(method="apgd", loss="ce", norm="linf", eps=args.eps, steps=args.attack_steps)
-            res = run_attack(rdc, data.float_images(torch.tensor(idx)), data.labels[idx], atk, example_ids=idx)
+            x = data.float_images(torch.tensor(idx))
+            res = run_to_end(attack(rdc, x, data.labels[idx], atk, example_ids=idx))
             robust = int((~res.success).sum())
             row.update({"attack": f"APGD-CE linf eps={args.eps:g} {args.attack_steps} steps, exact gradients",
                         "attack_n": args.attack_n, "robust_acc": robust / args.attack_n,

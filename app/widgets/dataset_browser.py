@@ -1,4 +1,8 @@
-"""Browse a dataset split (torchvision MNIST root / CIFAR-10 archive) or an image folder."""
+"""Browse a dataset split (torchvision MNIST root / CIFAR-10 archive) or an image folder.
+
+Loading (which may extract an archive or walk a large folder) runs on a worker thread;
+the dialog stays responsive and shows the first page when the load has finished.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,15 +15,29 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QHBoxLayout, QLa
 from ...core.data import TensorDataset, default_data_root, load_dataset
 from ...core.images import ImageLoadError, load_for_model
 
+from ..worker import JobRunner
 from .gallery import Gallery
 
 PAGE = 48
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+
+
+def load_source(dataset_name: str, source_index: int, root: str) -> TensorDataset | list[Path]:
+    """0: test split, 1: validation split of ``dataset_name`` under ``root``; 2: the image
+    files under the folder ``root``. Raises OSError or ValueError with a readable message."""
+    if source_index in (0, 1):
+        return load_dataset(dataset_name, "test" if source_index == 0 else "val", root)
+    files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise FileNotFoundError(f"no images under {root}")
+    return files
 
 
 class DatasetBrowser(QDialog):
     """Pages of thumbnails with their labels; clicking one emits ``image_chosen``."""
 
     image_chosen = Signal(object, str)
+    loaded = Signal(int)
     failed = Signal(str)
 
     def __init__(self, dataset_name: str, image_size: int, channels: int, parent: QWidget | None = None) -> None:
@@ -43,6 +61,10 @@ class DatasetBrowser(QDialog):
         self.info = QLabel("")
         self.gallery = Gallery(icon_size=64)
         self.gallery.image_chosen.connect(self.image_chosen)
+        self.load_button = load
+        self.runner = JobRunner(self)
+        self.runner.finished.connect(self._on_runner_finished)
+        self.runner.failed.connect(self._on_runner_failed)
         top = QHBoxLayout()
         top.addWidget(self.source)
         top.addWidget(self.root, 1)
@@ -65,26 +87,41 @@ class DatasetBrowser(QDialog):
     def _on_load_clicked(self) -> None:
         self.load(self.source.currentIndex(), self.root.text())
 
-    def load(self, source_index: int, root: str) -> bool:
-        """0: test split, 1: validation split of the model's dataset under ``root``; 2: an image folder."""
-        self.dataset, self.folder_files = None, []
-        try:
-            if source_index in (0, 1):
-                self.dataset = load_dataset(self._dataset_name, "test" if source_index == 0 else "val", root)
-                count = len(self.dataset)
-            else:
-                exts = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
-                self.folder_files = sorted(p for p in Path(root).rglob("*") if p.suffix.lower() in exts)
-                count = len(self.folder_files)
-                if count == 0:
-                    raise FileNotFoundError(f"no images under {root}")
-        except (OSError, ValueError) as exc:
-            self.failed.emit(str(exc))
-            return False
+    def load(self, source_index: int, root: str) -> None:
+        """Start loading (see :func:`load_source`) on a worker thread; ``loaded(count)`` or
+        ``failed(message)`` follows."""
+        self.info.setText(f"loading {root}…")
+        self.load_button.setEnabled(False)
+        name = self._dataset_name
+
+        def job(_cancelled):
+            try:
+                return load_source(name, source_index, root)
+            except (OSError, ValueError) as exc:
+                return str(exc)
+
+        self.runner.start(job)
+
+    def _on_runner_failed(self, message: str) -> None:
+        self._on_runner_finished(message)
+
+    def _on_runner_finished(self, result) -> None:
+        self.load_button.setEnabled(True)
+        if isinstance(result, str):
+            self.info.setText("")
+            self.failed.emit(result)
+            return
+        self.dataset, self.folder_files = (None, result) if isinstance(result, list) else (result, [])
+        count = len(result)
         self.page.setMaximum(max(0, (count - 1) // PAGE))
         self.page.setValue(0)
         self._on_page_value_changed(0)
-        return True
+        self.loaded.emit(count)
+
+    def done(self, code: int) -> None:
+        """Closing the dialog abandons a load in progress (its thread ends on its own)."""
+        self.runner.cancel()
+        super().done(code)
 
     def _on_page_value_changed(self, page: int) -> None:
         start = page * PAGE

@@ -1,8 +1,13 @@
-"""A pixel-exact image view (pyqtgraph ImageItem, row-major, aspect locked)."""
+"""A pixel-exact image view (pyqtgraph ImageItem, row-major, aspect locked).
+
+The view fills its pane at any size; pixels are drawn as blocks (nearest neighbour, no
+smoothing), so a 28x28 digit stays a 28x28 grid of squares when enlarged.
+"""
 from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
+from PySide6.QtCore import QTimer
 from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
 
 
@@ -12,10 +17,14 @@ class ImageView(QWidget):
     def __init__(self, title: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.title = QLabel(f"<b>{title}</b>")
+        self.title.setWordWrap(True)
         self.caption = QLabel("")
         self.caption.setWordWrap(True)
         self.graphics = pg.GraphicsLayoutWidget()
         self.graphics.setBackground("w")
+        self.graphics.setAntialiasing(False)  # nearest-neighbour pixels
+        self.graphics.setMinimumSize(96, 96)
+        self.graphics.ci.setContentsMargins(0, 0, 0, 0)
         self.view = self.graphics.addViewBox(lockAspect=True, invertY=True, enableMouse=True)
         self.item = pg.ImageItem(axisOrder="row-major")
         self.view.addItem(self.item)
@@ -25,6 +34,8 @@ class ImageView(QWidget):
         layout.addWidget(self.graphics, 1)
         layout.addWidget(self.caption)
         self.image: np.ndarray | None = None
+        self._fitted = True
+        self.view.sigRangeChangedManually.connect(self._on_view_range_changed_manually)
 
     def set_image(self, image: np.ndarray | None, caption: str = "") -> None:
         self.image = None if image is None else np.array(image, copy=True)
@@ -33,8 +44,22 @@ class ImageView(QWidget):
         else:
             hwc = image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0)
             self.item.setImage(hwc, levels=(0.0, 1.0), autoLevels=False)
-            self.view.autoRange(padding=0.02)
+            self.fit()
         self.caption.setText(caption)
+
+    def fit(self) -> None:
+        """Show the whole image, as large as the pane allows (again after a resize until the
+        user zooms or pans; the view's context menu 'View All' fits it again)."""
+        self._fitted = True
+        self.view.autoRange(padding=0.02)
+
+    def _on_view_range_changed_manually(self, *_args) -> None:
+        self._fitted = False
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        if self.image is not None and self._fitted:
+            QTimer.singleShot(0, self.fit)  # after the graphics view has its new size
 
 
 class PerturbationView(ImageView):
@@ -44,6 +69,10 @@ class PerturbationView(ImageView):
         super().__init__(title, parent)
         cmap = pg.colormap.get("CET-D1")
         self.item.setLookupTable(cmap.getLookupTable(nPts=256))
+        # the colour bar: which colour is which signed change, in /255 pixel units
+        self.colour_bar = pg.ColorBarItem(values=(-1, 1), colorMap=cmap, interactive=False, width=12,
+                                          label="δ (/255)")
+        self.graphics.addItem(self.colour_bar, 0, 1)
 
     def set_perturbation(self, delta: np.ndarray | None) -> None:
         """``delta``: (C, H, W) adversarial minus original, in [0, 1] units."""
@@ -53,11 +82,12 @@ class PerturbationView(ImageView):
             self.caption.setText("")
             return
         self.image = np.array(delta, copy=True)
-        signed = delta.mean(axis=0)
+        signed = delta.mean(axis=0) * 255  # /255 pixel units, as the colour bar reads
         peak = float(np.abs(signed).max()) or 1.0
         self.item.setImage(signed, levels=(-peak, peak), autoLevels=False)
-        self.view.autoRange(padding=0.02)
+        self.colour_bar.setLevels((-peak, peak))
+        self.fit()
         linf = float(np.abs(delta).max())
         l2 = float(np.sqrt((delta.astype(np.float64) ** 2).sum()))
-        self.caption.setText(f"‖δ‖∞ = {linf:.4f} ({linf * 255:.1f}/255)   ‖δ‖₂ = {l2:.3f}   "
-                             f"(colours scaled to ±{peak:.3f})")
+        self.caption.setText(f"‖δ‖∞ = {linf * 255:.1f}/255, ‖δ‖₂ = {l2:.3f}")
+        self.caption.setToolTip(f"‖δ‖∞ = {linf:.4f} in [0, 1] units; colours span ±{peak:.1f}/255")

@@ -5,10 +5,8 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QWidget
 
-from .plotting import cache_axes, set_x_extent
-
-PALETTE = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
-           (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
+from .palette import class_pen
+from .plotting import add_cursor, cache_axes, set_x_extent, update_x_ticks
 
 
 class LikelihoodPlot(pg.PlotWidget):
@@ -19,10 +17,12 @@ class LikelihoodPlot(pg.PlotWidget):
     """
 
     def __init__(self, classes: list[str], x_label: str = "noise levels processed",
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, markers: bool = False) -> None:
         super().__init__(parent=parent, background="w")
+        self._markers = markers  # dots on the points (short runs: a single point is visible)
         self.setLabel("bottom", x_label)
-        self.setLabel("left", "logit − max logit (nats)")
+        self.setLabel("left", "logit − max (nats)")
+        self.setMinimumSize(240, 170)
         self.showGrid(x=True, y=True, alpha=0.3)
         # The legend sits in its own column right of the plot: the curves end at the top
         # right (the leader is at 0), where an anchored legend would hide them.
@@ -31,19 +31,28 @@ class LikelihoodPlot(pg.PlotWidget):
         item.layout.addItem(self.legend, 2, 3)
         item.legend = self.legend  # curves created with a name register themselves
         cache_axes(self)
+        self.cursor = add_cursor(self)
         self.set_classes(classes)
 
     def set_classes(self, classes: list[str]) -> None:
-        self.clear()
+        for curve in getattr(self, "curves", []):
+            self.removeItem(curve)
         self.legend.clear()
         self.classes = list(classes)
-        self.curves = [self.plot([], [], pen=self._pen(i, False), name=c) for i, c in enumerate(classes)]
+        self.curves = [self.plot([], [], pen=self._pen(i, False), name=c, **self._marker_options(i))
+                       for i, c in enumerate(classes)]
         self._highlighted: int | None = None
         self.reset()
 
     @staticmethod
     def _pen(k: int, highlighted: bool):
-        return pg.mkPen(PALETTE[k % len(PALETTE)], width=3.5 if highlighted else 1.2)
+        return class_pen(k, 1.5, highlighted)
+
+    def _marker_options(self, k: int) -> dict:
+        if not self._markers:
+            return {}
+        colour = class_pen(k).color()
+        return {"symbol": "o", "symbolSize": 5, "symbolPen": None, "symbolBrush": colour}
 
     def reset(self, x_extent: float | None = None) -> None:
         """Clear the curves; ``x_extent`` (the run's length, when known) fixes the x axis."""
@@ -52,6 +61,7 @@ class LikelihoodPlot(pg.PlotWidget):
         self._y_low: float | None = None
         for curve in self.curves:
             curve.setData([], [])
+        self.cursor.hide()
         set_x_extent(self, x_extent)
         if x_extent is None:
             self.enableAutoRange(y=True)
@@ -86,6 +96,14 @@ class LikelihoodPlot(pg.PlotWidget):
             for sample, _label in self.legend.items:  # redraw the samples with the new pens
                 sample.update()
 
+    def set_cursor(self, x: float | None) -> None:
+        """A vertical line at ``x`` (the replayed step); None hides it."""
+        if x is None:
+            self.cursor.hide()
+        else:
+            self.cursor.setValue(float(x))
+            self.cursor.show()
+
     def _fit_y(self, low: float) -> None:
         """Keep the y range steady: change it only when the curves leave it or fill < half of it.
 
@@ -96,3 +114,7 @@ class LikelihoodPlot(pg.PlotWidget):
             return
         self._y_low = 1.25 * low
         self.setYRange(self._y_low, -0.05 * self._y_low, padding=0)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        update_x_ticks(self)

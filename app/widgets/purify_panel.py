@@ -28,7 +28,8 @@ class PurifyPanel(RunStopPanel):
         self.optimizer.addItems(["sign", "adam"])
         self.optimizer.setCurrentText(defaults.optimizer)
         self._defaults = defaults
-        self._build([("Eta (l-inf radius)", self.eta), ("Steps N", self.steps), ("Step size", self.step_size),
+        self.eta.setToolTip("Radius of the l-inf ball the purified image stays in, around its input")
+        self._build([("Eta (l∞)", self.eta), ("Steps N", self.steps), ("Step size", self.step_size),
                      ("Optimiser", self.optimizer)], "Run purification")
 
     def settings(self) -> PurifySettings:

@@ -5,9 +5,10 @@ import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QWidget
 
-from .plotting import cache_axes, set_x_extent
+from .palette import class_colour
+from .plotting import add_cursor, cache_axes, set_x_extent, update_x_ticks
 
-COLOURS = [(31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189)]
+COLOURS = [class_colour(0), class_colour(3), class_colour(2), class_colour(8)]
 
 
 class StepPlot(pg.PlotWidget):
@@ -18,17 +19,25 @@ class StepPlot(pg.PlotWidget):
         self.setLabel("bottom", x_label)
         self.setLabel("left", y_label)
         self.showGrid(x=True, y=True, alpha=0.3)
-        self.addLegend(offset=(-5, 5), labelTextSize="8pt")
+        self.setMinimumSize(240, 150)
+        # the legend sits in its own column right of the plot, never over the curves
+        item = self.getPlotItem()
+        self.legend = pg.LegendItem(offset=None, labelTextSize="8pt", colCount=1, verSpacing=-6)
+        if len(names) > 1:  # one curve: the axis label names it
+            item.layout.addItem(self.legend, 2, 3)
+            item.legend = self.legend
         self.curves = {n: self.plot([], [], pen=pg.mkPen(COLOURS[i % len(COLOURS)], width=2), name=n)
                        for i, n in enumerate(names)}
         self.data: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
         cache_axes(self)
+        self.cursor = add_cursor(self)
 
     def reset(self, x_extent: float | None = None) -> None:
         """Clear the curves; ``x_extent`` (the run's length, when known) fixes the x axis."""
         for name, curve in self.curves.items():
             self.data[name] = ([], [])
             curve.setData([], [])
+        self.cursor.hide()
         set_x_extent(self, x_extent)
 
     def append(self, name: str, x: float, y: float) -> None:
@@ -40,3 +49,15 @@ class StepPlot(pg.PlotWidget):
         xs.extend(float(v) for v in x)
         ys.extend(float(v) for v in y)
         self.curves[name].setData(np.asarray(xs), np.asarray(ys))
+
+    def set_cursor(self, x: float | None) -> None:
+        """A vertical line at ``x`` (the replayed step); None hides it."""
+        if x is None:
+            self.cursor.hide()
+        else:
+            self.cursor.setValue(float(x))
+            self.cursor.show()
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        update_x_ticks(self)

@@ -1,4 +1,5 @@
 """pytest-qt tests of the main window, driving the real engine on a tiny model."""
+import threading
 import time
 
 import numpy as np
@@ -7,7 +8,7 @@ import torch
 from PIL import Image
 
 pytest.importorskip("pytestqt")
-from PySide6.QtCore import QMimeData, QPointF, Qt, QTimer, QUrl  # noqa: E402
+from PySide6.QtCore import QMimeData, QPointF, Qt, QUrl  # noqa: E402
 from PySide6.QtGui import QDropEvent  # noqa: E402
 
 from rdc_studio.app.main_window import MainWindow  # noqa: E402
@@ -105,32 +106,30 @@ def test_close_during_run_exits_cleanly(qtbot, window, digit_png):
     window.steps_spin.setValue(400)
     window.open_path(str(digit_png))
     qtbot.waitUntil(lambda: window.runner.running_threads() == 1, timeout=10000)
-    window.close()
+    window.close()  # returns at once; the window closes when the worker has ended
+    qtbot.waitUntil(lambda: not window.isVisible(), timeout=10000)
     assert window.runner.running_threads() == 0
 
 
-def test_gui_thread_never_stalls_during_classification(qtbot, window, digit_png):
-    """The longest gap between event-loop ticks stays under 100 ms while the engine runs.
-
-    The tiny model classifies in milliseconds, so classifications are repeated until the
-    engine has run for at least a second; otherwise a fast machine would leave too few ticks.
-    """
-    window.steps_spin.setValue(48)
-    ticks = []
-    timer = QTimer()
-    timer.setInterval(5)
-    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
-    timer.start()
-    start = time.perf_counter()
-    runs = 0
-    while runs < 2 or time.perf_counter() - start < 1.0:
+def test_network_runs_on_the_worker_thread_only(qtbot, window, digit_png):
+    """The GUI thread never runs the network (the product target, a longest event-loop
+    gap under 100 ms, is measured by benchmarks/bench_gui_latency.py, not here)."""
+    callers = []
+    handle = window.model.net.noise_embedding.register_forward_hook(lambda *_: callers.append(threading.get_ident()))
+    try:
+        window.steps_spin.setValue(8)
         with qtbot.waitSignal(window.classification_finished, timeout=60000):
             window.open_path(str(digit_png))
-        runs += 1
-    timer.stop()
-    gaps = np.diff(ticks)
-    assert len(ticks) > 10
-    assert gaps.max() < 0.1, f"longest event-loop gap {gaps.max() * 1000:.0f} ms"
+        window.purify_panel.steps.setValue(2)
+        with qtbot.waitSignal(window.purification_finished, timeout=60000):
+            window.run_purification()
+        window.attack_panel.steps.setValue(1)
+        with qtbot.waitSignal(window.attack_finished, timeout=60000):
+            window.run_attack()
+    finally:
+        handle.remove()
+    assert callers, "the hook saw no network pass"
+    assert threading.get_ident() not in set(callers)
 
 
 def test_bad_checkpoint_keeps_current_model(qtbot, window, tmp_path):
@@ -187,10 +186,24 @@ def test_purification_run_draws_one_point_per_step_and_replays(qtbot, window, di
     assert hist.shape == (5, 10)  # one point per step (and the start) per class
     assert len(window.objective_plot.data["objective"][0]) == 5
     assert window.scrubber.isEnabled() and window.scrubber.maximum() == 4
+    x, _ = window.purify_curves.curves[0].getData()
+    assert list(x) == [0, 1, 2, 3, 4]  # from step 0 (the input) on
     window.scrubber.setValue(1)
     assert np.allclose(window.purify_view.image, records[1].image[0])
-    x, _ = window.purify_curves.curves[0].getData()
-    assert list(x) == [0, 1]
+    for plot in (window.purify_curves, window.objective_plot):  # a cursor on every plot follows
+        assert plot.cursor.isVisible() and plot.cursor.value() == 1
+    assert window.purify_tab.attack_button.isEnabled()
+    # "Attack this": the purified image shown (step 1) is attacked, then "Purify this" purifies the result
+    window.attack_panel.steps.setValue(1)
+    window.purify_panel.steps.setValue(1)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000) as attacked:
+        window.purify_tab.attack_button.click()
+    assert np.allclose(attacked.args[0].clean[0], np.round(records[1].image[0] * 255) / 255, atol=1e-6)
+    assert window.tabs.currentWidget() is window.attack_tab
+    with qtbot.waitSignal(window.purification_finished, timeout=60000) as purified:
+        window.attack_tab.purify_button.click()
+    assert np.allclose(purified.args[0][0].image[0], attacked.args[0].adversarial[0])
+    assert window.state.purification.source.startswith("adversarial")
 
 
 def test_exports_and_session_round_trip(qtbot, window, digit_png, tmp_path, tiny_checkpoint):
@@ -258,13 +271,14 @@ def test_dataset_browser_opens_a_test_digit(qtbot, window):
     qtbot.addWidget(browser)
     chosen = []
     browser.image_chosen.connect(lambda img, label: chosen.append((img, label)))
-    assert browser.load(0, str(__import__("rdc_studio.core.data", fromlist=["x"]).default_data_root()))
+    with qtbot.waitSignal(browser.loaded, timeout=60000):  # loads on a worker thread
+        browser.load(0, str(__import__("rdc_studio.core.data", fromlist=["x"]).default_data_root()))
     assert browser.gallery.count() == 48 and browser.gallery.item(0).text() == "#0: 7"
     browser.gallery.itemClicked.emit(browser.gallery.item(0))
     assert chosen and chosen[0][0].shape == (1, 28, 28) and chosen[0][1] == "#0: 7"
-    failed = []
-    browser.failed.connect(failed.append)
-    assert not browser.load(2, "/nonexistent/folder") and failed
+    with qtbot.waitSignal(browser.failed, timeout=10000) as blocker:
+        browser.load(2, "/nonexistent/folder")
+    assert "/nonexistent/folder" in blocker.args[0]
 
 
 def test_gallery_click_opens_image(qtbot, window):
@@ -276,14 +290,26 @@ def test_gallery_click_opens_image(qtbot, window):
     assert np.array_equal(window.image, img) and window.image_source == "sample"
 
 
-def test_attack_settings_persist_across_windows(qtbot, window, tiny_checkpoint):
+def test_light_settings_persist_heavy_ones_reset_unless_pinned(qtbot, window, tiny_checkpoint):
+    """T and the attack's steps / EOT draws start from the defaults on launch unless pinned."""
+    window.steps_spin.setValue(256)
     window.attack_panel.steps.setValue(17)
+    window.attack_panel.eot.setValue(50)
     window.attack_panel.norm.setCurrentText("l2")
     window.close()
-    again = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+    again = MainWindow(load_checkpoint(tiny_checkpoint))
     qtbot.addWidget(again)
-    assert again.attack_panel.steps.value() == 17 and again.attack_panel.norm.currentText() == "l2"
-    again.runner.shutdown()
+    assert again.steps_spin.value() == 16  # the classifier default (the tiny card has none)
+    assert again.attack_panel.steps.value() == 20 and again.attack_panel.eot.value() == 1
+    assert again.attack_panel.norm.currentText() == "l2"
+    again.steps_spin.setValue(256)
+    again.attack_panel.steps.setValue(17)
+    again.pin_check.setChecked(True)
+    again.close()
+    pinned = MainWindow(load_checkpoint(tiny_checkpoint))
+    qtbot.addWidget(pinned)
+    assert pinned.pin_check.isChecked()
+    assert pinned.steps_spin.value() == 256 and pinned.attack_panel.steps.value() == 17
 
 
 def test_bundled_default_model_end_to_end(qtbot, tmp_path, monkeypatch):

@@ -51,3 +51,44 @@ def test_step_plot_extend_and_reset(qtbot):
     assert x0 <= 0 and 10 <= x1 < 11
     plot.reset()
     assert plot.data["loss"] == ([], [])
+
+
+def test_probability_bars_label_every_class_and_offer_a_log_scale(qtbot):
+    from rdc_studio.app.widgets.probability_bars import LOG_FLOOR, ProbabilityBars
+
+    bars = ProbabilityBars([str(k) for k in range(10)])
+    qtbot.addWidget(bars)
+    p = np.full(10, 0.003 / 9)
+    p[3] = 0.997
+    bars.set_probabilities(p)
+    texts = [label.toPlainText() for label in bars.labels]
+    assert texts[3] == "99.7%" and all(t == "3e-04" for i, t in enumerate(texts) if i != 3)
+    linear = bars.bars.opts["height"].copy()
+    assert linear[0] < 0.001  # invisible on a linear axis ...
+    bars.log_scale.setChecked(True)
+    log_heights = np.asarray(bars.bars.opts["height"])
+    assert log_heights[0] > 0.5 * log_heights[3]  # ... but clearly visible on the log axis
+    assert bars.plot.viewRange()[1][0] <= np.log10(LOG_FLOOR)
+    assert np.allclose(bars.heights, p)  # the probabilities themselves are unchanged
+    bars.log_scale.setChecked(False)
+    assert np.allclose(bars.bars.opts["height"], linear)
+
+
+def test_class_palette_is_distinct_for_ten_classes():
+    from rdc_studio.app.widgets.palette import CLASS_COLOURS, class_pen
+
+    assert len(set(CLASS_COLOURS)) == 10
+    styles = {class_pen(k).style() for k in range(10)}
+    assert len(styles) == 2  # colour and dash differ between neighbouring halves
+
+
+def test_x_ticks_cover_every_step(qtbot):
+    from rdc_studio.app.widgets.plotting import integer_tick_spacing
+
+    assert integer_tick_spacing(10) == 1 and integer_tick_spacing(500) == 50
+    plot = StepPlot("step", "loss", ["objective"])
+    qtbot.addWidget(plot)
+    plot.resize(400, 200)
+    plot.reset(x_extent=10)
+    (x0, x1), _ = plot.viewRange()
+    assert x0 <= 0 and x1 >= 10

@@ -3,8 +3,9 @@ import pytest
 import torch
 from torch import nn
 
-from rdc_studio.core.attacks import (AttackSettings, EnsembleMember, apgd_checkpoints, attack_loss, margin_of, project,
-                          quantize_in_ball, run_attack, run_ensemble, square_fraction, square_side, standard_ensemble)
+from rdc_studio.core.attacks import (APGD, APGDT, PGD, AttackSettings, EnsembleMember, Square, apgd_checkpoints, attack,
+                                    attack_loss, ensemble_attack, margin_of, project, quantize_in_ball, run_to_end,
+                                    square_fraction, square_side, standard_ensemble)
 
 
 @pytest.fixture
@@ -64,7 +65,7 @@ def test_l2_rounding_never_leaves_the_ball():
 def test_large_eps_breaks_everything_and_results_validate(toy, method, norm, eps):
     model, x, y = toy
     records = []
-    res = run_attack(model, x, y, AttackSettings(method=method, norm=norm, eps=eps, steps=30), records.append)
+    res = run_to_end(attack(model, x, y, AttackSettings(method=method, norm=norm, eps=eps, steps=30)), records.append)
     assert len(records) == 30 and records[0].image.shape == x.shape
     assert res.success.float().mean() == 1.0
     assert all(res.checks.values())
@@ -76,7 +77,7 @@ def test_large_eps_breaks_everything_and_results_validate(toy, method, norm, eps
 
 def test_accuracy_decreases_with_eps(toy):
     model, x, y = toy
-    acc = [1 - run_attack(model, x, y, AttackSettings(eps=e, steps=20)).success.float().mean().item()
+    acc = [1 - run_to_end(attack(model, x, y, AttackSettings(eps=e, steps=20))).success.float().mean().item()
            for e in (0.0, 0.01, 0.05, 0.3)]
     assert acc[0] == 1.0 and acc[-1] == 0.0
     assert all(a >= b for a, b in zip(acc, acc[1:]))
@@ -84,7 +85,7 @@ def test_accuracy_decreases_with_eps(toy):
 
 def test_targeted_dlr_reaches_the_target(toy):
     model, x, y = toy
-    res = run_attack(model, x, y, AttackSettings(loss="dlr-targeted", eps=0.5, steps=40))
+    res = run_to_end(attack(model, x, y, AttackSettings(loss="dlr-targeted", eps=0.5, steps=40)))
     assert res.success.float().mean() > 0.9
 
 
@@ -92,15 +93,52 @@ def test_cancel_returns_no_result(toy):
     from rdc_studio.core.attacks import attack
 
     model, x, y = toy
-    calls = {"n": 0}
+    stop = {"now": False}
+    steps = []
 
-    def cancelled():
-        calls["n"] += 1
-        return calls["n"] > 3
+    def on_step(step):
+        steps.append(step)
+        stop["now"] = len(steps) == 3
 
-    gen = attack(model, x, y, AttackSettings(steps=50), cancelled)
-    steps = list(gen)
+    assert run_to_end(attack(model, x, y, AttackSettings(steps=50), lambda: stop["now"]), on_step) is None
     assert len(steps) == 3
+
+
+@pytest.mark.parametrize("method", ["apgd", "square"])
+def test_cancel_takes_effect_between_eot_draws(toy, method):
+    """A stop request is seen before the next pass of the model, not only between iterations."""
+    model, x, y = toy
+    passes = {"n": 0}
+
+    class Counting(nn.Module):
+        def forward(self, z):
+            passes["n"] += 1
+            return model(z)
+
+    settings = AttackSettings(method=method, eps=0.05, steps=5, eot=20)
+    assert run_to_end(attack(Counting(), x, y, settings, lambda: passes["n"] >= 7)) is None
+    assert passes["n"] == 7  # stopped inside the first iteration's 20 draws
+
+
+def test_torchattacks_shaped_classes_match_the_generators(toy):
+    model, x, y = toy
+    apgd = APGD(model, norm="Linf", eps=0.05, steps=5, loss="dlr")
+    expected = run_to_end(attack(model, x, y, AttackSettings(loss="dlr", eps=0.05, steps=5)))
+    assert torch.equal(apgd(x, y), expected.adversarial)
+    assert apgd.last_result.success.dtype == torch.bool and all(apgd.last_result.checks.values())
+    pgd = PGD(model, eps=0.05, alpha=0.01, steps=5)
+    expected = run_to_end(attack(model, x, y, AttackSettings(method="pgd", eps=0.05, step_size=0.01, steps=5)))
+    assert torch.equal(pgd(x, y), expected.adversarial)
+    square = Square(model, norm="L2", eps=1.0, n_queries=20)
+    expected = run_to_end(attack(model, x, y, AttackSettings(method="square", norm="l2", eps=1.0, steps=20)))
+    assert torch.equal(square(x, y), expected.adversarial)
+    apgdt = APGDT(model, eps=0.05, steps=3, n_target_classes=2)
+    adv = apgdt(x, y)
+    member = EnsembleMember("apgd-t", AttackSettings(loss="dlr-targeted", eps=0.05, steps=3), targets=2)
+    assert torch.equal(adv, run_to_end(ensemble_attack(model, x, y, [member])).adversarial)
+    assert len(list(APGD(model, eps=0.05, steps=4).steps(x, y))) == 4
+    with pytest.raises(ValueError, match="norm"):
+        APGD(model, norm="L1")
 
 
 def test_settings_validation():
@@ -114,9 +152,9 @@ def test_results_do_not_depend_on_batching(toy):
     """Per-example seeds: attacking in one batch or in two gives the same examples."""
     model, x, y = toy
     s = AttackSettings(eps=0.05, steps=10)
-    whole = run_attack(model, x, y, s)
-    first = run_attack(model, x[:7], y[:7], s, example_ids=list(range(7)))
-    second = run_attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16)))
+    whole = run_to_end(attack(model, x, y, s))
+    first = run_to_end(attack(model, x[:7], y[:7], s, example_ids=list(range(7))))
+    second = run_to_end(attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16))))
     assert torch.equal(whole.adversarial, torch.cat([first.adversarial, second.adversarial]))
     assert torch.equal(whole.success, torch.cat([first.success, second.success]))
 
@@ -156,7 +194,8 @@ def test_square_settings():
 def test_square_breaks_everything_at_large_eps_and_results_validate(toy, norm, eps):
     model, x, y = toy
     records = []
-    res = run_attack(model, x, y, AttackSettings(method="square", norm=norm, eps=eps, steps=100), records.append)
+    settings = AttackSettings(method="square", norm=norm, eps=eps, steps=100)
+    res = run_to_end(attack(model, x, y, settings), records.append)
     assert res.success.all() and all(res.checks.values())
     size = res.linf if norm == "linf" else res.l2
     assert (size <= eps + 1e-6).all() and res.adversarial.min() >= 0 and res.adversarial.max() <= 1
@@ -175,13 +214,13 @@ def test_square_is_seeded_per_example(toy, norm, eps):
     model, x, y = toy
     s = AttackSettings(method="square", norm=norm, eps=eps, steps=30)
     records = []
-    whole = run_attack(model, x, y, s, records.append)
-    assert torch.equal(whole.adversarial, run_attack(model, x, y, s).adversarial)
-    first = run_attack(model, x[:7], y[:7], s, example_ids=list(range(7)))
-    second = run_attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16)))
+    whole = run_to_end(attack(model, x, y, s), records.append)
+    assert torch.equal(whole.adversarial, run_to_end(attack(model, x, y, s)).adversarial)
+    first = run_to_end(attack(model, x[:7], y[:7], s, example_ids=list(range(7))))
+    second = run_to_end(attack(model, x[7:], y[7:], s, example_ids=list(range(7, 16))))
     assert torch.equal(whole.adversarial, torch.cat([first.adversarial, second.adversarial]))
     assert torch.equal(whole.success, torch.cat([first.success, second.success]))
-    other = run_attack(model, x, y, AttackSettings(method="square", norm=norm, eps=eps, steps=30, seed=1))
+    other = run_to_end(attack(model, x, y, AttackSettings(method="square", norm=norm, eps=eps, steps=30, seed=1)))
     assert not torch.equal(whole.adversarial, other.adversarial)
     margins = np.stack([r.margin for r in records])
     assert (np.diff(margins, axis=0) <= 0).all()
@@ -192,8 +231,9 @@ def test_square_is_seeded_per_example(toy, norm, eps):
 
 def test_square_accuracy_decreases_with_eps(toy):
     model, x, y = toy
-    acc = [1 - run_attack(model, x, y, AttackSettings(method="square", eps=e, steps=50)).success.float().mean().item()
-           for e in (0.0, 0.02, 0.1, 0.3)]
+    results = [run_to_end(attack(model, x, y, AttackSettings(method="square", eps=e, steps=50)))
+               for e in (0.0, 0.02, 0.1, 0.3)]
+    acc = [1 - r.success.float().mean().item() for r in results]
     assert acc[0] == 1.0 and acc[-1] == 0.0 and acc[1] < 1.0
     assert all(a >= b for a, b in zip(acc, acc[1:]))
 
@@ -212,7 +252,7 @@ def test_square_on_a_linear_model_finds_the_corner():
     y = torch.tensor([0, 0])
     eps = 20 / 255
     records = []
-    res = run_attack(model, x, y, AttackSettings(method="square", eps=eps, steps=200), records.append)
+    res = run_to_end(attack(model, x, y, AttackSettings(method="square", eps=eps, steps=200)), records.append)
     assert len(records) == 200 and not res.success.any()
     best = 2 * eps * 64
     reached = 20.0 - torch.from_numpy(records[-1].margin)
@@ -228,7 +268,7 @@ def test_ensemble_runs_in_order_on_unbroken_examples(toy):
     members = [EnsembleMember("nothing", AttackSettings(eps=0.0, steps=2))] + \
         standard_ensemble("linf", 0.05, steps=5, targets=2, square_queries=20)
     steps = []
-    res = run_ensemble(model, x, y, members, surrogate=surrogate, on_step=steps.append)
+    res = run_to_end(ensemble_attack(model, x, y, members, surrogate=surrogate), steps.append)
     assert [st.name for st in steps] == ["nothing", "apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer"]
     assert res.broken_by[0] == "clean" and steps[0].broken == 0 and steps[0].attacked == 15
     left = 15
@@ -238,7 +278,7 @@ def test_ensemble_runs_in_order_on_unbroken_examples(toy):
     assert [b is None for b in res.broken_by] == res.robust.tolist()
     assert 0 < int(res.robust.sum()) < 15
     # per-example worst case: what APGD-CE alone breaks (same per-example seeds), the ensemble breaks
-    alone = run_attack(model, x, y, AttackSettings(eps=0.05, steps=5))
+    alone = run_to_end(attack(model, x, y, AttackSettings(eps=0.05, steps=5)))
     assert not (alone.success & res.robust).any()
     broken = ~res.robust
     with torch.no_grad():
@@ -254,14 +294,14 @@ def test_ensemble_transfer_and_targets():
         y = model(x).argmax(1)
     s = AttackSettings(eps=0.03, steps=5)
     # transferring from the attacked model itself is the white-box attack
-    res = run_ensemble(model, x, y, [EnsembleMember("transfer", s, transfer=True)], surrogate=model)
-    assert res.robust.tolist() == (~run_attack(model, x, y, s).success).tolist()
+    res = run_to_end(ensemble_attack(model, x, y, [EnsembleMember("transfer", s, transfer=True)], surrogate=model))
+    assert res.robust.tolist() == (~run_to_end(attack(model, x, y, s)).success).tolist()
     with pytest.raises(ValueError, match="surrogate"):
-        run_ensemble(model, x, y, [EnsembleMember("transfer", s, transfer=True)])
+        run_to_end(ensemble_attack(model, x, y, [EnsembleMember("transfer", s, transfer=True)]))
     # targeted DLR runs once per runner-up class (nothing breaks at eps 0, so every run sees every example)
     t = AttackSettings(loss="dlr-targeted", eps=0.0, steps=3)
-    one = run_ensemble(model, x, y, [EnsembleMember("apgd-t", t, targets=1)])
-    three = run_ensemble(model, x, y, [EnsembleMember("apgd-t", t, targets=3)])
+    one = run_to_end(ensemble_attack(model, x, y, [EnsembleMember("apgd-t", t, targets=1)]))
+    three = run_to_end(ensemble_attack(model, x, y, [EnsembleMember("apgd-t", t, targets=3)]))
     assert three.attack_queries["apgd-t"] == 3 * one.attack_queries["apgd-t"] > 0
-    assert run_ensemble(model, x, y, [EnsembleMember("apgd-t", t, targets=50)]).attack_queries["apgd-t"] == \
-        9 * one.attack_queries["apgd-t"]
+    fifty = run_to_end(ensemble_attack(model, x, y, [EnsembleMember("apgd-t", t, targets=50)]))
+    assert fifty.attack_queries["apgd-t"] == 9 * one.attack_queries["apgd-t"]

@@ -9,7 +9,7 @@ from rdc_studio.core.data import mnist_available
 
 
 def test_classify_json(tiny_checkpoint, digit_png, capsys):
-    rc = main(["classify", str(digit_png), "--model", str(tiny_checkpoint), "--steps", "3", "--json",
+    rc = main(["classify", str(digit_png), "--model", str(tiny_checkpoint), "--levels", "3", "--json",
                "--device", "cpu"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
@@ -24,7 +24,7 @@ def test_classify_json(tiny_checkpoint, digit_png, capsys):
 def test_classify_text_and_bad_file(tiny_checkpoint, digit_png, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
-    rc = main(["classify", str(digit_png), str(bad), "--model", str(tiny_checkpoint), "--steps", "2"])
+    rc = main(["classify", str(digit_png), str(bad), "--model", str(tiny_checkpoint), "--steps", "2"])  # old name
     captured = capsys.readouterr()
     assert rc == 1
     assert "digit.png:" in captured.out and "ms" in captured.out
@@ -97,7 +97,7 @@ def test_purify_writes_png_and_never_touches_input(tiny_checkpoint, digit_png, t
     before = digit_png.read_bytes()
     out = tmp_path / "purified.png"
     assert main(["purify", str(digit_png), "--model", str(tiny_checkpoint), "--levels", "2", "--eta", "8/255",
-                 "--steps", "3", "--out", str(out), "--json", "--device", "cpu"]) == 0
+                 "--lm-steps", "3", "--out", str(out), "--json", "--device", "cpu"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert [s["step"] for s in rep["steps"]] == [0, 1, 2, 3]
     assert max(s["linf"] for s in rep["steps"]) <= 8 / 255 + 1e-6
@@ -305,3 +305,28 @@ def test_eval_transfer_attack_alone(tiny_checkpoint, tiny_cnn, tmp_path):
     assert list(rep["settings"]["attack_settings"]) == ["transfer"] and rep["max_linf"] <= 0.3 + 1e-6
     assert rep["per_attack"][-1]["robust_acc"] == rep["robust_acc"] <= rep["clean_acc"]
     assert "robust accuracy after transfer (APGD-CE on the CNN)" in log.read_text()
+
+
+def test_help_is_fast_documents_every_option_and_names_noise_levels_levels():
+    """``rdc --help`` imports no torch; every option has help text; --levels means noise levels everywhere."""
+    import argparse
+    import subprocess
+    import sys
+
+    code = ("import sys; from rdc_studio.core.cli import build_parser; build_parser(); "
+            "print('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "False"
+    from rdc_studio.core.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        for action in parser._actions:
+            if isinstance(action, argparse._HelpAction) or action.help == argparse.SUPPRESS:
+                continue
+            assert action.help, f"rdc {name} {action.option_strings or action.dest}: no help text"
+        flags = {f for action in parser._actions for f in action.option_strings}
+        if "--weighting" in flags:  # the classifier options
+            assert "--levels" in flags, name
+    help_text = sub.choices["eval"].format_help()
+    assert "(default: 100)" in help_text and "--levels T" in help_text
+    assert "--steps" not in sub.choices["classify"].format_help()  # the old name still parses, unlisted

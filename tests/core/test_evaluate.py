@@ -75,3 +75,22 @@ def test_rdc_worst_case_command(tmp_path, capsys):
     with pytest.raises(SystemExit, match="threat model"):
         b.write_text(json.dumps(_report("exact", [[0, 7, 1, 0]], eps=0.1)))
         main(["worst-case", str(a), str(b)])
+
+
+def test_reports_are_typed_records_with_the_json_format_unchanged():
+    from rdc_studio.core.evaluate import EvalReport, ExampleResult, example_rows, robust_report
+
+    results = [ExampleResult(1, 3, True, False, 0.3, 2.0, 5, "apgd-ce", seconds=0.5),
+               ExampleResult(0, 7, True, True, 0.2, 1.0, 9, None, seconds=0.5)]
+    report = robust_report(results, 1.0, {"name": "m"}, {"attack": "ensemble"},
+                           attacks=[("apgd-ce", "APGD-CE"), ("square", "Square")])
+    assert report.robust_acc == 0.5 and report.per_attack[0].success == 1
+    assert report.per_attack[1].robust_acc == 0.5
+    d = report.to_dict()
+    assert d["per_example"] == [[0, 7, 1, 1, None], [1, 3, 1, 0, "apgd-ce"]]
+    assert d["per_example_columns"] == ["index", "label", "clean_correct", "robust_correct", "broken_by"]
+    assert d["per_attack"][0] == {"attack": "apgd-ce", "label": "APGD-CE", "attacked": 2, "success": 1,
+                                  "robust_acc": 0.5, "robust_ci95": report.per_attack[0].robust_ci95}
+    again = EvalReport.from_dict(d)
+    assert again.to_dict() == d and again.examples[1].broken_by == "apgd-ce"
+    assert [r.robust_correct for r in example_rows({"per_example": [[4, 1, 1, 0]]})] == [False]

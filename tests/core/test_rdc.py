@@ -17,12 +17,17 @@ def _x(dtype=torch.float64):
     return (0.2 + 0.6 * torch.rand(2, 1, 28, 28, generator=g)).to(dtype)
 
 
-def test_purify_matches_the_step_generator(tiny_net):
-    p = PurifySettings(eta=0.1, steps=3, step_size=0.02)
+@pytest.mark.parametrize("optimizer", ["sign", "adam"])
+def test_purify_matches_the_step_generator(tiny_net, optimizer):
+    """The RDC module and the step generator share one step implementation: identical results."""
+    p = PurifySettings(eta=0.1, steps=3, step_size=0.02, optimizer=optimizer)
     rdc = RobustDiffusionClassifier(tiny_net, ClassifierSettings(steps=2), p)
     x = _x(torch.float32)
     gen = LikelihoodMaximizer(tiny_net, p)(x)
-    assert torch.allclose(rdc.purify(x), gen, atol=1e-6)
+    assert torch.equal(rdc.purify(x), gen)
+    # the differentiable path computes the same values
+    assert torch.allclose(rdc.purify(x.clone().requires_grad_(True), create_graph=True).detach(), gen, atol=1e-6)
+    assert not torch.equal(gen, x)
 
 
 def test_exact_gradient_matches_finite_differences(net64):
@@ -73,14 +78,14 @@ def test_bad_grad_mode(tiny_net):
 
 
 def test_apgd_against_the_full_defense_returns_valid_examples(tiny_net):
-    from rdc_studio.core.attacks import AttackSettings, run_attack
+    from rdc_studio.core.attacks import AttackSettings, attack, run_to_end
 
     rdc = RobustDiffusionClassifier(tiny_net, ClassifierSettings(steps=2),
                                     PurifySettings(eta=0.1, steps=2, step_size=0.03), grad_mode="exact")
     x = torch.round(_x(torch.float32) * 255) / 255
     with torch.no_grad():
         y = rdc(x).argmax(1)
-    res = run_attack(rdc, x, y, AttackSettings(eps=0.3, steps=4))
+    res = run_to_end(attack(rdc, x, y, AttackSettings(eps=0.3, steps=4)))
     assert all(res.checks.values()) and (res.linf <= 0.3 + 1e-6).all()
     assert res.clean_correct.all() and res.queries >= 5
 

@@ -1,0 +1,68 @@
+"""The window's jobs as generators: each yields its step records and returns its result.
+
+The worker (:mod:`.worker`) relays the yielded records to the views and the return value
+to the job's owner, so a result is never mixed into the stream of records. A job returns
+None when it was cancelled or ended early.
+"""
+from __future__ import annotations
+
+from typing import Callable, Generator
+
+import torch
+from torch import nn
+
+from ..core.attacks import AttackSettings, AttackStep, DefenseOutcome, attack_session
+from ..core.classifier import ClassifyStep, DiffusionClassifier
+from ..core.purify import LikelihoodMaximizer, PurifyStep
+from ..core.sample import SampleStep, sample
+
+Cancelled = Callable[[], bool]
+
+
+def classify_job(clf: DiffusionClassifier, x: torch.Tensor, levels_per_step: int,
+                 cancelled: Cancelled) -> Generator[ClassifyStep, None, ClassifyStep | None]:
+    """Stream the running estimate; returns the final record (all levels), else None."""
+    last = None
+    for record in clf.stream(x, levels_per_step, cancelled):
+        last = record
+        yield record
+    if last is None or last.levels_done < last.total_levels:
+        return None
+    return last
+
+
+def attack_job(attacked: nn.Module, x: torch.Tensor, settings: AttackSettings, defense: nn.Module,
+               purify: Callable[[torch.Tensor], torch.Tensor] | None,
+               cancelled: Cancelled) -> Generator[AttackStep, None, DefenseOutcome | None]:
+    """Yield the attack's iterations; returns the full defense's verdict on its result."""
+    outcome = None
+    for record in attack_session(attacked, x, settings, defense=defense, purify=purify, cancelled=cancelled):
+        if isinstance(record, AttackStep):
+            yield record
+        elif isinstance(record, DefenseOutcome):
+            outcome = record
+    return None if cancelled() else outcome
+
+
+def purify_job(lm: LikelihoodMaximizer, x: torch.Tensor, classifier: Callable[[torch.Tensor], torch.Tensor] | None,
+               cancelled: Cancelled) -> Generator[PurifyStep, None, list[PurifyStep] | None]:
+    """Yield every likelihood-maximisation step; returns the whole trajectory (step 0 first)."""
+    records: list[PurifyStep] = []
+    for record in lm.run(x, classifier=classifier, cancelled=cancelled):
+        records.append(record)
+        yield record
+    if cancelled() or (lm.settings.steps > 0 and len(records) < lm.settings.steps + 1):
+        return None
+    return records
+
+
+def sample_job(net: nn.Module, label: int, steps: int, seed: int,
+               cancelled: Cancelled) -> Generator[SampleStep, None, SampleStep | None]:
+    """Yield the sampler's states; returns the last one (the sample), else None."""
+    last = None
+    for record in sample(net, label, 1, steps, seed, cancelled):
+        last = record
+        yield record
+    if last is None or last.step < last.total_steps:
+        return None
+    return last

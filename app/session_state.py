@@ -1,0 +1,161 @@
+"""The window's document, without Qt: the input image and each tab's latest results.
+
+The views write the records of their jobs here and observe it; exports (CSV, session
+file) read only from here, never from a widget. Observers are plain callables
+``observer(event)`` with ``event`` one of :data:`EVENTS`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..core.attacks import AttackStep, DefenseOutcome
+from ..core.classifier import ClassifyStep
+from ..core.purify import PurifyStep
+
+EVENTS = ("image", "classification", "attack", "purification")
+CSV_HEADER = ["kind", "step", "class", "value"]
+Observer = Callable[[str], None]
+
+
+@dataclass
+class ClassificationResult:
+    """The running estimate of the last classification (levels done -> logits)."""
+
+    levels: list[int] = field(default_factory=list)
+    logits: list[np.ndarray] = field(default_factory=list)
+    probabilities: np.ndarray | None = None  # set when every level is done
+
+
+@dataclass
+class AttackTrace:
+    """The last attack: loss and margin per iteration, then the defense's verdict."""
+
+    iterations: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    margin: list[float] = field(default_factory=list)
+    outcome: DefenseOutcome | None = None
+    source: str = ""  # what was attacked
+
+
+@dataclass
+class PurificationTrace:
+    """The last likelihood maximisation: one record per step, step 0 first."""
+
+    records: list[PurifyStep] = field(default_factory=list)
+    source: str = ""  # what was purified
+    finished: bool = False
+
+
+class SessionState:
+    """The input image and the latest classification, attack and purification."""
+
+    def __init__(self, classes: list[str]) -> None:
+        self.classes = list(classes)
+        self.image: np.ndarray | None = None
+        self.image_source = ""
+        self.image_path = ""
+        self.classification = ClassificationResult()
+        self.attack = AttackTrace()
+        self.purification = PurificationTrace()
+        self._observers: list[Observer] = []
+
+    # -- observers ---------------------------------------------------------------
+    def subscribe(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    def _notify(self, event: str) -> None:
+        for observer in list(self._observers):
+            observer(event)
+
+    # -- input --------------------------------------------------------------------
+    def set_classes(self, classes: list[str]) -> None:
+        """A new model: results of the old one no longer apply."""
+        self.classes = list(classes)
+        self.classification = ClassificationResult()
+        self.attack = AttackTrace()
+        self.purification = PurificationTrace()
+
+    def set_image(self, image: np.ndarray | None, source: str = "", path: str = "") -> None:
+        """A new input; the classification restarts (attack and purification results stay until rerun)."""
+        self.image = None if image is None else np.array(image, dtype=np.float32, copy=True)
+        self.image_source, self.image_path = source, path
+        self.classification = ClassificationResult()
+        self._notify("image")
+
+    # -- classification ---------------------------------------------------------------
+    def begin_classification(self) -> None:
+        self.classification = ClassificationResult()
+        self._notify("classification")
+
+    def add_classification(self, records: list[ClassifyStep]) -> None:
+        for r in records:
+            self.classification.levels.append(int(r.levels_done))
+            self.classification.logits.append(np.asarray(r.logits[0], dtype=float).copy())
+        self._notify("classification")
+
+    def finish_classification(self, final: ClassifyStep) -> None:
+        self.classification.probabilities = np.asarray(final.probabilities[0]).copy()
+        self._notify("classification")
+
+    @property
+    def probabilities(self) -> np.ndarray | None:
+        return self.classification.probabilities
+
+    # -- attack --------------------------------------------------------------------
+    def begin_attack(self, source: str) -> None:
+        self.attack = AttackTrace(source=source)
+        self._notify("attack")
+
+    def add_attack(self, records: list[AttackStep]) -> None:
+        for r in records:
+            self.attack.iterations.append(r.restart * r.total_iterations + r.iteration)
+            self.attack.loss.append(float(r.loss[0]))
+            self.attack.margin.append(float(r.margin[0]))
+        self._notify("attack")
+
+    def finish_attack(self, outcome: DefenseOutcome) -> None:
+        self.attack.outcome = outcome
+        self._notify("attack")
+
+    # -- purification ------------------------------------------------------------------
+    def begin_purification(self, source: str) -> None:
+        self.purification = PurificationTrace(source=source)
+        self._notify("purification")
+
+    def add_purification(self, records: list[PurifyStep]) -> None:
+        self.purification.records.extend(records)
+        self._notify("purification")
+
+    def finish_purification(self) -> None:
+        self.purification.finished = True
+        self._notify("purification")
+
+    # -- exports -----------------------------------------------------------------------
+    def csv_rows(self) -> list[list[Any]]:
+        """Probabilities, likelihood curves, purification and attack curves as tidy rows."""
+        classes, rows = self.classes, []
+        if self.probabilities is not None:
+            rows += [["probability", "", c, float(p)] for c, p in zip(classes, self.probabilities)]
+        for step, logits in zip(self.classification.levels, self.classification.logits):
+            rows += [["classify_logit", step, c, float(v)] for c, v in zip(classes, logits)]
+        for rec in self.purification.records:
+            rows.append(["purify_objective", rec.step, "", float(rec.objective[0])])
+            rows += [["purify_logit", rec.step, c, float(v)] for c, v in zip(classes, rec.logits[0])]
+        for name, values in (("loss", self.attack.loss), ("margin", self.attack.margin)):
+            rows += [[f"attack_{name}", int(x), "", y] for x, y in zip(self.attack.iterations, values)]
+        return rows
+
+    def results(self) -> dict[str, Any]:
+        """The results part of a session file."""
+        results: dict[str, Any] = {}
+        if self.probabilities is not None:
+            results["probabilities"] = [float(p) for p in self.probabilities]
+        outcome = self.attack.outcome
+        if outcome is not None:
+            results["attack"] = {"success": bool(outcome.attack_succeeded[0]),
+                                 "defense_recovered": bool(outcome.defense_recovered[0]),
+                                 "linf": float(outcome.linf[0]), "l2": float(outcome.l2[0])}
+        return results

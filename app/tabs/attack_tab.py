@@ -1,0 +1,153 @@
+"""Attack tab: settings, the four image panes (original, perturbation, adversarial, purified),
+the verdict and the loss / margin curves."""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QGridLayout, QHBoxLayout, QLabel, QPushButton, QSplitter, QVBoxLayout, QWidget
+
+from ...core.attacks import AttackStep, DefenseOutcome
+from ..session_state import SessionState
+from ..widgets.attack_panel import AttackPanel
+from ..widgets.image_view import ImageView, PerturbationView
+from ..widgets.step_plot import StepPlot
+
+VERDICT_STYLE = "font-size: 12pt; font-weight: bold; color: {};"
+NEUTRAL, GOOD, BAD = "#444", "#1a7f37", "#c62828"
+
+
+class ImageGrid(QWidget):
+    """Image panes in one row or in a 2x2 grid, whichever gives each the larger square."""
+
+    def __init__(self, views: list[QWidget], parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.views = views
+        self.columns = 0
+        self.grid = QGridLayout(self)
+        self.grid.setContentsMargins(0, 0, 0, 0)
+        self.setMinimumHeight(170)
+        self._arrange(len(views))
+
+    def _arrange(self, columns: int) -> None:
+        if columns == self.columns:
+            return
+        self.columns = columns
+        for v in self.views:
+            self.grid.removeWidget(v)
+        for i, v in enumerate(self.views):
+            self.grid.addWidget(v, i // columns, i % columns)
+        for c in range(len(self.views)):
+            self.grid.setColumnStretch(c, 1 if c < columns else 0)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        super().resizeEvent(event)
+        n, w, h = len(self.views), self.width(), self.height()
+        row = min(w / n, h)
+        square = min(w / 2, h / ((n + 1) // 2))
+        self._arrange(n if row >= square else 2)
+
+
+class AttackTab(QWidget):
+    """Shows an attack live and the full defense's verdict; ``purify_requested(image, label)``
+    asks the window to purify the adversarial image."""
+
+    purify_requested = Signal(object, str)
+
+    def __init__(self, state: SessionState, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.panel = AttackPanel(state.classes)
+        self.panel.setMinimumWidth(200)
+        self.panel.setMaximumWidth(270)
+        self.view_original = ImageView("Original")
+        self.view_perturbation = PerturbationView("Perturbation")
+        self.view_adversarial = ImageView("Adversarial")
+        self.view_purified = ImageView("Adversarial, purified")
+        self.views = [self.view_original, self.view_perturbation, self.view_adversarial, self.view_purified]
+        images = ImageGrid(self.views)
+        self.verdict = QLabel("Run an attack to see the verdict")
+        self.verdict.setWordWrap(True)
+        self.purify_button = QPushButton("Purify this")
+        self.purify_button.setToolTip("Run likelihood maximisation on the adversarial image (Purify tab)")
+        self.purify_button.setEnabled(False)
+        self.purify_button.clicked.connect(self._on_purify_button_clicked)
+        verdict_row = QHBoxLayout()
+        verdict_row.addWidget(self.verdict, 1)
+        verdict_row.addWidget(self.purify_button, 0, Qt.AlignmentFlag.AlignTop)
+        self.plot = StepPlot("iteration", "loss / margin", ["loss", "margin"])
+        lower = QWidget()
+        ll = QVBoxLayout(lower)
+        ll.setContentsMargins(2, 2, 2, 2)
+        ll.addLayout(verdict_row)
+        ll.addWidget(self.plot, 1)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(images)
+        split.addWidget(lower)
+        split.setChildrenCollapsible(False)
+        split.setStretchFactor(0, 3)
+        split.setStretchFactor(1, 2)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.addWidget(self.panel)
+        layout.addWidget(split, 1)
+        self._set_verdict("Run an attack to see the verdict", NEUTRAL)
+
+    def _set_verdict(self, text: str, colour: str) -> None:
+        self.verdict.setText(text)
+        self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
+
+    def begin(self, x: np.ndarray, source: str, iterations: int) -> None:
+        """A new attack on ``x`` (C, H, W) of ``iterations`` iterations in all."""
+        self.state.begin_attack(source)
+        self.plot.reset(x_extent=iterations)
+        for v in (self.view_adversarial, self.view_purified):
+            v.set_image(None)
+        self.view_perturbation.set_perturbation(None)
+        self.view_original.set_image(x, source)
+        self.purify_button.setEnabled(False)
+        self._set_verdict("Attacking…", NEUTRAL)
+
+    def show_records(self, records: list[AttackStep]) -> int:
+        """Draw one flush of iterations; returns the progress (iterations done)."""
+        records = [r for r in records if isinstance(r, AttackStep)]
+        if not records:
+            return -1
+        self.state.add_attack(records)
+        trace, last = self.state.attack, records[-1]
+        n = len(records)
+        self.plot.extend("loss", trace.iterations[-n:], trace.loss[-n:])
+        self.plot.extend("margin", trace.iterations[-n:], trace.margin[-n:])
+        self.view_adversarial.set_image(last.image[0], f"iteration {last.iteration}: predicted "
+                                        f"{self.state.classes[int(last.prediction[0])]}")
+        self.view_perturbation.set_perturbation(last.image[0] - self.view_original.image)
+        return trace.iterations[-1]
+
+    def finish(self, outcome: DefenseOutcome) -> None:
+        self.state.finish_attack(outcome)
+        classes = self.state.classes
+        label = int(outcome.labels[0])
+        adv_pred = int(outcome.attacked_prediction[0])
+        probs = outcome.defense_probabilities[0]
+        defended = int(np.argmax(probs))
+        self.view_adversarial.set_image(outcome.adversarial[0], f"attacked model says {classes[adv_pred]}")
+        self.view_perturbation.set_perturbation(outcome.adversarial[0] - outcome.clean[0])
+        if outcome.purified is not None:
+            self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
+        attack = "Attack succeeded" if outcome.attack_succeeded[0] else "Attack failed"
+        defense = "defense recovered" if outcome.defense_recovered[0] else "defense failed"
+        self._set_verdict(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: the full RDC "
+                          f"predicts {classes[defended]} ({probs[defended]:.1%}).",
+                          GOOD if outcome.defense_recovered[0] else BAD)
+        self.purify_button.setEnabled(True)
+
+    def stopped(self) -> None:
+        done = len(self.state.attack.iterations)
+        self._set_verdict(f"Stopped after {done} iteration{'s' if done != 1 else ''}: no verdict.", NEUTRAL)
+
+    def failed(self) -> None:
+        self._set_verdict("The attack failed with an error (see the message).", BAD)
+
+    def _on_purify_button_clicked(self) -> None:
+        outcome = self.state.attack.outcome
+        if outcome is not None:
+            self.purify_requested.emit(outcome.adversarial[0], f"adversarial ({self.state.attack.source})")

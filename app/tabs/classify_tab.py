@@ -1,0 +1,57 @@
+"""Classify tab: probability bars and the per-class likelihood curves of the running estimate."""
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QLabel, QSplitter, QVBoxLayout, QWidget
+
+from ...core.classifier import ClassifyStep
+from ..session_state import SessionState
+from ..widgets.likelihood_plot import LikelihoodPlot
+from ..widgets.probability_bars import ProbabilityBars
+
+
+class ClassifyTab(QSplitter):
+    """Shows a classification as it converges; writes its records into the session state."""
+
+    def __init__(self, state: SessionState, parent: QWidget | None = None) -> None:
+        super().__init__(Qt.Orientation.Vertical, parent)
+        self.state = state
+        self.bars = ProbabilityBars(state.classes)
+        self.curves = LikelihoodPlot(state.classes)
+        curves_box = QWidget()
+        cl = QVBoxLayout(curves_box)
+        cl.setContentsMargins(2, 2, 2, 2)
+        cl.addWidget(QLabel("<b>Per-class likelihood estimate, converging over noise levels</b>"))
+        cl.addWidget(self.curves, 1)
+        self.addWidget(self.bars)
+        self.addWidget(curves_box)
+        self.setChildrenCollapsible(False)
+        self.setSizes([360, 360])
+
+    def set_classes(self, classes: list[str]) -> None:
+        self.bars.set_classes(classes)
+        self.curves.set_classes(classes)
+
+    def begin(self, levels: int) -> None:
+        self.state.begin_classification()
+        self.curves.reset(x_extent=levels)
+
+    def show_records(self, records: list[ClassifyStep]) -> int:
+        """Draw one flush of records; returns the progress (levels done)."""
+        records = [r for r in records if isinstance(r, ClassifyStep)]
+        if not records:
+            return -1
+        last = records[-1]
+        self.state.add_classification(records)
+        self.curves.add_points([r.levels_done for r in records], [r.logits[0] for r in records])
+        self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels)
+        return last.levels_done
+
+    def finish(self, final: ClassifyStep) -> None:
+        self.state.finish_classification(final)
+        self.bars.set_probabilities(self.state.probabilities, final=True)
+
+    def stopped(self) -> None:
+        text = self.bars.verdict.text()
+        if text.startswith("Leading"):
+            self.bars.verdict.setText(f"Stopped. {text}")

@@ -1,0 +1,130 @@
+"""Purify tab: likelihood maximisation drawn live, then replayed with a scrubber whose
+cursor follows on every plot."""
+from __future__ import annotations
+
+import numpy as np
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QHBoxLayout, QLabel, QPushButton, QSlider, QSplitter, QVBoxLayout, QWidget
+
+from ...core.purify import PurifySettings, PurifyStep
+from ..session_state import SessionState
+from ..widgets.image_view import ImageView
+from ..widgets.likelihood_plot import LikelihoodPlot
+from ..widgets.purify_panel import PurifyPanel
+from ..widgets.step_plot import StepPlot
+
+
+class PurifyTab(QWidget):
+    """Shows a purification; ``attack_requested(image, label)`` asks the window to attack the result."""
+
+    attack_requested = Signal(object, str)
+
+    def __init__(self, state: SessionState, defaults: PurifySettings, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.state = state
+        self.panel = PurifyPanel(defaults)
+        self.panel.setMinimumWidth(200)
+        self.panel.setMaximumWidth(270)
+        self.view = ImageView("Purified image (live)")
+        self.curves = LikelihoodPlot(state.classes, x_label="likelihood-maximisation step", markers=True)
+        self.objective_plot = StepPlot("step", "diffusion loss", ["objective"])
+        self.scrubber = QSlider(Qt.Orientation.Horizontal)
+        self.scrubber.setEnabled(False)
+        self.scrubber.valueChanged.connect(self._on_scrubber_value_changed)
+        self.scrubber_label = QLabel("step –")
+        self.attack_button = QPushButton("Attack this")
+        self.attack_button.setToolTip("Attack the purified image shown (Attack tab)")
+        self.attack_button.setEnabled(False)
+        self.attack_button.clicked.connect(self._on_attack_button_clicked)
+        scrub = QHBoxLayout()
+        scrub.addWidget(QLabel("Replay:"))
+        scrub.addWidget(self.scrubber, 1)
+        scrub.addWidget(self.scrubber_label)
+        scrub.addWidget(self.attack_button)
+        top = QSplitter(Qt.Orientation.Horizontal)
+        top.addWidget(self.view)
+        top.addWidget(self.objective_plot)
+        top.setChildrenCollapsible(False)
+        curves_box = QWidget()
+        cl = QVBoxLayout(curves_box)
+        cl.setContentsMargins(2, 2, 2, 2)
+        cl.addWidget(QLabel("<b>Per-class likelihood over the purification steps</b>"))
+        cl.addWidget(self.curves, 1)
+        split = QSplitter(Qt.Orientation.Vertical)
+        split.addWidget(top)
+        split.addWidget(curves_box)
+        split.setChildrenCollapsible(False)
+        right = QWidget()
+        rl = QVBoxLayout(right)
+        rl.setContentsMargins(2, 2, 2, 2)
+        rl.addWidget(split, 1)
+        rl.addLayout(scrub)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(2, 2, 2, 2)
+        layout.addWidget(self.panel)
+        layout.addWidget(right, 1)
+
+    @property
+    def records(self) -> list[PurifyStep]:
+        return self.state.purification.records
+
+    def set_classes(self, classes: list[str]) -> None:
+        self.curves.set_classes(classes)
+
+    def begin(self, source: str, steps: int) -> None:
+        self.state.begin_purification(source)
+        self.curves.reset(x_extent=steps)
+        self.objective_plot.reset(x_extent=steps)
+        self.scrubber.setEnabled(False)
+        self.attack_button.setEnabled(False)
+        self.scrubber_label.setText("step –")
+        self.view.title.setText(f"<b>Purifying: {source}</b>")
+
+    def show_records(self, records: list[PurifyStep]) -> int:
+        """Draw one flush of steps; returns the progress (steps done)."""
+        records = [r for r in records if isinstance(r, PurifyStep)]
+        if not records:
+            return -1
+        self.state.add_purification(records)
+        steps = [r.step for r in records]
+        self.curves.add_points(steps, [r.logits[0] for r in records])
+        self.objective_plot.extend("objective", steps, [r.objective[0] for r in records])
+        self._show_record(records[-1])
+        return steps[-1]
+
+    def finish(self, records: list[PurifyStep]) -> None:
+        self.state.finish_purification()
+        if self.records:
+            self.scrubber.blockSignals(True)
+            self.scrubber.setRange(0, len(self.records) - 1)
+            self.scrubber.setValue(len(self.records) - 1)
+            self.scrubber.blockSignals(False)
+            self.scrubber.setEnabled(True)
+            self.attack_button.setEnabled(True)
+            self._on_scrubber_value_changed(len(self.records) - 1)
+
+    def stopped(self) -> None:
+        done = self.records[-1].step if self.records else 0
+        self.view.caption.setText(f"Stopped after step {done}.")
+
+    def _show_record(self, record: PurifyStep) -> None:
+        probs = np.exp(record.logits[0] - record.logits[0].max())
+        probs /= probs.sum()
+        top = int(np.argmax(probs))
+        self.view.set_image(record.image[0], f"step {record.step}/{record.total_steps}: "
+                            f"{self.state.classes[top]} ({probs[top]:.1%}), ‖x*−x‖∞ = "
+                            f"{record.linf[0] * 255:.1f}/255, objective {record.objective[0]:.2f}")
+
+    def _on_scrubber_value_changed(self, index: int) -> None:
+        if 0 <= index < len(self.records):
+            record = self.records[index]
+            self._show_record(record)
+            self.curves.set_cursor(record.step)
+            self.objective_plot.set_cursor(record.step)
+            self.scrubber_label.setText(f"step {record.step}")
+
+    def _on_attack_button_clicked(self) -> None:
+        index = self.scrubber.value()
+        if 0 <= index < len(self.records):
+            record = self.records[index]
+            self.attack_requested.emit(record.image[0], f"purified, step {record.step} ({self.state.purification.source})")

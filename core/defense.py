@@ -1,0 +1,142 @@
+"""Assembling a defense: the one place where the attacked module is put together.
+
+Every front end (the ``rdc`` CLI, the desktop app, the scripts and benchmarks) builds
+the module it classifies or attacks here: the small CNN baseline (``cnn``), the
+diffusion classifier alone (``dc``), or the Robust Diffusion Classifier (``rdc``:
+likelihood maximisation, then the classifier, with a gradient mode). The helpers around
+it (device, threads, eps fractions, purification settings from a model card) raise
+engine errors that describe the problem; each front end words its own hint.
+"""
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from .choices import DEFENSES
+from .purify import PurifySettings
+
+if TYPE_CHECKING:
+    from .classifier import DiffusionClassifier
+    from .models import LoadedModel
+
+
+class DeviceUnavailableError(RuntimeError):
+    """The requested compute device cannot be used on this machine."""
+
+
+def resolve_device(name: str = "auto") -> str:
+    """The torch device to run on: ``auto`` picks ``cuda`` when available, else ``cpu``.
+
+    Raises
+    ------
+    DeviceUnavailableError
+        When ``cuda`` is requested and this torch build or machine has no CUDA device.
+    """
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.split(":", 1)[0] == "cuda" and not torch.cuda.is_available():
+        raise DeviceUnavailableError("the CUDA device was requested but CUDA is not available "
+                                     "(no GPU, or a CPU-only torch build)")
+    return name
+
+
+def parse_fraction(text: str | float) -> float:
+    """A number in [0, 1] pixel units written as ``0.3`` or ``8/255`` (numbers pass through).
+
+    Raises
+    ------
+    ValueError
+        When ``text`` is neither a number nor a fraction of two numbers.
+    """
+    if isinstance(text, (int, float)):
+        return float(text)
+    try:
+        if "/" in text:
+            num, den = text.split("/", 1)
+            return float(num) / float(den)
+        return float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a number or a fraction such as 8/255: {text!r}") from None
+
+
+def setup_threads(threads: int = 0) -> int:
+    """Set torch's CPU threads (0: one per core) and return the count set."""
+    count = threads if threads > 0 else max(1, os.cpu_count() or 1)
+    torch.set_num_threads(count)
+    return count
+
+
+def purify_settings(model: LoadedModel, **overrides) -> PurifySettings:
+    """The model card's ``purify`` defaults with ``overrides`` applied.
+
+    Overrides whose value is None are ignored (so unset options can be passed through);
+    ``eta`` and ``step_size`` may be fractions such as ``"8/255"``.
+    """
+    base = dict(model.card.get("purify", {}))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        base[key] = parse_fraction(value) if key in ("eta", "step_size") else value
+    return PurifySettings(**base)
+
+
+def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionClassifier | None, *,
+                  purify: PurifySettings | None = None, grad_mode: str = "auto",
+                  cnn: str | nn.Module = "mnist-cnn", device: str | None = None) -> nn.Module:
+    """The module a front end classifies with or attacks (NCHW in [0, 1] in, logits out).
+
+    Parameters
+    ----------
+    kind
+        ``cnn`` (the baseline named or given by ``cnn``), ``dc`` (``classifier`` itself)
+        or ``rdc`` (likelihood maximisation with ``purify``, default: the model card's,
+        then a classifier with ``classifier``'s settings).
+    model, classifier
+        The loaded diffusion model and its classifier (not needed for ``cnn``).
+    grad_mode
+        ``rdc``: ``auto`` (smooth for sign-step purification, exact for Adam), ``exact``,
+        ``smooth``, ``bpda`` or ``dc-only``; the returned module's ``grad_mode``
+        attribute holds the resolved mode.
+    device
+        Where the module lives (default: the classifier's device, else CPU).
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``kind`` or gradient mode, or a missing model or classifier.
+    core.models.CheckpointError
+        When the CNN checkpoint cannot be loaded.
+    """
+    if kind not in DEFENSES:
+        raise ValueError(f"defense must be one of {DEFENSES}, not {kind!r}")
+    if device is None:
+        device = str(classifier.device) if classifier is not None else "cpu"
+    if kind == "cnn":
+        if isinstance(cnn, nn.Module):
+            return cnn.to(device)
+        from .baseline import load_cnn
+
+        return load_cnn(cnn, device=device)[0]
+    if classifier is None:
+        raise ValueError(f"the {kind} defense needs a diffusion classifier")
+    if kind == "dc":
+        return classifier.to(device)
+    if model is None:
+        raise ValueError("the rdc defense needs the loaded diffusion model")
+    from .rdc import RobustDiffusionClassifier
+
+    settings = purify if purify is not None else purify_settings(model)
+    return RobustDiffusionClassifier(model.net, classifier.settings, settings, grad_mode).to(device)
+
+
+def gradient_warning(defense: nn.Module) -> str | None:
+    """Why attacking ``defense`` with its gradient mode gives masked gradients, or None
+    (engine terms: each front end adds how to choose another mode)."""
+    from .rdc import RobustDiffusionClassifier, masked_gradient_warning
+
+    if not isinstance(defense, RobustDiffusionClassifier):
+        return None
+    return masked_gradient_warning(defense.grad_mode, defense.maximizer.settings)

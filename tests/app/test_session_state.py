@@ -1,0 +1,158 @@
+"""The window's document without Qt, the worker's result protocol, and the set_device race."""
+import struct
+import subprocess
+import sys
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from rdc_studio.app.session_state import CSV_HEADER, SessionState
+from rdc_studio.core.classifier import ClassifyStep
+
+
+def test_session_state_imports_no_qt():
+    code = "import sys, rdc_studio.app.session_state, rdc_studio.app.jobs; print('PySide6' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_session_state_notifies_and_exports():
+    state = SessionState(["a", "b"])
+    events = []
+    state.subscribe(events.append)
+    state.set_image(np.zeros((1, 2, 2), np.float32), "zeros", "/tmp/zeros.png")
+    logits = np.array([[0.0, -1.0]])
+    probs = np.exp(logits) / np.exp(logits).sum()
+    step = ClassifyStep(levels_done=2, total_levels=2, sigmas_done=np.ones(2), logits=logits,
+                        probabilities=probs, level_errors=np.zeros((1, 2, 2)))
+    state.begin_classification()
+    state.add_classification([step])
+    state.finish_classification(step)
+    assert events == ["image", "classification", "classification", "classification"]
+    rows = state.csv_rows()
+    assert CSV_HEADER == ["kind", "step", "class", "value"]
+    assert [r[0] for r in rows] == ["probability"] * 2 + ["classify_logit"] * 2
+    assert state.results()["probabilities"] == pytest.approx(list(probs[0]))
+    state.set_image(np.ones((1, 2, 2), np.float32), "ones")
+    assert state.probabilities is None and state.image_path == ""
+
+
+pytest.importorskip("pytestqt")
+
+
+def test_worker_relays_records_then_the_return_value(qtbot):
+    from rdc_studio.app.worker import JobRunner
+
+    runner = JobRunner()
+    seen = []
+    runner.steps_ready.connect(seen.extend)
+
+    def job(cancelled):
+        for i in range(3):
+            yield i
+        return "result"
+
+    with qtbot.waitSignal(runner.finished, timeout=10000) as blocker:
+        runner.start(job)
+    assert blocker.args == ["result"] and seen == [0, 1, 2]  # the result is not a record
+    with qtbot.waitSignal(runner.finished, timeout=10000) as blocker:
+        runner.start(lambda cancelled: 42)  # a plain function: its value is the result
+    assert blocker.args == [42]
+    qtbot.waitUntil(lambda: runner.running_threads() == 0, timeout=10000)
+
+
+def test_cancelled_job_never_reports_and_drains(qtbot):
+    from rdc_studio.app.worker import JobRunner, live_workers
+
+    runner = JobRunner()
+    finished = []
+    runner.finished.connect(finished.append)
+
+    def job(cancelled):
+        while not cancelled():
+            time.sleep(0.01)
+            yield None
+        return "late"
+
+    runner.start(job)
+    qtbot.wait(50)
+    with qtbot.waitSignal(runner.drained, timeout=10000):
+        assert runner.cancel()
+    assert not finished and runner.running_threads() == 0 and live_workers() == 0
+
+
+def test_set_device_never_moves_the_network_under_a_running_job(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
+    """The race: a cancelled job may still run when the device changes. The job keeps its
+    own network; the window moves to a copy (here to the 'meta' device, which any machine has)."""
+    from test_main_window import isolate_settings
+
+    from rdc_studio.app.main_window import MainWindow
+    from rdc_studio.core.models import load_checkpoint
+
+    isolate_settings(monkeypatch, tmp_path)
+    win = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+    qtbot.addWidget(win)
+    old_net = win.model.net
+    devices = []
+
+    def hook(module, inputs, output) -> None:
+        devices.append(output.device.type)
+        time.sleep(0.02)
+
+    old_net.noise_embedding.register_forward_hook(hook)
+    win.steps_spin.setValue(256)
+    win.set_image(np.zeros((1, 28, 28), np.float32), "black")
+    qtbot.waitUntil(lambda: len(devices) >= 2, timeout=30000)
+    win.set_device("meta")
+    assert win.device == "meta" and win.model.net is not old_net
+    assert next(win.model.net.parameters()).device.type == "meta"
+    assert next(old_net.parameters()).device.type == "cpu"  # the old job's network stayed put
+    qtbot.waitUntil(lambda: win.runner.running_threads() == 0, timeout=10000)
+    assert set(devices) == {"cpu"}
+    win.runner.shutdown()
+
+
+def test_decompression_bomb_is_refused_in_the_projects_words(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
+    """A PNG whose header declares 12000x12000 pixels (the file itself is tiny)."""
+    from test_main_window import isolate_settings
+
+    from rdc_studio.app.main_window import MainWindow
+    from rdc_studio.core.images import MAX_PIXELS
+    from rdc_studio.core.models import load_checkpoint
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 12000, 12000, 8, 0, 0, 0, 0))
+                     + chunk(b"IEND", b""))
+    isolate_settings(monkeypatch, tmp_path)
+    win = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+    qtbot.addWidget(win)
+    errors = []
+    win.show_error = lambda title, text: errors.append(text)
+    assert not win.open_path(str(bomb))
+    assert f"{MAX_PIXELS:,}" in errors[-1] and "bomb.png" in errors[-1]
+    assert "DOS" not in errors[-1] and "89478485" not in errors[-1]
+
+
+def test_long_status_messages_are_elided(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
+    from test_main_window import isolate_settings
+
+    from rdc_studio.app.main_window import MainWindow
+    from rdc_studio.core.models import load_checkpoint
+
+    isolate_settings(monkeypatch, tmp_path)
+    win = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+    qtbot.addWidget(win)
+    win.resize(1024, 700)
+    win.show()
+    qtbot.wait(50)
+    text = "Cannot open image: " + "very long path component/" * 40
+    win.show_status(text, 0)
+    shown = win.message_label.text()
+    assert shown != text and shown.endswith("…") and win.message_label.toolTip() == text
+    label_right = win.message_label.geometry().right()
+    assert label_right < win.elapsed_label.geometry().left() or not win.elapsed_label.text()

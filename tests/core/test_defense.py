@@ -1,0 +1,54 @@
+"""core.defense: the one place a defense is assembled."""
+import pytest
+import torch
+
+from rdc_studio.core.classifier import build_classifier
+from rdc_studio.core.defense import (DeviceUnavailableError, build_defense, gradient_warning, parse_fraction,
+                                     purify_settings, resolve_device, setup_threads)
+from rdc_studio.core.models import load_checkpoint
+from rdc_studio.core.purify import PurifySettings
+from rdc_studio.core.rdc import RobustDiffusionClassifier
+
+
+def test_parse_fraction():
+    assert parse_fraction("8/255") == 8 / 255 and parse_fraction("0.3") == 0.3 and parse_fraction(0.5) == 0.5
+    with pytest.raises(ValueError, match="8/255"):
+        parse_fraction("a lot")
+
+
+def test_resolve_device_speaks_engine_terms(monkeypatch):
+    assert resolve_device("cpu") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == resolve_device() == "cpu"
+    with pytest.raises(DeviceUnavailableError) as info:
+        resolve_device("cuda")
+    assert "CUDA" in str(info.value) and "--" not in str(info.value)
+
+
+def test_setup_threads_returns_the_count():
+    before = torch.get_num_threads()
+    try:
+        assert setup_threads(1) == 1 == torch.get_num_threads()
+        assert setup_threads(0) >= 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_build_each_defense(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    clf = build_classifier(model, "cpu", steps=2)
+    assert build_defense("dc", model, clf) is clf
+    p = purify_settings(model, eta="8/255", steps=2, optimizer=None)
+    assert p.eta == 8 / 255 and p.steps == 2 and p.optimizer == PurifySettings().optimizer
+    rdc = build_defense("rdc", model, clf, purify=p)
+    assert isinstance(rdc, RobustDiffusionClassifier) and rdc.grad_mode == "smooth"  # auto, sign steps
+    assert rdc.classifier.settings == clf.settings and rdc.maximizer.settings == p
+    assert gradient_warning(rdc) is None and gradient_warning(clf) is None
+    exact = build_defense("rdc", model, clf, purify=p, grad_mode="exact")
+    assert "smooth" in gradient_warning(exact) and "--" not in gradient_warning(exact)
+    adam = build_defense("rdc", model, clf, purify=purify_settings(model, steps=2, optimizer="adam"))
+    assert adam.grad_mode == "exact"
+    cnn = torch.nn.Linear(2, 2)
+    assert build_defense("cnn", None, None, cnn=cnn) is cnn
+    with pytest.raises(ValueError, match="defense"):
+        build_defense("vit", model, clf)

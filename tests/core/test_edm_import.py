@@ -1,0 +1,388 @@
+"""EDM snapshot import: safety of the unpickler, the networks against EDM's own forward
+passes, the published CIFAR-10 configurations key for key, and the checkpoint round trip.
+
+The fixtures (``../shared/fixtures/edm``) are small EDM networks with random weights,
+pickled as EDM's training loop does, with reference outputs computed by EDM's code.
+"""
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import pickle
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rdc_studio.core.edm_import import (CIFAR10_CLASSES, EdmImportError, convert, import_edm, output_path,
+                                        read_snapshot)
+from rdc_studio.core.edm_nets import EdmDenoiser, EdmNetConfig, published_config
+from rdc_studio.core.models import CheckpointError, load_checkpoint
+
+FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "edm"
+if not FIXTURES.exists():
+    FIXTURES = Path("/work/shared/fixtures/edm")
+INDEX = json.loads((FIXTURES / "index.json").read_text()) if (FIXTURES / "index.json").exists() else None
+pytestmark = pytest.mark.skipif(INDEX is None, reason="EDM fixtures (../shared/fixtures/edm) not present")
+FIXTURE_NAMES = sorted(INDEX["fixtures"]) if INDEX else []
+PUBLISHED = sorted(INDEX["published_configs"]) if INDEX else []
+
+
+@pytest.fixture(scope="module")
+def converted() -> dict:
+    """Every fixture converted once (network, card)."""
+    return {name: convert(FIXTURES / INDEX["fixtures"][name]["pickle"]) for name in FIXTURE_NAMES}
+
+
+def _assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    """Per example, max |out - ref| <= 1e-5 of that example's output scale (max |ref|)."""
+    err = (out - ref).flatten(1).abs().amax(1)
+    scale = ref.flatten(1).abs().amax(1)
+    assert bool((err <= 1e-5 * scale).all()), f"relative errors {(err / scale).tolist()}"
+
+
+# -- the networks against EDM's own forward passes ---------------------------------------
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_forward_matches_edm(name: str, converted: dict) -> None:
+    net, card = converted[name]
+    info = INDEX["fixtures"][name]
+    io = load_file(str(FIXTURES / info["io"]))
+    assert net.config.num_classes == info["label_dim"]
+    assert sum(p.numel() for p in net.parameters()) == info["parameters"]
+    assert len(net.state_dict()) == info["state_dict_keys"]
+    labels = io.get("class_labels")
+    with torch.no_grad():
+        out = net(io["x"], io["sigma"], labels)
+        assert out.dtype == torch.float32
+        _assert_close(out, io["D_x"])
+        if "D_x_augment" in io:
+            _assert_close(net(io["x"], io["sigma"], labels, augment_labels=io["augment_labels"]), io["D_x_augment"])
+    # the project's interface gives the same numbers: denoise_labels with the integer labels
+    if labels is not None:
+        with torch.no_grad():
+            d = net.denoise_labels(io["x"], io["sigma"], labels.argmax(1))
+        _assert_close(d, io["D_x"])
+
+
+@pytest.mark.parametrize("name", FIXTURE_NAMES)
+def test_fixture_card_records_source_and_config(name: str, converted: dict) -> None:
+    net, card = converted[name]
+    info = INDEX["fixtures"][name]
+    path = FIXTURES / info["pickle"]
+    import hashlib
+
+    assert card["source"]["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert card["source"]["file"] == path.name
+    assert card["source"]["precond_class"] == info["precond"]
+    assert card["source"]["model_class"] == info["network_kwargs"]["model_type"]
+    for key, value in info["network_kwargs"].items():
+        if key != "model_type":
+            assert card["network"][key] == value, key
+    assert card["preconditioning"]["class"] == info["precond"]
+    assert net.sigma_min == pytest.approx(float(info["sigma_min"]))
+    assert net.sigma_max == pytest.approx(float(info["sigma_max"]))
+    assert len(card["classes"]) == info["label_dim"]
+
+
+def test_heads_batched_match_one_at_a_time(converted: dict) -> None:
+    """All K classes (and the unconditional head) as one batched pass equal K separate passes."""
+    net, _ = converted["vp-ddpmpp-cond"]
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 3, 16, 16, generator=gen)
+    sigma = torch.tensor([0.1, 1.0, 5.0])
+    with torch.no_grad():
+        all_heads = net.denoise(x, sigma)
+        assert all_heads.shape == (3, 11, 3, 16, 16)
+        for y in range(11):
+            one = net.denoise_labels(x, sigma, torch.full((3,), y))
+            torch.testing.assert_close(all_heads[:, y], one, rtol=1e-5, atol=1e-5)
+        # head K is EDM's label-less call (the all-zero label)
+        torch.testing.assert_close(all_heads[:, 10], net(x, sigma), rtol=1e-5, atol=1e-5)
+
+
+def test_unconditional_network_heads(converted: dict) -> None:
+    net, card = converted["vp-ddpmpp-uncond"]
+    assert net.config.num_classes == 0 and card["classes"] == []
+    x = torch.randn(2, 3, 16, 16)
+    sigma = torch.tensor([0.5, 2.0])
+    with torch.no_grad():
+        d = net.denoise(x, sigma, heads=[0])
+        torch.testing.assert_close(d[:, 0], net(x, sigma))
+    with pytest.raises(ValueError, match="unconditional"):
+        net.denoise(x, sigma, heads=[])
+
+
+# -- the published CIFAR-10 configurations ------------------------------------------------
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_published_configuration_matches_key_for_key(name: str) -> None:
+    ref = INDEX["published_configs"][name]
+    config = published_config(name)
+    assert config.precond == {"VPPrecond": "vp", "VEPrecond": "ve"}[ref["precond"]]
+    assert config.num_classes == ref["label_dim"]
+    with torch.device("meta"):  # shapes only: no memory, no initialisation cost
+        net = EdmDenoiser(config)
+    shapes = {k: list(v.shape) for k, v in net.state_dict().items()}
+    assert list(shapes) == list(ref["state_dict"])  # same keys, same order
+    assert shapes == ref["state_dict"]
+    assert sum(p.numel() for p in net.parameters()) == ref["parameters"]
+
+
+def test_conditional_vp_parameter_count() -> None:
+    with torch.device("meta"):
+        net = EdmDenoiser(published_config("cifar10-32x32-cond-vp.pkl"))
+    assert sum(p.numel() for p in net.parameters()) == 55_735_299
+
+
+def test_config_rejects_unknown_arguments() -> None:
+    with pytest.raises(ValueError, match="unknown SongUNet arguments"):
+        EdmNetConfig(model_kwargs={"model_channels": 16, "bogus": 1})
+    with pytest.raises(ValueError, match="precond"):
+        EdmNetConfig(precond="iddpm")
+    with pytest.raises(ValueError, match="unknown EDM network config keys"):
+        EdmNetConfig.from_dict({"architecture": "edm", "channels": [1]})
+
+
+# -- the checkpoint round trip and loading a .pkl directly ---------------------------------
+
+@pytest.mark.parametrize("name", ["vp-ddpmpp-cond", "ve-ncsnpp-cond", "edm-adm-cond"])
+def test_round_trip_through_checkpoint_format(name: str, converted: dict, tmp_path: Path) -> None:
+    src = FIXTURES / INDEX["fixtures"][name]["pickle"]
+    path = import_edm(src, tmp_path / "imported", command="rdc import-edm test")
+    assert path == tmp_path / "imported.safetensors" and path.exists()
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["format"] == "rdc-studio/diffusion-classifier"
+    assert card["net"]["architecture"] == "edm"
+    assert card["source"]["sha256"] == converted[name][1]["source"]["sha256"]
+    assert card["import_command"] == "rdc import-edm test"
+    loaded = load_checkpoint(path)
+    assert type(loaded.net).__name__ == "EdmDenoiser"
+    assert loaded.net.config.to_dict() == converted[name][0].config.to_dict()
+    io = load_file(str(FIXTURES / INDEX["fixtures"][name]["io"]))
+    with torch.no_grad():
+        _assert_close(loaded.net(io["x"], io["sigma"], io.get("class_labels")), io["D_x"])
+    assert all(not p.requires_grad for p in loaded.net.parameters())
+
+
+def test_load_checkpoint_accepts_pkl() -> None:
+    model = load_checkpoint(str(FIXTURES / "vp-ddpmpp-cond.pkl"))
+    assert model.path.suffix == ".pkl"
+    assert model.net.config.architecture == "edm" and model.classes == [str(i) for i in range(10)]
+    assert model.card["net"]["precond"] == "vp"
+
+
+def test_output_path(tmp_path: Path) -> None:
+    assert output_path("a/b/snap.pkl", tmp_path) == tmp_path / "snap.safetensors"
+    assert output_path("snap.pkl", str(tmp_path / "new") + os.sep) == tmp_path / "new" / "snap.safetensors"
+    assert output_path("snap.pkl", tmp_path / "cifar-cond") == tmp_path / "cifar-cond.safetensors"
+    assert output_path("snap.pkl", tmp_path / "m.v2") == tmp_path / "m.v2.safetensors"
+    assert output_path("snap.pkl", tmp_path / "m.json") == tmp_path / "m.safetensors"
+
+
+def test_cifar10_class_names_for_a_cifar10_snapshot(tmp_path: Path) -> None:
+    """A 32x32 RGB 10-class snapshot trained on cifar10 gets the CIFAR-10 class names."""
+    from rdc_studio.core.edm_import import _guess_dataset
+
+    config = published_config("cifar10-32x32-cond-vp")
+    assert _guess_dataset(config, {"dataset_kwargs": {"path": "datasets/cifar10-32x32.zip"}},
+                          Path("network-snapshot-200000.pkl")) == "cifar10"
+    assert _guess_dataset(config, {}, Path("edm-cifar10-32x32-cond-vp.pkl")) == "cifar10"
+    assert _guess_dataset(config, {}, Path("snapshot.pkl")) is None
+    assert len(CIFAR10_CLASSES) == 10 and CIFAR10_CLASSES[0] == "airplane" and CIFAR10_CLASSES[-1] == "truck"
+
+
+# -- the engine uses an imported network unchanged -----------------------------------------
+
+def test_classifier_purifier_and_sampler_run_on_an_imported_network(converted: dict) -> None:
+    from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
+    from rdc_studio.core.purify import LikelihoodMaximizer, PurifySettings
+    from rdc_studio.core.sample import sample
+
+    net, _ = converted["vp-ddpmpp-cond"]
+    clf = DiffusionClassifier(net, ClassifierSettings(steps=3, sigma_min=0.05, sigma_max=2.0))
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    logits = clf(x)
+    assert logits.shape == (2, 10) and torch.isfinite(logits).all()
+    (grad,) = torch.autograd.grad(logits[:, 0].sum(), x)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+    # progressive elimination goes through denoise_labels
+    clf2 = DiffusionClassifier(net, ClassifierSettings(steps=4, sigma_min=0.05, sigma_max=2.0,
+                                                       screen_levels=2, keep_classes=3))
+    assert clf2(x.detach()).shape == (2, 10)
+
+    uncond, _ = converted["vp-ddpmpp-uncond"]
+    lm = LikelihoodMaximizer(uncond, PurifySettings(steps=2))
+    purified = lm(x.detach())
+    assert purified.shape == x.shape and (purified - x.detach()).abs().max() <= 8 / 255 + 1e-6
+
+    last = None
+    for last in sample(net, 3, n=1, steps=3):
+        pass
+    assert last is not None and last.image.shape == (1, 3, 16, 16)
+
+
+# -- safety: refused globals, damaged files, pickles of other things -----------------------
+
+class _Reduce:
+    """An object whose unpickling calls ``func(*args)``."""
+
+    def __init__(self, func, args) -> None:
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return self.func, self.args
+
+
+def _payloads(marker: Path) -> dict:
+    return {
+        "os.system": _Reduce(os.system, (f"touch {marker}",)),
+        "builtins.eval": _Reduce(builtins.eval, (f"open({str(marker)!r}, 'w').close()",)),
+        "subprocess.call": _Reduce(subprocess.call, (["touch", str(marker)],)),
+        "builtins.open": _Reduce(builtins.open, (str(marker), "w")),
+    }
+
+
+@pytest.mark.parametrize("kind", ["os.system", "builtins.eval", "subprocess.call", "builtins.open"])
+def test_malicious_pickle_is_refused_and_runs_nothing(kind: str, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+    payload = _payloads(marker)[kind]
+    # hidden inside what looks like a snapshot, next to an 'ema' entry
+    path = tmp_path / "network-snapshot.pkl"
+    path.write_bytes(pickle.dumps({"ema": None, "loss_fn": payload, "dataset_kwargs": {}}, protocol=4))
+    with pytest.raises(EdmImportError) as info:
+        load_checkpoint(str(path))
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message
+    # the global as pickled (os.system is posix.system, builtins.open is io.open)
+    assert f"{payload.func.__module__}.{payload.func.__qualname__}" in message
+    assert not marker.exists()
+
+
+def test_the_malicious_payload_is_real(tmp_path: Path) -> None:
+    """The same bytes given to plain pickle do create the file (so the refusal above matters)."""
+    marker = tmp_path / "pwned"
+    data = pickle.dumps(_payloads(marker)["builtins.open"])
+    pickle.loads(data).close()
+    assert marker.exists()
+
+
+def test_malicious_global_inside_a_storage_is_refused(tmp_path: Path) -> None:
+    """A refused global inside a pickled storage's bytes (the inner torch.save pickle)."""
+    marker = tmp_path / "pwned"
+    inner = pickle.dumps(LEGACY_MAGIC_VALUE, protocol=2) + pickle.dumps(1001, protocol=2) + \
+        pickle.dumps({"little_endian": True}, protocol=2) + pickle.dumps(_payloads(marker)["os.system"], protocol=2)
+
+    class _Blob:
+        def __reduce__(self):
+            return torch.storage._load_from_bytes, (inner,)
+
+    path = tmp_path / "snap.pkl"
+    path.write_bytes(pickle.dumps({"ema": _Blob()}, protocol=4))
+    with pytest.raises(EdmImportError, match="refused") as info:
+        read_snapshot(path)
+    assert f"{os.system.__module__}.system" in str(info.value)
+    assert not marker.exists()
+
+
+LEGACY_MAGIC_VALUE = 0x1950A86A20F9469CFC6C
+
+
+@pytest.mark.parametrize("fraction", [0.0001, 0.1, 0.5, 0.999])
+def test_truncated_snapshot(fraction: float, tmp_path: Path) -> None:
+    data = (FIXTURES / "vp-ddpmpp-cond.pkl").read_bytes()
+    path = tmp_path / "truncated.pkl"
+    path.write_bytes(data[: max(2, int(len(data) * fraction))])
+    with pytest.raises(EdmImportError, match="truncated") as info:
+        load_checkpoint(str(path))
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("obj, pattern", [
+    ([1, 2, 3], "not an EDM snapshot: the pickle holds a list"),
+    ({"loss_fn": None, "augment_pipe": None, "dataset_kwargs": {}}, "no 'ema' network"),
+    ({"ema": {"weights": 1}}, "not an EDM network"),
+    (np.float64(1.5), "not an EDM snapshot"),
+])
+def test_pickles_of_other_things(obj, pattern: str, tmp_path: Path) -> None:
+    path = tmp_path / "other.pkl"
+    path.write_bytes(pickle.dumps(obj))
+    with pytest.raises(EdmImportError, match=pattern) as info:
+        load_checkpoint(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_other_files(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.pkl"
+    empty.write_bytes(b"")
+    with pytest.raises(EdmImportError, match="empty"):
+        read_snapshot(empty)
+    text = tmp_path / "notes.pkl"
+    text.write_text("hello")
+    with pytest.raises(EdmImportError, match="not a pickle"):
+        read_snapshot(text)
+    zipped = tmp_path / "state.pkl"
+    torch.save({"w": torch.zeros(2)}, zipped)
+    with pytest.raises(EdmImportError, match="zip"):
+        read_snapshot(zipped)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        read_snapshot(tmp_path / "missing.pkl")
+    # a pickled torch tensor in the modern layout is refused rather than loaded through torch
+    tensor = tmp_path / "tensor.pkl"
+    tensor.write_bytes(pickle.dumps(torch.zeros(3)))
+    with pytest.raises(EdmImportError, match="not an EDM snapshot"):
+        load_checkpoint(str(tensor))
+
+
+# -- the command line ----------------------------------------------------------------------
+
+def test_cli_import_edm_and_classify_with_a_pkl(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from rdc_studio.core.cli import main
+
+    out_dir = tmp_path / "models"
+    out_dir.mkdir()
+    assert main(["import-edm", str(FIXTURES / "edm-ddpmpp-cond.pkl"), "--out", str(out_dir)]) == 0
+    weights = out_dir / "edm-ddpmpp-cond.safetensors"
+    assert weights.exists() and weights.with_suffix(".json").exists()
+    assert "use it with --model" in capsys.readouterr().out
+
+    img = tmp_path / "cat.png"
+    Image.fromarray((np.random.default_rng(0).random((32, 32, 3)) * 255).astype("uint8")).save(img)
+    for model in (str(FIXTURES / "vp-ddpmpp-cond.pkl"), str(weights)):
+        assert main(["classify", str(img), "--model", model, "--steps", "2", "--threads", "1",
+                     "--device", "cpu", "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)["results"][0]
+        assert 0 <= result["predicted"] < 10 and len(result["probabilities"]) == 10
+
+
+def test_cli_import_edm_refuses_a_malicious_pickle(tmp_path: Path) -> None:
+    from rdc_studio.core.cli import main
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "bad.pkl"
+    bad.write_bytes(pickle.dumps(_payloads(marker)["os.system"]))
+    with pytest.raises(SystemExit) as info:
+        main(["import-edm", str(bad), "--out", str(tmp_path / "x")])
+    assert str(info.value).startswith("rdc: error: ") and "refused" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not marker.exists() and not (tmp_path / "x.safetensors").exists()
+
+
+def test_cli_classify_with_an_unconditional_model_is_a_one_line_error(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from rdc_studio.core.cli import main
+
+    img = tmp_path / "cat.png"
+    Image.fromarray(np.zeros((32, 32, 3), dtype="uint8")).save(img)
+    code = main(["classify", str(img), "--model", str(FIXTURES / "vp-ddpmpp-uncond.pkl"),
+                 "--threads", "1", "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert err.startswith("rdc: error: ") and "unconditional" in err and "\n" not in err
