@@ -11,7 +11,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", nargs="?", help="image to open at start")
     p.add_argument("--model", default=None, help="bundled model name or checkpoint path")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--steps", type=int, default=None, help="noise levels T")
+    p.add_argument("--levels", "--steps", dest="levels", type=int, default=None, metavar="T",
+                   help="noise levels T of the classifier (default: the model card's)")
     p.add_argument("--session", default=None, help="reopen a saved session (model, image, settings) and re-run it")
     p.add_argument("--screenshot", default=None, help="classify IMAGE, save a PNG of the window and exit")
     return p
@@ -47,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.screenshot:
             QMessageBox.critical(None, "Cannot load model", message)
         return 2
-    window = MainWindow(model, device=device, steps=args.steps)
+    window = MainWindow(model, device=device, steps=args.levels)
     if args.screenshot:  # a fixed size, whatever geometry an earlier session saved
         window.resize(1280, 800)
     window.show()

@@ -5,7 +5,8 @@ with the chosen classifier settings, writes them into the model card together wi
 exact commands, and copies weights + card to resources/models/NAME.*.
 
     python scripts/bundle_model.py --run runs/emb --name mnist-embedding --steps 8 \
-        --weighting edm --sigma-min 0.2 --sigma-max 10 --val-n 1000 --test-n 1000
+        --weighting edm --sigma-min 0.2 --sigma-max 10 --screen-levels 4 --keep-classes 3 \
+        --val-n 1000 --test-n 1000
 """
 from __future__ import annotations
 
@@ -47,6 +48,10 @@ def main(argv=None) -> int:
     p.add_argument("--sigma-min", type=float, required=True)
     p.add_argument("--sigma-max", type=float, required=True)
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--screen-levels", type=int, default=0,
+                   help="progressive class elimination: levels spent on all classes (0 = none)")
+    p.add_argument("--keep-classes", type=int, default=0,
+                   help="progressive class elimination: classes kept for the remaining levels")
     p.add_argument("--val-n", type=int, default=1000)
     p.add_argument("--test-n", type=int, default=1000)
     p.add_argument("--data-root", default=None)
@@ -58,6 +63,8 @@ def main(argv=None) -> int:
     p.add_argument("--purify-steps", type=int, default=None)
     p.add_argument("--purify-step-size", default=None)
     p.add_argument("--purify-optimizer", default="sign", choices=["sign", "adam"])
+    p.add_argument("--purify-sigma", default=None, metavar="LO,HI",
+                   help="noise-level range the likelihood maximisation samples (default: the settings' own)")
     p.add_argument("--purify-note", default="", help="how the purification defaults were chosen")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -65,7 +72,8 @@ def main(argv=None) -> int:
     src = src / "model.safetensors" if src.is_dir() else src
     model = load_checkpoint(src)
     settings = ClassifierSettings(steps=args.steps, weighting=args.weighting, sigma_min=args.sigma_min,
-                                  sigma_max=args.sigma_max, bf16=args.bf16)
+                                  sigma_max=args.sigma_max, bf16=args.bf16,
+                                  screen_levels=args.screen_levels, keep_classes=args.keep_classes)
     clf = DiffusionClassifier(model.net, settings)
     t0 = time.perf_counter()
     val = measure(clf, "val", args.val_n, args.data_root)
@@ -82,8 +90,13 @@ def main(argv=None) -> int:
         "measure_seconds": round(time.perf_counter() - t0, 1),
     }
     if args.purify_eta is not None:
+        sigma = {}
+        if args.purify_sigma:
+            lo, hi = (float(v) for v in args.purify_sigma.split(","))
+            sigma = {"sigma_lo": lo, "sigma_hi": hi}
         purify = PurifySettings(eta=parse_fraction(args.purify_eta), steps=args.purify_steps or 5,
-                                step_size=parse_fraction(args.purify_step_size or "0"), optimizer=args.purify_optimizer)
+                                step_size=parse_fraction(args.purify_step_size or "0"), optimizer=args.purify_optimizer,
+                                **sigma)
         card["purify"] = purify.to_dict()
         card["metrics"]["purify_choice"] = args.purify_note
     dst = BUNDLED_DIR / f"{args.name}.safetensors"
