@@ -1,28 +1,57 @@
-"""The README's robustness table for the bundled MNIST models, with gradient-masking checks.
+"""The robustness table of the bundled MNIST models, with gradient-masking checks.
 
 Rows: CNN, DC, RDC (exact gradients), RDC (smooth: exact with a tanh surrogate for the
-LM's sign steps, whose derivative is zero) and RDC (BPDA), each under l-inf eps 0.3 and
-l2 eps 1.5, attacked with the AutoAttack-style ensemble of ``rdc eval --attack ensemble``
-(APGD-CE, APGD-DLR, APGD-T, Square, transfer from the CNN) on the first n MNIST test
-images. Every number comes from an ``rdc eval`` command that is printed and recorded, so
-any row can be re-run on its own. Each evaluation writes NAME.json (report), NAME.log
-(readable log) and NAME.state.jsonl (per-example state) in --out-dir: re-running the
-script resumes an interrupted evaluation and reuses finished ones. The script then writes
-table.md and table.json there.
+LM's sign steps, whose derivative is zero) and RDC (BPDA), each under every threat model
+of ``--threats`` (default l-inf 0.1, l-inf 0.3 and l2 1.5), attacked with the
+AutoAttack-style ensemble of ``rdc eval --attack ensemble`` (APGD-CE, APGD-DLR, APGD-T,
+Square, transfer from the CNN) on the first n MNIST test images. Row keys are
+DEFENSE-NORM-EPS (``cnn-linf-0.1``, ``rdc-smooth-l2-1.5``); ``--rows`` selects rows by
+shell patterns over them and ``--n-row`` sets n per row (``--n-row 'rdc-*-linf-0.3=50'``;
+the defaults are ``--n-cnn``, ``--n-dc`` and ``--n-rdc``). Every number comes from an
+``rdc eval`` command that is printed and recorded, so any row can be re-run on its own.
+Each evaluation writes NAME.json (report), NAME.log (readable log) and NAME.state.jsonl
+(per-example state) in --out-dir; NAME ends with the first 8 hex digits of the sha256 of
+the model files it uses (``m`` the diffusion model, ``c`` the CNN), so a retrained model
+never reuses or resumes an old model's evaluation. Re-running the script resumes an
+interrupted evaluation and reuses finished ones. The script writes table.md and
+table.json (every evaluation row, the worst cases and the checks) in --out-dir.
+
+**robustness.json.** The script also merges its results into ``--results`` (default
+``benchmarks/results/robustness.json``), the one machine-readable file behind the README's
+robustness table: a JSON list of rows, one per defense and threat model, each with
+``defense`` (cnn, dc or rdc), ``norm``, ``eps`` (a number), ``n``, ``clean``, ``robust``
+(fractions), ``ci95`` (95% Wilson interval of ``robust``), ``attacks`` (the ensemble's
+attacks, in order), ``grad_modes``, ``model`` and ``model_sha256`` (the checkpoint the
+defense used: the CNN's for CNN rows), ``command``, ``hardware`` and ``seconds_per_image``,
+plus ``key``, ``label``, ``date``, ``masking_checks`` (null when the checks did not run)
+and, for the RDC, ``per_grad_mode``. The RDC row is the per-example worst case over the
+rdc-exact, rdc-smooth and rdc-bpda evaluations of its threat model (an example is robust
+only if it is robust in all three; :func:`core.evaluate.worst_case_report`), on the
+examples all three attacked: its ``command`` is the list of their three commands and its
+``seconds_per_image`` their sum. It is written only when all three were evaluated. Rows
+measured in this run replace the rows with the same (defense, norm, eps, model_sha256);
+all other rows stay.
+
+``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
+-->`` and ``<!-- robustness-table:end -->``) from ``--results`` alone, showing the rows of
+``--model`` and ``--cnn`` as their files are now (by sha256); it measures nothing.
 
 Gradient-masking checks (``--checks``, on by default) run APGD-CE on the first
 --check-n images of each row's defense and norm: (a) robust accuracy ~0 at a large eps,
 (b) non-increasing over an eps sweep, (c) white-box <= Square and <= transfer, (d)
-doubling the iterations changes it by < 1 point (see :mod:`core.masking`).
+doubling the iterations changes it by < 1 point (see :mod:`core.masking`). The sweep
+evaluations are shared by the rows of one defense and norm.
 
     python benchmarks/robustness_table.py --out-dir runs/robustness-table
     python benchmarks/robustness_table.py --dry-run          # print the commands only
-    python benchmarks/robustness_table.py --rows 'cnn-*,dc-linf' --n-dc 50 --no-checks
+    python benchmarks/robustness_table.py --rows 'cnn-*,dc-linf-*' --n-row 'dc-linf-0.3=50' --no-checks
+    python benchmarks/robustness_table.py --readme          # README table from robustness.json
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import shlex
 import sys
@@ -35,8 +64,12 @@ from rdc_studio.core.defense import parse_fraction
 from rdc_studio.core.evaluate import worst_case_report
 from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
-from rdc_studio.core.models import DEFAULT_MODEL, atomic_write_bytes, atomic_write_json
+from rdc_studio.core.models import (DEFAULT_MODEL, CheckpointError, atomic_write_bytes, atomic_write_json,
+                                    resolve_model_path)
 
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "robustness.json"
+DEFAULT_THREATS = "linf:0.1,linf:0.3,l2:1.5"
 DEFENSES = {  # key: (--defense, --grad, label)
     "cnn": ("cnn", None, "CNN"),
     "dc": ("dc", None, "DC"),
@@ -44,14 +77,18 @@ DEFENSES = {  # key: (--defense, --grad, label)
     "rdc-smooth": ("rdc", "smooth", "RDC (smooth gradients)"),
     "rdc-bpda": ("rdc", "bpda", "RDC (BPDA)"),
 }
+RDC_GRAD_MODES = ("exact", "smooth", "bpda")  # the RDC row: the worst case over these
+RESULT_DEFENSES = {"cnn": "CNN", "dc": "DC", "rdc": "RDC (worst case over exact, smooth, BPDA)"}
 NORM_LABELS = {"linf": "l-inf", "l2": "l2"}
 ENSEMBLE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer")
 ENSEMBLE_HEADERS = ("APGD-CE", "+APGD-DLR", "+APGD-T", "+Square", "+transfer")
+README_START = "<!-- robustness-table:start -->"
+README_END = "<!-- robustness-table:end -->"
 
 
 @dataclass(frozen=True)
 class Row:
-    """One row of the table: a defense under one threat model."""
+    """One evaluation row of the table: a defense (and gradient mode) under one threat model."""
 
     defense_key: str  # a key of DEFENSES
     norm: str
@@ -60,7 +97,7 @@ class Row:
 
     @property
     def key(self) -> str:
-        return f"{self.defense_key}-{self.norm}"
+        return f"{self.defense_key}-{self.norm}-{_slug(self.eps)}"
 
     @property
     def defense(self) -> str:
@@ -96,10 +133,84 @@ def _split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def parse_threats(text: str) -> list[tuple[str, str]]:
+    """The threat models of ``--threats``: ``NORM:EPS`` pairs, comma-separated.
+
+    Parameters
+    ----------
+    text
+        E.g. ``"linf:0.1,linf:0.3,l2:1.5"``; eps as ``rdc eval --eps`` takes it (``8/255``).
+
+    Returns
+    -------
+    list of (norm, eps) pairs
+        In the given order, eps as written.
+
+    Raises
+    ------
+    SystemExit
+        For an unknown norm, an eps that is not a positive number, a repeated threat
+        model, or none at all.
+    """
+    threats: list[tuple[str, str]] = []
+    for part in _split_list(text):
+        norm, sep, eps = part.partition(":")
+        norm, eps = norm.strip(), eps.strip()
+        if not sep or norm not in NORM_LABELS:
+            raise SystemExit(f"robustness_table: --threats: {part!r} is not NORM:EPS with NORM one of "
+                             f"{', '.join(NORM_LABELS)}")
+        try:
+            value = parse_fraction(eps)
+        except ValueError:
+            value = float("nan")
+        if not value > 0:
+            raise SystemExit(f"robustness_table: --threats: {part!r}: eps must be a positive number")
+        if any(n == norm and parse_fraction(e) == value for n, e in threats):
+            raise SystemExit(f"robustness_table: --threats: {part!r} is given twice")
+        threats.append((norm, eps))
+    if not threats:
+        raise SystemExit("robustness_table: --threats names no threat model")
+    return threats
+
+
+def parse_row_n(text: str) -> list[tuple[str, int]]:
+    """The per-row sample sizes of ``--n-row``: ``PATTERN=N`` pairs, comma-separated.
+
+    Parameters
+    ----------
+    text
+        E.g. ``"rdc-*-linf-0.3=50,dc-l2-1.5=300"``; each shell pattern is matched against
+        row keys, and a later pair wins over an earlier one.
+
+    Returns
+    -------
+    list of (pattern, n) pairs
+
+    Raises
+    ------
+    SystemExit
+        For a pair without ``=`` or with an n that is not a positive integer.
+    """
+    pairs = []
+    for part in _split_list(text):
+        pattern, sep, n = part.rpartition("=")
+        if not sep or not pattern.strip() or not n.strip().isdigit() or int(n) < 1:
+            raise SystemExit(f"robustness_table: --n-row: {part!r} is not PATTERN=N with N a positive integer")
+        pairs.append((pattern.strip(), int(n)))
+    return pairs
+
+
 def build_rows(args: argparse.Namespace) -> list[Row]:
-    """The rows selected by ``--rows`` (shell patterns over keys such as ``rdc-exact-linf``)."""
-    n = {"cnn": args.n_cnn, "dc": args.n_dc, "rdc-exact": args.n_rdc, "rdc-smooth": args.n_rdc, "rdc-bpda": args.n_rdc}
-    rows = [Row(d, norm, eps, n[d]) for d in DEFENSES for norm, eps in (("linf", args.eps_linf), ("l2", args.eps_l2))]
+    """The evaluation rows selected by ``--rows`` (shell patterns over keys such as
+    ``rdc-exact-linf-0.3``): every defense under every threat model of ``--threats``, with n
+    from ``--n-cnn``/``--n-dc``/``--n-rdc`` unless ``--n-row`` sets it for the row."""
+    default_n = {"cnn": args.n_cnn, "dc": args.n_dc, "rdc-exact": args.n_rdc, "rdc-smooth": args.n_rdc,
+                 "rdc-bpda": args.n_rdc}
+    rows = [Row(d, norm, eps, default_n[d]) for d in DEFENSES for norm, eps in parse_threats(args.threats)]
+    for pattern, n in parse_row_n(args.n_row):
+        if not any(fnmatch.fnmatchcase(r.key, pattern) for r in rows):
+            raise SystemExit(f"robustness_table: --n-row {pattern!r} matches none of {', '.join(r.key for r in rows)}")
+        rows = [Row(r.defense_key, r.norm, r.eps, n) if fnmatch.fnmatchcase(r.key, pattern) else r for r in rows]
     return select_rows(rows, args.rows, "--rows")
 
 
@@ -142,8 +253,52 @@ def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int,
     return tuple(argv)
 
 
+def file_sha256(path: str | Path) -> str:
+    """The sha256 hex digest of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_sha256(name_or_path: str) -> str:
+    """The sha256 of the safetensors file of a bundled model name or checkpoint path (as
+    ``rdc eval`` resolves ``--model`` and ``--cnn``).
+
+    Raises
+    ------
+    SystemExit
+        When there is no such model.
+    """
+    try:
+        return file_sha256(resolve_model_path(name_or_path))
+    except CheckpointError as exc:
+        raise SystemExit(f"robustness_table: {exc}") from exc
+
+
+def add_model_digests(args: argparse.Namespace) -> argparse.Namespace:
+    """Set ``args.model_sha256`` and ``args.cnn_sha256`` (the files ``--model`` and ``--cnn`` name now)."""
+    args.model_sha256 = model_sha256(args.model)
+    args.cnn_sha256 = model_sha256(args.cnn)
+    return args
+
+
+def model_tag(args: argparse.Namespace, row: Row, attack: str) -> str:
+    """The end of an evaluation's file stem that names the model files it uses: ``-m`` and 8 hex
+    digits of the diffusion model's sha256 (all but CNN rows), ``-c`` and the CNN's (CNN rows,
+    and the ensemble and transfer attacks, which craft examples on the CNN)."""
+    parts = []
+    if row.defense != "cnn":
+        parts.append("m" + args.model_sha256[:8])
+    if attack in ("ensemble", "transfer") or row.defense == "cnn":
+        parts.append("c" + args.cnn_sha256[:8])
+    return "-" + "-".join(parts)
+
+
 def row_evaluation(args: argparse.Namespace, row: Row) -> Evaluation:
-    stem = f"{row.key}-n{row.n}"
+    """The ensemble evaluation of ``row``."""
+    stem = f"{row.key}-n{row.n}{model_tag(args, row, 'ensemble')}"
     return Evaluation(stem, eval_argv(args, row, "ensemble", row.eps, row.n, args.steps, stem, args.square_queries))
 
 
@@ -161,17 +316,17 @@ def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluatio
         if parse_fraction(extra) not in values:
             sweep.append(extra)
             values.add(parse_fraction(extra))
-    base = f"check-{row.key}"
+    base = f"check-{row.defense_key}-{row.norm}"  # the sweep is shared by the rows of one norm
     evs = {}
     for eps in sorted(sweep, key=parse_fraction):
-        stem = f"{base}-apgd-ce-eps{_slug(eps)}-s{steps}-n{m}"
+        stem = f"{base}-apgd-ce-eps{_slug(eps)}-s{steps}-n{m}{model_tag(args, row, 'apgd-ce')}"
         evs[f"apgd@{eps}"] = Evaluation(stem, eval_argv(args, row, "apgd-ce", eps, m, steps, stem))
-    stem = f"{base}-apgd-ce-eps{_slug(row.eps)}-s{2 * steps}-n{m}"
+    stem = f"{base}-apgd-ce-eps{_slug(row.eps)}-s{2 * steps}-n{m}{model_tag(args, row, 'apgd-ce')}"
     evs["apgd-long"] = Evaluation(stem, eval_argv(args, row, "apgd-ce", row.eps, m, 2 * steps, stem))
     q = args.check_square_queries
-    stem = f"{base}-square-eps{_slug(row.eps)}-q{q}-n{m}"
+    stem = f"{base}-square-eps{_slug(row.eps)}-q{q}-n{m}{model_tag(args, row, 'square')}"
     evs["square"] = Evaluation(stem, eval_argv(args, row, "square", row.eps, m, steps, stem, square_queries=q))
-    stem = f"{base}-transfer-eps{_slug(row.eps)}-s{steps}-n{m}"
+    stem = f"{base}-transfer-eps{_slug(row.eps)}-s{steps}-n{m}{model_tag(args, row, 'transfer')}"
     evs["transfer"] = Evaluation(stem, eval_argv(args, row, "transfer", row.eps, m, steps, stem))
     return evs
 
@@ -240,7 +395,7 @@ def _rdc_eval(ev: Evaluation) -> tuple[int, str]:
     import subprocess
 
     proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *ev.argv], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+                            stderr=subprocess.STDOUT, cwd=ROOT)
     tail = ""
     try:
         for chunk in iter(lambda: proc.stdout.read1(4096), b""):
@@ -296,7 +451,7 @@ def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,
                 before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
                 log = open(out_dir / f"{ev.name}.out", "ab")
                 proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *ev.argv], stdout=log,
-                                        stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parent.parent)
+                                        stderr=subprocess.STDOUT, cwd=ROOT)
                 running.append((ev, proc, before, log))
             time.sleep(poll_seconds)
             for item in [r for r in running if r[1].poll() is not None]:
@@ -375,14 +530,331 @@ def worst_cases(summaries: list[dict[str, Any]], reports: dict[str, dict[str, An
     """Per threat model with two or more RDC rows: the per-example worst case over their
     gradient modes (on the examples all of them attacked), as :func:`core.evaluate.worst_case_report`."""
     out = []
-    for norm in NORM_LABELS:
-        rows = [s for s in summaries if s["defense_flag"] == "rdc" and s["norm"] == norm]
+    threats: list[tuple[str, float]] = []
+    for s in summaries:
+        if s["defense_flag"] == "rdc" and (s["norm"], parse_fraction(s["eps"])) not in threats:
+            threats.append((s["norm"], parse_fraction(s["eps"])))
+    for norm, eps in threats:
+        rows = [s for s in summaries
+                if s["defense_flag"] == "rdc" and s["norm"] == norm and parse_fraction(s["eps"]) == eps]
         if len(rows) < 2:
             continue
         combined = worst_case_report([reports[s["key"]] for s in rows], labels=[s["defense"] for s in rows])
         combined.pop("per_example")
-        out.append({"norm": norm, "eps": rows[0]["eps"], "rows": [s["key"] for s in rows]} | combined)
+        out.append(combined | {"norm": norm, "eps": rows[0]["eps"], "rows": [s["key"] for s in rows]})
     return out
+
+
+# --- robustness.json -------------------------------------------------------------------------
+
+def report_hardware(report: dict[str, Any]) -> str:
+    """One line on the machine of an ``rdc eval`` report: its ``hardware`` (CPU model, logical
+    CPUs, torch version, threads, GPU; :func:`core.evaluate.hardware_description`) and the
+    device the evaluation ran on."""
+    device = report.get("settings", {}).get("device")
+    return f"{report['hardware']}, device {device}" if device else report["hardware"]
+
+
+def report_attacks(report: dict[str, Any]) -> list[str]:
+    """The attacks of an ``rdc eval`` report, in the order they ran (an ensemble's order)."""
+    ensemble = report["settings"].get("ensemble")
+    return list(ensemble["order"]) if ensemble else [report["settings"]["attack"]]
+
+
+def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: int) -> dict[str, Any] | None:
+    """The ``masking_checks`` entry of a result row: the checks of the evaluation rows
+    ``row_keys`` (None when none ran), whether all passed, and each one's verdict."""
+    mine = [c for c in checks if c["row"] in row_keys]
+    if not mine:
+        return None
+    return {"passed": all(c["check"]["passed"] for c in mine), "n": check_n,
+            "checks": [{"row": c["row"], "check": c["check"]["name"], "verdict": c["check"]["verdict"],
+                        "summary": c["check"]["summary"]} for c in mine]}
+
+
+def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: str, sha256: str,
+                      checks: list[dict[str, Any]], check_n: int) -> dict[str, Any]:
+    """The robustness.json row of a CNN or DC evaluation row.
+
+    Parameters
+    ----------
+    row, ev, report
+        The evaluation row, its ``rdc eval`` command and its report (with ``table_timing``,
+        see :func:`run_evaluation`).
+    model, sha256
+        The checkpoint the defense used (the CNN's for the CNN row) and its file's sha256.
+    checks, check_n
+        The gradient-masking checks run so far (``main``'s list) and their n.
+    """
+    return {"key": f"{row.defense}-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES[row.defense],
+            "defense": row.defense, "norm": row.norm, "eps": parse_fraction(row.eps), "n": report["n"],
+            "clean": report["clean_acc"], "robust": report["robust_acc"], "ci95": list(report["robust_ci95"]),
+            "attacks": report_attacks(report), "grad_modes": [report["settings"].get("grad") or "exact"],
+            "model": model, "model_sha256": sha256, "command": ev.command, "hardware": report_hardware(report),
+            "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
+            "masking_checks": masking_summary(checks, [row.key], check_n)}
+
+
+def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: str, sha256: str,
+                   checks: list[dict[str, Any]], check_n: int) -> dict[str, Any]:
+    """The robustness.json row of the RDC under one threat model: the per-example worst case
+    over its gradient-mode evaluations (:func:`core.evaluate.worst_case_report`).
+
+    Parameters
+    ----------
+    parts
+        (row, evaluation, report) of each gradient mode (rdc-exact, rdc-smooth, rdc-bpda),
+        one threat model.
+    model, sha256, checks, check_n
+        As for :func:`single_result_row`.
+
+    Returns
+    -------
+    dict
+        ``n``, ``clean``, ``robust`` and ``ci95`` over the examples all parts attacked (an
+        example is robust only if it is robust in every part); ``command`` is the list of
+        the parts' commands, ``seconds_per_image`` their sum, ``per_grad_mode`` each part's
+        robust accuracy on those examples.
+
+    Raises
+    ------
+    ValueError
+        When the parts are not of one model, data split and threat model.
+    """
+    row = parts[0][0]
+    modes = [r.grad for r, _, _ in parts]
+    worst = worst_case_report([rep for _, _, rep in parts], labels=modes)
+    attacks: list[str] = []
+    hardware: list[str] = []
+    for _, _, rep in parts:
+        attacks += [a for a in report_attacks(rep) if a not in attacks]
+        hardware += [h for h in [report_hardware(rep)] if h not in hardware]
+    return {"key": f"rdc-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES["rdc"], "defense": "rdc",
+            "norm": row.norm, "eps": parse_fraction(row.eps), "n": worst["n"], "clean": worst["clean_acc"],
+            "robust": worst["robust_acc"], "ci95": list(worst["robust_ci95"]), "attacks": attacks,
+            "grad_modes": modes, "model": model, "model_sha256": sha256,
+            "command": [ev.command for _, ev, _ in parts], "hardware": "; ".join(hardware),
+            "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, _, rep in parts),
+            "date": time.strftime("%Y-%m-%d"),
+            "masking_checks": masking_summary(checks, [r.key for r, _, _ in parts], check_n),
+            "per_grad_mode": {run["label"]: run["robust_acc_on_common"] for run in worst["runs"]}}
+
+
+def result_rows(args: argparse.Namespace, done: list[tuple[Row, Evaluation, dict[str, Any]]],
+                checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The robustness.json rows of this run's finished evaluations: one per CNN and DC
+    evaluation, and one RDC worst-case row per threat model whose three gradient modes
+    (:data:`RDC_GRAD_MODES`) all finished. ``args`` needs ``model_sha256`` and ``cnn_sha256``
+    (:func:`add_model_digests`)."""
+    out = []
+    for row, ev, report in done:
+        if row.defense == "cnn":
+            out.append(single_result_row(row, ev, report, args.cnn, args.cnn_sha256, checks, args.check_n))
+        elif row.defense == "dc":
+            out.append(single_result_row(row, ev, report, args.model, args.model_sha256, checks, args.check_n))
+    threats: list[tuple[str, float]] = []
+    for row, _, _ in done:
+        if row.defense == "rdc" and (row.norm, parse_fraction(row.eps)) not in threats:
+            threats.append((row.norm, parse_fraction(row.eps)))
+    for norm, eps in threats:
+        by_mode = {row.grad: (row, ev, rep) for row, ev, rep in done
+                   if row.defense == "rdc" and row.norm == norm and parse_fraction(row.eps) == eps}
+        if set(by_mode) >= set(RDC_GRAD_MODES):
+            parts = [by_mode[mode] for mode in RDC_GRAD_MODES]
+            out.append(rdc_result_row(parts, args.model, args.model_sha256, checks, args.check_n))
+    return out
+
+
+def missing_rdc_rows(rows: list[Row], done: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[str]:
+    """The RDC threat models of ``rows`` that get no robustness.json row (a gradient mode was
+    not selected or did not finish), as ``"l-inf 0.3 (no bpda)"``."""
+    missing = []
+    finished = {r.key for r, _, _ in done}
+    seen: list[tuple[str, float]] = []
+    for row in rows:
+        threat = (row.norm, parse_fraction(row.eps))
+        if row.defense != "rdc" or threat in seen:
+            continue
+        seen.append(threat)
+        lacking = [mode for mode in RDC_GRAD_MODES
+                   if f"rdc-{mode}-{row.norm}-{_slug(row.eps)}" not in finished]
+        if lacking:
+            missing.append(f"{NORM_LABELS[row.norm]} {row.eps} (no {', '.join(lacking)})")
+    return missing
+
+
+_DEFENSE_ORDER = list(RESULT_DEFENSES)
+_NORM_ORDER = list(NORM_LABELS)
+
+
+def result_key(row: dict[str, Any]) -> tuple[str, str, float, str]:
+    """What makes two robustness.json rows the same measurement: (defense, norm, eps, model_sha256)."""
+    return (row["defense"], row["norm"], float(row["eps"]), row["model_sha256"])
+
+
+def _result_order(row: dict[str, Any]) -> tuple:
+    defense = _DEFENSE_ORDER.index(row["defense"]) if row["defense"] in _DEFENSE_ORDER else len(_DEFENSE_ORDER)
+    norm = _NORM_ORDER.index(row["norm"]) if row["norm"] in _NORM_ORDER else len(_NORM_ORDER)
+    return (row.get("model", ""), row["model_sha256"], defense, norm, float(row["eps"]))
+
+
+def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``existing`` rows with every row that has the :func:`result_key` of a ``measured`` row
+    replaced by it, and the other ``measured`` rows added; sorted by model, defense (CNN, DC,
+    RDC), norm and eps, so the file changes only where the numbers do."""
+    replaced = {result_key(r) for r in measured}
+    merged = [r for r in existing if result_key(r) not in replaced] + list(measured)
+    return sorted(merged, key=_result_order)
+
+
+def load_results(path: str | Path) -> list[dict[str, Any]]:
+    """The rows of a robustness.json file ([] when it does not exist).
+
+    Raises
+    ------
+    SystemExit
+        When the file is not a JSON list of rows.
+    """
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"robustness_table: {path}: not valid JSON ({exc})") from exc
+    if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise SystemExit(f"robustness_table: {path}: not a JSON list of rows")
+    return rows
+
+
+def update_results(path: str | Path, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Merge ``measured`` into the robustness.json at ``path`` (:func:`merge_results`) and
+    write it atomically; returns the merged rows."""
+    merged = merge_results(load_results(path), measured)
+    atomic_write_json(path, merged)
+    return merged
+
+
+# --- the README table ------------------------------------------------------------------------
+
+def _threat_label(norm: str, eps: float) -> str:
+    return f"{NORM_LABELS.get(norm, norm)} {eps:g}"
+
+
+def _display_path(path: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def readme_section(results: list[dict[str, Any]], model: str, model_digest: str, cnn: str, cnn_digest: str,
+                   threats: list[tuple[str, str]] | None = None,
+                   results_name: str = "benchmarks/results/robustness.json") -> str:
+    """The README's robustness table (markdown, without the markers), from robustness.json rows.
+
+    Parameters
+    ----------
+    results
+        The rows of robustness.json.
+    model, model_digest, cnn, cnn_digest
+        The diffusion model and the CNN the table is about, and the sha256 of their files now:
+        only DC and RDC rows of ``model_digest`` and CNN rows of ``cnn_digest`` are shown.
+    threats
+        The threat models a full table has (default ``--threats``' default): those without a
+        row are named as not measured, never given numbers.
+    results_name
+        How the text names the results file.
+    """
+    threats = threats if threats is not None else parse_threats(DEFAULT_THREATS)
+    digest_of = {"cnn": cnn_digest, "dc": model_digest, "rdc": model_digest}
+    shown = [r for r in results if r.get("defense") in digest_of and r.get("model_sha256") == digest_of[r["defense"]]]
+    shown = sorted(shown, key=_result_order)
+    regenerate = "`python benchmarks/robustness_table.py --readme`"
+    if not shown:
+        return (f"No row of the robustness table has been measured for the current model (`{model}`, sha256 "
+                f"`{model_digest[:12]}`) yet, so there are no robustness figures here. Measure them with "
+                f"`python benchmarks/robustness_table.py --model {model}` (hours on a CPU; "
+                f"[docs/results.md](docs/results.md) has the settings and the earlier figures), which writes "
+                f"`{results_name}`, then regenerate this table with {regenerate}.\n")
+    hardware: list[str] = []
+    for r in shown:
+        if r["hardware"] not in hardware:
+            hardware.append(r["hardware"])
+    lines = [f"Robust accuracy of the current model `{model}` (sha256 `{model_digest[:12]}`; CNN `{cnn}`, "
+             f"`{cnn_digest[:12]}`) on the first n MNIST test digits under `rdc eval --attack ensemble` "
+             f"(APGD-CE, APGD-DLR, APGD-T, Square, transfer from the CNN). An RDC digit counts as robust only if it "
+             f"survives the ensemble with every gradient mode (exact, smooth, BPDA). 95% Wilson intervals. "
+             f"Generated from [`{results_name}`]({results_name}), which holds each row's commands, by {regenerate}.",
+             "",
+             "| defense | threat model | n | clean | robust (95% CI) | attacks | masking checks | s / image | "
+             "hardware |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in shown:
+        lo, hi = r["ci95"]
+        attacks = "full ensemble" if list(r["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(r["attacks"])
+        checks = r.get("masking_checks")
+        if not checks:
+            verdict = "not run"
+        elif checks["passed"]:
+            verdict = f"all {len(checks['checks'])} passed (n = {checks['n']})"
+        else:
+            failed = sum(c["verdict"] != "PASS" for c in checks["checks"])
+            verdict = f"**{failed} of {len(checks['checks'])} failed** (n = {checks['n']})"
+        lines.append(f"| {r['label']} | {_threat_label(r['norm'], r['eps'])} | {r['n']} | {_pct(r['clean'])}% | "
+                     f"**{_pct(r['robust'])}%** ({_pct(lo)}-{_pct(hi)}) | {attacks} | {verdict} | "
+                     f"{r['seconds_per_image']:.2f} | [{hardware.index(r['hardware']) + 1}] |")
+    lines.append("")
+    lines += [f"[{i}] {h}" + ("  " if i < len(hardware) else "") for i, h in enumerate(hardware, 1)]
+    have = {(r["defense"], r["norm"], float(r["eps"])) for r in shown}
+    missing = [f"{RESULT_DEFENSES[d]} {_threat_label(norm, parse_fraction(eps))}" for d in RESULT_DEFENSES
+               for norm, eps in threats if (d, norm, parse_fraction(eps)) not in have]
+    if missing:
+        lines += ["", f"Not measured yet for this model: {'; '.join(missing)}."]
+    return "\n".join(lines) + "\n"
+
+
+def replace_section(text: str, section: str) -> str:
+    """``text`` with what lies between :data:`README_START` and :data:`README_END` replaced by
+    ``section`` (the markers and everything outside them unchanged).
+
+    Raises
+    ------
+    ValueError
+        When the markers are missing, repeated or out of order.
+    """
+    if text.count(README_START) != 1 or text.count(README_END) != 1:
+        raise ValueError(f"needs exactly one {README_START} and one {README_END}")
+    start = text.index(README_START) + len(README_START)
+    end = text.index(README_END)
+    if end < start:
+        raise ValueError(f"{README_END} comes before {README_START}")
+    return text[:start] + "\n" + section.rstrip("\n") + "\n" + text[end:]
+
+
+def update_readme(readme: str | Path, results: str | Path, model: str = DEFAULT_MODEL, cnn: str = "mnist-cnn",
+                  threats: str = DEFAULT_THREATS) -> bool:
+    """Regenerate the robustness table in ``readme`` from the robustness.json at ``results``
+    (:func:`readme_section` for the files ``model`` and ``cnn`` name now); returns whether
+    the file changed (it is rewritten atomically, and only then).
+
+    Raises
+    ------
+    SystemExit
+        When ``readme`` lacks the markers or a model file is missing.
+    """
+    readme, results = Path(readme), Path(results)
+    text = readme.read_text()
+    section = readme_section(load_results(results), model, model_sha256(model), cnn, model_sha256(cnn),
+                             parse_threats(threats), _display_path(results))
+    try:
+        new = replace_section(text, section)
+    except ValueError as exc:
+        raise SystemExit(f"robustness_table: {readme}: {exc}") from exc
+    if new == text:
+        return False
+    atomic_write_bytes(readme, new.encode())
+    return True
 
 
 def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any],
@@ -455,15 +927,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=DEFAULT_MODEL, help="diffusion model: bundled name or checkpoint path")
     p.add_argument("--cnn", default="mnist-cnn", help="the CNN row and the transfer source")
-    p.add_argument("--out-dir", default="runs/robustness-table")
-    p.add_argument("--rows", default="*", help="comma-separated shell patterns over row keys "
-                   "(cnn-linf, cnn-l2, dc-linf, dc-l2, rdc-exact-linf, rdc-exact-l2, rdc-smooth-linf, rdc-smooth-l2, "
-                   "rdc-bpda-linf, rdc-bpda-l2)")
+    p.add_argument("--out-dir", default="runs/robustness-table",
+                   help="the rdc eval reports, logs and states, table.md and table.json")
+    p.add_argument("--results", default=str(DEFAULT_RESULTS),
+                   help="the robustness.json this run's rows are merged into ('none': do not write one)")
+    p.add_argument("--threats", default=DEFAULT_THREATS,
+                   help="threat models, comma-separated NORM:EPS (NORM linf or l2; EPS as rdc eval --eps takes it)")
+    p.add_argument("--rows", default="*", help="comma-separated shell patterns over row keys DEFENSE-NORM-EPS, "
+                   "DEFENSE one of cnn, dc, rdc-exact, rdc-smooth, rdc-bpda (e.g. 'cnn-*,rdc-*-linf-0.3'); the "
+                   "RDC row of robustness.json needs all three rdc-* rows of its threat model")
     p.add_argument("--n-cnn", type=int, default=1000, help="test images of the CNN rows")
     p.add_argument("--n-dc", type=int, default=200, help="test images of the DC rows")
     p.add_argument("--n-rdc", type=int, default=100, help="test images of the RDC rows (exact, smooth and BPDA)")
-    p.add_argument("--eps-linf", default="0.3")
-    p.add_argument("--eps-l2", default="1.5")
+    p.add_argument("--n-row", default="", help="comma-separated PATTERN=N: n for the rows whose key matches the "
+                   "shell pattern, over --n-cnn/--n-dc/--n-rdc (later pairs win), e.g. 'rdc-*-linf-0.3=50'")
     p.add_argument("--steps", type=int, default=100, help="APGD iterations")
     p.add_argument("--square-queries", type=int, default=5000)
     p.add_argument("--targets", type=int, default=9, help="APGD-T target classes")
@@ -488,14 +965,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large-eps-max-acc", type=float, default=0.02, help="check (a): robust accuracy allowed")
     p.add_argument("--max-change", type=float, default=0.01, help="check (d): largest change allowed")
     p.add_argument("--dry-run", action="store_true", help="print the rdc eval commands and exit")
+    p.add_argument("--readme", action="store_true",
+                   help="only regenerate the README's robustness table from --results (for --model and --cnn); "
+                        "measures nothing")
+    p.add_argument("--readme-file", default=str(ROOT / "README.md"), help="the README --readme rewrites")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.readme:
+        changed = update_readme(args.readme_file, args.results, args.model, args.cnn, args.threats)
+        print(f"{'updated' if changed else 'unchanged'}: the robustness table in {args.readme_file} "
+              f"(from {args.results})")
+        return 0
     rows = build_rows(args)
+    add_model_digests(args)
     out_dir = Path(args.out_dir)
+    results_path = None if args.results.lower() == "none" else Path(args.results)
     row_evs = [(row, row_evaluation(args, row)) for row in rows]
     check_evs = [(row, check_evaluations(args, row)) for row in select_rows(rows, args.check_rows, "--check-rows")
                  ] if args.checks else []
@@ -504,13 +992,17 @@ def main(argv: list[str] | None = None) -> int:
             print(ev.command)
         if check_evs:
             print("# gradient-masking checks")
+            printed: set[str] = set()
             for row, evs in check_evs:
                 for ev in evs.values():
-                    print(ev.command)
+                    if ev.name not in printed:  # the eps sweep is shared by the rows of one norm
+                        print(ev.command)
+                        printed.add(ev.name)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/robustness_table.py " + " ".join(shlex.quote(a) for a in argv),
-            "date": time.strftime("%Y-%m-%d"), "model": args.model, "cnn": args.cnn, "steps": args.steps,
+            "date": time.strftime("%Y-%m-%d"), "model": args.model, "model_sha256": args.model_sha256,
+            "cnn": args.cnn, "cnn_sha256": args.cnn_sha256, "threats": args.threats, "steps": args.steps,
             "square_queries": args.square_queries, "targets": args.targets, "seed": args.seed,
             "checks": bool(args.checks), "check_n": args.check_n, "check_steps": args.check_steps or args.steps,
             "check_square_queries": args.check_square_queries, "large_eps_linf": args.large_eps_linf,
@@ -518,6 +1010,7 @@ def main(argv: list[str] | None = None) -> int:
             "max_change": args.max_change}
     summaries: list[dict[str, Any]] = []
     reports: dict[str, dict[str, Any]] = {}
+    done: list[tuple[Row, Evaluation, dict[str, Any]]] = []
     checks: list[dict[str, Any]] = []
     results: list[CheckResult] = []
 
@@ -527,6 +1020,8 @@ def main(argv: list[str] | None = None) -> int:
         atomic_write_json(out_dir / "table.json", {"meta": meta, "rows": summaries, "worst_case": worst,
                                                    "checks": checks})
         atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta, worst).encode())
+        if results_path is not None:
+            update_results(results_path, result_rows(args, done, checks))
 
     failed: dict[str, str] = {}
     if args.jobs > 1:
@@ -536,6 +1031,7 @@ def main(argv: list[str] | None = None) -> int:
         if ev.name in failed:
             continue
         reports[row.key] = run_evaluation(ev, out_dir)
+        done.append((row, ev, reports[row.key]))
         summaries.append(row_summary(row, ev, reports[row.key], out_dir))
         write()
     for row, evs in check_evs:
@@ -547,6 +1043,16 @@ def main(argv: list[str] | None = None) -> int:
                            "check": result.to_dict(), "commands": commands})
         write()
     print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.json'}")
+    if results_path is not None:
+        measured = result_rows(args, done, checks)
+        print(f"merged {len(measured)} row{'s' if len(measured) != 1 else ''} "
+              f"({', '.join(r['key'] for r in measured) or 'none'}) into {results_path}; regenerate the README "
+              f"table with: python benchmarks/robustness_table.py --readme"
+              + (f" --results {shlex.quote(str(results_path))}" if results_path != DEFAULT_RESULTS else "")
+              + (f" --model {shlex.quote(args.model)}" if args.model != DEFAULT_MODEL else ""))
+        for threat in missing_rdc_rows(rows, done):
+            print(f"no RDC row in {results_path.name} for {threat}: it is the worst case over all three gradient "
+                  f"modes")
     for c in checks:
         print(f"{c['check']['verdict']}  {c['defense']}, {NORM_LABELS[c['norm']]} {c['eps']}: {c['check']['summary']}")
     if checks:

@@ -1,4 +1,5 @@
 """benchmarks/robustness_table.py: one rdc eval command per row, the table and the checks on a tiny model."""
+import hashlib
 import importlib.util
 import json
 import shlex
@@ -9,11 +10,14 @@ import pytest
 
 from rdc_studio.core.cli import build_parser
 from rdc_studio.core.data import mnist_available
+from rdc_studio.core.evaluate import wilson_interval
 
 ROOT = Path(__file__).resolve().parents[2]
-ROWS = [("cnn", None, "linf"), ("cnn", None, "l2"), ("dc", None, "linf"), ("dc", None, "l2"),
-        ("rdc", "exact", "linf"), ("rdc", "exact", "l2"), ("rdc", "smooth", "linf"), ("rdc", "smooth", "l2"),
-        ("rdc", "bpda", "linf"), ("rdc", "bpda", "l2")]
+DEFENSES = [("cnn", None), ("dc", None), ("rdc", "exact"), ("rdc", "smooth"), ("rdc", "bpda")]
+THREATS = [("linf", "0.1"), ("linf", "0.3"), ("l2", "1.5")]  # the default --threats
+ROWS = [(d, g, norm, eps) for d, g in DEFENSES for norm, eps in THREATS]
+TINY_THREATS = [("linf", "0.3"), ("l2", "1.5")]  # the tiny-model runs: two threat models keep them short
+TINY_ROWS = [(d, g, norm) for d, g in DEFENSES for norm, _ in TINY_THREATS]
 
 
 @pytest.fixture(scope="module")
@@ -39,25 +43,72 @@ def tiny_cnn(tmp_path):
 def test_dry_run_prints_one_rdc_eval_command_per_row(table, tmp_path, capsys):
     out_dir = tmp_path / "table"
     assert table.main(["--dry-run", "--no-checks", "--out-dir", str(out_dir), "--n-cnn", "500", "--n-dc", "60",
-                       "--n-rdc", "30", "--steps", "20", "--square-queries", "300", "--levels", "8"]) == 0
+                       "--n-rdc", "30", "--steps", "20", "--square-queries", "300", "--levels", "8",
+                       "--results", str(tmp_path / "robustness.json")]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert len(lines) == len(ROWS) and all(line.startswith("rdc eval ") for line in lines)
+    assert len(lines) == len(ROWS) == 15 and all(line.startswith("rdc eval ") for line in lines)
     stems = set()
-    for line, (defense, grad, norm) in zip(lines, ROWS):
+    for line, (defense, grad, norm, eps) in zip(lines, ROWS):
         args = build_parser().parse_args(shlex.split(line)[1:])  # a valid rdc command line
-        assert (args.defense, args.norm, args.attack) == (defense, norm, "ensemble")
-        assert args.grad == (grad or "auto") and args.eps == ("0.3" if norm == "linf" else "1.5")
+        assert (args.defense, args.norm, args.eps, args.attack) == (defense, norm, eps, "ensemble")
+        assert args.grad == (grad or "auto")
         assert args.n == {"cnn": 500, "dc": 60, "rdc": 30}[defense]
         assert (args.steps, args.square_queries, args.targets, args.seed) == (20, 300, 9, 0)
         assert args.dc_steps == (None if defense == "cnn" else 8) and args.cnn == "mnist-cnn"
         outputs = [Path(args.out), Path(args.log), Path(args.state)]
         assert all(p.parent == out_dir for p in outputs) and [p.suffix for p in outputs] == [".json", ".log", ".jsonl"]
+        key = "-".join([defense + (f"-{grad}" if grad else ""), norm, eps])
+        assert Path(args.out).stem.startswith(f"{key}-n{args.n}-")  # the row key: defense, norm and eps
         stems.add(Path(args.out).stem)
-    assert len(stems) == len(ROWS) and not out_dir.exists()  # distinct files; a dry run writes nothing
+    assert len(stems) == len(ROWS)  # distinct files
+    assert not out_dir.exists() and not (tmp_path / "robustness.json").exists()  # a dry run writes nothing
+
+
+def _model_digest(name: str) -> str:
+    return hashlib.sha256((ROOT / "resources" / "models" / f"{name}.safetensors").read_bytes()).hexdigest()
+
+
+def test_evaluation_files_are_named_after_the_model_files(table, capsys):
+    """A retrained model gets new file names, so its table never reuses or resumes an old model's evaluation."""
+    assert table.main(["--dry-run", "--rows", "cnn-linf-0.3,dc-linf-0.3", "--check-rows", "dc-*"]) == 0
+    stems = [Path(build_parser().parse_args(shlex.split(line)[1:]).out).stem
+             for line in capsys.readouterr().out.splitlines() if line.startswith("rdc eval")]
+    m, c = "m" + _model_digest("mnist-multihead")[:8], "c" + _model_digest("mnist-cnn")[:8]
+    assert stems[0] == f"cnn-linf-0.3-n1000-{c}" and stems[1] == f"dc-linf-0.3-n200-{m}-{c}"
+    checks = stems[2:]
+    # APGD-CE and Square never touch the CNN; the transfer attack is crafted on it
+    assert f"check-dc-linf-apgd-ce-eps0.6-s100-n50-{m}" in checks
+    assert f"check-dc-linf-square-eps0.3-q1000-n50-{m}" in checks
+    assert f"check-dc-linf-transfer-eps0.3-s100-n50-{m}-{c}" in checks
+
+
+def test_threat_models_and_per_row_n(table, capsys):
+    assert table.parse_threats("linf:0.1, linf:8/255 ,l2:1.5") == [("linf", "0.1"), ("linf", "8/255"), ("l2", "1.5")]
+    for bad, message in (("linf", "NORM:EPS"), ("l1:0.3", "NORM:EPS"), ("linf:0", "positive"),
+                         ("linf:abc", "positive"), ("linf:0.3,linf:.3", "twice"), (" , ", "no threat")):
+        with pytest.raises(SystemExit, match=message):
+            table.parse_threats(bad)
+    assert table.parse_row_n("rdc-*-linf-0.3=50, dc-l2-1.5=300") == [("rdc-*-linf-0.3", 50), ("dc-l2-1.5", 300)]
+    for bad in ("rdc-*=", "=5", "dc-linf-0.3=0", "dc-linf-0.3=x", "dc-linf-0.3"):
+        with pytest.raises(SystemExit, match="PATTERN=N"):
+            table.parse_row_n(bad)
+    args = table.build_parser().parse_args(["--n-rdc", "120", "--n-row", "rdc-*-linf-0.3=50,rdc-bpda-*=40"])
+    rows = table.build_rows(args)
+    assert [r.key for r in rows] == ["-".join([d + (f"-{g}" if g else ""), n, e]) for d, g, n, e in ROWS]
+    assert len({r.key for r in rows}) == len(rows) == 15
+    n = {r.key: r.n for r in rows}
+    assert n["rdc-exact-linf-0.1"] == n["rdc-smooth-l2-1.5"] == 120 and n["rdc-exact-linf-0.3"] == 50
+    assert n["rdc-bpda-linf-0.1"] == n["rdc-bpda-linf-0.3"] == 40  # the later pair wins
+    assert n["cnn-linf-0.3"] == 1000 and n["dc-l2-1.5"] == 200
+    with pytest.raises(SystemExit, match="--n-row 'rdc-\\*-linf-0.2' matches none"):
+        table.build_rows(table.build_parser().parse_args(["--n-row", "rdc-*-linf-0.2=50"]))
+    # another set of threat models: the keys follow
+    args = table.build_parser().parse_args(["--threats", "l2:0.5,linf:8/255", "--rows", "dc-*"])
+    assert [(r.key, r.eps) for r in table.build_rows(args)] == [("dc-l2-0.5", "0.5"), ("dc-linf-8over255", "8/255")]
 
 
 def test_dry_run_with_checks_and_a_row_filter(table, capsys):
-    assert table.main(["--dry-run", "--rows", "rdc-*-linf", "--sweep-linf", "0.1,0.2"]) == 0
+    assert table.main(["--dry-run", "--rows", "rdc-*-linf-0.3", "--sweep-linf", "0.1,0.2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     split = lines.index("# gradient-masking checks")
     assert [shlex.split(line)[shlex.split(line).index("--grad") + 1] for line in lines[:split]] == ["exact", "smooth",
@@ -74,17 +125,328 @@ def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     with pytest.raises(SystemExit, match="matches none"):
         table.main(["--dry-run", "--rows", "vit-*"])
     # --check-rows narrows the checks to some of the rows; the table keeps them all
-    assert table.main(["--dry-run", "--rows", "rdc-*-linf", "--check-rows", "rdc-smooth-*"]) == 0
+    assert table.main(["--dry-run", "--rows", "rdc-*-linf-0.3", "--check-rows", "rdc-smooth-*"]) == 0
     lines = capsys.readouterr().out.splitlines()
     split = lines.index("# gradient-masking checks")
     assert split == 3 and len(lines) - split - 1 == 7
     assert all(shlex.split(line)[shlex.split(line).index("--grad") + 1] == "smooth" for line in lines[split + 1:])
     with pytest.raises(SystemExit, match="--check-rows"):
-        table.main(["--dry-run", "--rows", "rdc-*-linf", "--check-rows", "cnn-*"])
+        table.main(["--dry-run", "--rows", "rdc-*-linf-0.3", "--check-rows", "cnn-*"])
+
+
+def test_rows_of_one_norm_share_the_eps_sweep_of_their_checks(table, capsys):
+    assert table.main(["--dry-run", "--rows", "dc-linf-*"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    checks = lines[lines.index("# gradient-masking checks") + 1:]
+    assert len(checks) == len(set(checks))  # each evaluation printed once
+    sweep = [build_parser().parse_args(shlex.split(c)[1:]) for c in checks]
+    sweep = sorted((a.eps, a.steps) for a in sweep if a.attack == "apgd-ce")
+    # 0.1, 0.2, 0.3, 0.6 once for both rows; twice the steps at each row's eps
+    assert sweep == [("0.1", 100), ("0.1", 200), ("0.2", 100), ("0.3", 100), ("0.3", 200), ("0.6", 100)]
+
+
+# --- robustness.json from fake reports (nothing is attacked) ---------------------------------
+
+def _fake_report(command: str, defense: str, grad: str | None, norm: str, eps: float, robust: list[bool],
+                 clean: list[bool] | None = None, seconds_per_image: float = 2.0,
+                 hardware: str = "Test CPU, 2 logical CPUs, torch 2.x, 2 threads") -> dict:
+    """An ensemble report exactly as rdc eval writes it (core.evaluate.robust_report), for given outcomes."""
+    from rdc_studio.core.evaluate import ExampleResult, robust_report
+
+    clean = clean if clean is not None else [True] * len(robust)
+    order = list(ENSEMBLE)
+    results = [ExampleResult(i, i % 10, c, r, 0.0 if r else eps, 0.0, 10,
+                             broken_by=None if r else ("clean" if not c else order[i % len(order)]),
+                             seconds=seconds_per_image)
+               for i, (c, r) in enumerate(zip(clean, robust))]
+    settings = {"device": "cpu", "dataset": "mnist", "split": "test", "defense": defense, "attack": "ensemble",
+                "batch_size": 50, "command": command}
+    model = {"name": "mnist-cnn", "architecture": "cnn"}
+    if defense != "cnn":
+        settings["classifier"] = {"levels": 16, "noise_seed": 0}
+        model = {"name": "mnist-multihead", "path": "resources/models/mnist-multihead.safetensors",
+                 "architecture": "multihead"}
+    if defense == "rdc":
+        settings["purify"] = {"eta": 0.3, "steps": 10}
+        settings["grad"] = grad
+    settings["attack_settings"] = {name: {"norm": norm, "eps": eps} for name in order}
+    settings["ensemble"] = {"order": order, "transfer_source": "mnist-cnn", "targets": 9}
+    report = robust_report(results, seconds_per_image * len(robust), model, settings,
+                           attacks=[(name, name.upper()) for name in order], seeds={"attack_seed": 0}).to_dict()
+    report["hardware"] = hardware  # robust_report describes this machine; the test wants a fixed string
+    return report
+
+
+ENSEMBLE = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer")
+# per example: robust under exact / smooth / BPDA; only examples 0 and 5 survive all three
+OUTCOMES = {"exact": [1, 1, 1, 0, 1, 1], "smooth": [1, 0, 1, 1, 1, 1], "bpda": [1, 1, 0, 1, 0, 1]}
+
+
+def _write_fake_reports(table, argv: list[str], out_dir: Path, outcomes=OUTCOMES) -> dict[str, dict]:
+    """Put a fake report for every row of ``argv`` into ``out_dir``, made by exactly that row's command
+    (so the script reuses it instead of running rdc eval); returns them by row key."""
+    args = table.add_model_digests(table.build_parser().parse_args(argv))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for row in table.build_rows(args):
+        ev = table.row_evaluation(args, row)
+        eps = table.parse_fraction(row.eps)
+        if row.defense == "rdc":
+            robust = [bool(v) for v in outcomes[row.grad]][:row.n]
+        else:
+            robust = [i % 3 == 0 for i in range(row.n)]  # 1, 0, 0, 1, ...
+        report = _fake_report(ev.command, row.defense, row.grad, row.norm, eps, robust,
+                              seconds_per_image={"exact": 3.0, "smooth": 4.0, "bpda": 5.0}.get(row.grad, 1.0))
+        (out_dir / f"{ev.name}.json").write_text(json.dumps(report))
+        reports[row.key] = report
+    return reports
+
+
+@pytest.fixture
+def no_attacks(table, monkeypatch):
+    """Fail the test if the script would start an rdc eval (every report must be a fake one)."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test would run a real evaluation")
+
+    monkeypatch.setattr(table, "_rdc_eval", refuse)
+    monkeypatch.setattr(table, "run_concurrently", refuse)
+
+
+def test_robustness_json_rows_for_three_threat_models(table, tmp_path, no_attacks, capsys):
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    argv = ["--out-dir", str(out_dir), "--results", str(results), "--n-cnn", "9", "--n-dc", "6", "--n-rdc", "6",
+            "--no-checks"]
+    fakes = _write_fake_reports(table, argv, out_dir)
+    assert table.main(argv) == 0
+    rows = json.loads(results.read_text())
+    model_sha, cnn_sha = _model_digest("mnist-multihead"), _model_digest("mnist-cnn")
+    assert [(r["defense"], r["norm"], r["eps"]) for r in rows] == [
+        (d, norm, float(eps)) for d in ("cnn", "dc", "rdc") for norm in ("linf", "l2")
+        for n, eps in THREATS if n == norm]
+    assert [r["key"] for r in rows][:3] == ["cnn-linf-0.1", "cnn-linf-0.3", "cnn-l2-1.5"]
+    fields = {"defense", "norm", "eps", "n", "clean", "robust", "ci95", "attacks", "grad_modes", "model",
+              "model_sha256", "command", "hardware", "seconds_per_image"}
+    for r in rows:
+        assert fields <= set(r) and r["attacks"] == list(ENSEMBLE) and r["masking_checks"] is None
+        assert r["hardware"] == "Test CPU, 2 logical CPUs, torch 2.x, 2 threads, device cpu"
+        assert (r["model"], r["model_sha256"]) == (("mnist-cnn", cnn_sha) if r["defense"] == "cnn"
+                                                   else ("mnist-multihead", model_sha))
+    for r in [r for r in rows if r["defense"] != "rdc"]:
+        fake = fakes[r["key"]]  # the CNN and DC rows are their evaluation row as it is
+        robust = len(range(0, fake["n"], 3))  # examples 0, 3, 6, ... survive
+        assert (r["n"], r["clean"], r["robust"], r["ci95"]) == (fake["n"], 1.0, robust / fake["n"], fake["robust_ci95"])
+        assert r["ci95"] == list(wilson_interval(robust, fake["n"])) and r["grad_modes"] == ["exact"]
+        assert r["command"] == fake["settings"]["command"] and r["seconds_per_image"] == 1.0
+    out = capsys.readouterr().out
+    assert f"merged 9 rows (cnn-linf-0.1, cnn-linf-0.3, cnn-l2-1.5, dc-linf-0.1" in out and "--readme" in out
+
+
+def test_rdc_row_is_the_worst_case_over_the_gradient_modes(table, tmp_path, no_attacks, capsys):
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    argv = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "rdc-*-linf-0.1", "--n-rdc", "6",
+            "--n-row", "rdc-bpda-*=5", "--no-checks"]
+    fakes = _write_fake_reports(table, argv, out_dir)
+    assert table.main(argv) == 0
+    [row] = json.loads(results.read_text())
+    assert (row["key"], row["defense"], row["norm"], row["eps"]) == ("rdc-linf-0.1", "rdc", "linf", 0.1)
+    # on the 5 examples all three attacked, only example 0 survives all three (example 5: BPDA's n is 5)
+    assert (row["n"], row["clean"], row["robust"]) == (5, 1.0, 0.2)
+    assert row["ci95"] == list(wilson_interval(1, 5))
+    assert row["grad_modes"] == ["exact", "smooth", "bpda"] and row["attacks"] == list(ENSEMBLE)
+    assert row["per_grad_mode"] == {"exact": 0.8, "smooth": 0.8, "bpda": 0.6}
+    parts = [fakes[f"rdc-{mode}-linf-0.1"] for mode in ("exact", "smooth", "bpda")]
+    assert row["command"] == [p["settings"]["command"] for p in parts]
+    assert all(c.startswith("rdc eval ") and f"--grad {m}" in c for c, m in zip(row["command"], row["grad_modes"]))
+    assert row["seconds_per_image"] == pytest.approx(3.0 + 4.0 + 5.0)
+    assert row["model_sha256"] == _model_digest("mnist-multihead") and row["masking_checks"] is None
+    # the same worst case as core.evaluate's
+    from rdc_studio.core.evaluate import worst_case_report
+    assert worst_case_report(parts)["robust_acc"] == row["robust"]
+    # with one gradient mode missing there is no RDC row, and the script says why
+    results.unlink()
+    capsys.readouterr()
+    assert table.main(argv[:5] + ["rdc-exact-linf-0.1,rdc-smooth-linf-0.1"] + argv[6:]) == 0
+    assert json.loads(results.read_text()) == []
+    assert "no RDC row in robustness.json for l-inf 0.1 (no bpda)" in capsys.readouterr().out
+
+
+def test_masking_checks_of_a_row_in_robustness_json(table):
+    check = {"passed": False, "name": "large_eps", "verdict": "FAIL", "summary": "40% at eps 0.6"}
+    checks = [{"row": "rdc-exact-linf-0.3", "check": check},
+              {"row": "rdc-bpda-linf-0.3", "check": check | {"passed": True, "verdict": "PASS"}},
+              {"row": "dc-linf-0.3", "check": check | {"passed": True, "verdict": "PASS"}}]
+    summary = table.masking_summary(checks, ["rdc-exact-linf-0.3", "rdc-smooth-linf-0.3", "rdc-bpda-linf-0.3"], 50)
+    assert summary["passed"] is False and summary["n"] == 50
+    assert [(c["row"], c["verdict"]) for c in summary["checks"]] == [("rdc-exact-linf-0.3", "FAIL"),
+                                                                     ("rdc-bpda-linf-0.3", "PASS")]
+    assert table.masking_summary(checks, ["dc-linf-0.3"], 50)["passed"] is True
+    assert table.masking_summary(checks, ["cnn-linf-0.3"], 50) is None
+
+
+def _result(defense: str, norm: str, eps: float, sha: str, robust: float = 0.5, **extra) -> dict:
+    row = {"key": f"{defense}-{norm}-{eps:g}", "label": {"cnn": "CNN", "dc": "DC", "rdc": "RDC (worst case)"}[defense],
+           "defense": defense, "norm": norm, "eps": eps, "n": 100, "clean": 0.99, "robust": robust,
+           "ci95": [robust - 0.1, robust + 0.1], "attacks": list(ENSEMBLE),
+           "grad_modes": ["exact", "smooth", "bpda"] if defense == "rdc" else ["exact"],
+           "model": "mnist-cnn" if defense == "cnn" else "mnist-multihead", "model_sha256": sha,
+           "command": "rdc eval ...", "hardware": "Test CPU, device cpu", "seconds_per_image": 1.5,
+           "masking_checks": None}
+    return row | extra
+
+
+def test_merge_replaces_rows_of_the_same_measurement_and_keeps_the_rest(table, tmp_path):
+    old_model, new_model = "a" * 64, "b" * 64
+    existing = [_result("rdc", "linf", 0.3, new_model, robust=0.1), _result("dc", "linf", 0.1, new_model, robust=0.2),
+                _result("dc", "linf", 0.1, old_model, robust=0.9), _result("cnn", "l2", 1.5, "c" * 64)]
+    measured = [_result("dc", "linf", 0.1, new_model, robust=0.0), _result("dc", "l2", 1.5, new_model, robust=0.3)]
+    merged = table.merge_results(existing, measured)
+    keys = [table.result_key(r) for r in merged]
+    assert len(merged) == 5 and len(set(keys)) == 5
+    by_key = {table.result_key(r): r for r in merged}
+    assert by_key[("dc", "linf", 0.1, new_model)]["robust"] == 0.0  # replaced by this run's
+    assert by_key[("dc", "linf", 0.1, old_model)]["robust"] == 0.9  # another model's file: kept
+    assert by_key[("rdc", "linf", 0.3, new_model)]["robust"] == 0.1  # not measured this run: kept
+    assert by_key[("dc", "l2", 1.5, new_model)]["robust"] == 0.3  # new
+    # sorted by model, then CNN, DC, RDC, then norm and eps: merging is order-independent
+    assert table.merge_results(list(reversed(existing)), measured) == merged
+    assert [r["defense"] for r in merged if r["model_sha256"] == new_model] == ["dc", "dc", "rdc"]
+    # eps compare as numbers; the file round-trips
+    path = tmp_path / "results" / "robustness.json"
+    table.update_results(path, existing)
+    assert table.update_results(path, [_result("rdc", "linf", 3 / 10, new_model, robust=0.05)]) == \
+        json.loads(path.read_text())
+    assert sum(r["defense"] == "rdc" for r in table.load_results(path)) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["robustness.json"]  # no temporary files left
+    assert table.load_results(tmp_path / "missing.json") == []
+    (tmp_path / "bad.json").write_text('{"rows": []}')
+    with pytest.raises(SystemExit, match="not a JSON list"):
+        table.load_results(tmp_path / "bad.json")
+
+
+def test_a_second_run_keeps_the_rows_of_the_first(table, tmp_path, no_attacks):
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    base = ["--out-dir", str(out_dir), "--results", str(results), "--n-cnn", "3", "--n-dc", "3", "--no-checks"]
+    first, second = base + ["--rows", "cnn-*"], base + ["--rows", "dc-linf-0.3", "--threats", "linf:0.3"]
+    _write_fake_reports(table, first, out_dir)
+    _write_fake_reports(table, second, out_dir)
+    assert table.main(first) == 0
+    before = json.loads(results.read_text())
+    assert table.main(second) == 0
+    after = json.loads(results.read_text())
+    assert after[:3] == before and [r["key"] for r in after] == ["cnn-linf-0.1", "cnn-linf-0.3", "cnn-l2-1.5",
+                                                                 "dc-linf-0.3"]
+    assert table.main(second) == 0 and json.loads(results.read_text()) == after  # re-running changes nothing
+
+
+# --- the README table ------------------------------------------------------------------------
+
+README = """# Project
+
+Intro text | with a pipe.
+
+## Headline figures
+
+| figure | value | command |
+|---|---|---|
+| clean accuracy | **0.989** | `rdc eval ...` |
+
+<!-- robustness-table:start -->
+stale text
+<!-- robustness-table:end -->
+
+## Next section
+
+More text.
+"""
+
+
+@pytest.fixture
+def model_files(tmp_path):
+    """Stand-ins for the current diffusion model and CNN files (only their sha256 matters here)."""
+    model, cnn = tmp_path / "model.safetensors", tmp_path / "cnn.safetensors"
+    model.write_bytes(b"diffusion model weights")
+    cnn.write_bytes(b"cnn weights")
+    return (str(model), hashlib.sha256(model.read_bytes()).hexdigest(),
+            str(cnn), hashlib.sha256(cnn.read_bytes()).hexdigest())
+
+
+def test_readme_table_is_generated_from_robustness_json(table, tmp_path, model_files):
+    model, model_sha, cnn, cnn_sha = model_files
+    checks = {"passed": False, "n": 50, "checks": [{"row": "rdc-exact-linf-0.3", "check": "large_eps",
+                                                    "verdict": "FAIL", "summary": ""}] +
+              [{"row": "rdc-smooth-linf-0.3", "check": "monotone_eps", "verdict": "PASS", "summary": ""}] * 3}
+    results = tmp_path / "robustness.json"
+    results.write_text(json.dumps([
+        _result("rdc", "linf", 0.3, model_sha, robust=0.123, masking_checks=checks,
+                command=["rdc eval a", "rdc eval b", "rdc eval c"], seconds_per_image=120.0),
+        _result("dc", "linf", 0.1, model_sha, robust=0.0, hardware="NVIDIA H200, device cuda"),
+        _result("cnn", "l2", 1.5, cnn_sha, robust=0.515),
+        _result("dc", "l2", 1.5, "0" * 64, robust=0.777),  # an older model's row: not shown
+        _result("rdc", "l2", 1.5, "1" * 64, robust=0.888),
+    ]))
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    argv = ["--readme", "--readme-file", str(readme), "--results", str(results), "--model", model, "--cnn", cnn]
+    assert table.main(argv) == 0
+    text = readme.read_text()
+    before, rest = text.split("<!-- robustness-table:start -->\n")
+    section, after = rest.split("<!-- robustness-table:end -->")
+    assert before == README.split("<!-- robustness-table:start -->")[0] + ""  # the rest of the file as it was
+    assert after == README.split("<!-- robustness-table:end -->")[1]
+    table_lines = [line for line in section.splitlines() if line.startswith("| ") and "---" not in line]
+    assert table_lines[0].startswith("| defense | threat model | n | clean | robust (95% CI) |")
+    assert [line.split(" | ")[:2] for line in table_lines[1:]] == [["| CNN", "l2 1.5"], ["| DC", "l-inf 0.1"],
+                                                                    ["| RDC (worst case)", "l-inf 0.3"]]
+    assert "| 100 | 99.0% | **12.3%** (2.3-22.3) | full ensemble | **1 of 4 failed** (n = 50) | 120.00 | [1] |" \
+        in section
+    assert "| **51.5%** (41.5-61.5) | full ensemble | not run | 1.50 | [1] |" in section
+    assert "| **0.0%**" in section and "[1] Test CPU, device cpu" in section
+    assert "[2] NVIDIA H200, device cuda" in section
+    assert "77.7" not in section and "88.8" not in section and "stale text" not in section
+    # the rows not measured yet are named, without numbers
+    missing = section.split("Not measured yet for this model: ")[1].strip()
+    assert missing == ("CNN l-inf 0.1; CNN l-inf 0.3; DC l-inf 0.3; DC l2 1.5; "
+                       "RDC (worst case over exact, smooth, BPDA) l-inf 0.1; RDC (worst case over exact, smooth, BPDA) "
+                       "l2 1.5.")
+    assert f"sha256 `{model_sha[:12]}`" in section and str(results) in section
+    # idempotent: a second run leaves the file as it is
+    assert table.update_readme(readme, results, model, cnn) is False and readme.read_text() == text
+
+
+def test_readme_without_robustness_json_says_nothing_is_measured(table, tmp_path, model_files, capsys):
+    model, model_sha, cnn, _ = model_files
+    readme = tmp_path / "README.md"
+    readme.write_text(README)
+    argv = ["--readme", "--readme-file", str(readme), "--results", str(tmp_path / "none-yet.json"), "--model", model,
+            "--cnn", cnn]
+    assert table.main(argv) == 0 and "updated" in capsys.readouterr().out
+    section = readme.read_text().split("<!-- robustness-table:start -->")[1].split("<!-- robustness-table:end -->")[0]
+    assert "No row of the robustness table has been measured for the current model" in section
+    assert f"`python benchmarks/robustness_table.py --model {model}`" in section and "--readme" in section
+    assert "|" not in section and "%" not in section  # no table, no numbers
+    assert table.main(argv) == 0 and "unchanged" in capsys.readouterr().out
+    # a README without the markers is left alone, with an error
+    readme.write_text("# no markers\n")
+    with pytest.raises(SystemExit, match="robustness-table:start"):
+        table.main(argv)
+    assert readme.read_text() == "# no markers\n"
+    with pytest.raises(ValueError, match="comes before"):
+        table.replace_section("<!-- robustness-table:end --> <!-- robustness-table:start -->", "x")
+
+
+def test_the_repository_readme_matches_robustness_json(table):
+    """The README's table is what --readme makes of benchmarks/results/robustness.json (or of its absence)."""
+    text = (ROOT / "README.md").read_text()
+    section = table.readme_section(table.load_results(table.DEFAULT_RESULTS), table.DEFAULT_MODEL,
+                                   table.model_sha256(table.DEFAULT_MODEL), "mnist-cnn",
+                                   table.model_sha256("mnist-cnn"))
+    assert table.replace_section(text, section) == text
 
 
 def _tiny_args(checkpoint, cnn, out_dir):
-    return ["--model", str(checkpoint), "--cnn", str(cnn), "--out-dir", str(out_dir), "--n-cnn", "2", "--n-dc", "2",
+    return ["--model", str(checkpoint), "--cnn", str(cnn), "--out-dir", str(out_dir),
+            "--results", str(out_dir.parent / f"{out_dir.name}-robustness.json"),
+            "--threats", ",".join(f"{norm}:{eps}" for norm, eps in TINY_THREATS), "--n-cnn", "2", "--n-dc", "2",
             "--n-rdc", "2", "--steps", "1", "--square-queries", "2", "--targets", "2", "--levels", "2",
             "--threads", "1", "--check-n", "2", "--check-square-queries", "2", "--sweep-linf", "0.3",
             "--sweep-l2", "1.5"]
@@ -96,7 +458,7 @@ def test_table_on_a_tiny_model(table, tiny_checkpoint, tiny_cnn, tmp_path, capsy
     args = _tiny_args(tiny_checkpoint, tiny_cnn, out_dir)
     assert table.main(args + ["--no-checks"]) == 0
     data = json.loads((out_dir / "table.json").read_text())
-    assert [(r["defense_flag"], r["grad"], r["norm"]) for r in data["rows"]] == ROWS
+    assert [(r["defense_flag"], r["grad"], r["norm"]) for r in data["rows"]] == TINY_ROWS
     for row in data["rows"]:
         rep = json.loads(Path(row["report"]).read_text())
         assert rep["settings"]["command"] == row["command"] and row["n"] == rep["n"] == 2
@@ -107,7 +469,7 @@ def test_table_on_a_tiny_model(table, tiny_checkpoint, tiny_cnn, tmp_path, capsy
         assert (out_dir / f"{Path(row['report']).stem}.state.jsonl").exists()
     md = (out_dir / "table.md").read_text()
     main_table, worst_table = md.split("## Worst case over gradient modes")
-    assert main_table.count("\n| ") == 1 + len(ROWS) and "| RDC (BPDA) | l2 1.5 | 2 |" in md
+    assert main_table.count("\n| ") == 1 + len(TINY_ROWS) and "| RDC (BPDA) | l2 1.5 | 2 |" in md
     # per norm, the per-example worst case over the three RDC rows (exact, smooth, BPDA)
     assert [(w["norm"], w["n"], len(w["runs"])) for w in data["worst_case"]] == [("linf", 2, 3), ("l2", 2, 3)]
     for w in data["worst_case"]:
@@ -116,11 +478,31 @@ def test_table_on_a_tiny_model(table, tiny_checkpoint, tiny_cnn, tmp_path, capsy
         assert [r["robust_acc_on_common"] for r in w["runs"]] == [r["robust_acc"] for r in rdc_rows]
     assert worst_table.count("\n| ") == 1 + 2 and "| l2 1.5 | 2 | 3 | RDC (exact gradients) " in worst_table
     assert all(f"`{row['command']}`" in md for row in data["rows"]) and data["checks"] == []
+    # robustness.json: CNN, DC and the RDC's worst case per threat model, from these reports
+    results = json.loads((tmp_path / "table-robustness.json").read_text())
+    assert [(r["key"], r["n"]) for r in results] == [("cnn-linf-0.3", 2), ("cnn-l2-1.5", 2), ("dc-linf-0.3", 2),
+                                                     ("dc-l2-1.5", 2), ("rdc-linf-0.3", 2), ("rdc-l2-1.5", 2)]
+    by_key = {r["key"]: r for r in data["rows"]}
+    model_sha, cnn_sha = (hashlib.sha256(Path(f).read_bytes()).hexdigest() for f in (tiny_checkpoint, tiny_cnn))
+    for r in results:
+        if r["defense"] == "rdc":
+            worst = next(w for w in data["worst_case"] if w["norm"] == r["norm"])
+            assert (r["robust"], r["ci95"], r["clean"]) == (worst["robust_acc"], worst["robust_ci95"],
+                                                            worst["clean_acc"])
+            parts = [by_key[f"rdc-{mode}-{r['norm']}-{r['eps']:g}"] for mode in ("exact", "smooth", "bpda")]
+            assert r["command"] == [p["command"] for p in parts] and r["model_sha256"] == model_sha
+            assert r["seconds_per_image"] == pytest.approx(sum(p["seconds_per_image"] for p in parts))
+        else:
+            twin = by_key[f"{r['key'].split('-')[0]}-{r['key'].split('-', 1)[1]}"]
+            assert (r["robust"], r["ci95"], r["command"]) == (twin["robust_acc"], twin["robust_ci95"], twin["command"])
+            assert r["model_sha256"] == (cnn_sha if r["defense"] == "cnn" else model_sha)
+        assert r["hardware"].startswith(data["rows"][0]["hardware"]) and r["hardware"].endswith("device cpu")
+        assert r["attacks"] == ["apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer"]
     # the checks of one row; its finished table row is reused, not recomputed
-    state = out_dir / "cnn-linf-n2.state.jsonl"
+    [state] = out_dir.glob("cnn-linf-0.3-n2-c*.state.jsonl")
     before = state.read_text()
     capsys.readouterr()
-    assert table.main(args + ["--rows", "cnn-linf"]) == 0
+    assert table.main(args + ["--rows", "cnn-linf-0.3"]) == 0
     assert state.read_text() == before
     data = json.loads((out_dir / "table.json").read_text())
     assert [c["check"]["name"] for c in data["checks"]] == ["large_eps", "monotone_eps", "whitebox_vs_blackbox",
@@ -131,24 +513,34 @@ def test_table_on_a_tiny_model(table, tiny_checkpoint, tiny_cnn, tmp_path, capsy
     assert "## Gradient-masking checks" in md and md.count("| CNN | l-inf 0.3 |") == 1 + 4
     assert "rdc eval --dataset mnist --split test --n 2 --defense cnn --attack transfer" in md
     assert "check-cnn-linf-apgd-ce-eps0.6-s1-n2" in md and "check-cnn-linf-apgd-ce-eps0.3-s2-n2" in md
+    # robustness.json: the CNN row now carries its checks; the other rows stay as they were
+    after = {r["key"]: r for r in json.loads((tmp_path / "table-robustness.json").read_text())}
+    assert after.keys() == {r["key"] for r in results}
+    assert [c["check"] for c in after["cnn-linf-0.3"]["masking_checks"]["checks"]] == [
+        "large_eps", "monotone_eps", "whitebox_vs_blackbox", "more_iterations"]
+    assert after["cnn-linf-0.3"]["masking_checks"]["n"] == 2 and after["dc-linf-0.3"]["masking_checks"] is None
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
 def test_jobs_run_evaluations_as_subprocesses_with_the_same_results(table, tiny_checkpoint, tiny_cnn, tmp_path,
                                                                     capsys):
-    rows = ["--rows", "cnn-linf,dc-l2,rdc-smooth-linf", "--check-rows", "cnn-linf"]
+    rows = ["--rows", "cnn-linf-0.3,dc-l2-1.5,rdc-smooth-linf-0.3", "--check-rows", "cnn-linf-0.3"]
     sequential, parallel = tmp_path / "seq", tmp_path / "par"
     assert table.main(_tiny_args(tiny_checkpoint, tiny_cnn, sequential) + rows) == 0
     # a stale state of another run makes one evaluation fail; the rest of the table is still made
-    (parallel / "dc-l2-n2.state.jsonl").parent.mkdir(parents=True)
-    (parallel / "dc-l2-n2.state.jsonl").write_text('{"settings": {"other": 1}}\n')
+    [dc_state] = sequential.glob("dc-l2-1.5-n2-*.state.jsonl")
+    (parallel / dc_state.name).parent.mkdir(parents=True)
+    (parallel / dc_state.name).write_text('{"settings": {"other": 1}}\n')
     capsys.readouterr()
     assert table.main(_tiny_args(tiny_checkpoint, tiny_cnn, parallel) + rows + ["--jobs", "3"]) == 1
     out = capsys.readouterr()
-    assert "not in the table: dc-l2-n2: rdc eval exited with" in out.out and "other settings" in out.out
+    assert f"not in the table: {dc_state.name.split('.state')[0]}: rdc eval exited with" in out.out
+    assert "other settings" in out.out
     seq = json.loads((sequential / "table.json").read_text())
     par = json.loads((parallel / "table.json").read_text())
-    assert [r["key"] for r in par["rows"]] == ["cnn-linf", "rdc-smooth-linf"]
+    assert [r["key"] for r in par["rows"]] == ["cnn-linf-0.3", "rdc-smooth-linf-0.3"]
+    # robustness.json gets the CNN row; an RDC row needs all three gradient modes
+    assert [r["key"] for r in json.loads((tmp_path / "par-robustness.json").read_text())] == ["cnn-linf-0.3"]
     for row in par["rows"]:
         twin = next(r for r in seq["rows"] if r["key"] == row["key"])
         assert row["command"] == twin["command"].replace(str(sequential), str(parallel))
