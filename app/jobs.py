@@ -13,21 +13,25 @@ from torch import nn
 
 from ..core.attacks import AttackSettings, AttackStep, DefenseOutcome, attack_session
 from ..core.classifier import ClassifyStep, DiffusionClassifier
+from ..core.ood import OodScore, OodScorer
 from ..core.purify import LikelihoodMaximizer, PurifyStep
 from ..core.sample import SampleStep, sample
 
 Cancelled = Callable[[], bool]
 
 
-def classify_job(clf: DiffusionClassifier, x: torch.Tensor, levels_per_step: int,
-                 cancelled: Cancelled) -> Generator[ClassifyStep, None, ClassifyStep | None]:
-    """Stream the running estimate; returns the final record (all levels), else None."""
+def classify_job(clf: DiffusionClassifier, x: torch.Tensor, levels_per_step: int, cancelled: Cancelled,
+                 ood: OodScorer | None = None) -> Generator[ClassifyStep | OodScore, None, ClassifyStep | None]:
+    """Stream the running estimate, then (with ``ood``) the input's out-of-distribution
+    score; returns the final record (all levels), else None."""
     last = None
     for record in clf.stream(x, levels_per_step, cancelled):
         last = record
         yield record
     if last is None or last.levels_done < last.total_levels:
         return None
+    if ood is not None and not cancelled():
+        yield ood.assess(x)[0]
     return last
 
 

@@ -11,13 +11,15 @@ import numpy as np
 import torch
 from PySide6.QtCore import QSettings, Qt, QTimer, Signal, Slot
 from PySide6.QtGui import QAction, QDragEnterEvent, QDropEvent, QGuiApplication, QImage, QKeySequence
-from PySide6.QtWidgets import (QCheckBox, QFileDialog, QHBoxLayout, QInputDialog, QLabel, QMainWindow, QMessageBox,
-                               QProgressBar, QPushButton, QSpinBox, QSplitter, QTabWidget, QToolBar,
+from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, QInputDialog, QLabel, QMainWindow,
+                               QMessageBox, QProgressBar, QPushButton, QSpinBox, QSplitter, QTabWidget, QToolBar,
                                QVBoxLayout, QWidget)
 
-from ..core.classifier import build_classifier
-from ..core.defense import build_defense, gradient_warning, purify_settings
-from ..core.purify import LikelihoodMaximizer
+from ..core.choices import PRESETS
+from ..core.classifier import build_classifier, classifier_settings
+from ..core.defense import build_defense, build_maximizer, gradient_warning, purify_settings
+from ..core.ood import OodScorer
+from ..core.presets import get_preset
 from ..core.sample import SampleStep
 from ..core.images import save_png_atomic
 from ..core.session import SessionError, load_session, make_session, save_session, write_csv
@@ -38,6 +40,18 @@ SAMPLES_DIR = resource_dir("samples")
 HEAVY_ATTACK_SETTINGS = ("steps", "eot", "restarts")
 """Attack settings that set an attack's cost: reset on launch unless pinned."""
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.tif *.tiff *.gif);;All files (*)"
+
+
+def sample_caption(stem: str, classes: list[str]) -> str:
+    """The gallery caption of a bundled sample named ``LABEL-INDEX`` (as ``rdc sample`` writes).
+
+    ``3-007`` becomes ``"3 #7"`` for MNIST's classes; names that do not follow the pattern
+    are shown as they are.
+    """
+    label, _, index = stem.partition("-")
+    if label.isdigit() and int(label) < len(classes) and index.isdigit():
+        return f"{classes[int(label)]} #{int(index)}"
+    return stem
 
 
 class MainWindow(QMainWindow):
@@ -89,6 +103,18 @@ class MainWindow(QMainWindow):
         self.steps_spin.setRange(1, 1000)
         self.steps_spin.setToolTip("Number of noise levels in the likelihood quadrature (more: slower, steadier)")
         toolbar.addWidget(self.steps_spin)
+        toolbar.addWidget(QLabel(" Preset: "))
+        self.preset_combo = QComboBox()
+        self.preset_combo.addItem("model card", "")
+        for name in PRESETS:
+            self.preset_combo.addItem(name, name)
+            self.preset_combo.setItemData(self.preset_combo.count() - 1, get_preset(name).description,
+                                          Qt.ItemDataRole.ToolTipRole)
+        self.preset_combo.setToolTip("Named classifier and purification settings: the model card's, the RDC "
+                                     "paper's (paper), the released code's (paper-code) or paper with T = 16 "
+                                     "(fast). Choosing one sets T and the purification panel")
+        self.preset_combo.currentIndexChanged.connect(self._on_preset_combo_current_index_changed)
+        toolbar.addWidget(self.preset_combo)
         self.classify_button = QPushButton("Classify")
         self.classify_button.clicked.connect(self.classify)
         toolbar.addWidget(self.classify_button)
@@ -181,7 +207,10 @@ class MainWindow(QMainWindow):
         store = self.settings_store
         pinned = str(store.value("settings/pinned", "false")).lower() == "true"
         self.pin_check.setChecked(pinned)
-        default_steps = int(self.model.classifier_defaults.get("steps", 16))
+        preset = str(store.value("classify/preset", "") or "")
+        if preset in PRESETS:  # sets the purification panel; T below
+            self.preset_combo.setCurrentIndex(self.preset_combo.findData(preset))
+        default_steps = classifier_settings(self.model, self.preset).steps
         stored = store.value("classify/steps", None) if pinned else None
         self.steps_spin.setValue(int(steps or (stored if stored is not None else default_steps)))
         geometry = store.value("window/geometry")
@@ -204,6 +233,7 @@ class MainWindow(QMainWindow):
         store.setValue("attack/settings", json.dumps(self.attack_panel.settings().to_dict()))
         store.setValue("settings/pinned", "true" if self.pin_check.isChecked() else "false")
         store.setValue("classify/steps", int(self.steps_spin.value()))
+        store.setValue("classify/preset", self.preset or "")
 
     def show_status(self, text: str, timeout_ms: int = 5000) -> None:
         """A status-bar message, elided to the room left by the permanent widgets."""
@@ -271,7 +301,7 @@ class MainWindow(QMainWindow):
             for path in sorted(SAMPLES_DIR.glob("*.png")):
                 try:
                     images.append(load_for_model(path, cfg.image_size, cfg.in_channels, invert=False))
-                    labels.append(path.stem)
+                    labels.append(sample_caption(path.stem, self.model.classes))
                 except ImageLoadError:
                     continue
         self.gallery.set_images(images, labels)
@@ -299,10 +329,16 @@ class MainWindow(QMainWindow):
             return
         self.runner.cancel()
         self._on_job_stopped()
+        purifier = self.model.purifier
         if self.runner.running_threads():
-            self.model = dataclasses.replace(self.model, net=copy.deepcopy(self.model.net).to(device))
+            if purifier is not None:
+                purifier = dataclasses.replace(purifier, net=copy.deepcopy(purifier.net).to(device))
+            self.model = dataclasses.replace(self.model, net=copy.deepcopy(self.model.net).to(device),
+                                             purifier=purifier)
         else:
             self.model.net.to(device)
+            if purifier is not None:
+                purifier.net.to(device)
         self.device = device
         self._apply_model()
 
@@ -326,7 +362,8 @@ class MainWindow(QMainWindow):
         self.purify_tab.set_classes(self.model.classes)
         self._load_samples()
         cfg = self.model.net.config
-        self.device_label.setText(f"{self.model.name} · {cfg.architecture} · {self.device.upper()} "
+        pair = f" + purifier {self.model.purifier.name}" if self.model.purifier is not None else ""
+        self.device_label.setText(f"{self.model.name}{pair} · {cfg.architecture} · {self.device.upper()} "
                                   f"· {torch.get_num_threads()} threads")
 
     # -- errors -----------------------------------------------------------------
@@ -519,6 +556,10 @@ class MainWindow(QMainWindow):
             self.show_error("Cannot open session", f"{path}: image shape {image.shape} does not fit the model")
             return False
         self.session_classifier = dict(session["classifier"])
+        self.preset_combo.blockSignals(True)  # show the session's preset; its settings come from the session
+        index = self.preset_combo.findData(self.session_classifier.get("preset", ""))
+        self.preset_combo.setCurrentIndex(max(0, index))
+        self.preset_combo.blockSignals(False)
         self.steps_spin.setValue(int(self.session_classifier.get("steps", self.steps_spin.value())))
         if session.get("attack"):
             self.attack_panel.apply(session["attack"])
@@ -531,7 +572,7 @@ class MainWindow(QMainWindow):
 
     # -- model ------------------------------------------------------------------
     def load_model_dialog(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(self, "Load checkpoint", "", "Checkpoints (*.safetensors *.json)")
+        path, _ = QFileDialog.getOpenFileName(self, "Load checkpoint", "", "Checkpoints (*.safetensors *.json *.pkl)")
         if path:
             self.load_model(path)
 
@@ -575,10 +616,31 @@ class MainWindow(QMainWindow):
         self.attack_panel.set_running(False)
         self.purify_panel.set_running(False)
 
+    @property
+    def preset(self) -> str | None:
+        """The preset chosen in the toolbar (None: the model card's settings)."""
+        return self.preset_combo.currentData() or None
+
+    def _on_preset_combo_current_index_changed(self, _index: int) -> None:
+        self.apply_preset(self.preset)
+
+    def apply_preset(self, preset: str | None) -> None:
+        """Take T and the purification settings from ``preset`` (None: the model card's)."""
+        index = self.preset_combo.findData(preset or "")
+        if index != self.preset_combo.currentIndex():
+            self.preset_combo.setCurrentIndex(index)  # comes back here through the signal
+            return
+        self.session_classifier = None
+        self.steps_spin.setValue(classifier_settings(self.model, preset).steps)
+        self.purify_panel.apply(purify_settings(self.model, preset).to_dict())
+        if preset:
+            self.show_status(f"Preset {preset}: {get_preset(preset).description}", 8000)
+
     def _classifier(self):
         overrides = dict(self.session_classifier or {})
         overrides["steps"] = int(self.steps_spin.value())
-        return build_classifier(self.model, self.device, **overrides)
+        preset = overrides.pop("preset", "") if self.session_classifier else self.preset  # a session's own
+        return build_classifier(self.model, self.device, preset=preset, **overrides)
 
     def classify(self) -> None:
         """Classify the input with the current T, drawing the running estimate."""
@@ -589,9 +651,14 @@ class MainWindow(QMainWindow):
         clf = self._classifier()
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
         self.classify_tab.begin(steps)
+        try:
+            ood = OodScorer.for_model(self.model)
+        except ValueError as exc:  # a malformed reference: classify without the score
+            ood = None
+            self.classify_tab.ood.clear_score(f"No OOD score: {exc}")
         self._set_progress(steps, "levels")
         levels_per_step = max(1, steps // 32)
-        self._start_job("classify", lambda cancelled: classify_job(clf, x, levels_per_step, cancelled))
+        self._start_job("classify", lambda cancelled: classify_job(clf, x, levels_per_step, cancelled, ood))
 
     def _on_attack_panel_run_requested(self) -> None:
         self.run_attack()
@@ -637,7 +704,7 @@ class MainWindow(QMainWindow):
             return
         settings = self.purify_panel.settings()
         clf = self._classifier()
-        lm = LikelihoodMaximizer(self.model.net, settings)
+        lm = build_maximizer(self.model, settings)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).unsqueeze(0).to(self.device)
         self.purify_tab.begin(source, settings.steps)
         self._set_progress(settings.steps, "steps")

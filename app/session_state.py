@@ -13,6 +13,7 @@ import numpy as np
 
 from ..core.attacks import AttackStep, DefenseOutcome
 from ..core.classifier import ClassifyStep
+from ..core.ood import OodScore
 from ..core.purify import PurifyStep
 
 EVENTS = ("image", "classification", "attack", "purification")
@@ -27,6 +28,7 @@ class ClassificationResult:
     levels: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
     probabilities: np.ndarray | None = None  # set when every level is done
+    ood: OodScore | None = None  # how typical the input is for the model (after the levels)
 
 
 @dataclass
@@ -100,6 +102,10 @@ class SessionState:
         self.classification.probabilities = np.asarray(final.probabilities[0]).copy()
         self._notify("classification")
 
+    def set_ood(self, score: OodScore) -> None:
+        self.classification.ood = score
+        self._notify("classification")
+
     @property
     def probabilities(self) -> np.ndarray | None:
         return self.classification.probabilities
@@ -143,6 +149,8 @@ class SessionState:
             rows += [["classify_logit", step, c, float(v)] for c, v in zip(classes, logits)]
         for rec in self.purification.records:
             rows.append(["purify_objective", rec.step, "", float(rec.objective[0])])
+            if rec.objective_estimate is not None:
+                rows.append(["purify_objective_estimate", rec.step, "", float(rec.objective_estimate[0])])
             rows += [["purify_logit", rec.step, c, float(v)] for c, v in zip(classes, rec.logits[0])]
         for name, values in (("loss", self.attack.loss), ("margin", self.attack.margin)):
             rows += [[f"attack_{name}", int(x), "", y] for x, y in zip(self.attack.iterations, values)]
@@ -153,6 +161,8 @@ class SessionState:
         results: dict[str, Any] = {}
         if self.probabilities is not None:
             results["probabilities"] = [float(p) for p in self.probabilities]
+        if self.classification.ood is not None:
+            results["ood"] = self.classification.ood.to_dict()
         outcome = self.attack.outcome
         if outcome is not None:
             results["attack"] = {"success": bool(outcome.attack_succeeded[0]),

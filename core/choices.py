@@ -13,6 +13,8 @@ NORMS = ("linf", "l2")
 OPTIMIZERS = ("sign", "adam")
 WEIGHTINGS = ("elbo", "edm")
 CLASSIFIER_MODES = ("deterministic", "randomized")
+PRESETS = ("paper", "paper-code", "fast")
+"""Named settings of :mod:`core.presets` (the RDC paper's, the released code's, a fast one)."""
 
 NAMED_ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),
                  "pgd": ("pgd", "ce"), "square": ("square", "margin")}

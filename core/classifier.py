@@ -14,10 +14,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .diffusion import NoiseGrid, quantile_grid, to_model_space
+from .diffusion import GRIDS, WEIGHTINGS, NoiseGrid, noise_grid, to_model_space
 from .nets import Denoiser
 
 MODES = ("deterministic", "randomized")
+REDUCTIONS = ("sum", "mean")
 
 
 @dataclass
@@ -37,10 +38,23 @@ class ClassifierSettings:
     # classes leading after them. 0 = every level on every class.
     screen_levels: int = 0
     keep_classes: int = 0
+    # The quadrature: ``quantile`` (equal-mass levels of the weighting, equal weights) or
+    # ``uniform`` (equally spaced sigmas, weights = density x spacing; the released RDC
+    # code's Euler integral). ``reduction``: the squared error summed over pixels (``sum``)
+    # or averaged over them (``mean``, as the released code does: logits 1/(C H W) as large).
+    grid: str = "quantile"
+    reduction: str = "sum"
+    preset: str = ""  # the named preset (core.presets) these settings started from; "" = none
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.grid not in GRIDS:
+            raise ValueError(f"grid must be one of {GRIDS}, got {self.grid!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
         if self.screen_levels < 0 or self.keep_classes < 0:
@@ -93,13 +107,15 @@ class DiffusionClassifier(nn.Module):
         self.net = net
         self.settings = settings or ClassifierSettings()
         self.num_classes = net.config.num_classes
-        self.grid: NoiseGrid = quantile_grid(self.settings.steps, self.settings.weighting,
-                                             self.settings.sigma_min, self.settings.sigma_max)
+        self.grid: NoiseGrid = noise_grid(self.settings.grid, self.settings.steps, self.settings.weighting,
+                                          self.settings.sigma_min, self.settings.sigma_max)
         shape = (self.settings.steps, net.config.in_channels, net.config.image_size, net.config.image_size)
         bank_gen = torch.Generator().manual_seed(self.settings.noise_seed)
         self.register_buffer("noise_bank", torch.randn(shape, generator=bank_gen), persistent=False)
         self.register_buffer("sigmas", self.grid.sigmas.clone(), persistent=False)
-        self.register_buffer("weights", self.grid.weights.float().clone(), persistent=False)
+        # per-pixel mean: the same weighted sum, 1/(C H W) as large
+        scale = 1.0 / float(np.prod(shape[1:])) if self.settings.reduction == "mean" else 1.0
+        self.register_buffer("weights", (self.grid.weights * scale).float().clone(), persistent=False)
         self.register_buffer("log_prior", log_prior if log_prior is not None else torch.zeros(self.num_classes),
                              persistent=False)
         self.generator = generator or torch.Generator().manual_seed(self.settings.noise_seed + 1)
@@ -161,8 +177,9 @@ class DiffusionClassifier(nn.Module):
         across steps) and the (N, L, K) errors of this chunk (NaN for eliminated classes).
         With progressive elimination (:attr:`ClassifierSettings.eliminates`) the levels
         after the screening ones are evaluated on each example's ``keep_classes`` leading
-        classes only; an eliminated class keeps its screening estimate. The last estimate
-        is the classifier's output.
+        classes only; an eliminated class keeps its screening estimate shifted by the
+        smallest change of a kept class's estimate, so it always ranks below every kept
+        class. The last estimate is the classifier's output.
         """
         s = self.settings
         t, k = s.steps, self.num_classes
@@ -188,7 +205,12 @@ class DiffusionClassifier(nn.Module):
                 kept_acc = kept_acc - (part * w.view(1, -1, 1)).sum(1)
                 kept_mass = kept_mass + w.sum()
                 scaled = kept_acc * (total_mass / kept_mass) if end < t else kept_acc
-                estimate = screened.scatter(1, kept, scaled)
+                # An eliminated class keeps its screening estimate, moved by the smallest
+                # (full - screening) change among the kept classes: comparable in scale, and
+                # never above a kept class (a raw screening estimate can be, when the
+                # screening levels under-estimate the errors).
+                offset = (scaled - screened.gather(1, kept)).min(dim=1, keepdim=True).values
+                estimate = (screened + offset).scatter(1, kept, scaled)
                 err = torch.full((x.shape[0], len(levels), k), float("nan"), device=self.device, dtype=part.dtype)
                 err = err.scatter(2, kept.unsqueeze(1).expand(-1, len(levels), -1), part)
             done = end
@@ -264,8 +286,32 @@ class UnconditionalModelError(ValueError):
     """The model has no classes, so it cannot classify (it can only purify)."""
 
 
-def build_classifier(model, device: str | torch.device = "cpu", **overrides) -> DiffusionClassifier:
-    """A classifier for a loaded model: the card's ``classifier`` defaults, then overrides.
+def classifier_settings(model, preset: str | None = None, **overrides) -> ClassifierSettings:
+    """The classifier settings of a loaded model: the card's ``classifier`` defaults, then
+    the named preset's (default: the one the card names, if any), then ``overrides``.
+
+    Overrides whose value is None are ignored, so CLI flags can be passed through.
+
+    Raises
+    ------
+    ValueError
+        For an unknown preset name or invalid settings.
+    """
+    from .presets import get_preset
+
+    base = dict(model.classifier_defaults)
+    name = preset if preset is not None else model.card.get("preset")
+    if name:
+        base.update(get_preset(name).classifier)
+        base["preset"] = name
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    return ClassifierSettings.from_dict({**base, **changes})
+
+
+def build_classifier(model, device: str | torch.device = "cpu", preset: str | None = None,
+                     **overrides) -> DiffusionClassifier:
+    """A classifier for a loaded model: the card's ``classifier`` defaults, the preset's,
+    then overrides (see :func:`classifier_settings`).
 
     Parameters
     ----------
@@ -273,6 +319,9 @@ def build_classifier(model, device: str | torch.device = "cpu", **overrides) -> 
         A class-conditional model with its card.
     device : str or torch.device
         Where the classifier runs.
+    preset : str, optional
+        A named preset of :mod:`core.presets` (``paper``, ``paper-code``, ``fast``);
+        default: the one the model card names, if any.
     **overrides
         ``ClassifierSettings`` fields; those whose value is None are ignored, so
         CLI flags can be passed through.
@@ -286,7 +335,4 @@ def build_classifier(model, device: str | torch.device = "cpu", **overrides) -> 
         raise UnconditionalModelError(
             f"{model.name} is an unconditional model: it has no classes to compare, so it cannot "
             "classify on its own (it can serve as the purifier beside a class-conditional model)")
-    settings = ClassifierSettings.from_dict(model.classifier_defaults)
-    changes = {k: v for k, v in overrides.items() if v is not None}
-    settings = ClassifierSettings.from_dict({**settings.to_dict(), **changes})
-    return DiffusionClassifier(model.net, settings).to(device)
+    return DiffusionClassifier(model.net, classifier_settings(model, preset, **overrides)).to(device)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
-                      OPTIMIZERS, WEIGHTINGS)
+                      OPTIMIZERS, PRESETS, WEIGHTINGS)
 
 
 class _LazyModule:
@@ -149,6 +149,11 @@ def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) 
     p.add_argument("--model", default=None, metavar="NAME|PATH",
                    help="bundled model name or checkpoint path (default: the bundled default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="named classifier and purification settings: paper (the RDC paper's Algorithm 1), "
+                        "paper-code (the released code, its bugs fixed) or fast (paper with T = 16); they "
+                        "replace the model card's defaults, and the other options override single values "
+                        "(default: the one the model card names, else none)")
     p.add_argument("--levels", dest="dc_steps", type=int, default=None, metavar="T",
                    help="classifier noise levels T (default: the model card's)")
     if steps_alias:
@@ -195,7 +200,7 @@ def _setup_threads(args: argparse.Namespace) -> None:
 
 def _load(args: argparse.Namespace):
     """The loaded model and its classifier (card defaults with the classifier options)."""
-    from .classifier import build_classifier
+    from .classifier import UnconditionalModelError, build_classifier
     from .models import CheckpointError, load_checkpoint
 
     device = resolve_device(args.device)
@@ -203,7 +208,12 @@ def _load(args: argparse.Namespace):
         model = load_checkpoint(args.model, device=device)
     except CheckpointError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
-    return model, build_classifier(model, device, **_classifier_overrides(args))
+    try:
+        return model, build_classifier(model, device, preset=args.preset, **_classifier_overrides(args))
+    except ValueError as exc:
+        if isinstance(exc, UnconditionalModelError):
+            raise
+        raise SystemExit(f"rdc: error: classifier settings: {exc}") from None
 
 
 def cmd_classify(args: argparse.Namespace) -> int:
@@ -221,11 +231,13 @@ def cmd_classify(args: argparse.Namespace) -> int:
             raise SystemExit(f"rdc: error: {exc}") from None
         name, classes, settings = card["name"], list(card["classes"]), None
         image_size, channels = card["image_size"], card["in_channels"]
+        scorer = None  # no likelihood model: no out-of-distribution score
     else:
         model, classify = _load(args)
         device, name, classes = classify.device, model.name, model.classes
         settings = classify.settings.to_dict()
         image_size, channels = model.net.config.image_size, model.net.config.in_channels
+        scorer = _ood_scorer(model)
     results, status = [], 0
     for path in args.images:
         try:
@@ -242,15 +254,72 @@ def cmd_classify(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - t0
         probs = torch.softmax(logits, 0).cpu()
         pred = int(probs.argmax())
+        ood = scorer.assess(x)[0] if scorer is not None else None
         results.append({"image": path, "predicted": pred, "class": classes[pred],
                         "confidence": float(probs[pred]), "probabilities": dict(zip(classes, map(float, probs))),
-                        "logits": [float(v) for v in logits.cpu()], "seconds": seconds})
+                        "logits": [float(v) for v in logits.cpu()], "seconds": seconds,
+                        "ood": ood.to_dict() if ood is not None else None})
         if not args.json:
             bars = "  ".join(f"{c}:{p:.3f}" for c, p in zip(classes, probs.tolist()))
             print(f"{path}: {classes[pred]} ({float(probs[pred]):.1%})  [{bars}]  {seconds * 1000:.0f} ms")
+            if ood is not None and ood.warning:
+                print(f"{path}: warning: {ood.warning} [percentile {ood.percentile:.2f}]")
+    if not args.json and scorer is not None and scorer.reference is None:
+        print(f"note: no OOD reference for this model, so no out-of-distribution warnings (add one with "
+              f"rdc ood-calibrate --model {args.model or name})")
     if args.json:
         print(json.dumps({"model": name, "settings": settings, "results": results}, indent=2))
     return status
+
+
+def _ood_scorer(model):
+    """The out-of-distribution scorer of a loaded model (a malformed reference: one-line error)."""
+    from .ood import OodScorer
+
+    try:
+        return OodScorer.for_model(model)
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: {model.path}: {exc}; re-run rdc ood-calibrate") from None
+
+
+def cmd_ood_calibrate(args: argparse.Namespace) -> int:
+    """Score the first N validation images and store their quantiles in the model card."""
+    from tqdm import tqdm
+
+    from .data import load_dataset
+    from .models import CheckpointError, load_checkpoint, update_card
+    from .ood import CARD_KEY, OodScorer, OodSettings, make_reference, score_images
+    from .runtime import run_to_end
+
+    _setup_threads(args)
+    device = resolve_device(args.device)
+    try:
+        model = load_checkpoint(args.model, device=device)
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    dataset = model.card.get("dataset")
+    if not dataset:
+        raise SystemExit(f"rdc: error: {model.path}: the model card names no dataset to calibrate on")
+    try:
+        chosen = {"levels": args.levels, "sigma_min": args.sigma_min, "sigma_max": args.sigma_max,
+                  "noise_seed": args.noise_seed}
+        settings = OodSettings(**{k: v for k, v in chosen.items() if v is not None})
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    ds = load_dataset(dataset, "val", args.data_root)
+    n = min(args.n, len(ds)) if args.n else len(ds)
+    scorer = OodScorer(model.purifier_net, settings)
+    t0 = time.perf_counter()
+    with tqdm(total=n, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, device=device),
+                            lambda rec: bar.update(rec.done - bar.n))
+    reference = make_reference(scores, settings, dataset, "val", command=_command_line(),
+                               seconds=time.perf_counter() - t0)
+    card = update_card(model.path, CARD_KEY, reference)
+    q = dict(zip(reference["probabilities"], reference["quantiles"]))
+    print(f"wrote {CARD_KEY} to {card}: {dataset} val, n={n}, bits/dim median {q[0.5]:.3f}, "
+          f"0.1% {q[0.001]:.3f}, 99.9% {q[0.999]:.3f} ({reference['seconds']:.0f} s)")
+    return 0
 
 
 def _eval_config(args: argparse.Namespace):
@@ -410,7 +479,8 @@ def _purify_settings(model, args: argparse.Namespace):
 
     eta, size = getattr(args, "eta", None), getattr(args, "lm_step_size", None)
     try:
-        return purify_settings(model, eta=None if eta is None else parse_fraction(eta, "--eta"),
+        return purify_settings(model, preset=getattr(args, "preset", None),
+                               eta=None if eta is None else parse_fraction(eta, "--eta"),
                                step_size=None if size is None else parse_fraction(size, "--lm-step-size"),
                                steps=getattr(args, "lm_steps", None), optimizer=getattr(args, "optimizer", None))
     except ValueError as exc:
@@ -427,13 +497,13 @@ def _load_image_tensor(path: str, cfg) -> torch.Tensor:
 
 
 def cmd_purify(args: argparse.Namespace) -> int:
+    from .defense import build_maximizer
     from .images import save_png_atomic
-    from .purify import LikelihoodMaximizer
 
     _setup_threads(args)
     model, clf = _load(args)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
-    lm = LikelihoodMaximizer(model.net, _purify_settings(model, args))
+    lm = build_maximizer(model, _purify_settings(model, args))
     t0 = time.perf_counter()
     records = list(lm.run(x, classifier=clf))
     seconds = time.perf_counter() - t0
@@ -441,7 +511,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
     image = final.image[0] if final else x[0].cpu().numpy()
     if args.out:
         save_png_atomic(image, args.out, source=args.image)
-    steps = [{"step": r.step, "objective": float(r.objective[0]), "sigma": r.sigma, "linf": float(r.linf[0]),
+    steps = [{"step": r.step, "objective": float(r.objective[0]), "objective_estimate": float(r.objective_estimate[0]),
+              "sigma": r.sigma, "linf": float(r.linf[0]),
               "l2": float(r.l2[0]), "probabilities": torch.softmax(torch.from_numpy(r.logits[0]), 0).tolist()}
              for r in records]
     report = {"image": args.image, "out": args.out, "settings": lm.settings.to_dict(),
@@ -452,7 +523,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
         for st in steps:
             p = st["probabilities"]
             top = max(range(len(p)), key=p.__getitem__)
-            print(f"step {st['step']:3d}  objective {st['objective']:10.3f}  linf {st['linf']:.4f}  "
+            print(f"step {st['step']:3d}  objective {st['objective_estimate']:10.3f} (this step's draw "
+                  f"{st['objective']:10.3f})  linf {st['linf']:.4f}  "
                   f"l2 {st['l2']:.3f}  -> {model.classes[top]} ({p[top]:.1%})")
         print(f"{seconds:.2f} s" + (f", wrote {args.out}" if args.out else ""))
     return 0
@@ -569,12 +641,14 @@ def cmd_import_edm(args: argparse.Namespace) -> int:
     from .models import CheckpointError
 
     try:
-        path = import_edm(args.snapshot, args.out, command=_command_line())
+        path = import_edm(args.snapshot, args.out, command=_command_line(), purifier=args.purifier,
+                          preset=args.preset)
     except CheckpointError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
     card = json.loads(path.with_suffix(".json").read_text())
+    pair = f", purifier {card['purifier']['path']}" if card.get("purifier") else ""
     print(f"wrote {path} and {path.with_suffix('.json').name}: {card['description']}, "
-          f"{card['parameters']:,} parameters, {len(card['classes'])} classes; use it with --model {path}")
+          f"{card['parameters']:,} parameters, {len(card['classes'])} classes{pair}; use it with --model {path}")
     return 0
 
 
@@ -738,6 +812,24 @@ def build_parser() -> argparse.ArgumentParser:
     _add_classifier_args(p)
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("ood-calibrate", help="store the out-of-distribution reference (bits/dim quantiles on "
+                                             "the validation split) in a model's card")
+    p.add_argument("--model", default=None, metavar="NAME|PATH",
+                   help="bundled model name or checkpoint path whose JSON card is updated (default: the "
+                        "bundled default)")
+    p.add_argument("--n", type=int, default=1000, help="validation images scored (0: the whole split)")
+    p.add_argument("--data-root", default=None,
+                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+    p.add_argument("--levels", type=int, default=None, metavar="L",
+                   help="noise levels of the score's quadrature, evenly spaced in log sigma (default: 16)")
+    p.add_argument("--sigma-min", type=float, default=None, help="smallest noise level of the score (default: 0.002)")
+    p.add_argument("--sigma-max", type=float, default=None, help="largest noise level of the score (default: 80)")
+    p.add_argument("--noise-seed", type=int, default=None, help="seed of the score's frozen noise bank (default: 0)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per network pass (times L levels)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.set_defaults(func=cmd_ood_calibrate)
+
     p = sub.add_parser("worst-case", help="per-example worst case over several rdc eval reports of one model",
                        description="An example counts as robust only if every report left it robust (e.g. the "
                                    "exact, smooth and BPDA evaluations of the RDC). Taken over the examples all "
@@ -752,6 +844,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, metavar="NAME_OR_DIR",
                    help="output checkpoint path (.safetensors added; a .json card beside it), or a folder "
                         "(existing, or ending in /) to write SNAPSHOT-STEM.safetensors into")
+    p.add_argument("--purifier", default=None, metavar="UNCOND.pkl|CHECKPOINT",
+                   help="the model whose unconditional denoiser purifies, as in the RDC paper (EDM's "
+                        "cifar10-32x32-uncond-vp.pkl): a snapshot is converted beside the output, a checkpoint "
+                        "is referenced where it is; the card names it, so the pair is one --model")
+    p.add_argument("--preset", choices=PRESETS, default=None,
+                   help="record a preset (paper, paper-code, fast) as the card's default settings")
     p.set_defaults(func=cmd_import_edm)
     for command in sub.choices.values():
         command.formatter_class = _HelpFormatter

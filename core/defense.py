@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from .choices import DEFENSES
-from .purify import PurifySettings
+from .purify import LikelihoodMaximizer, PurifySettings
 
 if TYPE_CHECKING:
     from .classifier import DiffusionClassifier
     from .models import LoadedModel
+    from .nets import Denoiser
 
 
 class DeviceUnavailableError(RuntimeError):
@@ -69,18 +70,44 @@ def setup_threads(threads: int = 0) -> int:
     return count
 
 
-def purify_settings(model: LoadedModel, **overrides) -> PurifySettings:
-    """The model card's ``purify`` defaults with ``overrides`` applied.
+def purify_settings(model: LoadedModel, preset: str | None = None, **overrides) -> PurifySettings:
+    """The model card's ``purify`` defaults, the named preset's (default: the one the card
+    names, if any; see :mod:`core.presets`), then ``overrides``.
 
     Overrides whose value is None are ignored (so unset options can be passed through);
     ``eta`` and ``step_size`` may be fractions such as ``"8/255"``.
+
+    Raises
+    ------
+    ValueError
+        For an unknown preset or invalid settings.
     """
+    from .presets import get_preset
+
     base = dict(model.card.get("purify", {}))
+    name = preset if preset is not None else model.card.get("preset")
+    if name:
+        base.update(get_preset(name).purify)
+        base["preset"] = name
     for key, value in overrides.items():
         if value is None:
             continue
         base[key] = parse_fraction(value) if key in ("eta", "step_size") else value
     return PurifySettings(**base)
+
+
+def purifier_net(model: LoadedModel, settings: PurifySettings) -> Denoiser:
+    """The denoiser whose score the likelihood maximisation follows: the model's separate
+    purifier when its card names one (the paper's unconditional EDM model), else the model
+    itself. The ``mixture`` score needs the class heads, so it always uses the model.
+    """
+    return model.net if settings.score == "mixture" else model.purifier_net
+
+
+def build_maximizer(model: LoadedModel, settings: PurifySettings | None = None) -> LikelihoodMaximizer:
+    """The likelihood maximisation of a loaded model (default settings: the card's)."""
+    settings = settings if settings is not None else purify_settings(model)
+    return LikelihoodMaximizer(purifier_net(model, settings), settings)
 
 
 def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionClassifier | None, *,
@@ -93,7 +120,8 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
     kind
         ``cnn`` (the baseline named or given by ``cnn``), ``dc`` (``classifier`` itself)
         or ``rdc`` (likelihood maximisation with ``purify``, default: the model card's,
-        then a classifier with ``classifier``'s settings).
+        then a classifier with ``classifier``'s settings). The likelihood maximisation
+        uses the model's purifier network when its card names one (:func:`purifier_net`).
     model, classifier
         The loaded diffusion model and its classifier (not needed for ``cnn``).
     grad_mode
@@ -129,7 +157,8 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
     from .rdc import RobustDiffusionClassifier
 
     settings = purify if purify is not None else purify_settings(model)
-    return RobustDiffusionClassifier(model.net, classifier.settings, settings, grad_mode).to(device)
+    return RobustDiffusionClassifier(model.net, classifier.settings, settings, grad_mode,
+                                     purifier=purifier_net(model, settings)).to(device)
 
 
 def gradient_warning(defense: nn.Module) -> str | None:

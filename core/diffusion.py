@@ -15,6 +15,7 @@ SIGMA_DATA = 0.5
 P_MEAN = -1.2
 P_STD = 1.2
 WEIGHTINGS = ("elbo", "edm")
+GRIDS = ("quantile", "uniform")
 
 
 def to_model_space(x: torch.Tensor) -> torch.Tensor:
@@ -145,3 +146,50 @@ def quantile_grid(
     sigmas = torch.tensor(np.exp(log_s), dtype=torch.float32)
     weights = torch.full((steps,), mass / steps, dtype=torch.float64)
     return NoiseGrid(sigmas, weights, weighting, sigma_min, sigma_max)
+
+
+def weight_density(sigma: np.ndarray, weighting: str) -> np.ndarray:
+    """The weighting's density per unit sigma (not per unit ln sigma), w(s) = exp(log w(ln s)) / s."""
+    sigma = np.asarray(sigma, dtype=np.float64)
+    return np.exp(log_weight_density(np.log(sigma), weighting)) / sigma
+
+
+def uniform_grid(steps: int, weighting: str = "edm", sigma_min: float = 1e-4, sigma_max: float = 3.0) -> NoiseGrid:
+    """A left Riemann sum over ``steps`` equal intervals of sigma in [sigma_min, sigma_max].
+
+    Level i is the interval's left end, sigma_min + i * d with d = (sigma_max - sigma_min)
+    / steps, and carries the weight w(sigma_i) * d, where w is the weighting's density per
+    unit sigma (:func:`weight_density`). This is the Euler integral of the released RDC
+    code (``EDMEulerIntegralDC`` in huanranchen/DiffusionClassifier, which takes
+    ``torch.linspace(1e-4, 3, steps + 1)`` and drops the last point), with the log-normal
+    density divided by ``P_STD ** 2`` as it should be (the released code multiplies).
+
+    Parameters
+    ----------
+    steps : int
+        Number of noise levels T (>= 1).
+    weighting : {"elbo", "edm"}
+    sigma_min, sigma_max : float
+        Integration range in x~ units.
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError("need 0 < sigma_min < sigma_max")
+    d = (sigma_max - sigma_min) / steps
+    sigmas = sigma_min + d * np.arange(steps, dtype=np.float64)
+    weights = weight_density(sigmas, weighting) * d
+    return NoiseGrid(torch.tensor(sigmas, dtype=torch.float32), torch.tensor(weights, dtype=torch.float64),
+                     weighting, sigma_min, sigma_max)
+
+
+def noise_grid(kind: str, steps: int, weighting: str = "edm", sigma_min: float = 0.002,
+               sigma_max: float = 80.0) -> NoiseGrid:
+    """The classifier's quadrature grid of a kind: ``quantile`` (:func:`quantile_grid`,
+    equal-mass levels, equal weights) or ``uniform`` (:func:`uniform_grid`, equally spaced
+    levels, density-times-spacing weights)."""
+    if kind == "quantile":
+        return quantile_grid(steps, weighting, sigma_min, sigma_max)
+    if kind == "uniform":
+        return uniform_grid(steps, weighting, sigma_min, sigma_max)
+    raise ValueError(f"unknown noise grid {kind!r}; expected one of {GRIDS}")

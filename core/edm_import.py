@@ -36,7 +36,7 @@ import torch
 
 from .edm_nets import (MODEL_DEFAULTS, MODEL_TYPES, PRECOND_CLASS_NAMES, PRECOND_DEFAULTS, EdmDenoiser,
                        EdmNetConfig)
-from .models import CheckpointError, LoadedModel, save_checkpoint
+from .models import CheckpointError, LoadedModel, file_sha256, load_checkpoint, purifier_entry, save_checkpoint
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's legacy-format magic number
@@ -421,11 +421,7 @@ def network_config(net: PersistentRecord) -> EdmNetConfig:
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_sha256(path)
 
 
 def _plain(value: Any, depth: int = 0) -> Any:
@@ -533,38 +529,122 @@ def output_path(source: str | Path, out: str | Path) -> Path:
     return target.with_name(target.name + ".safetensors")
 
 
-def import_edm(source: str | Path, out: str | Path, command: str | None = None) -> Path:
-    """Convert an EDM snapshot into the project's checkpoint format; returns the weights path."""
+def _check_preset(preset: str | None) -> None:
+    if preset:
+        from .presets import get_preset
+
+        try:
+            get_preset(preset)
+        except ValueError as exc:
+            raise EdmImportError(str(exc)) from None
+
+
+def _purifier_weights(purifier: str | Path, folder: Path, net: EdmDenoiser, command: str | None) -> Path:
+    """The purifier's weights file: an EDM snapshot is converted into ``folder`` (named after
+    it), a checkpoint is used where it is. Checks that it takes the classifier's images."""
+    purifier = Path(purifier)
+    if purifier.suffix.lower() == ".pkl":
+        p_net, p_card = convert(purifier)
+        weights = folder / f"{purifier.stem}.safetensors"
+        p_card["name"] = weights.stem
+        p_card["role"] = "purifier"
+        if command:
+            p_card["import_command"] = command
+        p_cfg = p_net.config
+    else:
+        loaded = load_checkpoint(purifier)
+        weights, p_cfg = loaded.path, loaded.net.config
+        if loaded.purifier is not None:
+            raise EdmImportError(f"{purifier}: names a purifier of its own; a purifier must be a single model")
+    cfg = net.config
+    if (p_cfg.image_size, p_cfg.in_channels) != (cfg.image_size, cfg.in_channels):
+        raise EdmImportError(f"{purifier}: the purifier takes {p_cfg.in_channels}x{p_cfg.image_size}x"
+                             f"{p_cfg.image_size} images, the classifier {cfg.in_channels}x{cfg.image_size}x"
+                             f"{cfg.image_size}")
+    if purifier.suffix.lower() == ".pkl":
+        save_checkpoint(weights, p_net, p_card)
+    return weights
+
+
+def import_edm(source: str | Path, out: str | Path, command: str | None = None,
+               purifier: str | Path | None = None, preset: str | None = None) -> Path:
+    """Convert an EDM snapshot into the project's checkpoint format; returns the weights path.
+
+    Parameters
+    ----------
+    source
+        The EDM snapshot (``.pkl``) of the classifier.
+    out
+        Output checkpoint path or folder (see :func:`output_path`).
+    purifier
+        Optional: the model whose unconditional denoiser purifies (the paper's
+        unconditional EDM snapshot). A ``.pkl`` is converted and written beside the
+        output, named after the snapshot; a checkpoint is referenced where it is. The
+        card then names it (path relative to the card, sha256), so the pair loads as one
+        model: the classifier classifies, the purifier's network purifies.
+    preset
+        Optional: a preset name (:mod:`core.presets`) recorded as the card's default.
+    """
+    _check_preset(preset)
     net, card = convert(source)
     dest = output_path(source, out)
     card["name"] = dest.stem
     if command:
         card["import_command"] = command
+    if preset:
+        card["preset"] = preset
+    if purifier is not None:
+        if not card["classes"]:
+            raise EdmImportError(f"{source}: an unconditional network cannot classify; give the class-conditional "
+                                 "snapshot first and the unconditional one as --purifier")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        card["purifier"] = purifier_entry(dest, _purifier_weights(purifier, dest.parent, net, command))
     return save_checkpoint(dest, net, card)
 
 
-def save_random_published(name: str, out: str | Path, seed: int = 0) -> Path:
-    """A full-size network of a published EDM configuration with random weights, saved as a
-    checkpoint: for end-to-end and speed checks where the real weights are not at hand.
+def random_published_network(name: str, seed: int = 0) -> EdmDenoiser:
+    """A full-size network of one of EDM's published configurations (e.g.
+    ``cifar10-32x32-cond-vp``) with random weights, in eval mode, without gradients.
 
-    The card says plainly that the weights are random (``source.kind = 'random-weights'``).
+    EDM initialises its output layers to zero (so D = c_skip x and every class would give
+    the same output); those are drawn (Xavier uniform) too, so the class heads differ.
     """
     from .edm_nets import published_config
 
     config = published_config(name)
     torch.manual_seed(seed)
     net = EdmDenoiser(config).eval()
-    with torch.no_grad():  # the output layers start at zero (D = c_skip x): make the heads differ
+    with torch.no_grad():
         for p in net.parameters():
             if p.dim() > 1 and not p.any():
                 torch.nn.init.xavier_uniform_(p)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    return net
+
+
+def save_random_published(name: str, out: str | Path, seed: int = 0, purifier: str | None = None) -> Path:
+    """A full-size network of a published EDM configuration with random weights, saved as a
+    checkpoint: for end-to-end and speed checks where the real weights are not at hand.
+
+    The card says plainly that the weights are random (``source.kind = 'random-weights'``).
+    ``purifier`` (another published configuration, e.g. ``cifar10-32x32-uncond-vp``) also
+    writes that network, with random weights (seed + 1), beside the output and names it
+    as the purifier, giving a classifier + purifier pair like the paper's.
+    """
+    dest = output_path(f"{name}.pkl", out)
+    net = random_published_network(name, seed)
+    config = net.config
     k = config.num_classes
     card = {
-        "name": Path(out).stem,
+        "name": dest.stem,
         "description": f"RANDOM WEIGHTS in EDM's published {name} configuration (not a trained model)",
         "dataset": "cifar10", "classes": CIFAR10_CLASSES[:k] if k else [], "image_size": config.image_size,
         "channels": config.in_channels, "normalization": "pixels in [0,1], network input 2x-1 (EDM's [-1, 1])",
         "parameters": sum(p.numel() for p in net.parameters()),
         "source": {"kind": "random-weights", "configuration": name, "seed": seed},
     }
-    return save_checkpoint(output_path(f"{name}.pkl", out), net, card)
+    if purifier is not None:
+        p_path = save_random_published(purifier, dest.parent / f"{dest.stem}-purifier.safetensors", seed + 1)
+        card["purifier"] = purifier_entry(dest, p_path)
+    return save_checkpoint(dest, net, card)

@@ -700,6 +700,8 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
             raise ValueError(f"model {model.name} was trained on {model.card.get('dataset')}, not {ds.name}")
         settings = {"classifier": classifier.settings.to_dict(), "device": str(classifier.device)}
         model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
+        if model.purifier is not None:
+            model_info["purifier"] = {"name": model.purifier.name, "path": str(model.purifier.path)}
     total = min(config.n or len(ds), len(ds))
     settings.update({"dataset": config.dataset, "split": config.split, "defense": config.defense,
                      "attack": config.attack, "batch_size": config.batch_size, "command": config.command})

@@ -7,6 +7,7 @@ never unpickles anything.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -45,15 +46,27 @@ class CheckpointError(ValueError):
 
 @dataclass
 class LoadedModel:
-    """A denoiser with its card (config + metadata) and where it came from."""
+    """A denoiser with its card (config + metadata) and where it came from.
+
+    ``purifier`` is the separate model whose unconditional denoiser the likelihood
+    maximisation uses, when the card names one (the RDC paper pairs EDM's conditional
+    CIFAR-10 model, the classifier, with its unconditional one, the purifier); None when
+    the model purifies with its own unconditional head.
+    """
 
     net: Denoiser
     card: dict[str, Any]
     path: Path
+    purifier: LoadedModel | None = None
 
     @property
     def name(self) -> str:
         return self.card.get("name", self.path.stem)
+
+    @property
+    def purifier_net(self) -> Denoiser:
+        """The denoiser the likelihood maximisation uses: the purifier's, else this model's."""
+        return self.purifier.net if self.purifier is not None else self.net
 
     @property
     def classes(self) -> list[str]:
@@ -71,6 +84,23 @@ def publish_file(tmp: str | Path, path: str | Path) -> None:
     os.umask(umask)
     os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def purifier_entry(card_weights: str | Path, purifier_weights: str | Path) -> dict[str, str]:
+    """The ``purifier`` entry of a model card: the purifier's weights file relative to the
+    card's folder, and its sha256 (checked when the pair is loaded)."""
+    card_weights, purifier_weights = Path(card_weights), Path(purifier_weights).with_suffix(".safetensors")
+    rel = os.path.relpath(purifier_weights.resolve(), card_weights.resolve().parent)
+    return {"path": Path(rel).as_posix(), "sha256": file_sha256(purifier_weights)}
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -116,6 +146,27 @@ def save_checkpoint(path: str | Path, net: Denoiser, card: dict[str, Any]) -> Pa
     atomic_save_tensors(path, net.state_dict(), metadata={"rdc_card": json.dumps(card)})
     atomic_write_json(path.with_suffix(".json"), card)
     return path
+
+
+def update_card(name_or_path: str | Path, key: str, value: Any) -> Path:
+    """Set ``card[key] = value`` in a checkpoint's JSON model card, atomically.
+
+    The card beside the weights is read as it is on disk (or, when there is none, the
+    card embedded in the weights) and written back through a temporary file and
+    ``os.replace``, so a reader sees the old card or the new one, never a partial file.
+    The embedded copy in the weights is left as it was (the JSON card takes precedence).
+
+    Returns
+    -------
+    Path
+        The card written.
+    """
+    weights = resolve_model_path(name_or_path)
+    card = _read_card(weights)
+    card[key] = value
+    side = weights.with_suffix(".json")
+    atomic_write_json(side, card)
+    return side
 
 
 def _read_card(weights: Path) -> dict[str, Any]:
@@ -208,11 +259,55 @@ def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.
         p.requires_grad_(False)
     if len(card["classes"]) != config.num_classes:
         raise CheckpointError(f"{path}: {len(card['classes'])} class names for {config.num_classes} classes")
-    return LoadedModel(net, card, path)
+    purifier = _load_purifier(path, card, config, device) if card.get("purifier") else None
+    return LoadedModel(net, card, path, purifier)
+
+
+def _load_purifier(path: Path, card: dict[str, Any], config: Any, device: str | torch.device) -> LoadedModel:
+    """The purifier a card names (``{"path": relative to the card, "sha256": ...}``), checked:
+    the file exists and has the recorded sha256, it names no purifier of its own, and it
+    takes the same images as the classifier."""
+    entry = card["purifier"]
+    if isinstance(entry, str):
+        entry = {"path": entry}
+    if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+        raise CheckpointError(f"{path}: the card's 'purifier' entry must name a path, not {entry!r}")
+    target = Path(os.path.normpath(path.parent / entry["path"])).with_suffix(".safetensors")
+    if not target.exists():
+        raise CheckpointError(f"{path}: its purifier {entry['path']} was not found (looked for {target})")
+    if entry.get("sha256") and file_sha256(target) != entry["sha256"]:
+        raise CheckpointError(f"{path}: its purifier {target.name} does not have the sha256 the card records "
+                              "(replaced or modified since the pair was made)")
+    purifier = load_checkpoint(target, device)
+    if purifier.purifier is not None:
+        raise CheckpointError(f"{path}: its purifier {target.name} names a purifier of its own")
+    p_cfg = purifier.net.config
+    if (p_cfg.image_size, p_cfg.in_channels) != (config.image_size, config.in_channels):
+        raise CheckpointError(f"{path}: its purifier {target.name} takes {p_cfg.in_channels}x{p_cfg.image_size}"
+                              f"x{p_cfg.image_size} images, the classifier {config.in_channels}x{config.image_size}"
+                              f"x{config.image_size}")
+    return purifier
+
+
+def list_model_names(folder: str | Path) -> list[str]:
+    """The models in a folder, by stem: every ``*.safetensors`` except those that another
+    card there names as its purifier (a classifier + purifier pair is one model)."""
+    folder = Path(folder)
+    if not folder.exists():
+        return []
+    stems = sorted(p.stem for p in folder.glob("*.safetensors"))
+    purifiers = set()
+    for side in folder.glob("*.json"):
+        try:
+            entry = json.loads(side.read_text()).get("purifier")
+        except (OSError, ValueError, AttributeError):
+            continue
+        rel = entry.get("path") if isinstance(entry, dict) else entry
+        if isinstance(rel, str) and (folder / rel).resolve().parent == folder.resolve():
+            purifiers.add(Path(rel).with_suffix("").name)
+    return [stem for stem in stems if stem not in purifiers]
 
 
 def list_bundled_models() -> list[str]:
-    """Names of the models shipped in ``resources/models``."""
-    if not BUNDLED_DIR.exists():
-        return []
-    return sorted(p.stem for p in BUNDLED_DIR.glob("*.safetensors"))
+    """Names of the models shipped in ``resources/models`` (a pair counts once)."""
+    return list_model_names(BUNDLED_DIR)

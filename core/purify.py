@@ -4,6 +4,11 @@ x* = argmin over ||x' - x||_inf <= eta, x' in [0, 1] of
 E_{s,n} lambda(s) ||D_unc(x~' + s n; s) - x~'||^2, by N projected steps with one noise
 level per step drawn from [sigma_lo, sigma_hi] (x~ units). The l-inf projection onto the
 eta ball is part of the method.
+
+Every step's own noise draw makes its objective value noisy from step to step; the step
+records therefore also carry a deterministic estimate of the objective (the same
+objective averaged over a frozen bank of fixed noise levels and noises, the same at every
+step), so the curve of a run shows what the optimisation actually achieves.
 """
 from __future__ import annotations
 
@@ -20,6 +25,11 @@ OPTIMIZERS = ("sign", "adam")
 SCORES = ("uncond", "mixture")
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+ESTIMATE_LEVELS = 8
+"""Fixed noise levels of the deterministic objective estimate recorded with every step."""
+ESTIMATE_SEED_OFFSET = 13
+"""The estimate's noise bank is seeded by ``noise_seed + ESTIMATE_SEED_OFFSET`` (apart
+from the steps' own draws)."""
 
 
 def project_eta(x: torch.Tensor, x_orig: torch.Tensor, eta: float) -> torch.Tensor:
@@ -40,8 +50,14 @@ class PurifySettings:
     score: str = "uncond"
     mode: str = "deterministic"
     noise_seed: int = 0
+    # sign steps with momentum (the RDC paper's Algorithm 1, MI-FGSM style): the step's sign
+    # is that of m <- momentum * m + g / ||g||_1; 0 = plain sign steps (the same as sign(g))
+    momentum: float = 0.0
+    preset: str = ""  # the named preset (core.presets) these settings started from; "" = none
 
     def __post_init__(self) -> None:
+        if self.momentum < 0:
+            raise ValueError("momentum must be >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
         if self.score not in SCORES:
@@ -69,13 +85,17 @@ class PurifyStep:
     linf: np.ndarray  # (N,) distance to the input
     l2: np.ndarray
     logits: np.ndarray | None = None  # (N, K) if a classifier was given
+    # (N,) the objective of the image on the frozen estimate bank (comparable between steps)
+    objective_estimate: np.ndarray | None = None
 
 
 class LikelihoodMaximizer:
     """Projected likelihood maximisation around a denoiser's unconditional score.
 
     Randomness comes from an explicit generator: in deterministic mode a frozen bank of
-    per-step noise levels and noise images, seeded by ``settings.noise_seed``.
+    per-step noise levels and noise images, seeded by ``settings.noise_seed``. A second
+    frozen bank (:attr:`estimate_bank`, in either mode) gives the deterministic objective
+    estimate the step records carry.
     """
 
     def __init__(self, net: Denoiser, settings: PurifySettings | None = None,
@@ -86,6 +106,7 @@ class LikelihoodMaximizer:
         self._shape = (cfg.in_channels, cfg.image_size, cfg.image_size)
         self.generator = generator or torch.Generator().manual_seed(self.settings.noise_seed + 7)
         self._bank = self._draw(torch.Generator().manual_seed(self.settings.noise_seed))
+        self.estimate_bank = self._estimate_bank(ESTIMATE_LEVELS)
 
     def _draw(self, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         s = self.settings
@@ -94,6 +115,15 @@ class LikelihoodMaximizer:
         noise = torch.randn((max(1, s.steps),) + self._shape, generator=gen)
         return sigmas, noise
 
+    def _estimate_bank(self, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``levels`` fixed noise levels (the midpoints of ``levels`` equal parts of
+        [sigma_lo, sigma_hi]) and one fixed noise image per level, for any mode."""
+        s = self.settings
+        mid = (torch.arange(levels, dtype=torch.float64) + 0.5) / levels
+        sigmas = (s.sigma_lo + (s.sigma_hi - s.sigma_lo) * mid).float()
+        gen = torch.Generator().manual_seed(s.noise_seed + ESTIMATE_SEED_OFFSET)
+        return sigmas, torch.randn((levels,) + self._shape, generator=gen)
+
     def draws(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(sigmas (N,), noises (N, C, H, W)) for one run."""
         if self.settings.mode == "deterministic":
@@ -101,11 +131,15 @@ class LikelihoodMaximizer:
         return self._draw(self.generator)
 
     def objective(self, x: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Per-example weighted diffusion loss at one noise level (differentiable in x)."""
+        """Per-example weighted diffusion loss (differentiable in x).
+
+        ``sigma`` is one noise level (a scalar tensor) or one per example (N,); ``noise``
+        one image (C, H, W) for every example or one per example (N, C, H, W).
+        """
         x0 = to_model_space(x)
         n = x.shape[0]
-        noisy = x0 + sigma.to(x.device) * noise.to(x.device)
-        sig = sigma.to(x.device).expand(n)
+        sig = sigma.to(x.device).reshape(-1).expand(n)
+        noisy = x0 + sig.view(-1, *[1] * (x.dim() - 1)) * noise.to(x.device)
         k = self.net.config.num_classes
         w = loss_weight(sig)
         if self.settings.score == "uncond":
@@ -115,12 +149,28 @@ class LikelihoodMaximizer:
         err = w.view(-1, 1) * (d - x0.unsqueeze(1)).pow(2).flatten(2).sum(2)
         return -torch.logsumexp(-err, dim=1) + float(np.log(k))
 
+    def objective_estimate(self, x: torch.Tensor) -> torch.Tensor:
+        """Deterministic estimate of the objective of ``x``, shaped (N,).
+
+        The mean of :meth:`objective` over :attr:`estimate_bank` (fixed levels spread over
+        [sigma_lo, sigma_hi], one fixed noise image each), all levels in one batched pass.
+        It does not depend on the steps' noise draws, so its values at different steps
+        of a run (or of different runs) are comparable.
+        """
+        sigmas, noises = self.estimate_bank
+        n, levels = x.shape[0], sigmas.shape[0]
+        with torch.no_grad():
+            obj = self.objective(x.detach().repeat(levels, *[1] * (x.dim() - 1)), sigmas.repeat_interleave(n),
+                                 noises.repeat_interleave(n, dim=0))
+        return obj.view(levels, n).mean(0)
+
     def run(self, x: torch.Tensor, classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            cancelled: Callable[[], bool] = lambda: False) -> Iterator[PurifyStep]:
+            cancelled: Callable[[], bool] = lambda: False, estimate: bool = True) -> Iterator[PurifyStep]:
         """Yield one :class:`PurifyStep` per step (step 0 is the input itself).
 
         ``classifier`` (e.g. a DiffusionClassifier) adds the per-class logits of every
-        intermediate image to the records.
+        intermediate image to the records; ``estimate`` adds the deterministic objective
+        estimate (:meth:`objective_estimate`) of every intermediate image.
         """
         s = self.settings
         sigmas, noises = self.draws()
@@ -134,8 +184,10 @@ class LikelihoodMaximizer:
             if classifier is not None:
                 with torch.no_grad():
                     logits = classifier(cur).cpu().numpy().copy()
+            fixed = self.objective_estimate(cur).cpu().numpy().copy() if estimate else None
             return PurifyStep(step, s.steps, cur.cpu().numpy().copy(), obj.detach().cpu().numpy().copy(), sigma,
-                              d.abs().amax(1).cpu().numpy().copy(), d.norm(dim=1).cpu().numpy().copy(), logits)
+                              d.abs().amax(1).cpu().numpy().copy(), d.norm(dim=1).cpu().numpy().copy(), logits,
+                              fixed)
 
         for i in range(s.steps):
             if cancelled():
@@ -161,7 +213,8 @@ class LikelihoodMaximizer:
         x_orig
             The input: steps are projected onto its ``eta`` ball and [0, 1].
         moments
-            Adam's (first, second) moments from the previous step (None at the start).
+            Adam's (first, second) moments from the previous step, or the sign steps'
+            momentum buffer (both slots) when ``settings.momentum`` > 0 (None at the start).
         create_graph
             Keep the graph, so the result is differentiable in ``x`` (second order).
         smooth_sign
@@ -182,10 +235,15 @@ class LikelihoodMaximizer:
         if not create_graph:
             x = x.detach()
         if s.optimizer == "sign":
-            direction = grad.sign()
+            g = grad
+            if s.momentum > 0:  # m <- mu m + g / ||g||_1 per example; the step follows sign(m)
+                l1 = grad.abs().flatten(1).sum(1).clamp_min(1e-30).view(-1, *[1] * (grad.dim() - 1))
+                g = grad / l1 + (s.momentum * moments[0] if moments is not None else 0.0)
+                moments = (g, g)
+            direction = g.sign()
             if smooth_sign and create_graph:
-                tau = grad.detach().abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (grad.dim() - 1))
-                surrogate = torch.tanh(grad / tau)
+                tau = g.detach().abs().flatten(1).mean(1).clamp_min(1e-12).view(-1, *[1] * (g.dim() - 1))
+                surrogate = torch.tanh(g / tau)
                 direction = direction.detach() + (surrogate - surrogate.detach())
         else:
             b1, b2 = ADAM_BETAS
@@ -199,6 +257,6 @@ class LikelihoodMaximizer:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The purified images (no gradient to the input; see the RDC module for that)."""
         last = x.detach().clone()
-        for rec in self.run(x):
+        for rec in self.run(x, estimate=False):
             last = torch.from_numpy(rec.image)
         return last.to(x.device)

@@ -56,12 +56,17 @@ class RobustDiffusionClassifier(nn.Module):
     """LM (``purify``) then DC (``classifier``), with a selectable gradient mode."""
 
     def __init__(self, net: Denoiser, classifier: ClassifierSettings | None = None,
-                 purify: PurifySettings | None = None, grad_mode: str = "exact") -> None:
+                 purify: PurifySettings | None = None, grad_mode: str = "exact",
+                 purifier: Denoiser | None = None) -> None:
+        """``purifier``: the denoiser of the likelihood maximisation, when it is a separate
+        (unconditional) network, as in the paper's CIFAR-10 setup; default ``net``."""
         super().__init__()
         if grad_mode not in GRAD_MODES + ("auto",):
             raise ValueError(f"grad_mode must be auto or one of {GRAD_MODES}, got {grad_mode!r}")
         self.classifier = DiffusionClassifier(net, classifier)
-        self.maximizer = LikelihoodMaximizer(net, purify)
+        self.maximizer = LikelihoodMaximizer(purifier if purifier is not None else net, purify)
+        if purifier is not None and purifier is not net:
+            self.purifier_net = purifier  # a submodule, so .to(device) moves it too
         self.grad_mode = resolve_grad_mode(grad_mode, self.maximizer.settings)
 
     @property

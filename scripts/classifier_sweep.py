@@ -40,7 +40,9 @@ def replay_elimination(err: torch.Tensor, weights: torch.Tensor, screen: int, ke
     w_first = weights[first]
     screened = -(err[:, first] * w_first.view(1, -1, 1)).sum(1) * (weights.sum() / w_first.sum())
     kept = screened.topk(keep, dim=1).indices
-    return screened.scatter(1, kept, full.gather(1, kept))
+    kept_full = full.gather(1, kept)
+    offset = (kept_full - screened.gather(1, kept)).min(dim=1, keepdim=True).values
+    return (screened + offset).scatter(1, kept, kept_full)
 
 
 def main(argv: list[str] | None = None) -> int:

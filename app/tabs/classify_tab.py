@@ -1,12 +1,15 @@
-"""Classify tab: probability bars and the per-class likelihood curves of the running estimate."""
+"""Classify tab: probability bars, the per-class likelihood curves of the running estimate,
+and beside the verdict how typical the input is for the model (its OOD score)."""
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QSplitter, QVBoxLayout, QWidget
 
 from ...core.classifier import ClassifyStep
+from ...core.ood import OodScore
 from ..session_state import SessionState
 from ..widgets.likelihood_plot import LikelihoodPlot
+from ..widgets.ood_label import OodLabel
 from ..widgets.probability_bars import ProbabilityBars
 
 
@@ -18,6 +21,8 @@ class ClassifyTab(QSplitter):
         self.state = state
         self.bars = ProbabilityBars(state.classes)
         self.curves = LikelihoodPlot(state.classes)
+        self.ood = OodLabel()
+        self.bars.header.insertWidget(1, self.ood)
         curves_box = QWidget()
         cl = QVBoxLayout(curves_box)
         cl.setContentsMargins(2, 2, 2, 2)
@@ -35,9 +40,13 @@ class ClassifyTab(QSplitter):
     def begin(self, levels: int) -> None:
         self.state.begin_classification()
         self.curves.reset(x_extent=levels)
+        self.ood.clear_score()
 
-    def show_records(self, records: list[ClassifyStep]) -> int:
-        """Draw one flush of records; returns the progress (levels done)."""
+    def show_records(self, records: list[ClassifyStep | OodScore]) -> int:
+        """Draw one flush of records; returns the progress (levels done, -1: no new level)."""
+        for score in (r for r in records if isinstance(r, OodScore)):
+            self.state.set_ood(score)
+            self.ood.show_score(score)
         records = [r for r in records if isinstance(r, ClassifyStep)]
         if not records:
             return -1

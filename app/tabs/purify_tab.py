@@ -14,6 +14,12 @@ from ..widgets.purify_panel import PurifyPanel
 from ..widgets.step_plot import StepPlot
 
 
+OBJECTIVE_ESTIMATE = "fixed-noise estimate"
+"""The objective on the frozen estimate bank: the same noise at every step, comparable."""
+OBJECTIVE_DRAW = "one draw"
+"""The objective at each step's own noise draw (what the step descends), drawn faint."""
+
+
 class PurifyTab(QWidget):
     """Shows a purification; ``attack_requested(image, label)`` asks the window to attack the result."""
 
@@ -27,7 +33,11 @@ class PurifyTab(QWidget):
         self.panel.setMaximumWidth(270)
         self.view = ImageView("Purified image (live)")
         self.curves = LikelihoodPlot(state.classes, x_label="likelihood-maximisation step", markers=True)
-        self.objective_plot = StepPlot("step", "diffusion loss", ["objective"])
+        self.objective_plot = StepPlot("step", "diffusion loss (objective)", [OBJECTIVE_ESTIMATE, OBJECTIVE_DRAW],
+                                       faint=(OBJECTIVE_DRAW,), legend_below=True)
+        self.objective_plot.setToolTip("Bold: the objective on a fixed noise bank (the same noise levels and "
+                                       "noise at every step, so steps compare); faint: its value at the "
+                                       "single noise draw each step used")
         self.scrubber = QSlider(Qt.Orientation.Horizontal)
         self.scrubber.setEnabled(False)
         self.scrubber.valueChanged.connect(self._on_scrubber_value_changed)
@@ -88,7 +98,8 @@ class PurifyTab(QWidget):
         self.state.add_purification(records)
         steps = [r.step for r in records]
         self.curves.add_points(steps, [r.logits[0] for r in records])
-        self.objective_plot.extend("objective", steps, [r.objective[0] for r in records])
+        self.objective_plot.extend(OBJECTIVE_ESTIMATE, steps, [r.objective_estimate[0] for r in records])
+        self.objective_plot.extend(OBJECTIVE_DRAW, steps, [r.objective[0] for r in records])
         self._show_record(records[-1])
         return steps[-1]
 
@@ -113,7 +124,7 @@ class PurifyTab(QWidget):
         top = int(np.argmax(probs))
         self.view.set_image(record.image[0], f"step {record.step}/{record.total_steps}: "
                             f"{self.state.classes[top]} ({probs[top]:.1%}), ‖x*−x‖∞ = "
-                            f"{record.linf[0] * 255:.1f}/255, objective {record.objective[0]:.2f}")
+                            f"{record.linf[0] * 255:.1f}/255, objective {record.objective_estimate[0]:.2f}")
 
     def _on_scrubber_value_changed(self, index: int) -> None:
         if 0 <= index < len(self.records):

@@ -13,7 +13,7 @@ from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QHBoxLayout, QLa
                                QSpinBox, QVBoxLayout, QWidget)
 
 from ...core.data import TensorDataset, default_data_root, load_dataset
-from ...core.images import ImageLoadError, load_for_model
+from ...core.images import ImageLoadError, convert_image, image_from_array, load_for_model
 
 from ..worker import JobRunner
 from .gallery import Gallery
@@ -40,7 +40,11 @@ class DatasetBrowser(QDialog):
     loaded = Signal(int)
     failed = Signal(str)
 
-    def __init__(self, dataset_name: str, image_size: int, channels: int, parent: QWidget | None = None) -> None:
+    def __init__(self, dataset_name: str | None, image_size: int, channels: int,
+                 parent: QWidget | None = None) -> None:
+        """``dataset_name``: ``mnist`` or ``cifar10`` (the model's card); None offers only
+        an image folder. Images are shown and chosen converted to ``channels`` x
+        ``image_size`` x ``image_size``, the model's input."""
         super().__init__(parent)
         self.setWindowTitle("Dataset browser")
         self.resize(720, 560)
@@ -48,7 +52,10 @@ class DatasetBrowser(QDialog):
         self.dataset: TensorDataset | None = None
         self.folder_files: list[Path] = []
         self.source = QComboBox()
-        self.source.addItems([f"{dataset_name} test", f"{dataset_name} val", "image folder…"])
+        # the load_source index of each entry: 0 test split, 1 validation split, 2 image folder
+        self.source_indices = [0, 1, 2] if dataset_name else [2]
+        self.source.addItems(([f"{dataset_name} test", f"{dataset_name} val"] if dataset_name else [])
+                             + ["image folder…"])
         self.root = QLineEdit(str(default_data_root()))
         browse = QPushButton("Browse…")
         browse.clicked.connect(self._on_browse_clicked)
@@ -85,7 +92,7 @@ class DatasetBrowser(QDialog):
             self.root.setText(folder)
 
     def _on_load_clicked(self) -> None:
-        self.load(self.source.currentIndex(), self.root.text())
+        self.load(self.source_indices[self.source.currentIndex()], self.root.text())
 
     def load(self, source_index: int, root: str) -> None:
         """Start loading (see :func:`load_source`) on a worker thread; ``loaded(count)`` or
@@ -123,13 +130,19 @@ class DatasetBrowser(QDialog):
         self.runner.cancel()
         super().done(code)
 
+    def _fit(self, image: np.ndarray) -> np.ndarray:
+        """A dataset image (C, H, W) in [0, 1] as the model's input (channels and size)."""
+        if image.shape == (self.channels, self.image_size, self.image_size):
+            return image
+        return convert_image(image_from_array(image), self.image_size, self.channels, invert=False)
+
     def _on_page_value_changed(self, page: int) -> None:
         start = page * PAGE
         images, labels = [], []
         if self.dataset is not None:
             stop = min(start + PAGE, len(self.dataset))
             for i in range(start, stop):
-                images.append(self.dataset.float_images(slice(i, i + 1))[0].numpy())
+                images.append(self._fit(self.dataset.float_images(slice(i, i + 1))[0].numpy()))
                 labels.append(f"#{i}: {self.dataset.classes[int(self.dataset.labels[i])]}")
             total = len(self.dataset)
         else:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtCore import QTimer
-from PySide6.QtWidgets import QLabel, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
 
 
 class ImageView(QWidget):
@@ -62,17 +62,59 @@ class ImageView(QWidget):
             QTimer.singleShot(0, self.fit)  # after the graphics view has its new size
 
 
+PERTURBATION_MODES = ("magnitude", "red", "green", "blue", "channel mean")
+"""How a colour perturbation is drawn: the per-pixel magnitude over the channels
+(sqrt of the sum of squares, a sequential map), one channel's signed change, or the
+signed mean of the channels (diverging maps)."""
+
+
+def perturbation_map(delta: np.ndarray, mode: str) -> np.ndarray:
+    """The (H, W) map of a (C, H, W) perturbation that :class:`PerturbationView` draws, in
+    /255 pixel units: signed for a channel or the channel mean, >= 0 for ``magnitude``.
+    A one-channel perturbation is drawn signed whatever the mode."""
+    delta = np.asarray(delta, dtype=np.float64) * 255
+    if delta.shape[0] == 1:
+        return delta[0]
+    if mode == "magnitude":
+        return np.sqrt((delta ** 2).sum(axis=0))
+    if mode == "channel mean":
+        return delta.mean(axis=0)
+    if mode in ("red", "green", "blue"):
+        return delta[("red", "green", "blue").index(mode)]
+    raise ValueError(f"unknown perturbation view {mode!r}; expected one of {PERTURBATION_MODES}")
+
+
 class PerturbationView(ImageView):
-    """A signed perturbation with a diverging colour map, amplified to the full range."""
+    """A perturbation, amplified to the full colour range: signed with a diverging colour
+    map (grayscale models; one channel or the channel mean of colour models) or, for
+    colour models, as its per-pixel magnitude with a sequential map (the default)."""
 
     def __init__(self, title: str, parent: QWidget | None = None) -> None:
         super().__init__(title, parent)
-        cmap = pg.colormap.get("CET-D1")
-        self.item.setLookupTable(cmap.getLookupTable(nPts=256))
-        # the colour bar: which colour is which signed change, in /255 pixel units
-        self.colour_bar = pg.ColorBarItem(values=(-1, 1), colorMap=cmap, interactive=False, width=12,
+        self._diverging = pg.colormap.get("CET-D1")
+        self._sequential = pg.colormap.get("viridis")
+        self.item.setLookupTable(self._diverging.getLookupTable(nPts=256))
+        # the colour bar: which colour is which change, in /255 pixel units
+        self.colour_bar = pg.ColorBarItem(values=(-1, 1), colorMap=self._diverging, interactive=False, width=12,
                                           label="δ (/255)")
         self.graphics.addItem(self.colour_bar, 0, 1)
+        self.mode = QComboBox()
+        self.mode.addItems(list(PERTURBATION_MODES))
+        self.mode.setToolTip("Colour perturbations: the per-pixel magnitude over R, G and B, one channel's "
+                             "signed change, or the signed mean of the channels")
+        self.mode.currentTextChanged.connect(self._on_mode_current_text_changed)
+        row = QHBoxLayout()
+        row.setContentsMargins(0, 0, 0, 0)
+        row.addWidget(QLabel("Show:"))
+        row.addWidget(self.mode, 1)
+        self.mode_row = QWidget()
+        self.mode_row.setLayout(row)
+        self.mode_row.setVisible(False)  # shown for colour perturbations only
+        self.layout().insertWidget(2, self.mode_row)
+
+    def _on_mode_current_text_changed(self, _text: str) -> None:
+        if self.image is not None:
+            self.set_perturbation(self.image)
 
     def set_perturbation(self, delta: np.ndarray | None) -> None:
         """``delta``: (C, H, W) adversarial minus original, in [0, 1] units."""
@@ -82,10 +124,19 @@ class PerturbationView(ImageView):
             self.caption.setText("")
             return
         self.image = np.array(delta, copy=True)
-        signed = delta.mean(axis=0) * 255  # /255 pixel units, as the colour bar reads
-        peak = float(np.abs(signed).max()) or 1.0
-        self.item.setImage(signed, levels=(-peak, peak), autoLevels=False)
-        self.colour_bar.setLevels((-peak, peak))
+        colour = delta.shape[0] == 3
+        self.mode_row.setVisible(colour)
+        mode = self.mode.currentText() if colour else "channel mean"
+        shown = perturbation_map(delta, mode)  # /255 pixel units, as the colour bar reads
+        peak = float(np.abs(shown).max()) or 1.0
+        levels = (0.0, peak) if mode == "magnitude" else (-peak, peak)
+        cmap = self._sequential if mode == "magnitude" else self._diverging
+        self.item.setLookupTable(cmap.getLookupTable(nPts=256))
+        self.item.setImage(shown, levels=levels, autoLevels=False)
+        self.colour_bar.setColorMap(cmap)
+        self.colour_bar.setLevels(levels)
+        self.colour_bar.getAxis("left").setLabel("|δ| (/255)" if mode == "magnitude" else
+                                 ("δ (/255)" if not colour else f"δ {mode} (/255)"))
         self.fit()
         linf = float(np.abs(delta).max())
         l2 = float(np.sqrt((delta.astype(np.float64) ** 2).sum()))

@@ -8,6 +8,9 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QGraphicsItem
 
 CURSOR_PEN = pg.mkPen((90, 90, 90), width=1, style=Qt.PenStyle.DashLine)
+EDGE_LABEL_PX = 16
+"""Room (pixels) left of the first and right of the last step for their tick labels: with
+a grid, pyqtgraph hides labels that reach past the view."""
 
 
 def cache_axes(plot: pg.PlotWidget) -> None:
@@ -25,23 +28,24 @@ def set_x_extent(plot: pg.PlotWidget, extent: float | None) -> None:
     plot.x_extent = extent if extent is not None and extent > 0 else None
     if plot.x_extent is None:
         plot.enableAutoRange(x=True)
-    else:
-        plot.setXRange(0, float(extent), padding=0.02)
     update_x_ticks(plot)
 
 
 def update_x_ticks(plot: pg.PlotWidget) -> None:
-    """Integer ticks from 0 to the run's length, as many as the plot's width has room for
-    (call again after a resize)."""
-    if not hasattr(plot, "x_extent"):
-        return  # not set up yet (a resize during construction)
+    """Integer ticks from 0 to the run's length, as many as the plot's width has room for,
+    and an x range with room for the first and last labels (call again after a resize)."""
+    if not hasattr(plot, "x_extent") or getattr(plot, "plotItem", None) is None:
+        return  # not set up yet (a resize during construction), or closed
     axis = plot.getAxis("bottom")
     extent = plot.x_extent
     if extent is None:
         axis.setTickSpacing()  # automatic
         return
     axis.setStyle(hideOverlappingLabels=False)  # keep the first and last step's labels at the edges
-    major = integer_tick_spacing(extent, most=max(2, int(axis.width() or plot.width()) // 45))
+    width = int(axis.width() or plot.width())
+    pad = float(extent) * max(0.02, EDGE_LABEL_PX / max(1, width - 2 * EDGE_LABEL_PX))  # pad = EDGE px
+    plot.setXRange(-pad, float(extent) + pad, padding=0)
+    major = integer_tick_spacing(extent, most=max(2, width // 45))
     axis.setTickSpacing(major, max(1, major // 5) if major >= 5 else major)
 
 

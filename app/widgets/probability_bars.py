@@ -36,12 +36,12 @@ class ProbabilityBars(QWidget):
         self.plot.setLabel("left", "probability")
         self.plot.showGrid(y=True, alpha=0.3)
         cache_axes(self.plot)
-        header = QHBoxLayout()
-        header.addWidget(self.verdict, 1)
-        header.addWidget(self.log_scale)
+        self.header = QHBoxLayout()  # the verdict's row (a tab may add its own widgets)
+        self.header.addWidget(self.verdict, 1)
+        self.header.addWidget(self.log_scale)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
-        layout.addLayout(header)
+        layout.addLayout(self.header)
         layout.addWidget(self.plot, 1)
         self.bars: pg.BarGraphItem | None = None
         self.labels: list[pg.TextItem] = []

@@ -12,25 +12,40 @@ COLOURS = [class_colour(0), class_colour(3), class_colour(2), class_colour(8)]
 
 
 class StepPlot(pg.PlotWidget):
-    """Curves keyed by name, each updated with ``append(name, x, y)`` via setData."""
+    """Curves keyed by name, each updated with ``append(name, x, y)`` via setData.
 
-    def __init__(self, x_label: str, y_label: str, names: list[str], parent: QWidget | None = None) -> None:
+    ``faint`` names curves drawn thin and pale behind the others (e.g. a noisy per-step
+    value behind its steady estimate); each keeps the colour of its position in ``names``.
+    The legend (two or more curves) sits right of the plot, or in one row below it with
+    ``legend_below`` (narrow plots).
+    """
+
+    def __init__(self, x_label: str, y_label: str, names: list[str], parent: QWidget | None = None,
+                 faint: tuple[str, ...] = (), legend_below: bool = False) -> None:
         super().__init__(parent=parent, background="w")
         self.setLabel("bottom", x_label)
         self.setLabel("left", y_label)
         self.showGrid(x=True, y=True, alpha=0.3)
         self.setMinimumSize(240, 150)
-        # the legend sits in its own column right of the plot, never over the curves
+        # the legend sits in its own column right of the plot (or row below it), never over the curves
         item = self.getPlotItem()
-        self.legend = pg.LegendItem(offset=None, labelTextSize="8pt", colCount=1, verSpacing=-6)
+        self.legend = pg.LegendItem(offset=None, labelTextSize="8pt", colCount=len(names) if legend_below else 1,
+                                    verSpacing=-6)
         if len(names) > 1:  # one curve: the axis label names it
-            item.layout.addItem(self.legend, 2, 3)
+            item.layout.addItem(self.legend, *((4, 1) if legend_below else (2, 3)))
             item.legend = self.legend
-        self.curves = {n: self.plot([], [], pen=pg.mkPen(COLOURS[i % len(COLOURS)], width=2), name=n)
-                       for i, n in enumerate(names)}
+        self.faint = tuple(faint)
+        self.curves = {n: self.plot([], [], pen=self._pen(i, n in self.faint), name=n) for i, n in enumerate(names)}
+        for name in self.faint:
+            self.curves[name].setZValue(-1)
         self.data: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
         cache_axes(self)
         self.cursor = add_cursor(self)
+
+    @staticmethod
+    def _pen(index: int, faint: bool):
+        colour = COLOURS[index % len(COLOURS)]
+        return pg.mkPen(colour + (110,), width=1) if faint else pg.mkPen(colour, width=2)
 
     def reset(self, x_extent: float | None = None) -> None:
         """Clear the curves; ``x_extent`` (the run's length, when known) fixes the x axis."""

@@ -143,7 +143,7 @@ def test_screenshot_command(tiny_checkpoint, digit_png, tmp_path, qapp):
     from rdc_studio.app.main import main
 
     out = tmp_path / "shot.png"
-    assert main([str(digit_png), "--model", str(tiny_checkpoint), "--steps", "3", "--screenshot", str(out)]) == 0
+    assert main([str(digit_png), "--model", str(tiny_checkpoint), "--levels", "3", "--screenshot", str(out)]) == 0
     img = Image.open(out)
     assert img.size[0] >= 1000 and img.size[1] >= 600
 
@@ -184,14 +184,28 @@ def test_purification_run_draws_one_point_per_step_and_replays(qtbot, window, di
     assert [r.step for r in records] == [0, 1, 2, 3, 4]
     hist = np.stack(window.purify_curves.history)
     assert hist.shape == (5, 10)  # one point per step (and the start) per class
-    assert len(window.objective_plot.data["objective"][0]) == 5
+    # the objective: the deterministic estimate (fixed noise bank) in front, the one-draw value faint behind it
+    from rdc_studio.app.tabs.purify_tab import OBJECTIVE_DRAW, OBJECTIVE_ESTIMATE
+
+    plot = window.objective_plot
+    estimate, draw = plot.curves[OBJECTIVE_ESTIMATE], plot.curves[OBJECTIVE_DRAW]
+    assert list(estimate.getData()[1]) == pytest.approx([r.objective_estimate[0] for r in records])
+    assert list(draw.getData()[1]) == pytest.approx([r.objective[0] for r in records])
+    assert list(estimate.getData()[0]) == list(draw.getData()[0]) == [0, 1, 2, 3, 4]
+    assert OBJECTIVE_DRAW in plot.faint and draw.zValue() < estimate.zValue()
+    assert draw.opts["pen"].color().alpha() < estimate.opts["pen"].color().alpha()
+    assert draw.opts["pen"].widthF() < estimate.opts["pen"].widthF()
     assert window.scrubber.isEnabled() and window.scrubber.maximum() == 4
     x, _ = window.purify_curves.curves[0].getData()
     assert list(x) == [0, 1, 2, 3, 4]  # from step 0 (the input) on
+    for plot in (window.purify_curves, window.objective_plot):  # the cursor starts on the last step
+        assert plot.cursor.isVisible() and plot.cursor.value() == 4
+    for index in (1, 3):
+        window.scrubber.setValue(index)
+        assert np.allclose(window.purify_view.image, records[index].image[0])
+        for plot in (window.purify_curves, window.objective_plot):  # a cursor on every plot follows
+            assert plot.cursor.isVisible() and plot.cursor.value() == index
     window.scrubber.setValue(1)
-    assert np.allclose(window.purify_view.image, records[1].image[0])
-    for plot in (window.purify_curves, window.objective_plot):  # a cursor on every plot follows
-        assert plot.cursor.isVisible() and plot.cursor.value() == 1
     assert window.purify_tab.attack_button.isEnabled()
     # "Attack this": the purified image shown (step 1) is attacked, then "Purify this" purifies the result
     window.attack_panel.steps.setValue(1)
@@ -345,3 +359,54 @@ def test_bundled_default_model_end_to_end(qtbot, tmp_path, monkeypatch):
         assert win.last_outcome is not None and "defense" in win.attack_verdict.text()
     finally:
         win.runner.shutdown()
+
+
+def test_sample_captions_name_the_class():
+    from rdc_studio.app.main_window import sample_caption
+
+    classes = [str(k) for k in range(10)]
+    assert sample_caption("3-007", classes) == "3 #7"
+    assert sample_caption("0-000", ["airplane"] + classes[1:]) == "airplane #0"
+    assert sample_caption("uncond-003", classes) == "uncond-003"  # not a class: shown as named
+    assert sample_caption("12-000", classes) == "12-000"  # no such class
+
+
+def test_bundled_gallery_is_labelled_per_class(qtbot, window):
+    """The bundled samples are conditional samples named LABEL-INDEX: every class, captioned."""
+    from rdc_studio.app.main_window import SAMPLES_DIR
+
+    stems = sorted(p.stem for p in SAMPLES_DIR.glob("*.png"))
+    assert {s.split("-")[0] for s in stems} == {str(k) for k in range(10)}
+    captions = [window.gallery.item(i).text() for i in range(window.gallery.count())]
+    assert len(captions) == len(stems)
+    assert all(c.split(" #")[0] in window.model.classes for c in captions)
+
+
+def test_classify_tab_shows_ood_next_to_the_verdict(qtbot, window, tiny_checkpoint):
+    """No reference: the label says so; a reference far below a noise image's score: a warning."""
+    from rdc_studio.app.widgets.ood_label import PLAIN_STYLE, WARNING_STYLE
+    from rdc_studio.core.models import update_card
+    from rdc_studio.core.ood import CARD_KEY, NO_REFERENCE, OodScorer, OodSettings, make_reference
+
+    label = window.classify_tab.ood
+    assert window.bars.header.indexOf(label) == 1  # right of the verdict
+    noise = np.random.default_rng(0).random((1, 28, 28)).astype(np.float32)
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.set_image(noise, "noise")
+    assert NO_REFERENCE in label.text() and not label.warning and label.styleSheet() == PLAIN_STYLE
+    bpd = label.score.bits_per_dim
+    assert bpd == pytest.approx(float(OodScorer(window.model.net).bits_per_dim(torch.from_numpy(noise)[None])[0]))
+
+    def reload_with_reference(low: float, high: float) -> None:
+        ref = make_reference(np.linspace(low, high, 1001), OodSettings(), "mnist", "val", command="test")
+        update_card(tiny_checkpoint, CARD_KEY, ref)
+        with qtbot.waitSignal(window.classification_finished, timeout=30000):
+            assert window.load_model(str(tiny_checkpoint))  # re-classifies the open image
+
+    reload_with_reference(bpd - 2.0, bpd - 1.0)
+    assert label.warning and label.styleSheet() == WARNING_STYLE
+    assert "Out of distribution" in label.text() and "percentile 100.0" in label.text()
+    assert window.state.results()["ood"]["out_of_distribution"] is True
+    reload_with_reference(bpd - 1.0, bpd + 1.0)
+    assert not label.warning and label.styleSheet() == PLAIN_STYLE
+    assert label.text().startswith("In distribution") and "percentile 50" in label.text()

@@ -92,3 +92,16 @@ def test_x_ticks_cover_every_step(qtbot):
     plot.reset(x_extent=10)
     (x0, x1), _ = plot.viewRange()
     assert x0 <= 0 and x1 >= 10
+    # a narrow plot with a grid still leaves room for the labels of step 0 and the last step
+    from rdc_studio.app.widgets.plotting import EDGE_LABEL_PX
+
+    narrow = StepPlot("step", "loss", ["estimate", "one draw"], faint=("one draw",), legend_below=True)
+    qtbot.addWidget(narrow)
+    narrow.resize(260, 200)
+    narrow.show()
+    qtbot.waitExposed(narrow)
+    narrow.reset(x_extent=10)
+    (x0, x1), _ = narrow.viewRange()
+    px_per_step = narrow.getPlotItem().vb.width() / (x1 - x0)
+    assert -x0 * px_per_step >= EDGE_LABEL_PX - 1 and (x1 - 10) * px_per_step >= EDGE_LABEL_PX - 1
+    assert narrow.curves["one draw"].zValue() < narrow.curves["estimate"].zValue()

@@ -39,6 +39,25 @@ def test_session_state_notifies_and_exports():
     assert state.probabilities is None and state.image_path == ""
 
 
+def test_session_state_exports_the_objective_estimate_and_the_ood_score():
+    from rdc_studio.core.ood import judge
+    from rdc_studio.core.purify import PurifyStep
+
+    state = SessionState(["a", "b"])
+    state.begin_purification("input")
+    one = np.ones(1)
+    state.add_purification([PurifyStep(s, 1, np.zeros((1, 1, 2, 2)), one * (5 - s), 0.5, one * 0, one * 0,
+                                       np.zeros((1, 2)), one * (4 - s)) for s in (0, 1)])
+    rows = state.csv_rows()
+    assert [r[1:] for r in rows if r[0] == "purify_objective_estimate"] == [[0, "", 4.0], [1, "", 3.0]]
+    assert [r[3] for r in rows if r[0] == "purify_objective"] == [5.0, 4.0]
+    score = judge(3.0, {"probabilities": [0.0, 1.0], "quantiles": [1.0, 2.0]})
+    state.set_ood(score)
+    assert state.results()["ood"] == score.to_dict() and score.to_dict()["out_of_distribution"] is True
+    state.begin_classification()
+    assert "ood" not in state.results()  # a new classification forgets the old score
+
+
 pytest.importorskip("pytestqt")
 
 

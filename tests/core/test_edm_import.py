@@ -386,3 +386,95 @@ def test_cli_classify_with_an_unconditional_model_is_a_one_line_error(tmp_path: 
     err = capsys.readouterr().err.strip()
     assert code == 2
     assert err.startswith("rdc: error: ") and "unconditional" in err and "\n" not in err
+
+
+# -- a classifier + purifier pair (the paper's two checkpoints) as one model ----------------
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Path:
+    """The conditional fixture as classifier, the unconditional one as purifier, imported as one model."""
+    out = tmp_path / "models"
+    return import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", str(out) + os.sep, command="rdc import-edm pair",
+                      purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
+
+
+def test_pair_card_names_its_purifier_and_loads_as_one_model(pair: Path) -> None:
+    from rdc_studio.core.models import file_sha256, list_model_names
+
+    card = json.loads(pair.with_suffix(".json").read_text())
+    purifier_file = pair.parent / "vp-ddpmpp-uncond.safetensors"
+    assert card["purifier"] == {"path": "vp-ddpmpp-uncond.safetensors", "sha256": file_sha256(purifier_file)}
+    assert json.loads(purifier_file.with_suffix(".json").read_text())["role"] == "purifier"
+    model = load_checkpoint(pair)
+    assert model.classes == [str(i) for i in range(10)] and model.purifier is not None
+    assert model.purifier.classes == [] and model.purifier_net is model.purifier.net
+    assert model.purifier_net.config.num_classes == 0 and model.net.config.num_classes == 10
+    assert list_model_names(pair.parent) == ["vp-ddpmpp-cond"]  # one entry, not two
+
+
+def test_pair_purifies_with_the_purifier_and_classifies_with_the_classifier(pair: Path) -> None:
+    from rdc_studio.core.classifier import build_classifier
+    from rdc_studio.core.defense import build_defense, build_maximizer, purify_settings
+    from rdc_studio.core.purify import LikelihoodMaximizer
+
+    model = load_checkpoint(pair)
+    uncond = load_checkpoint(FIXTURES / "vp-ddpmpp-uncond.pkl").net
+    settings = purify_settings(model, steps=2)
+    x = torch.rand(1, 3, 16, 16)
+    expected = LikelihoodMaximizer(uncond, settings)(x)
+    assert torch.allclose(build_maximizer(model, settings)(x), expected, atol=1e-6)
+    own_head = LikelihoodMaximizer(model.net, settings)(x)  # the conditional net's all-zero label
+    assert not torch.allclose(own_head, expected)
+    clf = build_classifier(model, steps=2, sigma_min=0.05, sigma_max=2.0)
+    rdc = build_defense("rdc", model, clf, purify=settings, grad_mode="bpda")
+    assert rdc.maximizer.net is model.purifier_net and rdc.classifier.net is model.net
+    assert torch.allclose(rdc.purify(x), expected, atol=1e-6)
+    with torch.no_grad():
+        assert torch.allclose(rdc(x), clf(expected), atol=1e-4)
+    # the mixture score needs the class heads: it uses the classifier's network
+    mixture = purify_settings(model, steps=1, score="mixture")
+    assert build_maximizer(model, mixture).net is model.net
+
+
+def test_pair_with_a_changed_or_missing_purifier_is_refused(pair: Path) -> None:
+    purifier_file = pair.parent / "vp-ddpmpp-uncond.safetensors"
+    data = bytearray(purifier_file.read_bytes())
+    data[-1] ^= 1
+    purifier_file.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not have the sha256"):
+        load_checkpoint(pair)
+    purifier_file.unlink()
+    with pytest.raises(CheckpointError, match="purifier vp-ddpmpp-uncond.safetensors was not found"):
+        load_checkpoint(pair)
+
+
+def test_pair_import_errors(tmp_path: Path) -> None:
+    with pytest.raises(EdmImportError, match="unconditional network cannot classify"):
+        import_edm(FIXTURES / "vp-ddpmpp-uncond.pkl", tmp_path / "x", purifier=FIXTURES / "vp-ddpmpp-cond.pkl")
+    with pytest.raises(EdmImportError, match="unknown preset"):
+        import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", tmp_path / "y", preset="papr")
+    # an existing checkpoint as purifier is referenced where it is
+    uncond = import_edm(FIXTURES / "vp-ddpmpp-uncond.pkl", tmp_path / "shared" / "uncond")
+    path = import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", tmp_path / "mine" / "cond", purifier=uncond, preset="fast")
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["purifier"]["path"] == "../shared/uncond.safetensors" and card["preset"] == "fast"
+    assert load_checkpoint(path).purifier.path == uncond
+
+
+def test_cli_import_a_pair_and_attack_it(tmp_path: Path, capsys) -> None:
+    from PIL import Image
+
+    from rdc_studio.core.cli import main
+
+    out = tmp_path / "cifar-pair"
+    assert main(["import-edm", str(FIXTURES / "vp-ddpmpp-cond.pkl"), "--purifier",
+                 str(FIXTURES / "vp-ddpmpp-uncond.pkl"), "--out", str(out)]) == 0
+    assert "purifier vp-ddpmpp-uncond.safetensors" in capsys.readouterr().out
+    img = tmp_path / "cat.png"
+    Image.fromarray((np.random.default_rng(1).random((16, 16, 3)) * 255).astype("uint8")).save(img)
+    report = tmp_path / "attack.json"
+    assert main(["attack", str(img), "--model", str(out.with_suffix(".safetensors")), "--defense", "rdc",
+                 "--preset", "paper", "--levels", "2", "--lm-steps", "1", "--steps", "1", "--eps", "8/255",
+                 "--threads", "1", "--device", "cpu", "--quiet", "--report", str(report)]) == 0
+    rep = json.loads(report.read_text())
+    assert rep["purify"]["preset"] == "paper" and rep["linf"] <= 8 / 255 + 1e-6

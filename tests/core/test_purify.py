@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
-from rdc_studio.core.purify import LikelihoodMaximizer, PurifySettings
+from rdc_studio.core.purify import ESTIMATE_LEVELS, LikelihoodMaximizer, PurifySettings
 
 
 @pytest.fixture
@@ -61,6 +61,44 @@ def test_records_carry_classifier_logits_and_cancel(tiny_net, x):
         return calls["n"] > 2
 
     assert len(list(lm.run(x, cancelled=cancelled))) == 3  # steps 0-2; the third update is cancelled
+
+
+@pytest.mark.parametrize("score", ["uncond", "mixture"])
+def test_objective_estimate_is_the_mean_over_its_fixed_bank(tiny_net, x, score):
+    """The batched estimate equals the objective averaged level by level over the frozen bank."""
+    lm = LikelihoodMaximizer(tiny_net, PurifySettings(steps=2, score=score))
+    sigmas, noises = lm.estimate_bank
+    assert sigmas.shape == (ESTIMATE_LEVELS,) and len(set(sigmas.tolist())) == ESTIMATE_LEVELS
+    assert lm.settings.sigma_lo < float(sigmas.min()) and float(sigmas.max()) < lm.settings.sigma_hi
+    with torch.no_grad():
+        loop = torch.stack([lm.objective(x, s, n) for s, n in zip(sigmas, noises)]).mean(0)
+    assert torch.allclose(lm.objective_estimate(x), loop, rtol=1e-5)
+
+
+def test_objective_estimate_does_not_depend_on_the_steps_noise_draws(tiny_net, x):
+    """Same image, different per-step draws: the one-draw objective changes, the estimate does not."""
+    lm = LikelihoodMaximizer(tiny_net, PurifySettings(steps=3, mode="randomized"),
+                             generator=torch.Generator().manual_seed(5))
+    sig, noise = lm.draws()
+    with torch.no_grad():
+        one_draw = [lm.objective(x, sig[i], noise[i]) for i in (0, 1)]
+    assert not torch.allclose(one_draw[0], one_draw[1])
+    first, second = next(lm.run(x)), next(lm.run(x))  # step 0 (the input) of two runs with fresh draws
+    assert np.array_equal(first.image, second.image) and not np.allclose(first.objective, second.objective)
+    assert np.array_equal(first.objective_estimate, second.objective_estimate)
+    other = LikelihoodMaximizer(tiny_net, PurifySettings(steps=7))  # other steps, other draws, same bank
+    assert torch.equal(other.objective_estimate(x), lm.objective_estimate(x))
+    assert len(set(first.objective_estimate.tolist())) == 3  # it does depend on the image
+
+
+def test_records_carry_the_estimate_of_their_image(tiny_net, x):
+    lm = LikelihoodMaximizer(tiny_net, PurifySettings(eta=0.2, steps=3, step_size=0.05))
+    recs = list(lm.run(x))
+    for r in recs:
+        assert r.objective_estimate.shape == (3,)
+        assert np.allclose(r.objective_estimate, lm.objective_estimate(torch.from_numpy(r.image)).numpy(), rtol=1e-5)
+    assert not np.allclose(recs[0].objective_estimate, recs[-1].objective_estimate)
+    assert all(r.objective_estimate is None for r in lm.run(x, estimate=False))
 
 
 def test_zero_steps_returns_input(tiny_net, x):
