@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from rdc_studio.core.data import load_dataset
-from rdc_studio.core.models import atomic_write_json, load_checkpoint
+from rdc_studio.core.models import DEFAULT_MODEL, atomic_write_json, load_checkpoint
 from rdc_studio.core.ood import CARD_KEY, OodScorer, auroc, judge, make_reference, score_images
 from rdc_studio.core.runtime import run_to_end
 
@@ -151,7 +151,7 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mnist-multihead", help="bundled name or checkpoint path")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="bundled name or checkpoint path")
     parser.add_argument("--n", type=int, default=500, help="images per set (and validation images)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise images and the zoo's noise")
     parser.add_argument("--batch-size", type=int, default=50, help="images per network pass (times the levels)")

@@ -8,6 +8,11 @@ followed by ``rdc classify --model mnist-cnn DIR/*.png --json``, in one process.
 
     python benchmarks/sample_agreement.py --model NAME|PATH [--n 20] [--sampler-steps 18]
         [--seed 0] [--out-dir DIR] [--json out.json] [--threads N]
+
+The app's gallery (``resources/samples``) is made by this script: the first two samples
+of each class that the CNN judges to be of that class,
+
+    python benchmarks/sample_agreement.py --model mnist-embedding --n 20 --gallery resources/samples
 """
 from __future__ import annotations
 
@@ -27,11 +32,14 @@ from rdc_studio.core.sample import sample
 
 
 def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sampler_steps: int = 18,
-                     seed: int = 0, out_dir: Path | None = None) -> dict:
+                     seed: int = 0, out_dir: Path | None = None, gallery: Path | None = None,
+                     gallery_n: int = 2) -> dict:
     """Per-class agreement of conditional samples with an independent classifier.
 
     Samples are rounded to 8 bits (as saved) before they are judged; the seeds per class
-    are ``seed + label``, the convention of ``rdc sample``.
+    are ``seed + label``, the convention of ``rdc sample``. With ``gallery``, the first
+    ``gallery_n`` samples of each class that the judge agrees with are written there as
+    ``LABEL-INDEX.png`` (INDEX: the sample's index, as in ``out_dir``).
     """
     model = load_checkpoint(model_name)
     cnn, _ = load_cnn(judge)
@@ -51,6 +59,10 @@ def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sam
             out_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
                 save_png_atomic(image, out_dir / f"{y}-{i:03d}.png")
+        if gallery is not None:
+            gallery.mkdir(parents=True, exist_ok=True)
+            for i in [i for i in range(n) if pred[i] == y][:gallery_n]:
+                save_png_atomic(images[i], gallery / f"{y}-{i:03d}.png")
     k = model.net.config.num_classes
     labels = np.repeat(np.arange(k), n)
     return {
@@ -69,12 +81,16 @@ def main() -> int:
     parser.add_argument("--sampler-steps", type=int, default=18, help="Heun sampler steps")
     parser.add_argument("--seed", type=int, default=0, help="seed of class 0 (class y uses seed + y)")
     parser.add_argument("--out-dir", type=Path, default=None, help="write each sample as LABEL-INDEX.png here")
+    parser.add_argument("--gallery", type=Path, default=None,
+                        help="write the first --gallery-n samples per class that the judge agrees with here")
+    parser.add_argument("--gallery-n", type=int, default=2, help="samples per class for --gallery")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    result = sample_agreement(args.model, args.judge, args.n, args.sampler_steps, args.seed, args.out_dir)
+    result = sample_agreement(args.model, args.judge, args.n, args.sampler_steps, args.seed, args.out_dir,
+                              args.gallery, args.gallery_n)
     print(f"{result['model']}: {result['correct']}/{result['total']} samples judged their class by "
           f"{result['judge']} ({result['agreement']:.1%}), {result['seconds']} s")
     print("per class: " + "  ".join(f"{c}:{a:.0%}" for c, a in result["per_class"].items()))

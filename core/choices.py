@@ -12,6 +12,8 @@ GRAD_MODES = ("auto", "exact", "smooth", "bpda")
 NORMS = ("linf", "l2")
 OPTIMIZERS = ("sign", "adam")
 WEIGHTINGS = ("elbo", "edm")
+GRIDS = ("quantile", "log", "uniform")
+"""Placements of the classifier's noise levels (:func:`core.diffusion.noise_grid`)."""
 CLASSIFIER_MODES = ("deterministic", "randomized")
 PRESETS = ("paper", "paper-code", "fast")
 """Named settings of :mod:`core.presets` (the RDC paper's, the released code's, a fast one)."""

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
-                      OPTIMIZERS, PRESETS, WEIGHTINGS)
+                      GRIDS, OPTIMIZERS, PRESETS, WEIGHTINGS)
 
 
 class _LazyModule:
@@ -140,7 +140,7 @@ def parse_fraction(text: str, flag: str = "") -> float:
 def _classifier_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.dc_steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
             "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed,
-            "screen_levels": args.screen_levels, "keep_classes": args.keep_classes}
+            "screen_levels": args.screen_levels, "keep_classes": args.keep_classes, "grid": args.grid}
 
 
 def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) -> None:
@@ -160,6 +160,10 @@ def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) 
         p.add_argument("--steps", dest="dc_steps", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
                    help="weights of the noise levels in the classifier's ELBO (default: the model card's)")
+    p.add_argument("--grid", choices=GRIDS, default=None,
+                   help="placement of the noise levels: quantile (equal-mass levels of the weighting), log "
+                        "(equally spaced in ln sigma) or uniform (equally spaced in sigma) "
+                        "(default: the model card's)")
     p.add_argument("--sigma-min", type=float, default=None,
                    help="smallest classifier noise level (default: the model card's)")
     p.add_argument("--sigma-max", type=float, default=None,

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .choices import GRIDS, WEIGHTINGS
+
 SIGMA_DATA = 0.5
 P_MEAN = -1.2
 P_STD = 1.2
-WEIGHTINGS = ("elbo", "edm")
-GRIDS = ("quantile", "uniform")
 
 
 def to_model_space(x: torch.Tensor) -> torch.Tensor:
@@ -183,13 +183,44 @@ def uniform_grid(steps: int, weighting: str = "edm", sigma_min: float = 1e-4, si
                      weighting, sigma_min, sigma_max)
 
 
+def log_grid(steps: int, weighting: str = "edm", sigma_min: float = 0.1, sigma_max: float = 10.0) -> NoiseGrid:
+    """The midpoint rule over ``steps`` equal intervals of ln sigma in [sigma_min, sigma_max].
+
+    Level i is the midpoint of the i-th interval in ln sigma and carries the weight
+    w(ln sigma_i) * d, with d the interval's width and w the weighting's density per unit
+    ln sigma. Unlike :func:`quantile_grid`, the levels do not crowd where the weighting's
+    mass is: the weighted squared error grows with sigma, so the integrand's mass sits at
+    larger sigma than the weighting's, and equal-mass levels leave that part unsampled.
+
+    Parameters
+    ----------
+    steps : int
+        Number of noise levels T (>= 1).
+    weighting : {"elbo", "edm"}
+    sigma_min, sigma_max : float
+        Integration range in x~ units.
+    """
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError("need 0 < sigma_min < sigma_max")
+    d = (math.log(sigma_max) - math.log(sigma_min)) / steps
+    log_sigmas = math.log(sigma_min) + d * (np.arange(steps, dtype=np.float64) + 0.5)
+    weights = np.exp(log_weight_density(log_sigmas, weighting)) * d
+    return NoiseGrid(torch.tensor(np.exp(log_sigmas), dtype=torch.float32),
+                     torch.tensor(weights, dtype=torch.float64), weighting, sigma_min, sigma_max)
+
+
 def noise_grid(kind: str, steps: int, weighting: str = "edm", sigma_min: float = 0.002,
                sigma_max: float = 80.0) -> NoiseGrid:
     """The classifier's quadrature grid of a kind: ``quantile`` (:func:`quantile_grid`,
-    equal-mass levels, equal weights) or ``uniform`` (:func:`uniform_grid`, equally spaced
-    levels, density-times-spacing weights)."""
+    equal-mass levels, equal weights), ``uniform`` (:func:`uniform_grid`, equally spaced
+    levels, density-times-spacing weights) or ``log`` (:func:`log_grid`, levels equally
+    spaced in ln sigma, density-times-spacing weights)."""
     if kind == "quantile":
         return quantile_grid(steps, weighting, sigma_min, sigma_max)
     if kind == "uniform":
         return uniform_grid(steps, weighting, sigma_min, sigma_max)
+    if kind == "log":
+        return log_grid(steps, weighting, sigma_min, sigma_max)
     raise ValueError(f"unknown noise grid {kind!r}; expected one of {GRIDS}")

@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     p.add_argument("--name", required=True)
     p.add_argument("--steps", type=int, required=True)
     p.add_argument("--weighting", default="edm")
+    p.add_argument("--grid", default="quantile", help="placement of the noise levels (quantile, log, uniform)")
     p.add_argument("--sigma-min", type=float, required=True)
     p.add_argument("--sigma-max", type=float, required=True)
     p.add_argument("--bf16", action="store_true")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
     src = src / "model.safetensors" if src.is_dir() else src
     model = load_checkpoint(src)
     settings = ClassifierSettings(steps=args.steps, weighting=args.weighting, sigma_min=args.sigma_min,
-                                  sigma_max=args.sigma_max, bf16=args.bf16,
+                                  sigma_max=args.sigma_max, bf16=args.bf16, grid=args.grid,
                                   screen_levels=args.screen_levels, keep_classes=args.keep_classes)
     clf = DiffusionClassifier(model.net, settings)
     t0 = time.perf_counter()

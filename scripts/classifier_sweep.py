@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sigma-max", default="2", help="comma-separated upper ends of the grid")
     p.add_argument("--screen", default="2,3,4,6", help="comma-separated screening levels E")
     p.add_argument("--keep", default="2,3,4", help="comma-separated numbers of kept classes k")
+    p.add_argument("--grid", default="quantile", help="comma-separated level placements (quantile, log, uniform)")
     p.add_argument("--noise-seed", type=int, default=0, help="the classifier's noise-bank seed")
     p.add_argument("--batch", type=int, default=50, help="images per network batch")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
@@ -69,28 +70,28 @@ def main(argv: list[str] | None = None) -> int:
     k = model.net.config.num_classes
     results = []
     t_start = time.perf_counter()
-    for t in (int(v) for v in args.levels.split(",")):
-        for weighting in args.weighting.split(","):
-            for lo in (float(v) for v in args.sigma_min.split(",")):
-                for hi in (float(v) for v in args.sigma_max.split(",")):
-                    settings = ClassifierSettings(steps=t, weighting=weighting, sigma_min=lo, sigma_max=hi,
-                                                  noise_seed=args.noise_seed)
-                    clf = DiffusionClassifier(model.net, settings)
-                    with torch.no_grad():
-                        err = torch.cat([clf.level_errors(images[i:i + args.batch], range(t), clf.noise_bank)
-                                         for i in range(0, len(labels), args.batch)])
-                    for screen in [0] + [int(v) for v in args.screen.split(",") if int(v) < t]:
-                        for keep in ([0] if screen == 0 else [int(v) for v in args.keep.split(",")]):
-                            logits = replay_elimination(err, clf.weights, screen, keep)
-                            correct = int((logits.argmax(1) == labels).sum())
-                            evals = t * k if screen == 0 else screen * k + (t - screen) * keep
-                            lo_ci, hi_ci = wilson_interval(correct, len(labels))
-                            row = {"levels": t, "weighting": weighting, "sigma_min": lo, "sigma_max": hi,
-                                   "screen_levels": screen, "keep_classes": keep, "accuracy": correct / len(labels),
-                                   "ci95": [lo_ci, hi_ci], "network_evals": evals}
-                            results.append(row)
-                            print(f"T={t:3d} {weighting} [{lo:g},{hi:g}] screen {screen:2d} keep {keep}: "
-                                  f"acc {row['accuracy']:.4f}  evals/image {evals}", flush=True)
+    grids = [(t, grid, weighting, lo, hi) for t in (int(v) for v in args.levels.split(","))
+             for grid in args.grid.split(",") for weighting in args.weighting.split(",")
+             for lo in (float(v) for v in args.sigma_min.split(",")) for hi in (float(v) for v in args.sigma_max.split(","))]
+    for t, grid, weighting, lo, hi in grids:
+        settings = ClassifierSettings(steps=t, weighting=weighting, sigma_min=lo, sigma_max=hi,
+                                      noise_seed=args.noise_seed, grid=grid)
+        clf = DiffusionClassifier(model.net, settings)
+        with torch.no_grad():
+            err = torch.cat([clf.level_errors(images[i:i + args.batch], range(t), clf.noise_bank)
+                             for i in range(0, len(labels), args.batch)])
+        for screen in [0] + [int(v) for v in args.screen.split(",") if int(v) < t]:
+            for keep in ([0] if screen == 0 else [int(v) for v in args.keep.split(",")]):
+                logits = replay_elimination(err, clf.weights, screen, keep)
+                correct = int((logits.argmax(1) == labels).sum())
+                evals = t * k if screen == 0 else screen * k + (t - screen) * keep
+                lo_ci, hi_ci = wilson_interval(correct, len(labels))
+                row = {"levels": t, "grid": grid, "weighting": weighting, "sigma_min": lo, "sigma_max": hi,
+                       "screen_levels": screen, "keep_classes": keep, "accuracy": correct / len(labels),
+                       "ci95": [lo_ci, hi_ci], "network_evals": evals}
+                results.append(row)
+                print(f"T={t:3d} {grid} {weighting} [{lo:g},{hi:g}] screen {screen:2d} keep {keep}: "
+                      f"acc {row['accuracy']:.4f}  evals/image {evals}", flush=True)
     if args.json:
         atomic_write_json(args.json, {"model": str(model.path), "split": args.split, "n": len(labels),
                                       "hardware": hardware_description(), "results": results,
