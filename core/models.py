@@ -37,7 +37,7 @@ def resource_dir(name: str) -> Path:
 
 
 BUNDLED_DIR = resource_dir("models")
-DEFAULT_MODEL = "mnist-multihead"
+DEFAULT_MODEL = "mnist-embedding"
 
 
 class CheckpointError(ValueError):

@@ -67,6 +67,10 @@ def main(argv=None) -> int:
     p.add_argument("--purify-sigma", default=None, metavar="LO,HI",
                    help="noise-level range the likelihood maximisation samples (default: the settings' own)")
     p.add_argument("--purify-note", default="", help="how the purification defaults were chosen")
+    p.add_argument("--agreement", default=None, metavar="JSON",
+                   help="the summary benchmarks/sample_agreement.py wrote for this model, kept in the card")
+    p.add_argument("--purify-sweep", default=None, metavar="JSON",
+                   help="the report scripts/purify_sweep.py wrote when the purification defaults were chosen")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     src = Path(args.run)
@@ -75,8 +79,10 @@ def main(argv=None) -> int:
     settings = ClassifierSettings(steps=args.steps, weighting=args.weighting, sigma_min=args.sigma_min,
                                   sigma_max=args.sigma_max, bf16=args.bf16, grid=args.grid,
                                   screen_levels=args.screen_levels, keep_classes=args.keep_classes)
-    clf = DiffusionClassifier(model.net, settings)
+    command = "python scripts/bundle_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    dst = BUNDLED_DIR / f"{args.name}.safetensors"
     t0 = time.perf_counter()
+    clf = DiffusionClassifier(model.net, settings)
     val = measure(clf, "val", args.val_n, args.data_root)
     test = measure(clf, "test", args.test_n, args.data_root)
     card = dict(model.card)
@@ -86,10 +92,13 @@ def main(argv=None) -> int:
         card["training_commands"] = list(args.training_command)
     card["metrics"] = {
         "val": val, "test": test, "hardware": hardware_description(),
-        "measured_by": "python scripts/bundle_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])),
+        "measured_by": command,
         "settings_choice": args.note,
         "measure_seconds": round(time.perf_counter() - t0, 1),
     }
+    for key, path in (("sample_agreement", args.agreement), ("purify_sweep", args.purify_sweep)):
+        if path:
+            card["metrics"][key] = json.loads(Path(path).read_text())
     if args.purify_eta is not None:
         sigma = {}
         if args.purify_sigma:
@@ -100,7 +109,6 @@ def main(argv=None) -> int:
                                 **sigma)
         card["purify"] = purify.to_dict()
         card["metrics"]["purify_choice"] = args.purify_note
-    dst = BUNDLED_DIR / f"{args.name}.safetensors"
     save_checkpoint(dst, model.net, card)
     print(json.dumps(card["metrics"], indent=2))
     print(f"bundled {dst}")

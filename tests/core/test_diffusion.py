@@ -81,3 +81,20 @@ def test_grid_rejects_bad_arguments():
         quantile_grid(4, "edm", 1.0, 0.5)
     with pytest.raises(ValueError):
         quantile_grid(4, "nope")
+
+
+@pytest.mark.parametrize("weighting", ["edm", "elbo"])
+def test_log_grid_is_the_midpoint_rule_in_log_sigma(weighting):
+    from rdc_studio.core.diffusion import log_grid, noise_grid
+
+    grid = log_grid(8, weighting, 0.2, 10.0)
+    log_s = np.log(grid.sigmas.double().numpy())
+    d = (math.log(10.0) - math.log(0.2)) / 8
+    assert np.allclose(np.diff(log_s), d, atol=1e-6)  # equally spaced in ln sigma
+    assert math.isclose(log_s[0], math.log(0.2) + d / 2, abs_tol=1e-6)  # midpoints
+    assert np.allclose(grid.weights.numpy(), np.exp(log_weight_density(log_s, weighting)) * d, rtol=1e-5)
+    # the same integral as the equal-mass grid, to quadrature accuracy
+    fine = log_grid(4000, weighting, 0.2, 10.0)
+    assert math.isclose(float(fine.weights.sum()), float(quantile_grid(8, weighting, 0.2, 10.0).weights.sum()),
+                        rel_tol=1e-4)
+    assert noise_grid("log", 8, weighting, 0.2, 10.0).sigmas.tolist() == grid.sigmas.tolist()
