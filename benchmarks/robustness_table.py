@@ -561,6 +561,28 @@ def report_attacks(report: dict[str, Any]) -> list[str]:
     return list(ensemble["order"]) if ensemble else [report["settings"]["attack"]]
 
 
+def report_budget(report: dict[str, Any]) -> dict[str, Any]:
+    """The attack budget of an ``rdc eval`` report: gradient steps, APGD-T target classes
+    and Square queries (None where the attack did not run)."""
+    per_attack = report["settings"].get("attack_settings") or {}
+    ensemble = report["settings"].get("ensemble") or {}
+    gradient = [a for name, a in per_attack.items() if name != "square"]
+    return {"steps": gradient[0].get("steps") if gradient else None, "targets": ensemble.get("targets"),
+            "square_queries": per_attack.get("square", {}).get("steps")}
+
+
+def describe_attacks(row: dict[str, Any]) -> str:
+    """A result row's attacks and budget for the README, e.g. ``ensemble (20 steps, 1 target, Square 100)``."""
+    budget = row.get("budget") or {}
+    parts = [f"{budget['steps']} steps"] if budget.get("steps") else []
+    if budget.get("targets"):
+        parts.append(f"{budget['targets']} target{'s' if budget['targets'] != 1 else ''}")
+    if budget.get("square_queries"):
+        parts.append(f"Square {budget['square_queries']}")
+    name = "ensemble" if list(row["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(row["attacks"])
+    return f"{name} ({', '.join(parts)})" if parts else name
+
+
 def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: int) -> dict[str, Any] | None:
     """The ``masking_checks`` entry of a result row: the checks of the evaluation rows
     ``row_keys`` (None when none ran), whether all passed, and each one's verdict."""
@@ -589,7 +611,8 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
     return {"key": f"{row.defense}-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES[row.defense],
             "defense": row.defense, "norm": row.norm, "eps": parse_fraction(row.eps), "n": report["n"],
             "clean": report["clean_acc"], "robust": report["robust_acc"], "ci95": list(report["robust_ci95"]),
-            "attacks": report_attacks(report), "grad_modes": [report["settings"].get("grad") or "exact"],
+            "attacks": report_attacks(report), "budget": report_budget(report),
+            "grad_modes": [report["settings"].get("grad") or "exact"],
             "model": model, "model_sha256": sha256, "command": ev.command, "hardware": report_hardware(report),
             "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
             "masking_checks": masking_summary(checks, [row.key], check_n)}
@@ -632,7 +655,7 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
     return {"key": f"rdc-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES["rdc"], "defense": "rdc",
             "norm": row.norm, "eps": parse_fraction(row.eps), "n": worst["n"], "clean": worst["clean_acc"],
             "robust": worst["robust_acc"], "ci95": list(worst["robust_ci95"]), "attacks": attacks,
-            "grad_modes": modes, "model": model, "model_sha256": sha256,
+            "budget": report_budget(parts[0][2]), "grad_modes": modes, "model": model, "model_sha256": sha256,
             "command": [ev.command for _, ev, _ in parts], "hardware": "; ".join(hardware),
             "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, _, rep in parts),
             "date": time.strftime("%Y-%m-%d"),
@@ -792,7 +815,7 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
              "|---|---|---|---|---|---|---|---|---|"]
     for r in shown:
         lo, hi = r["ci95"]
-        attacks = "full ensemble" if list(r["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(r["attacks"])
+        attacks = describe_attacks(r)
         checks = r.get("masking_checks")
         if not checks:
             verdict = "not run"

@@ -11,6 +11,7 @@ import pytest
 from rdc_studio.core.cli import build_parser
 from rdc_studio.core.data import mnist_available
 from rdc_studio.core.evaluate import wilson_interval
+from rdc_studio.core.models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFENSES = [("cnn", None), ("dc", None), ("rdc", "exact"), ("rdc", "smooth"), ("rdc", "bpda")]
@@ -73,7 +74,7 @@ def test_evaluation_files_are_named_after_the_model_files(table, capsys):
     assert table.main(["--dry-run", "--rows", "cnn-linf-0.3,dc-linf-0.3", "--check-rows", "dc-*"]) == 0
     stems = [Path(build_parser().parse_args(shlex.split(line)[1:]).out).stem
              for line in capsys.readouterr().out.splitlines() if line.startswith("rdc eval")]
-    m, c = "m" + _model_digest("mnist-multihead")[:8], "c" + _model_digest("mnist-cnn")[:8]
+    m, c = "m" + _model_digest(DEFAULT_MODEL)[:8], "c" + _model_digest("mnist-cnn")[:8]
     assert stems[0] == f"cnn-linf-0.3-n1000-{c}" and stems[1] == f"dc-linf-0.3-n200-{m}-{c}"
     checks = stems[2:]
     # APGD-CE and Square never touch the CNN; the transfer attack is crafted on it
@@ -219,7 +220,7 @@ def test_robustness_json_rows_for_three_threat_models(table, tmp_path, no_attack
     fakes = _write_fake_reports(table, argv, out_dir)
     assert table.main(argv) == 0
     rows = json.loads(results.read_text())
-    model_sha, cnn_sha = _model_digest("mnist-multihead"), _model_digest("mnist-cnn")
+    model_sha, cnn_sha = _model_digest(DEFAULT_MODEL), _model_digest("mnist-cnn")
     assert [(r["defense"], r["norm"], r["eps"]) for r in rows] == [
         (d, norm, float(eps)) for d in ("cnn", "dc", "rdc") for norm in ("linf", "l2")
         for n, eps in THREATS if n == norm]
@@ -230,7 +231,7 @@ def test_robustness_json_rows_for_three_threat_models(table, tmp_path, no_attack
         assert fields <= set(r) and r["attacks"] == list(ENSEMBLE) and r["masking_checks"] is None
         assert r["hardware"] == "Test CPU, 2 logical CPUs, torch 2.x, 2 threads, device cpu"
         assert (r["model"], r["model_sha256"]) == (("mnist-cnn", cnn_sha) if r["defense"] == "cnn"
-                                                   else ("mnist-multihead", model_sha))
+                                                   else (DEFAULT_MODEL, model_sha))
     for r in [r for r in rows if r["defense"] != "rdc"]:
         fake = fakes[r["key"]]  # the CNN and DC rows are their evaluation row as it is
         robust = len(range(0, fake["n"], 3))  # examples 0, 3, 6, ... survive
@@ -258,7 +259,7 @@ def test_rdc_row_is_the_worst_case_over_the_gradient_modes(table, tmp_path, no_a
     assert row["command"] == [p["settings"]["command"] for p in parts]
     assert all(c.startswith("rdc eval ") and f"--grad {m}" in c for c, m in zip(row["command"], row["grad_modes"]))
     assert row["seconds_per_image"] == pytest.approx(3.0 + 4.0 + 5.0)
-    assert row["model_sha256"] == _model_digest("mnist-multihead") and row["masking_checks"] is None
+    assert row["model_sha256"] == _model_digest(DEFAULT_MODEL) and row["masking_checks"] is None
     # the same worst case as core.evaluate's
     from rdc_studio.core.evaluate import worst_case_report
     assert worst_case_report(parts)["robust_acc"] == row["robust"]
@@ -397,9 +398,9 @@ def test_readme_table_is_generated_from_robustness_json(table, tmp_path, model_f
     assert table_lines[0].startswith("| defense | threat model | n | clean | robust (95% CI) |")
     assert [line.split(" | ")[:2] for line in table_lines[1:]] == [["| CNN", "l2 1.5"], ["| DC", "l-inf 0.1"],
                                                                     ["| RDC (worst case)", "l-inf 0.3"]]
-    assert "| 100 | 99.0% | **12.3%** (2.3-22.3) | full ensemble | **1 of 4 failed** (n = 50) | 120.00 | [1] |" \
+    assert "| 100 | 99.0% | **12.3%** (2.3-22.3) | ensemble | **1 of 4 failed** (n = 50) | 120.00 | [1] |" \
         in section
-    assert "| **51.5%** (41.5-61.5) | full ensemble | not run | 1.50 | [1] |" in section
+    assert "| **51.5%** (41.5-61.5) | ensemble | not run | 1.50 | [1] |" in section
     assert "| **0.0%**" in section and "[1] Test CPU, device cpu" in section
     assert "[2] NVIDIA H200, device cuda" in section
     assert "77.7" not in section and "88.8" not in section and "stale text" not in section
@@ -550,3 +551,16 @@ def test_jobs_run_evaluations_as_subprocesses_with_the_same_results(table, tiny_
         assert Path(row["report"]).with_suffix(".out").read_text()  # each subprocess's console output
     assert [c["check"]["name"] for c in par["checks"]] == [c["check"]["name"] for c in seq["checks"]]
     assert [c["check"]["passed"] for c in par["checks"]] == [c["check"]["passed"] for c in seq["checks"]]
+
+
+def test_rows_record_and_show_the_attack_budget(table):
+    """A reduced ensemble is never shown as the full one: steps, targets and queries are in the row."""
+    report = {"settings": {"ensemble": {"order": list(table.ENSEMBLE_ORDER), "targets": 1},
+                           "attack_settings": {"apgd-ce": {"steps": 20}, "apgd-dlr": {"steps": 20},
+                                               "square": {"steps": 100}, "transfer": {"steps": 20}}}}
+    budget = table.report_budget(report)
+    assert budget == {"steps": 20, "targets": 1, "square_queries": 100}
+    row = {"attacks": list(table.ENSEMBLE_ORDER), "budget": budget}
+    assert table.describe_attacks(row) == "ensemble (20 steps, 1 target, Square 100)"
+    single = {"attacks": ["apgd-ce"], "budget": {"steps": 100, "targets": None, "square_queries": None}}
+    assert table.describe_attacks(single) == "apgd-ce (100 steps)"
