@@ -394,7 +394,7 @@ def _rdc_eval(ev: Evaluation) -> tuple[int, str]:
     returns its exit code and last line of output."""
     import subprocess
 
-    proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *ev.argv], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core", *ev.argv], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, cwd=ROOT)
     tail = ""
     try:
@@ -450,7 +450,7 @@ def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,
                 print(f"$ {ev.command}   [{ev.name}.out]", file=sys.stderr, flush=True)
                 before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
                 log = open(out_dir / f"{ev.name}.out", "ab")
-                proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *ev.argv], stdout=log,
+                proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core", *ev.argv], stdout=log,
                                         stderr=subprocess.STDOUT, cwd=ROOT)
                 running.append((ev, proc, before, log))
             time.sleep(poll_seconds)

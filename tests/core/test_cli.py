@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -330,3 +332,9 @@ def test_help_is_fast_documents_every_option_and_names_noise_levels_levels():
     help_text = sub.choices["eval"].format_help()
     assert "(default: 100)" in help_text and "--levels T" in help_text
     assert "--steps" not in sub.choices["classify"].format_help()  # the old name still parses, unlisted
+
+
+def test_python_dash_m_runs_the_command_line():
+    """``python -m rdc_studio.core`` is the ``rdc`` program (what the robustness table spawns)."""
+    out = subprocess.run([sys.executable, "-m", "rdc_studio.core", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("usage: rdc ")
