@@ -51,7 +51,7 @@ def main() -> int:
     out = run(["rdc", "eval", "--dataset", "mnist", "--n", "20", "--defense", "dc", "--attack", "none",
                "--threads", "2", "--out", str(here / "eval.json")], env=env)
     report = json.loads((here / "eval.json").read_text())
-    print("rdc eval: clean accuracy", report.get("clean_accuracy"), "on", report.get("n"))
+    print("rdc eval: clean accuracy", report.get("clean_acc"), "on", report.get("n"))
 
     env = {k: v for k, v in os.environ.items() if k != "RDC_DATA_ROOT"}
     out = run(["rdc", "eval", "--dataset", "mnist", "--n", "2"], env=env, expect_ok=False)
