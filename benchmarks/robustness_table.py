@@ -13,7 +13,9 @@ Each evaluation writes NAME.json (report), NAME.log (readable log) and NAME.stat
 (per-example state) in --out-dir; NAME ends with the first 8 hex digits of the sha256 of
 the model files it uses (``m`` the diffusion model, ``c`` the CNN), so a retrained model
 never reuses or resumes an old model's evaluation. Re-running the script resumes an
-interrupted evaluation and reuses finished ones. The script writes table.md and
+interrupted evaluation and reuses finished ones; an evaluation over more examples than a
+finished one with otherwise the same settings starts from that one's state (n = 10 grows
+to n = 100 by attacking examples 10-99 only). The script writes table.md and
 table.json (every evaluation row, the worst cases and the checks) in --out-dir.
 
 **robustness.json.** The script also merges its results into ``--results`` (default
@@ -53,6 +55,7 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import re
 import shlex
 import sys
 import time
@@ -344,6 +347,37 @@ def _done_in_state(path: Path) -> int:
     return len(done)
 
 
+_STEM_N = re.compile(r"^(?P<pre>.*-n)(?P<n>[0-9]+)(?P<post>(-[mc][0-9a-f]{8})+)$")
+
+
+def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
+    """Start ``ev`` from the state of the same evaluation over fewer examples, if ``out_dir``
+    holds one and ``ev`` has no state yet: the state (and its timing) is copied to ``ev``'s name,
+    and ``rdc eval`` attacks only the examples it lacks (it checks that every other setting is
+    equal). Returns the name grown from, or None."""
+    import shutil
+
+    m = _STEM_N.match(ev.name)
+    if m is None or (out_dir / f"{ev.name}.state.jsonl").exists():
+        return None
+    n = int(m["n"])
+    smaller = []
+    for path in out_dir.glob(f"{m['pre']}*{m['post']}.state.jsonl"):
+        other = _STEM_N.match(path.name[: -len(".state.jsonl")])
+        if other and other["pre"] == m["pre"] and other["post"] == m["post"] and int(other["n"]) < n:
+            smaller.append((int(other["n"]), path.name[: -len(".state.jsonl")]))
+    if not smaller:
+        return None
+    source = max(smaller)[1]
+    shutil.copyfile(out_dir / f"{source}.state.jsonl", out_dir / f"{ev.name}.state.jsonl")
+    timing_path = out_dir / f"{source}.timing.json"
+    if timing_path.exists():
+        timing = json.loads(timing_path.read_text())
+        atomic_write_json(out_dir / f"{ev.name}.timing.json", timing | {"command": ev.command})
+    print(f"{ev.name}: grows the state of {source}", file=sys.stderr, flush=True)
+    return source
+
+
 def _existing_report(ev: Evaluation, out_dir: Path) -> dict[str, Any] | None:
     """The report of ``ev`` in ``out_dir`` if one was made by exactly ``ev``'s command."""
     path = out_dir / f"{ev.name}.json"
@@ -415,6 +449,7 @@ def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
     report = _existing_report(ev, out_dir)
     if report is None:
         print(f"\n$ {ev.command}", file=sys.stderr, flush=True)
+        grow_from_smaller_run(ev, out_dir)
         before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
         rc, last = _rdc_eval(ev)
         if rc != 0:
@@ -448,6 +483,7 @@ def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,
             while queue and len(running) < jobs:
                 ev = queue.pop(0)
                 print(f"$ {ev.command}   [{ev.name}.out]", file=sys.stderr, flush=True)
+                grow_from_smaller_run(ev, out_dir)
                 before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
                 log = open(out_dir / f"{ev.name}.out", "ab")
                 proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core", *ev.argv], stdout=log,

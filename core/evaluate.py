@@ -520,7 +520,10 @@ class ResumeState:
     """Per-example results appended to a JSON-lines file, so a stopped run resumes.
 
     The file starts with a header line holding the run's settings; resuming with
-    different settings is refused.
+    different settings is refused, except that an unsharded run may grow: a state
+    written for the first ``n`` examples serves a run over more examples with
+    otherwise equal settings (each example's attack is seeded by its index alone),
+    and its header is rewritten to the larger ``n``.
     """
 
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
@@ -531,12 +534,17 @@ class ResumeState:
         header = json.dumps({"settings": settings}, sort_keys=True)
         if self.path.exists():
             text = self.path.read_text()
-            if text and not text.endswith("\n"):  # cut off mid-line: start the next line cleanly
+            lines = text.splitlines()
+            if not lines or (lines[0] != header and not self._grows(lines[0], settings)):
+                raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
+            if lines[0] != header:  # a smaller run's state: same examples, the new n in the header
+                from .models import atomic_write_bytes
+
+                body = "\n".join(lines[1:])
+                atomic_write_bytes(self.path, (header + "\n" + body + ("\n" if body else "")).encode())
+            elif text and not text.endswith("\n"):  # cut off mid-line: start the next line cleanly
                 with open(self.path, "a") as f:
                     f.write("\n")
-            lines = text.splitlines()
-            if not lines or lines[0] != header:
-                raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
             for line in lines[1:]:
                 try:
                     r = ExampleResult(**json.loads(line))
@@ -563,6 +571,23 @@ class ResumeState:
                 self.results[r.index] = r
             f.flush()
             os.fsync(f.fileno())
+
+    @staticmethod
+    def _grows(header_line: str, settings: dict[str, Any]) -> bool:
+        """Whether ``header_line`` is the header of an unsharded run over fewer examples with
+        otherwise the same settings as ``settings``."""
+        import json
+
+        try:
+            old = json.loads(header_line)["settings"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return False
+        if not isinstance(old, dict) or not isinstance(old.get("n"), int):
+            return False
+        unsharded = old.get("shard") == [0, 1] and list(settings.get("shard", [])) == [0, 1]
+        same = ({k: v for k, v in old.items() if k != "n"}
+                == json.loads(json.dumps({k: v for k, v in settings.items() if k != "n"})))
+        return unsharded and same and old["n"] < settings["n"]
 
 
 @dataclass(frozen=True)

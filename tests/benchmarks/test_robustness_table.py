@@ -564,3 +564,30 @@ def test_rows_record_and_show_the_attack_budget(table):
     assert table.describe_attacks(row) == "ensemble (20 steps, 1 target, Square 100)"
     single = {"attacks": ["apgd-ce"], "budget": {"steps": 100, "targets": None, "square_queries": None}}
     assert table.describe_attacks(single) == "apgd-ce (100 steps)"
+
+
+def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
+    out_dir = tmp_path / "table"
+    out_dir.mkdir()
+
+    def evaluation(n: int, eps: str = "1.5"):
+        args = table.add_model_digests(table.build_parser().parse_args(
+            ["--out-dir", str(out_dir), "--threats", f"l2:{eps}", "--rows", "dc-*", "--n-dc", str(n), "--no-checks"]))
+        return table.row_evaluation(args, table.build_rows(args)[0])
+
+    for n in (4, 6):
+        ev = evaluation(n)
+        (out_dir / f"{ev.name}.state.jsonl").write_text(f'{{"settings": {{"n": {n}}}}}\n{{"index": 0}}\n')
+        (out_dir / f"{ev.name}.timing.json").write_text(json.dumps({"command": ev.command, "seconds": 2.0 * n,
+                                                                    "examples": n}))
+    other = evaluation(2, eps="2")  # another threat model never serves as a source
+    (out_dir / f"{other.name}.state.jsonl").write_text('{"settings": {"n": 2}}\n')
+    assert table.grow_from_smaller_run(evaluation(4), out_dir) is None  # it has its own state
+    assert table.grow_from_smaller_run(evaluation(3), out_dir) is None  # nothing smaller
+    big = evaluation(10)
+    assert table.grow_from_smaller_run(big, out_dir) == evaluation(6).name
+    assert (out_dir / f"{big.name}.state.jsonl").read_text() == '{"settings": {"n": 6}}\n{"index": 0}\n'
+    timing = json.loads((out_dir / f"{big.name}.timing.json").read_text())
+    assert timing == {"command": big.command, "seconds": 12.0, "examples": 6}
+    assert f"grows the state of {evaluation(6).name}" in capsys.readouterr().err
+    assert table.grow_from_smaller_run(evaluation(2, eps="2"), out_dir) is None

@@ -175,6 +175,28 @@ def test_eval_resumes_from_state(tiny_checkpoint, tmp_path):
         main(args + ["--state", str(state), "--eps", "0.1"])
 
 
+def test_eval_grows_a_smaller_runs_state(tiny_checkpoint, tmp_path):
+    """A finished run's state serves a run over more examples: the examples it holds are
+    not attacked again and the report equals an uninterrupted run over all of them."""
+    args = ["eval", "--dataset", "mnist", "--defense", "dc", "--attack", "apgd-ce", "--eps", "0.3",
+            "--steps", "2", "--levels", "2", "--batch-size", "2", "--model", str(tiny_checkpoint), "--device", "cpu"]
+    small, whole = tmp_path / "small.jsonl", tmp_path / "whole.jsonl"
+    assert main(args + ["--n", "4", "--state", str(small), "--out", str(tmp_path / "small.json")]) == 0
+    assert main(args + ["--n", "6", "--state", str(whole), "--out", str(tmp_path / "whole.json")]) == 0
+    kept = small.read_text().splitlines()[1:]
+    assert main(args + ["--n", "6", "--state", str(small), "--out", str(tmp_path / "grown.json")]) == 0
+    lines = small.read_text().splitlines()
+    assert json.loads(lines[0])["settings"]["n"] == 6 and lines[1:5] == kept and len(lines) == 7
+    grown, ref = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("grown", "whole"))
+    assert grown["n"] == 6 and grown["per_example"] == ref["per_example"]
+    # a state never shrinks, and growing keeps every other setting fixed
+    with pytest.raises(SystemExit, match="other settings"):
+        main(args + ["--n", "4", "--state", str(small)])
+    with pytest.raises(SystemExit, match="other settings"):
+        main(args + ["--n", "8", "--state", str(small), "--eps", "0.1"])
+    assert json.loads(small.read_text().splitlines()[0])["settings"]["n"] == 6
+
+
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
 def test_sharded_eval_matches_single_process(tiny_checkpoint, tmp_path):
     """``torchrun --nproc-per-node 2`` (gloo on CPU) gathers the same report as one process."""
