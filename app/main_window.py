@@ -20,7 +20,7 @@ from ..core.classifier import build_classifier, classifier_settings
 from ..core.defense import build_defense, build_maximizer, gradient_warning, purify_settings
 from ..core.ood import OodScorer
 from ..core.presets import get_preset
-from ..core.sample import SampleStep
+from ..core.sample import SampleStep, parse_sample_filename
 from ..core.images import save_png_atomic
 from ..core.session import SessionError, load_session, make_session, save_session, write_csv
 from ..core.images import ImageLoadError, convert_image, load_for_model
@@ -48,9 +48,9 @@ def sample_caption(stem: str, classes: list[str]) -> str:
     ``3-007`` becomes ``"3 #7"`` for MNIST's classes; names that do not follow the pattern
     are shown as they are.
     """
-    label, _, index = stem.partition("-")
-    if label.isdigit() and int(label) < len(classes) and index.isdigit():
-        return f"{classes[int(label)]} #{int(index)}"
+    parsed = parse_sample_filename(stem)
+    if parsed is not None and parsed[0] < len(classes):
+        return f"{classes[parsed[0]]} #{parsed[1]}"
     return stem
 
 

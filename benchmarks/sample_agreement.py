@@ -28,7 +28,7 @@ import torch
 from rdc_studio.core.baseline import load_cnn
 from rdc_studio.core.images import save_png_atomic
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
-from rdc_studio.core.sample import sample
+from rdc_studio.core.sample import sample, sample_filename
 
 
 def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sampler_steps: int = 18,
@@ -58,11 +58,11 @@ def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sam
         if out_dir is not None:
             out_dir.mkdir(parents=True, exist_ok=True)
             for i, image in enumerate(images):
-                save_png_atomic(image, out_dir / f"{y}-{i:03d}.png")
+                save_png_atomic(image, out_dir / sample_filename(y, i))
         if gallery is not None:
             gallery.mkdir(parents=True, exist_ok=True)
             for i in [i for i in range(n) if pred[i] == y][:gallery_n]:
-                save_png_atomic(images[i], gallery / f"{y}-{i:03d}.png")
+                save_png_atomic(images[i], gallery / sample_filename(y, i))
     k = model.net.config.num_classes
     labels = np.repeat(np.arange(k), n)
     return {

@@ -399,7 +399,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .images import save_png_atomic
     from .models import CheckpointError, load_checkpoint
-    from .sample import sample
+    from .sample import sample, sample_filename
 
     if not args.out and not args.out_dir:
         raise SystemExit("rdc: error: give --out GRID.png, --out-dir DIR, or both")
@@ -429,9 +429,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0)):
             pass
         if out_dir is not None:
-            name = "uncond" if y is None else str(y)
             for i, image in enumerate(last.image):
-                save_png_atomic(image, out_dir / f"{name}-{i:03d}.png")
+                save_png_atomic(image, out_dir / sample_filename(y, i))
         columns.append(np.concatenate(list(last.image), axis=1))  # stack the n samples vertically
     if args.out:
         save_png_atomic(np.concatenate(columns, axis=2), Path(args.out))

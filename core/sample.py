@@ -21,6 +21,21 @@ class SampleStep:
     image: np.ndarray  # (N, C, H, W) current denoised estimate in [0, 1]
 
 
+def sample_filename(label: int | None, index: int) -> str:
+    """The file name of one sample, ``LABEL-INDEX.png`` (``3-007.png``; ``uncond-000.png``
+    for unconditional samples), as ``rdc sample --out-dir`` writes and the app's gallery reads."""
+    return f"{'uncond' if label is None else int(label)}-{index:03d}.png"
+
+
+def parse_sample_filename(stem: str) -> tuple[int, int] | None:
+    """``(label, index)`` of a sample file's stem (``"3-007"`` -> ``(3, 7)``), or None when the
+    name does not follow :func:`sample_filename` for a class-conditional sample."""
+    label, _, index = stem.partition("-")
+    if label.isdigit() and index.isdigit():
+        return int(label), int(index)
+    return None
+
+
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """The EDM time discretisation, descending, with a final 0."""
     i = torch.arange(steps, dtype=torch.float64)

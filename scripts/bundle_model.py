@@ -7,6 +7,15 @@ exact commands, and copies weights + card to resources/models/NAME.*.
     python scripts/bundle_model.py --run runs/emb --name mnist-embedding --steps 8 \
         --weighting edm --sigma-min 0.2 --sigma-max 10 --screen-levels 4 --keep-classes 3 \
         --val-n 1000 --test-n 1000
+
+``--card-only`` updates the JSON card of an already bundled model (purification defaults,
+sample agreement, purification sweep) without re-measuring or re-saving its weights, so the
+weights' sha256, which robustness.json rows are keyed on, stays; the command is appended to
+the card's ``metrics.card_updates``:
+
+    python scripts/bundle_model.py --card-only --name mnist-embedding --purify-eta 0.1 \
+        --purify-step-size 0.04 --purify-sigma 0.4,0.6 --purify-note "..." \
+        --purify-sweep benchmarks/results/purify-sweep-mnist-embedding.json
 """
 from __future__ import annotations
 
@@ -24,7 +33,7 @@ from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
 from rdc_studio.core.data import load_dataset
 from rdc_studio.core.defense import parse_fraction
 from rdc_studio.core.evaluate import evaluate_clean, hardware_description, wilson_interval
-from rdc_studio.core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint
+from rdc_studio.core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint, update_card
 from rdc_studio.core.purify import PurifySettings
 
 
@@ -41,13 +50,16 @@ def measure(clf: DiffusionClassifier, split: str, n: int, data_root) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--run", required=True, help="run directory holding model.safetensors (or a checkpoint path)")
+    p.add_argument("--run", help="run directory holding model.safetensors (or a checkpoint path)")
     p.add_argument("--name", required=True)
-    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--card-only", action="store_true",
+                   help="update the card of the bundled model NAME (the --purify-* options, --agreement, "
+                        "--purify-sweep) and leave its weights and measured accuracy as they are")
+    p.add_argument("--steps", type=int)
     p.add_argument("--weighting", default="edm")
     p.add_argument("--grid", default="quantile", help="placement of the noise levels (quantile, log, uniform)")
-    p.add_argument("--sigma-min", type=float, required=True)
-    p.add_argument("--sigma-max", type=float, required=True)
+    p.add_argument("--sigma-min", type=float)
+    p.add_argument("--sigma-max", type=float)
     p.add_argument("--bf16", action="store_true")
     p.add_argument("--screen-levels", type=int, default=0,
                    help="progressive class elimination: levels spent on all classes (0 = none)")
@@ -72,6 +84,13 @@ def main(argv=None) -> int:
     p.add_argument("--purify-sweep", default=None, metavar="JSON",
                    help="the report scripts/purify_sweep.py wrote when the purification defaults were chosen")
     args = p.parse_args(argv)
+    command = "python scripts/bundle_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+    if args.card_only:
+        return update_bundled_card(args, command, p)
+    missing = [f"--{k.replace('_', '-')}" for k in ("run", "steps", "sigma_min", "sigma_max")
+               if getattr(args, k) is None]
+    if missing:
+        p.error(f"the following arguments are required (unless --card-only): {', '.join(missing)}")
     torch.set_num_threads(args.threads)
     src = Path(args.run)
     src = src / "model.safetensors" if src.is_dir() else src
@@ -79,7 +98,6 @@ def main(argv=None) -> int:
     settings = ClassifierSettings(steps=args.steps, weighting=args.weighting, sigma_min=args.sigma_min,
                                   sigma_max=args.sigma_max, bf16=args.bf16, grid=args.grid,
                                   screen_levels=args.screen_levels, keep_classes=args.keep_classes)
-    command = "python scripts/bundle_model.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     dst = BUNDLED_DIR / f"{args.name}.safetensors"
     t0 = time.perf_counter()
     clf = DiffusionClassifier(model.net, settings)
@@ -96,9 +114,20 @@ def main(argv=None) -> int:
         "settings_choice": args.note,
         "measure_seconds": round(time.perf_counter() - t0, 1),
     }
+    add_card_extras(card, args)
+    save_checkpoint(dst, model.net, card)
+    print(json.dumps(card["metrics"], indent=2))
+    print(f"bundled {dst}")
+    return 0
+
+
+def add_card_extras(card: dict, args: argparse.Namespace) -> None:
+    """Put the sample agreement, purification sweep and purification defaults of ``args``
+    (those given) into ``card``."""
+    metrics = card.setdefault("metrics", {})
     for key, path in (("sample_agreement", args.agreement), ("purify_sweep", args.purify_sweep)):
         if path:
-            card["metrics"][key] = json.loads(Path(path).read_text())
+            metrics[key] = json.loads(Path(path).read_text())
     if args.purify_eta is not None:
         sigma = {}
         if args.purify_sigma:
@@ -108,10 +137,23 @@ def main(argv=None) -> int:
                                 step_size=parse_fraction(args.purify_step_size or "0"), optimizer=args.purify_optimizer,
                                 **sigma)
         card["purify"] = purify.to_dict()
-        card["metrics"]["purify_choice"] = args.purify_note
-    save_checkpoint(dst, model.net, card)
-    print(json.dumps(card["metrics"], indent=2))
-    print(f"bundled {dst}")
+        metrics["purify_choice"] = args.purify_note
+
+
+def update_bundled_card(args: argparse.Namespace, command: str, parser: argparse.ArgumentParser) -> int:
+    """``--card-only``: rewrite the JSON card of the bundled model ``args.name`` (weights untouched)."""
+    weights = BUNDLED_DIR / f"{args.name}.safetensors"
+    if not weights.exists():
+        parser.error(f"--card-only: no bundled model {args.name!r} ({weights} does not exist)")
+    if args.purify_eta is None and not (args.agreement or args.purify_sweep):
+        parser.error("--card-only: nothing to update (give --purify-eta, --agreement or --purify-sweep)")
+    card = load_checkpoint(weights).card
+    add_card_extras(card, args)
+    card["metrics"]["card_updates"] = card["metrics"].get("card_updates", []) + [command]
+    for key in ("metrics", "purify"):
+        if key in card:
+            update_card(weights, key, card[key])
+    print(f"updated the card {weights.with_suffix('.json')} (weights unchanged)")
     return 0
 
 

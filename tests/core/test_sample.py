@@ -27,3 +27,11 @@ def test_sampler_records_and_determinism(tiny_net):
 def test_sampler_rejects_bad_label(tiny_net):
     with pytest.raises(ValueError):
         list(sample(tiny_net, 11))
+
+
+def test_sample_file_names_round_trip():
+    from rdc_studio.core.sample import parse_sample_filename, sample_filename
+
+    assert sample_filename(3, 7) == "3-007.png" and sample_filename(None, 12) == "uncond-012.png"
+    assert parse_sample_filename("3-007") == (3, 7) and parse_sample_filename(sample_filename(9, 123)[:-4]) == (9, 123)
+    assert parse_sample_filename("uncond-012") is None and parse_sample_filename("digit") is None
