@@ -1,9 +1,10 @@
 """Classification speed of the diffusion classifier on this machine.
 
 Prints, measured in one run: ms per image for the default model and settings (single
-image and batched), multi-head vs per-class evaluation time and their ratio (timed in
-interleaved pairs), and the
-achieved GFLOP/s against the measured fp32 matmul throughput.
+image and batched), for a multi-head network its time against per-class evaluation and
+their ratio (timed in interleaved pairs; a class-embedding network has no shared pass to
+compare, so this is skipped), and the achieved GFLOP/s against the measured fp32 matmul
+throughput.
 
     python benchmarks/bench_classify.py [--model NAME|PATH] [--steps T] [--threads N] [--json out.json]
 """
@@ -86,17 +87,21 @@ def main(argv=None) -> int:
     with torch.no_grad():
         t_single = time_call(lambda: clf(one), args.repeats)
         t_batch = time_call(lambda: clf(batch), max(3, args.repeats // 3)) / args.batch
-        _, t_perclass, speedup = paired_times(lambda: clf(one), lambda: clf(one, per_class=True), args.repeats)
+        multihead = cfg.architecture == "multihead"
+        if multihead:
+            _, t_perclass, speedup = paired_times(lambda: clf(one), lambda: clf(one, per_class=True), args.repeats)
+            flops_perclass = count_flops(lambda: clf(one, per_class=True))
         flops_single = count_flops(lambda: clf(one))
-        flops_perclass = count_flops(lambda: clf(one, per_class=True))
     peak = matmul_gflops()
     s = clf.settings
     result = {
         "model": model.name, "architecture": cfg.architecture, "steps": s.steps, "weighting": s.weighting,
         "threads": args.threads, "hardware": hardware_description(),
         "ms_single_image": t_single * 1e3, "ms_per_image_batched": t_batch * 1e3, "batch": args.batch,
-        "ms_per_class_mode": t_perclass * 1e3, "multihead_speedup": speedup,
-        "gflop_per_image": flops_single / 1e9, "gflop_per_image_per_class_mode": flops_perclass / 1e9,
+        "ms_per_class_mode": t_perclass * 1e3 if multihead else None,
+        "multihead_speedup": speedup if multihead else None,
+        "gflop_per_image": flops_single / 1e9,
+        "gflop_per_image_per_class_mode": flops_perclass / 1e9 if multihead else None,
         "gflops_single": flops_single / t_single / 1e9, "gflops_batched": flops_single / t_batch / 1e9,
         "matmul_fp32_gflops": peak,
     }
@@ -105,9 +110,12 @@ def main(argv=None) -> int:
     print(f"hardware: {result['hardware']}")
     print(f"single image      : {result['ms_single_image']:8.1f} ms")
     print(f"batched ({args.batch:3d})     : {result['ms_per_image_batched']:8.1f} ms/image")
-    print(f"per-class mode    : {result['ms_per_class_mode']:8.1f} ms/image  (K={cfg.num_classes} separate passes)")
-    print(f"multi-head speedup: {result['multihead_speedup']:8.2f} x   "
-          f"(median of {args.repeats} interleaved pairs; FLOP ratio {flops_perclass / flops_single:.2f} x)")
+    if multihead:
+        print(f"per-class mode    : {result['ms_per_class_mode']:8.1f} ms/image  (K={cfg.num_classes} separate passes)")
+        print(f"multi-head speedup: {result['multihead_speedup']:8.2f} x   "
+              f"(median of {args.repeats} interleaved pairs; FLOP ratio {flops_perclass / flops_single:.2f} x)")
+    else:
+        print(f"per-class mode    :      n/a  ({cfg.architecture} network: one pass per class, batched)")
     print(f"work              : {result['gflop_per_image']:8.3f} GFLOP/image")
     print(f"achieved          : {result['gflops_single']:8.1f} GFLOP/s single, {result['gflops_batched']:.1f} GFLOP/s "
           f"batched; fp32 matmul peak {peak:.1f} GFLOP/s "
