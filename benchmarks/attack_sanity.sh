@@ -7,7 +7,7 @@
 #   N=10 bash benchmarks/attack_sanity.sh DIR        (DC and RDC on the first 10 digits)
 #
 # N (default 50) is the number of test digits of the DC and RDC evaluations, N_CNN (default
-# 200) that of the CNN's. Every evaluation keeps per-example state in OUT_DIR, so an
+# 200) that of the CNN's, THREADS (default 0: one per core) the torch threads of each command. Every evaluation keeps per-example state in OUT_DIR, so an
 # interrupted run resumes; a finished one is not recomputed. With the defaults this takes
 # hours on a 2-core CPU for a class-embedding model (48 network evaluations per
 # classification); N=10 takes about an hour.
@@ -15,13 +15,14 @@ set -euo pipefail
 out=${1:-runs/eval}
 n=${N:-50}
 n_cnn=${N_CNN:-200}
+threads=${THREADS:-0}
 mkdir -p "$out"
 
 run() {  # run NAME ARGS...: one `rdc eval` with its report, log and state under $out
     local name=$1; shift
     if [[ -f "$out/$name.json" ]]; then echo "have $out/$name.json"; return; fi
     echo "+ rdc eval $* ($name)"
-    rdc eval --dataset mnist --split test "$@" --state "$out/$name.state.jsonl" \
+    rdc eval --dataset mnist --split test "$@" --threads "$threads" --state "$out/$name.state.jsonl" \
         --out "$out/$name.json" --log "$out/$name.log"
 }
 
@@ -57,7 +58,7 @@ from rdc_studio.core.images import save_png_atomic
 data = load_dataset("mnist", "test")
 save_png_atomic(data.float_images(slice(0, 1))[0].numpy(), sys.argv[1])
 PY
-/usr/bin/time -v rdc attack "$out/digit.png" --defense rdc --attack apgd-ce --eps 0.3 --steps 100 --grad exact \
+/usr/bin/time -v rdc attack "$out/digit.png" --threads "$threads" --defense rdc --attack apgd-ce --eps 0.3 --steps 100 --grad exact \
     --out "$out/digit-adv.png" --report "$out/digit-attack.json" 2> "$out/digit-attack.time"
 grep -E "Maximum resident|Elapsed" "$out/digit-attack.time"
 python - "$out" "$n" <<'PY'
