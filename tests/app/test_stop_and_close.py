@@ -3,16 +3,21 @@
 Every network pass is slowed by a forward hook (20 ms of sleep), and the settings are
 those of the reported hang (T = 256 noise levels; attack: EOT 50 draws), so one attack
 iteration would take minutes. The engine checks cancellation between noise-level chunks
-(classify), EOT draws (attack) and steps (purify); these tests use a generous bound
-(5 s) so a busy machine cannot fail them; the product target (0.5 s) is measured by
+(classify), EOT draws (attack) and steps (purify).
+
+No test here bounds wall-clock time (a loaded machine could miss any bound): the hook can
+hold the worker inside a network pass, so the tests count what happens instead: the
+network passes the worker makes after Stop (at most the rest of one cancellation unit),
+and whether close() and quitting return, and the GUI keeps handling events, while the
+worker is held. The product target (0.5 s from Stop to an idle worker) is measured by
 ``benchmarks/bench_gui_latency.py``.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -25,19 +30,40 @@ from rdc_studio.core.models import load_checkpoint  # noqa: E402
 from test_main_window import isolate_settings  # noqa: E402 (tests/app is on sys.path)
 
 KINDS = ["classify", "attack", "purify"]
-STOP_BOUND_S = 5.0
+HANG_S = 60  # only a hang detector: the tests never depend on how fast the machine is
+# Network passes the worker may still make after Stop: the rest of one cancellation unit
+# (a noise-level chunk, an EOT draw, an LM step). The jobs above have hundreds left.
+MAX_PASSES_AFTER_STOP = 4
 
 
-def slow_down(window, seconds: float = 0.02) -> list:
-    """Sleep in every network pass; returns the list the hook counts passes in."""
-    calls = []
+class SlowNetwork:
+    """A forward hook that sleeps in every network pass, counts the passes in ``calls``,
+    and can hold the worker inside a pass (:meth:`hold`, :meth:`release`)."""
 
-    def hook(*_):
-        calls.append(time.perf_counter())
-        time.sleep(seconds)
+    def __init__(self, window, seconds: float = 0.02) -> None:
+        self.calls: list[float] = []
+        self.seconds = seconds
+        self.gate = threading.Event()
+        self.gate.set()
+        self.held = threading.Event()  # a pass is waiting at the closed gate
+        self.gate_timed_out = False
+        window.model.net.noise_embedding.register_forward_hook(self._hook)  # once per network pass
 
-    window.model.net.noise_embedding.register_forward_hook(hook)  # once per network pass
-    return calls
+    def _hook(self, *_) -> None:
+        self.calls.append(time.perf_counter())
+        if not self.gate.is_set():
+            self.held.set()
+            if not self.gate.wait(HANG_S):
+                self.gate_timed_out = True
+        time.sleep(self.seconds)
+
+    def hold(self) -> None:
+        """Close the gate: the worker's next network pass waits there until :meth:`release`."""
+        self.held.clear()
+        self.gate.clear()
+
+    def release(self) -> None:
+        self.gate.set()
 
 
 def start_slow_job(window, kind: str) -> None:
@@ -59,18 +85,24 @@ def slow_window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
     win.show_error = lambda title, text: pytest.fail(f"{title}: {text}")
     qtbot.addWidget(win)
     win.show()
-    win.calls = slow_down(win)
+    win.slow = SlowNetwork(win)
     yield win
     win.runner.shutdown()
+
+
+def hold_inside_the_job(qtbot, win) -> None:
+    """Start holding the worker once it is inside the job's network passes."""
+    qtbot.waitUntil(lambda: len(win.slow.calls) >= 3, timeout=HANG_S * 1000)
+    win.slow.hold()
+    qtbot.waitUntil(win.slow.held.is_set, timeout=HANG_S * 1000)
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_stop_in_a_slow_step_shows_at_once_and_ends_the_worker(qtbot, slow_window, kind):
     win = slow_window
     start_slow_job(win, kind)
-    qtbot.waitUntil(lambda: len(win.calls) >= 3, timeout=30000)  # inside the job's network passes
+    hold_inside_the_job(qtbot, win)
     win.stop()
-    t0 = time.perf_counter()
     # the views say so at once, before the worker has ended
     assert not win.runner.busy and not win.stop_button.isEnabled()
     assert win.progress.format().startswith("stopped at")
@@ -79,29 +111,31 @@ def test_stop_in_a_slow_step_shows_at_once_and_ends_the_worker(qtbot, slow_windo
         assert win.attack_verdict.text().startswith("Stopped") and win.attack_panel.run_button.isEnabled()
     if kind == "classify" and win.curves.steps:
         assert win.bars.verdict.text().startswith("Stopped")
-    qtbot.waitUntil(lambda: win.runner.running_threads() == 0, timeout=int(STOP_BOUND_S * 1000))
-    assert time.perf_counter() - t0 < STOP_BOUND_S
-    passes = len(win.calls)
+    at_stop = len(win.slow.calls)
+    win.slow.release()
+    qtbot.waitUntil(lambda: win.runner.running_threads() == 0, timeout=HANG_S * 1000)
+    assert len(win.slow.calls) - at_stop <= MAX_PASSES_AFTER_STOP
+    passes = len(win.slow.calls)
     qtbot.wait(300)
-    assert len(win.calls) == passes, "the network kept running after the worker ended"
+    assert len(win.slow.calls) == passes, "the network kept running after the worker ended"
+    assert not win.slow.gate_timed_out
 
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_close_in_a_slow_step_never_blocks_the_gui(qtbot, slow_window, kind):
     win = slow_window
     start_slow_job(win, kind)
-    qtbot.waitUntil(lambda: len(win.calls) >= 3, timeout=30000)
-    t0 = time.perf_counter()
+    hold_inside_the_job(qtbot, win)
     win.close()
-    returned = time.perf_counter() - t0
-    assert returned < STOP_BOUND_S  # close() only cancels: it never waits for the worker
-    qtbot.waitUntil(lambda: not win.isVisible(), timeout=int(STOP_BOUND_S * 1000))
+    # close() only cancels: it returned while the worker is still held inside a pass
+    assert win.runner.running_threads() == 1 and not win.slow.gate_timed_out
+    win.slow.release()
+    qtbot.waitUntil(lambda: not win.isVisible(), timeout=HANG_S * 1000)
     assert win.runner.running_threads() == 0
 
 
 DRIVER = textwrap.dedent('''
-    import json, os, signal, sys, time
-    import numpy as np
+    import json, os, signal, sys
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
     from rdc_studio.app.interrupt import InterruptHandler
@@ -109,25 +143,39 @@ DRIVER = textwrap.dedent('''
     from rdc_studio.app.worker import wait_for_workers
     from rdc_studio.core.models import load_checkpoint
     sys.path.insert(0, os.path.dirname(sys.argv[4]))
-    from test_stop_and_close import slow_down, start_slow_job
+    from test_stop_and_close import SlowNetwork, start_slow_job
 
+    TICKS_WHILE_HELD = 20  # timer events the GUI must handle while the worker is held
     checkpoint, kind, how = sys.argv[1:4]
     app = QApplication([])
     win = MainWindow(load_checkpoint(checkpoint), steps=4)
     win.show_error = lambda title, text: print(f"error: {title}: {text}", file=sys.stderr)
     win.show()
-    calls = slow_down(win)
-    ticks, times = [], {}
+    slow = SlowNetwork(win)
+    report = {"ticks_while_held": 0, "released_by_gui": False}
     tick = QTimer()
     tick.setInterval(10)
-    tick.timeout.connect(lambda: ticks.append(time.perf_counter()))
+
+    def on_tick():
+        if slow.gate.is_set():
+            return
+        report["ticks_while_held"] += 1
+        if report["ticks_while_held"] >= TICKS_WHILE_HELD:
+            report["released_by_gui"] = True  # the GUI kept running: let the worker see the cancel
+            slow.release()
+
+    tick.timeout.connect(on_tick)
     interrupt = InterruptHandler(win.close)
 
     def request():
-        if len(calls) < 3:  # not yet inside the job's passes
-            QTimer.singleShot(50, request)
+        if len(slow.calls) < 3:  # not yet inside the job's passes
+            QTimer.singleShot(20, request)
             return
-        times["request"] = time.perf_counter()
+        if slow.gate.is_set():
+            slow.hold()
+        if not slow.held.is_set():  # wait until the worker is held inside a pass
+            QTimer.singleShot(10, request)
+            return
         tick.start()
         if how == "close":
             win.close()  # what File > Quit (Ctrl+Q) does
@@ -137,11 +185,10 @@ DRIVER = textwrap.dedent('''
     QTimer.singleShot(0, lambda: start_slow_job(win, kind))
     QTimer.singleShot(100, request)
     code = app.exec()
-    closed = time.perf_counter()
     interrupt.uninstall()
     wait_for_workers()
-    gaps = np.diff(ticks) if len(ticks) > 1 else np.zeros(1)
-    print(json.dumps({"close_s": closed - times["request"], "max_gap_s": float(gaps.max())}))
+    report["gate_timed_out"] = slow.gate_timed_out
+    print(json.dumps(report))
     sys.exit(code)
 ''')
 
@@ -159,6 +206,6 @@ def test_quit_during_a_slow_step_exits_0_without_traceback(tmp_path, tiny_checkp
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr and "QThread" not in proc.stderr, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["close_s"] < STOP_BOUND_S
-    assert report["max_gap_s"] < STOP_BOUND_S  # the GUI kept ticking while the worker stopped
-    assert signal.SIGINT  # (Ctrl+C is delivered as SIGINT)
+    # quitting never blocked the GUI: it handled timer events while the worker was held in a
+    # network pass, and it (not the hang detector) let the worker go on to see the cancel
+    assert report["released_by_gui"] and not report["gate_timed_out"], report
