@@ -352,7 +352,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model, clf = _load(args)
         device = str(clf.device)
         purify = _purify_settings(model, args) if args.defense == "rdc" else None
-    rank, world = (0, 1) if config.attack == "none" and config.defense == "dc" else init_distributed(device)
+    rank, world = (0, 1) if config.attack == "none" else init_distributed(device)
     bar = None
 
     def progress(p) -> None:

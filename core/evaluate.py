@@ -44,17 +44,20 @@ class EvalStep:
         return self.correct / max(1, self.done)
 
 
-def evaluate_clean(clf: DiffusionClassifier, dataset: TensorDataset, n: int | None = None,
+def evaluate_clean(clf: torch.nn.Module, dataset: TensorDataset, n: int | None = None,
                    batch_size: int = 50, cancelled: Callable[[], bool] = lambda: False) -> Iterator[EvalStep]:
-    """Classify the first ``n`` examples of ``dataset``, yielding one record per batch."""
+    """Classify the first ``n`` examples of ``dataset`` with ``clf`` (a diffusion classifier
+    or any defense returning logits), yielding one record per batch. No gradients are
+    computed (the RDC's likelihood maximisation takes its own input gradients)."""
     total = len(dataset) if n is None else min(n, len(dataset))
     correct, start = 0, time.perf_counter()
+    device = module_device(clf)
     with torch.no_grad():
         for i in range(0, total, batch_size):
             if cancelled():
                 return
             j = min(i + batch_size, total)
-            x = dataset.float_images(slice(i, j)).to(clf.device)
+            x = dataset.float_images(slice(i, j)).to(device)
             y = dataset.labels[i:j]
             pred = clf(x).argmax(1).cpu()
             correct += int((pred == y).sum())
@@ -730,9 +733,13 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
     total = min(config.n or len(ds), len(ds))
     settings.update({"dataset": config.dataset, "split": config.split, "defense": config.defense,
                      "attack": config.attack, "batch_size": config.batch_size, "command": config.command})
-    if config.attack == "none" and config.defense == "dc":
+    if config.attack == "none":  # clean accuracy: forward passes only, whatever the defense
+        module = classifier if config.defense == "dc" else build_defense(
+            config.defense, model, classifier, purify=purify, grad_mode=config.grad, cnn=config.cnn, device=device)
+        if config.defense == "rdc":
+            settings["purify"] = module.maximizer.settings.to_dict()
         steps = []
-        for rec in evaluate_clean(classifier, ds, total, config.batch_size, cancelled=cancelled):
+        for rec in evaluate_clean(module, ds, total, config.batch_size, cancelled=cancelled):
             steps.append(rec)
             if progress is not None:
                 progress(EvalProgress(rec.done, total, rec.accuracy))
@@ -748,9 +755,7 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         settings["purify"] = defense.maximizer.settings.to_dict()
         settings["grad"] = defense.grad_mode  # the mode actually used (auto resolved)
     members, surrogate, seeds = None, None, None
-    if config.attack == "none":
-        att = AttackSettings(eps=0.0, steps=1, random_start=False)
-    elif config.attack in ("ensemble", "transfer"):
+    if config.attack in ("ensemble", "transfer"):
         members, surrogate = _ensemble(config, ds, device)
         if config.attack == "transfer":  # the ensemble's transfer attack alone
             members = [m for m in members if m.transfer]

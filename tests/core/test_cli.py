@@ -54,6 +54,21 @@ def test_eval_writes_report(tiny_checkpoint, tmp_path):
     assert report["settings"]["classifier"]["steps"] == 2 and report["model"]["name"] == "tiny"
 
 
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+@pytest.mark.parametrize("defense", ["rdc", "cnn"])
+def test_clean_eval_of_any_defense_runs_no_attack(tiny_checkpoint, tiny_cnn, tmp_path, defense):
+    """--attack none measures clean accuracy with forward passes only, for the RDC and the
+    CNN as for the DC; it equals the clean accuracy an attack's report gives."""
+    args = ["eval", "--dataset", "mnist", "--split", "test", "--n", "6", "--defense", defense,
+            "--model", str(tiny_checkpoint), "--cnn", str(tiny_cnn), "--levels", "2", "--batch-size", "3"]
+    assert main(args + ["--attack", "none", "--out", str(tmp_path / "clean.json")]) == 0
+    assert main(args + ["--attack", "apgd-ce", "--eps", "0.1", "--steps", "1", "--out", str(tmp_path / "a.json")]) == 0
+    clean, attacked = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("clean", "a"))
+    assert clean["n"] == 6 and "attack_settings" not in clean["settings"] and clean.get("robust_acc") is None
+    assert clean["clean_acc"] == attacked["clean_acc"]
+    assert ("purify" in clean["settings"]) == (defense == "rdc")
+
+
 def test_wilson_interval_known_values():
     from rdc_studio.core.evaluate import wilson_interval
 
