@@ -363,9 +363,10 @@ def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
     n = int(m["n"])
     smaller = []
     for path in out_dir.glob(f"{m['pre']}*{m['post']}.state.jsonl"):
-        other = _STEM_N.match(path.name[: -len(".state.jsonl")])
+        stem = path.name.removesuffix(".state.jsonl")
+        other = _STEM_N.match(stem)
         if other and other["pre"] == m["pre"] and other["post"] == m["post"] and int(other["n"]) < n:
-            smaller.append((int(other["n"]), path.name[: -len(".state.jsonl")]))
+            smaller.append((int(other["n"]), stem))
     if not smaller:
         return None
     source = max(smaller)[1]
