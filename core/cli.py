@@ -82,6 +82,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         bf16=args.bf16, seed=args.seed, checkpoint_minutes=args.checkpoint_minutes,
         threads=args.threads, max_minutes=args.max_minutes, ce_weight=args.ce_weight,
         ce_sigma_min=args.ce_sigma_min, ce_sigma_max=args.ce_sigma_max,
+        lr_schedule=args.lr_schedule,
+        **{k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None},
     )
     stop = {"flag": False}
 
@@ -704,6 +706,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' exponential moving average")
     p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="after the warm-up: constant, or half a cosine down to 0 at the last step")
+    p.add_argument("--p-mean", type=float, default=None,
+                   help="training noise levels: mean of ln sigma (default: EDM's -1.2; larger trains "
+                        "the classifier's mid and high levels more)")
+    p.add_argument("--p-std", type=float, default=None,
+                   help="training noise levels: std of ln sigma (default: EDM's 1.2)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true",
                            help="bfloat16 autocast (fast on GPUs and CPUs with AMX/AVX512-BF16, slow elsewhere)")

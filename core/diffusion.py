@@ -64,16 +64,17 @@ def loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Te
 
 
 def sample_training_sigmas(
-    n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu"
+    n: int, generator: torch.Generator | None = None, device: torch.device | str = "cpu",
+    p_mean: float = P_MEAN, p_std: float = P_STD,
 ) -> torch.Tensor:
-    """Draw ``n`` training noise levels with ln sigma ~ N(P_MEAN, P_STD^2)."""
+    """Draw ``n`` training noise levels with ln sigma ~ N(p_mean, p_std^2) (EDM's by default)."""
     z = torch.randn(n, generator=generator, device="cpu")
-    return torch.exp(P_MEAN + P_STD * z).to(device)
+    return torch.exp(p_mean + p_std * z).to(device)
 
 
-def log_normal_density(log_sigma: torch.Tensor) -> torch.Tensor:
-    """Log density of the training distribution of ln sigma, N(P_MEAN, P_STD^2)."""
-    return -((log_sigma - P_MEAN) ** 2) / (2.0 * P_STD**2) - math.log(P_STD * math.sqrt(2.0 * math.pi))
+def log_normal_density(log_sigma: torch.Tensor, p_mean: float = P_MEAN, p_std: float = P_STD) -> torch.Tensor:
+    """Log density of the training distribution of ln sigma, N(p_mean, p_std^2)."""
+    return -((log_sigma - p_mean) ** 2) / (2.0 * p_std**2) - math.log(p_std * math.sqrt(2.0 * math.pi))
 
 
 def log_weight_density(log_sigma: np.ndarray, weighting: str) -> np.ndarray:

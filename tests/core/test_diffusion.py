@@ -33,6 +33,8 @@ def test_training_sigma_distribution():
     s = sample_training_sigmas(200_000, g)
     assert abs(float(torch.log(s).mean()) + 1.2) < 0.02
     assert abs(float(torch.log(s).std()) - 1.2) < 0.02
+    shifted = torch.log(sample_training_sigmas(200_000, torch.Generator().manual_seed(0), p_mean=-0.2, p_std=1.3))
+    assert abs(float(shifted.mean()) + 0.2) < 0.02 and abs(float(shifted.std()) - 1.3) < 0.02
 
 
 @pytest.mark.parametrize("weighting", ["elbo", "edm"])

@@ -6,7 +6,7 @@ import torch
 from rdc_studio.core.data import TensorDataset
 from rdc_studio.core.models import load_checkpoint
 from rdc_studio.core.nets import NetConfig
-from rdc_studio.core.train import TrainConfig, ema_decay_at, export_from_state, train
+from rdc_studio.core.train import TrainConfig, ema_decay_at, export_from_state, lr_at, train
 
 from rdc_studio.core.data import mnist_available
 
@@ -26,6 +26,36 @@ def _cfgs():
 def test_ema_warmup():
     assert ema_decay_at(0, 0.999) == pytest.approx(0.1)
     assert ema_decay_at(10_000_000, 0.999) == 0.999
+
+
+def test_learning_rate_schedules():
+    constant = TrainConfig(lr=1e-3, warmup_steps=10)
+    assert lr_at(0, 100, constant) == pytest.approx(1e-4)
+    assert lr_at(9, 100, constant) == lr_at(99, 100, constant) == pytest.approx(1e-3)
+    cosine = TrainConfig(lr=1e-3, warmup_steps=10, lr_schedule="cosine")
+    assert lr_at(4, 110, cosine) == pytest.approx(5e-4)  # the warm-up is the same
+    assert lr_at(10, 110, cosine) == pytest.approx(1e-3)
+    assert lr_at(60, 110, cosine) == pytest.approx(5e-4)  # half-way down the cosine
+    assert lr_at(110, 110, cosine) == pytest.approx(0.0, abs=1e-12)
+    rates = [lr_at(s, 110, cosine) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))
+    with pytest.raises(ValueError, match="lr_schedule"):
+        TrainConfig(lr_schedule="linear")
+    with pytest.raises(ValueError, match="p_std"):
+        TrainConfig(p_std=0.0)
+
+
+def test_training_noise_distribution_is_configurable(tmp_path):
+    """p_mean/p_std reach the loss (a different draw of noise levels, a different loss) and the card."""
+    net_cfg, cfg = _cfgs()
+    base = list(train(_dataset(), net_cfg, cfg, tmp_path / "edm", log_every=1))
+    shifted_cfg = TrainConfig(epochs=1, batch_size=12, warmup_steps=2, seed=1, p_mean=1.0, p_std=0.5,
+                              lr_schedule="cosine")
+    shifted = list(train(_dataset(), net_cfg, shifted_cfg, tmp_path / "shift", log_every=1))
+    assert base[0].loss != pytest.approx(shifted[0].loss)
+    assert shifted[-1].lr < shifted[0].lr
+    card = load_checkpoint(tmp_path / "shift" / "model.safetensors").card["training"]
+    assert card["p_mean"] == 1.0 and card["p_std"] == 0.5 and card["lr_schedule"] == "cosine"
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
