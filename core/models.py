@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -151,6 +151,19 @@ def save_checkpoint(path: str | Path, net: Denoiser, card: dict[str, Any]) -> Pa
 def update_card(name_or_path: str | Path, key: str, value: Any) -> Path:
     """Set ``card[key] = value`` in a checkpoint's JSON model card, atomically.
 
+    See :func:`update_card_entries`.
+
+    Returns
+    -------
+    Path
+        The card written.
+    """
+    return update_card_entries(name_or_path, {key: value})
+
+
+def update_card_entries(name_or_path: str | Path, entries: Mapping[str, Any]) -> Path:
+    """Set several top-level entries of a checkpoint's JSON model card in one atomic write.
+
     The card beside the weights is read as it is on disk (or, when there is none, the
     card embedded in the weights) and written back through a temporary file and
     ``os.replace``, so a reader sees the old card or the new one, never a partial file.
@@ -163,10 +176,15 @@ def update_card(name_or_path: str | Path, key: str, value: Any) -> Path:
     """
     weights = resolve_model_path(name_or_path)
     card = _read_card(weights)
-    card[key] = value
+    card.update(entries)
     side = weights.with_suffix(".json")
     atomic_write_json(side, card)
     return side
+
+
+def read_card(name_or_path: str | Path | None = None) -> dict[str, Any]:
+    """A checkpoint's model card (validated, weights not loaded): its JSON file, else the embedded copy."""
+    return _read_card(resolve_model_path(name_or_path))
 
 
 def _read_card(weights: Path) -> dict[str, Any]:

@@ -33,7 +33,8 @@ from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
 from rdc_studio.core.data import load_dataset
 from rdc_studio.core.defense import parse_fraction
 from rdc_studio.core.evaluate import evaluate_clean, hardware_description, wilson_interval
-from rdc_studio.core.models import BUNDLED_DIR, load_checkpoint, save_checkpoint, update_card
+from rdc_studio.core.models import (BUNDLED_DIR, load_checkpoint, read_card, save_checkpoint,
+                                    update_card_entries)
 from rdc_studio.core.purify import PurifySettings
 
 
@@ -147,12 +148,10 @@ def update_bundled_card(args: argparse.Namespace, command: str, parser: argparse
         parser.error(f"--card-only: no bundled model {args.name!r} ({weights} does not exist)")
     if args.purify_eta is None and not (args.agreement or args.purify_sweep):
         parser.error("--card-only: nothing to update (give --purify-eta, --agreement or --purify-sweep)")
-    card = load_checkpoint(weights).card
+    card = read_card(weights)
     add_card_extras(card, args)
     card["metrics"]["card_updates"] = card["metrics"].get("card_updates", []) + [command]
-    for key in ("metrics", "purify"):
-        if key in card:
-            update_card(weights, key, card[key])
+    update_card_entries(weights, {key: card[key] for key in ("metrics", "purify") if key in card})
     print(f"updated the card {weights.with_suffix('.json')} (weights unchanged)")
     return 0
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rdc_studio.core.models import CheckpointError, load_checkpoint, save_checkpoint
+from rdc_studio.core.models import (CheckpointError, load_checkpoint, read_card, save_checkpoint,
+                                    update_card_entries)
 
 
 def test_round_trip(tiny_checkpoint, tiny_net):
@@ -20,6 +21,20 @@ def test_round_trip(tiny_checkpoint, tiny_net):
 def test_loads_from_embedded_card_without_json(tiny_checkpoint):
     tiny_checkpoint.with_suffix(".json").unlink()
     assert load_checkpoint(tiny_checkpoint).name == "tiny"
+
+
+def test_read_card_and_update_several_entries_at_once(tiny_checkpoint):
+    before = read_card(tiny_checkpoint)
+    assert before == load_checkpoint(tiny_checkpoint).card
+    side = update_card_entries(tiny_checkpoint, {"purify": {"eta": 0.2}, "metrics": {"val": 1}})
+    after = read_card(tiny_checkpoint)
+    assert side == tiny_checkpoint.with_suffix(".json")
+    assert after["purify"] == {"eta": 0.2} and after["metrics"] == {"val": 1}
+    assert {k: v for k, v in after.items() if k not in ("purify", "metrics")} == \
+        {k: v for k, v in before.items() if k not in ("purify", "metrics")}
+    side.write_text("{not json")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        read_card(tiny_checkpoint)
 
 
 def test_missing_file_is_named(tmp_path):
