@@ -733,13 +733,14 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
     total = min(config.n or len(ds), len(ds))
     settings.update({"dataset": config.dataset, "split": config.split, "defense": config.defense,
                      "attack": config.attack, "batch_size": config.batch_size, "command": config.command})
+    defense = build_defense(config.defense, model, classifier, purify=purify, grad_mode=config.grad,
+                            cnn=config.cnn, device=device)
+    if config.defense == "rdc":
+        settings["purify"] = defense.maximizer.settings.to_dict()
     if config.attack == "none":  # clean accuracy: forward passes only, whatever the defense
-        module = classifier if config.defense == "dc" else build_defense(
-            config.defense, model, classifier, purify=purify, grad_mode=config.grad, cnn=config.cnn, device=device)
-        if config.defense == "rdc":
-            settings["purify"] = module.maximizer.settings.to_dict()
         steps = []
-        for rec in evaluate_clean(module, ds, total, config.batch_size, cancelled=cancelled):
+        for rec in evaluate_clean(classifier if config.defense == "dc" else defense, ds, total, config.batch_size,
+                                  cancelled=cancelled):
             steps.append(rec)
             if progress is not None:
                 progress(EvalProgress(rec.done, total, rec.accuracy))
@@ -747,12 +748,7 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
             return None
         return clean_report(steps, model_info, settings)
 
-    from .attacks import AttackSettings
-
-    defense = build_defense(config.defense, model, classifier, purify=purify, grad_mode=config.grad,
-                            cnn=config.cnn, device=device)
     if config.defense == "rdc":
-        settings["purify"] = defense.maximizer.settings.to_dict()
         settings["grad"] = defense.grad_mode  # the mode actually used (auto resolved)
     members, surrogate, seeds = None, None, None
     if config.attack in ("ensemble", "transfer"):

@@ -80,6 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             err = torch.cat([clf.level_errors(images[i:i + args.batch], range(t), clf.noise_bank)
                              for i in range(0, len(labels), args.batch)])
+        # each level alone (its own argmin of the class errors): where the classes separate
+        per_level = [{"sigma": float(sig), "accuracy": float((err[:, j].argmin(1) == labels).float().mean())}
+                     for j, sig in enumerate(clf.sigmas.tolist())]
+        print(f"T={t:3d} {grid} {weighting} [{lo:g},{hi:g}] each level alone: " + ", ".join(
+            f"{lv['sigma']:.3g}: {lv['accuracy']:.3f}" for lv in per_level), flush=True)
         for screen in [0] + [int(v) for v in args.screen.split(",") if int(v) < t]:
             for keep in ([0] if screen == 0 else [int(v) for v in args.keep.split(",")]):
                 logits = replay_elimination(err, clf.weights, screen, keep)
@@ -88,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                 lo_ci, hi_ci = wilson_interval(correct, len(labels))
                 row = {"levels": t, "grid": grid, "weighting": weighting, "sigma_min": lo, "sigma_max": hi,
                        "screen_levels": screen, "keep_classes": keep, "accuracy": correct / len(labels),
-                       "ci95": [lo_ci, hi_ci], "network_evals": evals}
+                       "ci95": [lo_ci, hi_ci], "network_evals": evals, "per_level": per_level}
                 results.append(row)
                 print(f"T={t:3d} {grid} {weighting} [{lo:g},{hi:g}] screen {screen:2d} keep {keep}: "
                       f"acc {row['accuracy']:.4f}  evals/image {evals}", flush=True)

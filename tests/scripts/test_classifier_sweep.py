@@ -28,3 +28,23 @@ def test_replay_matches_the_classifier(tiny_net, screen, keep):
         err = clf.level_errors(x, range(6), clf.noise_bank)
     replayed = sweep.replay_elimination(err, clf.weights, screen, keep)
     assert torch.allclose(replayed, deployed, rtol=1e-5, atol=1e-3)
+
+
+def test_sweep_reports_each_level_alone(tiny_checkpoint, tmp_path):
+    from rdc_studio.core.data import mnist_available
+
+    if not mnist_available():
+        pytest.skip("MNIST not available")
+    import json
+
+    sweep = _load_script()
+    out = tmp_path / "sweep.json"
+    assert sweep.main(["--model", str(tiny_checkpoint), "--n", "6", "--levels", "3", "--grid", "log",
+                       "--sigma-min", "0.2", "--sigma-max", "10", "--screen", "1", "--keep", "2",
+                       "--threads", "1", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert [(r["screen_levels"], r["keep_classes"]) for r in report["results"]] == [(0, 0), (1, 2)]
+    levels = report["results"][0]["per_level"]
+    sigmas = [lv["sigma"] for lv in levels]
+    assert len(sigmas) == 3 and 0.2 <= sigmas[0] < sigmas[1] < sigmas[2] <= 10
+    assert all(lv["accuracy"] in {c / 6 for c in range(7)} for lv in levels)
