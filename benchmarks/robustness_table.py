@@ -57,6 +57,7 @@ import hashlib
 import json
 import re
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -438,6 +439,9 @@ def _rdc_eval(ev: Evaluation) -> tuple[int, str]:
             sys.stderr.write(text)
             sys.stderr.flush()
             tail = (tail + text)[-2000:]
+    except BaseException:  # interrupted or terminated: the evaluation saves its state and stops too
+        proc.terminate()
+        raise
     finally:
         rc = proc.wait()
     lines = [line for line in tail.replace("\r", "\n").splitlines() if line.strip()]
@@ -1032,6 +1036,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM (``kill``, ``pkill``) unwinds like Ctrl-C, so the running ``rdc eval``
+    subprocesses are stopped with this script instead of running on unattended."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
@@ -1124,4 +1134,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     sys.exit(main())

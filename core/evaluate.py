@@ -527,6 +527,10 @@ class ResumeState:
     written for the first ``n`` examples serves a run over more examples with
     otherwise equal settings (each example's attack is seeded by its index alone),
     and its header is rewritten to the larger ``n``.
+
+    A state is used by one run at a time: it holds an exclusive lock on ``PATH.lock``
+    until :meth:`close` (or the process ends), and a second run on the same file is
+    refused instead of appending the same examples again.
     """
 
     def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
@@ -534,6 +538,38 @@ class ResumeState:
 
         self.path = Path(path)
         self.results: dict[int, ExampleResult] = {}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = self._acquire_lock(self.path)
+        try:
+            self._load(settings)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _acquire_lock(path: Path):
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks (Windows): one run per state is the user's care
+            return None
+        lock = open(f"{path}.lock", "a")
+        try:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            lock.close()
+            raise ValueError(f"{path}: another running evaluation is using this state file; "
+                             "stop it (or wait for it) first") from None
+        return lock
+
+    def close(self) -> None:
+        """Release the state's lock (the results stay on disk)."""
+        if self._lock is not None:
+            self._lock.close()  # closing the file releases its flock
+            self._lock = None
+
+    def _load(self, settings: dict[str, Any]) -> None:
+        import json
+
         header = json.dumps({"settings": settings}, sort_keys=True)
         if self.path.exists():
             text = self.path.read_text()
@@ -555,7 +591,6 @@ class ResumeState:
                     continue  # a line cut off by an interruption
                 self.results[r.index] = r
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             self.path.write_text(header + "\n")
 
     def add(self, results) -> None:
@@ -795,15 +830,19 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
                                   sum(r.robust_correct for r in results) / done))
 
     report_progress()
-    for rec in records:
-        results.extend(rec.results)
-        for name, sec in rec.attack_seconds.items():
-            attack_seconds[name] = attack_seconds.get(name, 0.0) + sec
-        for name, q in rec.attack_queries.items():
-            attack_queries[name] = attack_queries.get(name, 0) + q
+    try:
+        for rec in records:
+            results.extend(rec.results)
+            for name, sec in rec.attack_seconds.items():
+                attack_seconds[name] = attack_seconds.get(name, 0.0) + sec
+            for name, q in rec.attack_queries.items():
+                attack_queries[name] = attack_queries.get(name, 0) + q
+            if state:
+                state.add(rec.results)
+            report_progress()
+    finally:
         if state:
-            state.add(rec.results)
-        report_progress()
+            state.close()
     if cancelled():
         return None
     if world > 1:

@@ -94,3 +94,24 @@ def test_reports_are_typed_records_with_the_json_format_unchanged():
     again = EvalReport.from_dict(d)
     assert again.to_dict() == d and again.examples[1].broken_by == "apgd-ce"
     assert [r.robust_correct for r in example_rows({"per_example": [[4, 1, 1, 0]]})] == [False]
+
+
+def test_a_state_file_serves_one_run_at_a_time(tmp_path):
+    """A second run on a state in use is refused (it would append the same examples again);
+    once the first one closes, the state resumes normally."""
+    import pytest
+
+    from rdc_studio.core.evaluate import ResumeState
+
+    path = tmp_path / "run.state.jsonl"
+    settings = {"attack": "apgd-ce", "n": 4, "shard": [0, 1]}
+    first = ResumeState(path, settings)
+    with pytest.raises(ValueError, match="another running evaluation"):
+        ResumeState(path, settings)
+    first.close()
+    second = ResumeState(path, settings)
+    assert second.results == {} and path.read_text().count("\n") == 1
+    second.close()
+    with pytest.raises(ValueError, match="other settings"):  # a refused state leaves no lock behind
+        ResumeState(path, settings | {"attack": "pgd"})
+    ResumeState(path, settings).close()
