@@ -6,19 +6,21 @@
 #   * shift: ln sigma ~ N(-0.2, 1.3^2), more draws at the classifier's levels (17% above 2.9).
 # Each is then judged on the validation split only:
 #   * the diffusion classifier's accuracy on the first 500 validation digits, for the
-#     bundled grid (T = 8, log-spaced, edm, sigma [0.2, 10]) and its neighbours
+#     first-stage model's grid (T = 8, log-spaced, edm, sigma [0.2, 10]) and its neighbours
 #     (scripts/classifier_sweep.py, with and without progressive class elimination);
 #   * class-conditional sample agreement: 20 samples per class, judged by the CNN.
 #
 #   bash benchmarks/noise_pilot.sh [INIT [MINUTES [EPOCHS]]]
-#       INIT: starting checkpoint (default: the bundled mnist-embedding at the time)
+#       INIT: the starting checkpoint, default runs/gen-embedding/model.safetensors: the
+#       first-stage model, made by the first of the bundled card's training_commands (the
+#       pilot that chose the shipped weights started from it, then bundled as mnist-embedding)
 #       defaults: 92 minutes, 12 epochs (the cosine schedule ends at the last epoch;
 #       12 epochs take about 80 minutes on one thread of the development machine)
 #
 # Outputs in runs/noise-pilot-{edm,shift}/. Resumable: re-running continues an
 # interrupted training from its state and redoes only the measurements.
 set -euo pipefail
-init="${1:-mnist-embedding}"
+init="${1:-runs/gen-embedding/model.safetensors}"
 minutes="${2:-92}"
 epochs="${3:-12}"
 common=(--init-from "$init" --epochs "$epochs" --batch-size 128 --lr 1e-3 --lr-schedule cosine
