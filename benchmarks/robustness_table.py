@@ -25,18 +25,21 @@ robustness table: a JSON list of rows, one per defense and threat model, each wi
 (fractions), ``ci95`` (95% Wilson interval of ``robust``), ``attacks`` (the ensemble's
 attacks, in order), ``grad_modes``, ``model`` and ``model_sha256`` (the checkpoint the
 defense used: the CNN's for CNN rows), ``command``, ``hardware`` and ``seconds_per_image``,
-plus ``key``, ``label``, ``date``, ``masking_checks`` (null when the checks did not run)
+plus ``key``, ``label``, ``date``, ``settings_sha256`` (DC and RDC rows: the digest of the
+model card's classifier and purification settings the defense was built with,
+:func:`core.models.defense_settings_sha256`), ``masking_checks`` (null when the checks did not run)
 and, for the RDC, ``per_grad_mode``. The RDC row is the per-example worst case over the
 rdc-exact, rdc-smooth and rdc-bpda evaluations of its threat model (an example is robust
 only if it is robust in all three; :func:`core.evaluate.worst_case_report`), on the
 examples all three attacked: its ``command`` is the list of their three commands and its
 ``seconds_per_image`` their sum. It is written only when all three were evaluated. Rows
-measured in this run replace the rows with the same (defense, norm, eps, model_sha256);
-all other rows stay.
+measured in this run replace the rows with the same (defense, norm, eps, model_sha256,
+settings_sha256); all other rows stay.
 
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
 -->`` and ``<!-- robustness-table:end -->``) from ``--results`` alone, showing the rows of
-``--model`` and ``--cnn`` as their files are now (by sha256); it measures nothing.
+``--model`` and ``--cnn`` as their files and cards are now (by sha256 of the weights and, for
+DC and RDC rows, of the card's defense settings); it measures nothing.
 
 Gradient-masking checks (``--checks``, on by default) run APGD-CE on the first
 --check-n images of each row's defense and norm: (a) robust accuracy ~0 at a large eps,
@@ -53,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import hashlib
 import json
 import re
 import shlex
@@ -69,7 +71,7 @@ from rdc_studio.core.evaluate import worst_case_report
 from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
 from rdc_studio.core.models import (DEFAULT_MODEL, CheckpointError, atomic_write_bytes, atomic_write_json,
-                                    resolve_model_path)
+                                    defense_settings_sha256, file_sha256, read_card, resolve_model_path)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS = ROOT / "benchmarks" / "results" / "robustness.json"
@@ -257,15 +259,6 @@ def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int,
     return tuple(argv)
 
 
-def file_sha256(path: str | Path) -> str:
-    """The sha256 hex digest of a file's bytes."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_sha256(name_or_path: str) -> str:
     """The sha256 of the safetensors file of a bundled model name or checkpoint path (as
     ``rdc eval`` resolves ``--model`` and ``--cnn``).
@@ -281,20 +274,39 @@ def model_sha256(name_or_path: str) -> str:
         raise SystemExit(f"robustness_table: {exc}") from exc
 
 
+def settings_sha256(name_or_path: str) -> str:
+    """:func:`core.models.defense_settings_sha256` of the card of a bundled model name or
+    checkpoint path (the DC and RDC that ``rdc eval --model`` builds from it).
+
+    Raises
+    ------
+    SystemExit
+        When there is no such model or its card is invalid.
+    """
+    try:
+        return defense_settings_sha256(read_card(name_or_path))
+    except CheckpointError as exc:
+        raise SystemExit(f"robustness_table: {exc}") from exc
+
+
 def add_model_digests(args: argparse.Namespace) -> argparse.Namespace:
-    """Set ``args.model_sha256`` and ``args.cnn_sha256`` (the files ``--model`` and ``--cnn`` name now)."""
+    """Set ``args.model_sha256`` and ``args.cnn_sha256`` (the files ``--model`` and ``--cnn`` name
+    now) and ``args.settings_sha256`` (the defense settings of ``--model``'s card now)."""
     args.model_sha256 = model_sha256(args.model)
     args.cnn_sha256 = model_sha256(args.cnn)
+    args.settings_sha256 = settings_sha256(args.model)
     return args
 
 
 def model_tag(args: argparse.Namespace, row: Row, attack: str) -> str:
     """The end of an evaluation's file stem that names the model files it uses: ``-m`` and 8 hex
-    digits of the diffusion model's sha256 (all but CNN rows), ``-c`` and the CNN's (CNN rows,
-    and the ensemble and transfer attacks, which craft examples on the CNN)."""
+    digits of the diffusion model's sha256 and ``-s`` and 8 of its card's defense settings (all
+    but CNN rows), ``-c`` and the CNN's (CNN rows, and the ensemble and transfer attacks, which
+    craft examples on the CNN). A re-chosen grid or purification thus never resumes or grows
+    the per-example state of another."""
     parts = []
     if row.defense != "cnn":
-        parts.append("m" + args.model_sha256[:8])
+        parts += ["m" + args.model_sha256[:8], "s" + args.settings_sha256[:8]]
     if attack in ("ensemble", "transfer") or row.defense == "cnn":
         parts.append("c" + args.cnn_sha256[:8])
     return "-" + "-".join(parts)
@@ -348,7 +360,7 @@ def _done_in_state(path: Path) -> int:
     return len(done)
 
 
-_STEM_N = re.compile(r"^(?P<pre>.*-n)(?P<n>[0-9]+)(?P<post>(-[mc][0-9a-f]{8})+)$")
+_STEM_N = re.compile(r"^(?P<pre>.*-n)(?P<n>[0-9]+)(?P<post>(-[msc][0-9a-f]{8})+)$")
 
 
 def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
@@ -636,7 +648,7 @@ def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: 
 
 
 def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: str, sha256: str,
-                      checks: list[dict[str, Any]], check_n: int) -> dict[str, Any]:
+                      checks: list[dict[str, Any]], check_n: int, settings: str | None = None) -> dict[str, Any]:
     """The robustness.json row of a CNN or DC evaluation row.
 
     Parameters
@@ -648,7 +660,10 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
         The checkpoint the defense used (the CNN's for the CNN row) and its file's sha256.
     checks, check_n
         The gradient-masking checks run so far (``main``'s list) and their n.
+    settings
+        The card's defense-settings digest (DC rows; None for the CNN row).
     """
+    extra = {} if settings is None else {"settings_sha256": settings}
     return {"key": f"{row.defense}-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES[row.defense],
             "defense": row.defense, "norm": row.norm, "eps": parse_fraction(row.eps), "n": report["n"],
             "clean": report["clean_acc"], "robust": report["robust_acc"], "ci95": list(report["robust_ci95"]),
@@ -656,11 +671,11 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
             "grad_modes": [report["settings"].get("grad") or "exact"],
             "model": model, "model_sha256": sha256, "command": ev.command, "hardware": report_hardware(report),
             "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
-            "masking_checks": masking_summary(checks, [row.key], check_n)}
+            **extra, "masking_checks": masking_summary(checks, [row.key], check_n)}
 
 
 def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: str, sha256: str,
-                   checks: list[dict[str, Any]], check_n: int) -> dict[str, Any]:
+                   checks: list[dict[str, Any]], check_n: int, settings: str) -> dict[str, Any]:
     """The robustness.json row of the RDC under one threat model: the per-example worst case
     over its gradient-mode evaluations (:func:`core.evaluate.worst_case_report`).
 
@@ -669,7 +684,7 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
     parts
         (row, evaluation, report) of each gradient mode (rdc-exact, rdc-smooth, rdc-bpda),
         one threat model.
-    model, sha256, checks, check_n
+    model, sha256, checks, check_n, settings
         As for :func:`single_result_row`.
 
     Returns
@@ -699,7 +714,7 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
             "budget": report_budget(parts[0][2]), "grad_modes": modes, "model": model, "model_sha256": sha256,
             "command": [ev.command for _, ev, _ in parts], "hardware": "; ".join(hardware),
             "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, _, rep in parts),
-            "date": time.strftime("%Y-%m-%d"),
+            "date": time.strftime("%Y-%m-%d"), "settings_sha256": settings,
             "masking_checks": masking_summary(checks, [r.key for r, _, _ in parts], check_n),
             "per_grad_mode": {run["label"]: run["robust_acc_on_common"] for run in worst["runs"]}}
 
@@ -708,14 +723,15 @@ def result_rows(args: argparse.Namespace, done: list[tuple[Row, Evaluation, dict
                 checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The robustness.json rows of this run's finished evaluations: one per CNN and DC
     evaluation, and one RDC worst-case row per threat model whose three gradient modes
-    (:data:`RDC_GRAD_MODES`) all finished. ``args`` needs ``model_sha256`` and ``cnn_sha256``
-    (:func:`add_model_digests`)."""
+    (:data:`RDC_GRAD_MODES`) all finished. ``args`` needs ``model_sha256``, ``cnn_sha256`` and
+    ``settings_sha256`` (:func:`add_model_digests`)."""
     out = []
     for row, ev, report in done:
         if row.defense == "cnn":
             out.append(single_result_row(row, ev, report, args.cnn, args.cnn_sha256, checks, args.check_n))
         elif row.defense == "dc":
-            out.append(single_result_row(row, ev, report, args.model, args.model_sha256, checks, args.check_n))
+            out.append(single_result_row(row, ev, report, args.model, args.model_sha256, checks, args.check_n,
+                                         args.settings_sha256))
     threats: list[tuple[str, float]] = []
     for row, _, _ in done:
         if row.defense == "rdc" and (row.norm, parse_fraction(row.eps)) not in threats:
@@ -725,7 +741,8 @@ def result_rows(args: argparse.Namespace, done: list[tuple[Row, Evaluation, dict
                    if row.defense == "rdc" and row.norm == norm and parse_fraction(row.eps) == eps}
         if set(by_mode) >= set(RDC_GRAD_MODES):
             parts = [by_mode[mode] for mode in RDC_GRAD_MODES]
-            out.append(rdc_result_row(parts, args.model, args.model_sha256, checks, args.check_n))
+            out.append(rdc_result_row(parts, args.model, args.model_sha256, checks, args.check_n,
+                                      args.settings_sha256))
     return out
 
 
@@ -751,9 +768,10 @@ _DEFENSE_ORDER = list(RESULT_DEFENSES)
 _NORM_ORDER = list(NORM_LABELS)
 
 
-def result_key(row: dict[str, Any]) -> tuple[str, str, float, str]:
-    """What makes two robustness.json rows the same measurement: (defense, norm, eps, model_sha256)."""
-    return (row["defense"], row["norm"], float(row["eps"]), row["model_sha256"])
+def result_key(row: dict[str, Any]) -> tuple[str, str, float, str, str]:
+    """What makes two robustness.json rows the same measurement: (defense, norm, eps,
+    model_sha256, settings_sha256); a row without settings (CNN rows) has ``""``."""
+    return (row["defense"], row["norm"], float(row["eps"]), row["model_sha256"], row.get("settings_sha256") or "")
 
 
 def _result_order(row: dict[str, Any]) -> tuple:
@@ -814,7 +832,8 @@ def _display_path(path: Path) -> str:
 
 def readme_section(results: list[dict[str, Any]], model: str, model_digest: str, cnn: str, cnn_digest: str,
                    threats: list[tuple[str, str]] | None = None,
-                   results_name: str = "benchmarks/results/robustness.json") -> str:
+                   results_name: str = "benchmarks/results/robustness.json",
+                   settings_digest: str | None = None) -> str:
     """The README's robustness table (markdown, without the markers), from robustness.json rows.
 
     Parameters
@@ -829,15 +848,20 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
         row are named as not measured, never given numbers.
     results_name
         How the text names the results file.
+    settings_digest
+        The digest of ``model``'s card's defense settings now (:func:`settings_sha256`): when
+        given, DC and RDC rows measured with other settings are not shown either.
     """
     threats = threats if threats is not None else parse_threats(DEFAULT_THREATS)
     digest_of = {"cnn": cnn_digest, "dc": model_digest, "rdc": model_digest}
-    shown = [r for r in results if r.get("defense") in digest_of and r.get("model_sha256") == digest_of[r["defense"]]]
+    shown = [r for r in results if r.get("defense") in digest_of and r.get("model_sha256") == digest_of[r["defense"]]
+             and (settings_digest is None or r["defense"] == "cnn" or r.get("settings_sha256") == settings_digest)]
     shown = sorted(shown, key=_result_order)
     regenerate = "`python benchmarks/robustness_table.py --readme`"
     if not shown:
+        settings_note = f", defense settings `{settings_digest[:12]}`" if settings_digest else ""
         return (f"No row of the robustness table has been measured for the current model (`{model}`, sha256 "
-                f"`{model_digest[:12]}`) yet, so there are no robustness figures here. Measure them with "
+                f"`{model_digest[:12]}`{settings_note}) yet, so there are no robustness figures here. Measure them with "
                 f"`python benchmarks/robustness_table.py --model {model}` (hours on a CPU; "
                 f"[docs/results.md](docs/results.md) has the settings and the earlier figures), which writes "
                 f"`{results_name}`, then regenerate this table with {regenerate}.\n")
@@ -845,7 +869,8 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
     for r in shown:
         if r["hardware"] not in hardware:
             hardware.append(r["hardware"])
-    lines = [f"Robust accuracy of the current model `{model}` (sha256 `{model_digest[:12]}`; CNN `{cnn}`, "
+    settings_note = f", defense settings `{settings_digest[:12]}`" if settings_digest else ""
+    lines = [f"Robust accuracy of the current model `{model}` (sha256 `{model_digest[:12]}`{settings_note}; CNN `{cnn}`, "
              f"`{cnn_digest[:12]}`) on the first n MNIST test digits under `rdc eval --attack ensemble` "
              f"(APGD-CE, APGD-DLR, APGD-T, Square, transfer from the CNN). An RDC digit counts as robust only if it "
              f"survives the ensemble with every gradient mode (exact, smooth, BPDA). 95% Wilson intervals. "
@@ -910,7 +935,7 @@ def update_readme(readme: str | Path, results: str | Path, model: str = DEFAULT_
     readme, results = Path(readme), Path(results)
     text = readme.read_text()
     section = readme_section(load_results(results), model, model_sha256(model), cnn, model_sha256(cnn),
-                             parse_threats(threats), _display_path(results))
+                             parse_threats(threats), _display_path(results), settings_sha256(model))
     try:
         new = replace_section(text, section)
     except ValueError as exc:
@@ -1072,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"command": "python benchmarks/robustness_table.py " + " ".join(shlex.quote(a) for a in argv),
             "date": time.strftime("%Y-%m-%d"), "model": args.model, "model_sha256": args.model_sha256,
-            "cnn": args.cnn, "cnn_sha256": args.cnn_sha256, "threats": args.threats, "steps": args.steps,
+            "settings_sha256": args.settings_sha256, "cnn": args.cnn, "cnn_sha256": args.cnn_sha256, "threats": args.threats, "steps": args.steps,
             "square_queries": args.square_queries, "targets": args.targets, "seed": args.seed,
             "checks": bool(args.checks), "check_n": args.check_n, "check_steps": args.check_steps or args.steps,
             "check_square_queries": args.check_square_queries, "large_eps_linf": args.large_eps_linf,

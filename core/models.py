@@ -95,6 +95,22 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+DEFENSE_CARD_KEYS = ("classifier", "purify", "preset", "purifier")
+"""The model-card entries that configure the defenses built on a model (the diffusion
+classifier's grid and elimination, the purification, the named preset, the purifier)."""
+
+
+def defense_settings_sha256(card: Mapping[str, Any]) -> str:
+    """The sha256 (hex) of the card entries :data:`DEFENSE_CARD_KEYS`, canonically serialised.
+
+    Together with the weights' sha256 it identifies the DC and RDC a model's card deploys: a
+    re-chosen grid or purification changes this digest but not the weights file.
+    """
+    entries = {key: card.get(key) for key in DEFENSE_CARD_KEYS}
+    text = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def purifier_entry(card_weights: str | Path, purifier_weights: str | Path) -> dict[str, str]:
     """The ``purifier`` entry of a model card: the purifier's weights file relative to the
     card's folder, and its sha256 (checked when the pair is loaded)."""

@@ -52,6 +52,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=25)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--save-errors", default=None,
+                   help="also save the (N, levels, K) errors, sigmas and labels here (torch.save) for offline analysis")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model = load_checkpoint(args.model)
@@ -62,6 +64,9 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     err = dense_errors(model.net, images, sigmas, args.seed, args.batch)
     print(f"errors for {len(labels)} images x {args.levels} levels in {time.perf_counter() - t0:.0f}s", file=sys.stderr)
+    if args.save_errors:
+        torch.save({"errors": err, "sigmas": sigmas, "labels": labels, "split": args.split, "seed": args.seed,
+                    "model": str(model.path)}, args.save_errors)
     per_level = (err.argmin(2) == labels.view(-1, 1)).float().mean(0).numpy()
     print("per-level accuracy:")
     for s, a in zip(sigmas.tolist(), per_level):

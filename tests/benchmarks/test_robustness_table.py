@@ -74,7 +74,8 @@ def test_evaluation_files_are_named_after_the_model_files(table, capsys):
     assert table.main(["--dry-run", "--rows", "cnn-linf-0.3,dc-linf-0.3", "--check-rows", "dc-*"]) == 0
     stems = [Path(build_parser().parse_args(shlex.split(line)[1:]).out).stem
              for line in capsys.readouterr().out.splitlines() if line.startswith("rdc eval")]
-    m, c = "m" + _model_digest(DEFAULT_MODEL)[:8], "c" + _model_digest("mnist-cnn")[:8]
+    m = f"m{_model_digest(DEFAULT_MODEL)[:8]}-s{table.settings_sha256(DEFAULT_MODEL)[:8]}"
+    c = "c" + _model_digest("mnist-cnn")[:8]
     assert stems[0] == f"cnn-linf-0.3-n1000-{c}" and stems[1] == f"dc-linf-0.3-n200-{m}-{c}"
     checks = stems[2:]
     # APGD-CE and Square never touch the CNN; the transfer attack is crafted on it
@@ -232,6 +233,8 @@ def test_robustness_json_rows_for_three_threat_models(table, tmp_path, no_attack
         assert r["hardware"] == "Test CPU, 2 logical CPUs, torch 2.x, 2 threads, device cpu"
         assert (r["model"], r["model_sha256"]) == (("mnist-cnn", cnn_sha) if r["defense"] == "cnn"
                                                    else (DEFAULT_MODEL, model_sha))
+        # DC and RDC rows name the card settings their defense was built with; the CNN has none
+        assert r.get("settings_sha256") == (None if r["defense"] == "cnn" else table.settings_sha256(DEFAULT_MODEL))
     for r in [r for r in rows if r["defense"] != "rdc"]:
         fake = fakes[r["key"]]  # the CNN and DC rows are their evaluation row as it is
         robust = len(range(0, fake["n"], 3))  # examples 0, 3, 6, ... survive
@@ -304,10 +307,13 @@ def test_merge_replaces_rows_of_the_same_measurement_and_keeps_the_rest(table, t
     keys = [table.result_key(r) for r in merged]
     assert len(merged) == 5 and len(set(keys)) == 5
     by_key = {table.result_key(r): r for r in merged}
-    assert by_key[("dc", "linf", 0.1, new_model)]["robust"] == 0.0  # replaced by this run's
-    assert by_key[("dc", "linf", 0.1, old_model)]["robust"] == 0.9  # another model's file: kept
-    assert by_key[("rdc", "linf", 0.3, new_model)]["robust"] == 0.1  # not measured this run: kept
-    assert by_key[("dc", "l2", 1.5, new_model)]["robust"] == 0.3  # new
+    assert by_key[("dc", "linf", 0.1, new_model, "")]["robust"] == 0.0  # replaced by this run's
+    assert by_key[("dc", "linf", 0.1, old_model, "")]["robust"] == 0.9  # another model's file: kept
+    assert by_key[("rdc", "linf", 0.3, new_model, "")]["robust"] == 0.1  # not measured this run: kept
+    assert by_key[("dc", "l2", 1.5, new_model, "")]["robust"] == 0.3  # new
+    # the same weights with other card settings (a re-chosen grid) are another measurement
+    other = table.merge_results(merged, [_result("dc", "l2", 1.5, new_model, robust=0.6, settings_sha256="e" * 64)])
+    assert len(other) == 6 and {r["robust"] for r in other if r["key"] == "dc-l2-1.5"} == {0.3, 0.6}
     # sorted by model, then CNN, DC, RDC, then norm and eps: merging is order-independent
     assert table.merge_results(list(reversed(existing)), measured) == merged
     assert [r["defense"] for r in merged if r["model_sha256"] == new_model] == ["dc", "dc", "rdc"]
@@ -363,9 +369,11 @@ More text.
 
 @pytest.fixture
 def model_files(tmp_path):
-    """Stand-ins for the current diffusion model and CNN files (only their sha256 matters here)."""
+    """Stand-ins for the current diffusion model and CNN files (only their sha256 and the model's
+    card matter here)."""
     model, cnn = tmp_path / "model.safetensors", tmp_path / "cnn.safetensors"
     model.write_bytes(b"diffusion model weights")
+    model.with_suffix(".json").write_text((ROOT / "resources" / "models" / f"{DEFAULT_MODEL}.json").read_text())
     cnn.write_bytes(b"cnn weights")
     return (str(model), hashlib.sha256(model.read_bytes()).hexdigest(),
             str(cnn), hashlib.sha256(cnn.read_bytes()).hexdigest())
@@ -373,17 +381,22 @@ def model_files(tmp_path):
 
 def test_readme_table_is_generated_from_robustness_json(table, tmp_path, model_files):
     model, model_sha, cnn, cnn_sha = model_files
+    settings = table.settings_sha256(model)
     checks = {"passed": False, "n": 50, "checks": [{"row": "rdc-exact-linf-0.3", "check": "large_eps",
                                                     "verdict": "FAIL", "summary": ""}] +
               [{"row": "rdc-smooth-linf-0.3", "check": "monotone_eps", "verdict": "PASS", "summary": ""}] * 3}
     results = tmp_path / "robustness.json"
     results.write_text(json.dumps([
         _result("rdc", "linf", 0.3, model_sha, robust=0.123, masking_checks=checks,
-                command=["rdc eval a", "rdc eval b", "rdc eval c"], seconds_per_image=120.0),
-        _result("dc", "linf", 0.1, model_sha, robust=0.0, hardware="NVIDIA H200, device cuda"),
+                command=["rdc eval a", "rdc eval b", "rdc eval c"], seconds_per_image=120.0, settings_sha256=settings),
+        _result("dc", "linf", 0.1, model_sha, robust=0.0, hardware="NVIDIA H200, device cuda",
+                settings_sha256=settings),
         _result("cnn", "l2", 1.5, cnn_sha, robust=0.515),
-        _result("dc", "l2", 1.5, "0" * 64, robust=0.777),  # an older model's row: not shown
-        _result("rdc", "l2", 1.5, "1" * 64, robust=0.888),
+        _result("dc", "l2", 1.5, "0" * 64, robust=0.777, settings_sha256=settings),  # an older model's row: not shown
+        _result("rdc", "l2", 1.5, "1" * 64, robust=0.888, settings_sha256=settings),
+        # these weights but other card settings (before the grid was re-chosen), or none recorded: not shown
+        _result("dc", "l2", 1.5, model_sha, robust=0.666, settings_sha256="f" * 64),
+        _result("rdc", "l2", 1.5, model_sha, robust=0.555),
     ]))
     readme = tmp_path / "README.md"
     readme.write_text(README)
@@ -404,12 +417,13 @@ def test_readme_table_is_generated_from_robustness_json(table, tmp_path, model_f
     assert "| **0.0%**" in section and "[1] Test CPU, device cpu" in section
     assert "[2] NVIDIA H200, device cuda" in section
     assert "77.7" not in section and "88.8" not in section and "stale text" not in section
+    assert "66.6" not in section and "55.5" not in section
     # the rows not measured yet are named, without numbers
     missing = section.split("Not measured yet for this model: ")[1].strip()
     assert missing == ("CNN l-inf 0.1; CNN l-inf 0.3; DC l-inf 0.3; DC l2 1.5; "
                        "RDC (worst case over exact, smooth, BPDA) l-inf 0.1; RDC (worst case over exact, smooth, BPDA) "
                        "l2 1.5.")
-    assert f"sha256 `{model_sha[:12]}`" in section and str(results) in section
+    assert f"sha256 `{model_sha[:12]}`, defense settings `{settings[:12]}`" in section and str(results) in section
     # idempotent: a second run leaves the file as it is
     assert table.update_readme(readme, results, model, cnn) is False and readme.read_text() == text
 
@@ -440,7 +454,8 @@ def test_the_repository_readme_matches_robustness_json(table):
     text = (ROOT / "README.md").read_text()
     section = table.readme_section(table.load_results(table.DEFAULT_RESULTS), table.DEFAULT_MODEL,
                                    table.model_sha256(table.DEFAULT_MODEL), "mnist-cnn",
-                                   table.model_sha256("mnist-cnn"))
+                                   table.model_sha256("mnist-cnn"),
+                                   settings_digest=table.settings_sha256(table.DEFAULT_MODEL))
     assert table.replace_section(text, section) == text
 
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from rdc_studio.core.models import (CheckpointError, load_checkpoint, read_card, save_checkpoint,
-                                    update_card_entries)
+from rdc_studio.core.models import (CheckpointError, defense_settings_sha256, load_checkpoint, read_card,
+                                    save_checkpoint, update_card_entries)
 
 
 def test_round_trip(tiny_checkpoint, tiny_net):
@@ -35,6 +35,20 @@ def test_read_card_and_update_several_entries_at_once(tiny_checkpoint):
     side.write_text("{not json")
     with pytest.raises(CheckpointError, match="not valid JSON"):
         read_card(tiny_checkpoint)
+
+
+def test_defense_settings_digest_follows_only_the_defense_entries(tiny_checkpoint):
+    card = read_card(tiny_checkpoint)
+    digest = defense_settings_sha256(card)
+    assert len(digest) == 64 and digest == defense_settings_sha256(dict(reversed(list(card.items()))))
+    # metrics, OOD references and the like do not configure a defense
+    assert defense_settings_sha256(card | {"metrics": {"val": 0.5}, "ood_reference": [1, 2]}) == digest
+    # a re-chosen grid, purification, preset or purifier does (the weights file stays the same)
+    changed = [card | {"classifier": dict(card.get("classifier") or {}, steps=99)},
+               card | {"purify": {"eta": 0.123}}, card | {"preset": "fast"},
+               card | {"purifier": {"path": "p.safetensors", "sha256": "0" * 64}}]
+    digests = {defense_settings_sha256(c) for c in changed}
+    assert digest not in digests and len(digests) == len(changed)
 
 
 def test_missing_file_is_named(tmp_path):
