@@ -2,6 +2,7 @@
 and beside the verdict how typical the input is for the model (its OOD score)."""
 from __future__ import annotations
 
+import numpy as np
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QSplitter, QVBoxLayout, QWidget
 
@@ -21,6 +22,9 @@ class ClassifyTab(QSplitter):
         self.state = state
         self.bars = ProbabilityBars(state.classes)
         self.curves = LikelihoodPlot(state.classes)
+        self.curves.setToolTip("Each class's running log-likelihood estimate relative to the leader. With "
+                               "progressive class elimination, a class that is not among the leaders after the "
+                               "screening levels is not evaluated further: its curve ends there.")
         self.ood = OodLabel()
         self.bars.header.insertWidget(1, self.ood)
         curves_box = QWidget()
@@ -52,7 +56,9 @@ class ClassifyTab(QSplitter):
             return -1
         last = records[-1]
         self.state.add_classification(records)
-        self.curves.add_points([r.levels_done for r in records], [r.logits[0] for r in records])
+        # a class is measured by a record unless elimination left all its errors NaN
+        measured = [~np.isnan(r.level_errors[0]).all(axis=0) for r in records]
+        self.curves.add_points([r.levels_done for r in records], [r.logits[0] for r in records], measured)
         self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels)
         return last.levels_done
 

@@ -13,7 +13,9 @@ class LikelihoodPlot(pg.PlotWidget):
     """One persistent curve per class: the running logit estimate vs. noise levels done.
 
     Logits are shown relative to the best class at each step (0 = leading class), so the
-    curves stay readable whatever the absolute scale of the ELBO.
+    curves stay readable whatever the absolute scale of the ELBO. With progressive class
+    elimination a class is measured only until it is eliminated: its curve ends there (the
+    classifier's later estimates for it are extrapolations, not measurements).
     """
 
     def __init__(self, classes: list[str], x_label: str = "noise levels processed",
@@ -39,8 +41,9 @@ class LikelihoodPlot(pg.PlotWidget):
             self.removeItem(curve)
         self.legend.clear()
         self.classes = list(classes)
-        self.curves = [self.plot([], [], pen=self._pen(i, False), name=c, **self._marker_options(i))
-                       for i, c in enumerate(classes)]
+        # connect="finite": a class's curve ends at its last measured point (NaN afterwards)
+        self.curves = [self.plot([], [], pen=self._pen(i, False), name=c, connect="finite",
+                                 **self._marker_options(i)) for i, c in enumerate(classes)]
         self._highlighted: int | None = None
         self.reset()
 
@@ -58,6 +61,7 @@ class LikelihoodPlot(pg.PlotWidget):
         """Clear the curves; ``x_extent`` (the run's length, when known) fixes the x axis."""
         self.steps: list[int] = []
         self.history: list[np.ndarray] = []
+        self.measured: list[np.ndarray] = []  # per point: which classes it measured
         self._y_low: float | None = None
         for curve in self.curves:
             curve.setData([], [])
@@ -69,11 +73,19 @@ class LikelihoodPlot(pg.PlotWidget):
     def add_point(self, levels_done: int, logits: np.ndarray) -> None:
         self.add_points([levels_done], [logits])
 
-    def add_points(self, levels_done: list[int], logits: list[np.ndarray]) -> None:
-        """Append several points and redraw once (a flush of live records is drawn in one go)."""
-        for step, row in zip(levels_done, logits):
+    def add_points(self, levels_done: list[int], logits: list[np.ndarray],
+                   measured: list[np.ndarray] | None = None) -> None:
+        """Append several points and redraw once (a flush of live records is drawn in one go).
+
+        ``measured`` (optional, one boolean array per point) says which classes a point
+        measured; the others (eliminated classes) are not drawn from that point on.
+        """
+        for i, (step, row) in enumerate(zip(levels_done, logits)):
+            row = np.asarray(row, dtype=float).copy()
             self.steps.append(int(step))
-            self.history.append(np.asarray(row, dtype=float).copy())
+            self.history.append(row)
+            self.measured.append(np.ones(row.shape, dtype=bool) if measured is None
+                                 else np.asarray(measured[i], dtype=bool).copy())
         self.show_upto(len(self.steps))
 
     def show_upto(self, count: int) -> None:
@@ -84,11 +96,12 @@ class LikelihoodPlot(pg.PlotWidget):
             return
         hist = np.stack(self.history[:count])
         rel = hist - hist.max(axis=1, keepdims=True)
+        rel[~np.stack(self.measured[:count])] = np.nan
         top = int(np.argmax(hist[-1]))
         x = np.asarray(self.steps[:count])
         for k, curve in enumerate(self.curves):
             curve.setData(x, rel[:, k])
-        self._fit_y(float(rel.min()))
+        self._fit_y(float(np.nanmin(rel)))
         if top != self._highlighted:  # new pens re-render the legend: only when the leader changes
             for k in {top, self._highlighted} - {None}:
                 self.curves[k].setPen(self._pen(k, k == top))

@@ -105,3 +105,39 @@ def test_x_ticks_cover_every_step(qtbot):
     px_per_step = narrow.getPlotItem().vb.width() / (x1 - x0)
     assert -x0 * px_per_step >= EDGE_LABEL_PX - 1 and (x1 - 10) * px_per_step >= EDGE_LABEL_PX - 1
     assert narrow.curves["one draw"].zValue() < narrow.curves["estimate"].zValue()
+
+
+def test_eliminated_classes_curves_end_where_they_were_last_measured(qtbot, tiny_net):
+    """With progressive elimination the tab draws each eliminated class up to the screening
+    levels only; the kept classes run to the end; the session keeps the classifier's logits."""
+    import torch
+
+    from rdc_studio.app.session_state import SessionState
+    from rdc_studio.app.tabs.classify_tab import ClassifyTab
+    from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
+
+    settings = ClassifierSettings(steps=6, sigma_min=0.5, sigma_max=5.0, screen_levels=2, keep_classes=3)
+    clf = DiffusionClassifier(tiny_net, settings)
+    records = list(clf.stream(torch.rand(1, 1, 28, 28), levels_per_step=1))
+    classes = [str(k) for k in range(10)]
+    tab = ClassifyTab(SessionState(classes))
+    qtbot.addWidget(tab)
+    tab.begin(6)
+    tab.show_records(records[:3])  # live flushes of any size draw the same curves
+    tab.show_records(records[3:])
+    kept = set(np.argsort(records[1].logits[0])[-3:].tolist())  # the leaders after the screening levels
+    for k, curve in enumerate(tab.curves.curves):
+        x, y = curve.getData()
+        assert list(x) == [1, 2, 3, 4, 5, 6]
+        if k in kept:
+            assert np.isfinite(y).all()
+        else:  # measured on the 2 screening levels, not drawn after them
+            assert np.isfinite(y[:2]).all() and np.isnan(y[2:]).all()
+    # the session (and its CSV export) keeps the classifier's own estimate for every class
+    assert np.array_equal(tab.state.classification.logits[-1], records[-1].logits[0])
+    assert np.isfinite(tab.state.classification.logits[-1]).all()
+    # without elimination every curve runs to the end
+    full = list(DiffusionClassifier(tiny_net, ClassifierSettings(steps=3)).stream(torch.rand(1, 1, 28, 28)))
+    tab.begin(3)
+    tab.show_records(full)
+    assert all(np.isfinite(c.getData()[1]).all() and len(c.getData()[1]) == 3 for c in tab.curves.curves)
