@@ -16,7 +16,8 @@ never reuses or resumes an old model's evaluation. Re-running the script resumes
 interrupted evaluation and reuses finished ones; an evaluation over more examples than a
 finished one with otherwise the same settings starts from that one's state (n = 10 grows
 to n = 100 by attacking examples 10-99 only). The script writes table.md and
-table.json (every evaluation row, the worst cases and the checks) in --out-dir.
+table.json (every evaluation row of this run, the worst cases and the checks) in --out-dir;
+they are overwritten by the next run, while robustness.json (below) accumulates.
 
 **robustness.json.** The script also merges its results into ``--results`` (default
 ``benchmarks/results/robustness.json``), the one machine-readable file behind the README's
@@ -953,7 +954,9 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
     for s in summaries:
         if s["hardware"] not in hardware:
             hardware.append(s["hardware"])
-    lines = ["# Robustness of the bundled MNIST models", "",
+    lines = ["# Robustness rows of one robustness_table.py run", "",
+             "This file holds only the rows this run measured; every row measured so far, for every model, "
+             "is in benchmarks/results/robustness.json (the README's table is generated from it).", "",
              f"Made by `{meta['command']}` ({meta['date']}). Model `{meta['model']}`, transfer source and CNN row "
              f"`{meta['cnn']}`. Attack: `rdc eval --attack ensemble`, i.e. APGD-CE, APGD-DLR, APGD-T "
              f"({meta['targets']} target classes), Square ({meta['square_queries']} queries) and APGD-CE crafted on "
