@@ -39,11 +39,18 @@ class Gallery(QListWidget):
 
     def set_images(self, images: list[np.ndarray], labels: list[str]) -> None:
         self.clear()
-        self.images = [np.array(im, dtype=np.float32, copy=True) for im in images]
-        for image, label in zip(self.images, labels):
-            item = QListWidgetItem(QIcon(array_to_pixmap(image, self._icon_size)), label)
-            item.setToolTip(label)
-            self.addItem(item)
+        self.images = []
+        for image, label in zip(images, labels):
+            self.add_image(image, label, scroll=False)
+
+    def add_image(self, image: np.ndarray, label: str, scroll: bool = True) -> None:
+        """Append one image (a copy) with its caption; ``scroll`` brings it into view."""
+        self.images.append(np.array(image, dtype=np.float32, copy=True))
+        item = QListWidgetItem(QIcon(array_to_pixmap(self.images[-1], self._icon_size)), label)
+        item.setToolTip(label)
+        self.addItem(item)
+        if scroll:
+            self.scrollToItem(item)
 
     def _on_item_clicked(self, item: QListWidgetItem) -> None:
         row = self.row(item)

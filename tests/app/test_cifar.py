@@ -88,6 +88,10 @@ def test_rgb_image_is_shown_in_colour_and_classified_with_class_names(qtbot, win
     assert window.state.classes == CIFAR10_CLASSES
     top = CIFAR10_CLASSES[int(np.argmax(probs))]
     assert top in window.message_label.toolTip() and not window.errors
+    # no bundled samples for a CIFAR-10 model: the empty gallery says how to fill it
+    assert window.gallery.count() == 0
+    assert "none bundled for this cifar10 model" in window.samples_label.text()
+    assert "Generate sample" in window.samples_label.text() and "Browse dataset" in window.samples_label.text()
 
 
 def test_colour_perturbation_views(qtbot, window):

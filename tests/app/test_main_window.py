@@ -268,9 +268,15 @@ def test_session_command_line(tmp_path, qapp, window, digit_png, qtbot):
 
 
 def test_generate_sample_then_classify(qtbot, window):
+    before = window.gallery.count()
     with qtbot.waitSignal(window.classification_finished, timeout=60000):
         window.generate_sample(3, seed=1, steps=4)
     assert window.image.shape == (1, 28, 28) and "generated 3" in window.image_source
+    # the sample joins the gallery, captioned with its class and seed, and opens from there
+    assert window.gallery.count() == before + 1
+    item = window.gallery.item(before)
+    assert item.text() == "3 (seed 1)" and np.array_equal(window.gallery.images[-1], window.image)
+    assert "Generate sample" in window.samples_label.text()
 
 
 def test_dataset_browser_opens_a_test_digit(qtbot, window):
