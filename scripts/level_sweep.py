@@ -116,7 +116,7 @@ def weights_cross_validation(err: torch.Tensor, labels: torch.Tensor, sigmas: to
                           "fitted": fit_level_weights(err[fit_idx], labels[fit_idx], mask, sd)}
             for name, w in candidates.items():
                 held[name].append(_accuracy(err[test_idx], w, labels[test_idx]))
-        rows.append({"sigma_min": lo, "sigma_max": hi, "levels": int(mask.sum()), "density": weighting,
+        rows.append({"sigma_min": lo, "sigma_max": hi, "levels": int(mask.sum()), "weighting": weighting,
                      **{name: sum(v) / len(v) for name, v in held.items()}})
     return rows
 
