@@ -784,9 +784,19 @@ def _result_order(row: dict[str, Any]) -> tuple:
 def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``existing`` rows with every row that has the :func:`result_key` of a ``measured`` row
     replaced by it, and the other ``measured`` rows added; sorted by model, defense (CNN, DC,
-    RDC), norm and eps, so the file changes only where the numbers do."""
-    replaced = {result_key(r) for r in measured}
-    merged = [r for r in existing if result_key(r) not in replaced] + list(measured)
+    RDC), norm and eps, so the file changes only where the numbers do. A measured row without
+    masking checks keeps those of the row it replaces (the same weights and settings)."""
+    existing_by_key = {result_key(r): r for r in existing}
+    kept_checks = []
+    for row in measured:
+        old = existing_by_key.get(result_key(row))
+        # checks not run by this invocation (--no-checks, --check-rows) are not checks that
+        # failed to exist: the same measurement keeps the verdicts an earlier run recorded
+        if row.get("masking_checks") is None and old is not None and old.get("masking_checks"):
+            row = row | {"masking_checks": old["masking_checks"]}
+        kept_checks.append(row)
+    measured_keys = {result_key(r) for r in measured}
+    merged = [r for r in existing if result_key(r) not in measured_keys] + kept_checks
     return sorted(merged, key=_result_order)
 
 
@@ -819,6 +829,19 @@ def update_results(path: str | Path, measured: list[dict[str, Any]]) -> list[dic
 
 
 # --- the README table ------------------------------------------------------------------------
+
+def _checked_modes_note(row: dict[str, Any]) -> str:
+    """``"; smooth gradients only"`` when the masking checks of an RDC row cover only some
+    of the gradient modes its worst case is over; ``""`` otherwise."""
+    modes = row.get("grad_modes") or []
+    if row["defense"] != "rdc" or len(modes) < 2:
+        return ""
+    # check rows are keyed rdc-MODE-NORM-EPS
+    checked = {c["row"].split("-")[1] for c in row["masking_checks"]["checks"] if c["row"].startswith("rdc-")}
+    if checked >= set(modes):
+        return ""
+    return f"; {', '.join(m for m in modes if m in checked)} gradients only"
+
 
 def _threat_label(norm: str, eps: float) -> str:
     return f"{NORM_LABELS.get(norm, norm)} {eps:g}"
@@ -887,10 +910,10 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
         if not checks:
             verdict = "not run"
         elif checks["passed"]:
-            verdict = f"all {len(checks['checks'])} passed (n = {checks['n']})"
+            verdict = f"all {len(checks['checks'])} passed (n = {checks['n']}{_checked_modes_note(r)})"
         else:
             failed = sum(c["verdict"] != "PASS" for c in checks["checks"])
-            verdict = f"**{failed} of {len(checks['checks'])} failed** (n = {checks['n']})"
+            verdict = f"**{failed} of {len(checks['checks'])} failed** (n = {checks['n']}{_checked_modes_note(r)})"
         lines.append(f"| {r['label']} | {_threat_label(r['norm'], r['eps'])} | {r['n']} | {_pct(r['clean'])}% | "
                      f"**{_pct(r['robust'])}%** ({_pct(lo)}-{_pct(hi)}) | {attacks} | {verdict} | "
                      f"{r['seconds_per_image']:.2f} | [{hardware.index(r['hardware']) + 1}] |")

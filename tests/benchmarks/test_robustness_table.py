@@ -314,6 +314,16 @@ def test_merge_replaces_rows_of_the_same_measurement_and_keeps_the_rest(table, t
     # the same weights with other card settings (a re-chosen grid) are another measurement
     other = table.merge_results(merged, [_result("dc", "l2", 1.5, new_model, robust=0.6, settings_sha256="e" * 64)])
     assert len(other) == 6 and {r["robust"] for r in other if r["key"] == "dc-l2-1.5"} == {0.3, 0.6}
+    # a re-measured row whose checks did not run this time keeps the verdicts of the row it replaces
+    checks = {"passed": True, "n": 20, "checks": [{"row": "dc-linf-0.1", "check": "large_eps", "verdict": "PASS",
+                                                   "summary": ""}]}
+    with_checks = table.merge_results(merged, [_result("dc", "linf", 0.1, new_model, robust=0.05,
+                                                       masking_checks=checks)])
+    grown = table.merge_results(with_checks, [_result("dc", "linf", 0.1, new_model, robust=0.04)])
+    row = next(r for r in grown if table.result_key(r) == ("dc", "linf", 0.1, new_model, ""))
+    assert row["robust"] == 0.04 and row["masking_checks"] == checks
+    other_model = next(r for r in grown if table.result_key(r) == ("dc", "linf", 0.1, old_model, ""))
+    assert other_model["masking_checks"] is None  # another measurement's checks are not borrowed
     # sorted by model, then CNN, DC, RDC, then norm and eps: merging is order-independent
     assert table.merge_results(list(reversed(existing)), measured) == merged
     assert [r["defense"] for r in merged if r["model_sha256"] == new_model] == ["dc", "dc", "rdc"]
@@ -411,8 +421,9 @@ def test_readme_table_is_generated_from_robustness_json(table, tmp_path, model_f
     assert table_lines[0].startswith("| defense | threat model | n | clean | robust (95% CI) |")
     assert [line.split(" | ")[:2] for line in table_lines[1:]] == [["| CNN", "l2 1.5"], ["| DC", "l-inf 0.1"],
                                                                     ["| RDC (worst case)", "l-inf 0.3"]]
-    assert "| 100 | 99.0% | **12.3%** (2.3-22.3) | ensemble | **1 of 4 failed** (n = 50) | 120.00 | [1] |" \
-        in section
+    # the checks cover two of the row's three gradient modes, and the cell says so
+    assert "| 100 | 99.0% | **12.3%** (2.3-22.3) | ensemble | **1 of 4 failed** (n = 50; exact, smooth gradients " \
+        "only) | 120.00 | [1] |" in section
     assert "| **51.5%** (41.5-61.5) | ensemble | not run | 1.50 | [1] |" in section
     assert "| **0.0%**" in section and "[1] Test CPU, device cpu" in section
     assert "[2] NVIDIA H200, device cuda" in section
