@@ -28,8 +28,8 @@ attacks, in order), ``grad_modes``, ``model`` and ``model_sha256`` (the checkpoi
 defense used: the CNN's for CNN rows), ``command``, ``hardware`` and ``seconds_per_image``,
 plus ``key``, ``label``, ``date``, ``settings_sha256`` (DC and RDC rows: the digest of the
 model card's classifier and purification settings the defense was built with,
-:func:`core.models.defense_settings_sha256`), ``masking_checks`` (null when the checks did not run)
-and, for the RDC, ``per_grad_mode``. The RDC row is the per-example worst case over the
+:func:`core.models.defense_settings_sha256`), ``masking_checks`` (null when no run has checked
+that measurement; a later run without checks keeps the earlier verdicts) and, for the RDC, ``per_grad_mode``. The RDC row is the per-example worst case over the
 rdc-exact, rdc-smooth and rdc-bpda evaluations of its threat model (an example is robust
 only if it is robust in all three; :func:`core.evaluate.worst_case_report`), on the
 examples all three attacked: its ``command`` is the list of their three commands and its
