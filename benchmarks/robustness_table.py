@@ -787,16 +787,15 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
     RDC), norm and eps, so the file changes only where the numbers do. A measured row without
     masking checks keeps those of the row it replaces (the same weights and settings)."""
     existing_by_key = {result_key(r): r for r in existing}
-    kept_checks = []
+    incoming = {}
     for row in measured:
         old = existing_by_key.get(result_key(row))
         # checks not run by this invocation (--no-checks, --check-rows) are not checks that
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
         if row.get("masking_checks") is None and old is not None and old.get("masking_checks"):
             row = row | {"masking_checks": old["masking_checks"]}
-        kept_checks.append(row)
-    measured_keys = {result_key(r) for r in measured}
-    merged = [r for r in existing if result_key(r) not in measured_keys] + kept_checks
+        incoming[result_key(row)] = row
+    merged = [r for r in existing if result_key(r) not in incoming] + list(incoming.values())
     return sorted(merged, key=_result_order)
 
 
@@ -836,8 +835,8 @@ def _checked_modes_note(row: dict[str, Any]) -> str:
     modes = row.get("grad_modes") or []
     if row["defense"] != "rdc" or len(modes) < 2:
         return ""
-    # check rows are keyed rdc-MODE-NORM-EPS
-    checked = {c["row"].split("-")[1] for c in row["masking_checks"]["checks"] if c["row"].startswith("rdc-")}
+    checked = {DEFENSES[key][1] for c in row["masking_checks"]["checks"] for key in DEFENSES
+               if key.startswith("rdc-") and c["row"].startswith(f"{key}-")}
     if checked >= set(modes):
         return ""
     return f"; {', '.join(m for m in modes if m in checked)} gradients only"
