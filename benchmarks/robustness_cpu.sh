@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The robustness rows of the default model at the reduced budget a 2-core CPU affords, in one
+# resumable command: the protocol behind the README's DC and RDC rows of the third-stage
+# weights, to be re-run whenever the bundled weights or their defense settings change.
+#
+#   bash benchmarks/robustness_cpu.sh [MODEL]      (default: mnist-embedding)
+#
+# Reduced ensemble of `rdc eval --attack ensemble`: APGD-CE, APGD-DLR and APGD-T with
+# STEPS (20) iterations and 1 target class, Square with 100 queries, transfer from the
+# CNN; two evaluations at a time, one thread each. In order (each stage merges its rows
+# into benchmarks/results/robustness.json as it finishes, so an interrupted run keeps
+# every finished stage and re-running resumes the unfinished one from its state):
+#
+#   1. DC at l-inf 0.1 and l2 1.5 on N_DC (100) test digits, with the gradient-masking
+#      checks on CHECK_N_DC (20) digits                        (~75 min on the 2-core VM)
+#   2. RDC (exact, smooth and BPDA gradients) at l-inf 0.1 and l2 1.5 on N_RDC (20) digits,
+#      with the checks for the smooth mode on CHECK_N_RDC (10) digits        (~100 min)
+#   3. DC at l-inf 0.3 on N_DC_LARGE (10) digits and RDC on N_RDC_LARGE (5)   (~15 min)
+#   4. the README table regenerated from robustness.json
+#
+# The CNN rows (full ensemble) do not depend on the diffusion model and are not re-run.
+# Environment: N_DC, N_RDC, N_DC_LARGE, N_RDC_LARGE, CHECK_N_DC, CHECK_N_RDC, STEPS,
+# OUT_DIR (default benchmarks/results/robustness-runs), JOBS (2); DRY_RUN=1 prints the
+# `rdc eval` commands of every stage and measures nothing. A full-budget run is
+# `python benchmarks/robustness_table.py` with its defaults (hours per row on this CPU).
+set -euo pipefail
+model="${1:-mnist-embedding}"
+out_dir="${OUT_DIR:-benchmarks/results/robustness-runs}"
+common=(--model "$model" --steps "${STEPS:-20}" --targets 1 --square-queries 100 --threads 1
+        --jobs "${JOBS:-2}" --batch-size 5 --check-square-queries 200 --out-dir "$out_dir")
+dry=()
+if [[ -n "${DRY_RUN:-}" ]]; then dry=(--dry-run); fi
+table() { echo "+ python benchmarks/robustness_table.py $*"; python benchmarks/robustness_table.py "$@" "${dry[@]}"; }
+
+table "${common[@]}" --rows 'dc-linf-0.1,dc-l2-1.5' --n-row "dc-*=${N_DC:-100}" \
+    --check-n "${CHECK_N_DC:-20}"
+table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-20}" \
+    --check-rows 'rdc-smooth-*' --check-n "${CHECK_N_RDC:-10}"
+table "${common[@]}" --rows 'dc-linf-0.3,rdc-*-linf-0.3' \
+    --n-row "dc-*=${N_DC_LARGE:-10},rdc-*=${N_RDC_LARGE:-5}" --no-checks
+if [[ -z "${DRY_RUN:-}" ]]; then table --model "$model" --readme; fi
