@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from rdc_studio.core.baseline import load_cnn
+from rdc_studio.core.defense import DeviceUnavailableError, resolve_device
 from rdc_studio.core.images import save_png_atomic
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
 from rdc_studio.core.sample import sample, sample_filename
@@ -33,15 +34,16 @@ from rdc_studio.core.sample import sample, sample_filename
 
 def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sampler_steps: int = 18,
                      seed: int = 0, out_dir: Path | None = None, gallery: Path | None = None,
-                     gallery_n: int = 2) -> dict:
+                     gallery_n: int = 2, device: str = "cpu") -> dict:
     """Per-class agreement of conditional samples with an independent classifier.
 
     Samples are rounded to 8 bits (as saved) before they are judged; the seeds per class
     are ``seed + label``, the convention of ``rdc sample``. With ``gallery``, the first
     ``gallery_n`` samples of each class that the judge agrees with are written there as
-    ``LABEL-INDEX.png`` (INDEX: the sample's index, as in ``out_dir``).
+    ``LABEL-INDEX.png`` (INDEX: the sample's index, as in ``out_dir``). The diffusion model
+    samples on ``device``; the judge runs on the CPU.
     """
-    model = load_checkpoint(model_name)
+    model = load_checkpoint(model_name, device=resolve_device(device))
     cnn, _ = load_cnn(judge)
     per_class = {}
     judged = []
@@ -85,12 +87,17 @@ def main() -> int:
                         help="write the first --gallery-n samples per class that the judge agrees with here")
     parser.add_argument("--gallery-n", type=int, default=2, help="samples per class for --gallery")
     parser.add_argument("--json", type=Path, default=None, help="write the summary here")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or auto: where the diffusion model samples")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        resolve_device(args.device)
+    except DeviceUnavailableError as exc:
+        parser.error(f"--device {args.device}: {exc}")
     result = sample_agreement(args.model, args.judge, args.n, args.sampler_steps, args.seed, args.out_dir,
-                              args.gallery, args.gallery_n)
+                              args.gallery, args.gallery_n, args.device)
     print(f"{result['model']}: {result['correct']}/{result['total']} samples judged their class by "
           f"{result['judge']} ({result['agreement']:.1%}), {result['seconds']} s")
     print("per class: " + "  ".join(f"{c}:{a:.0%}" for c, a in result["per_class"].items()))

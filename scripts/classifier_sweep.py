@@ -22,6 +22,7 @@ import torch
 
 from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, interleaved_order
 from rdc_studio.core.data import load_dataset
+from rdc_studio.core.defense import DeviceUnavailableError, resolve_device
 from rdc_studio.core.evaluate import hardware_description, wilson_interval
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
 
@@ -61,10 +62,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--noise-seed", type=int, default=0, help="the classifier's noise-bank seed")
     p.add_argument("--batch", type=int, default=50, help="images per network batch")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (CUDA when available)")
     p.add_argument("--json", default=None, help="write every result here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.model)
+    try:
+        device = resolve_device(args.device)
+    except DeviceUnavailableError as exc:
+        p.error(f"--device {args.device}: {exc}")
+    model = load_checkpoint(args.model, device=device)
     ds = load_dataset(model.card.get("dataset", "mnist"), args.split, args.data_root)
     images, labels = ds.float_images(slice(0, args.n)), ds.labels[: args.n]
     k = model.net.config.num_classes
@@ -76,9 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     for t, grid, weighting, lo, hi in grids:
         settings = ClassifierSettings(steps=t, weighting=weighting, sigma_min=lo, sigma_max=hi,
                                       noise_seed=args.noise_seed, grid=grid)
-        clf = DiffusionClassifier(model.net, settings)
+        clf = DiffusionClassifier(model.net, settings).to(device)
         with torch.no_grad():
-            err = torch.cat([clf.level_errors(images[i:i + args.batch], range(t), clf.noise_bank)
+            err = torch.cat([clf.level_errors(images[i:i + args.batch].to(device), range(t), clf.noise_bank).cpu()
                              for i in range(0, len(labels), args.batch)])
         # each level alone (its own argmin of the class errors): where the classes separate
         per_level = [{"sigma": float(sig), "accuracy": float((err[:, j].argmin(1) == labels).float().mean())}
@@ -87,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{lv['sigma']:.3g}: {lv['accuracy']:.3f}" for lv in per_level), flush=True)
         for screen in [0] + [int(v) for v in args.screen.split(",") if int(v) < t]:
             for keep in ([0] if screen == 0 else [int(v) for v in args.keep.split(",")]):
-                logits = replay_elimination(err, clf.weights, screen, keep)
+                logits = replay_elimination(err, clf.weights.cpu(), screen, keep)
                 correct = int((logits.argmax(1) == labels).sum())
                 evals = t * k if screen == 0 else screen * k + (t - screen) * keep
                 lo_ci, hi_ci = wilson_interval(correct, len(labels))

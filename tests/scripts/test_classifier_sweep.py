@@ -48,3 +48,25 @@ def test_sweep_reports_each_level_alone(tiny_checkpoint, tmp_path):
     sigmas = [lv["sigma"] for lv in levels]
     assert len(sigmas) == 3 and 0.2 <= sigmas[0] < sigmas[1] < sigmas[2] <= 10
     assert all(lv["accuracy"] * 6 == pytest.approx(round(lv["accuracy"] * 6)) for lv in levels)  # k of 6 digits
+
+
+def test_sweep_device_option(tiny_checkpoint, tmp_path, capsys):
+    from rdc_studio.core.data import mnist_available
+
+    if not mnist_available():
+        pytest.skip("MNIST not available")
+    import json
+
+    sweep = _load_script()
+    common = ["--model", str(tiny_checkpoint), "--n", "4", "--levels", "2", "--grid", "log", "--sigma-min", "1",
+              "--sigma-max", "10", "--screen", "1", "--keep", "2", "--threads", "1"]
+    reports = []
+    for device in ("cpu", "auto"):
+        out = tmp_path / f"{device}.json"
+        assert sweep.main(common + ["--device", device, "--json", str(out)]) == 0
+        reports.append([(r["accuracy"], r["per_level"]) for r in json.loads(out.read_text())["results"]])
+    if not torch.cuda.is_available():
+        assert reports[0] == reports[1]  # auto is the CPU here
+        with pytest.raises(SystemExit) as exc:
+            sweep.main(common + ["--device", "cuda"])
+        assert exc.value.code == 2 and "--device cuda" in capsys.readouterr().err
