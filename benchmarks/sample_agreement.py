@@ -93,11 +93,11 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        resolve_device(args.device)
+        device = resolve_device(args.device)
     except DeviceUnavailableError as exc:
         parser.error(f"--device {args.device}: {exc}")
     result = sample_agreement(args.model, args.judge, args.n, args.sampler_steps, args.seed, args.out_dir,
-                              args.gallery, args.gallery_n, args.device)
+                              args.gallery, args.gallery_n, device)
     print(f"{result['model']}: {result['correct']}/{result['total']} samples judged their class by "
           f"{result['judge']} ({result['agreement']:.1%}), {result['seconds']} s")
     print("per class: " + "  ".join(f"{c}:{a:.0%}" for c, a in result["per_class"].items()))

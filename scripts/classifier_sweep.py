@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad():
             err = torch.cat([clf.level_errors(images[i:i + args.batch].to(device), range(t), clf.noise_bank).cpu()
                              for i in range(0, len(labels), args.batch)])
+        weights = clf.weights.cpu()
         # each level alone (its own argmin of the class errors): where the classes separate
         per_level = [{"sigma": float(sig), "accuracy": float((err[:, j].argmin(1) == labels).float().mean())}
                      for j, sig in enumerate(clf.sigmas.tolist())]
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{lv['sigma']:.3g}: {lv['accuracy']:.3f}" for lv in per_level), flush=True)
         for screen in [0] + [int(v) for v in args.screen.split(",") if int(v) < t]:
             for keep in ([0] if screen == 0 else [int(v) for v in args.keep.split(",")]):
-                logits = replay_elimination(err, clf.weights.cpu(), screen, keep)
+                logits = replay_elimination(err, weights, screen, keep)
                 correct = int((logits.argmax(1) == labels).sum())
                 evals = t * k if screen == 0 else screen * k + (t - screen) * keep
                 lo_ci, hi_ci = wilson_interval(correct, len(labels))
