@@ -58,6 +58,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     init_net, init_name = None, None
+    if args.grow_blocks and not args.init_from:
+        raise ValueError("--grow-blocks deepens a trained checkpoint: give it with --init-from")
     if args.init_from:
         from .models import load_checkpoint
 
@@ -65,7 +67,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if init_model.card.get("dataset") != args.dataset:
             raise ValueError(f"--init-from {args.init_from}: a {init_model.card.get('dataset')} model, not {args.dataset}")
         init_net, init_name = init_model.net, init_model.name
-        net_cfg = NetConfig.from_dict(init_model.net.config.to_dict())
+        if args.grow_blocks:
+            from .nets import grow_denoiser
+
+            init_net = grow_denoiser(init_net, args.grow_blocks, seed=args.seed)
+            init_name = f"{init_model.name}, grown to {args.grow_blocks} blocks per level"
+        net_cfg = NetConfig.from_dict(init_net.config.to_dict())
     ds = load_dataset(args.dataset, args.split, args.data_root)
     if args.limit:
         ds.images, ds.labels = ds.images[: args.limit], ds.labels[: args.limit]
@@ -727,6 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="NAME|PATH",
                    help="fine-tune: start from this checkpoint's weights (its architecture replaces "
                         "--arch/--channels/--head-channels/--blocks/--emb-dim)")
+    p.add_argument("--grow-blocks", type=int, default=0, metavar="N",
+                   help="with --init-from: deepen the checkpoint to N residual blocks per resolution, "
+                        "the added blocks starting as the identity (the grown network computes the same "
+                        "function before training)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise draws")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")

@@ -381,5 +381,35 @@ def build_denoiser(config: NetConfig | dict) -> Denoiser:
     return Denoiser(config)
 
 
+def grow_denoiser(source: Denoiser, blocks_per_level: int, seed: int = 0) -> Denoiser:
+    """A deeper copy of ``source`` that computes exactly the same function.
+
+    Every resolution gets ``blocks_per_level`` residual blocks (at least the source's).
+    The source's blocks keep their weights and places; each added block comes after them
+    at its level, is freshly initialised (from ``seed``) and has its last convolution
+    zeroed, so it starts as the identity and training grows it from there. This lets a
+    larger network be fine-tuned from a trained smaller one instead of from scratch.
+    """
+    cfg = source.config
+    if blocks_per_level < cfg.blocks_per_level:
+        raise ValueError(f"cannot grow {cfg.blocks_per_level} blocks per level to {blocks_per_level}")
+    grown_cfg = NetConfig.from_dict({**cfg.to_dict(), "blocks_per_level": blocks_per_level})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        grown = Denoiser(grown_cfg)
+    src_state = source.state_dict()
+    grown_state = grown.state_dict()
+    for name, tensor in src_state.items():
+        grown_state[name] = tensor.clone()  # block i of a level keeps index i in both
+    for stage in (grown.down, grown.up):
+        for blocks in stage:
+            for block in list(blocks)[cfg.blocks_per_level:]:
+                prefix = next(n for n, m in grown.named_modules() if m is block)
+                grown_state[f"{prefix}.conv2.weight"] = torch.zeros_like(block.conv2.weight)
+                grown_state[f"{prefix}.conv2.bias"] = torch.zeros_like(block.conv2.bias)
+    grown.load_state_dict(grown_state)
+    return grown.to(next(source.parameters()).device)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rdc_studio.core.nets import NetConfig, build_denoiser
+from rdc_studio.core.nets import NetConfig, build_denoiser, count_parameters, grow_denoiser
 
 
 def test_multihead_shapes_and_head_subsets(tiny_net):
@@ -66,3 +66,39 @@ def test_head_subsets_by_view_and_by_index_agree(tiny_net):
         scattered = tiny_net.denoise(x, s, heads=[9, 3, 10])
     assert torch.allclose(classes, full[:, :10], atol=1e-5)
     assert torch.allclose(scattered, full[:, [9, 3, 10]], atol=1e-5)
+
+
+@pytest.mark.parametrize("architecture", ["embedding", "multihead"])
+def test_grown_denoiser_computes_the_same_function(architecture):
+    """Deepening to more blocks per level keeps every output; the added blocks then train."""
+    torch.manual_seed(0)
+    source = build_denoiser(NetConfig(architecture=architecture, channels=(8, 16), head_channels=(4,),
+                                      emb_dim=32)).eval()
+    with torch.no_grad():
+        for p in source.parameters():  # a trained-looking network, output layer included
+            p.add_(torch.randn_like(p) * 0.05)
+    grown = grow_denoiser(source, 3, seed=1).eval()
+    assert grown.config.blocks_per_level == 3
+    assert all(len(blocks) == 3 for blocks in [*grown.down, *grown.up])
+    assert count_parameters(grown) > count_parameters(source)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(tensor, grown.state_dict()[name]), name
+    x, s = torch.randn(4, 1, 28, 28), torch.tensor([0.05, 0.5, 2.0, 10.0])
+    with torch.no_grad():
+        assert torch.allclose(grown.denoise(x, s), source.denoise(x, s), atol=1e-6)
+    # an added block is the identity through its zeroed last convolution, not by lacking weights
+    added = grown.down[0][1]
+    assert torch.count_nonzero(added.conv2.weight) == 0 and torch.count_nonzero(added.conv1.weight) > 0
+    loss = grown.denoise(x, s).square().mean()
+    loss.backward()
+    assert added.conv2.weight.grad.abs().sum() > 0
+    # the same seed initialises the added blocks identically; the source is left alone
+    again = grow_denoiser(source, 3, seed=1)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in grown.state_dict().items())
+    assert source.config.blocks_per_level == 1 and len(source.down[0]) == 1
+
+
+def test_grow_refuses_to_shrink():
+    source = build_denoiser(NetConfig(architecture="embedding", channels=(8, 16), blocks_per_level=2, emb_dim=32))
+    with pytest.raises(ValueError, match="cannot grow 2 blocks per level to 1"):
+        grow_denoiser(source, 1)

@@ -139,6 +139,35 @@ def test_cli_init_from_refuses_another_dataset(tmp_path):
               "--init-from", str(tmp_path / "src" / "model.safetensors"), "--epochs", "0"])
 
 
+def test_cli_grow_blocks_needs_init_from(tmp_path):
+    from rdc_studio.core.cli import main
+
+    with pytest.raises(ValueError, match="--grow-blocks deepens a trained checkpoint"):
+        main(["train", "--out", str(tmp_path / "g"), "--grow-blocks", "2", "--epochs", "0"])
+    assert not (tmp_path / "g").exists()
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_cli_grow_blocks_fine_tunes_a_deeper_copy(tmp_path):
+    """--init-from X --grow-blocks 2: the run trains the deepened network, which starts as X."""
+    from rdc_studio.core.cli import main
+
+    net_cfg, cfg = _cfgs()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "src"))
+    source = load_checkpoint(tmp_path / "src" / "model.safetensors")
+    rc = main(["train", "--dataset", "mnist", "--out", str(tmp_path / "grown"), "--limit", "24",
+               "--init-from", str(tmp_path / "src" / "model.safetensors"), "--grow-blocks", "2",
+               "--epochs", "0", "--seed", "3"])
+    assert rc == 0
+    grown = load_checkpoint(tmp_path / "grown" / "model.safetensors")
+    assert grown.net.config.blocks_per_level == 2
+    assert grown.card["training"]["init_from"] == "src, grown to 2 blocks per level"
+    assert "--grow-blocks 2" in grown.card["training_command"]
+    x, s = torch.randn(3, 1, 28, 28), torch.tensor([0.2, 1.0, 4.0])
+    with torch.no_grad():
+        assert torch.allclose(grown.net.denoise(x, s), source.net.denoise(x, s), atol=1e-6)
+
+
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
 def test_real_training_run_lowers_loss(tmp_path):
     """A short real run on MNIST through the CLI: the loss falls and the model classifies."""
