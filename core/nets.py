@@ -397,17 +397,14 @@ def grow_denoiser(source: Denoiser, blocks_per_level: int, seed: int = 0) -> Den
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         grown = Denoiser(grown_cfg)
-    src_state = source.state_dict()
-    grown_state = grown.state_dict()
-    for name, tensor in src_state.items():
-        grown_state[name] = tensor.clone()  # block i of a level keeps index i in both
-    for stage in (grown.down, grown.up):
-        for blocks in stage:
+    # block i of a level has the same name in both, so only the added blocks are missing
+    _, unexpected = grown.load_state_dict(source.state_dict(), strict=False)
+    assert not unexpected, unexpected
+    with torch.no_grad():
+        for blocks in (*grown.down, *grown.up):
             for block in list(blocks)[cfg.blocks_per_level:]:
-                prefix = next(n for n, m in grown.named_modules() if m is block)
-                grown_state[f"{prefix}.conv2.weight"] = torch.zeros_like(block.conv2.weight)
-                grown_state[f"{prefix}.conv2.bias"] = torch.zeros_like(block.conv2.bias)
-    grown.load_state_dict(grown_state)
+                block.conv2.weight.zero_()
+                block.conv2.bias.zero_()
     return grown.to(next(source.parameters()).device)
 
 
