@@ -26,7 +26,8 @@ import numpy as np
 import torch
 
 from rdc_studio.core.baseline import load_cnn
-from rdc_studio.core.defense import DeviceUnavailableError, resolve_device
+from rdc_studio.core import cli
+from rdc_studio.core.defense import resolve_device
 from rdc_studio.core.images import save_png_atomic
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
 from rdc_studio.core.sample import sample, sample_filename
@@ -92,10 +93,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except DeviceUnavailableError as exc:
-        parser.error(f"--device {args.device}: {exc}")
+    device = cli.resolve_device(args.device, parser.prog)
     result = sample_agreement(args.model, args.judge, args.n, args.sampler_steps, args.seed, args.out_dir,
                               args.gallery, args.gallery_n, device)
     print(f"{result['model']}: {result['correct']}/{result['total']} samples judged their class by "

@@ -126,14 +126,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_device(name: str) -> str:
-    """The device for ``--device NAME`` (``auto``: CUDA when available, else CPU)."""
+def resolve_device(name: str, prog: str = "rdc") -> str:
+    """The device for ``--device NAME`` (``auto``: CUDA when available, else CPU).
+
+    An unavailable device is a usage error, as argparse reports one: a line on stderr
+    starting with ``prog`` and exit status 2 (the repository's scripts pass their own
+    ``parser.prog``).
+    """
     from .defense import DeviceUnavailableError, resolve_device as resolve
 
     try:
         return resolve(name)
     except DeviceUnavailableError as exc:
-        raise SystemExit(f"rdc: error: --device {name}: {exc}; use --device cpu or auto") from None
+        print(f"{prog}: error: --device {name}: {exc}; use --device cpu or auto", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 def parse_fraction(text: str, flag: str = "") -> float:

@@ -21,8 +21,8 @@ import time
 import torch
 
 from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, interleaved_order
+from rdc_studio.core.cli import resolve_device
 from rdc_studio.core.data import load_dataset
-from rdc_studio.core.defense import DeviceUnavailableError, resolve_device
 from rdc_studio.core.evaluate import hardware_description, wilson_interval
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
 
@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write every result here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    try:
-        device = resolve_device(args.device)
-    except DeviceUnavailableError as exc:
-        p.error(f"--device {args.device}: {exc}")
+    device = resolve_device(args.device, p.prog)
     model = load_checkpoint(args.model, device=device)
     ds = load_dataset(model.card.get("dataset", "mnist"), args.split, args.data_root)
     images, labels = ds.float_images(slice(0, args.n)), ds.labels[: args.n]

@@ -41,6 +41,15 @@ def test_bad_checkpoint_is_a_clear_error(tmp_path, digit_png):
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+def test_unavailable_device_is_a_usage_error(tiny_checkpoint, digit_png, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["classify", str(digit_png), "--model", str(tiny_checkpoint), "--device", "cuda"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2  # argparse's status for a bad argument value
+    assert err.startswith("rdc: error: --device cuda:") and "use --device cpu or auto" in err
+
+
 def test_eval_writes_report(tiny_checkpoint, tmp_path):
     out = tmp_path / "results.json"
     rc = main(["eval", "--dataset", "mnist", "--split", "test", "--n", "12", "--defense", "dc", "--attack", "none",
