@@ -393,19 +393,37 @@ def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
     return source
 
 
+def same_results(command: str | None, other: str | None) -> bool:
+    """Whether two ``rdc eval`` command lines compute the same results: equal once their
+    ``--threads`` are dropped (the thread count is not part of a run's identity; its
+    resumable state does not record it either)."""
+    def identity(line: str) -> list[str]:
+        words = shlex.split(line)
+        return [w for i, w in enumerate(words) if w != "--threads" and (i == 0 or words[i - 1] != "--threads")]
+
+    return command is not None and other is not None and identity(command) == identity(other)
+
+
+def made_by(ev: Evaluation, report: dict[str, Any]) -> str:
+    """The command line that made ``report`` (``ev``'s own unless it came from an earlier run
+    with another ``--threads``)."""
+    return report.get("settings", {}).get("command") or ev.command
+
+
 def _existing_report(ev: Evaluation, out_dir: Path) -> dict[str, Any] | None:
-    """The report of ``ev`` in ``out_dir`` if one was made by exactly ``ev``'s command."""
+    """The report of ``ev`` in ``out_dir`` if one was made by ``ev``'s command (up to ``--threads``)."""
     path = out_dir / f"{ev.name}.json"
     if not path.exists():
         return None
     report = json.loads(path.read_text())
-    return report if report.get("settings", {}).get("command") == ev.command else None
+    return report if same_results(report.get("settings", {}).get("command"), ev.command) else None
 
 
 def _load_timing(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
     path = out_dir / f"{ev.name}.timing.json"
     timing = json.loads(path.read_text()) if path.exists() else {}
-    return timing if timing.get("command") == ev.command else {"command": ev.command, "seconds": 0.0, "examples": 0}
+    return timing if same_results(timing.get("command"), ev.command) else {"command": ev.command, "seconds": 0.0,
+                                                                           "examples": 0}
 
 
 def _add_timing(ev: Evaluation, out_dir: Path, report: dict[str, Any], done_before: int) -> None:
@@ -544,7 +562,7 @@ def row_summary(row: Row, ev: Evaluation, report: dict[str, Any], out_dir: Path)
             "per_attack": per_attack, "seconds_per_image": report["table_timing"]["seconds_per_image"],
             "timing": report["table_timing"],
             "forward_passes_per_image": report["forward_backward_passes_per_image"],
-            "hardware": report["hardware"], "command": ev.command, "report": str(out_dir / f"{ev.name}.json"),
+            "hardware": report["hardware"], "command": made_by(ev, report), "report": str(out_dir / f"{ev.name}.json"),
             "log": str(out_dir / f"{ev.name}.log")}
 
 
@@ -568,7 +586,7 @@ def run_checks(args: argparse.Namespace, row: Row, evs: dict[str, Evaluation], o
          [main, "square", "transfer"]),
         (check_more_iterations(reports[main], reports["apgd-long"], args.max_change), [main, "apgd-long"]),
     ]
-    return [(result, [evs[k].command for k in keys]) for result, keys in judged]
+    return [(result, [made_by(evs[k], reports[k]) for k in keys]) for result, keys in judged]
 
 
 def _pct(v: float) -> str:
@@ -670,7 +688,7 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
             "clean": report["clean_acc"], "robust": report["robust_acc"], "ci95": list(report["robust_ci95"]),
             "attacks": report_attacks(report), "budget": report_budget(report),
             "grad_modes": [report["settings"].get("grad") or "exact"],
-            "model": model, "model_sha256": sha256, "command": ev.command, "hardware": report_hardware(report),
+            "model": model, "model_sha256": sha256, "command": made_by(ev, report), "hardware": report_hardware(report),
             "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
             **extra, "masking_checks": masking_summary(checks, [row.key], check_n)}
 
@@ -713,7 +731,7 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
             "norm": row.norm, "eps": parse_fraction(row.eps), "n": worst["n"], "clean": worst["clean_acc"],
             "robust": worst["robust_acc"], "ci95": list(worst["robust_ci95"]), "attacks": attacks,
             "budget": report_budget(parts[0][2]), "grad_modes": modes, "model": model, "model_sha256": sha256,
-            "command": [ev.command for _, ev, _ in parts], "hardware": "; ".join(hardware),
+            "command": [made_by(ev, rep) for _, ev, rep in parts], "hardware": "; ".join(hardware),
             "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, _, rep in parts),
             "date": time.strftime("%Y-%m-%d"), "settings_sha256": settings,
             "masking_checks": masking_summary(checks, [r.key for r, _, _ in parts], check_n),

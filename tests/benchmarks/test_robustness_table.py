@@ -355,6 +355,20 @@ def test_a_second_run_keeps_the_rows_of_the_first(table, tmp_path, no_attacks):
     assert table.main(second) == 0 and json.loads(results.read_text()) == after  # re-running changes nothing
 
 
+def test_a_report_made_with_other_threads_is_reused_and_named_by_its_own_command(table, tmp_path, no_attacks):
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    made = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.1", "--n-dc", "3",
+            "--no-checks", "--threads", "1"]
+    fakes = _write_fake_reports(table, made, out_dir)
+    rerun = made[:-1] + ["2"]  # only the thread count differs: no rdc eval (no_attacks), same report
+    assert table.main(rerun) == 0
+    (row,) = json.loads(results.read_text())
+    assert row["command"] == fakes["dc-linf-0.1"]["settings"]["command"] and "--threads 1" in row["command"]
+    assert table.same_results("rdc eval --n 3 --threads 1 --seed 0", "rdc eval --n 3 --seed 0 --threads 2")
+    assert not table.same_results("rdc eval --n 3 --threads 1", "rdc eval --n 4 --threads 1")
+    assert not table.same_results(None, "rdc eval --n 3")
+
+
 # --- the README table ------------------------------------------------------------------------
 
 README = """# Project
