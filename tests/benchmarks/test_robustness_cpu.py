@@ -27,7 +27,7 @@ def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
     rows = Counter((a.defense, a.grad, a.norm, a.eps, a.n) for a in commands if a.attack == "ensemble")
     expected = {("dc", "auto", "linf", "0.1", 100), ("dc", "auto", "l2", "1.5", 100),
                 ("dc", "auto", "linf", "0.3", 10)}
-    expected |= {("rdc", g, norm, eps, 20) for g in ("exact", "smooth", "bpda") for norm, eps in (("linf", "0.1"), ("l2", "1.5"))}
+    expected |= {("rdc", g, norm, eps, 30) for g in ("exact", "smooth", "bpda") for norm, eps in (("linf", "0.1"), ("l2", "1.5"))}
     expected |= {("rdc", g, "linf", "0.3", 5) for g in ("exact", "smooth", "bpda")}
     assert set(rows) == expected and set(rows.values()) == {1}
     for a in commands:
@@ -36,8 +36,10 @@ def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
         if a.attack == "ensemble":
             assert (a.steps, a.targets, a.square_queries) == (20, 1, 100)
     checks = [a for a in commands if a.attack != "ensemble"]
-    # the DC's checks on 20 digits, the RDC's for the smooth gradient mode on 10; none at l-inf 0.3
-    assert {(a.defense, a.grad, a.n) for a in checks} == {("dc", "auto", 20), ("rdc", "smooth", 10)}
+    # the DC's checks on 20 digits, the RDC's for every gradient mode on 10; none at l-inf 0.3
+    assert {(a.defense, a.grad, a.n) for a in checks} == {("dc", "auto", 20)} | {("rdc", g, 10) for g in
+                                                                              ("exact", "smooth", "bpda")}
+    assert all(a.eps != "0.3" or a.attack == "apgd-ce" for a in checks)  # l-inf 0.3 only in the eps sweep
     assert {a.attack for a in checks} == {"apgd-ce", "square", "transfer"}
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # a dry run measures nothing
 
