@@ -15,6 +15,8 @@ WEIGHTINGS = ("elbo", "edm")
 GRIDS = ("quantile", "log", "uniform")
 """Placements of the classifier's noise levels (:func:`core.diffusion.noise_grid`)."""
 CLASSIFIER_MODES = ("deterministic", "randomized")
+SAMPLER_CHURN_RANGE = (0.05, 50.0)
+"""Noise levels at which the EDM sampler's churn adds fresh noise (EDM's S_tmin, S_tmax)."""
 PRESETS = ("paper", "paper-code", "fast")
 """Named settings of :mod:`core.presets` (the RDC paper's, the released code's, a fast one)."""
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
-                      GRIDS, OPTIMIZERS, PRESETS, WEIGHTINGS)
+                      GRIDS, OPTIMIZERS, PRESETS, SAMPLER_CHURN_RANGE, WEIGHTINGS)
 
 
 class _LazyModule:
@@ -420,6 +420,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit("rdc: error: give --out GRID.png, --out-dir DIR, or both")
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise SystemExit("rdc: error: --out must be a .png file")
+    if args.churn < 0:
+        raise SystemExit("rdc: error: --churn must be >= 0 (0: deterministic sampling)")
     _setup_threads(args)
     try:
         model = load_checkpoint(args.model, device=resolve_device(args.device))
@@ -441,7 +443,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     columns = []
     for y in labels:
         last = None
-        for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0)):
+        for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0),
+                           churn=args.churn):
             pass
         if out_dir is not None:
             for i, image in enumerate(last.image):
@@ -449,7 +452,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         columns.append(np.concatenate(list(last.image), axis=1))  # stack the n samples vertically
     if args.out:
         save_png_atomic(np.concatenate(columns, axis=2), Path(args.out))
-        print(f"wrote {args.out} ({len(labels)} column(s) x {args.n} sample(s), {args.sampler_steps} Heun steps)")
+        churned = f", churn {args.churn:g}" if args.churn else ""
+        print(f"wrote {args.out} ({len(labels)} column(s) x {args.n} sample(s), {args.sampler_steps} Heun steps"
+              f"{churned})")
     if out_dir is not None:
         print(f"wrote {len(labels) * args.n} PNGs to {out_dir} (LABEL-INDEX.png)")
     return 0
@@ -778,6 +783,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", default="all", help="class index, 'all' (one column per class) or 'uncond'")
     p.add_argument("--n", type=int, default=4, help="samples per class")
     p.add_argument("--sampler-steps", type=int, default=18, help="Heun steps of the EDM sampler")
+    p.add_argument("--churn", type=float, default=0.0,
+                   help="EDM's S_churn: add fresh noise at each step with sigma in [%g, %g] "
+                        "(stochastic sampling; 0, the default: deterministic)" % SAMPLER_CHURN_RANGE)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (plus the class index)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     p.add_argument("--out", default=None, help="write all samples as one PNG grid (a column per class)")

@@ -1,12 +1,15 @@
-"""EDM sampling (Karras et al. 2022, deterministic Heun sampler) from a class head."""
+"""EDM sampling (Karras et al. 2022): Heun's method from a class head, deterministic or
+with EDM's stochastic "churn" (their Algorithm 2)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from .choices import SAMPLER_CHURN_RANGE
 from .diffusion import to_pixel_space
 from .nets import Denoiser
 
@@ -43,9 +46,26 @@ def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0,
     return torch.cat([s, torch.zeros(1, dtype=torch.float64)]).float()
 
 
+def churn_gamma(churn: float, steps: int) -> float:
+    """The relative noise increase per churned step, ``min(churn / steps, sqrt(2) - 1)`` (EDM's gamma)."""
+    return min(churn / steps, math.sqrt(2) - 1)
+
+
 def sample(net: Denoiser, label: int | None, n: int = 1, steps: int = 18, seed: int = 0,
-           cancelled: Callable[[], bool] = lambda: False) -> Iterator[SampleStep]:
+           cancelled: Callable[[], bool] = lambda: False, churn: float = 0.0,
+           churn_range: tuple[float, float] = SAMPLER_CHURN_RANGE) -> Iterator[SampleStep]:
     """Draw ``n`` images of class ``label`` (None: unconditional head) with Heun's method.
+
+    Parameters
+    ----------
+    churn : float
+        EDM's S_churn: 0 samples deterministically; above 0, every step whose noise level
+        lies in ``churn_range`` first adds fresh noise that raises sigma by the factor
+        ``1 + churn_gamma(churn, steps)`` and then integrates from there, which lets the
+        sampler correct errors of earlier steps. The added noise comes from the same seeded
+        generator, so a seed still gives one sample.
+    churn_range : (float, float)
+        The noise levels (EDM's S_tmin, S_tmax) at which churn is applied.
 
     Yields one record per step; the last record's ``image`` is the sample in [0, 1].
     """
@@ -53,6 +73,9 @@ def sample(net: Denoiser, label: int | None, n: int = 1, steps: int = 18, seed: 
     head = cfg.num_classes if label is None else int(label)
     if not 0 <= head <= cfg.num_classes:
         raise ValueError(f"label must be in 0..{cfg.num_classes - 1} or None")
+    if churn < 0 or not 0 <= churn_range[0] <= churn_range[1]:
+        raise ValueError("need churn >= 0 and 0 <= churn_range[0] <= churn_range[1]")
+    gamma = churn_gamma(churn, steps)
     gen = torch.Generator().manual_seed(seed)
     sigmas = karras_sigmas(steps)
     device = next(net.parameters()).device
@@ -66,6 +89,11 @@ def sample(net: Denoiser, label: int | None, n: int = 1, steps: int = 18, seed: 
             if cancelled():
                 return
             s, s_next = sigmas[i], sigmas[i + 1]
+            if gamma > 0 and churn_range[0] <= s <= churn_range[1]:
+                s_hat = s * (1 + gamma)
+                fresh = torch.randn(x.shape, generator=gen).to(device)
+                x = x + (s_hat ** 2 - s ** 2).sqrt() * fresh
+                s = s_hat
             d_cur = denoise(x, s)
             slope = (x - d_cur) / s
             x_next = x + (s_next - s) * slope

@@ -72,3 +72,38 @@ def test_unavailable_device_is_a_clear_error(bench, tiny_checkpoint, monkeypatch
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert exc.value.code == 2 and "--device cuda" in capsys.readouterr().err
+
+
+def test_ood_flags_counted_and_kept_out_of_the_gallery(bench, tiny_checkpoint, judge, tmp_path):
+    from rdc_studio.core.models import load_checkpoint, update_card
+    from rdc_studio.core.ood import CARD_KEY, OodScorer, OodSettings, make_reference
+
+    out_dir = tmp_path / "samples"
+    plain = bench.sample_agreement(str(tiny_checkpoint), str(judge), n=3, sampler_steps=2, seed=5, out_dir=out_dir)
+    assert plain["ood_flagged"] is None and plain["ood_median_bits_per_dim"] is None  # no reference in the card
+    # score the written samples as the app would, and put the reference's top between them
+    files = sorted(out_dir.glob("*.png"))
+    pixels = torch.from_numpy(np.stack([np.asarray(Image.open(f), dtype=np.float32)[None] / 255 for f in files]))
+    scores = OodScorer(load_checkpoint(str(tiny_checkpoint)).net).bits_per_dim(pixels).numpy()
+    cut = float(np.median(scores))
+    update_card(tiny_checkpoint, CARD_KEY, make_reference(np.linspace(cut - 1, cut, 1001), OodSettings(), "mnist", "val"))
+    flagged = {parse_sample_filename(f.stem) for f, s in zip(files, scores) if s > cut}
+    assert 0 < len(flagged) < 30
+
+    gallery = tmp_path / "gallery"
+    result = bench.sample_agreement(str(tiny_checkpoint), str(judge), n=3, sampler_steps=2, seed=5,
+                                    gallery=gallery, gallery_n=3)
+    assert result["ood_flagged"] == len(flagged)
+    assert result["ood_median_bits_per_dim"] == pytest.approx(cut, abs=1e-4)
+    assert result["correct"] == plain["correct"]  # same samples, same verdicts
+    shown = {parse_sample_filename(f.stem) for f in gallery.glob("*.png")}
+    assert shown and not shown & flagged
+
+
+def test_churn_is_recorded_and_changes_the_samples(bench, tiny_checkpoint, judge, tmp_path):
+    runs = {c: bench.sample_agreement(str(tiny_checkpoint), str(judge), n=2, sampler_steps=4, seed=1, churn=c,
+                                      out_dir=tmp_path / f"churn{c}") for c in (0.0, 40.0)}
+    assert runs[0.0]["churn"] == 0.0 and runs[40.0]["churn"] == 40.0
+    differ = [f.name for f in (tmp_path / "churn0.0").glob("*.png")
+              if f.read_bytes() != (tmp_path / "churn40.0" / f.name).read_bytes()]
+    assert differ

@@ -109,6 +109,20 @@ def test_sample_out_dir_writes_one_png_per_sample(tiny_checkpoint, tmp_path, cap
         main(["sample", "--model", str(tiny_checkpoint)])
 
 
+def test_sample_with_churn_is_reproducible_and_rejects_negative_churn(tiny_checkpoint, tmp_path, capsys):
+    args = ["sample", "--model", str(tiny_checkpoint), "--label", "3", "--n", "2", "--sampler-steps", "3",
+            "--device", "cpu"]
+    for run in ("a", "b", "plain"):
+        churn = [] if run == "plain" else ["--churn", "20"]
+        assert main(args + churn + ["--out-dir", str(tmp_path / run), "--out", str(tmp_path / f"{run}.png")]) == 0
+    assert "churn 20" in capsys.readouterr().out
+    first = (tmp_path / "a" / "3-000.png").read_bytes()
+    assert first == (tmp_path / "b" / "3-000.png").read_bytes() != (tmp_path / "plain" / "3-000.png").read_bytes()
+    with pytest.raises(SystemExit, match="--churn must be >= 0"):
+        main(args + ["--churn", "-1", "--out-dir", str(tmp_path / "bad")])
+    assert not (tmp_path / "bad").exists()
+
+
 def test_classify_with_the_cnn_baseline(digit_png, capsys):
     """``--model mnist-cnn`` classifies with the bundled discriminative baseline."""
     assert main(["classify", str(digit_png), "--model", "mnist-cnn", "--json", "--device", "cpu"]) == 0

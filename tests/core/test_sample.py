@@ -35,3 +35,31 @@ def test_sample_file_names_round_trip():
     assert sample_filename(3, 7) == "3-007.png" and sample_filename(None, 12) == "uncond-012.png"
     assert parse_sample_filename("3-007") == (3, 7) and parse_sample_filename(sample_filename(9, 123)[:-4]) == (9, 123)
     assert parse_sample_filename("uncond-012") is None and parse_sample_filename("digit") is None
+
+
+def test_churn_gamma_is_capped():
+    from rdc_studio.core.sample import churn_gamma
+
+    assert churn_gamma(0, 18) == 0 and churn_gamma(1.8, 18) == pytest.approx(0.1)
+    assert churn_gamma(40, 18) == pytest.approx(2 ** 0.5 - 1)  # EDM's cap: sigma grows at most by sqrt(2)
+
+
+def test_churn_is_seeded_and_only_acts_inside_its_range(tiny_net):
+    def final(**kw):
+        return list(sample(tiny_net, 3, n=2, steps=5, seed=1, **kw))[-1].image
+
+    plain = final()
+    assert np.array_equal(final(churn=0.0), plain)  # churn 0 is the deterministic sampler, draw for draw
+    churned = final(churn=10.0, churn_range=(0.0, 100.0))
+    assert not np.array_equal(churned, plain)
+    assert np.array_equal(final(churn=10.0, churn_range=(0.0, 100.0)), churned)  # a seed is still one sample
+    assert np.array_equal(final(churn=10.0, churn_range=(200.0, 300.0)), plain)  # no level in range: no churn
+    # sigma levels of 5 steps: 80, ~9.7, ~0.9, ~0.04, 0.002; churning the lowest ones only changes the end
+    assert not np.array_equal(final(churn=10.0, churn_range=(0.001, 0.05)), plain)
+
+
+def test_churn_rejects_bad_values(tiny_net):
+    with pytest.raises(ValueError):
+        list(sample(tiny_net, 3, churn=-1.0))
+    with pytest.raises(ValueError):
+        list(sample(tiny_net, 3, churn=1.0, churn_range=(1.0, 0.5)))
