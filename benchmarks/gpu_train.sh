@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train two candidate default models side by side on a GPU lease and judge them there, in
-# one call that fits the device tool's 10-minute command limit (defaults: about 9 minutes).
+# one call that fits a 10-minute command limit (MINUTES of training plus about a minute).
 #
 #   bash benchmarks/gpu_train.sh OUT_DIR [MINUTES]      (MINUTES of training, default 6)
 #
@@ -21,6 +21,10 @@
 #      N_VAL digits, and N_SAMPLES conditional samples per class judged by the CNN.
 # Everything (runs, logs, sweeps, samples, agreement summaries) lands under OUT_DIR; then
 # time a candidate here with `python benchmarks/bench_classify.py` before bundling it.
+# On a GPU machine with its own torch: `pip install --no-deps --no-build-isolation -e .`,
+# MNIST under RDC_DATA_ROOT, then this script. Measured on an NVIDIA H200 (2026-12-04):
+# MINUTES=7 took 430 s in all, each candidate training at ~9,000-10,000 images/s beside the
+# other (results: benchmarks/results/gpu-train-h200/, docs/results.md).
 # Environment: DEVICE (cuda), BF16 (--bf16; empty for fp32), BATCH (512), LR (2e-3),
 # N_VAL (1000), N_SAMPLES (20), PROBE_STEPS (150), SEED (0), THREADS (4).
 set -euo pipefail
