@@ -13,9 +13,9 @@
 #
 #   1. DC at l-inf 0.1 and l2 1.5 on N_DC (100) test digits, with the gradient-masking
 #      checks on CHECK_N_DC (20) digits                        (~75 min on the 2-core VM)
-#   2. RDC (exact, smooth and BPDA gradients) at l-inf 0.1 and l2 1.5 on N_RDC (50) digits,
+#   2. RDC (exact, smooth and BPDA gradients) at l-inf 0.1 and l2 1.5 on N_RDC (60) digits,
 #      with the checks of every gradient mode on CHECK_N_RDC (10) digits
-#      (~3 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one)
+#      (~3.5 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one)
 #   3. DC at l-inf 0.3 on N_DC_LARGE (10) digits and RDC on N_RDC_LARGE (5)   (~15 min)
 #   4. the README table regenerated from robustness.json
 #
@@ -35,7 +35,7 @@ table() { echo "+ python benchmarks/robustness_table.py $*"; python benchmarks/r
 
 table "${common[@]}" --rows 'dc-linf-0.1,dc-l2-1.5' --n-row "dc-*=${N_DC:-100}" \
     --check-n "${CHECK_N_DC:-20}"
-table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-50}" \
+table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-60}" \
     --check-rows 'rdc-*' --check-n "${CHECK_N_RDC:-10}"
 table "${common[@]}" --rows 'dc-linf-0.3,rdc-*-linf-0.3' \
     --n-row "dc-*=${N_DC_LARGE:-10},rdc-*=${N_RDC_LARGE:-5}" --no-checks

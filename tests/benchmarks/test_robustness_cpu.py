@@ -27,7 +27,7 @@ def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
     rows = Counter((a.defense, a.grad, a.norm, a.eps, a.n) for a in commands if a.attack == "ensemble")
     expected = {("dc", "auto", "linf", "0.1", 100), ("dc", "auto", "l2", "1.5", 100),
                 ("dc", "auto", "linf", "0.3", 10)}
-    expected |= {("rdc", g, norm, eps, 50) for g in ("exact", "smooth", "bpda") for norm, eps in (("linf", "0.1"), ("l2", "1.5"))}
+    expected |= {("rdc", g, norm, eps, 60) for g in ("exact", "smooth", "bpda") for norm, eps in (("linf", "0.1"), ("l2", "1.5"))}
     expected |= {("rdc", g, "linf", "0.3", 5) for g in ("exact", "smooth", "bpda")}
     assert set(rows) == expected and set(rows.values()) == {1}
     for a in commands:
