@@ -1,20 +1,28 @@
 #!/usr/bin/env bash
-# Train two candidate default models side by side on a GPU lease and judge them there, in
-# one call that fits a 10-minute command limit (MINUTES of training plus about a minute).
+# Train candidate default models side by side on a GPU lease and judge them there, in one
+# call that fits a 10-minute command limit (MINUTES of training plus about a minute).
 #
 #   bash benchmarks/gpu_train.sh OUT_DIR [MINUTES]      (MINUTES of training, default 6)
+#   CANDIDATES="tune tune-mid tune-big" bash benchmarks/gpu_train.sh OUT_DIR 6.5
 #
-# Both candidates are class-embedding U-Nets trained from scratch with the denoising loss
-# alone and the shifted training noise levels of the noise-level pilot (ln sigma ~
-# N(-0.2, 1.3^2)). They are sized so that one classification at the shipped classifier
-# settings (80 network evaluations) can stay under the 250 ms bar on the 2-core CPU
-# (network GFLOP per evaluation from torch's flop counter; the shipped network: 1.04M
-# parameters, 0.23 GFLOP, 97 ms per classification):
-#   wide: channels 48,96,128, 1 block per resolution   (1.92M parameters, 0.49 GFLOP)
-#   deep: channels 32,64,96, 2 blocks per resolution   (1.66M parameters, 0.38 GFLOP)
+# Every candidate is a class-embedding U-Net trained with the denoising loss alone and the
+# shifted training noise levels of the noise-level pilot (ln sigma ~ N(-0.2, 1.3^2)) unless
+# its options below say otherwise (a candidate's options come last, so they win):
+#   wide:     from scratch, channels 48,96,128, 1 block per resolution (1.92M parameters,
+#             0.49 GFLOP per network evaluation)
+#   deep:     from scratch, channels 32,64,96, 2 blocks per resolution (1.66M, 0.38 GFLOP)
+#   tune:     the bundled mnist-embedding (1.04M, 0.23 GFLOP; 97 ms per classification on a
+#             normal day of the 2-core CPU) trained further, lr 7e-4
+#   tune-mid: as tune, with training noise levels moved toward the classifier's sigma range
+#             [1, 10] (ln sigma ~ N(0.3, 1.1^2): 57% of the draws in that range against 41%)
+#   tune-big: as tune, at batch 1024 and lr 1e-3 (more images per second on a launch-bound GPU)
+# wide and deep (the default pair) are sized so that a classification at the shipped
+# classifier settings (80 network evaluations) can stay under the 250 ms bar on a normal day
+# of the 2-core CPU; the tune candidates keep the shipped network and so its speed.
 # Steps:
-#   1. a timing run (PROBE_STEPS steps of both at once) measures their images/s side by side;
-#   2. both train side by side for MINUTES, with the epochs that rate fits into 90% of the
+#   1. a timing run (PROBE_STEPS steps of all candidates at once) measures their images/s
+#      side by side;
+#   2. all train side by side for MINUTES, with the epochs that rate fits into 90% of the
 #      time, so the cosine learning rate reaches 0 before the time limit stops a run;
 #   3. each is judged on the validation split, on the same device: the diffusion classifier at
 #      the shipped grid (T = 16, log, edm, sigma [1, 10], screen 6, keep 2 and 3) on the first
@@ -23,10 +31,11 @@
 # time a candidate here with `python benchmarks/bench_classify.py` before bundling it.
 # On a GPU machine with its own torch: `pip install --no-deps --no-build-isolation -e .`,
 # MNIST under RDC_DATA_ROOT, then this script. Measured on an NVIDIA H200 (2026-12-04):
-# MINUTES=7 took 430 s in all, each candidate training at ~9,000-10,000 images/s beside the
-# other (results: benchmarks/results/gpu-train-h200/, docs/results.md).
-# Environment: DEVICE (cuda), BF16 (--bf16; empty for fp32), BATCH (512), LR (2e-3),
-# N_VAL (1000), N_SAMPLES (20), PROBE_STEPS (150), SEED (0), THREADS (4).
+# MINUTES=7 with wide and deep took 430 s in all, each candidate training at ~9,000-10,000
+# images/s beside the other (results: benchmarks/results/gpu-train-h200/, docs/results.md).
+# Environment: CANDIDATES ("wide deep"), DEVICE (cuda), BF16 (--bf16; empty for fp32),
+# BATCH (512), LR (2e-3), N_VAL (1000), N_SAMPLES (20), PROBE_STEPS (150), SEED (0),
+# THREADS (4).
 set -euo pipefail
 out="${1:?usage: bash benchmarks/gpu_train.sh OUT_DIR [MINUTES]}"
 minutes="${2:-6}"
@@ -34,17 +43,27 @@ device="${DEVICE:-cuda}"
 batch="${BATCH:-512}"
 probe_steps="${PROBE_STEPS:-150}"
 bf16="${BF16---bf16}"
-declare -A arch=([wide]="--channels 48,96,128 --blocks 1" [deep]="--channels 32,64,96 --blocks 2")
-names=(wide deep)
+declare -A spec=(
+    [wide]="--arch embedding --channels 48,96,128 --blocks 1"
+    [deep]="--arch embedding --channels 32,64,96 --blocks 2"
+    [tune]="--init-from mnist-embedding --lr 7e-4"
+    [tune-mid]="--init-from mnist-embedding --lr 1e-3 --batch-size 1024 --p-mean 0.3 --p-std 1.1"
+    [tune-big]="--init-from mnist-embedding --lr 1e-3 --batch-size 1024"
+)
+read -r -a names <<< "${CANDIDATES:-wide deep}"
+for name in "${names[@]}"; do
+    [[ -n "${spec[$name]:-}" ]] || { echo "unknown candidate '$name' (known: ${!spec[*]})" >&2; exit 2; }
+done
 examples=55000  # the training split without the validation images
 mkdir -p "$out"
 
 train() {  # train NAME DIR EPOCHS MAX_MINUTES: one candidate, in the background
-    # shellcheck disable=SC2086  # the architecture and bf16 options are meant to split
-    rdc train --arch embedding ${arch[$1]} --emb-dim 128 --epochs "$3" --batch-size "$batch" \
-        --lr "${LR:-2e-3}" --warmup-steps 500 --lr-schedule cosine --p-mean -0.2 --p-std 1.3 \
-        --seed "${SEED:-0}" --device "$device" $bf16 --threads "${THREADS:-4}" --max-minutes "$4" \
-        --checkpoint-minutes 1 --log-every 25 --out "$2" --log "$2/train.jsonl" > "$2/train.out" 2>&1 &
+    # shellcheck disable=SC2086  # the candidate's and bf16 options are meant to split
+    rdc train --emb-dim 128 --epochs "$3" --batch-size "$batch" --lr "${LR:-2e-3}" \
+        --warmup-steps 500 --lr-schedule cosine --p-mean -0.2 --p-std 1.3 --seed "${SEED:-0}" \
+        --device "$device" $bf16 --threads "${THREADS:-4}" --max-minutes "$4" \
+        --checkpoint-minutes 1 --log-every 25 --out "$2" --log "$2/train.jsonl" ${spec[$1]} \
+        > "$2/train.out" 2>&1 &
     pids+=($!)
 }
 finish() {  # wait for every background training; a failed one stops the script with its log's end
@@ -55,8 +74,9 @@ finish() {  # wait for every background training; a failed one stops the script 
 }
 pids=()
 
-probe_epochs=$(python -c "print($probe_steps * $batch / $examples)")
 for name in "${names[@]}"; do
+    probe_batch=$(grep -oE -- "--batch-size [0-9]+" <<< "${spec[$name]}" | cut -d" " -f2 || true)
+    probe_epochs=$(python -c "print($probe_steps * ${probe_batch:-$batch} / $examples)")
     rm -rf "$out/probe-$name" && mkdir -p "$out/probe-$name"
     train "$name" "$out/probe-$name" "$probe_epochs" 3
 done

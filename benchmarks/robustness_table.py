@@ -395,23 +395,28 @@ def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
 
 def same_results(command: str | None, other: str | None) -> bool:
     """Whether two ``rdc eval`` command lines compute the same results: equal once their
-    ``--threads`` are dropped (the thread count is not part of a run's identity; its
-    resumable state does not record it either)."""
+    ``--threads``, ``--batch-size`` and ``--device`` are dropped. These set how the work is
+    scheduled, not what is computed (every example's attack is seeded by its index alone), so a
+    finished report made on a GPU in batches of 50 is read in place of its CPU twin; the report
+    keeps the command that made it. A resumable state still refuses another batch size or device."""
+    scheduling = ("--threads", "--batch-size", "--device")
+
     def identity(line: str) -> list[str]:
         words = shlex.split(line)
-        return [w for i, w in enumerate(words) if w != "--threads" and (i == 0 or words[i - 1] != "--threads")]
+        return [w for i, w in enumerate(words) if w not in scheduling and (i == 0 or words[i - 1] not in scheduling)]
 
     return command is not None and other is not None and identity(command) == identity(other)
 
 
 def made_by(ev: Evaluation, report: dict[str, Any]) -> str:
     """The command line that made ``report`` (``ev``'s own unless it came from an earlier run
-    with another ``--threads``)."""
+    with other scheduling options, e.g. ``--threads`` or ``--device``)."""
     return report.get("settings", {}).get("command") or ev.command
 
 
 def _existing_report(ev: Evaluation, out_dir: Path) -> dict[str, Any] | None:
-    """The report of ``ev`` in ``out_dir`` if one was made by ``ev``'s command (up to ``--threads``)."""
+    """The report of ``ev`` in ``out_dir`` if one was made by ``ev``'s command (up to scheduling
+    options, see :func:`same_results`)."""
     path = out_dir / f"{ev.name}.json"
     if not path.exists():
         return None

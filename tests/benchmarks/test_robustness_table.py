@@ -366,6 +366,9 @@ def test_a_report_made_with_other_threads_is_reused_and_named_by_its_own_command
     assert row["command"] == fakes["dc-linf-0.1"]["settings"]["command"] and "--threads 1" in row["command"]
     assert table.same_results("rdc eval --n 3 --threads 1 --seed 0", "rdc eval --n 3 --seed 0 --threads 2")
     assert not table.same_results("rdc eval --n 3 --threads 1", "rdc eval --n 4 --threads 1")
+    # batch size and device schedule the work too: a GPU report stands in for its CPU twin
+    assert table.same_results("rdc eval --n 3 --batch-size 5 --threads 1", "rdc eval --n 3 --device cuda --batch-size 50")
+    assert not table.same_results("rdc eval --n 3 --batch-size 5", "rdc eval --n 3 --batch-size 5 --steps 40")
     assert not table.same_results(None, "rdc eval --n 3")
 
 
