@@ -12,7 +12,8 @@
 # every finished stage and re-running resumes the unfinished one from its state):
 #
 #   1. DC at l-inf 0.1 and l2 1.5 on N_DC (100) test digits, with the gradient-masking
-#      checks on CHECK_N_DC (20) digits                        (~75 min on the 2-core VM)
+#      checks on CHECK_N_DC (50) digits  (~3 h on the 2-core VM, estimated; 129 s on an H200 with
+#      --device cuda and larger batches, see docs/results.md)
 #   2. RDC (exact, smooth and BPDA gradients) at l-inf 0.1 and l2 1.5 on N_RDC (60) digits,
 #      with the checks of every gradient mode on CHECK_N_RDC (10) digits
 #      (~3.5 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one)
@@ -34,7 +35,7 @@ if [[ -n "${DRY_RUN:-}" ]]; then dry=(--dry-run); fi
 table() { echo "+ python benchmarks/robustness_table.py $*"; python benchmarks/robustness_table.py "$@" "${dry[@]}"; }
 
 table "${common[@]}" --rows 'dc-linf-0.1,dc-l2-1.5' --n-row "dc-*=${N_DC:-100}" \
-    --check-n "${CHECK_N_DC:-20}"
+    --check-n "${CHECK_N_DC:-50}"
 table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-60}" \
     --check-rows 'rdc-*' --check-n "${CHECK_N_RDC:-10}"
 table "${common[@]}" --rows 'dc-linf-0.3,rdc-*-linf-0.3' \

@@ -33,7 +33,7 @@ from rdc_studio.core.defense import resolve_device
 from rdc_studio.core.images import save_png_atomic
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
 from rdc_studio.core.ood import OodScorer
-from rdc_studio.core.sample import sample, sample_filename
+from rdc_studio.core.sample import parse_sample_filename, sample, sample_filename
 
 
 def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sampler_steps: int = 18,
@@ -46,7 +46,9 @@ def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sam
     per class are ``seed + label``, the convention of ``rdc sample``; ``churn`` is the
     sampler's EDM S_churn (0: deterministic). With ``gallery``, the first ``gallery_n``
     samples of each class that the judge agrees with and the indicator does not flag are
-    written there as ``LABEL-INDEX.png`` (INDEX: the sample's index, as in ``out_dir``).
+    written there as ``LABEL-INDEX.png`` (INDEX: the sample's index, as in ``out_dir``), and
+    sample files of an earlier run that this one did not write are removed at the end (other
+    files are left alone), so the gallery shows this model's choice only.
     ``ood_flagged`` and ``ood_median_bits_per_dim`` are None when the model's card has no
     OOD reference (then no sample counts as flagged). The diffusion model samples and
     scores on ``device``; the judge runs on the CPU.
@@ -57,6 +59,7 @@ def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sam
     per_class = {}
     judged = []
     scores = []
+    written: set[Path] = set()
     t0 = time.perf_counter()
     for y in range(model.net.config.num_classes):
         last = None
@@ -78,6 +81,11 @@ def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sam
             gallery.mkdir(parents=True, exist_ok=True)
             for i in [i for i in range(n) if pred[i] == y and not flagged[i]][:gallery_n]:
                 save_png_atomic(images[i], gallery / sample_filename(y, i))
+                written.add(gallery / sample_filename(y, i))
+    if gallery is not None:  # removed only now, so an interrupted run never leaves the gallery empty
+        for stale in gallery.glob("*.png"):
+            if parse_sample_filename(stale.stem) is not None and stale not in written:
+                stale.unlink()
     k = model.net.config.num_classes
     labels = np.repeat(np.arange(k), n)
     has_reference = scorer.reference is not None

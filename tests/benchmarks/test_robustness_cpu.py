@@ -36,8 +36,8 @@ def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
         if a.attack == "ensemble":
             assert (a.steps, a.targets, a.square_queries) == (20, 1, 100)
     checks = [a for a in commands if a.attack != "ensemble"]
-    # the DC's checks on 20 digits, the RDC's for every gradient mode on 10; none at l-inf 0.3
-    assert {(a.defense, a.grad, a.n) for a in checks} == {("dc", "auto", 20)} | {("rdc", g, 10) for g in
+    # the DC's checks on 50 digits, the RDC's for every gradient mode on 10; none at l-inf 0.3
+    assert {(a.defense, a.grad, a.n) for a in checks} == {("dc", "auto", 50)} | {("rdc", g, 10) for g in
                                                                               ("exact", "smooth", "bpda")}
     assert all(a.eps != "0.3" or a.attack == "apgd-ce" for a in checks)  # l-inf 0.3 only in the eps sweep
     assert {a.attack for a in checks} == {"apgd-ce", "square", "transfer"}

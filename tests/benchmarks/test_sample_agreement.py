@@ -57,6 +57,20 @@ def test_agreement_counts_files_and_gallery(bench, tiny_checkpoint, judge, tmp_p
         assert (gallery / f"{label}-{index:03d}.png").read_bytes() == (out_dir / f"{label}-{index:03d}.png").read_bytes()
 
 
+def test_regenerated_gallery_drops_the_earlier_runs_samples(bench, tiny_checkpoint, judge, tmp_path):
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    (gallery / "7-019.png").write_bytes(b"an earlier model's sample")  # a name this run (n = 3) never writes
+    (gallery / "README.txt").write_text("not a sample")
+    (gallery / "notes-a.png").write_bytes(b"not a sample name either")
+    bench.sample_agreement(str(tiny_checkpoint), str(judge), n=3, sampler_steps=2, seed=5, gallery=gallery,
+                           gallery_n=1)
+    assert not (gallery / "7-019.png").exists()
+    assert (gallery / "README.txt").exists() and (gallery / "notes-a.png").exists()
+    shown = [parse_sample_filename(f.stem) for f in gallery.glob("*.png") if f.name != "notes-a.png"]
+    assert shown and all(index < 3 for _, index in shown)
+
+
 def test_same_seed_same_samples(bench, tiny_checkpoint, judge, tmp_path):
     runs = [bench.sample_agreement(str(tiny_checkpoint), str(judge), n=2, sampler_steps=2, seed=1,
                                    out_dir=tmp_path / f"run{i}") for i in range(2)]
