@@ -80,8 +80,9 @@ def sample_agreement(model_name: str, judge: str = "mnist-cnn", n: int = 20, sam
         if gallery is not None:
             gallery.mkdir(parents=True, exist_ok=True)
             for i in [i for i in range(n) if pred[i] == y and not flagged[i]][:gallery_n]:
-                save_png_atomic(images[i], gallery / sample_filename(y, i))
-                written.add(gallery / sample_filename(y, i))
+                path = gallery / sample_filename(y, i)
+                save_png_atomic(images[i], path)
+                written.add(path)
     if gallery is not None:  # removed only now, so an interrupted run never leaves the gallery empty
         for stale in gallery.glob("*.png"):
             if parse_sample_filename(stale.stem) is not None and stale not in written:
