@@ -370,6 +370,10 @@ def test_a_report_made_with_other_threads_is_reused_and_named_by_its_own_command
     assert table.same_results("rdc eval --n 3 --batch-size 5 --threads 1", "rdc eval --n 3 --device cuda --batch-size 50")
     assert not table.same_results("rdc eval --n 3 --batch-size 5", "rdc eval --n 3 --batch-size 5 --steps 40")
     assert not table.same_results(None, "rdc eval --n 3")
+    # so do the output paths: a report made in another folder and copied here is the same result
+    assert table.same_results("rdc eval --n 3 --out gpu/a.json --log gpu/a.log --state gpu/a.state.jsonl",
+                              "rdc eval --n 3 --out runs/a.json --log runs/a.log --state runs/a.state.jsonl")
+    assert not table.same_results("rdc eval --n 3 --out a.json --eps 0.1", "rdc eval --n 3 --out a.json --eps 0.2")
 
 
 # --- the README table ------------------------------------------------------------------------
