@@ -16,7 +16,8 @@
 #      --device cuda and larger batches, see docs/results.md)
 #   2. RDC (exact, smooth and BPDA gradients) at l-inf 0.1 and l2 1.5 on N_RDC (60) digits,
 #      with the checks of every gradient mode on CHECK_N_RDC (10) digits
-#      (~3.5 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one)
+#      (~3.5 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one;
+#      on an H200 with --device cuda the rows at n = 100 and the checks at n = 50 took ~10 min)
 #   3. DC at l-inf 0.3 on N_DC_LARGE (10) digits and RDC on N_RDC_LARGE (5)   (~15 min)
 #   4. the README table regenerated from robustness.json
 #
