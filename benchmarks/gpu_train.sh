@@ -47,9 +47,11 @@ declare -A spec=(
     [wide]="--arch embedding --channels 48,96,128 --blocks 1"
     [deep]="--arch embedding --channels 32,64,96 --blocks 2"
     [tune]="--init-from mnist-embedding --lr 7e-4"
-    [tune-mid]="--init-from mnist-embedding --lr 1e-3 --batch-size 1024 --p-mean 0.3 --p-std 1.1"
-    [tune-big]="--init-from mnist-embedding --lr 1e-3 --batch-size 1024"
+    [tune-mid]="--init-from mnist-embedding --lr 1e-3 --p-mean 0.3 --p-std 1.1"
+    [tune-big]="--init-from mnist-embedding --lr 1e-3"
 )
+# a candidate's batch size when it is not BATCH: it sizes the timing run too
+declare -A batch_of=([tune-mid]=1024 [tune-big]=1024)
 read -r -a names <<< "${CANDIDATES:-wide deep}"
 for name in "${names[@]}"; do
     [[ -n "${spec[$name]:-}" ]] || { echo "unknown candidate '$name' (known: ${!spec[*]})" >&2; exit 2; }
@@ -59,7 +61,7 @@ mkdir -p "$out"
 
 train() {  # train NAME DIR EPOCHS MAX_MINUTES: one candidate, in the background
     # shellcheck disable=SC2086  # the candidate's and bf16 options are meant to split
-    rdc train --emb-dim 128 --epochs "$3" --batch-size "$batch" --lr "${LR:-2e-3}" \
+    rdc train --emb-dim 128 --epochs "$3" --batch-size "${batch_of[$1]:-$batch}" --lr "${LR:-2e-3}" \
         --warmup-steps 500 --lr-schedule cosine --p-mean -0.2 --p-std 1.3 --seed "${SEED:-0}" \
         --device "$device" $bf16 --threads "${THREADS:-4}" --max-minutes "$4" \
         --checkpoint-minutes 1 --log-every 25 --out "$2" --log "$2/train.jsonl" ${spec[$1]} \
@@ -75,8 +77,7 @@ finish() {  # wait for every background training; a failed one stops the script 
 pids=()
 
 for name in "${names[@]}"; do
-    probe_batch=$(grep -oE -- "--batch-size [0-9]+" <<< "${spec[$name]}" | cut -d" " -f2 || true)
-    probe_epochs=$(python -c "print($probe_steps * ${probe_batch:-$batch} / $examples)")
+    probe_epochs=$(python -c "print($probe_steps * ${batch_of[$name]:-$batch} / $examples)")
     rm -rf "$out/probe-$name" && mkdir -p "$out/probe-$name"
     train "$name" "$out/probe-$name" "$probe_epochs" 3
 done
