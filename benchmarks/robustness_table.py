@@ -63,7 +63,7 @@ import shlex
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -323,7 +323,10 @@ def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluatio
     """The evaluations behind the gradient-masking checks of ``row`` (APGD-CE unless named).
 
     Keys: ``apgd@EPS`` for the eps sweep (which includes the row's eps and the large eps),
-    ``apgd-long`` (twice the steps at the row's eps), ``square`` and ``transfer``.
+    ``apgd-long`` (twice the steps at the row's eps), ``square`` and ``transfer``. Square and
+    the transfer attack never take the defense's gradients, and the RDC's gradient modes change
+    only its backward pass, so the three RDC rows of a threat model share one Square and one
+    transfer evaluation (run, and named, with ``--grad exact``).
     """
     m, steps = args.check_n, args.check_steps or args.steps
     sweep = _split_list(args.sweep_linf if row.norm == "linf" else args.sweep_l2)
@@ -340,11 +343,14 @@ def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluatio
         evs[f"apgd@{eps}"] = Evaluation(stem, eval_argv(args, row, "apgd-ce", eps, m, steps, stem))
     stem = f"{base}-apgd-ce-eps{_slug(row.eps)}-s{2 * steps}-n{m}{model_tag(args, row, 'apgd-ce')}"
     evs["apgd-long"] = Evaluation(stem, eval_argv(args, row, "apgd-ce", row.eps, m, 2 * steps, stem))
+    gradient_free = replace(row, defense_key="rdc-exact") if row.defense == "rdc" else row
+    base = f"check-{gradient_free.defense_key}-{row.norm}"
     q = args.check_square_queries
     stem = f"{base}-square-eps{_slug(row.eps)}-q{q}-n{m}{model_tag(args, row, 'square')}"
-    evs["square"] = Evaluation(stem, eval_argv(args, row, "square", row.eps, m, steps, stem, square_queries=q))
+    evs["square"] = Evaluation(stem, eval_argv(args, gradient_free, "square", row.eps, m, steps, stem,
+                                               square_queries=q))
     stem = f"{base}-transfer-eps{_slug(row.eps)}-s{steps}-n{m}{model_tag(args, row, 'transfer')}"
-    evs["transfer"] = Evaluation(stem, eval_argv(args, row, "transfer", row.eps, m, steps, stem))
+    evs["transfer"] = Evaluation(stem, eval_argv(args, gradient_free, "transfer", row.eps, m, steps, stem))
     return evs
 
 

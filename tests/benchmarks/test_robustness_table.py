@@ -116,14 +116,19 @@ def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     assert [shlex.split(line)[shlex.split(line).index("--grad") + 1] for line in lines[:split]] == ["exact", "smooth",
                                                                                                   "bpda"]
     checks = [build_parser().parse_args(shlex.split(line)[1:]) for line in lines[split + 1:]]
-    # per row: APGD-CE at 0.1, 0.2, the row's 0.3 and the large 0.6; twice the steps at 0.3; Square; transfer
-    assert len(checks) == 3 * 7
+    # per row: APGD-CE at 0.1, 0.2, the row's 0.3 and the large 0.6; twice the steps at 0.3; Square and
+    # transfer once for all three gradient modes (they take no gradient of the defense)
+    assert len(checks) == 3 * 5 + 2
     first = checks[:7]
     assert [(a.attack, a.eps, a.steps) for a in first if a.attack == "apgd-ce"] == [
         ("apgd-ce", "0.1", 100), ("apgd-ce", "0.2", 100), ("apgd-ce", "0.3", 100), ("apgd-ce", "0.6", 100),
         ("apgd-ce", "0.3", 200)]
     assert {a.attack for a in first} == {"apgd-ce", "square", "transfer"} and all(a.n == 50 for a in first)
     assert next(a for a in first if a.attack == "square").square_queries == 1000
+    gradient_free = [a for a in checks if a.attack in ("square", "transfer")]
+    assert [(a.attack, a.grad, a.eps) for a in gradient_free] == [("square", "exact", "0.3"),
+                                                                  ("transfer", "exact", "0.3")]
+    assert all(a.grad == "smooth" for a in checks[7:12]) and all(a.grad == "bpda" for a in checks[12:])
     with pytest.raises(SystemExit, match="matches none"):
         table.main(["--dry-run", "--rows", "vit-*"])
     # --check-rows narrows the checks to some of the rows; the table keeps them all
@@ -131,7 +136,9 @@ def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     lines = capsys.readouterr().out.splitlines()
     split = lines.index("# gradient-masking checks")
     assert split == 3 and len(lines) - split - 1 == 7
-    assert all(shlex.split(line)[shlex.split(line).index("--grad") + 1] == "smooth" for line in lines[split + 1:])
+    grads = {(line.split()[line.split().index("--attack") + 1], line.split()[line.split().index("--grad") + 1])
+             for line in lines[split + 1:]}
+    assert grads == {("apgd-ce", "smooth"), ("square", "exact"), ("transfer", "exact")}
     with pytest.raises(SystemExit, match="--check-rows"):
         table.main(["--dry-run", "--rows", "rdc-*-linf-0.3", "--check-rows", "cnn-*"])
 
