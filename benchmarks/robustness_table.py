@@ -46,7 +46,8 @@ Gradient-masking checks (``--checks``, on by default) run APGD-CE on the first
 --check-n images of each row's defense and norm: (a) robust accuracy ~0 at a large eps,
 (b) non-increasing over an eps sweep, (c) white-box <= Square and <= transfer, (d)
 doubling the iterations changes it by < 1 point (see :mod:`core.masking`). The sweep
-evaluations are shared by the rows of one defense and norm.
+evaluations are shared by the rows of one defense and norm; Square and transfer by the three
+RDC gradient modes of one threat model (they take no gradient of the defense).
 
     python benchmarks/robustness_table.py --out-dir runs/robustness-table
     python benchmarks/robustness_table.py --dry-run          # print the commands only
