@@ -345,12 +345,12 @@ def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluatio
     stem = f"{base}-apgd-ce-eps{_slug(row.eps)}-s{2 * steps}-n{m}{model_tag(args, row, 'apgd-ce')}"
     evs["apgd-long"] = Evaluation(stem, eval_argv(args, row, "apgd-ce", row.eps, m, 2 * steps, stem))
     gradient_free = replace(row, defense_key="rdc-exact") if row.defense == "rdc" else row
-    base = f"check-{gradient_free.defense_key}-{row.norm}"
+    shared = f"check-{gradient_free.defense_key}-{row.norm}"
     q = args.check_square_queries
-    stem = f"{base}-square-eps{_slug(row.eps)}-q{q}-n{m}{model_tag(args, row, 'square')}"
+    stem = f"{shared}-square-eps{_slug(row.eps)}-q{q}-n{m}{model_tag(args, row, 'square')}"
     evs["square"] = Evaluation(stem, eval_argv(args, gradient_free, "square", row.eps, m, steps, stem,
                                                square_queries=q))
-    stem = f"{base}-transfer-eps{_slug(row.eps)}-s{steps}-n{m}{model_tag(args, row, 'transfer')}"
+    stem = f"{shared}-transfer-eps{_slug(row.eps)}-s{steps}-n{m}{model_tag(args, row, 'transfer')}"
     evs["transfer"] = Evaluation(stem, eval_argv(args, gradient_free, "transfer", row.eps, m, steps, stem))
     return evs
 
