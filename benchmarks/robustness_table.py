@@ -37,6 +37,18 @@ examples all three attacked: its ``command`` is the list of their three commands
 measured in this run replace the rows with the same (defense, norm, eps, model_sha256,
 settings_sha256); all other rows stay.
 
+**Follow-up on the survivors** (``--follow-up``). Once a row has finished, its survivors
+are attacked again with the ensemble and a larger budget (``--follow-up-steps``,
+``--follow-up-targets``, ``--follow-up-square-queries``; the full ensemble by default), by
+``rdc eval --indices`` (each example's attack is seeded by its index, so it is the attack a
+run over the first n would make). For the RDC, the survivors are the examples that survived
+all three gradient modes, and each mode attacks them with its own gradients. As in
+AutoAttack, an example then counts as robust only if both runs left it robust
+(:func:`core.evaluate.with_follow_up`): robustness.json's ``robust`` and ``ci95`` say so, and
+the row gets ``follow_up`` (the survivors attacked, the budget, how many it broke, its
+commands and seconds per attacked image); table.md lists the follow-ups. A follow-up's file
+stem holds its budget and a digest of its indices.
+
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
 -->`` and ``<!-- robustness-table:end -->``) from ``--results`` alone, showing the rows of
 ``--model`` and ``--cnn`` as their files and cards are now (by sha256 of the weights and, for
@@ -52,12 +64,14 @@ RDC gradient modes of one threat model (they take no gradient of the defense).
     python benchmarks/robustness_table.py --out-dir runs/robustness-table
     python benchmarks/robustness_table.py --dry-run          # print the commands only
     python benchmarks/robustness_table.py --rows 'cnn-*,dc-linf-*' --n-row 'dc-linf-0.3=50' --no-checks
+    python benchmarks/robustness_table.py --rows '*-linf-0.3' --follow-up   # survivors again, full budget
     python benchmarks/robustness_table.py --readme          # README table from robustness.json
 """
 from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
 import json
 import re
 import shlex
@@ -69,7 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from rdc_studio.core.defense import parse_fraction
-from rdc_studio.core.evaluate import worst_case_report
+from rdc_studio.core.evaluate import example_rows, format_indices, with_follow_up, worst_case_report
 from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
 from rdc_studio.core.models import (DEFAULT_MODEL, CheckpointError, atomic_write_bytes, atomic_write_json,
@@ -231,10 +245,14 @@ def select_rows(rows: list[Row], patterns: str, flag: str) -> list[Row]:
 
 
 def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int, steps: int, stem: str,
-              square_queries: int | None = None) -> tuple[str, ...]:
-    """The ``rdc eval`` arguments of one evaluation of ``row``'s defense (outputs under --out-dir)."""
+              square_queries: int | None = None, targets: int | None = None,
+              indices: str | None = None) -> tuple[str, ...]:
+    """The ``rdc eval`` arguments of one evaluation of ``row``'s defense (outputs under --out-dir):
+    the first ``n`` test images, or ``indices`` (an ``rdc eval --indices`` list) when given;
+    ``targets`` defaults to ``--targets``."""
     out = Path(args.out_dir) / stem
-    argv = ["eval", "--dataset", "mnist", "--split", "test", "--n", str(n), "--defense", row.defense]
+    picked = ["--indices", indices] if indices is not None else ["--n", str(n)]
+    argv = ["eval", "--dataset", "mnist", "--split", "test", *picked, "--defense", row.defense]
     if row.defense != "cnn":
         argv += ["--model", args.model]
         if args.levels:
@@ -247,7 +265,7 @@ def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int,
     if attack in ("ensemble", "square"):
         argv += ["--square-queries", str(square_queries)]
     if attack == "ensemble":
-        argv += ["--targets", str(args.targets)]
+        argv += ["--targets", str(args.targets if targets is None else targets)]
     if attack in ("ensemble", "transfer") or row.defense == "cnn":
         argv += ["--cnn", args.cnn]
     argv += ["--seed", str(args.seed)]
@@ -318,6 +336,58 @@ def row_evaluation(args: argparse.Namespace, row: Row) -> Evaluation:
     """The ensemble evaluation of ``row``."""
     stem = f"{row.key}-n{row.n}{model_tag(args, row, 'ensemble')}"
     return Evaluation(stem, eval_argv(args, row, "ensemble", row.eps, row.n, args.steps, stem, args.square_queries))
+
+
+def survivors(report: dict[str, Any]) -> list[int]:
+    """The examples an attack report (or :func:`core.evaluate.worst_case_report`) left robust."""
+    return [r.index for r in example_rows(report) if r.robust_correct]
+
+
+def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int]) -> Evaluation:
+    """The follow-up of ``row``: the ensemble with the ``--follow-up-*`` budget on ``indices``
+    (the row's survivors). Its name holds the budget and a digest of the indices, so other
+    survivors never resume its state."""
+    spelled = format_indices(indices)
+    digest = hashlib.sha256(spelled.encode()).hexdigest()[:6]
+    budget = f"s{args.follow_up_steps}t{args.follow_up_targets}q{args.follow_up_square_queries}"
+    stem = f"{row.key}-n{row.n}-followup-{budget}-i{digest}{model_tag(args, row, 'ensemble')}"
+    return Evaluation(stem, eval_argv(args, row, "ensemble", row.eps, row.n, args.follow_up_steps, stem,
+                                      args.follow_up_square_queries, targets=args.follow_up_targets,
+                                      indices=spelled))
+
+
+def follow_up_evaluations(args: argparse.Namespace,
+                          done: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[tuple[Row, Evaluation]]:
+    """The follow-up evaluations of the finished rows ``done`` that have survivors: a CNN or DC
+    row's own survivors; for the RDC, the examples that survived all three gradient modes of
+    the threat model, each mode attacking them with its own gradients (no follow-up until all
+    three finished)."""
+    out = []
+    for row, _, report in done:
+        if row.defense != "rdc" and survivors(report):
+            out.append((row, follow_up_evaluation(args, row, survivors(report))))
+    for parts in rdc_threat_parts(done):
+        common = survivors(worst_case_report([rep for _, _, rep in parts], labels=list(RDC_GRAD_MODES)))
+        if common:
+            out += [(row, follow_up_evaluation(args, row, common)) for row, _, _ in parts]
+    return out
+
+
+def rdc_threat_parts(done: list[tuple[Row, Evaluation, dict[str, Any]]]
+                     ) -> list[list[tuple[Row, Evaluation, dict[str, Any]]]]:
+    """Per RDC threat model of ``done`` whose three gradient modes all finished: the (row,
+    evaluation, report) of each mode, in :data:`RDC_GRAD_MODES` order."""
+    threats: list[tuple[str, float]] = []
+    for row, _, _ in done:
+        if row.defense == "rdc" and (row.norm, parse_fraction(row.eps)) not in threats:
+            threats.append((row.norm, parse_fraction(row.eps)))
+    out = []
+    for norm, eps in threats:
+        by_mode = {row.grad: (row, ev, rep) for row, ev, rep in done
+                   if row.defense == "rdc" and row.norm == norm and parse_fraction(row.eps) == eps}
+        if set(by_mode) >= set(RDC_GRAD_MODES):
+            out.append([by_mode[mode] for mode in RDC_GRAD_MODES])
+    return out
 
 
 def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluation]:
@@ -666,7 +736,14 @@ def describe_attacks(row: dict[str, Any]) -> str:
     if budget.get("square_queries"):
         parts.append(f"Square {budget['square_queries']}")
     name = "ensemble" if list(row["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(row["attacks"])
-    return f"{name} ({', '.join(parts)})" if parts else name
+    text = f"{name} ({', '.join(parts)})" if parts else name
+    follow = row.get("follow_up")
+    if follow is None:
+        return text
+    if not follow["n"]:
+        return f"{text}; no survivors to follow up"
+    then = describe_attacks({"attacks": follow["attacks"], "budget": follow["budget"]})
+    return f"{text}; then {then} on its {follow['n']} survivors, which broke {follow['broke']}"
 
 
 def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: int) -> dict[str, Any] | None:
@@ -753,30 +830,61 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
 
 
 def result_rows(args: argparse.Namespace, done: list[tuple[Row, Evaluation, dict[str, Any]]],
-                checks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+                checks: list[dict[str, Any]],
+                follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
     """The robustness.json rows of this run's finished evaluations: one per CNN and DC
     evaluation, and one RDC worst-case row per threat model whose three gradient modes
-    (:data:`RDC_GRAD_MODES`) all finished. ``args`` needs ``model_sha256``, ``cnn_sha256`` and
-    ``settings_sha256`` (:func:`add_model_digests`)."""
+    (:data:`RDC_GRAD_MODES`) all finished. ``follow_ups`` maps row keys to their finished
+    follow-up (evaluation, report): a row's figures then count an example robust only if the
+    follow-up left it robust too (:func:`core.evaluate.with_follow_up`), and the row gets a
+    ``follow_up`` entry (:func:`follow_up_summary`). ``args`` needs ``model_sha256``,
+    ``cnn_sha256`` and ``settings_sha256`` (:func:`add_model_digests`)."""
+    follow_ups = follow_ups or {}
     out = []
     for row, ev, report in done:
+        if row.defense == "rdc":
+            continue
+        merged = with_follow_up(report, follow_ups[row.key][1]) if row.key in follow_ups else report
         if row.defense == "cnn":
-            out.append(single_result_row(row, ev, report, args.cnn, args.cnn_sha256, checks, args.check_n))
-        elif row.defense == "dc":
-            out.append(single_result_row(row, ev, report, args.model, args.model_sha256, checks, args.check_n,
-                                         args.settings_sha256))
-    threats: list[tuple[str, float]] = []
-    for row, _, _ in done:
-        if row.defense == "rdc" and (row.norm, parse_fraction(row.eps)) not in threats:
-            threats.append((row.norm, parse_fraction(row.eps)))
-    for norm, eps in threats:
-        by_mode = {row.grad: (row, ev, rep) for row, ev, rep in done
-                   if row.defense == "rdc" and row.norm == norm and parse_fraction(row.eps) == eps}
-        if set(by_mode) >= set(RDC_GRAD_MODES):
-            parts = [by_mode[mode] for mode in RDC_GRAD_MODES]
-            out.append(rdc_result_row(parts, args.model, args.model_sha256, checks, args.check_n,
-                                      args.settings_sha256))
+            result = single_result_row(row, ev, merged, args.cnn, args.cnn_sha256, checks, args.check_n)
+        else:
+            result = single_result_row(row, ev, merged, args.model, args.model_sha256, checks, args.check_n,
+                                       args.settings_sha256)
+        out.append(result | follow_up_summary(args, [(row, ev, report)], follow_ups))
+    for parts in rdc_threat_parts(done):
+        complete = all(row.key in follow_ups for row, _, _ in parts)  # a mode's follow-up alone is not the row's
+        merged = [(row, ev, with_follow_up(rep, follow_ups[row.key][1]) if complete else rep)
+                  for row, ev, rep in parts]
+        result = rdc_result_row(merged, args.model, args.model_sha256, checks, args.check_n, args.settings_sha256)
+        out.append(result | follow_up_summary(args, parts, follow_ups))
     return out
+
+
+def follow_up_summary(args: argparse.Namespace, parts: list[tuple[Row, Evaluation, dict[str, Any]]],
+                      follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]]) -> dict[str, Any]:
+    """``{"follow_up": ...}`` for a result row made of ``parts`` (one row, or the RDC's three
+    gradient modes) when this run has ``--follow-up``, else ``{}``: the survivors attacked
+    (``n``, ``indices``), the follow-up's attacks and budget, how many of them it broke, its
+    commands (a list for the RDC) and seconds per attacked image (summed over the modes)."""
+    if not getattr(args, "follow_up", False):
+        return {}
+    before = (survivors(parts[0][2]) if len(parts) == 1 else
+              survivors(worst_case_report([rep for _, _, rep in parts], labels=[r.grad for r, _, _ in parts])))
+    runs = [follow_ups[row.key] for row, _, _ in parts if row.key in follow_ups]
+    budget = {"steps": args.follow_up_steps, "targets": args.follow_up_targets,
+              "square_queries": args.follow_up_square_queries}
+    if not before:
+        return {"follow_up": {"n": 0, "indices": "", "budget": budget, "broke": 0, "command": None}}
+    if len(runs) != len(parts):
+        return {}  # not finished: the row stands as measured
+    broken = set()
+    for _, rep in runs:
+        broken |= {r.index for r in example_rows(rep) if r.clean_correct and not r.robust_correct}
+    commands = [made_by(ev, rep) for ev, rep in runs]
+    return {"follow_up": {"n": len(before), "indices": format_indices(before), "attacks": report_attacks(runs[0][1]),
+                          "budget": report_budget(runs[0][1]), "broke": len(broken & set(before)),
+                          "command": commands[0] if len(parts) == 1 else commands,
+                          "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, rep in runs)}}
 
 
 def missing_rdc_rows(rows: list[Row], done: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[str]:
@@ -1001,9 +1109,22 @@ def update_readme(readme: str | Path, results: str | Path, model: str = DEFAULT_
     return True
 
 
+def follow_up_table(follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]]) -> list[dict[str, Any]]:
+    """table.json's ``follow_ups``: per evaluation row with a finished follow-up, the survivors it
+    attacked, what it broke and its command."""
+    out = []
+    for key, (ev, report) in follow_ups.items():
+        rows = example_rows(report)
+        out.append({"row": key, "indices": format_indices(r.index for r in rows), "n": len(rows),
+                    "broken": [r.index for r in rows if r.clean_correct and not r.robust_correct],
+                    "budget": report_budget(report), "seconds_per_image": report["table_timing"]["seconds_per_image"],
+                    "command": made_by(ev, report)})
+    return out
+
+
 def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]], meta: dict[str, Any],
-                    worst: list[dict[str, Any]] | None = None) -> str:
-    """table.md: the results table, the checks and the commands behind every number."""
+                    worst: list[dict[str, Any]] | None = None, follow: list[dict[str, Any]] | None = None) -> str:
+    """table.md: the results table, the follow-ups, the checks and the commands behind every number."""
     hardware: list[str] = []
     for s in summaries:
         if s["hardware"] not in hardware:
@@ -1044,6 +1165,17 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
             per_row = ", ".join(f"{r['label']} {_pct(r['robust_acc_on_common'])}" for r in w["runs"])
             lines.append(f"| {NORM_LABELS[w['norm']]} {w['eps']} | {w['n']} | {len(w['runs'])} | {per_row} | "
                          f"**{_pct(w['robust_acc'])}** ({_pct(lo)}-{_pct(hi)}) |")
+    if follow:
+        lines += ["", "## Follow-up on the survivors", "",
+                  "The ensemble again, with a larger budget, on the examples each row left robust (for the RDC: "
+                  "those that survived all three gradient modes). robustness.json counts an example robust only "
+                  "if the follow-up left it robust too.", "",
+                  "| Row | Survivors attacked | Budget | Broken | s / image |", "|---|---|---|---|---|"]
+        for f in follow:
+            budget = describe_attacks({"attacks": list(ENSEMBLE_ORDER), "budget": f["budget"]})
+            broken = ", ".join(map(str, f["broken"])) or "none"
+            lines.append(f"| {f['row']} | {f['n']} ({f['indices']}) | {budget} | {broken} | "
+                         f"{f['seconds_per_image']:.2f} |")
     if checks:
         lines += ["", "## Gradient-masking checks", "",
                   f"APGD-CE ({meta['check_steps']} iterations, 1 restart) on the first {meta['check_n']} test images "
@@ -1059,6 +1191,8 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
                          f"**{c['check']['verdict']}** | {_cell(c['check']['summary'])} |")
     lines += ["", "## Commands", "", "Each row (run from the repository root):", ""]
     lines += [f"- {s['defense']}, {NORM_LABELS[s['norm']]} {s['eps']}: `{s['command']}`" for s in summaries]
+    if follow:
+        lines += ["", "Follow-ups:", ""] + [f"- {f['row']}: `{f['command']}`" for f in follow]
     if checks:
         lines += ["", "Checks:", ""]
         seen: list[str] = []
@@ -1098,6 +1232,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="evaluations run at once, each an rdc eval subprocess (e.g. several on one GPU)")
     p.add_argument("--data-root", default=None)
+    p.add_argument("--follow-up", action="store_true",
+                   help="attack the survivors of every finished row again (for the RDC: the examples that survived "
+                        "all three gradient modes, attacked with each) with the ensemble and the --follow-up-* "
+                        "budget; the row then counts an example robust only if both left it robust")
+    p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of the follow-up")
+    p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of the follow-up")
+    p.add_argument("--follow-up-square-queries", type=int, default=5000, help="Square queries of the follow-up")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="run the gradient-masking checks")
     p.add_argument("--check-rows", default="*", help="shell patterns: the rows (of --rows) that get the checks")
@@ -1142,6 +1283,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         for _, ev in row_evs:
             print(ev.command)
+        if args.follow_up:
+            print("# follow-ups: the ensemble on each row's survivors, once its report exists")
+            finished = [(row, ev, rep) for row, ev in row_evs
+                        if (rep := _existing_report(ev, out_dir)) is not None]
+            for _, ev in follow_up_evaluations(args, finished):
+                print(ev.command)
         if check_evs:
             print("# gradient-masking checks")
             printed: set[str] = set()
@@ -1159,21 +1306,26 @@ def main(argv: list[str] | None = None) -> int:
             "checks": bool(args.checks), "check_n": args.check_n, "check_steps": args.check_steps or args.steps,
             "check_square_queries": args.check_square_queries, "large_eps_linf": args.large_eps_linf,
             "large_eps_l2": args.large_eps_l2, "large_eps_max_acc": args.large_eps_max_acc,
-            "max_change": args.max_change}
+            "max_change": args.max_change, "follow_up": bool(args.follow_up)}
+    if args.follow_up:
+        meta.update({"follow_up_steps": args.follow_up_steps, "follow_up_targets": args.follow_up_targets,
+                     "follow_up_square_queries": args.follow_up_square_queries})
     summaries: list[dict[str, Any]] = []
     reports: dict[str, dict[str, Any]] = {}
     done: list[tuple[Row, Evaluation, dict[str, Any]]] = []
     checks: list[dict[str, Any]] = []
     results: list[CheckResult] = []
+    follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]] = {}
 
     def write() -> None:
         meta["all_checks_passed"] = all_passed(results)
         worst = worst_cases(summaries, reports)
+        follow = follow_up_table(follow_ups)
         atomic_write_json(out_dir / "table.json", {"meta": meta, "rows": summaries, "worst_case": worst,
-                                                   "checks": checks})
-        atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta, worst).encode())
+                                                   "checks": checks, "follow_ups": follow})
+        atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta, worst, follow).encode())
         if results_path is not None:
-            update_results(results_path, result_rows(args, done, checks))
+            update_results(results_path, result_rows(args, done, checks, follow_ups))
 
     failed: dict[str, str] = {}
     if args.jobs > 1:
@@ -1186,6 +1338,14 @@ def main(argv: list[str] | None = None) -> int:
         done.append((row, ev, reports[row.key]))
         summaries.append(row_summary(row, ev, reports[row.key], out_dir))
         write()
+    if args.follow_up:
+        follow_evs = follow_up_evaluations(args, done)
+        if args.jobs > 1:
+            failed |= run_concurrently([ev for _, ev in follow_evs], out_dir, args.jobs)
+        for row, ev in follow_evs:
+            if ev.name not in failed:
+                follow_ups[row.key] = (ev, run_evaluation(ev, out_dir))
+                write()
     for row, evs in check_evs:
         if any(ev.name in failed for ev in evs.values()):
             continue
@@ -1196,7 +1356,7 @@ def main(argv: list[str] | None = None) -> int:
         write()
     print(f"wrote {out_dir / 'table.md'} and {out_dir / 'table.json'}")
     if results_path is not None:
-        measured = result_rows(args, done, checks)
+        measured = result_rows(args, done, checks, follow_ups)
         print(f"merged {len(measured)} row{'s' if len(measured) != 1 else ''} "
               f"({', '.join(r['key'] for r in measured) or 'none'}) into {results_path}; regenerate the README "
               f"table with: python benchmarks/robustness_table.py --readme"

@@ -343,9 +343,13 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
 
 def _eval_config(args: argparse.Namespace):
     """The :class:`core.evaluate.EvalConfig` of ``rdc eval``'s options."""
-    from .evaluate import EvalConfig
+    from .evaluate import EvalConfig, parse_indices
 
-    return EvalConfig(dataset=args.dataset, split=args.split, n=args.n, data_root=args.data_root,
+    try:
+        indices = None if args.indices is None else parse_indices(args.indices)
+    except ValueError as exc:
+        raise SystemExit(f"rdc: error: --{exc}") from None
+    return EvalConfig(dataset=args.dataset, split=args.split, n=args.n, indices=indices, data_root=args.data_root,
                       defense=args.defense, attack=args.attack, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
                       steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed, targets=args.targets,
                       square_queries=args.square_queries, p_init=args.p_init, grad=args.grad, cnn=args.cnn,
@@ -825,8 +829,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None,
                    help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="dataset split")
-    p.add_argument("--n", "--num-examples", dest="n", type=int, default=None,
-                   help="first N examples (default: all); spell it --num-examples under torchrun")
+    picked = p.add_mutually_exclusive_group()
+    picked.add_argument("--n", "--num-examples", dest="n", type=int, default=None,
+                        help="first N examples (default: all); spell it --num-examples under torchrun")
+    picked.add_argument("--indices", default=None, metavar="LIST",
+                        help="these examples instead of the first N, e.g. 1,13,28-35 (the survivors of an earlier "
+                             "run, attacked again with a larger budget: each example's attack is seeded by its "
+                             "index alone)")
     p.add_argument("--defense", choices=DEFENSES, default="dc",
                    help="dc: diffusion classifier; rdc: likelihood maximisation + dc; cnn: the baseline")
     p.add_argument("--attack", choices=EVAL_ATTACKS, default="none",

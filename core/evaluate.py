@@ -6,7 +6,7 @@ import json
 import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -356,6 +356,89 @@ def run_label(report: dict[str, Any]) -> str:
 DECISION_SETTINGS = ("dataset", "split", "defense", "classifier", "purify")
 
 
+def parse_indices(text: str) -> tuple[int, ...]:
+    """Example indices from ``"1,13,28-30"`` (comma-separated indices and inclusive ranges),
+    sorted and without repeats.
+
+    Raises
+    ------
+    ValueError
+        For anything else (negative numbers, a range that runs backwards, an empty list).
+    """
+    picked: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, sep, last = part.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"indices: {part!r} is not an index or a range like 10-19")
+        lo, hi = int(first), int(last) if sep else int(first)
+        if hi < lo:
+            raise ValueError(f"indices: the range {part} runs backwards")
+        picked.update(range(lo, hi + 1))
+    return tuple(sorted(picked))
+
+
+def format_indices(indices) -> str:
+    """The shortest :func:`parse_indices` spelling of ``indices`` (``[1, 2, 3, 7]`` -> ``"1-3,7"``)."""
+    parts: list[str] = []
+    ordered = sorted(set(int(i) for i in indices))
+    start = 0
+    for k in range(1, len(ordered) + 1):
+        if k == len(ordered) or ordered[k] != ordered[k - 1] + 1:
+            lo, hi = ordered[start], ordered[k - 1]
+            parts.append(str(lo) if lo == hi else f"{lo},{hi}" if hi == lo + 1 else f"{lo}-{hi}")
+            start = k
+    return ",".join(parts)
+
+
+def _same_measurement(reports: list[dict[str, Any]], labels: list[str]) -> tuple[str, float]:
+    """The threat model of ``reports`` after checking that they attack one model with one data
+    split, decision settings and threat model (``ValueError`` naming the first that does not)."""
+    base, base_threat = reports[0], threat_model(reports[0])
+    for label, rep in zip(labels[1:], reports[1:]):
+        if rep["model"].get("name") != base["model"].get("name"):
+            raise ValueError(f"{label}: model {rep['model'].get('name')}, not {base['model'].get('name')}")
+        for key in DECISION_SETTINGS:
+            if rep["settings"].get(key) != base["settings"].get(key):
+                raise ValueError(f"{label}: {key} {rep['settings'].get(key)!r} differs from "
+                                 f"{labels[0]}'s {base['settings'].get(key)!r}")
+        if threat_model(rep) != base_threat:
+            raise ValueError(f"{label}: threat model {threat_model(rep)}, not {base_threat}")
+    return base_threat
+
+
+def with_follow_up(report: dict[str, Any], follow_up: dict[str, Any], label: str = "follow-up") -> dict[str, Any]:
+    """``report`` with the results of a follow-up evaluation of some of its examples (typically
+    its survivors, attacked again with a larger budget: ``rdc eval --indices``).
+
+    An example stays robust only if the follow-up, where it attacked it, left it robust too;
+    ``robust_acc`` and ``robust_ci95`` are recounted over ``report``'s examples and the
+    examples the follow-up broke get ``broken_by`` = ``label``. The per-attack table, when
+    there is one, is dropped (it describes ``report``'s ensemble alone).
+
+    Raises
+    ------
+    ValueError
+        When the follow-up is not of the same model, data split, decision settings and
+        threat model, or attacked examples ``report`` does not have.
+    """
+    _same_measurement([report, follow_up], ["the report", label])
+    base_rows = {r.index: r for r in example_rows(report)}
+    extra = sorted({r.index for r in example_rows(follow_up)} - set(base_rows))
+    if extra:
+        raise ValueError(f"{label} attacked examples the report does not have: {format_indices(extra)}")
+    broken = {r.index for r in example_rows(follow_up) if r.clean_correct and not r.robust_correct}
+    rows = [ExampleRow(r.index, r.label, r.clean_correct, r.robust_correct and r.index not in broken,
+                       label if r.robust_correct and r.index in broken else r.broken_by)
+            for r in base_rows.values()]
+    n, robust = len(rows), sum(r.robust_correct for r in rows)
+    merged = {k: v for k, v in report.items() if k != "per_attack"}
+    merged.update({"robust_acc": robust / max(1, n), "robust_ci95": list(wilson_interval(robust, n)),
+                   "per_example": [[r.index, r.label, int(r.clean_correct), int(r.robust_correct), r.broken_by]
+                                   for r in rows],
+                   "per_example_columns": list(PER_EXAMPLE_COLUMNS)})
+    return merged
+
+
 def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
     """Per-example worst case over several attack reports on the same model and threat model.
 
@@ -369,16 +452,7 @@ def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = 
     if len(reports) < 2:
         raise ValueError("the worst case needs at least two reports")
     labels = labels or [run_label(r) for r in reports]
-    base, base_threat = reports[0], threat_model(reports[0])
-    for label, rep in zip(labels[1:], reports[1:]):
-        if rep["model"].get("name") != base["model"].get("name"):
-            raise ValueError(f"{label}: model {rep['model'].get('name')}, not {base['model'].get('name')}")
-        for key in DECISION_SETTINGS:
-            if rep["settings"].get(key) != base["settings"].get(key):
-                raise ValueError(f"{label}: {key} {rep['settings'].get(key)!r} differs from "
-                                 f"{labels[0]}'s {base['settings'].get(key)!r}")
-        if threat_model(rep) != base_threat:
-            raise ValueError(f"{label}: threat model {threat_model(rep)}, not {base_threat}")
+    base, base_threat = reports[0], _same_measurement(reports, labels)
     by_index = [{r.index: r for r in example_rows(rep)} for rep in reports]
     common = sorted(set.intersection(*(set(d) for d in by_index)))
     if not common:
@@ -635,6 +709,9 @@ class EvalConfig:
     ``attack`` is one of :data:`core.choices.EVAL_ATTACKS`: ``none`` (clean accuracy),
     ``ensemble`` (APGD-CE, APGD-DLR, APGD-T, Square and a transfer attack from the CNN
     ``cnn``), ``transfer`` (that transfer attack alone) or a single attack by name.
+    ``indices`` picks the examples by index instead of the first ``n`` (e.g. the survivors
+    of an earlier evaluation, attacked again with a larger budget: every example's attack is
+    seeded by its index alone, so it is the attack a run over the first n would make).
     ``state`` is a per-example results file an interrupted run resumes from; ``command``
     is recorded in the report (how to reproduce it).
     """
@@ -642,6 +719,7 @@ class EvalConfig:
     dataset: str = "mnist"
     split: str = "test"
     n: int | None = None  # first n examples (None: all)
+    indices: tuple[int, ...] | None = None  # these examples instead of the first n
     data_root: str | None = None
     defense: str = "dc"
     attack: str = "none"
@@ -765,17 +843,31 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
         if model.purifier is not None:
             model_info["purifier"] = {"name": model.purifier.name, "path": str(model.purifier.path)}
-    total = min(config.n or len(ds), len(ds))
+    if config.indices is not None:
+        if config.n is not None:
+            raise ValueError("give either n or indices, not both")
+        if not config.indices or min(config.indices) < 0 or max(config.indices) >= len(ds):
+            raise ValueError(f"indices must be within 0-{len(ds) - 1} (the {config.split} split)")
+        selected = sorted(set(config.indices))
+    else:
+        selected = list(range(min(config.n or len(ds), len(ds))))
+    total = len(selected)
     settings.update({"dataset": config.dataset, "split": config.split, "defense": config.defense,
                      "attack": config.attack, "batch_size": config.batch_size, "command": config.command})
+    if config.indices is not None:
+        settings["indices"] = format_indices(selected)
     defense = build_defense(config.defense, model, classifier, purify=purify, grad_mode=config.grad,
                             cnn=config.cnn, device=device)
     if config.defense == "rdc":
         settings["purify"] = defense.maximizer.settings.to_dict()
     if config.attack == "none":  # clean accuracy: forward passes only, whatever the defense
         steps = []
-        for rec in evaluate_clean(classifier if config.defense == "dc" else defense, ds, total, config.batch_size,
-                                  cancelled=cancelled):
+        clean_data = ds
+        if config.indices is not None:
+            picked = torch.tensor(selected)
+            clean_data = replace(ds, images=ds.images[picked], labels=ds.labels[picked])
+        for rec in evaluate_clean(classifier if config.defense == "dc" else defense, clean_data, total,
+                                  config.batch_size, cancelled=cancelled):
             steps.append(rec)
             if progress is not None:
                 progress(EvalProgress(rec.done, total, rec.accuracy))
@@ -806,7 +898,7 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
     if warning and warn is not None and config.attack not in ("none", "square", "transfer"):
         warn(warning)
     rank, world = shard
-    indices = list(range(total))[rank::world]
+    indices = selected[rank::world]
     state = None
     if config.state:
         state_path = config.state if world == 1 else f"{config.state}.rank{rank}-of-{world}"

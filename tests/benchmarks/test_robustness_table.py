@@ -10,7 +10,7 @@ import pytest
 
 from rdc_studio.core.cli import build_parser
 from rdc_studio.core.data import mnist_available
-from rdc_studio.core.evaluate import wilson_interval
+from rdc_studio.core.evaluate import parse_indices, wilson_interval
 from rdc_studio.core.models import DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -645,3 +645,65 @@ def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
     assert timing == {"command": big.command, "seconds": 12.0, "examples": 6}
     assert f"grows the state of {evaluation(6).name}" in capsys.readouterr().err
     assert table.grow_from_smaller_run(evaluation(2, eps="2"), out_dir) is None
+
+
+def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, dict], broken: dict[str, set[int]]):
+    """Put a fake follow-up report for every follow-up the script would run into ``out_dir``:
+    the examples in ``broken[row key]`` are broken, the other survivors survive."""
+    args = table.add_model_digests(table.build_parser().parse_args(argv))
+    done = [(row, table.row_evaluation(args, row), reports[row.key]) for row in table.build_rows(args)]
+    made = {}
+    for row, ev in table.follow_up_evaluations(args, done):
+        indices = parse_indices(dict(zip(ev.argv, ev.argv[1:]))["--indices"])
+        report = _fake_report(ev.command, row.defense, row.grad, row.norm, table.parse_fraction(row.eps),
+                              [i not in broken.get(row.key, set()) for i in range(max(indices) + 1)],
+                              seconds_per_image=10.0)
+        report["per_example"] = [e for e in report["per_example"] if e[0] in indices]
+        report["n"] = len(indices)
+        (out_dir / f"{ev.name}.json").write_text(json.dumps(report))
+        made[row.key] = (ev, report)
+    return made
+
+
+def test_follow_up_attacks_the_survivors_and_lowers_the_rows(table, tmp_path, no_attacks, capsys):
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    argv = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.1,rdc-*-linf-0.1",
+            "--n-dc", "6", "--n-rdc", "6", "--no-checks", "--follow-up", "--follow-up-targets", "3",
+            "--follow-up-square-queries", "1000"]
+    reports = _write_fake_reports(table, argv, out_dir)
+    # the DC row left 0 and 3 robust; the RDC's worst case 0 and 5 (OUTCOMES)
+    capsys.readouterr()
+    assert table.main(argv + ["--dry-run"]) == 0
+    follow_lines = capsys.readouterr().out.split("# follow-ups")[1].splitlines()[1:]
+    assert [line.split("--indices ")[1].split()[0] for line in follow_lines] == ["0,3", "0,5", "0,5", "0,5"]
+    assert all("--steps 100" in line and "--targets 3" in line and "--square-queries 1000" in line
+               for line in follow_lines)
+    assert all("followup-s100t3q1000-i" in line for line in follow_lines)
+    made = _fake_follow_up(table, argv, out_dir, reports, {"dc-linf-0.1": {3}, "rdc-bpda-linf-0.1": {5}})
+    assert table.main(argv) == 0
+    dc, rdc = json.loads(results.read_text())
+    assert (dc["robust"], dc["ci95"]) == (1 / 6, list(wilson_interval(1, 6)))  # only 0 is left
+    assert dc["follow_up"] == {"n": 2, "indices": "0,3", "attacks": list(ENSEMBLE),
+                               "budget": {"steps": None, "targets": 9, "square_queries": None}, "broke": 1,
+                               "command": made["dc-linf-0.1"][1]["settings"]["command"], "seconds_per_image": 10.0}
+    assert (rdc["robust"], rdc["n"], rdc["follow_up"]["broke"]) == (1 / 6, 6, 1)
+    assert rdc["follow_up"]["command"] == [made[f"rdc-{m}-linf-0.1"][1]["settings"]["command"]
+                                           for m in ("exact", "smooth", "bpda")]
+    assert rdc["follow_up"]["seconds_per_image"] == 30.0 and rdc["per_grad_mode"]["bpda"] == 0.5
+    assert "then ensemble (9 targets) on its 2 survivors, which broke 1" in table.describe_attacks(rdc)
+    md = (out_dir / "table.md").read_text()
+    assert "## Follow-up on the survivors" in md and "| dc-linf-0.1 | 2 (0,3) |" in md
+    assert json.loads((out_dir / "table.json").read_text())["follow_ups"][0]["broken"] == [3]
+
+
+def test_a_row_without_survivors_says_so_and_an_unfinished_follow_up_changes_nothing(table):
+    args = table.build_parser().parse_args(["--follow-up"])
+    row = table.Row("dc", "linf", "0.3", 4)
+    ev = table.Evaluation("x", ("eval",))
+    none_left = _fake_report("rdc eval", "dc", None, "linf", 0.3, [False] * 4)
+    assert table.follow_up_summary(args, [(row, ev, none_left)], {})["follow_up"]["n"] == 0
+    assert table.describe_attacks({"attacks": list(ENSEMBLE), "budget": {}, "follow_up": {"n": 0}}) == \
+        "ensemble; no survivors to follow up"
+    some_left = _fake_report("rdc eval", "dc", None, "linf", 0.3, [True, False, True, False])
+    assert table.follow_up_summary(args, [(row, ev, some_left)], {}) == {}
+    assert table.follow_up_summary(table.build_parser().parse_args([]), [(row, ev, some_left)], {}) == {}

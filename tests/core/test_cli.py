@@ -398,3 +398,29 @@ def test_python_dash_m_runs_the_command_line():
     """``python -m rdc_studio.core`` is the ``rdc`` program (what the robustness table spawns)."""
     out = subprocess.run([sys.executable, "-m", "rdc_studio.core", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("usage: rdc ")
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_of_chosen_indices_attacks_them_as_a_run_over_the_first_n_does(tmp_path, capsys):
+    """--indices picks examples by index (the survivors of an earlier run); each example's attack
+    is seeded by its index alone, so its result is the one a run over the first n gives."""
+    common = ["eval", "--dataset", "mnist", "--split", "test", "--defense", "cnn", "--attack", "ensemble",
+              "--norm", "linf", "--eps", "0.12", "--steps", "3", "--targets", "1", "--square-queries", "3",
+              "--threads", "1", "--batch-size", "2"]
+    assert main(common + ["--n", "8", "--out", str(tmp_path / "first.json")]) == 0
+    state = tmp_path / "picked.state.jsonl"
+    picked = common + ["--indices", "6,2,5-7", "--state", str(state)]
+    assert main(picked + ["--out", str(tmp_path / "picked.json"), "--batch-size", "3"]) == 0
+    first, chosen = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("first", "picked"))
+    assert chosen["n"] == 4 and chosen["settings"]["indices"] == "2,5-7"
+    assert chosen["per_example"] == [row for row in first["per_example"] if row[0] in (2, 5, 6, 7)]
+    # a state belongs to its indices: other examples are another run
+    with pytest.raises(SystemExit, match="other settings"):
+        main(common + ["--indices", "2,5", "--state", str(state)])
+    # clean accuracy of chosen examples, and indices outside the split
+    assert main(common[:7] + ["--attack", "none", "--indices", "0-3", "--out", str(tmp_path / "clean.json")]) == 0
+    assert json.loads((tmp_path / "clean.json").read_text())["n"] == 4
+    with pytest.raises(SystemExit, match="within 0-9999"):
+        main(common + ["--indices", "10000"])
+    with pytest.raises(SystemExit, match="runs backwards"):
+        main(common + ["--indices", "7-5"])

@@ -115,3 +115,42 @@ def test_a_state_file_serves_one_run_at_a_time(tmp_path):
     with pytest.raises(ValueError, match="other settings"):  # a refused state leaves no lock behind
         ResumeState(path, settings | {"attack": "pgd"})
     ResumeState(path, settings).close()
+
+
+def test_indices_are_read_and_written_as_lists_and_ranges():
+    import pytest
+
+    from rdc_studio.core.evaluate import format_indices, parse_indices
+
+    assert parse_indices("1,13,28-30") == (1, 13, 28, 29, 30)
+    assert parse_indices(" 5, 3,3,4 ") == (3, 4, 5)  # sorted, without repeats
+    assert format_indices([30, 1, 2, 3, 7, 8, 13]) == "1-3,7,8,13,30"
+    for spelled in ("0", "4,9", "0-99", "1,13,28,35", "2-4,6-8,10"):
+        assert format_indices(parse_indices(spelled)) == spelled
+    for bad, message in (("", "is not an index"), ("1,,2", "is not an index"), ("-3", "is not an index"),
+                         ("4-2", "runs backwards"), ("a", "is not an index"), ("1-", "is not an index")):
+        with pytest.raises(ValueError, match=message):
+            parse_indices(bad)
+
+
+def test_a_follow_up_can_only_break_examples_the_report_left_robust():
+    import pytest
+
+    from rdc_studio.core.evaluate import wilson_interval, with_follow_up
+
+    base = _report("bpda", [[0, 7, 1, 1, None], [1, 2, 1, 0, "apgd-ce"], [2, 1, 1, 1, None], [3, 0, 0, 0, "clean"],
+                            [4, 4, 1, 1, None]])
+    base["per_example_columns"] = ["index", "label", "clean_correct", "robust_correct", "broken_by"]
+    base["per_attack"] = [{"attack": "apgd-ce"}]
+    follow = _report("bpda", [[0, 7, 1, 0], [4, 4, 1, 1]], attack="ensemble")  # the survivors 0, 2, 4 in part
+    merged = with_follow_up(base, follow, label="follow-up")
+    assert [e[3] for e in merged["per_example"]] == [0, 0, 1, 0, 1]
+    assert [e[4] for e in merged["per_example"]] == ["follow-up", "apgd-ce", None, "clean", None]
+    assert merged["robust_acc"] == 0.4 and merged["robust_ci95"] == list(wilson_interval(2, 5))
+    assert "per_attack" not in merged and merged["n"] == 5 and base["per_example"][0][3] == 1  # base untouched
+    # a follow-up never makes a broken example robust again
+    assert with_follow_up(base, _report("bpda", [[1, 2, 1, 1]]))["robust_acc"] == 0.6
+    with pytest.raises(ValueError, match="does not have: 9"):
+        with_follow_up(base, _report("bpda", [[9, 1, 1, 0]]))
+    with pytest.raises(ValueError, match="threat model"):
+        with_follow_up(base, _report("bpda", [[0, 7, 1, 0]], eps=0.1))
