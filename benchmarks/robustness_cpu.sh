@@ -29,8 +29,8 @@
 set -euo pipefail
 model="${1:-mnist-embedding}"
 out_dir="${OUT_DIR:-benchmarks/results/robustness-runs}"
-common=(--model "$model" --steps "${STEPS:-20}" --targets 1 --square-queries 100 --threads 1
-        --jobs "${JOBS:-2}" --batch-size 5 --check-square-queries 200 --out-dir "$out_dir")
+common=(--model "$model" --budget reduced --steps "${STEPS:-20}" --threads 1
+        --jobs "${JOBS:-2}" --batch-size 5 --out-dir "$out_dir")
 dry=()
 if [[ -n "${DRY_RUN:-}" ]]; then dry=(--dry-run); fi
 table() { echo "+ python benchmarks/robustness_table.py $*"; python benchmarks/robustness_table.py "$@" "${dry[@]}"; }

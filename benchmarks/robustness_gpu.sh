@@ -39,7 +39,7 @@ readme="${README:-README.md}"
 model="${MODEL:-mnist-embedding}"
 args=(--model "$model" --device "${DEVICE:-cuda}" --out-dir "$out_dir" --results "$results"
       --rows "${ROWS:-dc-*,rdc-*}" --n-row "dc-*=${N_DC:-${N:-100}},rdc-*=${N_RDC:-${N:-100}}"
-      --steps "${STEPS:-20}" --targets 1 --square-queries 100 --check-square-queries 200
+      --budget reduced --steps "${STEPS:-20}"
       --check-n "${CHECK_N:-50}" --threads 1 --jobs "${JOBS:-8}" --batch-size "${BATCH:-25}")
 if [[ -n "${DRY_RUN:-}" ]]; then
     exec python benchmarks/robustness_table.py "${args[@]}" --dry-run

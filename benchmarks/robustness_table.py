@@ -99,7 +99,11 @@ DEFENSES = {  # key: (--defense, --grad, label)
     "rdc-smooth": ("rdc", "smooth", "RDC (smooth gradients)"),
     "rdc-bpda": ("rdc", "bpda", "RDC (BPDA)"),
 }
-RDC_GRAD_MODES = ("exact", "smooth", "bpda")  # the RDC row: the worst case over these
+RDC_GRAD_MODES = ("exact", "smooth", "bpda")
+# --budget: the full ensemble, and the reduced one that fits the DC and RDC rows into CPU hours
+# or a GPU lease of minutes (it is recorded in every row and shown in the README table)
+BUDGETS = {"full": {"steps": 100, "targets": 9, "square_queries": 5000, "check_square_queries": 1000},
+           "reduced": {"steps": 20, "targets": 1, "square_queries": 100, "check_square_queries": 200}}  # the RDC row: the worst case over these
 RESULT_DEFENSES = {"cnn": "CNN", "dc": "DC", "rdc": "RDC (worst case over exact, smooth, BPDA)"}
 NORM_LABELS = {"linf": "l-inf", "l2": "l2"}
 ENSEMBLE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer")
@@ -1221,9 +1225,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-rdc", type=int, default=100, help="test images of the RDC rows (exact, smooth and BPDA)")
     p.add_argument("--n-row", default="", help="comma-separated PATTERN=N: n for the rows whose key matches the "
                    "shell pattern, over --n-cnn/--n-dc/--n-rdc (later pairs win), e.g. 'rdc-*-linf-0.3=50'")
-    p.add_argument("--steps", type=int, default=100, help="APGD iterations")
-    p.add_argument("--square-queries", type=int, default=5000)
-    p.add_argument("--targets", type=int, default=9, help="APGD-T target classes")
+    p.add_argument("--budget", choices=BUDGETS, default="full",
+                   help="the attack budget --steps, --targets, --square-queries and --check-square-queries "
+                        "default to: " + "; ".join(f"{name} {', '.join(f'{k} {v}' for k, v in values.items())}"
+                                                   for name, values in BUDGETS.items()))
+    p.add_argument("--steps", type=int, default=None, help="APGD iterations (default: the --budget's)")
+    p.add_argument("--square-queries", type=int, default=None, help="Square queries (default: the --budget's)")
+    p.add_argument("--targets", type=int, default=None, help="APGD-T target classes (default: the --budget's)")
     p.add_argument("--levels", type=int, default=None, help="classifier noise levels T (default: the model card's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=50)
@@ -1244,7 +1252,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-rows", default="*", help="shell patterns: the rows (of --rows) that get the checks")
     p.add_argument("--check-n", type=int, default=50, help="test images of each check evaluation")
     p.add_argument("--check-steps", type=int, default=None, help="APGD iterations of the checks (default: --steps)")
-    p.add_argument("--check-square-queries", type=int, default=1000)
+    p.add_argument("--check-square-queries", type=int, default=None,
+                   help="Square queries of check (c) (default: the --budget's)")
     p.add_argument("--sweep-linf", default="0.1,0.2,0.3", help="l-inf eps sweep of check (b)")
     p.add_argument("--sweep-l2", default="0.5,1,1.5", help="l2 eps sweep of check (b)")
     p.add_argument("--large-eps-linf", default="0.6", help="check (a); also the end of the sweep")
@@ -1259,6 +1268,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """The parsed options, with the attack budget's defaults filled in from ``--budget``."""
+    args = build_parser().parse_args(argv)
+    for key, value in BUDGETS[args.budget].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def _exit_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM (``kill``, ``pkill``) unwinds like Ctrl-C, so the running ``rdc eval``
     subprocesses are stopped with this script instead of running on unattended."""
@@ -1267,7 +1285,7 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     if args.readme:
         changed = update_readme(args.readme_file, args.results, args.model, args.cnn, args.threats)
         print(f"{'updated' if changed else 'unchanged'}: the robustness table in {args.readme_file} "
@@ -1377,4 +1395,10 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `--dry-run | head`: the reader has what it wanted
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
+        sys.exit(1)

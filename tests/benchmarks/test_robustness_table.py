@@ -94,7 +94,7 @@ def test_threat_models_and_per_row_n(table, capsys):
     for bad in ("rdc-*=", "=5", "dc-linf-0.3=0", "dc-linf-0.3=x", "dc-linf-0.3"):
         with pytest.raises(SystemExit, match="PATTERN=N"):
             table.parse_row_n(bad)
-    args = table.build_parser().parse_args(["--n-rdc", "120", "--n-row", "rdc-*-linf-0.3=50,rdc-bpda-*=40"])
+    args = table.parse_args(["--n-rdc", "120", "--n-row", "rdc-*-linf-0.3=50,rdc-bpda-*=40"])
     rows = table.build_rows(args)
     assert [r.key for r in rows] == ["-".join([d + (f"-{g}" if g else ""), n, e]) for d, g, n, e in ROWS]
     assert len({r.key for r in rows}) == len(rows) == 15
@@ -103,9 +103,9 @@ def test_threat_models_and_per_row_n(table, capsys):
     assert n["rdc-bpda-linf-0.1"] == n["rdc-bpda-linf-0.3"] == 40  # the later pair wins
     assert n["cnn-linf-0.3"] == 1000 and n["dc-l2-1.5"] == 200
     with pytest.raises(SystemExit, match="--n-row 'rdc-\\*-linf-0.2' matches none"):
-        table.build_rows(table.build_parser().parse_args(["--n-row", "rdc-*-linf-0.2=50"]))
+        table.build_rows(table.parse_args(["--n-row", "rdc-*-linf-0.2=50"]))
     # another set of threat models: the keys follow
-    args = table.build_parser().parse_args(["--threats", "l2:0.5,linf:8/255", "--rows", "dc-*"])
+    args = table.parse_args(["--threats", "l2:0.5,linf:8/255", "--rows", "dc-*"])
     assert [(r.key, r.eps) for r in table.build_rows(args)] == [("dc-l2-0.5", "0.5"), ("dc-linf-8over255", "8/255")]
 
 
@@ -194,7 +194,7 @@ OUTCOMES = {"exact": [1, 1, 1, 0, 1, 1], "smooth": [1, 0, 1, 1, 1, 1], "bpda": [
 def _write_fake_reports(table, argv: list[str], out_dir: Path, outcomes=OUTCOMES) -> dict[str, dict]:
     """Put a fake report for every row of ``argv`` into ``out_dir``, made by exactly that row's command
     (so the script reuses it instead of running rdc eval); returns them by row key."""
-    args = table.add_model_digests(table.build_parser().parse_args(argv))
+    args = table.add_model_digests(table.parse_args(argv))
     out_dir.mkdir(parents=True, exist_ok=True)
     reports = {}
     for row in table.build_rows(args):
@@ -625,7 +625,7 @@ def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
     out_dir.mkdir()
 
     def evaluation(n: int, eps: str = "1.5"):
-        args = table.add_model_digests(table.build_parser().parse_args(
+        args = table.add_model_digests(table.parse_args(
             ["--out-dir", str(out_dir), "--threats", f"l2:{eps}", "--rows", "dc-*", "--n-dc", str(n), "--no-checks"]))
         return table.row_evaluation(args, table.build_rows(args)[0])
 
@@ -650,7 +650,7 @@ def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
 def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, dict], broken: dict[str, set[int]]):
     """Put a fake follow-up report for every follow-up the script would run into ``out_dir``:
     the examples in ``broken[row key]`` are broken, the other survivors survive."""
-    args = table.add_model_digests(table.build_parser().parse_args(argv))
+    args = table.add_model_digests(table.parse_args(argv))
     done = [(row, table.row_evaluation(args, row), reports[row.key]) for row in table.build_rows(args)]
     made = {}
     for row, ev in table.follow_up_evaluations(args, done):
@@ -697,7 +697,7 @@ def test_follow_up_attacks_the_survivors_and_lowers_the_rows(table, tmp_path, no
 
 
 def test_a_row_without_survivors_says_so_and_an_unfinished_follow_up_changes_nothing(table):
-    args = table.build_parser().parse_args(["--follow-up"])
+    args = table.parse_args(["--follow-up"])
     row = table.Row("dc", "linf", "0.3", 4)
     ev = table.Evaluation("x", ("eval",))
     none_left = _fake_report("rdc eval", "dc", None, "linf", 0.3, [False] * 4)
@@ -706,4 +706,23 @@ def test_a_row_without_survivors_says_so_and_an_unfinished_follow_up_changes_not
         "ensemble; no survivors to follow up"
     some_left = _fake_report("rdc eval", "dc", None, "linf", 0.3, [True, False, True, False])
     assert table.follow_up_summary(args, [(row, ev, some_left)], {}) == {}
-    assert table.follow_up_summary(table.build_parser().parse_args([]), [(row, ev, some_left)], {}) == {}
+    assert table.follow_up_summary(table.parse_args([]), [(row, ev, some_left)], {}) == {}
+
+
+def test_the_budget_sets_the_attack_defaults_and_explicit_options_win(table):
+    full = table.parse_args([])
+    assert (full.steps, full.targets, full.square_queries, full.check_square_queries) == (100, 9, 5000, 1000)
+    reduced = table.parse_args(["--budget", "reduced"])
+    assert (reduced.steps, reduced.targets, reduced.square_queries, reduced.check_square_queries) == (20, 1, 100, 200)
+    mixed = table.parse_args(["--budget", "reduced", "--steps", "40", "--square-queries", "300"])
+    assert (mixed.steps, mixed.targets, mixed.square_queries) == (40, 1, 300)
+
+
+def test_a_dry_run_read_in_part_ends_quietly(tmp_path):
+    import subprocess
+
+    done = subprocess.run(f"{shlex.quote(sys.executable)} benchmarks/robustness_table.py --dry-run "
+                          f"--out-dir {shlex.quote(str(tmp_path))} | head -1", shell=True, cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.stdout.startswith("rdc eval ") and done.stdout.count("\n") == 1
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
