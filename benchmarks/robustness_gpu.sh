@@ -23,9 +23,12 @@
 # MNIST under RDC_DATA_ROOT first. By the H200 timings of 2026-12-04 (docs/results.md) the
 # RDC rows at l-inf 0.1 and l2 1.5 with their checks take about 11 minutes and the DC rows
 # with theirs about 2, so the whole protocol needs two or three calls.
+# FOLLOW_UP=1 then attacks every selected row's survivors again with the full ensemble (100
+# steps, 9 targets, Square 5000; `robustness_table.py --follow-up`): minutes for the DC rows
+# on an H200 (ROWS='dc-*'), hours for the RDC's.
 # Environment: MODEL (mnist-embedding), N, N_DC (N), N_RDC (N), CHECK_N, STEPS, JOBS, BATCH,
 # DEVICE, OUT_DIR, RESULTS, README (README.md), ROWS ('dc-*,rdc-*': shell patterns over the
-# row keys), PACK; DRY_RUN=1 prints the `rdc eval` commands and measures nothing.
+# row keys), FOLLOW_UP, PACK; DRY_RUN=1 prints the `rdc eval` commands and measures nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."  # relative paths (OUT_DIR, RESULTS, PACK) are taken from the repository root
 seconds="${1:-540}"
@@ -41,6 +44,9 @@ args=(--model "$model" --device "${DEVICE:-cuda}" --out-dir "$out_dir" --results
       --rows "${ROWS:-dc-*,rdc-*}" --n-row "dc-*=${N_DC:-${N:-100}},rdc-*=${N_RDC:-${N:-100}}"
       --budget reduced --steps "${STEPS:-20}"
       --check-n "${CHECK_N:-50}" --threads 1 --jobs "${JOBS:-8}" --batch-size "${BATCH:-25}")
+if [[ -n "${FOLLOW_UP:-}" ]]; then
+    args+=(--follow-up)
+fi
 if [[ -n "${DRY_RUN:-}" ]]; then
     exec python benchmarks/robustness_table.py "${args[@]}" --dry-run
 fi

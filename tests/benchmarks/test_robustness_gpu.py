@@ -61,6 +61,15 @@ def test_sizes_and_rows_come_from_the_environment(tmp_path):
     assert {a.steps for a in commands if a.attack == "ensemble"} == {10}
 
 
+def test_follow_up_on_request(tmp_path):
+    done = run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*", FOLLOW_UP="1")
+    assert done.returncode == 0, done.stderr
+    # nothing has finished in this folder, so there are no survivors to list yet
+    assert "# follow-ups: the ensemble on each row's survivors" in done.stdout
+    assert "--indices" not in done.stdout
+    assert "# follow-ups" not in run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*").stdout
+
+
 @pytest.mark.parametrize("seconds", ["0", "ten", "-5"])
 def test_a_time_limit_that_is_not_a_positive_whole_number_is_refused(tmp_path, seconds):
     done = run_script(seconds, OUT_DIR=str(tmp_path / "runs"), PACK=str(tmp_path / "p.tgz"))
