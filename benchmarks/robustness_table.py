@@ -747,7 +747,8 @@ def describe_attacks(row: dict[str, Any]) -> str:
     if not follow["n"]:
         return f"{text}; no survivors to follow up"
     then = describe_attacks({"attacks": follow["attacks"], "budget": follow["budget"]})
-    return f"{text}; then {then} on its {follow['n']} survivors, which broke {follow['broke']}"
+    survivors = f"{follow['n']} survivor{'s' if follow['n'] != 1 else ''}"
+    return f"{text}; then {then} on its {survivors}, which broke {follow['broke'] or 'none'}"
 
 
 def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: int) -> dict[str, Any] | None:
@@ -1040,7 +1041,9 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
     lines = [f"Robust accuracy of the current model `{model}` (sha256 `{model_digest[:12]}`{settings_note}; CNN `{cnn}`, "
              f"`{cnn_digest[:12]}`) on the first n MNIST test digits under `rdc eval --attack ensemble` "
              f"(APGD-CE, APGD-DLR, APGD-T, Square, transfer from the CNN). An RDC digit counts as robust only if it "
-             f"survives the ensemble with every gradient mode (exact, smooth, BPDA). 95% Wilson intervals. "
+             f"survives the ensemble with every gradient mode (exact, smooth, BPDA), and a digit of a row whose "
+             f"attacks name a follow-up only if it survives that too (the ensemble again, with a larger budget, "
+             f"on the row's survivors). 95% Wilson intervals. "
              f"Generated from [`{results_name}`]({results_name}), which holds each row's commands, by {regenerate}.",
              "",
              "| defense | threat model | n | clean | robust (95% CI) | attacks | masking checks | s / image | "
