@@ -561,20 +561,27 @@ def cmd_worst_case(args: argparse.Namespace) -> int:
     from .evaluate import run_label, worst_case_log, worst_case_report
     from .models import atomic_write_json
 
-    reports = []
-    for path in args.reports:
+    def read(path: str) -> dict:
         try:
-            reports.append(json.loads(Path(path).read_text()))
+            report = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise SystemExit(f"rdc: error: cannot read report {path}: {exc}") from None
-        if "per_example" not in reports[-1] or "settings" not in reports[-1]:
+        if not isinstance(report, dict) or "per_example" not in report or "settings" not in report:
             raise SystemExit(f"rdc: error: {path} is not an rdc eval attack report")
+        return report
+
+    reports = [read(path) for path in args.reports]
+    follow_ups = [read(path) for path in args.follow_up]
     try:
-        report = worst_case_report(reports, labels=[f"{Path(p).name} ({run_label(r)})"
-                                                    for p, r in zip(args.reports, reports)])
+        report = worst_case_report(
+            reports, labels=[f"{Path(p).name} ({run_label(r)})" for p, r in zip(args.reports, reports)],
+            follow_ups=follow_ups,
+            follow_up_labels=[f"{Path(p).name} ({run_label(r)}, follow-up)" for p, r in zip(args.follow_up, follow_ups)])
     except ValueError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
     report["reports"] = [str(p) for p in args.reports]
+    if follow_ups:
+        report["follow_ups"] = [str(p) for p in args.follow_up]
     print(worst_case_log(report), end="")
     if args.out:
         atomic_write_json(args.out, report)
@@ -880,7 +887,10 @@ def build_parser() -> argparse.ArgumentParser:
                        description="An example counts as robust only if every report left it robust (e.g. the "
                                    "exact, smooth and BPDA evaluations of the RDC). Taken over the examples all "
                                    "reports share.")
-    p.add_argument("reports", nargs="+", help="rdc eval --out JSON reports (two or more)")
+    p.add_argument("reports", nargs="+", help="rdc eval --out JSON reports (two or more, or one with --follow-up)")
+    p.add_argument("--follow-up", nargs="+", default=[], metavar="REPORT",
+                   help="reports of runs on some of the examples (e.g. rdc eval --indices on the survivors, with a "
+                        "larger budget): they count where they attacked and do not narrow the examples")
     p.add_argument("--out", default=None, help="write the combined JSON report here (atomically)")
     p.set_defaults(func=cmd_worst_case)
 

@@ -439,32 +439,41 @@ def with_follow_up(report: dict[str, Any], follow_up: dict[str, Any], label: str
     return merged
 
 
-def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = None) -> dict[str, Any]:
+def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = None,
+                      follow_ups: list[dict[str, Any]] | None = None,
+                      follow_up_labels: list[str] | None = None) -> dict[str, Any]:
     """Per-example worst case over several attack reports on the same model and threat model.
 
     An example counts as robust only if every run left it robust (docs/architecture.md,
     evaluation rules: exact and BPDA gradients, and here also ``smooth``, are each one
     attack of an adaptive evaluation).
     The runs may have different n: the worst case is taken over the examples all of them
-    attacked. Raises ``ValueError`` when the reports are not of one model, data split and
-    threat model.
+    attacked. ``follow_ups`` are runs on some of those examples (typically the survivors,
+    attacked again with a larger budget: ``rdc eval --indices``): they count where they
+    attacked and do not narrow the examples; their entries in ``runs`` have
+    ``follow_up: true`` and ``attacked`` (how many of the examples they attacked). Raises
+    ``ValueError`` when the reports are not of one model, data split and threat model.
     """
-    if len(reports) < 2:
+    follow_ups = follow_ups or []
+    if not reports or len(reports) + len(follow_ups) < 2:
         raise ValueError("the worst case needs at least two reports")
-    labels = labels or [run_label(r) for r in reports]
-    base, base_threat = reports[0], _same_measurement(reports, labels)
-    by_index = [{r.index: r for r in example_rows(rep)} for rep in reports]
-    common = sorted(set.intersection(*(set(d) for d in by_index)))
+    labels = list(labels or [run_label(r) for r in reports])
+    labels += follow_up_labels or [f"{run_label(r)} (follow-up)" for r in follow_ups]
+    every = list(reports) + list(follow_ups)
+    base, base_threat = reports[0], _same_measurement(every, labels)
+    by_index = [{r.index: r for r in example_rows(rep)} for rep in every]
+    common = sorted(set.intersection(*(set(d) for d in by_index[:len(reports)])))
     if not common:
         raise ValueError("the reports share no examples")
-    per_example, broken_by_run = [], [0] * len(reports)
-    only_by_run = [0] * len(reports)
+    per_example, broken_by_run = [], [0] * len(every)
+    only_by_run = [0] * len(every)
     for i in common:
-        rows = [d[i] for d in by_index]
+        present = [k for k, d in enumerate(by_index) if i in d]
+        rows = [by_index[k][i] for k in present]
         if len({r.label for r in rows}) != 1:
             raise ValueError(f"example {i} has different labels in the reports")
         clean = all(r.clean_correct for r in rows)
-        breakers = [k for k, r in enumerate(rows) if r.clean_correct and not r.robust_correct]
+        breakers = [k for k, r in zip(present, rows) if r.clean_correct and not r.robust_correct]
         for k in breakers:
             broken_by_run[k] += 1
         if len(breakers) == 1:
@@ -475,11 +484,15 @@ def worst_case_report(reports: list[dict[str, Any]], labels: list[str] | None = 
     n_clean = sum(e[2] for e in per_example)
     n_robust = sum(e[3] for e in per_example)
     runs = []
-    for k, (label, rep) in enumerate(zip(labels, reports)):
-        robust_here = sum(int(by_index[k][i].robust_correct) for i in common)
-        runs.append({"label": label, "command": rep["settings"].get("command"), "n": rep["n"],
-                     "robust_acc_on_common": robust_here / n, "broke": broken_by_run[k],
-                     "broke_alone": only_by_run[k]})
+    for k, (label, rep) in enumerate(zip(labels, every)):
+        attacked = [i for i in common if i in by_index[k]]
+        robust_here = sum(int(by_index[k][i].robust_correct) for i in attacked)
+        run = {"label": label, "command": rep["settings"].get("command"), "n": rep["n"],
+               "robust_acc_on_common": robust_here / max(1, len(attacked)), "broke": broken_by_run[k],
+               "broke_alone": only_by_run[k]}
+        if k >= len(reports):
+            run.update({"follow_up": True, "attacked": len(attacked)})
+        runs.append(run)
     norm, eps = base_threat
     return {"model": base["model"].get("name"), "dataset": base["settings"].get("dataset"),
             "split": base["settings"].get("split"), "norm": norm, "eps": eps, "n": n,
@@ -491,10 +504,12 @@ def worst_case_log(report: dict[str, Any]) -> str:
     """A readable summary of :func:`worst_case_report`."""
     lo, hi = report["robust_ci95"]
     lines = [f"model {report['model']}, {report['dataset']} {report['split']}, {report['norm']} eps {report['eps']:g}, "
-             f"first common n = {report['n']} examples",
+             f"common n = {report['n']} examples",
              f"clean accuracy: {100 * report['clean_acc']:.2f}%"]
     for run in report["runs"]:
-        lines.append(f"  {run['label']}: robust {100 * run['robust_acc_on_common']:.2f}% on these examples "
+        where = (f"on the {run['attacked']} of these examples it attacked" if run.get("follow_up")
+                 else "on these examples")
+        lines.append(f"  {run['label']}: robust {100 * run['robust_acc_on_common']:.2f}% {where} "
                      f"(broke {run['broke']}, {run['broke_alone']} that no other run broke; n = {run['n']} in its "
                      f"report)")
     lines.append(f"worst case per example: robust accuracy {100 * report['robust_acc']:.2f}% "

@@ -154,3 +154,44 @@ def test_a_follow_up_can_only_break_examples_the_report_left_robust():
         with_follow_up(base, _report("bpda", [[9, 1, 1, 0]]))
     with pytest.raises(ValueError, match="threat model"):
         with_follow_up(base, _report("bpda", [[0, 7, 1, 0]], eps=0.1))
+
+
+def test_follow_ups_count_where_they_attacked_and_do_not_narrow_the_worst_case(tmp_path, capsys):
+    import json
+
+    import pytest
+
+    from rdc_studio.core.cli import main
+    from rdc_studio.core.evaluate import worst_case_report
+
+    smooth = _report("smooth", [[0, 7, 1, 1], [1, 2, 1, 1], [2, 1, 1, 0], [3, 0, 1, 1]])
+    bpda = _report("bpda", [[0, 7, 1, 1], [1, 2, 1, 1], [2, 1, 1, 1], [3, 0, 1, 0]])
+    follow = _report("bpda", [[0, 7, 1, 0], [1, 2, 1, 1]], attack="ensemble")  # the survivors 0 and 1
+    w = worst_case_report([smooth, bpda], follow_ups=[follow])
+    assert w["n"] == 4 and w["robust_acc"] == 0.25 and [e[3] for e in w["per_example"]] == [0, 1, 0, 0]
+    assert w["per_example"][0][4] == ["rdc bpda ensemble (follow-up)"]
+    assert w["runs"][2] | {"command": None} == {"label": "rdc bpda ensemble (follow-up)", "command": None, "n": 2,
+                                                "robust_acc_on_common": 0.5, "broke": 1, "broke_alone": 1,
+                                                "follow_up": True, "attacked": 2}
+    # one report and its follow-up is a worst case too; the same answer as merging it into the report
+    from rdc_studio.core.evaluate import with_follow_up
+    alone = worst_case_report([bpda], follow_ups=[follow])
+    assert alone["robust_acc"] == with_follow_up(bpda, follow)["robust_acc"] == 0.5
+    with pytest.raises(ValueError, match="at least two"):
+        worst_case_report([], follow_ups=[follow, follow])
+    with pytest.raises(ValueError, match="threat model"):
+        worst_case_report([bpda], follow_ups=[_report("bpda", [[0, 7, 1, 0]], eps=0.1)])
+    # the command line
+    paths = []
+    for name, rep in (("smooth", smooth), ("bpda", bpda), ("follow", follow)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rep))
+    out = tmp_path / "w.json"
+    assert main(["worst-case", str(paths[0]), str(paths[1]), "--follow-up", str(paths[2]), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "follow.json (rdc bpda ensemble, follow-up): robust 50.00% on the 2 of these examples it attacked" in text
+    assert "worst case per example: robust accuracy 25.00%" in text
+    saved = json.loads(out.read_text())
+    assert saved["follow_ups"] == [str(paths[2])] and saved["robust_acc"] == 0.25
+    assert main(["worst-case", str(paths[1]), "--follow-up", str(paths[2])]) == 0
+    assert "robust accuracy 50.00%" in capsys.readouterr().out
