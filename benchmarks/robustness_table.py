@@ -910,6 +910,8 @@ def missing_rdc_rows(rows: list[Row], done: list[tuple[Row, Evaluation, dict[str
     return missing
 
 
+# the fields of a robustness.json row that a follow-up on its survivors changes
+FOLLOW_UP_FIGURES = ("robust", "ci95", "per_grad_mode", "follow_up")
 _DEFENSE_ORDER = list(RESULT_DEFENSES)
 _NORM_ORDER = list(NORM_LABELS)
 
@@ -930,7 +932,9 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
     """``existing`` rows with every row that has the :func:`result_key` of a ``measured`` row
     replaced by it, and the other ``measured`` rows added; sorted by model, defense (CNN, DC,
     RDC), norm and eps, so the file changes only where the numbers do. A measured row without
-    masking checks keeps those of the row it replaces (the same weights and settings)."""
+    masking checks keeps those of the row it replaces (the same weights and settings), and one
+    without a follow-up keeps the follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`)
+    of a row made by the same commands."""
     existing_by_key = {result_key(r): r for r in existing}
     incoming = {}
     for row in measured:
@@ -939,6 +943,10 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
         if row.get("masking_checks") is None and old is not None and old.get("masking_checks"):
             row = row | {"masking_checks": old["masking_checks"]}
+        # likewise a follow-up on the survivors of the very same evaluations (a run without
+        # --follow-up that re-reads them): its figures stand
+        if "follow_up" not in row and old is not None and "follow_up" in old and old["command"] == row["command"]:
+            row = row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old}
         incoming[result_key(row)] = row
     merged = [r for r in existing if result_key(r) not in incoming] + list(incoming.values())
     return sorted(merged, key=_result_order)

@@ -726,3 +726,15 @@ def test_a_dry_run_read_in_part_ends_quietly(tmp_path):
                           capture_output=True, text=True)
     assert done.stdout.startswith("rdc eval ") and done.stdout.count("\n") == 1
     assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr
+
+
+def test_a_run_without_follow_up_keeps_the_follow_up_of_the_same_evaluations(table):
+    sha = "a" * 64
+    followed = _result("rdc", "linf", 0.3, sha, robust=0.04, command=["x", "y", "z"], per_grad_mode={"bpda": 0.1},
+                       follow_up={"n": 4, "broke": 2})
+    plain = _result("rdc", "linf", 0.3, sha, robust=0.08, command=["x", "y", "z"], per_grad_mode={"bpda": 0.14})
+    [kept] = table.merge_results([followed], [plain])
+    assert (kept["robust"], kept["per_grad_mode"], kept["follow_up"]) == (0.04, {"bpda": 0.1}, {"n": 4, "broke": 2})
+    # other evaluations (e.g. a larger n) are a new measurement: the old follow-up does not apply
+    [fresh] = table.merge_results([followed], [plain | {"command": ["x2", "y2", "z2"], "n": 100}])
+    assert fresh["robust"] == 0.08 and "follow_up" not in fresh
