@@ -99,11 +99,11 @@ DEFENSES = {  # key: (--defense, --grad, label)
     "rdc-smooth": ("rdc", "smooth", "RDC (smooth gradients)"),
     "rdc-bpda": ("rdc", "bpda", "RDC (BPDA)"),
 }
-RDC_GRAD_MODES = ("exact", "smooth", "bpda")
+RDC_GRAD_MODES = ("exact", "smooth", "bpda")  # the RDC row: the worst case over these
 # --budget: the full ensemble, and the reduced one that fits the DC and RDC rows into CPU hours
 # or a GPU lease of minutes (it is recorded in every row and shown in the README table)
 BUDGETS = {"full": {"steps": 100, "targets": 9, "square_queries": 5000, "check_square_queries": 1000},
-           "reduced": {"steps": 20, "targets": 1, "square_queries": 100, "check_square_queries": 200}}  # the RDC row: the worst case over these
+           "reduced": {"steps": 20, "targets": 1, "square_queries": 100, "check_square_queries": 200}}
 RESULT_DEFENSES = {"cnn": "CNN", "dc": "DC", "rdc": "RDC (worst case over exact, smooth, BPDA)"}
 NORM_LABELS = {"linf": "l-inf", "l2": "l2"}
 ENSEMBLE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer")
@@ -747,8 +747,8 @@ def describe_attacks(row: dict[str, Any]) -> str:
     if not follow["n"]:
         return f"{text}; no survivors to follow up"
     then = describe_attacks({"attacks": follow["attacks"], "budget": follow["budget"]})
-    survivors = f"{follow['n']} survivor{'s' if follow['n'] != 1 else ''}"
-    return f"{text}; then {then} on its {survivors}, which broke {follow['broke'] or 'none'}"
+    attacked = f"{follow['n']} survivor{'s' if follow['n'] != 1 else ''}"
+    return f"{text}; then {then} on its {attacked}, which broke {follow['broke'] or 'none'}"
 
 
 def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: int) -> dict[str, Any] | None:
