@@ -347,6 +347,14 @@ def survivors(report: dict[str, Any]) -> list[int]:
     return [r.index for r in example_rows(report) if r.robust_correct]
 
 
+def row_survivors(parts: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[int]:
+    """The survivors of a result row made of ``parts``: one row's, or for the RDC's gradient
+    modes the examples that survived all of them."""
+    if len(parts) == 1:
+        return survivors(parts[0][2])
+    return survivors(worst_case_report([rep for _, _, rep in parts], labels=[r.grad for r, _, _ in parts]))
+
+
 def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int]) -> Evaluation:
     """The follow-up of ``row``: the ensemble with the ``--follow-up-*`` budget on ``indices``
     (the row's survivors). Its name holds the budget and a digest of the indices, so other
@@ -367,11 +375,8 @@ def follow_up_evaluations(args: argparse.Namespace,
     the threat model, each mode attacking them with its own gradients (no follow-up until all
     three finished)."""
     out = []
-    for row, _, report in done:
-        if row.defense != "rdc" and survivors(report):
-            out.append((row, follow_up_evaluation(args, row, survivors(report))))
-    for parts in rdc_threat_parts(done):
-        common = survivors(worst_case_report([rep for _, _, rep in parts], labels=list(RDC_GRAD_MODES)))
+    for parts in [[part] for part in done if part[0].defense != "rdc"] + rdc_threat_parts(done):
+        common = row_survivors(parts)
         if common:
             out += [(row, follow_up_evaluation(args, row, common)) for row, _, _ in parts]
     return out
@@ -873,8 +878,7 @@ def follow_up_summary(args: argparse.Namespace, parts: list[tuple[Row, Evaluatio
     commands (a list for the RDC) and seconds per attacked image (summed over the modes)."""
     if not getattr(args, "follow_up", False):
         return {}
-    before = (survivors(parts[0][2]) if len(parts) == 1 else
-              survivors(worst_case_report([rep for _, _, rep in parts], labels=[r.grad for r, _, _ in parts])))
+    before = row_survivors(parts)
     runs = [follow_ups[row.key] for row, _, _ in parts if row.key in follow_ups]
     budget = {"steps": args.follow_up_steps, "targets": args.follow_up_targets,
               "square_queries": args.follow_up_square_queries}
