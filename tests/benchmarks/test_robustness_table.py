@@ -738,3 +738,15 @@ def test_a_run_without_follow_up_keeps_the_follow_up_of_the_same_evaluations(tab
     # other evaluations (e.g. a larger n) are a new measurement: the old follow-up does not apply
     [fresh] = table.merge_results([followed], [plain | {"command": ["x2", "y2", "z2"], "n": 100}])
     assert fresh["robust"] == 0.08 and "follow_up" not in fresh
+
+
+def test_a_re_read_of_the_same_evaluations_keeps_the_row_date(table):
+    sha = "a" * 64
+    old = _result("dc", "l2", 1.5, sha, command="rdc eval x", date="2026-12-04")
+    [reread] = table.merge_results([old], [old | {"date": "2026-12-05", "masking_checks": {"passed": True}}])
+    assert reread["date"] == "2026-12-04" and reread["masking_checks"] == {"passed": True}
+    # other commands measured something new, and so did a follow-up the old row lacked
+    [new] = table.merge_results([old], [old | {"date": "2026-12-05", "command": "rdc eval y"}])
+    assert new["date"] == "2026-12-05"
+    [followed] = table.merge_results([old], [old | {"date": "2026-12-05", "follow_up": {"n": 2, "broke": 1}}])
+    assert followed["date"] == "2026-12-05"

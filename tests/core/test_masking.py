@@ -86,8 +86,22 @@ def test_more_iterations_pass_and_fail():
     lo, hi = bad.values["change_ci95"]
     assert -0.1 < lo < -0.03 < 0 < hi < 0.02  # three examples broken by the longer attack, none recovered
     assert "-3.0 points" in bad.summary
+    assert bad.values["lowered"] and not bad.values["raised"] and "not converged" in bad.summary
     # exactly one point is not "less than one point"
     assert not check_more_iterations(short, report(flags(49, n=100), steps=200)).passed
+
+
+def test_more_iterations_tolerates_a_rise_within_noise_but_not_beyond():
+    short = report(flags(50, n=100), steps=20)
+    # three examples more robust with the longer attack (a different step-size schedule): the
+    # paired interval still reaches below zero, and the shorter attack's figure is the lower one
+    noise = check_more_iterations(short, report(flags(53, n=100), steps=40))
+    assert noise.passed and noise.values["change"] == pytest.approx(0.03)
+    assert noise.values["change_ci95"][0] < 0 and "a rise within noise" in noise.summary
+    # eight more and none fewer: the longer attack is reliably weaker, the gradients unreliable
+    weaker = check_more_iterations(short, report(flags(58, n=100), steps=40))
+    assert not weaker.passed and weaker.values["raised"] and not weaker.values["lowered"]
+    assert weaker.values["change_ci95"][0] > 0 and "unreliable gradients" in weaker.summary
 
 
 def test_paired_difference_ci():
