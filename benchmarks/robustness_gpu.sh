@@ -25,7 +25,8 @@
 # with theirs about 2, so the whole protocol needs two or three calls.
 # FOLLOW_UP=1 then attacks every selected row's survivors again with the full ensemble (100
 # steps, 9 targets, Square 5000; `robustness_table.py --follow-up`): minutes for the DC rows
-# on an H200 (ROWS='dc-*'), hours for the RDC's.
+# on an H200 (ROWS='dc-*'), hours for the RDC's. FOLLOW_UP=STEPS/TARGETS/QUERIES,... runs the
+# follow-up in stages instead, each on what the ones before it left.
 # Environment: MODEL (mnist-embedding), N, N_DC (N), N_RDC (N), CHECK_N, STEPS, JOBS, BATCH,
 # DEVICE, OUT_DIR, RESULTS, README (README.md), ROWS ('dc-*,rdc-*': shell patterns over the
 # row keys), FOLLOW_UP, PACK; DRY_RUN=1 prints the `rdc eval` commands and measures nothing.
@@ -44,8 +45,10 @@ args=(--model "$model" --device "${DEVICE:-cuda}" --out-dir "$out_dir" --results
       --rows "${ROWS:-dc-*,rdc-*}" --n-row "dc-*=${N_DC:-${N:-100}},rdc-*=${N_RDC:-${N:-100}}"
       --budget reduced --steps "${STEPS:-20}"
       --check-n "${CHECK_N:-50}" --threads 1 --jobs "${JOBS:-8}" --batch-size "${BATCH:-25}")
-if [[ -n "${FOLLOW_UP:-}" ]]; then
+if [[ "${FOLLOW_UP:-}" == 1 ]]; then
     args+=(--follow-up)
+elif [[ -n "${FOLLOW_UP:-}" ]]; then  # stages, e.g. FOLLOW_UP=100/3/1000,100/9/5000
+    args+=(--follow-up "$FOLLOW_UP")
 fi
 if [[ -n "${DRY_RUN:-}" ]]; then
     exec python benchmarks/robustness_table.py "${args[@]}" --dry-run

@@ -47,7 +47,10 @@ AutoAttack, an example then counts as robust only if both runs left it robust
 (:func:`core.evaluate.with_follow_up`): robustness.json's ``robust`` and ``ci95`` say so, and
 the row gets ``follow_up`` (the survivors attacked, the budget, how many it broke, its
 commands and seconds per attacked image); table.md lists the follow-ups. A follow-up's file
-stem holds its budget and a digest of its indices.
+stem holds its budget and a digest of its indices. ``--follow-up 100/3/1000,100/9/5000`` runs
+it in stages (STEPS/TARGETS/QUERIES each): a stage attacks the examples every earlier one left,
+once all of them finished, and the row's ``follow_up`` holds the next stage under ``then``. A
+later run with fewer stages (or none) that re-reads the same evaluations keeps the longer chain.
 
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
 -->`` and ``<!-- robustness-table:end -->``) from ``--results`` alone, showing the rows of
@@ -66,6 +69,7 @@ RDC gradient modes of one threat model (they take no gradient of the defense).
     python benchmarks/robustness_table.py --dry-run          # print the commands only
     python benchmarks/robustness_table.py --rows 'cnn-*,dc-linf-*' --n-row 'dc-linf-0.3=50' --no-checks
     python benchmarks/robustness_table.py --rows '*-linf-0.3' --follow-up   # survivors again, full budget
+    python benchmarks/robustness_table.py --rows '*-linf-0.3' --follow-up 100/3/1000,100/9/5000  # in stages
     python benchmarks/robustness_table.py --readme          # README table from robustness.json
 """
 from __future__ import annotations
@@ -140,6 +144,37 @@ class Row:
 
 
 @dataclass(frozen=True)
+class FollowUpBudget:
+    """The ensemble budget of one follow-up stage."""
+
+    steps: int
+    targets: int
+    square_queries: int
+
+    @property
+    def tag(self) -> str:
+        """The budget in a file stem, e.g. ``s100t9q5000``."""
+        return f"s{self.steps}t{self.targets}q{self.square_queries}"
+
+    def as_dict(self) -> dict[str, int]:
+        return {"steps": self.steps, "targets": self.targets, "square_queries": self.square_queries}
+
+
+def parse_follow_up(text: str) -> list[FollowUpBudget]:
+    """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (e.g. ``100/3/1000,100/9/5000``)."""
+    stages = []
+    for part in _split_list(text):
+        fields = part.split("/")
+        if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
+            raise ValueError(f"a follow-up stage is STEPS/TARGETS/QUERIES with three positive whole numbers, "
+                             f"not {part!r}")
+        stages.append(FollowUpBudget(*map(int, fields)))
+    if not stages:
+        raise ValueError("--follow-up needs at least one STEPS/TARGETS/QUERIES stage")
+    return stages
+
+
+@dataclass(frozen=True)
 class Evaluation:
     """One ``rdc eval`` run: its file stem in the out dir and its arguments (without ``rdc``)."""
 
@@ -150,6 +185,10 @@ class Evaluation:
     def command(self) -> str:
         """The command line exactly as ``rdc eval`` records it in its report."""
         return "rdc " + " ".join(shlex.quote(a) for a in self.argv)
+
+
+# per evaluation row key, its finished follow-up stages in order: (evaluation, report)
+FollowUps = dict[str, list[tuple[Evaluation, dict[str, Any]]]]
 
 
 def _slug(eps: str) -> str:
@@ -356,30 +395,57 @@ def row_survivors(parts: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[i
     return survivors(worst_case_report([rep for _, _, rep in parts], labels=[r.grad for r, _, _ in parts]))
 
 
-def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int]) -> Evaluation:
-    """The follow-up of ``row``: the ensemble with the ``--follow-up-*`` budget on ``indices``
-    (the row's survivors). Its name holds the budget and a digest of the indices, so other
-    survivors never resume its state."""
+def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int],
+                         budget: FollowUpBudget) -> Evaluation:
+    """A follow-up of ``row``: the ensemble with ``budget`` on ``indices`` (the row's survivors).
+    Its name holds the budget and a digest of the indices, so other survivors never resume its
+    state."""
     spelled = format_indices(indices)
     digest = hashlib.sha256(spelled.encode()).hexdigest()[:6]
-    budget = f"s{args.follow_up_steps}t{args.follow_up_targets}q{args.follow_up_square_queries}"
-    stem = f"{row.key}-n{row.n}-followup-{budget}-i{digest}{model_tag(args, row, 'ensemble')}"
-    return Evaluation(stem, eval_argv(args, row, "ensemble", row.eps, row.n, args.follow_up_steps, stem,
-                                      args.follow_up_square_queries, targets=args.follow_up_targets,
-                                      indices=spelled))
+    stem = f"{row.key}-n{row.n}-followup-{budget.tag}-i{digest}{model_tag(args, row, 'ensemble')}"
+    return Evaluation(stem, eval_argv(args, row, "ensemble", row.eps, row.n, budget.steps, stem,
+                                      budget.square_queries, targets=budget.targets, indices=spelled))
 
 
-def follow_up_evaluations(args: argparse.Namespace,
-                          done: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[tuple[Row, Evaluation]]:
-    """The follow-up evaluations of the finished rows ``done`` that have survivors: a CNN or DC
-    row's own survivors; for the RDC, the examples that survived all three gradient modes of
-    the threat model, each mode attacking them with its own gradients (no follow-up until all
-    three finished)."""
+def result_parts(done: list[tuple[Row, Evaluation, dict[str, Any]]]
+                 ) -> list[list[tuple[Row, Evaluation, dict[str, Any]]]]:
+    """The evaluation rows of each robustness.json row ``done`` makes: a CNN or DC row alone, the
+    three gradient modes of an RDC threat model together (:func:`rdc_threat_parts`)."""
+    return [[part] for part in done if part[0].defense != "rdc"] + rdc_threat_parts(done)
+
+
+def finished_stages(parts: list[tuple[Row, Evaluation, dict[str, Any]]], follow_ups: FollowUps) -> int:
+    """How many follow-up stages every evaluation row of ``parts`` has finished (a mode's
+    follow-up alone is not the RDC row's)."""
+    return min(len(follow_ups.get(row.key, [])) for row, _, _ in parts)
+
+
+def after_follow_ups(parts: list[tuple[Row, Evaluation, dict[str, Any]]], follow_ups: FollowUps,
+                     stages: int) -> list[tuple[Row, Evaluation, dict[str, Any]]]:
+    """``parts`` with each report merged with its first ``stages`` follow-ups
+    (:func:`core.evaluate.with_follow_up`: an example stays robust only if every one left it robust)."""
+    merged = []
+    for row, ev, report in parts:
+        for _, follow_up in follow_ups.get(row.key, [])[:stages]:
+            report = with_follow_up(report, follow_up)
+        merged.append((row, ev, report))
+    return merged
+
+
+def follow_up_evaluations(args: argparse.Namespace, done: list[tuple[Row, Evaluation, dict[str, Any]]],
+                          follow_ups: FollowUps | None = None, stage: int = 0) -> list[tuple[Row, Evaluation]]:
+    """The evaluations of follow-up ``stage`` (0: the first of ``args.follow_up``) for the
+    finished rows ``done`` whose earlier stages all finished (``follow_ups``) and left survivors:
+    a CNN or DC row's own survivors; for the RDC, the examples that survived all three gradient
+    modes of the threat model, each mode attacking them with its own gradients."""
+    follow_ups = follow_ups or {}
     out = []
-    for parts in [[part] for part in done if part[0].defense != "rdc"] + rdc_threat_parts(done):
-        common = row_survivors(parts)
+    for parts in result_parts(done):
+        if finished_stages(parts, follow_ups) != stage:
+            continue
+        common = row_survivors(after_follow_ups(parts, follow_ups, stage))
         if common:
-            out += [(row, follow_up_evaluation(args, row, common)) for row, _, _ in parts]
+            out += [(row, follow_up_evaluation(args, row, common, args.follow_up[stage])) for row, _, _ in parts]
     return out
 
 
@@ -748,13 +814,14 @@ def describe_attacks(row: dict[str, Any]) -> str:
     name = "ensemble" if list(row["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(row["attacks"])
     text = f"{name} ({', '.join(parts)})" if parts else name
     follow = row.get("follow_up")
-    if follow is None:
-        return text
-    if not follow["n"]:
+    if follow is not None and not follow["n"]:
         return f"{text}; no survivors to follow up"
-    then = describe_attacks({"attacks": follow["attacks"], "budget": follow["budget"]})
-    attacked = f"{follow['n']} survivor{'s' if follow['n'] != 1 else ''}"
-    return f"{text}; then {then} on its {attacked}, which broke {follow['broke'] or 'none'}"
+    while follow is not None:  # each stage attacked the survivors of the ones before it
+        then = describe_attacks({"attacks": follow["attacks"], "budget": follow["budget"]})
+        attacked = f"{follow['n']} survivor{'s' if follow['n'] != 1 else ''}"
+        text += f"; then {then} on its {attacked}, which broke {follow['broke'] or 'none'}"
+        follow = follow.get("then")
+    return text
 
 
 def masking_summary(checks: list[dict[str, Any]], row_keys: list[str], check_n: int) -> dict[str, Any] | None:
@@ -841,60 +908,63 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
 
 
 def result_rows(args: argparse.Namespace, done: list[tuple[Row, Evaluation, dict[str, Any]]],
-                checks: list[dict[str, Any]],
-                follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]] | None = None) -> list[dict[str, Any]]:
+                checks: list[dict[str, Any]], follow_ups: FollowUps | None = None) -> list[dict[str, Any]]:
     """The robustness.json rows of this run's finished evaluations: one per CNN and DC
     evaluation, and one RDC worst-case row per threat model whose three gradient modes
     (:data:`RDC_GRAD_MODES`) all finished. ``follow_ups`` maps row keys to their finished
-    follow-up (evaluation, report): a row's figures then count an example robust only if the
-    follow-up left it robust too (:func:`core.evaluate.with_follow_up`), and the row gets a
-    ``follow_up`` entry (:func:`follow_up_summary`). ``args`` needs ``model_sha256``,
-    ``cnn_sha256`` and ``settings_sha256`` (:func:`add_model_digests`)."""
+    follow-up stages: a row's figures then count an example robust only if every stage that
+    finished for all its evaluation rows left it robust too
+    (:func:`core.evaluate.with_follow_up`), and the row gets a ``follow_up`` entry
+    (:func:`follow_up_summary`). ``args`` needs ``model_sha256``, ``cnn_sha256`` and
+    ``settings_sha256`` (:func:`add_model_digests`)."""
     follow_ups = follow_ups or {}
     out = []
-    for row, ev, report in done:
-        if row.defense == "rdc":
-            continue
-        merged = with_follow_up(report, follow_ups[row.key][1]) if row.key in follow_ups else report
+    for parts in result_parts(done):
+        merged = after_follow_ups(parts, follow_ups, finished_stages(parts, follow_ups))
+        row, ev, report = merged[0]
         if row.defense == "cnn":
-            result = single_result_row(row, ev, merged, args.cnn, args.cnn_sha256, checks, args.check_n)
-        else:
-            result = single_result_row(row, ev, merged, args.model, args.model_sha256, checks, args.check_n,
+            result = single_result_row(row, ev, report, args.cnn, args.cnn_sha256, checks, args.check_n)
+        elif row.defense == "dc":
+            result = single_result_row(row, ev, report, args.model, args.model_sha256, checks, args.check_n,
                                        args.settings_sha256)
-        out.append(result | follow_up_summary(args, [(row, ev, report)], follow_ups))
-    for parts in rdc_threat_parts(done):
-        complete = all(row.key in follow_ups for row, _, _ in parts)  # a mode's follow-up alone is not the row's
-        merged = [(row, ev, with_follow_up(rep, follow_ups[row.key][1]) if complete else rep)
-                  for row, ev, rep in parts]
-        result = rdc_result_row(merged, args.model, args.model_sha256, checks, args.check_n, args.settings_sha256)
+        else:
+            result = rdc_result_row(merged, args.model, args.model_sha256, checks, args.check_n,
+                                    args.settings_sha256)
         out.append(result | follow_up_summary(args, parts, follow_ups))
     return out
 
 
 def follow_up_summary(args: argparse.Namespace, parts: list[tuple[Row, Evaluation, dict[str, Any]]],
-                      follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]]) -> dict[str, Any]:
+                      follow_ups: FollowUps, stage: int = 0) -> dict[str, Any]:
     """``{"follow_up": ...}`` for a result row made of ``parts`` (one row, or the RDC's three
-    gradient modes) when this run has ``--follow-up``, else ``{}``: the survivors attacked
-    (``n``, ``indices``), the follow-up's attacks and budget, how many of them it broke, its
-    commands (a list for the RDC) and seconds per attacked image (summed over the modes)."""
-    if not getattr(args, "follow_up", False):
+    gradient modes) when this run has ``--follow-up``, else ``{}``: the survivors follow-up
+    ``stage`` attacked (``n``, ``indices``), its attacks and budget, how many of them it broke,
+    its commands (a list for the RDC) and seconds per attacked image (summed over the modes),
+    and under ``then`` the next stage's entry once it has finished. ``{}`` while the first stage
+    has not finished: the row stands as measured."""
+    if stage >= len(getattr(args, "follow_up", None) or []):
         return {}
-    before = row_survivors(parts)
-    runs = [follow_ups[row.key] for row, _, _ in parts if row.key in follow_ups]
-    budget = {"steps": args.follow_up_steps, "targets": args.follow_up_targets,
-              "square_queries": args.follow_up_square_queries}
+    before = row_survivors(after_follow_ups(parts, follow_ups, stage))
     if not before:
-        return {"follow_up": {"n": 0, "indices": "", "budget": budget, "broke": 0, "command": None}}
-    if len(runs) != len(parts):
-        return {}  # not finished: the row stands as measured
+        if stage:  # an earlier stage broke them all: nothing followed
+            return {}
+        return {"follow_up": {"n": 0, "indices": "", "budget": args.follow_up[0].as_dict(), "broke": 0,
+                              "command": None}}
+    if finished_stages(parts, follow_ups) <= stage:
+        return {}
+    runs = [follow_ups[row.key][stage] for row, _, _ in parts]
     broken = set()
     for _, rep in runs:
         broken |= {r.index for r in example_rows(rep) if r.clean_correct and not r.robust_correct}
     commands = [made_by(ev, rep) for ev, rep in runs]
-    return {"follow_up": {"n": len(before), "indices": format_indices(before), "attacks": report_attacks(runs[0][1]),
-                          "budget": report_budget(runs[0][1]), "broke": len(broken & set(before)),
-                          "command": commands[0] if len(parts) == 1 else commands,
-                          "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, rep in runs)}}
+    entry = {"n": len(before), "indices": format_indices(before), "attacks": report_attacks(runs[0][1]),
+             "budget": report_budget(runs[0][1]), "broke": len(broken & set(before)),
+             "command": commands[0] if len(parts) == 1 else commands,
+             "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, rep in runs)}
+    then = follow_up_summary(args, parts, follow_ups, stage + 1)
+    if then:
+        entry["then"] = then["follow_up"]
+    return {"follow_up": entry}
 
 
 def missing_rdc_rows(rows: list[Row], done: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[str]:
@@ -933,13 +1003,29 @@ def _result_order(row: dict[str, Any]) -> tuple:
     return (row.get("model", ""), row["model_sha256"], defense, norm, float(row["eps"]))
 
 
+def follow_up_stages(follow_up: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A robustness.json ``follow_up`` entry as its list of stages (each without ``then``)."""
+    stages = []
+    while follow_up is not None:
+        stages.append({k: v for k, v in follow_up.items() if k != "then"})
+        follow_up = follow_up.get("then")
+    return stages
+
+
+def extends_follow_up(old: dict[str, Any] | None, new: dict[str, Any] | None) -> bool:
+    """Whether the follow-up chain ``old`` has more stages than ``new`` and begins with it."""
+    old_stages, new_stages = follow_up_stages(old), follow_up_stages(new)
+    return len(old_stages) > len(new_stages) and old_stages[:len(new_stages)] == new_stages
+
+
 def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``existing`` rows with every row that has the :func:`result_key` of a ``measured`` row
     replaced by it, and the other ``measured`` rows added; sorted by model, defense (CNN, DC,
     RDC), norm and eps, so the file changes only where the numbers do. A measured row without
     masking checks keeps those of the row it replaces (the same weights and settings), and one
-    without a follow-up keeps the follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`)
-    of a row made by the same commands. A row made by the same commands keeps its date."""
+    whose follow-up stages (none, or fewer) begin those of a row made by the same commands keeps
+    that row's follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`). A row made by the
+    same commands (and follow-ups) keeps its date."""
     existing_by_key = {result_key(r): r for r in existing}
     incoming = {}
     for row in measured:
@@ -948,9 +1034,10 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
         if row.get("masking_checks") is None and old is not None and old.get("masking_checks"):
             row = row | {"masking_checks": old["masking_checks"]}
-        # likewise a follow-up on the survivors of the very same evaluations (a run without
-        # --follow-up that re-reads them): its figures stand
-        if "follow_up" not in row and old is not None and "follow_up" in old and old["command"] == row["command"]:
+        # likewise follow-ups on the survivors of the very same evaluations that this run did not
+        # repeat (a run without --follow-up, or with fewer stages, that re-reads them): they stand
+        if (old is not None and old["command"] == row["command"]
+                and extends_follow_up(old.get("follow_up"), row.get("follow_up"))):
             row = row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old}
         # a re-read of the same evaluations (and follow-up) measured nothing new: its date stands
         if (old is not None and "date" in old and old["command"] == row["command"]
@@ -1133,16 +1220,18 @@ def update_readme(readme: str | Path, results: str | Path, model: str = DEFAULT_
     return True
 
 
-def follow_up_table(follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]]) -> list[dict[str, Any]]:
-    """table.json's ``follow_ups``: per evaluation row with a finished follow-up, the survivors it
-    attacked, what it broke and its command."""
+def follow_up_table(follow_ups: FollowUps) -> list[dict[str, Any]]:
+    """table.json's ``follow_ups``: per evaluation row and finished follow-up stage (1, 2, ...),
+    the survivors it attacked, what it broke and its command."""
     out = []
-    for key, (ev, report) in follow_ups.items():
-        rows = example_rows(report)
-        out.append({"row": key, "indices": format_indices(r.index for r in rows), "n": len(rows),
-                    "broken": [r.index for r in rows if r.clean_correct and not r.robust_correct],
-                    "budget": report_budget(report), "seconds_per_image": report["table_timing"]["seconds_per_image"],
-                    "command": made_by(ev, report)})
+    for key, stages in follow_ups.items():
+        for stage, (ev, report) in enumerate(stages, 1):
+            rows = example_rows(report)
+            out.append({"row": key, "stage": stage, "indices": format_indices(r.index for r in rows), "n": len(rows),
+                        "broken": [r.index for r in rows if r.clean_correct and not r.robust_correct],
+                        "budget": report_budget(report),
+                        "seconds_per_image": report["table_timing"]["seconds_per_image"],
+                        "command": made_by(ev, report)})
     return out
 
 
@@ -1192,13 +1281,14 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
     if follow:
         lines += ["", "## Follow-up on the survivors", "",
                   "The ensemble again, with a larger budget, on the examples each row left robust (for the RDC: "
-                  "those that survived all three gradient modes). robustness.json counts an example robust only "
-                  "if the follow-up left it robust too.", "",
+                  "those that survived all three gradient modes); a later stage attacks those every earlier one "
+                  "left. robustness.json counts an example robust only if every follow-up left it robust too.", "",
                   "| Row | Survivors attacked | Budget | Broken | s / image |", "|---|---|---|---|---|"]
         for f in follow:
             budget = describe_attacks({"attacks": list(ENSEMBLE_ORDER), "budget": f["budget"]})
             broken = ", ".join(map(str, f["broken"])) or "none"
-            lines.append(f"| {f['row']} | {f['n']} ({f['indices']}) | {budget} | {broken} | "
+            row = f["row"] if f.get("stage", 1) == 1 else f"{f['row']}, stage {f['stage']}"
+            lines.append(f"| {row} | {f['n']} ({f['indices']}) | {budget} | {broken} | "
                          f"{f['seconds_per_image']:.2f} |")
     if checks:
         lines += ["", "## Gradient-masking checks", "",
@@ -1261,13 +1351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=int, default=1,
                    help="evaluations run at once, each an rdc eval subprocess (e.g. several on one GPU)")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--follow-up", action="store_true",
+    p.add_argument("--follow-up", nargs="?", const="", default=None, metavar="STEPS/TARGETS/QUERIES,...",
                    help="attack the survivors of every finished row again (for the RDC: the examples that survived "
                         "all three gradient modes, attacked with each) with the ensemble and the --follow-up-* "
-                        "budget; the row then counts an example robust only if both left it robust")
-    p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of the follow-up")
-    p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of the follow-up")
-    p.add_argument("--follow-up-square-queries", type=int, default=5000, help="Square queries of the follow-up")
+                        "budget, or in stages with the budgets given (e.g. 100/3/1000,100/9/5000: each stage "
+                        "attacks what the ones before it left); the row then counts an example robust only if "
+                        "every run left it robust")
+    p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of a one-stage follow-up")
+    p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of a one-stage follow-up")
+    p.add_argument("--follow-up-square-queries", type=int, default=5000,
+                   help="Square queries of a one-stage follow-up")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="run the gradient-masking checks")
     p.add_argument("--check-rows", default="*", help="shell patterns: the rows (of --rows) that get the checks")
@@ -1290,11 +1383,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    """The parsed options, with the attack budget's defaults filled in from ``--budget``."""
-    args = build_parser().parse_args(argv)
+    """The parsed options, with the attack budget's defaults filled in from ``--budget`` and
+    ``follow_up`` the list of follow-up stages (:class:`FollowUpBudget`; empty without
+    ``--follow-up``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     for key, value in BUDGETS[args.budget].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.follow_up is None:
+        args.follow_up = []
+    elif args.follow_up == "":
+        args.follow_up = [FollowUpBudget(args.follow_up_steps, args.follow_up_targets, args.follow_up_square_queries)]
+    else:
+        try:
+            args.follow_up = parse_follow_up(args.follow_up)
+        except ValueError as exc:
+            parser.error(str(exc))
     return args
 
 
@@ -1323,11 +1428,16 @@ def main(argv: list[str] | None = None) -> int:
         for _, ev in row_evs:
             print(ev.command)
         if args.follow_up:
-            print("# follow-ups: the ensemble on each row's survivors, once its report exists")
+            print("# follow-ups: the ensemble on each row's survivors, once its report (and the earlier "
+                  "stages') exists")
             finished = [(row, ev, rep) for row, ev in row_evs
                         if (rep := _existing_report(ev, out_dir)) is not None]
-            for _, ev in follow_up_evaluations(args, finished):
-                print(ev.command)
+            known: FollowUps = {}
+            for stage in range(len(args.follow_up)):
+                for row, ev in follow_up_evaluations(args, finished, known, stage):
+                    print(ev.command)
+                    if (rep := _existing_report(ev, out_dir)) is not None:
+                        known.setdefault(row.key, []).append((ev, rep))
         if check_evs:
             print("# gradient-masking checks")
             printed: set[str] = set()
@@ -1345,16 +1455,14 @@ def main(argv: list[str] | None = None) -> int:
             "checks": bool(args.checks), "check_n": args.check_n, "check_steps": args.check_steps or args.steps,
             "check_square_queries": args.check_square_queries, "large_eps_linf": args.large_eps_linf,
             "large_eps_l2": args.large_eps_l2, "large_eps_max_acc": args.large_eps_max_acc,
-            "max_change": args.max_change, "follow_up": bool(args.follow_up)}
-    if args.follow_up:
-        meta.update({"follow_up_steps": args.follow_up_steps, "follow_up_targets": args.follow_up_targets,
-                     "follow_up_square_queries": args.follow_up_square_queries})
+            "max_change": args.max_change, "follow_up": bool(args.follow_up),
+            "follow_up_stages": [budget.as_dict() for budget in args.follow_up]}
     summaries: list[dict[str, Any]] = []
     reports: dict[str, dict[str, Any]] = {}
     done: list[tuple[Row, Evaluation, dict[str, Any]]] = []
     checks: list[dict[str, Any]] = []
     results: list[CheckResult] = []
-    follow_ups: dict[str, tuple[Evaluation, dict[str, Any]]] = {}
+    follow_ups: FollowUps = {}
 
     def write() -> None:
         meta["all_checks_passed"] = all_passed(results)
@@ -1377,13 +1485,13 @@ def main(argv: list[str] | None = None) -> int:
         done.append((row, ev, reports[row.key]))
         summaries.append(row_summary(row, ev, reports[row.key], out_dir))
         write()
-    if args.follow_up:
-        follow_evs = follow_up_evaluations(args, done)
+    for stage in range(len(args.follow_up)):  # each stage attacks what the earlier ones left
+        follow_evs = follow_up_evaluations(args, done, follow_ups, stage)
         if args.jobs > 1:
             failed |= run_concurrently([ev for _, ev in follow_evs], out_dir, args.jobs)
         for row, ev in follow_evs:
             if ev.name not in failed:
-                follow_ups[row.key] = (ev, run_evaluation(ev, out_dir))
+                follow_ups.setdefault(row.key, []).append((ev, run_evaluation(ev, out_dir)))
                 write()
     for row, evs in check_evs:
         if any(ev.name in failed for ev in evs.values()):

@@ -68,6 +68,10 @@ def test_follow_up_on_request(tmp_path):
     assert "# follow-ups: the ensemble on each row's survivors" in done.stdout
     assert "--indices" not in done.stdout
     assert "# follow-ups" not in run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*").stdout
+    staged = run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*", FOLLOW_UP="100/3/1000,100/9/5000")
+    assert staged.returncode == 0 and "# follow-ups" in staged.stdout
+    bad = run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*", FOLLOW_UP="100/3")
+    assert bad.returncode == 2 and "STEPS/TARGETS/QUERIES" in bad.stderr
 
 
 @pytest.mark.parametrize("seconds", ["0", "ten", "-5"])

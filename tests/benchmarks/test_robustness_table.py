@@ -647,13 +647,15 @@ def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
     assert table.grow_from_smaller_run(evaluation(2, eps="2"), out_dir) is None
 
 
-def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, dict], broken: dict[str, set[int]]):
-    """Put a fake follow-up report for every follow-up the script would run into ``out_dir``:
-    the examples in ``broken[row key]`` are broken, the other survivors survive."""
+def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, dict], broken: dict[str, set[int]],
+                    stage: int = 0, earlier: dict[str, list] | None = None):
+    """Put a fake report for every evaluation of follow-up ``stage`` the script would run into
+    ``out_dir`` (``earlier``: the stages before it, by row key): the examples in ``broken[row
+    key]`` are broken, the other survivors survive."""
     args = table.add_model_digests(table.parse_args(argv))
     done = [(row, table.row_evaluation(args, row), reports[row.key]) for row in table.build_rows(args)]
     made = {}
-    for row, ev in table.follow_up_evaluations(args, done):
+    for row, ev in table.follow_up_evaluations(args, done, earlier or {}, stage):
         indices = parse_indices(dict(zip(ev.argv, ev.argv[1:]))["--indices"])
         report = _fake_report(ev.command, row.defense, row.grad, row.norm, table.parse_fraction(row.eps),
                               [i not in broken.get(row.key, set()) for i in range(max(indices) + 1)],
@@ -750,3 +752,61 @@ def test_a_re_read_of_the_same_evaluations_keeps_the_row_date(table):
     assert new["date"] == "2026-12-05"
     [followed] = table.merge_results([old], [old | {"date": "2026-12-05", "follow_up": {"n": 2, "broke": 1}}])
     assert followed["date"] == "2026-12-05"
+
+
+def test_follow_up_stages_each_attack_what_the_earlier_ones_left(table, tmp_path, no_attacks, capsys):
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    base = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.1,rdc-*-linf-0.1",
+            "--n-dc", "6", "--n-rdc", "6", "--no-checks"]
+    argv = base + ["--follow-up", "100/3/1000,100/9/5000"]
+    reports = _write_fake_reports(table, argv, out_dir)
+    # the DC row left 0 and 3 robust; the RDC's worst case 0 and 5 (OUTCOMES). Stage 1 breaks DC 3 and
+    # nothing of the RDC's; stage 2 then attacks DC 0 and RDC 0 and 5, and the smooth mode breaks 0
+    first = _fake_follow_up(table, argv, out_dir, reports, {"dc-linf-0.1": {3}})
+    capsys.readouterr()
+    assert table.main(argv + ["--dry-run"]) == 0
+    follow_lines = capsys.readouterr().out.split("# follow-ups")[1].splitlines()[1:]
+    assert [(line.split("--indices ")[1].split()[0], line.split("-followup-")[1].split("-")[0])
+            for line in follow_lines] == [("0,3", "s100t3q1000")] + [("0,5", "s100t3q1000")] * 3 + \
+        [("0", "s100t9q5000")] + [("0,5", "s100t9q5000")] * 3
+    second = _fake_follow_up(table, argv, out_dir, reports, {"rdc-smooth-linf-0.1": {0}}, stage=1,
+                             earlier={key: [made] for key, made in first.items()})
+    assert table.main(argv) == 0
+    dc, rdc = json.loads(results.read_text())
+    assert dc["robust"] == 1 / 6 and rdc["robust"] == 1 / 6  # DC 0; RDC 5
+    assert (dc["follow_up"]["n"], dc["follow_up"]["broke"]) == (2, 1)
+    assert (dc["follow_up"]["then"]["n"], dc["follow_up"]["then"]["indices"], dc["follow_up"]["then"]["broke"]) == \
+        (1, "0", 0)
+    assert (rdc["follow_up"]["broke"], rdc["follow_up"]["then"]["indices"], rdc["follow_up"]["then"]["broke"]) == \
+        (0, "0,5", 1)
+    assert rdc["follow_up"]["then"]["command"] == [second[f"rdc-{m}-linf-0.1"][1]["settings"]["command"]
+                                                   for m in ("exact", "smooth", "bpda")]
+    assert "then" not in rdc["follow_up"]["then"]
+    assert table.describe_attacks(rdc).endswith("on its 2 survivors, which broke none; then ensemble (9 targets) "
+                                                "on its 2 survivors, which broke 1")
+    table_json = json.loads((out_dir / "table.json").read_text())
+    assert table_json["meta"]["follow_up_stages"] == [{"steps": 100, "targets": 3, "square_queries": 1000},
+                                                      {"steps": 100, "targets": 9, "square_queries": 5000}]
+    assert [(f["row"], f["stage"]) for f in table_json["follow_ups"] if f["row"] == "dc-linf-0.1"] == \
+        [("dc-linf-0.1", 1), ("dc-linf-0.1", 2)]
+    assert "| dc-linf-0.1, stage 2 | 1 (0) |" in (out_dir / "table.md").read_text()
+    # a later run with the first stage only, or none, re-reads the same evaluations: the chain stands
+    chained = json.loads(results.read_text())
+    assert table.main(base + ["--follow-up", "100/3/1000"]) == 0
+    assert json.loads(results.read_text()) == chained
+    assert table.main(base) == 0
+    assert json.loads(results.read_text()) == chained
+
+
+def test_follow_up_stages_are_checked(table):
+    assert table.parse_args([]).follow_up == []
+    assert table.parse_args(["--follow-up"]).follow_up == [table.FollowUpBudget(100, 9, 5000)]
+    assert table.parse_args(["--follow-up", "--follow-up-targets", "3"]).follow_up == [table.FollowUpBudget(100, 3, 5000)]
+    stages = table.parse_args(["--follow-up", "50/1/100, 100/9/5000"]).follow_up
+    assert [b.tag for b in stages] == ["s50t1q100", "s100t9q5000"]
+    for bad in ("100/9", "100/0/5000", "a/b/c", ","):
+        with pytest.raises(SystemExit):
+            table.parse_args(["--follow-up", bad])
+    assert not table.extends_follow_up({"n": 2}, {"n": 2}) and table.extends_follow_up({"n": 2}, None)
+    assert table.extends_follow_up({"n": 2, "then": {"n": 1}}, {"n": 2})
+    assert not table.extends_follow_up({"n": 2, "then": {"n": 1}}, {"n": 3})
