@@ -860,8 +860,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=50, help="examples per batch (results do not depend on it)")
     p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")
     p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
-    p.add_argument("--log", default=None,
-                   help="attack evaluations: write a readable AutoAttack-style log here (atomically, at the end)")
+    p.add_argument("--log", "--log-file", dest="log", default=None,
+                   help="attack evaluations: write a readable AutoAttack-style log here (atomically, at the end); "
+                        "spell it --log-file under torchrun")
     _add_classifier_args(p)
     p.set_defaults(func=cmd_eval)
 

@@ -250,9 +250,12 @@ def test_sharded_eval_matches_single_process(tiny_checkpoint, tmp_path):
             "--device", "cpu", "--threads", "1"]
     assert main(args + ["--out", str(tmp_path / "single.json")]) == 0
     env = dict(os.environ, PYTHONPATH=str(root) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # and "--log" for one of its --log-* options: the log is spelled --log-file there
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                    "-m", "rdc_studio.core.cli"] + args + ["--out", str(tmp_path / "sharded.json")],
+                    "-m", "rdc_studio.core.cli"] + args + ["--out", str(tmp_path / "sharded.json"),
+                                                           "--log-file", str(tmp_path / "sharded.log")],
                    check=True, cwd=root, env=env, timeout=300, capture_output=True)
+    assert "clean accuracy" in (tmp_path / "sharded.log").read_text()
     single = json.loads((tmp_path / "single.json").read_text())
     sharded = json.loads((tmp_path / "sharded.json").read_text())
     assert sharded["settings"]["shards"] == 2
