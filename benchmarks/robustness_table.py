@@ -548,16 +548,18 @@ def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
 
 def same_results(command: str | None, other: str | None) -> bool:
     """Whether two ``rdc eval`` command lines compute the same results: equal once their
-    ``--threads``, ``--batch-size`` and ``--device`` and their output paths (``--out``, ``--log``,
-    ``--state``) are dropped. The first three set how the work is scheduled, not what is computed
+    ``--threads``, ``--batch-size`` and ``--device`` and their output paths (``--out``, ``--log``
+    or ``--log-file``, ``--state``) are dropped, and ``--num-examples`` is read as ``--n`` (their
+    spellings under ``torchrun``, which shards the examples of one identical report). The first three set how the work is scheduled, not what is computed
     (every example's attack is seeded by its index alone), and the paths only say where it was
     written, so a finished report made on a GPU in batches of 50, in another folder, is read in
     place of its CPU twin (it is looked up by its evaluation's name); the report keeps the command
     that made it. A resumable state still refuses another batch size or device."""
-    ignored = ("--threads", "--batch-size", "--device", "--out", "--log", "--state")
+    ignored = ("--threads", "--batch-size", "--device", "--out", "--log", "--log-file", "--state")
+    spelled = {"--num-examples": "--n"}  # the spelling of --n under torchrun
 
     def identity(line: str) -> list[str]:
-        words = shlex.split(line)
+        words = [spelled.get(w, w) for w in shlex.split(line)]
         return [w for i, w in enumerate(words) if w not in ignored and (i == 0 or words[i - 1] not in ignored)]
 
     return command is not None and other is not None and identity(command) == identity(other)

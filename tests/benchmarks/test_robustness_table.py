@@ -381,6 +381,10 @@ def test_a_report_made_with_other_threads_is_reused_and_named_by_its_own_command
     assert table.same_results("rdc eval --n 3 --out gpu/a.json --log gpu/a.log --state gpu/a.state.jsonl",
                               "rdc eval --n 3 --out runs/a.json --log runs/a.log --state runs/a.state.jsonl")
     assert not table.same_results("rdc eval --n 3 --out a.json --eps 0.1", "rdc eval --n 3 --out a.json --eps 0.2")
+    # and their spellings under torchrun (sharded, one identical report)
+    assert table.same_results("rdc eval --num-examples 3 --log-file a.log --out a.json",
+                              "rdc eval --n 3 --log b.log --out b.json")
+    assert not table.same_results("rdc eval --num-examples 3", "rdc eval --n 4")
 
 
 # --- the README table ------------------------------------------------------------------------
