@@ -550,7 +550,8 @@ def same_results(command: str | None, other: str | None) -> bool:
     """Whether two ``rdc eval`` command lines compute the same results: equal once their
     ``--threads``, ``--batch-size`` and ``--device`` and their output paths (``--out``, ``--log``
     or ``--log-file``, ``--state``) are dropped, and ``--num-examples`` is read as ``--n`` (their
-    spellings under ``torchrun``, which shards the examples of one identical report). The first three set how the work is scheduled, not what is computed
+    spellings under ``torchrun``, which shards the examples of one identical report). The first
+    three set how the work is scheduled, not what is computed
     (every example's attack is seeded by its index alone), and the paths only say where it was
     written, so a finished report made on a GPU in batches of 50, in another folder, is read in
     place of its CPU twin (it is looked up by its evaluation's name); the report keeps the command

@@ -805,7 +805,8 @@ def test_follow_up_stages_each_attack_what_the_earlier_ones_left(table, tmp_path
 def test_follow_up_stages_are_checked(table):
     assert table.parse_args([]).follow_up == []
     assert table.parse_args(["--follow-up"]).follow_up == [table.FollowUpBudget(100, 9, 5000)]
-    assert table.parse_args(["--follow-up", "--follow-up-targets", "3"]).follow_up == [table.FollowUpBudget(100, 3, 5000)]
+    assert table.parse_args(["--follow-up", "--follow-up-targets", "3"]).follow_up == \
+        [table.FollowUpBudget(100, 3, 5000)]
     stages = table.parse_args(["--follow-up", "50/1/100, 100/9/5000"]).follow_up
     assert [b.tag for b in stages] == ["s50t1q100", "s100t9q5000"]
     for bad in ("100/9", "100/0/5000", "a/b/c", ","):
