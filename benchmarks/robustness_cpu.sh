@@ -18,11 +18,17 @@
 #      with the checks of every gradient mode on CHECK_N_RDC (10) digits
 #      (~3.5 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one;
 #      on an H200 with --device cuda the rows at n = 100 and the checks at n = 50 took ~10 min)
-#   3. DC at l-inf 0.3 on N_DC_LARGE (10) digits and RDC on N_RDC_LARGE (5)   (~15 min)
+#   3. DC at l-inf 0.3 on N_DC_LARGE (100) digits and RDC on N_RDC_LARGE (50), with the checks
+#      of every row on CHECK_N_LARGE (50) digits, then a follow-up on the survivors in the
+#      stages FOLLOW_UP_LARGE (100/3/1000,100/9/5000: 100 steps, 3 targets and Square 1000,
+#      then the full ensemble on what that left; empty for none), as measured for the shipped
+#      weights (~1 h for the rows, ~1 h for the checks, ~1 h and ~2 h for the two follow-up
+#      stages on the 2-core VM, docs/results.md)
 #   4. the README table regenerated from robustness.json
 #
 # The CNN rows (full ensemble) do not depend on the diffusion model and are not re-run.
-# Environment: N_DC, N_RDC, N_DC_LARGE, N_RDC_LARGE, CHECK_N_DC, CHECK_N_RDC, STEPS,
+# Environment: N_DC, N_RDC, N_DC_LARGE, N_RDC_LARGE, CHECK_N_DC, CHECK_N_RDC, CHECK_N_LARGE,
+# FOLLOW_UP_LARGE, STEPS,
 # OUT_DIR (default benchmarks/results/robustness-runs), JOBS (2); DRY_RUN=1 prints the
 # `rdc eval` commands of every stage and measures nothing. A full-budget run is
 # `python benchmarks/robustness_table.py` with its defaults (hours per row on this CPU).
@@ -39,6 +45,10 @@ table "${common[@]}" --rows 'dc-linf-0.1,dc-l2-1.5' --n-row "dc-*=${N_DC:-100}" 
     --check-n "${CHECK_N_DC:-50}"
 table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-60}" \
     --check-rows 'rdc-*' --check-n "${CHECK_N_RDC:-10}"
+follow_up=()
+if [[ -n "${FOLLOW_UP_LARGE-100/3/1000,100/9/5000}" ]]; then
+    follow_up=(--follow-up "${FOLLOW_UP_LARGE-100/3/1000,100/9/5000}")
+fi
 table "${common[@]}" --rows 'dc-linf-0.3,rdc-*-linf-0.3' \
-    --n-row "dc-*=${N_DC_LARGE:-10},rdc-*=${N_RDC_LARGE:-5}" --no-checks
+    --n-row "dc-*=${N_DC_LARGE:-100},rdc-*=${N_RDC_LARGE:-50}" --check-n "${CHECK_N_LARGE:-50}" "${follow_up[@]}"
 if [[ -z "${DRY_RUN:-}" ]]; then table --model "$model" --readme; fi
