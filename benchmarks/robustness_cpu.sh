@@ -45,10 +45,9 @@ table "${common[@]}" --rows 'dc-linf-0.1,dc-l2-1.5' --n-row "dc-*=${N_DC:-100}" 
     --check-n "${CHECK_N_DC:-50}"
 table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-60}" \
     --check-rows 'rdc-*' --check-n "${CHECK_N_RDC:-10}"
+stages="${FOLLOW_UP_LARGE-100/3/1000,100/9/5000}"  # set but empty: no follow-up
 follow_up=()
-if [[ -n "${FOLLOW_UP_LARGE-100/3/1000,100/9/5000}" ]]; then
-    follow_up=(--follow-up "${FOLLOW_UP_LARGE-100/3/1000,100/9/5000}")
-fi
+if [[ -n "$stages" ]]; then follow_up=(--follow-up "$stages"); fi
 table "${common[@]}" --rows 'dc-linf-0.3,rdc-*-linf-0.3' \
     --n-row "dc-*=${N_DC_LARGE:-100},rdc-*=${N_RDC_LARGE:-50}" --check-n "${CHECK_N_LARGE:-50}" "${follow_up[@]}"
 if [[ -z "${DRY_RUN:-}" ]]; then table --model "$model" --readme; fi
