@@ -17,7 +17,8 @@
 #   2. RDC (exact, smooth and BPDA gradients) at l-inf 0.1 and l2 1.5 on N_RDC (60) digits,
 #      with the checks of every gradient mode on CHECK_N_RDC (10) digits
 #      (~3.5 h for the rows and ~3 h for the checks on a normal day of the VM; twice on a slow one;
-#      on an H200 with --device cuda the rows at n = 100 and the checks at n = 50 took ~10 min)
+#      on an H200 with --device cuda the rows at n = 100 and the checks at n = 50 took ~10 min;
+#      robustness.json keeps such a row of more examples: a smaller one never replaces it)
 #   3. DC at l-inf 0.3 on N_DC_LARGE (100) digits and RDC on N_RDC_LARGE (50), with the checks
 #      of every row on CHECK_N_LARGE (50) digits, then a follow-up on the survivors in the
 #      stages FOLLOW_UP_LARGE (100/3/1000,100/9/5000: 100 steps, 3 targets and Square 1000,

@@ -35,7 +35,9 @@ only if it is robust in all three; :func:`core.evaluate.worst_case_report`), on 
 examples all three attacked: its ``command`` is the list of their three commands and its
 ``seconds_per_image`` their sum. It is written only when all three were evaluated. Rows
 measured in this run replace the rows with the same (defense, norm, eps, model_sha256,
-settings_sha256); all other rows stay.
+settings_sha256); all other rows stay. A row never gives way to one of fewer examples
+attacked with the same budget (say the CPU script's n = 60 over an H200's n = 100): the stored
+row stays, the script says so, and the smaller one is only in the run's table.md.
 
 **Follow-up on the survivors** (``--follow-up``). Once a row has finished, its survivors
 are attacked again with the ensemble and a larger budget (``--follow-up-steps``,
@@ -1024,17 +1026,35 @@ def extends_follow_up(old: dict[str, Any] | None, new: dict[str, Any] | None) ->
     return len(old_stages) > len(new_stages) and old_stages[:len(new_stages)] == new_stages
 
 
+def smaller_than_stored(existing: list[dict[str, Any]],
+                        measured: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The (stored, measured) pairs of rows of the same :func:`result_key` where the measured row
+    attacked fewer examples with the same budget: a smaller sample of the same measurement,
+    which :func:`merge_results` does not let replace the larger one."""
+    existing_by_key = {result_key(r): r for r in existing}
+    pairs = []
+    for row in measured:
+        old = existing_by_key.get(result_key(row))
+        if old is not None and row["n"] < old["n"] and row.get("budget") == old.get("budget"):
+            pairs.append((old, row))
+    return pairs
+
+
 def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``existing`` rows with every row that has the :func:`result_key` of a ``measured`` row
-    replaced by it, and the other ``measured`` rows added; sorted by model, defense (CNN, DC,
+    replaced by it (unless :func:`smaller_than_stored`: then the stored row stays), and the
+    other ``measured`` rows added; sorted by model, defense (CNN, DC,
     RDC), norm and eps, so the file changes only where the numbers do. A measured row without
     masking checks keeps those of the row it replaces (the same weights and settings), and one
     whose follow-up stages (none, or fewer) begin those of a row made by the same commands keeps
     that row's follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`). A row made by the
     same commands (and follow-ups) keeps its date."""
     existing_by_key = {result_key(r): r for r in existing}
+    smaller = {id(row) for _, row in smaller_than_stored(existing, measured)}
     incoming = {}
     for row in measured:
+        if id(row) in smaller:
+            continue
         old = existing_by_key.get(result_key(row))
         # checks not run by this invocation (--no-checks, --check-rows) are not checks that
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
@@ -1074,10 +1094,21 @@ def load_results(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def update_results(path: str | Path, measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def update_results(path: str | Path, measured: list[dict[str, Any]],
+                   said: set[tuple] | None = None) -> list[dict[str, Any]]:
     """Merge ``measured`` into the robustness.json at ``path`` (:func:`merge_results`) and
-    write it atomically; returns the merged rows."""
-    merged = merge_results(load_results(path), measured)
+    write it atomically; returns the merged rows. A stored row kept against a smaller one is
+    reported on stderr, once per row for a caller that passes the same ``said`` set."""
+    existing = load_results(path)
+    said = set() if said is None else said
+    for old, row in smaller_than_stored(existing, measured):
+        if (result_key(row), row["n"]) in said:
+            continue
+        said.add((result_key(row), row["n"]))
+        print(f"robustness_table: {_display_path(Path(path))} keeps its {row['key']} row of n = {old['n']}; "
+              f"this run's n = {row['n']} with the same budget does not replace it (it is in table.md)",
+              file=sys.stderr)
+    merged = merge_results(existing, measured)
     atomic_write_json(path, merged)
     return merged
 
@@ -1469,6 +1500,7 @@ def main(argv: list[str] | None = None) -> int:
     checks: list[dict[str, Any]] = []
     results: list[CheckResult] = []
     follow_ups: FollowUps = {}
+    said: set[tuple] = set()  # robustness.json rows kept against smaller ones, reported once
 
     def write() -> None:
         meta["all_checks_passed"] = all_passed(results)
@@ -1478,7 +1510,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "checks": checks, "follow_ups": follow})
         atomic_write_bytes(out_dir / "table.md", render_markdown(summaries, checks, meta, worst, follow).encode())
         if results_path is not None:
-            update_results(results_path, result_rows(args, done, checks, follow_ups))
+            update_results(results_path, result_rows(args, done, checks, follow_ups), said)
 
     failed: dict[str, str] = {}
     if args.jobs > 1:

@@ -746,6 +746,28 @@ def test_a_run_without_follow_up_keeps_the_follow_up_of_the_same_evaluations(tab
     assert fresh["robust"] == 0.08 and "follow_up" not in fresh
 
 
+def test_a_smaller_sample_of_the_same_measurement_never_replaces_a_stored_row(table, tmp_path, capsys):
+    sha, reduced = "a" * 64, {"steps": 20, "targets": 1, "square_queries": 100}
+    stored = _result("rdc", "l2", 1.5, sha, robust=0.88, n=100, budget=reduced, command=["h200"])
+    smaller = stored | {"n": 60, "robust": 0.8, "command": ["cpu"]}
+    assert table.merge_results([stored], [smaller]) == [stored]
+    # more examples, or another budget (a stronger attack), is a new measurement that replaces it
+    [grown] = table.merge_results([stored], [smaller | {"n": 200}])
+    assert (grown["n"], grown["robust"]) == (200, 0.8)
+    full = {"steps": 100, "targets": 9, "square_queries": 5000}
+    [stronger] = table.merge_results([stored], [smaller | {"budget": full}])
+    assert (stronger["n"], stronger["budget"]) == (60, full)
+    # the script says so on stderr, once however often it writes the file
+    path = tmp_path / "robustness.json"
+    table.update_results(path, [stored])
+    said: set = set()
+    for _ in range(3):
+        assert table.update_results(path, [smaller], said) == [stored]
+    err = capsys.readouterr().err
+    assert err.count("keeps its rdc-l2-1.5 row of n = 100") == 1 and "this run's n = 60" in err
+    assert json.loads(path.read_text()) == [stored]
+
+
 def test_a_re_read_of_the_same_evaluations_keeps_the_row_date(table):
     sha = "a" * 64
     old = _result("dc", "l2", 1.5, sha, command="rdc eval x", date="2026-12-04")
