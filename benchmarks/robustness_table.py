@@ -105,13 +105,20 @@ DEFENSES = {  # key: (--defense, --grad, label)
     "rdc-exact": ("rdc", "exact", "RDC (exact gradients)"),
     "rdc-smooth": ("rdc", "smooth", "RDC (smooth gradients)"),
     "rdc-bpda": ("rdc", "bpda", "RDC (BPDA)"),
+    "binary-dc": ("dc", None, "DC on binarised input"),
 }
+# rows of an optional defense (never the default, never "not measured yet"): the DC behind
+# input binarisation at this threshold (`rdc eval --binarize`), attacked with the
+# straight-through gradient and, gradient-free, Square; selected only by a --rows pattern that
+# begins with its key (e.g. 'binary-dc-linf-0.3'), so '*' leaves them out
+BINARIZE = {"binary-dc": 0.5}
 RDC_GRAD_MODES = ("exact", "smooth", "bpda")  # the RDC row: the worst case over these
 # --budget: the full ensemble, and the reduced one that fits the DC and RDC rows into CPU hours
 # or a GPU lease of minutes (it is recorded in every row and shown in the README table)
 BUDGETS = {"full": {"steps": 100, "targets": 9, "square_queries": 5000, "check_square_queries": 1000},
            "reduced": {"steps": 20, "targets": 1, "square_queries": 100, "check_square_queries": 200}}
-RESULT_DEFENSES = {"cnn": "CNN", "dc": "DC", "rdc": "RDC (worst case over exact, smooth, BPDA)"}
+RESULT_DEFENSES = {"cnn": "CNN", "dc": "DC", "rdc": "RDC (worst case over exact, smooth, BPDA)",
+                   "binary-dc": "DC on binarised input (threshold 0.5; optional, not the default)"}
 NORM_LABELS = {"linf": "l-inf", "l2": "l2"}
 ENSEMBLE_ORDER = ("apgd-ce", "apgd-dlr", "apgd-t", "square", "transfer")
 ENSEMBLE_HEADERS = ("APGD-CE", "+APGD-DLR", "+APGD-T", "+Square", "+transfer")
@@ -143,6 +150,16 @@ class Row:
     @property
     def label(self) -> str:
         return DEFENSES[self.defense_key][2]
+
+    @property
+    def binarize(self) -> float | None:
+        """The input binarisation threshold of an optional binarised defense, else None."""
+        return BINARIZE.get(self.defense_key)
+
+    @property
+    def result_defense(self) -> str:
+        """The ``defense`` of its robustness.json row: ``cnn``, ``dc``, ``rdc`` or an optional one."""
+        return self.defense_key if self.binarize is not None else self.defense
 
 
 @dataclass(frozen=True)
@@ -273,18 +290,25 @@ def build_rows(args: argparse.Namespace) -> list[Row]:
     ``rdc-exact-linf-0.3``): every defense under every threat model of ``--threats``, with n
     from ``--n-cnn``/``--n-dc``/``--n-rdc`` unless ``--n-row`` sets it for the row."""
     default_n = {"cnn": args.n_cnn, "dc": args.n_dc, "rdc-exact": args.n_rdc, "rdc-smooth": args.n_rdc,
-                 "rdc-bpda": args.n_rdc}
+                 "rdc-bpda": args.n_rdc, "binary-dc": args.n_dc}
     rows = [Row(d, norm, eps, default_n[d]) for d in DEFENSES for norm, eps in parse_threats(args.threats)]
     for pattern, n in parse_row_n(args.n_row):
         if not any(fnmatch.fnmatchcase(r.key, pattern) for r in rows):
             raise SystemExit(f"robustness_table: --n-row {pattern!r} matches none of {', '.join(r.key for r in rows)}")
         rows = [Row(r.defense_key, r.norm, r.eps, n) if fnmatch.fnmatchcase(r.key, pattern) else r for r in rows]
-    return select_rows(rows, args.rows, "--rows")
+    return select_rows(rows, args.rows, "--rows", optional_by_name=True)
 
 
-def select_rows(rows: list[Row], patterns: str, flag: str) -> list[Row]:
-    """The rows whose key matches one of the comma-separated shell ``patterns``."""
-    selected = [r for r in rows if any(fnmatch.fnmatchcase(r.key, p) for p in _split_list(patterns))]
+def row_matches(row: Row, pattern: str, optional_by_name: bool = False) -> bool:
+    """Whether shell ``pattern`` selects ``row``; with ``optional_by_name``, a row of an optional
+    defense (:data:`BINARIZE`) only by a pattern that begins with its defense key."""
+    return fnmatch.fnmatchcase(row.key, pattern) and (not optional_by_name or row.binarize is None
+                                                      or pattern.startswith(row.defense_key))
+
+
+def select_rows(rows: list[Row], patterns: str, flag: str, optional_by_name: bool = False) -> list[Row]:
+    """The rows whose key matches one of the comma-separated shell ``patterns`` (:func:`row_matches`)."""
+    selected = [r for r in rows if any(row_matches(r, p, optional_by_name) for p in _split_list(patterns))]
     if not selected:
         raise SystemExit(f"robustness_table: {flag} {patterns!r} matches none of {', '.join(r.key for r in rows)}")
     return selected
@@ -305,6 +329,8 @@ def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int,
             argv += ["--levels", str(args.levels)]
     if row.grad:
         argv += ["--grad", row.grad]
+    if row.binarize is not None:
+        argv += ["--binarize", f"{row.binarize:g}"]
     argv += ["--attack", attack, "--norm", row.norm, "--eps", eps]
     if attack != "square":
         argv += ["--steps", str(steps)]
@@ -860,12 +886,12 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
         The card's defense-settings digest (DC rows; None for the CNN row).
     """
     extra = {} if settings is None else {"settings_sha256": settings}
-    return {"key": f"{row.defense}-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES[row.defense],
-            "defense": row.defense, "norm": row.norm, "eps": parse_fraction(row.eps), "n": report["n"],
+    grad = "straight-through" if row.binarize is not None else report["settings"].get("grad") or "exact"
+    return {"key": f"{row.result_defense}-{row.norm}-{_slug(row.eps)}", "label": RESULT_DEFENSES[row.result_defense],
+            "defense": row.result_defense, "norm": row.norm, "eps": parse_fraction(row.eps), "n": report["n"],
             "clean": report["clean_acc"], "robust": report["robust_acc"], "ci95": list(report["robust_ci95"]),
             "attacks": report_attacks(report), "budget": report_budget(report),
-            "grad_modes": [report["settings"].get("grad") or "exact"],
-            "model": model, "model_sha256": sha256, "command": made_by(ev, report), "hardware": report_hardware(report),
+            "grad_modes": [grad], "model": model, "model_sha256": sha256, "command": made_by(ev, report), "hardware": report_hardware(report),
             "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
             **extra, "masking_checks": masking_summary(checks, [row.key], check_n)}
 
@@ -1208,7 +1234,7 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
     lines += [f"[{i}] {h}" + ("  " if i < len(hardware) else "") for i, h in enumerate(hardware, 1)]
     have = {(r["defense"], r["norm"], float(r["eps"])) for r in shown}
     missing = [f"{RESULT_DEFENSES[d]} {_threat_label(norm, parse_fraction(eps))}" for d in RESULT_DEFENSES
-               for norm, eps in threats if (d, norm, parse_fraction(eps)) not in have]
+               if d not in BINARIZE for norm, eps in threats if (d, norm, parse_fraction(eps)) not in have]
     if missing:
         lines += ["", f"Not measured yet for this model: {'; '.join(missing)}."]
     return "\n".join(lines) + "\n"
@@ -1367,7 +1393,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="threat models, comma-separated NORM:EPS (NORM linf or l2; EPS as rdc eval --eps takes it)")
     p.add_argument("--rows", default="*", help="comma-separated shell patterns over row keys DEFENSE-NORM-EPS, "
                    "DEFENSE one of cnn, dc, rdc-exact, rdc-smooth, rdc-bpda (e.g. 'cnn-*,rdc-*-linf-0.3'); the "
-                   "RDC row of robustness.json needs all three rdc-* rows of its threat model")
+                   "RDC row of robustness.json needs all three rdc-* rows of its threat model. The optional "
+                   "binary-dc rows (the DC behind input binarisation at 0.5, rdc eval --binarize) only by a "
+                   "pattern that begins with binary-dc, e.g. 'binary-dc-linf-0.3'")
     p.add_argument("--n-cnn", type=int, default=1000, help="test images of the CNN rows")
     p.add_argument("--n-dc", type=int, default=200, help="test images of the DC rows")
     p.add_argument("--n-rdc", type=int, default=100, help="test images of the RDC rows (exact, smooth and BPDA)")

@@ -152,6 +152,21 @@ def parse_fraction(text: str, flag: str = "") -> float:
         raise SystemExit(f"rdc: error: {flag + ': ' if flag else ''}{exc}") from None
 
 
+def _threshold(text: str) -> float:
+    """``--binarize``'s threshold: a number strictly between 0 and 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {value:g}")
+    return value
+
+
+BINARIZE_HELP = ("the defense sees its input binarised: pixels above THRESHOLD (e.g. 0.5) become 1, the rest 0 "
+                 "(the Binary-ABS trick for l-inf on MNIST); attacks get a straight-through gradient")
+
+
 def _classifier_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.dc_steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
             "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed,
@@ -353,7 +368,7 @@ def _eval_config(args: argparse.Namespace):
                       defense=args.defense, attack=args.attack, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
                       steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed, targets=args.targets,
                       square_queries=args.square_queries, p_init=args.p_init, grad=args.grad, cnn=args.cnn,
-                      batch_size=args.batch_size, state=args.state, command=_command_line())
+                      binarize=args.binarize, batch_size=args.batch_size, state=args.state, command=_command_line())
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -596,7 +611,7 @@ def _build_defense(kind: str, model, clf, args: argparse.Namespace):
 
     try:
         defense = build_defense(kind, model, clf, purify=_purify_settings(model, args) if kind == "rdc" else None,
-                                grad_mode=args.grad, cnn=args.cnn, device=str(clf.device))
+                                grad_mode=args.grad, cnn=args.cnn, device=str(clf.device), binarize=args.binarize)
     except CheckpointError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
     warning = gradient_warning(defense)
@@ -648,7 +663,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
         "image": args.image, "out": args.out, "defense": args.defense, "attack": args.attack,
-        "grad": grad if args.defense == "rdc" else None, "settings": settings.to_dict(),
+        "grad": grad if args.defense == "rdc" else None, "binarize": args.binarize, "settings": settings.to_dict(),
         "classifier": clf.settings.to_dict(),
         "purify": _purify_settings(model, args).to_dict() if args.defense == "rdc" else None,
         "label": label, "label_name": model.classes[label],
@@ -824,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
     p.add_argument("--cnn", default="mnist-cnn", help="CNN checkpoint for --defense cnn")
+    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD", help=BINARIZE_HELP)
     _add_purify_args(p)
     p.add_argument("--out", default=None, help="adversarial PNG (8-bit, lossless)")
     p.add_argument("--report", default=None, help="write a JSON report here")
@@ -856,6 +872,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
     p.add_argument("--cnn", default="mnist-cnn",
                    help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
+    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD", help=BINARIZE_HELP)
     _add_purify_args(p)
     p.add_argument("--batch-size", type=int, default=50, help="examples per batch (results do not depend on it)")
     p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")

@@ -110,9 +110,50 @@ def build_maximizer(model: LoadedModel, settings: PurifySettings | None = None) 
     return LikelihoodMaximizer(purifier_net(model, settings), settings)
 
 
+class InputBinarization(nn.Module):
+    """A defense that sees its input binarised: every pixel becomes 1 above ``threshold``,
+    else 0 (the Binary-ABS trick of Schott et al., 2019, for l-inf on MNIST: a perturbation
+    smaller than a pixel's distance to the threshold cannot change what the defense sees).
+
+    The threshold has zero gradient almost everywhere, so attacks get the straight-through
+    estimate instead (the identity, i.e. BPDA): the gradient of ``defense`` at the binarised
+    image. Attribute look-ups the wrapper does not answer (``grad_mode``, ``maximizer``, ...)
+    go to ``defense``.
+    """
+
+    def __init__(self, defense: nn.Module, threshold: float = 0.5) -> None:
+        super().__init__()
+        if not 0.0 < threshold < 1.0:
+            raise ValueError(f"the binarisation threshold must lie strictly between 0 and 1, not {threshold}")
+        self.defense = defense
+        self.threshold = float(threshold)
+
+    def binarize(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` thresholded, with the straight-through (identity) gradient."""
+        hard = (x > self.threshold).to(x.dtype)
+        return x + (hard - x).detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.defense(self.binarize(x))
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["defense"], name)
+
+
+def unwrap_defense(defense: nn.Module) -> nn.Module:
+    """The defense inside any :class:`InputBinarization` wrapper."""
+    while isinstance(defense, InputBinarization):
+        defense = defense.defense
+    return defense
+
+
 def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionClassifier | None, *,
                   purify: PurifySettings | None = None, grad_mode: str = "auto",
-                  cnn: str | nn.Module = "mnist-cnn", device: str | None = None) -> nn.Module:
+                  cnn: str | nn.Module = "mnist-cnn", device: str | None = None,
+                  binarize: float | None = None) -> nn.Module:
     """The module a front end classifies with or attacks (NCHW in [0, 1] in, logits out).
 
     Parameters
@@ -130,6 +171,9 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
         attribute holds the resolved mode.
     device
         Where the module lives (default: the classifier's device, else CPU).
+    binarize
+        A threshold in (0, 1): the defense sees its input binarised there, attacked through
+        a straight-through gradient (:class:`InputBinarization`); None (default): as is.
 
     Raises
     ------
@@ -140,6 +184,9 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
     """
     if kind not in DEFENSES:
         raise ValueError(f"defense must be one of {DEFENSES}, not {kind!r}")
+    if binarize is not None:
+        inner = build_defense(kind, model, classifier, purify=purify, grad_mode=grad_mode, cnn=cnn, device=device)
+        return InputBinarization(inner, binarize)
     if device is None:
         device = str(classifier.device) if classifier is not None else "cpu"
     if kind == "cnn":
@@ -166,6 +213,7 @@ def gradient_warning(defense: nn.Module) -> str | None:
     (engine terms: each front end adds how to choose another mode)."""
     from .rdc import RobustDiffusionClassifier, masked_gradient_warning
 
+    defense = unwrap_defense(defense)
     if not isinstance(defense, RobustDiffusionClassifier):
         return None
     return masked_gradient_warning(defense.grad_mode, defense.maximizer.settings)

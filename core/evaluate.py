@@ -353,7 +353,7 @@ def run_label(report: dict[str, Any]) -> str:
 
 
 # what decides an example's class: two reports must agree on these to be one model's results
-DECISION_SETTINGS = ("dataset", "split", "defense", "classifier", "purify")
+DECISION_SETTINGS = ("dataset", "split", "defense", "classifier", "purify", "binarize")
 
 
 def parse_indices(text: str) -> tuple[int, ...]:
@@ -749,6 +749,7 @@ class EvalConfig:
     p_init: float = 0.8
     grad: str = "auto"
     cnn: str = "mnist-cnn"
+    binarize: float | None = None  # the defense sees its input binarised at this threshold
     batch_size: int = 50
     state: str | None = None
     command: str = ""
@@ -871,8 +872,10 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
                      "attack": config.attack, "batch_size": config.batch_size, "command": config.command})
     if config.indices is not None:
         settings["indices"] = format_indices(selected)
+    if config.binarize is not None:  # recorded only when set: earlier reports and states stay valid
+        settings["binarize"] = config.binarize
     defense = build_defense(config.defense, model, classifier, purify=purify, grad_mode=config.grad,
-                            cnn=config.cnn, device=device)
+                            cnn=config.cnn, device=device, binarize=config.binarize)
     if config.defense == "rdc":
         settings["purify"] = defense.maximizer.settings.to_dict()
     if config.attack == "none":  # clean accuracy: forward passes only, whatever the defense
@@ -881,7 +884,7 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         if config.indices is not None:
             picked = torch.tensor(selected)
             clean_data = replace(ds, images=ds.images[picked], labels=ds.labels[picked])
-        for rec in evaluate_clean(classifier if config.defense == "dc" else defense, clean_data, total,
+        for rec in evaluate_clean(defense, clean_data, total,
                                   config.batch_size, cancelled=cancelled):
             steps.append(rec)
             if progress is not None:

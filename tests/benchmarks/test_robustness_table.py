@@ -252,6 +252,31 @@ def test_robustness_json_rows_for_three_threat_models(table, tmp_path, no_attack
     assert f"merged 9 rows (cnn-linf-0.1, cnn-linf-0.3, cnn-l2-1.5, dc-linf-0.1" in out and "--readme" in out
 
 
+def test_the_optional_binarised_dc_row_is_opt_in_and_a_row_of_its_own(table, tmp_path, no_attacks, capsys):
+    assert not [r for r in table.build_rows(table.parse_args([])) if r.key.startswith("binary-")]  # '*' omits it
+    with pytest.raises(SystemExit, match="matches none"):
+        table.build_rows(table.parse_args(["--rows", "*-dc-linf-0.3"]))  # only a pattern naming it selects it
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    argv = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.3,binary-dc-linf-0.3",
+            "--n-dc", "6", "--no-checks"]
+    args = table.add_model_digests(table.parse_args(argv))
+    plain, binary = table.build_rows(args)
+    assert (plain.key, binary.key, binary.defense, binary.binarize) == ("dc-linf-0.3", "binary-dc-linf-0.3", "dc", 0.5)
+    parsed = build_parser().parse_args(table.row_evaluation(args, binary).argv)
+    assert (parsed.defense, parsed.binarize, parsed.attack) == ("dc", 0.5, "ensemble")
+    assert build_parser().parse_args(table.row_evaluation(args, plain).argv).binarize is None
+    # its gradient-masking checks attack the binarised defense too
+    checks = [c for evs in [table.check_evaluations(args, binary)] for c in evs.values()]
+    assert checks and all(build_parser().parse_args(c.argv).binarize == 0.5 for c in checks)
+    _write_fake_reports(table, argv, out_dir)
+    assert table.main(argv) == 0
+    rows = json.loads(results.read_text())
+    assert [(r["key"], r["defense"], r["label"].split(" (")[0], r["grad_modes"]) for r in rows] == [
+        ("dc-linf-0.3", "dc", "DC", ["exact"]),
+        ("binary-dc-linf-0.3", "binary-dc", "DC on binarised input", ["straight-through"])]
+    assert table.result_key(rows[0]) != table.result_key(rows[1])
+
+
 def test_rdc_row_is_the_worst_case_over_the_gradient_modes(table, tmp_path, no_attacks, capsys):
     out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
     argv = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "rdc-*-linf-0.1", "--n-rdc", "6",

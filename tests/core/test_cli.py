@@ -78,6 +78,34 @@ def test_clean_eval_of_any_defense_runs_no_attack(tiny_checkpoint, tiny_cnn, tmp
     assert ("purify" in clean["settings"]) == (defense == "rdc")
 
 
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_and_attack_of_a_binarized_defense(tiny_checkpoint, digit_png, tmp_path, capsys):
+    """--binarize puts the threshold in front of the defense: reports record it, a run
+    without it is another measurement, and a perturbation too small to cross the threshold
+    anywhere changes no prediction (the attacks see a straight-through gradient)."""
+    from rdc_studio.core.evaluate import worst_case_report
+
+    args = ["eval", "--dataset", "mnist", "--n", "4", "--defense", "dc", "--attack", "apgd-ce", "--norm", "linf",
+            "--steps", "2", "--levels", "2", "--batch-size", "2", "--model", str(tiny_checkpoint)]
+    # 8-bit pixels lie at least 0.5/255 from 0.5: an l-inf ball of 0.001 cannot cross it
+    assert main(args + ["--eps", "0.001", "--binarize", "0.5", "--out", str(tmp_path / "b.json")]) == 0
+    assert main(args + ["--eps", "0.001", "--out", str(tmp_path / "plain.json")]) == 0
+    binary, plain = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("b", "plain"))
+    assert binary["settings"]["binarize"] == 0.5 and "binarize" not in plain["settings"]
+    with pytest.raises(ValueError, match="binarize"):
+        worst_case_report([binary, plain])
+    assert binary["robust_acc"] == binary["clean_acc"] and all(r[2] == r[3] for r in binary["per_example"])
+    out = tmp_path / "adv.png"
+    assert main(["attack", str(digit_png), "--defense", "dc", "--binarize", "0.5", "--eps", "0.3", "--steps", "2",
+                 "--model", str(tiny_checkpoint), "--levels", "2", "--out", str(out), "--report",
+                 str(tmp_path / "r.json"), "--quiet"]) == 0
+    assert json.loads((tmp_path / "r.json").read_text())["binarize"] == 0.5
+    for bad in ("1", "0", "half"):
+        with pytest.raises(SystemExit):
+            main(args + ["--binarize", bad])
+        assert "--binarize" in capsys.readouterr().err
+
+
 def test_wilson_interval_known_values():
     from rdc_studio.core.evaluate import wilson_interval
 

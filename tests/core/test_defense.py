@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from rdc_studio.core.classifier import build_classifier
-from rdc_studio.core.defense import (DeviceUnavailableError, build_defense, gradient_warning, parse_fraction,
-                                     purify_settings, resolve_device, setup_threads)
+from rdc_studio.core.defense import (DeviceUnavailableError, InputBinarization, build_defense, gradient_warning,
+                                     parse_fraction, purify_settings, resolve_device, setup_threads, unwrap_defense)
 from rdc_studio.core.models import load_checkpoint
 from rdc_studio.core.purify import PurifySettings
 from rdc_studio.core.rdc import RobustDiffusionClassifier
@@ -52,3 +52,32 @@ def test_build_each_defense(tiny_checkpoint):
     assert build_defense("cnn", None, None, cnn=cnn) is cnn
     with pytest.raises(ValueError, match="defense"):
         build_defense("vit", model, clf)
+
+
+def test_binarized_defense_sees_a_thresholded_image_and_passes_gradients_straight_through(tiny_checkpoint):
+    model = load_checkpoint(tiny_checkpoint)
+    clf = build_classifier(model, "cpu", steps=2)
+    binary = build_defense("dc", model, clf, binarize=0.5)
+    assert isinstance(binary, InputBinarization) and binary.defense is clf and unwrap_defense(binary) is clf
+    cfg = model.net.config
+    x = torch.rand(3, cfg.in_channels, cfg.image_size, cfg.image_size, generator=torch.Generator().manual_seed(0))
+    hard = (x > 0.5).float()
+    with torch.no_grad():
+        assert torch.equal(binary(x), clf(hard))
+        # a perturbation that keeps every pixel on its side of the threshold changes nothing
+        nudged = torch.where(x > 0.5, (x + 0.05).clamp(max=1), (x - 0.05).clamp(min=0))
+        assert torch.equal(binary(nudged), binary(x))
+    # the straight-through gradient is the classifier's gradient at the binarised image
+    x_in, hard_in = x.clone().requires_grad_(True), hard.clone().requires_grad_(True)
+    binary(x_in)[:, 1].sum().backward()
+    clf(hard_in)[:, 1].sum().backward()
+    assert x_in.grad.abs().sum() > 0 and torch.allclose(x_in.grad, hard_in.grad)
+    # the wrapper answers for the defense inside: an RDC's gradient mode, settings and warning
+    p = purify_settings(model, steps=2)
+    rdc = build_defense("rdc", model, clf, purify=p, grad_mode="exact", binarize=0.3)
+    assert isinstance(unwrap_defense(rdc), RobustDiffusionClassifier) and rdc.threshold == 0.3
+    assert rdc.grad_mode == "exact" and rdc.maximizer.settings == p
+    assert gradient_warning(rdc) == gradient_warning(unwrap_defense(rdc)) is not None
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(ValueError, match="strictly between 0 and 1"):
+            build_defense("dc", model, clf, binarize=bad)
