@@ -272,6 +272,11 @@ def cmd_classify(args: argparse.Namespace) -> int:
         settings = classify.settings.to_dict()
         image_size, channels = model.net.config.image_size, model.net.config.in_channels
         scorer = _ood_scorer(model)
+    if args.binarize is not None:  # the likelihood (OOD) score stays that of the image as given
+        from .defense import InputBinarization
+
+        classify = InputBinarization(classify, args.binarize)
+        settings = (settings or {}) | {"binarize": args.binarize}
     results, status = [], 0
     for path in args.images:
         try:
@@ -800,6 +805,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     _add_classifier_args(p, steps_alias=True)
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD", help=BINARIZE_HELP)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("sample", help="generate images of a class with the EDM sampler (a PNG grid)")

@@ -23,6 +23,26 @@ def test_classify_json(tiny_checkpoint, digit_png, capsys):
     assert out["settings"]["steps"] == 3
 
 
+def test_classify_a_binarized_input(tiny_checkpoint, tmp_path, capsys):
+    """--binarize classifies the thresholded image: a grey digit gives the logits of its
+    black-and-white version (pixels above the threshold white), and the settings say so."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 60, (28, 28)).astype(np.uint8)  # dark background, a bright stroke of grey levels
+    grey[4:24, 10:18] = rng.integers(100, 256, (20, 8))
+    Image.fromarray(grey).save(tmp_path / "grey.png")
+    Image.fromarray(np.where(grey > 0.6 * 255, 255, 0).astype(np.uint8)).save(tmp_path / "hard.png")
+    common = ["--model", str(tiny_checkpoint), "--levels", "3", "--json", "--device", "cpu"]
+    outputs = []
+    for args in ([str(tmp_path / "grey.png"), "--binarize", "0.6"], [str(tmp_path / "hard.png")],
+                 [str(tmp_path / "grey.png")]):
+        assert main(["classify", *args, *common]) == 0
+        outputs.append(json.loads(capsys.readouterr().out))
+    binarized, hard, grey_out = outputs
+    assert binarized["settings"]["binarize"] == 0.6 and "binarize" not in hard["settings"]
+    assert binarized["results"][0]["logits"] == pytest.approx(hard["results"][0]["logits"], abs=1e-5)
+    assert binarized["results"][0]["logits"] != pytest.approx(grey_out["results"][0]["logits"], abs=1e-5)
+
+
 def test_classify_text_and_bad_file(tiny_checkpoint, digit_png, tmp_path, capsys):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
