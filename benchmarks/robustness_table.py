@@ -891,7 +891,8 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
             "defense": row.result_defense, "norm": row.norm, "eps": parse_fraction(row.eps), "n": report["n"],
             "clean": report["clean_acc"], "robust": report["robust_acc"], "ci95": list(report["robust_ci95"]),
             "attacks": report_attacks(report), "budget": report_budget(report),
-            "grad_modes": [grad], "model": model, "model_sha256": sha256, "command": made_by(ev, report), "hardware": report_hardware(report),
+            "grad_modes": [grad], "model": model, "model_sha256": sha256, "command": made_by(ev, report),
+            "hardware": report_hardware(report),
             "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
             **extra, "masking_checks": masking_summary(checks, [row.key], check_n)}
 

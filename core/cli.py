@@ -163,8 +163,11 @@ def _threshold(text: str) -> float:
     return value
 
 
-BINARIZE_HELP = ("the defense sees its input binarised: pixels above THRESHOLD (e.g. 0.5) become 1, the rest 0 "
-                 "(the Binary-ABS trick for l-inf on MNIST); attacks get a straight-through gradient")
+def _add_binarize_arg(p: argparse.ArgumentParser) -> None:
+    """``--binarize THRESHOLD`` of ``rdc classify``, ``attack`` and ``eval`` (never a default)."""
+    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD",
+                   help="the defense sees its input binarised: pixels above THRESHOLD (e.g. 0.5) become 1, the "
+                        "rest 0 (the Binary-ABS trick for l-inf on MNIST); attacks get a straight-through gradient")
 
 
 def _classifier_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -805,7 +808,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     _add_classifier_args(p, steps_alias=True)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD", help=BINARIZE_HELP)
+    _add_binarize_arg(p)
     p.set_defaults(func=cmd_classify)
 
     p = sub.add_parser("sample", help="generate images of a class with the EDM sampler (a PNG grid)")
@@ -845,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
     p.add_argument("--cnn", default="mnist-cnn", help="CNN checkpoint for --defense cnn")
-    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD", help=BINARIZE_HELP)
+    _add_binarize_arg(p)
     _add_purify_args(p)
     p.add_argument("--out", default=None, help="adversarial PNG (8-bit, lossless)")
     p.add_argument("--report", default=None, help="write a JSON report here")
@@ -878,7 +881,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
     p.add_argument("--cnn", default="mnist-cnn",
                    help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
-    p.add_argument("--binarize", type=_threshold, default=None, metavar="THRESHOLD", help=BINARIZE_HELP)
+    _add_binarize_arg(p)
     _add_purify_args(p)
     p.add_argument("--batch-size", type=int, default=50, help="examples per batch (results do not depend on it)")
     p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")
