@@ -52,7 +52,10 @@ commands and seconds per attacked image); table.md lists the follow-ups. A follo
 stem holds its budget and a digest of its indices. ``--follow-up 100/3/1000,100/9/5000`` runs
 it in stages (STEPS/TARGETS/QUERIES each): a stage attacks the examples every earlier one left,
 once all of them finished, and the row's ``follow_up`` holds the next stage under ``then``. A
-later run with fewer stages (or none) that re-reads the same evaluations keeps the longer chain.
+stage ``square/QUERIES`` runs Square alone (gradient-free: for defenses whose gradients are
+suspect, such as input binarisation; an RDC row runs it once per gradient mode like any
+stage). A later run with fewer stages (or none) that re-reads the same evaluations keeps the
+longer chain.
 
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
 -->`` and ``<!-- robustness-table:end -->``) from ``--results`` alone, showing the rows of
@@ -164,29 +167,38 @@ class Row:
 
 @dataclass(frozen=True)
 class FollowUpBudget:
-    """The ensemble budget of one follow-up stage."""
+    """The budget of one follow-up stage: the ensemble's, or Square's alone (``steps`` 0)."""
 
     steps: int
     targets: int
     square_queries: int
 
     @property
+    def attack(self) -> str:
+        """The ``rdc eval --attack`` of the stage: ``ensemble``, or ``square`` without gradient steps."""
+        return "ensemble" if self.steps else "square"
+
+    @property
     def tag(self) -> str:
-        """The budget in a file stem, e.g. ``s100t9q5000``."""
-        return f"s{self.steps}t{self.targets}q{self.square_queries}"
+        """The budget in a file stem, e.g. ``s100t9q5000`` (``square-q1000`` for Square alone)."""
+        return f"s{self.steps}t{self.targets}q{self.square_queries}" if self.steps else f"square-q{self.square_queries}"
 
     def as_dict(self) -> dict[str, int]:
         return {"steps": self.steps, "targets": self.targets, "square_queries": self.square_queries}
 
 
 def parse_follow_up(text: str) -> list[FollowUpBudget]:
-    """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (e.g. ``100/3/1000,100/9/5000``)."""
+    """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (the ensemble) or
+    ``square/QUERIES`` (Square alone), e.g. ``100/3/1000,100/9/5000`` or ``square/1000``."""
     stages = []
     for part in _split_list(text):
         fields = part.split("/")
+        if len(fields) == 2 and fields[0] == "square" and fields[1].isdigit() and int(fields[1]) > 0:
+            stages.append(FollowUpBudget(0, 0, int(fields[1])))
+            continue
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
             raise ValueError(f"a follow-up stage is STEPS/TARGETS/QUERIES with three positive whole numbers, "
-                             f"not {part!r}")
+                             f"or square/QUERIES, not {part!r}")
         stages.append(FollowUpBudget(*map(int, fields)))
     if not stages:
         raise ValueError("--follow-up needs at least one STEPS/TARGETS/QUERIES stage")
@@ -425,13 +437,13 @@ def row_survivors(parts: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[i
 
 def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int],
                          budget: FollowUpBudget) -> Evaluation:
-    """A follow-up of ``row``: the ensemble with ``budget`` on ``indices`` (the row's survivors).
-    Its name holds the budget and a digest of the indices, so other survivors never resume its
-    state."""
+    """A follow-up of ``row``: the ensemble (or Square alone) with ``budget`` on ``indices`` (the
+    row's survivors). Its name holds the budget and a digest of the indices, so other survivors
+    never resume its state."""
     spelled = format_indices(indices)
     digest = hashlib.sha256(spelled.encode()).hexdigest()[:6]
-    stem = f"{row.key}-n{row.n}-followup-{budget.tag}-i{digest}{model_tag(args, row, 'ensemble')}"
-    return Evaluation(stem, eval_argv(args, row, "ensemble", row.eps, row.n, budget.steps, stem,
+    stem = f"{row.key}-n{row.n}-followup-{budget.tag}-i{digest}{model_tag(args, row, budget.attack)}"
+    return Evaluation(stem, eval_argv(args, row, budget.attack, row.eps, row.n, budget.steps, stem,
                                       budget.square_queries, targets=budget.targets, indices=spelled))
 
 
@@ -847,6 +859,8 @@ def describe_attacks(row: dict[str, Any]) -> str:
         parts.append(f"Square {budget['square_queries']}")
     name = "ensemble" if list(row["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(row["attacks"])
     text = f"{name} ({', '.join(parts)})" if parts else name
+    if list(row["attacks"]) == ["square"] and budget.get("square_queries"):
+        text = f"Square alone ({budget['square_queries']} queries)"
     follow = row.get("follow_up")
     if follow is not None and not follow["n"]:
         return f"{text}; no survivors to follow up"
@@ -1421,8 +1435,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack the survivors of every finished row again (for the RDC: the examples that survived "
                         "all three gradient modes, attacked with each) with the ensemble and the --follow-up-* "
                         "budget, or in stages with the budgets given (e.g. 100/3/1000,100/9/5000: each stage "
-                        "attacks what the ones before it left); the row then counts an example robust only if "
-                        "every run left it robust")
+                        "attacks what the ones before it left; square/QUERIES: Square alone); the row then counts "
+                        "an example robust only if every run left it robust")
     p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of a one-stage follow-up")
     p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of a one-stage follow-up")
     p.add_argument("--follow-up-square-queries", type=int, default=5000,

@@ -856,7 +856,16 @@ def test_follow_up_stages_are_checked(table):
         [table.FollowUpBudget(100, 3, 5000)]
     stages = table.parse_args(["--follow-up", "50/1/100, 100/9/5000"]).follow_up
     assert [b.tag for b in stages] == ["s50t1q100", "s100t9q5000"]
-    for bad in ("100/9", "100/0/5000", "a/b/c", ","):
+    square = table.parse_args(["--follow-up", "square/1000,100/9/5000"]).follow_up
+    assert [(b.attack, b.tag) for b in square] == [("square", "square-q1000"), ("ensemble", "s100t9q5000")]
+    args = table.add_model_digests(table.parse_args(["--follow-up", "square/1000"]))
+    [row] = [r for r in table.build_rows(args) if r.key == "dc-linf-0.3"]
+    parsed = build_parser().parse_args(table.follow_up_evaluation(args, row, [4, 7], square[0]).argv)
+    assert (parsed.attack, parsed.square_queries, parsed.indices) == ("square", 1000, "4,7")
+    assert table.describe_attacks({"attacks": ["apgd-ce"], "budget": {}, "follow_up": {
+        "n": 3, "broke": 1, "attacks": ["square"], "budget": {"steps": None, "targets": None, "square_queries": 1000}}}) \
+        == "apgd-ce; then Square alone (1000 queries) on its 3 survivors, which broke 1"
+    for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2"):
         with pytest.raises(SystemExit):
             table.parse_args(["--follow-up", bad])
     assert not table.extends_follow_up({"n": 2}, {"n": 2}) and table.extends_follow_up({"n": 2}, None)
