@@ -1508,8 +1508,8 @@ def main(argv: list[str] | None = None) -> int:
         for _, ev in row_evs:
             print(ev.command)
         if args.follow_up:
-            print("# follow-ups: the ensemble on each row's survivors, once its report (and the earlier "
-                  "stages') exists")
+            print("# follow-ups: each stage's attacks on each row's survivors, once its report (and the "
+                  "earlier stages') exists")
             finished = [(row, ev, rep) for row, ev in row_evs
                         if (rep := _existing_report(ev, out_dir)) is not None]
             known: FollowUps = {}

@@ -65,7 +65,7 @@ def test_follow_up_on_request(tmp_path):
     done = run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*", FOLLOW_UP="1")
     assert done.returncode == 0, done.stderr
     # nothing has finished in this folder, so there are no survivors to list yet
-    assert "# follow-ups: the ensemble on each row's survivors" in done.stdout
+    assert "# follow-ups: each stage's attacks on each row's survivors" in done.stdout
     assert "--indices" not in done.stdout
     assert "# follow-ups" not in run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*").stdout
     staged = run_script(DRY_RUN="1", OUT_DIR=str(tmp_path / "runs"), ROWS="dc-*", FOLLOW_UP="100/3/1000,100/9/5000")
