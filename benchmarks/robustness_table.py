@@ -842,8 +842,13 @@ def report_attacks(report: dict[str, Any]) -> list[str]:
 def report_budget(report: dict[str, Any]) -> dict[str, Any]:
     """The attack budget of an ``rdc eval`` report: gradient steps, APGD-T target classes
     and Square queries (None where the attack did not run)."""
+    if not report["settings"].get("ensemble"):  # one attack (e.g. a square/QUERIES follow-up): its own settings
+        single = report["settings"].get("attack_settings") or {}
+        if report["settings"].get("attack") == "square":
+            return {"steps": None, "targets": None, "square_queries": single.get("steps")}
+        return {"steps": single.get("steps"), "targets": None, "square_queries": None}
     per_attack = report["settings"].get("attack_settings") or {}
-    ensemble = report["settings"].get("ensemble") or {}
+    ensemble = report["settings"]["ensemble"]
     gradient = [a for name, a in per_attack.items() if name != "square"]
     return {"steps": gradient[0].get("steps") if gradient else None, "targets": ensemble.get("targets"),
             "square_queries": per_attack.get("square", {}).get("steps")}
@@ -1203,7 +1208,7 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
         given, DC and RDC rows measured with other settings are not shown either.
     """
     threats = threats if threats is not None else parse_threats(DEFAULT_THREATS)
-    digest_of = {"cnn": cnn_digest, "dc": model_digest, "rdc": model_digest}
+    digest_of = {d: cnn_digest if d == "cnn" else model_digest for d in RESULT_DEFENSES}
     shown = [r for r in results if r.get("defense") in digest_of and r.get("model_sha256") == digest_of[r["defense"]]
              and (settings_digest is None or r["defense"] == "cnn" or r.get("settings_sha256") == settings_digest)]
     shown = sorted(shown, key=_result_order)
@@ -1307,7 +1312,7 @@ def follow_up_table(follow_ups: FollowUps) -> list[dict[str, Any]]:
             rows = example_rows(report)
             out.append({"row": key, "stage": stage, "indices": format_indices(r.index for r in rows), "n": len(rows),
                         "broken": [r.index for r in rows if r.clean_correct and not r.robust_correct],
-                        "budget": report_budget(report),
+                        "attacks": report_attacks(report), "budget": report_budget(report),
                         "seconds_per_image": report["table_timing"]["seconds_per_image"],
                         "command": made_by(ev, report)})
     return out
@@ -1358,12 +1363,13 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
                          f"**{_pct(w['robust_acc'])}** ({_pct(lo)}-{_pct(hi)}) |")
     if follow:
         lines += ["", "## Follow-up on the survivors", "",
-                  "The ensemble again, with a larger budget, on the examples each row left robust (for the RDC: "
+                  "The ensemble (or Square alone) again, with a larger budget, on the examples each row left "
+                  "robust (for the RDC: "
                   "those that survived all three gradient modes); a later stage attacks those every earlier one "
                   "left. robustness.json counts an example robust only if every follow-up left it robust too.", "",
                   "| Row | Survivors attacked | Budget | Broken | s / image |", "|---|---|---|---|---|"]
         for f in follow:
-            budget = describe_attacks({"attacks": list(ENSEMBLE_ORDER), "budget": f["budget"]})
+            budget = describe_attacks({"attacks": f.get("attacks", list(ENSEMBLE_ORDER)), "budget": f["budget"]})
             broken = ", ".join(map(str, f["broken"])) or "none"
             row = f["row"] if f.get("stage", 1) == 1 else f"{f['row']}, stage {f['stage']}"
             lines.append(f"| {row} | {f['n']} ({f['indices']}) | {budget} | {broken} | "

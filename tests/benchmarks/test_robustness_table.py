@@ -275,6 +275,13 @@ def test_the_optional_binarised_dc_row_is_opt_in_and_a_row_of_its_own(table, tmp
         ("dc-linf-0.3", "dc", "DC", ["exact"]),
         ("binary-dc-linf-0.3", "binary-dc", "DC on binarised input", ["straight-through"])]
     assert table.result_key(rows[0]) != table.result_key(rows[1])
+    # the README table shows it under its own label, after the default defenses' rows
+    section = table.readme_section(rows, DEFAULT_MODEL, args.model_sha256, "mnist-cnn", args.cnn_sha256,
+                                   settings_digest=args.settings_sha256)
+    lines = [line for line in section.splitlines() if line.startswith("| DC")]
+    assert [line.split(" | ")[0] for line in lines] == [
+        "| DC", "| DC on binarised input (threshold 0.5; optional, not the default)"]
+    assert "binarised" not in section.split("Not measured yet for this model: ")[1]
 
 
 def test_rdc_row_is_the_worst_case_over_the_gradient_modes(table, tmp_path, no_attacks, capsys):
@@ -647,6 +654,13 @@ def test_rows_record_and_show_the_attack_budget(table):
     assert table.describe_attacks(row) == "ensemble (20 steps, 1 target, Square 100)"
     single = {"attacks": ["apgd-ce"], "budget": {"steps": 100, "targets": None, "square_queries": None}}
     assert table.describe_attacks(single) == "apgd-ce (100 steps)"
+    # reports of one attack (rdc eval --attack square / apgd-ce) keep its settings unnamed
+    square = {"settings": {"attack": "square", "attack_settings": {"method": "square", "steps": 500, "eps": 0.3}}}
+    assert table.report_budget(square) == {"steps": None, "targets": None, "square_queries": 500}
+    assert table.describe_attacks({"attacks": ["square"], "budget": table.report_budget(square)}) == \
+        "Square alone (500 queries)"
+    apgd = {"settings": {"attack": "apgd-ce", "attack_settings": {"method": "apgd", "steps": 40, "loss": "ce"}}}
+    assert table.report_budget(apgd) == {"steps": 40, "targets": None, "square_queries": None}
 
 
 def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
