@@ -140,7 +140,10 @@ class InputBinarization(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["defense"], name)
+            inner = self.__dict__.get("_modules", {}).get("defense")
+            if inner is None:  # not yet (or no longer) wrapping anything: e.g. while being copied
+                raise
+            return getattr(inner, name)
 
 
 def unwrap_defense(defense: nn.Module) -> nn.Module:

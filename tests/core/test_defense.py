@@ -1,4 +1,6 @@
 """core.defense: the one place a defense is assembled."""
+import copy
+
 import pytest
 import torch
 
@@ -78,6 +80,11 @@ def test_binarized_defense_sees_a_thresholded_image_and_passes_gradients_straigh
     assert isinstance(unwrap_defense(rdc), RobustDiffusionClassifier) and rdc.threshold == 0.3
     assert rdc.grad_mode == "exact" and rdc.maximizer.settings == p
     assert gradient_warning(rdc) == gradient_warning(unwrap_defense(rdc)) is not None
+    copied = copy.deepcopy(binary)
+    with torch.no_grad():
+        assert torch.equal(copied(x), binary(x))
+    with pytest.raises(AttributeError):
+        binary.no_such_attribute
     for bad in (0.0, 1.0, -0.2):
         with pytest.raises(ValueError, match="strictly between 0 and 1"):
             build_defense("dc", model, clf, binarize=bad)
