@@ -1072,18 +1072,19 @@ def extends_follow_up(old: dict[str, Any] | None, new: dict[str, Any] | None) ->
     return len(old_stages) > len(new_stages) and old_stages[:len(new_stages)] == new_stages
 
 
+def _smaller_sample(stored: dict[str, Any] | None, row: dict[str, Any]) -> bool:
+    """Whether ``row`` attacked fewer examples than ``stored`` (a row of the same
+    :func:`result_key`) with the same budget: a smaller sample of the same measurement."""
+    return stored is not None and row["n"] < stored["n"] and row.get("budget") == stored.get("budget")
+
+
 def smaller_than_stored(existing: list[dict[str, Any]],
                         measured: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
-    """The (stored, measured) pairs of rows of the same :func:`result_key` where the measured row
-    attacked fewer examples with the same budget: a smaller sample of the same measurement,
-    which :func:`merge_results` does not let replace the larger one."""
+    """The (stored, measured) pairs where the measured row is a smaller sample of the stored one
+    (:func:`_smaller_sample`), which :func:`merge_results` does not let replace it."""
     existing_by_key = {result_key(r): r for r in existing}
-    pairs = []
-    for row in measured:
-        old = existing_by_key.get(result_key(row))
-        if old is not None and row["n"] < old["n"] and row.get("budget") == old.get("budget"):
-            pairs.append((old, row))
-    return pairs
+    return [(existing_by_key[result_key(row)], row) for row in measured
+            if _smaller_sample(existing_by_key.get(result_key(row)), row)]
 
 
 def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -1096,12 +1097,11 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
     that row's follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`). A row made by the
     same commands (and follow-ups) keeps its date."""
     existing_by_key = {result_key(r): r for r in existing}
-    smaller = {id(row) for _, row in smaller_than_stored(existing, measured)}
     incoming = {}
     for row in measured:
-        if id(row) in smaller:
-            continue
         old = existing_by_key.get(result_key(row))
+        if _smaller_sample(old, row):
+            continue
         # checks not run by this invocation (--no-checks, --check-rows) are not checks that
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
         if row.get("masking_checks") is None and old is not None and old.get("masking_checks"):

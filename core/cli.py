@@ -153,14 +153,17 @@ def parse_fraction(text: str, flag: str = "") -> float:
 
 
 def _threshold(text: str) -> float:
-    """``--binarize``'s threshold: a number strictly between 0 and 1."""
+    """``--binarize``'s threshold (:func:`core.defense.binarization_threshold`) as a usage error."""
+    from .defense import binarization_threshold
+
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"must lie strictly between 0 and 1, not {value:g}")
-    return value
+    try:
+        return binarization_threshold(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _add_binarize_arg(p: argparse.ArgumentParser) -> None:

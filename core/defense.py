@@ -110,6 +110,19 @@ def build_maximizer(model: LoadedModel, settings: PurifySettings | None = None) 
     return LikelihoodMaximizer(purifier_net(model, settings), settings)
 
 
+def binarization_threshold(value: float) -> float:
+    """``value`` as a binarisation threshold, which must lie strictly between 0 and 1.
+
+    Raises
+    ------
+    ValueError
+        When it does not.
+    """
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"the binarisation threshold must lie strictly between 0 and 1, not {value:g}")
+    return float(value)
+
+
 class InputBinarization(nn.Module):
     """A defense that sees its input binarised: every pixel becomes 1 above ``threshold``,
     else 0 (the Binary-ABS trick of Schott et al., 2019, for l-inf on MNIST: a perturbation
@@ -123,10 +136,8 @@ class InputBinarization(nn.Module):
 
     def __init__(self, defense: nn.Module, threshold: float = 0.5) -> None:
         super().__init__()
-        if not 0.0 < threshold < 1.0:
-            raise ValueError(f"the binarisation threshold must lie strictly between 0 and 1, not {threshold}")
+        self.threshold = binarization_threshold(threshold)
         self.defense = defense
-        self.threshold = float(threshold)
 
     def binarize(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` thresholded, with the straight-through (identity) gradient."""

@@ -884,8 +884,7 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         if config.indices is not None:
             picked = torch.tensor(selected)
             clean_data = replace(ds, images=ds.images[picked], labels=ds.labels[picked])
-        for rec in evaluate_clean(defense, clean_data, total,
-                                  config.batch_size, cancelled=cancelled):
+        for rec in evaluate_clean(defense, clean_data, total, config.batch_size, cancelled=cancelled):
             steps.append(rec)
             if progress is not None:
                 progress(EvalProgress(rec.done, total, rec.accuracy))
