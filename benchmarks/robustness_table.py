@@ -54,7 +54,9 @@ it in stages (STEPS/TARGETS/QUERIES each): a stage attacks the examples every ea
 once all of them finished, and the row's ``follow_up`` holds the next stage under ``then``. A
 stage ``square/QUERIES`` runs Square alone (gradient-free: for defenses whose gradients are
 suspect, such as input binarisation; an RDC row runs it once per gradient mode like any
-stage). A later run with fewer stages (or none) that re-reads the same evaluations keeps the
+stage), and ``flip/STEPS`` the threshold-flip attack (``rdc eval --attack flip``: a greedy
+search over the pixels eps can carry across the binarisation threshold), for the rows of a
+binarised defense only. A later run with fewer stages (or none) that re-reads the same evaluations keeps the
 longer chain.
 
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
@@ -167,42 +169,65 @@ class Row:
 
 @dataclass(frozen=True)
 class FollowUpBudget:
-    """The budget of one follow-up stage: the ensemble's, or Square's alone (``steps`` 0)."""
+    """The budget of one follow-up stage: the ensemble's, Square's alone (``steps`` 0), or the
+    threshold-flip attack's (``attack`` "flip", ``steps`` iterations; binarised rows only)."""
 
     steps: int
     targets: int
     square_queries: int
+    attack: str = ""  # the ``rdc eval --attack`` of the stage; "" picks ensemble or square (see below)
 
-    @property
-    def attack(self) -> str:
-        """The ``rdc eval --attack`` of the stage: ``ensemble``, or ``square`` without gradient steps."""
-        return "ensemble" if self.steps else "square"
+    def __post_init__(self) -> None:
+        if not self.attack:
+            object.__setattr__(self, "attack", "ensemble" if self.steps else "square")
 
     @property
     def tag(self) -> str:
-        """The budget in a file stem, e.g. ``s100t9q5000`` (``square-q1000`` for Square alone)."""
+        """The budget in a file stem, e.g. ``s100t9q5000`` (``square-q1000`` for Square alone,
+        ``flip-s50`` for the flip attack)."""
+        if self.attack == "flip":
+            return f"flip-s{self.steps}"
         return f"s{self.steps}t{self.targets}q{self.square_queries}" if self.steps else f"square-q{self.square_queries}"
 
-    def as_dict(self) -> dict[str, int]:
-        return {"steps": self.steps, "targets": self.targets, "square_queries": self.square_queries}
+    def as_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"steps": self.steps, "targets": self.targets, "square_queries": self.square_queries}
+        if self.attack == "flip":
+            d["attack"] = self.attack
+        return d
 
 
 def parse_follow_up(text: str) -> list[FollowUpBudget]:
-    """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (the ensemble) or
-    ``square/QUERIES`` (Square alone), e.g. ``100/3/1000,100/9/5000`` or ``square/1000``."""
+    """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (the ensemble),
+    ``square/QUERIES`` (Square alone) or ``flip/STEPS`` (the threshold-flip attack, for rows
+    of a binarised defense), e.g. ``100/3/1000,100/9/5000`` or ``square/1000,flip/50``."""
     stages = []
     for part in _split_list(text):
         fields = part.split("/")
-        if len(fields) == 2 and fields[0] == "square" and fields[1].isdigit() and int(fields[1]) > 0:
-            stages.append(FollowUpBudget(0, 0, int(fields[1])))
+        if len(fields) == 2 and fields[0] in ("square", "flip") and fields[1].isdigit() and int(fields[1]) > 0:
+            count = int(fields[1])
+            stages.append(FollowUpBudget(0, 0, count) if fields[0] == "square" else FollowUpBudget(count, 0, 0, "flip"))
             continue
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
             raise ValueError(f"a follow-up stage is STEPS/TARGETS/QUERIES with three positive whole numbers, "
-                             f"or square/QUERIES, not {part!r}")
+                             f"square/QUERIES or flip/STEPS, not {part!r}")
         stages.append(FollowUpBudget(*map(int, fields)))
     if not stages:
         raise ValueError("--follow-up needs at least one STEPS/TARGETS/QUERIES stage")
     return stages
+
+
+def check_follow_up_stages(rows: list[Row], stages: list[FollowUpBudget]) -> None:
+    """Refuse a flip stage when a selected row's defense does not binarise its input.
+
+    Raises
+    ------
+    SystemExit
+        Naming the rows the flip attack cannot attack.
+    """
+    plain = [row.key for row in rows if row.binarize is None]
+    if plain and any(stage.attack == "flip" for stage in stages):
+        raise SystemExit(f"robustness_table: a flip/STEPS follow-up attacks a binarised defense only (binary-dc-*), "
+                         f"not {', '.join(plain)}")
 
 
 @dataclass(frozen=True)
@@ -866,6 +891,8 @@ def describe_attacks(row: dict[str, Any]) -> str:
     text = f"{name} ({', '.join(parts)})" if parts else name
     if list(row["attacks"]) == ["square"] and budget.get("square_queries"):
         text = f"Square alone ({budget['square_queries']} queries)"
+    if list(row["attacks"]) == ["flip"] and budget.get("steps"):
+        text = f"the threshold-flip attack ({budget['steps']} iterations)"
     follow = row.get("follow_up")
     if follow is not None and not follow["n"]:
         return f"{text}; no survivors to follow up"
@@ -1441,7 +1468,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack the survivors of every finished row again (for the RDC: the examples that survived "
                         "all three gradient modes, attacked with each) with the ensemble and the --follow-up-* "
                         "budget, or in stages with the budgets given (e.g. 100/3/1000,100/9/5000: each stage "
-                        "attacks what the ones before it left; square/QUERIES: Square alone); the row then counts "
+                        "attacks what the ones before it left; square/QUERIES: Square alone; flip/STEPS: the "
+                        "threshold-flip attack, binary-dc rows only); the row then counts "
                         "an example robust only if every run left it robust")
     p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of a one-stage follow-up")
     p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of a one-stage follow-up")
@@ -1504,6 +1532,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(from {args.results})")
         return 0
     rows = build_rows(args)
+    check_follow_up_stages(rows, args.follow_up)
     add_model_digests(args)
     out_dir = Path(args.out_dir)
     results_path = None if args.results.lower() == "none" else Path(args.results)

@@ -21,7 +21,8 @@ PRESETS = ("paper", "paper-code", "fast")
 """Named settings of :mod:`core.presets` (the RDC paper's, the released code's, a fast one)."""
 
 NAMED_ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t": ("apgd", "dlr-targeted"),
-                 "pgd": ("pgd", "ce"), "square": ("square", "margin")}
-"""Single attacks by name: (method, loss) of :class:`core.attacks.AttackSettings`."""
+                 "pgd": ("pgd", "ce"), "square": ("square", "margin"), "flip": ("flip", "margin")}
+"""Single attacks by name: (method, loss) of :class:`core.attacks.AttackSettings` (``flip``: only
+against a defense that binarises its input, ``--binarize``)."""
 EVAL_ATTACKS = ("none", "ensemble", "transfer") + tuple(sorted(NAMED_ATTACKS))
 """What an evaluation can run: nothing (clean accuracy), the ensemble, its transfer attack alone, or one attack."""

@@ -635,6 +635,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     import resource
 
     from .attacks import AttackSettings, attack, run_to_end
+    from .defense import attack_threshold
     from .images import save_png_atomic
     from .models import atomic_write_json
 
@@ -652,7 +653,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
         settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
                                   steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed,
                                   step_size=parse_fraction(args.step_size, "--step-size") if args.step_size else None,
-                                  target=args.target, p_init=args.p_init)
+                                  target=args.target, p_init=args.p_init,
+                                  threshold=attack_threshold(method, args.binarize))
     except ValueError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
     y = torch.tensor([label], device=x.device)

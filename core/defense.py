@@ -123,6 +123,23 @@ def binarization_threshold(value: float) -> float:
     return float(value)
 
 
+def attack_threshold(method: str, binarize: float | None) -> float:
+    """The ``threshold`` of :class:`core.attacks.AttackSettings` for attack ``method`` on a
+    defense binarised at ``binarize`` (None: not binarised): the flip attack needs the
+    defense's threshold; other attacks ignore it.
+
+    Raises
+    ------
+    ValueError
+        For the flip attack on a defense that does not binarise its input.
+    """
+    if method != "flip":
+        return 0.5
+    if binarize is None:
+        raise ValueError("the flip attack is for a defense that binarises its input: give --binarize THRESHOLD")
+    return binarization_threshold(binarize)
+
+
 class InputBinarization(nn.Module):
     """A defense that sees its input binarised: every pixel becomes 1 above ``threshold``,
     else 0 (the Binary-ABS trick of Schott et al., 2019, for l-inf on MNIST: a perturbation

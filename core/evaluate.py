@@ -784,11 +784,13 @@ def single_attack_settings(config: EvalConfig):
     """The :class:`core.attacks.AttackSettings` of ``config.attack`` naming one attack."""
     from .attacks import AttackSettings
     from .choices import NAMED_ATTACKS
+    from .defense import attack_threshold
 
     method, loss = NAMED_ATTACKS[config.attack]
     steps = config.square_queries if method == "square" and config.square_queries else config.steps
     return AttackSettings(method=method, loss=loss, norm=config.norm, eps=config.eps, steps=steps,
-                          restarts=config.restarts, eot=config.eot, seed=config.seed, p_init=config.p_init)
+                          restarts=config.restarts, eot=config.eot, seed=config.seed, p_init=config.p_init,
+                          threshold=attack_threshold(method, config.binarize))
 
 
 def _ensemble(config: EvalConfig, dataset: TensorDataset, device: str):

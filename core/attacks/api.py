@@ -93,6 +93,16 @@ class Square(Attack):
                                                restarts=n_restarts, p_init=p_init, eot=eot_iter, seed=seed))
 
 
+class Flip(Attack):
+    """The threshold-flip attack (l-inf) on a defense that binarises its input at ``threshold``
+    (:func:`core.attacks.flip.flip_attack`): greedy flips of the pixels eps can carry across it."""
+
+    def __init__(self, model: nn.Module, eps: float = 0.3, threshold: float = 0.5, steps: int = 100,
+                 n_restarts: int = 1, seed: int = 0) -> None:
+        super().__init__(model, AttackSettings(method="flip", norm="linf", eps=eps, steps=steps,
+                                               restarts=n_restarts, seed=seed, threshold=threshold))
+
+
 class APGDT(Attack):
     """Targeted APGD with the targeted-DLR loss, run once per runner-up class
     (``n_target_classes`` of them), each on the examples still unbroken (AutoAttack's APGD-T)."""

@@ -45,7 +45,7 @@ def stops_when_cancelled(func: Callable[..., Generator[Any, None, R]]) -> Callab
 
 NORMS = ("linf", "l2")
 LOSSES = ("ce", "dlr", "dlr-targeted", "margin")
-METHODS = ("apgd", "pgd", "square")
+METHODS = ("apgd", "pgd", "square", "flip")
 
 
 @dataclass
@@ -55,9 +55,12 @@ class AttackSettings:
     ``method`` "square" is gradient-free: ``steps`` is its number of iterations (one query
     of the model each), ``p_init`` the initial fraction of pixels changed per iteration, and
     it always minimises the margin loss (``loss`` "ce", the default, becomes "margin").
+    ``method`` "flip" (:func:`core.attacks.flip.flip_attack`, l-inf only) attacks a defense
+    that binarises its input at ``threshold``: ``steps`` is its number of iterations, and it
+    minimises the margin loss too.
     """
 
-    method: str = "apgd"  # "apgd", "pgd" or "square"
+    method: str = "apgd"  # "apgd", "pgd", "square" or "flip"
     loss: str = "ce"
     norm: str = "linf"
     eps: float = 0.3
@@ -70,6 +73,7 @@ class AttackSettings:
     seed: int = 0
     p_init: float = 0.8  # Square: initial fraction of pixels in the square (AutoAttack's standard value)
     target_rank: int = 1  # targeted-DLR without ``target``: 1 = runner-up class, 2 = third-ranked, ...
+    threshold: float = 0.5  # flip only: the binarisation threshold of the attacked defense
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -82,17 +86,25 @@ class AttackSettings:
             raise ValueError("need eps >= 0, steps >= 1, restarts >= 1, eot >= 1")
         if not 0 < self.p_init <= 1 or self.target_rank < 1:
             raise ValueError("need 0 < p_init <= 1 and target_rank >= 1")
-        if self.method == "square":
+        if self.method in ("square", "flip"):
             if self.loss not in ("ce", "margin"):
-                raise ValueError("square is untargeted and uses the margin loss")
+                raise ValueError(f"{self.method} is untargeted and uses the margin loss")
             self.loss = "margin"
+        if self.method == "flip":
+            if self.norm != "linf":
+                raise ValueError("the flip attack is l-inf only (a binarised pixel flips when it crosses the "
+                                 "threshold, whatever the l2 cost)")
+            if not 0 < self.threshold < 1:
+                raise ValueError(f"the flip attack's threshold must lie strictly between 0 and 1, not {self.threshold}")
 
     def to_dict(self) -> dict:
-        """The settings as a plain dict, without the Square and target-rank fields where they
-        play no part (so reports and resumable states of other attacks keep their form)."""
+        """The settings as a plain dict, without the Square, flip and target-rank fields where
+        they play no part (so reports and resumable states of other attacks keep their form)."""
         d = dict(self.__dict__)
         if self.method != "square":
             d.pop("p_init")
+        if self.method != "flip":
+            d.pop("threshold")
         if self.target_rank == 1:
             d.pop("target_rank")
         return d

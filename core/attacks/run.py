@@ -11,13 +11,14 @@ from torch import nn
 
 from .apgd import gradient_attack
 from .base import AttackResult, AttackSettings, AttackStep, Cancelled
+from .flip import flip_attack
 from .square import square_attack
 
 
 def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: AttackSettings,
            cancelled: Cancelled | None = None,
            example_ids: list[int] | None = None) -> Generator[AttackStep, None, AttackResult | None]:
-    """Run the attack ``settings`` describe (APGD, PGD or Square), yielding a record per
+    """Run the attack ``settings`` describe (APGD, PGD, Square or flip), yielding a record per
     iteration; returns the validated :class:`AttackResult` (None when cancelled).
 
     ``y`` None attacks the model's own clean predictions. ``example_ids`` (default
@@ -30,6 +31,8 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: 
     ids = list(range(x0.shape[0])) if example_ids is None else [int(i) for i in example_ids]
     if settings.method == "square":
         return (yield from square_attack(model, x0, y, settings, cancelled, ids))
+    if settings.method == "flip":
+        return (yield from flip_attack(model, x0, y, settings, cancelled, ids))
     return (yield from gradient_attack(model, x0, y, settings, cancelled, ids))
 
 

@@ -879,7 +879,22 @@ def test_follow_up_stages_are_checked(table):
     assert table.describe_attacks({"attacks": ["apgd-ce"], "budget": {}, "follow_up": {
         "n": 3, "broke": 1, "attacks": ["square"], "budget": {"steps": None, "targets": None, "square_queries": 1000}}}) \
         == "apgd-ce; then Square alone (1000 queries) on its 3 survivors, which broke 1"
-    for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2"):
+    flip = table.parse_args(["--follow-up", "square/500,flip/50"]).follow_up
+    assert [(b.attack, b.tag) for b in flip] == [("square", "square-q500"), ("flip", "flip-s50")]
+    assert flip[1].as_dict() == {"steps": 50, "targets": 0, "square_queries": 0, "attack": "flip"}
+    args = table.add_model_digests(table.parse_args(["--rows", "binary-dc-linf-0.3", "--follow-up", "flip/50"]))
+    [binary] = table.build_rows(args)
+    table.check_follow_up_stages([binary], args.follow_up)
+    parsed = build_parser().parse_args(table.follow_up_evaluation(args, binary, [4, 7], flip[1]).argv)
+    assert (parsed.attack, parsed.steps, parsed.binarize, parsed.indices) == ("flip", 50, 0.5, "4,7")
+    with pytest.raises(SystemExit, match="binarised defense only"):
+        table.check_follow_up_stages([row, binary], args.follow_up)
+    with pytest.raises(SystemExit, match="binarised defense only"):
+        table.main(["--rows", "dc-linf-0.3", "--follow-up", "flip/5", "--dry-run"])
+    assert table.describe_attacks({"attacks": ["apgd-ce"], "budget": {}, "follow_up": {
+        "n": 3, "broke": 0, "attacks": ["flip"], "budget": {"steps": 50, "targets": None, "square_queries": None}}}) \
+        == "apgd-ce; then the threshold-flip attack (50 iterations) on its 3 survivors, which broke none"
+    for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2", "flip/0", "flip/2/3"):
         with pytest.raises(SystemExit):
             table.parse_args(["--follow-up", bad])
     assert not table.extends_follow_up({"n": 2}, {"n": 2}) and table.extends_follow_up({"n": 2}, None)

@@ -305,3 +305,97 @@ def test_ensemble_transfer_and_targets():
     assert three.attack_queries["apgd-t"] == 3 * one.attack_queries["apgd-t"] > 0
     fifty = run_to_end(ensemble_attack(model, x, y, [EnsembleMember("apgd-t", t, targets=50)]))
     assert fifty.attack_queries["apgd-t"] == 9 * one.attack_queries["apgd-t"]
+
+
+class _TwoClassLinear(nn.Module):
+    """Logits (0, w . x + c): on binarised input its margin is linear in the bits, so the
+    lowest margin any set of flips reaches is known exactly."""
+
+    def __init__(self, w: torch.Tensor, c: float) -> None:
+        super().__init__()
+        self.w, self.c = w, c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        score = x.flatten(1) @ self.w.flatten() + self.c
+        return torch.stack([torch.zeros_like(score), score], 1)
+
+
+def test_flippable_pixels_are_those_eps_carries_across_the_threshold():
+    from rdc_studio.core.attacks import flippable_pixels
+
+    x = torch.tensor([0.0, 0.1, 0.21, 0.5, 0.51, 0.79, 0.8, 0.81, 1.0]).view(1, 1, 1, 9)
+    x = torch.round(x * 255) / 255
+    flippable, value = flippable_pixels(x, 0.3, 0.5)
+    # 0.8 is 204/255: the nearest 8-bit value within 0.3 is 128/255, still above 0.5
+    assert flippable.flatten().tolist() == [False, False, True, True, True, True, False, False, False]
+    binary = lambda z: (z > 0.5).float()  # noqa: E731  (as core.defense.InputBinarization sees it)
+    assert torch.all(binary(value)[flippable] != binary(x)[flippable])
+    assert float((value - x).abs().max()) <= 0.3 + 1e-6 and torch.equal(torch.round(value * 255), value * 255)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_flip_attack_finds_the_exact_optimum_of_a_linear_model_on_bits(seed):
+    """For a margin linear in the bits the best flips are known: flip every reachable pixel
+    whose weight pushes the right way. The attack breaks exactly the examples that optimum
+    breaks, and stays inside the ball, on the 8-bit grid."""
+    from rdc_studio.core.attacks import Flip, flippable_pixels
+    from rdc_studio.core.defense import InputBinarization
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(1, 6, 6, generator=g)
+    x = torch.round(torch.rand(12, 1, 6, 6, generator=g) * 255) / 255
+    bits = (x > 0.5).float()
+    flippable, value = flippable_pixels(x, 0.3, 0.5)
+    gain = torch.where(flippable, ((value > 0.5).float() - bits) * w, torch.zeros_like(x)).clamp(max=0)
+    lowest = (bits * w).flatten(1).sum(1) + gain.flatten(1).sum(1)  # the optimum without c
+    c = float(-lowest.median()) + 1e-3  # about half the examples can be broken (no ties at 0)
+    model = InputBinarization(_TwoClassLinear(w, c), 0.5)
+    y = torch.ones(12, dtype=torch.long)
+    clean_ok = model(x).argmax(1) == 1
+    attacker = Flip(model, eps=0.3, threshold=0.5, steps=60)
+    attacker(x, y)
+    result = attacker.last_result
+    breakable = (lowest + c < 0) & clean_ok
+    assert torch.equal(result.success & clean_ok, breakable)
+    assert bool(breakable.any()) and bool((clean_ok & ~breakable).any())
+    assert float(result.linf.max()) <= 0.3 + 1e-6 and all(result.checks.values())
+
+
+def test_flip_attack_is_independent_of_batching_and_stops_when_nothing_is_reachable(toy):
+    from rdc_studio.core.attacks import Flip
+    from rdc_studio.core.defense import InputBinarization
+
+    model, x, y = toy
+    binarised = InputBinarization(model, 0.5)
+    y = binarised(x).argmax(1)
+    together = Flip(binarised, eps=0.2, steps=8, n_restarts=2).run(x[:5], y[:5], example_ids=list(range(5)))
+    for k in range(5):
+        alone = Flip(binarised, eps=0.2, steps=8, n_restarts=2).run(x[k:k + 1], y[k:k + 1], example_ids=[k])
+        assert torch.equal(alone.adversarial[0], together.adversarial[k])
+    hard = (x[:3] > 0.5).float()  # 0 and 1 only: eps 0.3 reaches no threshold crossing
+    result = Flip(binarised, eps=0.3, steps=50).run(hard, binarised(hard).argmax(1))
+    assert not result.success.any() and torch.equal(result.adversarial, hard)
+    assert int(result.example_queries.max()) <= 3  # the clean pass, one gradient, the final check
+
+
+def test_flip_attack_settings_and_cancellation(toy):
+    from rdc_studio.core.defense import InputBinarization
+
+    with pytest.raises(ValueError, match="l-inf only"):
+        AttackSettings(method="flip", norm="l2", eps=1.0)
+    with pytest.raises(ValueError, match="threshold"):
+        AttackSettings(method="flip", threshold=1.0)
+    with pytest.raises(ValueError, match="margin"):
+        AttackSettings(method="flip", loss="dlr")
+    s = AttackSettings(method="flip", eps=0.3, steps=5, threshold=0.4)
+    assert s.loss == "margin" and s.to_dict()["threshold"] == 0.4
+    assert "threshold" not in AttackSettings().to_dict()  # other attacks' reports keep their form
+    model, x, y = toy
+    polls = []
+
+    def cancelled() -> bool:
+        polls.append(1)
+        return len(polls) > 3
+
+    steps = list(attack(InputBinarization(model, 0.4), x, y, s, cancelled))
+    assert len(steps) < 5 and run_to_end(attack(InputBinarization(model, 0.4), x, y, s, lambda: True)) is None

@@ -126,6 +126,29 @@ def test_eval_and_attack_of_a_binarized_defense(tiny_checkpoint, digit_png, tmp_
         assert "--binarize" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_flip_attack_needs_a_binarized_defense(tiny_checkpoint, digit_png, tmp_path, capsys):
+    """`--attack flip` attacks the threshold the defense binarises at (recorded in the
+    report); without --binarize it is a clear error."""
+    args = ["eval", "--dataset", "mnist", "--n", "2", "--defense", "dc", "--attack", "flip", "--norm", "linf",
+            "--eps", "0.3", "--steps", "2", "--levels", "2", "--batch-size", "2", "--model", str(tiny_checkpoint)]
+    with pytest.raises(SystemExit, match="binarise"):
+        main(args + ["--out", str(tmp_path / "plain.json")])
+    assert not (tmp_path / "plain.json").exists()
+    assert main(args + ["--binarize", "0.4", "--out", str(tmp_path / "flip.json")]) == 0
+    report = json.loads((tmp_path / "flip.json").read_text())
+    assert report["settings"]["attack_settings"]["threshold"] == 0.4 and report["settings"]["binarize"] == 0.4
+    assert report["settings"]["attack_settings"]["method"] == "flip" and report["n"] == 2
+    assert main(["attack", str(digit_png), "--attack", "flip", "--defense", "dc", "--binarize", "0.5", "--eps", "0.3",
+                 "--steps", "2", "--model", str(tiny_checkpoint), "--levels", "2", "--report",
+                 str(tmp_path / "r.json"), "--quiet"]) == 0
+    attacked = json.loads((tmp_path / "r.json").read_text())
+    assert attacked["settings"]["method"] == "flip" and attacked["linf"] <= 0.3 + 1e-6
+    with pytest.raises(SystemExit, match="binarise"):
+        main(["attack", str(digit_png), "--attack", "flip", "--defense", "dc", "--model", str(tiny_checkpoint),
+              "--levels", "2", "--quiet"])
+
+
 def test_wilson_interval_known_values():
     from rdc_studio.core.evaluate import wilson_interval
 
