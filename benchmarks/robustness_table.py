@@ -73,7 +73,7 @@ evaluations are shared by the rows of one defense and norm; Square and transfer 
 RDC gradient modes of one threat model (they take no gradient of the defense).
 
     python benchmarks/robustness_table.py --out-dir runs/robustness-table
-    python benchmarks/robustness_table.py --dry-run          # print the commands only
+    python benchmarks/robustness_table.py --dry-run          # the commands, and how far unfinished ones got
     python benchmarks/robustness_table.py --rows 'cnn-*,dc-linf-*' --n-row 'dc-linf-0.3=50' --no-checks
     python benchmarks/robustness_table.py --rows '*-linf-0.3' --follow-up   # survivors again, full budget
     python benchmarks/robustness_table.py --rows '*-linf-0.3' --follow-up 100/3/1000,100/9/5000  # in stages
@@ -566,17 +566,48 @@ def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluatio
     return evs
 
 
-def _done_in_state(path: Path) -> int:
-    """Examples already recorded in a resumable state file (0 when there is none)."""
+def _state_records(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
+    """The header and the per-example records (by index) of a resumable state file
+    (empty when there is none; unreadable lines are skipped, as ``rdc eval`` does)."""
     if not path.exists():
-        return 0
-    done = set()
-    for line in path.read_text().splitlines()[1:]:
+        return {}, {}
+    lines = path.read_text().splitlines()
+    try:
+        header = json.loads(lines[0]) if lines else {}
+    except json.JSONDecodeError:
+        header = {}
+    records = {}
+    for line in lines[1:]:
         try:
-            done.add(int(json.loads(line)["index"]))
+            record = json.loads(line)
+            records[int(record["index"])] = record
         except (json.JSONDecodeError, KeyError, TypeError, ValueError):
             continue
-    return len(done)
+    return header, records
+
+
+def _done_in_state(path: Path) -> int:
+    """Examples already recorded in a resumable state file (0 when there is none)."""
+    return len(_state_records(path)[1])
+
+
+def state_progress(ev: Evaluation, out_dir: Path) -> str | None:
+    """How far an unfinished evaluation has got, from its state file (and those of its shards
+    under ``torchrun``): examples done of all, and how many of them an attack broke so far;
+    None when it has no state yet."""
+    base = out_dir / f"{ev.name}.state.jsonl"
+    paths = [base] + sorted(out_dir.glob(f"{ev.name}.state.jsonl.rank*-of-*"))
+    total, records = None, {}
+    for path in paths:
+        header, mine = _state_records(path)
+        total = total or (header.get("settings") or {}).get("n")
+        records.update(mine)
+    if not records and not base.exists():
+        return None
+    broken = sum(1 for r in records.values() if r.get("clean_correct") and not r.get("robust_correct"))
+    wrong = sum(1 for r in records.values() if not r.get("clean_correct"))
+    text = f"{len(records)} of {total if total is not None else '?'} examples done, {broken} broken by the attack"
+    return text + (f", {wrong} misclassified clean" if wrong else "")
 
 
 _STEM_N = re.compile(r"^(?P<pre>.*-n)(?P<n>[0-9]+)(?P<post>(-[msc][0-9a-f]{8})+)$")
@@ -1488,7 +1519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--large-eps-l2", default="6")
     p.add_argument("--large-eps-max-acc", type=float, default=0.02, help="check (a): robust accuracy allowed")
     p.add_argument("--max-change", type=float, default=0.01, help="check (d): largest change allowed")
-    p.add_argument("--dry-run", action="store_true", help="print the rdc eval commands and exit")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the rdc eval commands (and how far unfinished ones have got) and exit")
     p.add_argument("--readme", action="store_true",
                    help="only regenerate the README's robustness table from --results (for --model and --cnn); "
                         "measures nothing")
@@ -1540,8 +1572,13 @@ def main(argv: list[str] | None = None) -> int:
     check_evs = [(row, check_evaluations(args, row)) for row in select_rows(rows, args.check_rows, "--check-rows")
                  ] if args.checks else []
     if args.dry_run:
-        for _, ev in row_evs:
+        def show(ev: Evaluation) -> None:
             print(ev.command)
+            if _existing_report(ev, out_dir) is None and (progress := state_progress(ev, out_dir)) is not None:
+                print(f"#   unfinished: {progress} (state {out_dir / ev.name}.state.jsonl)")
+
+        for _, ev in row_evs:
+            show(ev)
         if args.follow_up:
             print("# follow-ups: each stage's attacks on each row's survivors, once its report (and the "
                   "earlier stages') exists")
@@ -1550,7 +1587,7 @@ def main(argv: list[str] | None = None) -> int:
             known: FollowUps = {}
             for stage in range(len(args.follow_up)):
                 for row, ev in follow_up_evaluations(args, finished, known, stage):
-                    print(ev.command)
+                    show(ev)
                     if (rep := _existing_report(ev, out_dir)) is not None:
                         known.setdefault(row.key, []).append((ev, rep))
         if check_evs:
@@ -1559,7 +1596,7 @@ def main(argv: list[str] | None = None) -> int:
             for row, evs in check_evs:
                 for ev in evs.values():
                     if ev.name not in printed:  # the eps sweep is shared by the rows of one norm
-                        print(ev.command)
+                        show(ev)
                         printed.add(ev.name)
         return 0
     out_dir.mkdir(parents=True, exist_ok=True)

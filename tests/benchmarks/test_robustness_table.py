@@ -65,6 +65,30 @@ def test_dry_run_prints_one_rdc_eval_command_per_row(table, tmp_path, capsys):
     assert not out_dir.exists() and not (tmp_path / "robustness.json").exists()  # a dry run writes nothing
 
 
+def test_dry_run_says_how_far_an_unfinished_evaluation_got(table, tmp_path, capsys):
+    """An evaluation with a state file and no report gets a comment line: examples done of
+    all and how many the attack broke (summed over torchrun shards' state files)."""
+    out_dir = tmp_path / "runs"
+    argv = ["--dry-run", "--no-checks", "--rows", "dc-linf-0.3", "--n-row", "dc-*=5", "--out-dir", str(out_dir)]
+    assert table.main(argv) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    state = Path(build_parser().parse_args(shlex.split(line)[1:]).state)
+    out_dir.mkdir()
+    header = json.dumps({"settings": {"n": 5}})
+    records = [{"index": 0, "clean_correct": True, "robust_correct": True},
+               {"index": 1, "clean_correct": True, "robust_correct": False},
+               {"index": 2, "clean_correct": False, "robust_correct": False}]
+    state.write_text("\n".join([header] + [json.dumps(r) for r in records[:2]]) + "\nnot json\n")
+    Path(f"{state}.rank1-of-2").write_text("\n".join([header, json.dumps(records[2])]) + "\n")
+    assert table.main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == (f"#   unfinished: 3 of 5 examples done, 1 broken by the attack, 1 misclassified clean "
+                        f"(state {state})")
+    report = {"settings": {"command": "rdc " + " ".join(shlex.quote(a) for a in shlex.split(line)[1:])}}
+    Path(str(state).removesuffix(".state.jsonl") + ".json").write_text(json.dumps(report))
+    assert table.main(argv) == 0 and capsys.readouterr().out.splitlines() == [line]  # finished: no comment
+
+
 def _model_digest(name: str) -> str:
     return hashlib.sha256((ROOT / "resources" / "models" / f"{name}.safetensors").read_bytes()).hexdigest()
 
