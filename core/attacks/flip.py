@@ -58,9 +58,10 @@ def flip_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, s: A
     image. When none does, the top-ranked pixel is set aside until the next accepted move, so
     the next iteration tries others. When the gradient leaves no pixel worth toggling, the
     iteration queries every single toggle exactly instead and keeps the best if it helps. An
-    example stops once misclassified, or at a local minimum that no single toggle improves. The first start is the clean image; each further restart
-    (``restarts``) starts from :data:`RANDOM_START_FRACTION` of the flippable pixels flipped,
-    drawn from the example's own seed, so results do not depend on batching.
+    example stops once misclassified, or at a local minimum that no single toggle improves.
+    The first start is the clean image; each further restart (``restarts``) starts from
+    :data:`RANDOM_START_FRACTION` of the flippable pixels flipped, drawn from the example's own
+    seed, so results do not depend on batching.
 
     ``steps`` is the number of iterations; ``threshold`` the defense's binarisation threshold.
     Yields an :class:`AttackStep` per iteration (``step_size`` holds the number of pixels
@@ -132,26 +133,26 @@ def flip_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, s: A
             usable = (flippable[rows] & ~set_aside[rows]).flatten(1) & (change < 0)
             order = torch.where(usable, change, torch.full_like(change, float("inf"))).argsort(dim=1)
             helpful = usable.sum(1).tolist()
-            owners, masks = [], []  # candidate images: (example, which pixels to toggle)
+            owners, masks = [], []  # candidate images: (example, its flips after toggling some pixels)
+
+            def propose(k: int, row: int, pixels: torch.Tensor) -> None:
+                toggle = torch.zeros(order.shape[1], dtype=torch.bool, device=device)
+                toggle[pixels] = True
+                owners.append((k, row))
+                masks.append(flipped[row] ^ toggle.view_as(flipped[row]))
+
             scanned = set()
             for k, row in enumerate(rows.tolist()):
                 if helpful[k] == 0:  # the gradient sees no way down: try every single toggle exactly
                     scanned.add(row)
-                    for pixel in flippable[row].flatten().nonzero()[:, 0].tolist():
-                        toggle = torch.zeros(order.shape[1], dtype=torch.bool, device=device)
-                        toggle[pixel] = True
-                        owners.append((k, row))
-                        masks.append(flipped[row] ^ toggle.view_as(flipped[row]))
-                    if not flippable[row].any():
-                        stuck[row] = True
+                    for pixel in flippable[row].flatten().nonzero()[:, 0]:
+                        propose(k, row, pixel)
+                    stuck[row] = not bool(flippable[row].any())
                     continue
                 for count in (2 ** j for j in range(MAX_BLOCK_SIZES)):
                     if count > helpful[k]:
                         break
-                    toggle = torch.zeros(order.shape[1], dtype=torch.bool, device=device)
-                    toggle[order[k, :count]] = True
-                    owners.append((k, row))
-                    masks.append(flipped[row] ^ toggle.view_as(flipped[row]))
+                    propose(k, row, order[k, :count])
             if owners:
                 new_flipped = torch.stack(masks)
                 owner_rows = torch.tensor([row for _, row in owners], device=device)
