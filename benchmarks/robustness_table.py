@@ -53,8 +53,8 @@ stem holds its budget and a digest of its indices. ``--follow-up 100/3/1000,100/
 it in stages (STEPS/TARGETS/QUERIES each): a stage attacks the examples every earlier one left,
 once all of them finished, and the row's ``follow_up`` holds the next stage under ``then``. A
 stage ``square/QUERIES`` runs Square alone (gradient-free: for defenses whose gradients are
-suspect, such as input binarisation; an RDC row runs it once per gradient mode like any
-stage), and ``flip/STEPS`` the threshold-flip attack (``rdc eval --attack flip``: a greedy
+suspect, such as input binarisation; for an RDC row it runs once, under the first gradient
+mode's name, and serves all three), and ``flip/STEPS`` the threshold-flip attack (``rdc eval --attack flip``: a greedy
 search over the pixels eps can carry across the binarisation threshold), for the rows of a
 binarised defense only. A later run with fewer stages (or none) that re-reads the same evaluations keeps the
 longer chain.
@@ -502,15 +502,23 @@ def follow_up_evaluations(args: argparse.Namespace, done: list[tuple[Row, Evalua
     """The evaluations of follow-up ``stage`` (0: the first of ``args.follow_up``) for the
     finished rows ``done`` whose earlier stages all finished (``follow_ups``) and left survivors:
     a CNN or DC row's own survivors; for the RDC, the examples that survived all three gradient
-    modes of the threat model, each mode attacking them with its own gradients."""
+    modes of the threat model, each mode attacking them with its own gradients, except that a
+    Square-alone stage (which takes no gradient) runs once, under the first mode's name, and
+    serves all three."""
     follow_ups = follow_ups or {}
     out = []
     for parts in result_parts(done):
         if finished_stages(parts, follow_ups) != stage:
             continue
         common = row_survivors(after_follow_ups(parts, follow_ups, stage))
-        if common:
-            out += [(row, follow_up_evaluation(args, row, common, args.follow_up[stage])) for row, _, _ in parts]
+        if not common:
+            continue
+        budget = args.follow_up[stage]
+        if budget.attack == "square":  # gradient-free: one run serves every gradient mode of the RDC
+            shared = follow_up_evaluation(args, parts[0][0], common, budget)
+            out += [(row, shared) for row, _, _ in parts]
+        else:
+            out += [(row, follow_up_evaluation(args, row, common, budget)) for row, _, _ in parts]
     return out
 
 
@@ -1051,7 +1059,8 @@ def follow_up_summary(args: argparse.Namespace, parts: list[tuple[Row, Evaluatio
     """``{"follow_up": ...}`` for a result row made of ``parts`` (one row, or the RDC's three
     gradient modes) when this run has ``--follow-up``, else ``{}``: the survivors follow-up
     ``stage`` attacked (``n``, ``indices``), its attacks and budget, how many of them it broke,
-    its commands (a list for the RDC) and seconds per attacked image (summed over the modes),
+    its commands (a list for the RDC, one per gradient mode unless one run served all) and seconds
+    per attacked image (summed over the runs),
     and under ``then`` the next stage's entry once it has finished. ``{}`` while the first stage
     has not finished: the row stands as measured."""
     if stage >= len(getattr(args, "follow_up", None) or []):
@@ -1064,14 +1073,14 @@ def follow_up_summary(args: argparse.Namespace, parts: list[tuple[Row, Evaluatio
                               "command": None}}
     if finished_stages(parts, follow_ups) <= stage:
         return {}
-    runs = [follow_ups[row.key][stage] for row, _, _ in parts]
+    runs = list({ev.name: (ev, rep) for ev, rep in (follow_ups[row.key][stage] for row, _, _ in parts)}.values())
     broken = set()
     for _, rep in runs:
         broken |= {r.index for r in example_rows(rep) if r.clean_correct and not r.robust_correct}
     commands = [made_by(ev, rep) for ev, rep in runs]
     entry = {"n": len(before), "indices": format_indices(before), "attacks": report_attacks(runs[0][1]),
              "budget": report_budget(runs[0][1]), "broke": len(broken & set(before)),
-             "command": commands[0] if len(parts) == 1 else commands,
+             "command": commands[0] if len(runs) == 1 else commands,
              "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, rep in runs)}
     then = follow_up_summary(args, parts, follow_ups, stage + 1)
     if then:
@@ -1585,9 +1594,12 @@ def main(argv: list[str] | None = None) -> int:
             finished = [(row, ev, rep) for row, ev in row_evs
                         if (rep := _existing_report(ev, out_dir)) is not None]
             known: FollowUps = {}
+            shown: set[str] = set()  # a Square-alone stage's one run serves the RDC's three modes
             for stage in range(len(args.follow_up)):
                 for row, ev in follow_up_evaluations(args, finished, known, stage):
-                    show(ev)
+                    if ev.name not in shown:
+                        show(ev)
+                        shown.add(ev.name)
                     if (rep := _existing_report(ev, out_dir)) is not None:
                         known.setdefault(row.key, []).append((ev, rep))
         if check_evs:

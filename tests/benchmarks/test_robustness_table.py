@@ -734,6 +734,29 @@ def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, di
     return made
 
 
+def test_a_square_stage_runs_once_for_the_three_gradient_modes(table, tmp_path, no_attacks, capsys):
+    """Square takes no gradient: its follow-up of an RDC row is one evaluation (named after the
+    first mode) that serves all three; the row records one command and its seconds once."""
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    argv = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.1,rdc-*-linf-0.1",
+            "--n-dc", "6", "--n-rdc", "6", "--no-checks", "--follow-up", "square/500"]
+    reports = _write_fake_reports(table, argv, out_dir)
+    capsys.readouterr()
+    assert table.main(argv + ["--dry-run"]) == 0
+    follow_lines = capsys.readouterr().out.split("# follow-ups")[1].splitlines()[1:]
+    assert [(line.split("--indices ")[1].split()[0], " --grad " in line) for line in follow_lines] == \
+        [("0,3", False), ("0,5", True)]
+    assert "rdc-exact-linf-0.1-n6-followup-square-q500-" in follow_lines[1] and "--attack square" in follow_lines[1]
+    made = _fake_follow_up(table, argv, out_dir, reports, {key: {5} for key in
+                                                            ("rdc-exact-linf-0.1", "rdc-smooth-linf-0.1",
+                                                             "rdc-bpda-linf-0.1")})
+    assert len({ev.name for ev, _ in made.values() if "rdc" in ev.name}) == 1
+    assert table.main(argv) == 0
+    dc, rdc = json.loads(results.read_text())
+    assert rdc["robust"] == 1 / 6 and (rdc["follow_up"]["n"], rdc["follow_up"]["broke"]) == (2, 1)
+    assert isinstance(rdc["follow_up"]["command"], str) and rdc["follow_up"]["seconds_per_image"] == 10.0
+
+
 def test_follow_up_attacks_the_survivors_and_lowers_the_rows(table, tmp_path, no_attacks, capsys):
     out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
     argv = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.1,rdc-*-linf-0.1",
