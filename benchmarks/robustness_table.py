@@ -15,7 +15,9 @@ the model files it uses (``m`` the diffusion model, ``c`` the CNN), so a retrain
 never reuses or resumes an old model's evaluation. Re-running the script resumes an
 interrupted evaluation and reuses finished ones; an evaluation over more examples than a
 finished one with otherwise the same settings starts from that one's state (n = 10 grows
-to n = 100 by attacking examples 10-99 only). The script writes table.md and
+to n = 100 by attacking examples 10-99 only), and so does a follow-up of a grown row: it
+starts from the state of the same stage on the survivors the row had before (a subset of
+its own), so only the new survivors are attacked. The script writes table.md and
 table.json (every evaluation row of this run, the worst cases and the checks) in --out-dir;
 they are overwritten by the next run, while robustness.json (below) accumulates.
 
@@ -95,7 +97,7 @@ from pathlib import Path
 from typing import Any
 
 from rdc_studio.core.defense import parse_fraction
-from rdc_studio.core.evaluate import example_rows, format_indices, with_follow_up, worst_case_report
+from rdc_studio.core.evaluate import example_rows, format_indices, parse_indices, with_follow_up, worst_case_report
 from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
 from rdc_studio.core.models import (DEFAULT_MODEL, CheckpointError, atomic_write_bytes, atomic_write_json,
@@ -621,23 +623,48 @@ def state_progress(ev: Evaluation, out_dir: Path) -> str | None:
 _STEM_N = re.compile(r"^(?P<pre>.*-n)(?P<n>[0-9]+)(?P<post>(-[msc][0-9a-f]{8})+)$")
 
 
+_FOLLOW_UP_STEM = re.compile(r"^(?P<pre>.*-n)[0-9]+(?P<mid>-followup-.+-i)[0-9a-f]{6}(?P<post>(-[msc][0-9a-f]{8})+)$")
+
+
+def _smaller_sources(ev: Evaluation, out_dir: Path) -> list[tuple[int, str]]:
+    """(examples, file stem) of the states in ``out_dir`` that ``ev`` can grow from: the same
+    evaluation over fewer first examples or, for a follow-up, over a proper subset of its
+    indices (the survivors of the same row before it grew)."""
+    if (m := _STEM_N.match(ev.name)) is not None:
+        n, found = int(m["n"]), []
+        for path in out_dir.glob(f"{m['pre']}*{m['post']}.state.jsonl"):
+            other = _STEM_N.match(path.name.removesuffix(".state.jsonl"))
+            if other and other["pre"] == m["pre"] and other["post"] == m["post"] and int(other["n"]) < n:
+                found.append((int(other["n"]), other.string))
+        return found
+    if (m := _FOLLOW_UP_STEM.match(ev.name)) is None:
+        return []
+    wanted = set(parse_indices(dict(zip(ev.argv, ev.argv[1:]))["--indices"]))
+    found = []
+    for path in out_dir.glob(f"{m['pre']}*{m['mid']}*{m['post']}.state.jsonl"):
+        other = _FOLLOW_UP_STEM.match(path.name.removesuffix(".state.jsonl"))
+        if other is None or (other["pre"], other["mid"], other["post"]) != (m["pre"], m["mid"], m["post"]):
+            continue
+        try:
+            held = set(parse_indices((_state_records(path)[0].get("settings") or {}).get("indices") or ""))
+        except ValueError:
+            continue
+        if held < wanted:
+            found.append((len(held), other.string))
+    return found
+
+
 def grow_from_smaller_run(ev: Evaluation, out_dir: Path) -> str | None:
-    """Start ``ev`` from the state of the same evaluation over fewer examples, if ``out_dir``
-    holds one and ``ev`` has no state yet: the state (and its timing) is copied to ``ev``'s name,
-    and ``rdc eval`` attacks only the examples it lacks (it checks that every other setting is
-    equal). Returns the name grown from, or None."""
+    """Start ``ev`` from the state of the same evaluation over fewer examples
+    (:func:`_smaller_sources`; the largest), if ``out_dir`` holds one and ``ev`` has no state
+    yet: the state (and its timing) is copied to ``ev``'s name, and ``rdc eval`` attacks only
+    the examples it lacks (it checks that every other setting is equal). Returns the name grown
+    from, or None."""
     import shutil
 
-    m = _STEM_N.match(ev.name)
-    if m is None or (out_dir / f"{ev.name}.state.jsonl").exists():
+    if (out_dir / f"{ev.name}.state.jsonl").exists():
         return None
-    n = int(m["n"])
-    smaller = []
-    for path in out_dir.glob(f"{m['pre']}*{m['post']}.state.jsonl"):
-        stem = path.name.removesuffix(".state.jsonl")
-        other = _STEM_N.match(stem)
-        if other and other["pre"] == m["pre"] and other["post"] == m["post"] and int(other["n"]) < n:
-            smaller.append((int(other["n"]), stem))
+    smaller = _smaller_sources(ev, out_dir)
     if not smaller:
         return None
     source = max(smaller)[1]

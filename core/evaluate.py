@@ -615,7 +615,8 @@ class ResumeState:
     different settings is refused, except that an unsharded run may grow: a state
     written for the first ``n`` examples serves a run over more examples with
     otherwise equal settings (each example's attack is seeded by its index alone),
-    and its header is rewritten to the larger ``n``.
+    as does a state of chosen ``indices`` for a run over more of them (a superset), and
+    its header is rewritten to the larger run's.
 
     A state is used by one run at a time: it holds an exclusive lock on ``PATH.lock``
     until :meth:`close` (or the process ends), and a second run on the same file is
@@ -702,7 +703,8 @@ class ResumeState:
     @staticmethod
     def _grows(header_line: str, settings: dict[str, Any]) -> bool:
         """Whether ``header_line`` is the header of an unsharded run over fewer examples with
-        otherwise the same settings as ``settings``."""
+        otherwise the same settings as ``settings``: the first n of a larger n, or (``--indices``
+        runs) a proper subset of its indices, e.g. a row's survivors before the row grew."""
         import json
 
         try:
@@ -712,9 +714,16 @@ class ResumeState:
         if not isinstance(old, dict) or not isinstance(old.get("n"), int):
             return False
         unsharded = old.get("shard") == [0, 1] and list(settings.get("shard", [])) == [0, 1]
-        same = ({k: v for k, v in old.items() if k != "n"}
-                == json.loads(json.dumps({k: v for k, v in settings.items() if k != "n"})))
-        return unsharded and same and old["n"] < settings["n"]
+        same = ({k: v for k, v in old.items() if k not in ("n", "indices")}
+                == json.loads(json.dumps({k: v for k, v in settings.items() if k not in ("n", "indices")})))
+        if not (unsharded and same and old["n"] < settings["n"]):
+            return False
+        if old.get("indices") is None and settings.get("indices") is None:
+            return True
+        try:
+            return set(parse_indices(old["indices"])) < set(parse_indices(settings["indices"]))
+        except (AttributeError, KeyError, TypeError, ValueError):  # one over the first n, one over chosen indices
+            return False
 
 
 @dataclass(frozen=True)

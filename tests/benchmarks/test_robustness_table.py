@@ -4,6 +4,7 @@ import importlib.util
 import json
 import shlex
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -732,6 +733,33 @@ def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, di
         (out_dir / f"{ev.name}.json").write_text(json.dumps(report))
         made[row.key] = (ev, report)
     return made
+
+
+def test_a_follow_up_grows_from_the_survivors_of_a_smaller_row(table, tmp_path, capsys):
+    """When a row grows, its follow-up attacks a superset of the old survivors: it starts from
+    the old follow-up's state (the largest proper subset of its indices with the same budget)."""
+    out_dir = tmp_path / "table"
+    out_dir.mkdir()
+    args = table.add_model_digests(table.parse_args(["--out-dir", str(out_dir), "--rows", "dc-linf-0.3",
+                                                     "--follow-up", "100/3/1000,flip/5"]))
+    [row] = table.build_rows(args)
+
+    def follow_up(n: int, indices: list[int], stage: int = 0):
+        return table.follow_up_evaluation(args, replace(row, n=n), indices, args.follow_up[stage])
+
+    for n, indices in ((6, [0, 3]), (8, [0, 3, 7]), (9, [1, 8])):
+        ev = follow_up(n, indices)
+        header = {"settings": {"n": len(indices), "indices": table.format_indices(indices)}}
+        (out_dir / f"{ev.name}.state.jsonl").write_text(json.dumps(header) + '\n{"index": 0}\n')
+    other_budget = follow_up(4, [0], stage=1)
+    (out_dir / f"{other_budget.name}.state.jsonl").write_text('{"settings": {"n": 1, "indices": "0"}}\n')
+    big = follow_up(12, [0, 3, 7, 10])
+    assert table.grow_from_smaller_run(big, out_dir) == follow_up(8, [0, 3, 7]).name
+    assert json.loads((out_dir / f"{big.name}.state.jsonl").read_text().splitlines()[0])["settings"]["n"] == 3
+    assert f"grows the state of {follow_up(8, [0, 3, 7]).name}" in capsys.readouterr().err
+    assert table.grow_from_smaller_run(follow_up(12, [2, 5]), out_dir) is None  # no subset of its indices
+    # the flip stage grows from its own budget's state (indices 0), not the larger ensemble one
+    assert table.grow_from_smaller_run(follow_up(12, [0, 3, 7, 10], stage=1), out_dir) == other_budget.name
 
 
 def test_a_square_stage_runs_once_for_the_three_gradient_modes(table, tmp_path, no_attacks, capsys):

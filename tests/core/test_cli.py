@@ -304,6 +304,20 @@ def test_eval_grows_a_smaller_runs_state(tiny_checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="other settings"):
         main(args + ["--n", "8", "--state", str(small), "--eps", "0.1"])
     assert json.loads(small.read_text().splitlines()[0])["settings"]["n"] == 6
+    # chosen indices grow to a superset of them (a row's survivors after the row grew), never otherwise
+    picked, every = tmp_path / "picked.jsonl", tmp_path / "every.jsonl"
+    assert main(args + ["--indices", "1,3", "--state", str(picked), "--out", str(tmp_path / "picked.json")]) == 0
+    kept = picked.read_text().splitlines()[1:]
+    assert main(args + ["--indices", "1-3,5", "--state", str(picked), "--out", str(tmp_path / "more.json")]) == 0
+    assert main(args + ["--indices", "1-3,5", "--state", str(every), "--out", str(tmp_path / "every.json")]) == 0
+    lines = picked.read_text().splitlines()
+    assert json.loads(lines[0])["settings"]["indices"] == "1-3,5" and lines[1:3] == kept and len(lines) == 5
+    more, ref = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("more", "every"))
+    assert more["per_example"] == ref["per_example"] and [e[0] for e in more["per_example"]] == [1, 2, 3, 5]
+    # not a superset, a subset, and a run over the first n
+    for choice in (["--indices", "2,4,6,7,8"], ["--indices", "1-3"], ["--n", "8"]):
+        with pytest.raises(SystemExit, match="other settings"):
+            main(args + choice + ["--state", str(picked)])
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
