@@ -464,9 +464,10 @@ def row_survivors(parts: list[tuple[Row, Evaluation, dict[str, Any]]]) -> list[i
 
 def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int],
                          budget: FollowUpBudget) -> Evaluation:
-    """A follow-up of ``row``: the ensemble (or Square alone) with ``budget`` on ``indices`` (the
-    row's survivors). Its name holds the budget and a digest of the indices, so other survivors
-    never resume its state."""
+    """A follow-up of ``row``: the ensemble (or Square alone, or the flip attack) with ``budget``
+    on ``indices`` (the row's survivors). Its name holds the budget and a digest of the indices,
+    so other survivors never resume its state (but a superset grows from it,
+    :func:`grow_from_smaller_run`)."""
     spelled = format_indices(indices)
     digest = hashlib.sha256(spelled.encode()).hexdigest()[:6]
     stem = f"{row.key}-n{row.n}-followup-{budget.tag}-i{digest}{model_tag(args, row, budget.attack)}"
@@ -1457,8 +1458,8 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
                          f"**{_pct(w['robust_acc'])}** ({_pct(lo)}-{_pct(hi)}) |")
     if follow:
         lines += ["", "## Follow-up on the survivors", "",
-                  "The ensemble (or Square alone) again, with a larger budget, on the examples each row left "
-                  "robust (for the RDC: "
+                  "The ensemble (or Square alone, or the threshold-flip attack) again, with a larger budget, "
+                  "on the examples each row left robust (for the RDC: "
                   "those that survived all three gradient modes); a later stage attacks those every earlier one "
                   "left. robustness.json counts an example robust only if every follow-up left it robust too.", "",
                   "| Row | Survivors attacked | Budget | Broken | s / image |", "|---|---|---|---|---|"]

@@ -95,7 +95,8 @@ class AttackSettings:
                 raise ValueError("the flip attack is l-inf only (a binarised pixel flips when it crosses the "
                                  "threshold, whatever the l2 cost)")
             if not 0 < self.threshold < 1:
-                raise ValueError(f"the flip attack's threshold must lie strictly between 0 and 1, not {self.threshold}")
+                raise ValueError(f"the flip attack's threshold must lie strictly between 0 and 1, "
+                                 f"not {self.threshold}")
 
     def to_dict(self) -> dict:
         """The settings as a plain dict, without the Square, flip and target-rank fields where
