@@ -23,8 +23,10 @@ MAX_BLOCK_SIZES = 8
 """Flip counts tried per iteration: 1, 2, 4, ... up to 2 ** (MAX_BLOCK_SIZES - 1) pixels."""
 RANDOM_START_FRACTION = 0.1
 """Restarts after the first start from this fraction of the flippable pixels flipped at random."""
-CANDIDATE_BATCH = 64
-"""Images per forward pass when the candidates of many examples are queried together."""
+CANDIDATE_BATCH = 8
+"""Images per forward pass when candidates are queried (a diffusion classifier evaluates its
+network at every noise level and class of every image at once: 64 images of the DC took more
+than 20 GB)."""
 
 
 def flippable_pixels(x0: torch.Tensor, eps: float, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
