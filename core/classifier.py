@@ -13,12 +13,20 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .diffusion import GRIDS, WEIGHTINGS, NoiseGrid, noise_grid, to_model_space
 from .nets import Denoiser
 
 MODES = ("deterministic", "randomized")
 REDUCTIONS = ("sum", "mean")
+# Network inputs (image, level, class) per network call, by device type. A DC pass on N
+# images is N x levels x classes inputs (80 per image at the shipped settings), and a
+# gradient pass keeps every input's activations (about 4.6 MB each for the 28x28
+# class-embedding U-Net): unbounded, a batch of 50 needs ~19 GB. Larger batches run in
+# chunks of this many inputs, each checkpointed when gradients are on, so a backward pass
+# holds one chunk's activations at a time (at the price of one more forward pass).
+MAX_NETWORK_INPUTS = {"cpu": 512, "cuda": 4096}
 
 
 @dataclass
@@ -99,12 +107,18 @@ class DiffusionClassifier(nn.Module):
     log_prior : optional (K,) tensor added to the logits.
     generator : torch.Generator used in randomized mode (default: seeded from
         ``settings.noise_seed``).
+    max_network_inputs : the most network inputs in one call (default: by device,
+        :data:`MAX_NETWORK_INPUTS`); bounds memory, never changes which inputs are run.
     """
 
     def __init__(self, net: Denoiser, settings: ClassifierSettings | None = None,
-                 log_prior: torch.Tensor | None = None, generator: torch.Generator | None = None) -> None:
+                 log_prior: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                 max_network_inputs: int | None = None) -> None:
         super().__init__()
         self.net = net
+        if max_network_inputs is not None and max_network_inputs < 1:
+            raise ValueError(f"max_network_inputs must be at least 1, got {max_network_inputs}")
+        self.max_network_inputs = max_network_inputs
         self.settings = settings or ClassifierSettings()
         self.num_classes = net.config.num_classes
         self.grid: NoiseGrid = noise_grid(self.settings.grid, self.settings.steps, self.settings.weighting,
@@ -129,6 +143,32 @@ class DiffusionClassifier(nn.Module):
         if self.settings.mode == "deterministic":
             return self.noise_bank
         return torch.randn(self.noise_bank.shape, generator=self.generator).to(self.device)
+
+    def network_input_limit(self) -> int:
+        """The most (image, level, class) inputs :meth:`level_errors` gives one network call.
+
+        The class-embedding network's every-class pass splits by (image, level), so one of
+        its calls holds at least the K classes of one image at one level.
+        """
+        if self.max_network_inputs is not None:
+            return self.max_network_inputs
+        return MAX_NETWORK_INPUTS.get(self.device.type, MAX_NETWORK_INPUTS["cuda"])
+
+    def _bounded(self, denoise: Callable[..., torch.Tensor], inputs_per_row: int,
+                 *rows: torch.Tensor) -> torch.Tensor:
+        """``denoise(*rows)``, run on chunks of rows when it would exceed the input limit."""
+        per_call = max(1, self.network_input_limit() // inputs_per_row)
+        total = rows[0].shape[0]
+        if total <= per_call:
+            return denoise(*rows)
+        parts = []
+        for start in range(0, total, per_call):
+            chunk = [r[start:start + per_call] for r in rows]
+            if torch.is_grad_enabled():
+                parts.append(checkpoint(denoise, *chunk, use_reentrant=False))
+            else:
+                parts.append(denoise(*chunk))
+        return torch.cat(parts)
 
     def _autocast(self):
         if not self.settings.bf16:
@@ -155,7 +195,7 @@ class DiffusionClassifier(nn.Module):
             labels = classes.unsqueeze(1).expand(n, L, m).reshape(-1)
             rep = lambda t: t.repeat_interleave(m, dim=0)  # noqa: E731  (example, level, class) order
             with self._autocast():
-                d = self.net.denoise_labels(rep(x_noisy), rep(sig_b), labels)
+                d = self._bounded(self.net.denoise_labels, 1, rep(x_noisy), rep(sig_b), labels)
             d = d.to(x0.dtype).view(n, L, m, *x.shape[1:])
             return (d - x0.view(n, 1, 1, *x.shape[1:])).pow(2).flatten(3).sum(-1)
         with self._autocast():
@@ -163,7 +203,9 @@ class DiffusionClassifier(nn.Module):
                 outs = [self.net.denoise(x_noisy, sig_b, heads=[y]) for y in range(k)]
                 d = torch.cat(outs, dim=1)
             else:
-                d = self.net.denoise(x_noisy, sig_b, heads=range(k))
+                heads = list(range(k))
+                per_row = k if self.net.config.architecture == "embedding" else 1
+                d = self._bounded(lambda xn, sb: self.net.denoise(xn, sb, heads=heads), per_row, x_noisy, sig_b)
         d = d.to(x0.dtype).view(n, L, k, *x.shape[1:])
         return (d - x0.view(n, 1, 1, *x.shape[1:])).pow(2).flatten(3).sum(-1)
 

@@ -177,3 +177,36 @@ def test_progressive_elimination_is_differentiable_and_validated(tiny_net, image
     assert not ClassifierSettings(steps=6, screen_levels=2, keep_classes=0).eliminates
     with pytest.raises(ValueError, match="exceeds"):
         ClassifierSettings(steps=4, screen_levels=5, keep_classes=2)
+
+
+@pytest.mark.parametrize("elimination", [False, True])
+def test_input_limit_bounds_every_network_call_and_changes_nothing(any_net, images, elimination):
+    """A small input limit splits the network calls (checkpointed under autograd) exactly."""
+    extra = dict(screen_levels=3, keep_classes=2) if elimination else {}
+    settings = ClassifierSettings(steps=6, noise_seed=2, **extra)
+    calls: dict[str, list[int]] = {"whole": [], "limited": []}
+    grads, logits = {}, {}
+    for name, limit in (("whole", 10_000), ("limited", 12)):
+        clf = DiffusionClassifier(any_net, settings, max_network_inputs=limit)
+        hook = any_net.conv_in.register_forward_pre_hook(lambda mod, args, name=name: calls[name].append(args[0].shape[0]))
+        try:
+            x = images.clone().requires_grad_(True)
+            out = clf(x)
+            (grads[name],) = torch.autograd.grad(out.logsumexp(1).sum() - out[:, 3].sum(), x)
+            logits[name] = out.detach()
+        finally:
+            hook.remove()
+    assert torch.allclose(logits["whole"], logits["limited"], rtol=1e-5, atol=1e-4)
+    assert torch.allclose(grads["whole"], grads["limited"], rtol=1e-4, atol=1e-6)
+    assert grads["limited"].abs().sum() > 0
+    # one call per phase for the whole batch; the limited classifier splits them, and none
+    # of its calls (the recomputation in the backward pass included) exceeds 12 inputs
+    assert len(calls["whole"]) == (2 if elimination else 1) and max(calls["whole"]) > 12
+    assert max(calls["limited"]) <= 12
+    assert sum(calls["limited"]) > sum(calls["whole"])  # the checkpointed chunks ran again
+
+
+def test_input_limit_is_validated(tiny_net):
+    with pytest.raises(ValueError, match="at least 1"):
+        DiffusionClassifier(tiny_net, ClassifierSettings(steps=2), max_network_inputs=0)
+    assert DiffusionClassifier(tiny_net, ClassifierSettings(steps=2)).network_input_limit() == 512
