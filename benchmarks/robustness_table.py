@@ -97,7 +97,8 @@ from pathlib import Path
 from typing import Any
 
 from rdc_studio.core.defense import parse_fraction
-from rdc_studio.core.evaluate import example_rows, format_indices, parse_indices, with_follow_up, worst_case_report
+from rdc_studio.core.evaluate import (example_rows, format_indices, parse_indices, read_state_file, with_follow_up,
+                                      worst_case_report)
 from rdc_studio.core.masking import (CheckResult, all_passed, check_large_eps, check_monotone_eps, check_more_iterations,
                           check_whitebox_vs_blackbox)
 from rdc_studio.core.models import (DEFAULT_MODEL, CheckpointError, atomic_write_bytes, atomic_write_json,
@@ -577,29 +578,9 @@ def check_evaluations(args: argparse.Namespace, row: Row) -> dict[str, Evaluatio
     return evs
 
 
-def _state_records(path: Path) -> tuple[dict[str, Any], dict[int, dict[str, Any]]]:
-    """The header and the per-example records (by index) of a resumable state file
-    (empty when there is none; unreadable lines are skipped, as ``rdc eval`` does)."""
-    if not path.exists():
-        return {}, {}
-    lines = path.read_text().splitlines()
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
-    records = {}
-    for line in lines[1:]:
-        try:
-            record = json.loads(line)
-            records[int(record["index"])] = record
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-    return header, records
-
-
 def _done_in_state(path: Path) -> int:
     """Examples already recorded in a resumable state file (0 when there is none)."""
-    return len(_state_records(path)[1])
+    return len(read_state_file(path).results)
 
 
 def state_progress(ev: Evaluation, out_dir: Path) -> str | None:
@@ -610,13 +591,13 @@ def state_progress(ev: Evaluation, out_dir: Path) -> str | None:
     paths = [base] + sorted(out_dir.glob(f"{ev.name}.state.jsonl.rank*-of-*"))
     total, records = None, {}
     for path in paths:
-        header, mine = _state_records(path)
-        total = total or (header.get("settings") or {}).get("n")
-        records.update(mine)
+        state = read_state_file(path)
+        total = total or (state.settings or {}).get("n")
+        records.update(state.results)
     if not records and not base.exists():
         return None
-    broken = sum(1 for r in records.values() if r.get("clean_correct") and not r.get("robust_correct"))
-    wrong = sum(1 for r in records.values() if not r.get("clean_correct"))
+    broken = sum(1 for r in records.values() if r.clean_correct and not r.robust_correct)
+    wrong = sum(1 for r in records.values() if not r.clean_correct)
     text = f"{len(records)} of {total if total is not None else '?'} examples done, {broken} broken by the attack"
     return text + (f", {wrong} misclassified clean" if wrong else "")
 
@@ -647,7 +628,7 @@ def _smaller_sources(ev: Evaluation, out_dir: Path) -> list[tuple[int, str]]:
         if other is None or (other["pre"], other["mid"], other["post"]) != (m["pre"], m["mid"], m["post"]):
             continue
         try:
-            held = set(parse_indices((_state_records(path)[0].get("settings") or {}).get("indices") or ""))
+            held = set(parse_indices((read_state_file(path).settings or {}).get("indices") or ""))
         except ValueError:
             continue
         if held < wanted:

@@ -608,6 +608,42 @@ def robust_log(report: EvalReport | dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+@dataclass(frozen=True)
+class StateFile:
+    """What a resumable state file holds (:func:`read_state_file`)."""
+
+    header_line: str  # the first line as written ("" for an empty file)
+    settings: dict[str, Any] | None  # the header's run settings (None when unreadable)
+    results: dict[int, ExampleResult]  # by example index; a later line for an index wins
+
+
+def read_state_file(path: str | Path) -> StateFile:
+    """Read a resumable state file (the one reader of the format; :class:`ResumeState`).
+
+    Lines that are not a complete example record (one cut off by an interruption) are
+    skipped. A missing file reads as empty.
+    """
+    import json
+
+    path = Path(path)
+    lines = path.read_text().splitlines() if path.exists() else []
+    settings = None
+    if lines:
+        try:
+            header = json.loads(lines[0])
+            settings = header.get("settings") if isinstance(header, dict) else None
+        except json.JSONDecodeError:
+            pass
+    results: dict[int, ExampleResult] = {}
+    for line in lines[1:]:
+        try:
+            record = ExampleResult(**json.loads(line))
+        except (json.JSONDecodeError, TypeError):
+            continue
+        results[record.index] = record
+    return StateFile(lines[0] if lines else "", settings if isinstance(settings, dict) else None, results)
+
+
 class ResumeState:
     """Per-example results appended to a JSON-lines file, so a stopped run resumes.
 
@@ -662,24 +698,19 @@ class ResumeState:
 
         header = json.dumps({"settings": settings}, sort_keys=True)
         if self.path.exists():
-            text = self.path.read_text()
-            lines = text.splitlines()
-            if not lines or (lines[0] != header and not self._grows(lines[0], settings)):
+            state = read_state_file(self.path)
+            if not state.header_line or (state.header_line != header and not self._grows(state.header_line, settings)):
                 raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
-            if lines[0] != header:  # a smaller run's state: same examples, the new n in the header
+            text = self.path.read_text()
+            if state.header_line != header:  # a smaller run's state: same examples, the new n in the header
                 from .models import atomic_write_bytes
 
-                body = "\n".join(lines[1:])
+                body = "\n".join(text.splitlines()[1:])
                 atomic_write_bytes(self.path, (header + "\n" + body + ("\n" if body else "")).encode())
-            elif text and not text.endswith("\n"):  # cut off mid-line: start the next line cleanly
+            elif not text.endswith("\n"):  # cut off mid-line: start the next line cleanly
                 with open(self.path, "a") as f:
                     f.write("\n")
-            for line in lines[1:]:
-                try:
-                    r = ExampleResult(**json.loads(line))
-                except (json.JSONDecodeError, TypeError):
-                    continue  # a line cut off by an interruption
-                self.results[r.index] = r
+            self.results.update(state.results)
         else:
             self.path.write_text(header + "\n")
 

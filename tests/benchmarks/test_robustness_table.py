@@ -76,9 +76,10 @@ def test_dry_run_says_how_far_an_unfinished_evaluation_got(table, tmp_path, caps
     state = Path(build_parser().parse_args(shlex.split(line)[1:]).state)
     out_dir.mkdir()
     header = json.dumps({"settings": {"n": 5}})
-    records = [{"index": 0, "clean_correct": True, "robust_correct": True},
-               {"index": 1, "clean_correct": True, "robust_correct": False},
-               {"index": 2, "clean_correct": False, "robust_correct": False}]
+    fields = {"label": 3, "linf": 0.3, "l2": 2.0, "queries": 20}
+    records = [{"index": 0, "clean_correct": True, "robust_correct": True} | fields,
+               {"index": 1, "clean_correct": True, "robust_correct": False} | fields,
+               {"index": 2, "clean_correct": False, "robust_correct": False} | fields]
     state.write_text("\n".join([header] + [json.dumps(r) for r in records[:2]]) + "\nnot json\n")
     Path(f"{state}.rank1-of-2").write_text("\n".join([header, json.dumps(records[2])]) + "\n")
     assert table.main(argv) == 0

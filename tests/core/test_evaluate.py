@@ -117,6 +117,33 @@ def test_a_state_file_serves_one_run_at_a_time(tmp_path):
     ResumeState(path, settings).close()
 
 
+def test_the_state_reader_and_the_resuming_run_read_the_same_examples(tmp_path):
+    """``read_state_file`` is what ``ResumeState`` resumes from: cut-off lines are skipped,
+    a later line for an index wins, and a missing file reads as empty."""
+    import json
+
+    from rdc_studio.core.evaluate import ExampleResult, ResumeState, read_state_file
+
+    path = tmp_path / "run.state.jsonl"
+    empty = read_state_file(path)
+    assert (empty.header_line, empty.settings, empty.results) == ("", None, {})
+    settings = {"attack": "apgd-ce", "n": 4, "shard": [0, 1]}
+    state = ResumeState(path, settings)
+    state.add([ExampleResult(0, 7, True, True, 0.1, 1.0, 20), ExampleResult(1, 2, True, False, 0.1, 1.2, 9, "apgd-ce")])
+    state.close()
+    with open(path, "a") as f:  # a re-run of example 0 that broke it, then a line cut off mid-write
+        f.write(json.dumps({"index": 0, "label": 7, "clean_correct": True, "robust_correct": False, "linf": 0.1,
+                            "l2": 1.1, "queries": 30}) + "\n" + '{"index": 3, "label"')
+    read = read_state_file(path)
+    assert read.settings == settings and read.header_line == json.dumps({"settings": settings}, sort_keys=True)
+    assert sorted(read.results) == [0, 1]
+    assert not read.results[0].robust_correct and read.results[1].broken_by == "apgd-ce"
+    resumed = ResumeState(path, settings)
+    assert resumed.results == read.results
+    resumed.close()
+    assert path.read_text().endswith("\n")  # the cut-off line is ended before the next append
+
+
 def test_indices_are_read_and_written_as_lists_and_ranges():
     import pytest
 
