@@ -654,12 +654,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
                                   steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed,
                                   step_size=parse_fraction(args.step_size, "--step-size") if args.step_size else None,
                                   target=args.target, p_init=args.p_init,
-                                  threshold=attack_threshold(method, args.binarize))
+                                  **attack_threshold(method, args.binarize))
     except ValueError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
     y = torch.tensor([label], device=x.device)
 
+    iterations_run = 0  # an attack may stop early (every example fooled, or a local minimum)
+
     def show(rec) -> None:
+        nonlocal iterations_run
+        iterations_run += 1
         if not args.quiet and (rec.iteration % max(1, args.steps // 10) == 0 or rec.iteration == args.steps):
             print(f"iter {rec.iteration:4d}/{rec.total_iterations}  loss {rec.loss[0]:9.4f}  margin "
                   f"{rec.margin[0]:9.4f}  pred {model.classes[int(rec.prediction[0])]}  "
@@ -685,14 +689,16 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "adversarial_probabilities": torch.softmax(adv_logits[0], 0).tolist(),
         "success": bool(result.success[0]), "linf": float(result.linf[0]), "l2": float(result.l2[0]),
         "checks": result.checks, "queries": result.queries, "seconds": seconds,
-        "seconds_per_iteration": seconds / (args.steps * args.restarts), "peak_rss_mb": peak_mb,
+        "iterations": iterations_run, "seconds_per_iteration": seconds / max(1, iterations_run),
+        "peak_rss_mb": peak_mb,
         "command": _command_line(),
     }
     if args.report:
         atomic_write_json(args.report, report)
     verdict = "attack succeeded" if report["success"] else "attack failed"
     print(f"{verdict}: {model.classes[label]} -> {model.classes[adv_pred]}  linf {report['linf']:.4f} "
-          f"l2 {report['l2']:.3f}  {seconds:.1f} s ({report['seconds_per_iteration']:.2f} s/iter), "
+          f"l2 {report['l2']:.3f}  {seconds:.1f} s ({iterations_run} iterations, "
+          f"{report['seconds_per_iteration']:.2f} s/iter), "
           f"peak RSS {peak_mb:.0f} MB")
     return 0
 

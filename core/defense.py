@@ -123,10 +123,10 @@ def binarization_threshold(value: float) -> float:
     return float(value)
 
 
-def attack_threshold(method: str, binarize: float | None) -> float:
-    """The ``threshold`` of :class:`core.attacks.AttackSettings` for attack ``method`` on a
-    defense binarised at ``binarize`` (None: not binarised): the flip attack needs the
-    defense's threshold; other attacks ignore it.
+def attack_threshold(method: str, binarize: float | None) -> dict[str, float]:
+    """The ``threshold`` setting of :class:`core.attacks.AttackSettings` for attack ``method``
+    on a defense binarised at ``binarize`` (None: not binarised), as keyword arguments: the
+    flip attack gets the defense's threshold; other attacks take none ({}).
 
     Raises
     ------
@@ -134,10 +134,10 @@ def attack_threshold(method: str, binarize: float | None) -> float:
         For the flip attack on a defense that does not binarise its input.
     """
     if method != "flip":
-        return 0.5
+        return {}
     if binarize is None:
         raise ValueError("the flip attack is for a defense that binarises its input: give --binarize THRESHOLD")
-    return binarization_threshold(binarize)
+    return {"threshold": binarization_threshold(binarize)}
 
 
 class InputBinarization(nn.Module):

@@ -830,7 +830,7 @@ def single_attack_settings(config: EvalConfig):
     steps = config.square_queries if method == "square" and config.square_queries else config.steps
     return AttackSettings(method=method, loss=loss, norm=config.norm, eps=config.eps, steps=steps,
                           restarts=config.restarts, eot=config.eot, seed=config.seed, p_init=config.p_init,
-                          threshold=attack_threshold(method, config.binarize))
+                          **attack_threshold(method, config.binarize))
 
 
 def _ensemble(config: EvalConfig, dataset: TensorDataset, device: str):
