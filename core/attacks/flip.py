@@ -136,33 +136,30 @@ def flip_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, s: A
             order = torch.where(usable, change, torch.full_like(change, float("inf"))).argsort(dim=1)
             helpful = usable.sum(1).tolist()
             owners, masks = [], []  # candidate images: (example, its flips after toggling some pixels)
-
-            def propose(k: int, row: int, pixels: torch.Tensor) -> None:
-                toggle = torch.zeros(order.shape[1], dtype=torch.bool, device=device)
-                toggle[pixels] = True
-                owners.append((k, row))
-                masks.append(flipped[row] ^ toggle.view_as(flipped[row]))
-
+            pixels = order.shape[1]
             scanned = set()
             for k, row in enumerate(rows.tolist()):
                 if helpful[k] == 0:  # the gradient sees no way down: try every single toggle exactly
                     scanned.add(row)
-                    for pixel in flippable[row].flatten().nonzero()[:, 0]:
-                        propose(k, row, pixel)
+                    candidates = flippable[row].flatten().nonzero()[:, 0]
+                    toggles = torch.zeros(len(candidates), pixels, dtype=torch.bool, device=device)
+                    toggles[torch.arange(len(candidates), device=device), candidates] = True
                     stuck[row] = not bool(flippable[row].any())
-                    continue
-                for count in (2 ** j for j in range(MAX_BLOCK_SIZES)):
-                    if count > helpful[k]:
-                        break
-                    propose(k, row, order[k, :count])
+                else:  # the gradient's best 1, 2, 4, ... pixels
+                    counts = [2 ** j for j in range(MAX_BLOCK_SIZES) if 2 ** j <= helpful[k]]
+                    rank = torch.empty(pixels, dtype=torch.long, device=device)
+                    rank[order[k]] = torch.arange(pixels, device=device)
+                    toggles = rank.unsqueeze(0) < torch.tensor(counts, device=device).unsqueeze(1)
+                owners += [(k, row)] * len(toggles)
+                masks.append(flipped[row].flatten().unsqueeze(0) ^ toggles)
             if owners:
-                new_flipped = torch.stack(masks)
+                new_flipped = torch.cat(masks).view(-1, *flipped.shape[1:])
                 owner_rows = torch.tensor([row for _, row in owners], device=device)
                 images = torch.where(new_flipped, flipped_value[owner_rows], x0[owner_rows])
                 margins, predictions = query(images, y[owner_rows], owner_rows)
                 for k, row in sorted(set(owners)):
-                    mine = [j for j, (_, r) in enumerate(owners) if r == row]
-                    j = min(mine, key=lambda m: float(margins[m]))
+                    mine = (owner_rows == row).nonzero()[:, 0]
+                    j = int(mine[margins[mine].argmin()])  # the first of equal bests, as before
                     if float(margins[j]) < float(cur_margin[row]):
                         flipped[row], cur[row] = new_flipped[j], images[j]
                         cur_margin[row], cur_pred[row] = margins[j], predictions[j]
