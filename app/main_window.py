@@ -534,7 +534,8 @@ class MainWindow(QMainWindow):
         return make_session(str(self.model.path), self.image, self.image_source,
                             self._classifier().settings.to_dict(), self.attack_panel.settings().to_dict(),
                             self.purify_panel.settings().to_dict(), results, self.device) | {
-            "attack_gradient": self.attack_panel.grad.currentText()}
+            "attack_gradient": self.attack_panel.grad.currentText(),
+            "attack_binarize": self.attack_panel.binarize_threshold()}
 
     def save_session_dialog(self) -> None:
         path = self._save_dialog("Save session", "session.json", "RDC Studio session (*.json)")
@@ -579,6 +580,8 @@ class MainWindow(QMainWindow):
             self.attack_panel.apply(session["attack"])
         if session.get("attack_gradient"):
             self.attack_panel.grad.setCurrentText(session["attack_gradient"])
+        binarize = session.get("attack_binarize")  # absent in older sessions: off
+        self.attack_panel.binarize.setValue(float(binarize) if isinstance(binarize, (int, float)) else 0.0)
         if session.get("purify"):
             self.purify_panel.apply(session["purify"])
         self.set_image(image, session["image"].get("source", Path(path).name))
@@ -686,23 +689,31 @@ class MainWindow(QMainWindow):
         if image is None:
             self.show_status("Open, drop or paste an image first", 4000)
             return
+        if problem := self.attack_panel.problem():
+            self.show_error("Cannot run this attack", problem)
+            return
         settings = self.attack_panel.settings()
         grad = self.attack_panel.grad.currentText()
+        threshold = self.attack_panel.binarize_threshold()
         clf = self._classifier()
         purify_settings = self.purify_panel.settings()
-        full = build_defense("rdc", self.model, clf, purify=purify_settings, grad_mode="exact", device=self.device)
-        attacked = clf
-        if grad != "dc-only":
+        full = build_defense("rdc", self.model, clf, purify=purify_settings, grad_mode="exact", device=self.device,
+                             binarize=threshold)
+        if grad == "dc-only":
+            attacked = build_defense("dc", self.model, clf, device=self.device, binarize=threshold)
+        else:
             attacked = build_defense("rdc", self.model, clf, purify=purify_settings, grad_mode=grad,
-                                     device=self.device)
+                                     device=self.device, binarize=threshold)
+        # the purified pane shows what the defense purifies: the binarised image when it binarises
+        purify = full.purify if threshold is None else (lambda adv: full.purify(full.binarize(adv)))
         x = torch.round(torch.from_numpy(np.asarray(image)).unsqueeze(0) * 255).div(255).to(self.device)
         iterations = settings.steps * settings.restarts
-        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations)
+        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold)
         self._set_progress(iterations, "iterations")
         self.tabs.setCurrentWidget(self.attack_tab)
         if warning := gradient_warning(attacked):
             self.show_status(f"Note: {warning} (choose it under Gradient)", 15000)
-        self._start_job("attack", lambda cancelled: attack_job(attacked, x, settings, full, full.purify, cancelled))
+        self._start_job("attack", lambda cancelled: attack_job(attacked, x, settings, full, purify, cancelled))
 
     def _on_purify_panel_run_requested(self) -> None:
         self.run_purification()

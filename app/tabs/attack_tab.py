@@ -56,6 +56,8 @@ class AttackTab(QWidget):
     def __init__(self, state: SessionState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state
+        self.binarize: float | None = None
+        self.defense_name = "the full RDC"
         self.panel = AttackPanel(state.classes)
         self.panel.setMinimumWidth(200)
         self.panel.setMaximumWidth(270)
@@ -96,8 +98,11 @@ class AttackTab(QWidget):
         self.verdict.setText(text)
         self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
 
-    def begin(self, x: np.ndarray, source: str, iterations: int) -> None:
-        """A new attack on ``x`` (C, H, W) of ``iterations`` iterations in all."""
+    def begin(self, x: np.ndarray, source: str, iterations: int, binarize: float | None = None) -> None:
+        """A new attack on ``x`` (C, H, W) of ``iterations`` iterations in all, against a
+        defense that binarises its input at ``binarize`` (None: it does not)."""
+        self.binarize = binarize
+        self.defense_name = "the full RDC" if binarize is None else f"the full RDC on the input binarised at {binarize:.2f}"
         self.state.begin_attack(source)
         self.plot.reset(x_extent=iterations)
         for v in (self.view_adversarial, self.view_purified):
@@ -135,7 +140,7 @@ class AttackTab(QWidget):
             self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
         attack = "Attack succeeded" if outcome.attack_succeeded[0] else "Attack failed"
         defense = "defense recovered" if outcome.defense_recovered[0] else "defense failed"
-        self._set_verdict(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: the full RDC "
+        self._set_verdict(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: {self.defense_name} "
                           f"predicts {classes[defended]} ({probs[defended]:.1%}).",
                           GOOD if outcome.defense_recovered[0] else BAD)
         self.purify_button.setEnabled(True)
@@ -149,5 +154,11 @@ class AttackTab(QWidget):
 
     def _on_purify_button_clicked(self) -> None:
         outcome = self.state.attack.outcome
-        if outcome is not None:
-            self.purify_requested.emit(outcome.adversarial[0], f"adversarial ({self.state.attack.source})")
+        if outcome is None:
+            return
+        label = f"adversarial ({self.state.attack.source})"
+        if self.binarize is None:
+            self.purify_requested.emit(outcome.adversarial[0], label)
+        else:  # what the defense purified: the binarised image
+            binary = (outcome.adversarial[0] > self.binarize).astype(outcome.adversarial.dtype)
+            self.purify_requested.emit(binary, f"{label}, binarised at {self.binarize:.2f}")

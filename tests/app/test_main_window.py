@@ -415,3 +415,91 @@ def test_classify_tab_shows_ood_next_to_the_verdict(qtbot, window, tiny_checkpoi
     reload_with_reference(bpd - 1.0, bpd + 1.0)
     assert not label.warning and label.styleSheet() == PLAIN_STYLE
     assert label.text().startswith("In distribution") and "percentile 50" in label.text()
+
+
+def test_attack_panel_enables_what_each_method_uses(qapp):
+    from rdc_studio.app.widgets.attack_panel import FLIP_NEEDS_BINARIZATION, AttackPanel
+
+    panel = AttackPanel([str(c) for c in range(10)])
+    assert panel.binarize_threshold() is None and panel.binarize.text() == "off"  # never on by default
+    assert not panel.step_size.isEnabled() and not panel.target.isEnabled()  # APGD-CE: neither applies
+    panel.method.setCurrentText("PGD (CE)")
+    assert panel.step_size.isEnabled()
+    panel.method.setCurrentText("APGD-T (targeted DLR)")
+    assert panel.target.isEnabled()
+    panel.method.setCurrentText("Square")
+    assert not panel.grad.isEnabled() and not panel.eot.isEnabled() and panel.settings().method == "square"
+    panel.norm.setCurrentText("l2")
+    panel.method.setCurrentText("Threshold flip")
+    assert panel.norm.currentText() == "linf" and not panel.norm.isEnabled() and panel.grad.isEnabled()
+    assert panel.problem() == FLIP_NEEDS_BINARIZATION
+    assert panel.settings().method == "flip"  # still valid settings (the window saves them on close)
+    panel.binarize.setValue(0.4)
+    assert panel.problem() is None and panel.settings().threshold == pytest.approx(0.4)
+    saved = panel.settings().to_dict()
+    other = AttackPanel([str(c) for c in range(10)])
+    other.apply(saved)
+    assert other.method.currentText() == "Threshold flip"
+    assert other.binarize_threshold() == pytest.approx(0.4) and not other.norm.isEnabled()
+    panel.method.setCurrentText("APGD-CE")
+    assert panel.norm.isEnabled() and "threshold" not in panel.settings().to_dict()
+
+
+def test_flip_attack_needs_binarisation_then_attacks_the_binarised_defense(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.steps_spin.setValue(2)
+    window.purify_panel.steps.setValue(1)
+    panel = window.attack_panel
+    panel.method.setCurrentText("Threshold flip")
+    panel.steps.setValue(2)
+    window.run_attack()  # no threshold set: a clear message and no job
+    assert window.errors and "binarises its input" in window.errors[-1][1]
+    assert not window.runner.busy
+    assert window.last_outcome is None
+    panel.binarize.setValue(0.5)
+    with qtbot.waitSignal(window.attack_finished, timeout=120000):
+        window.run_attack()
+    out = window.last_outcome
+    assert out is not None and np.abs(out.adversarial - out.clean).max() <= 0.3 + 1e-6
+    assert "binarised at 0.50" in window.attack_verdict.text()
+    # the purified pane and "Purify this" show what the defense purified: the binarised image
+    with qtbot.waitSignal(window.attack_tab.purify_requested) as sent:
+        window.attack_tab.purify_button.click()
+    image, label = sent.args
+    assert set(np.unique(image)) <= {0.0, 1.0} and "binarised at 0.50" in label
+    assert np.array_equal(image, (out.adversarial[0] > 0.5).astype(image.dtype))
+
+
+def test_binarisation_is_part_of_the_session(qtbot, window, digit_png, tmp_path, tiny_checkpoint):
+    import json
+
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.attack_panel.binarize.setValue(0.45)
+    sess = tmp_path / "session.json"
+    assert window.save_session(str(sess))
+    assert json.loads(sess.read_text())["attack_binarize"] == pytest.approx(0.45)
+    other = MainWindow(load_checkpoint(tiny_checkpoint), steps=3)
+    qtbot.addWidget(other)
+    with qtbot.waitSignal(other.classification_finished, timeout=30000):
+        assert other.open_session(str(sess))
+    assert other.attack_panel.binarize_threshold() == pytest.approx(0.45)
+    other.runner.shutdown()
+
+
+def test_square_attack_runs_in_the_app(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.steps_spin.setValue(2)
+    window.purify_panel.steps.setValue(1)
+    window.attack_panel.method.setCurrentText("Square")
+    window.attack_panel.steps.setValue(3)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        window.run_attack()
+    out = window.last_outcome
+    assert out is not None and np.abs(out.adversarial - out.clean).max() <= window.attack_panel.eps_value() + 1e-6
+    assert "the full RDC predicts" in window.attack_verdict.text()
+    # Square stops once the attacked model is fooled (on this tiny model, often by its first query)
+    assert len(window.attack_plot.data["loss"][0]) <= 3
+    assert np.array_equal(np.round(out.adversarial * 255) / 255, out.adversarial)  # 8-bit, as saved
