@@ -79,6 +79,8 @@ def main() -> None:
     p.add_argument("--examples", type=int, default=16, help="images per model")
     p.add_argument("--flippable", type=int, default=12, help="pixels within reach of the threshold per image")
     p.add_argument("--steps", type=int, default=50, help="flip attack iterations")
+    p.add_argument("--restarts", type=int, default=1,
+                   help="flip attack starts: the clean image, then random flips (the best run counts)")
     p.add_argument("--eps", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
@@ -94,7 +96,8 @@ def main() -> None:
         with torch.no_grad():
             clean = margin_of(model(x), y)
         gen = torch.Generator().manual_seed(10_000 + seed)
-        settings = AttackSettings(method="flip", norm="linf", eps=args.eps, steps=args.steps, threshold=0.5)
+        settings = AttackSettings(method="flip", norm="linf", eps=args.eps, steps=args.steps,
+                                  restarts=args.restarts, threshold=0.5)
         for k in range(args.examples):
             drop = float(clean[k] - optimum[k])  # the largest margin drop any flips achieve
             if drop <= 0:
@@ -114,7 +117,8 @@ def main() -> None:
             false_break += int(did and not can)
     print(f"{instances} instances ({args.models} random CNNs x {args.examples} images, {args.flippable} flippable "
           f"pixels each, eps {args.eps}, each needing 75-125% of the largest possible margin drop): exhaustive "
-          f"search breaks {breakable}, the flip attack ({args.steps} iterations) {broken}; it missed {missed} of the "
+          f"search breaks {breakable}, the flip attack ({args.steps} iterations"
+          f"{f', {args.restarts} starts' if args.restarts > 1 else ''}) {broken}; it missed {missed} of the "
           f"{breakable} breakable ({100 * missed / max(1, breakable):.1f}%)"
           f"{'' if not false_break else f', and claims {false_break} the search cannot break (a bug)'}. "
           f"Run to its local minimum, it reached {100 * sum(reached) / max(1, len(reached)):.1f}% of the largest "

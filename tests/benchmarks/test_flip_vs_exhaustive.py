@@ -50,3 +50,18 @@ def test_the_comparison_runs_and_finds_no_impossible_break(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "instances (1 random CNNs x 4 images, 6 flippable pixels" in out and "(a bug)" not in out
     assert "of the largest possible margin drop on average" in out
+
+
+def test_restarts_never_reach_less_than_one_start(monkeypatch, capsys):
+    """The best of several starts includes the first (the clean image), so the average share
+    of the optimal margin drop cannot fall."""
+    bench = _bench()
+    shares = {}
+    for restarts in (1, 3):
+        monkeypatch.setattr(sys, "argv", ["flip_vs_exhaustive.py", "--models", "2", "--examples", "4", "--flippable",
+                                          "8", "--steps", "6", "--restarts", str(restarts)])
+        bench.main()
+        out = capsys.readouterr().out
+        assert ("3 starts" in out) == (restarts == 3) and "(a bug)" not in out
+        shares[restarts] = float(out.split("it reached ")[1].split("%")[0])
+    assert shares[3] >= shares[1]
