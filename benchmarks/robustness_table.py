@@ -57,8 +57,8 @@ once all of them finished, and the row's ``follow_up`` holds the next stage unde
 stage ``square/QUERIES`` runs Square alone (gradient-free: for defenses whose gradients are
 suspect, such as input binarisation; for an RDC row it runs once, under the first gradient
 mode's name, and serves all three), and ``flip/STEPS`` the threshold-flip attack (``rdc eval --attack flip``: a greedy
-search over the pixels eps can carry across the binarisation threshold), for the rows of a
-binarised defense only. A later run with fewer stages (or none) that re-reads the same evaluations keeps the
+search over the pixels eps can carry across the binarisation threshold; ``flip/STEPSxSTARTS``
+adds random-flip restarts), for the rows of a binarised defense only. A later run with fewer stages (or none) that re-reads the same evaluations keeps the
 longer chain.
 
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
@@ -179,6 +179,7 @@ class FollowUpBudget:
     targets: int
     square_queries: int
     attack: str = ""  # the ``rdc eval --attack`` of the stage; "" picks ensemble or square (see below)
+    restarts: int = 1  # flip: starts (the clean image, then random flips; ``flip/STEPSxSTARTS``)
 
     def __post_init__(self) -> None:
         if not self.attack:
@@ -189,30 +190,36 @@ class FollowUpBudget:
         """The budget in a file stem, e.g. ``s100t9q5000`` (``square-q1000`` for Square alone,
         ``flip-s50`` for the flip attack)."""
         if self.attack == "flip":
-            return f"flip-s{self.steps}"
+            return f"flip-s{self.steps}" + (f"r{self.restarts}" if self.restarts > 1 else "")
         return f"s{self.steps}t{self.targets}q{self.square_queries}" if self.steps else f"square-q{self.square_queries}"
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"steps": self.steps, "targets": self.targets, "square_queries": self.square_queries}
         if self.attack == "flip":
             d["attack"] = self.attack
+        if self.restarts > 1:
+            d["restarts"] = self.restarts
         return d
 
 
 def parse_follow_up(text: str) -> list[FollowUpBudget]:
     """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (the ensemble),
     ``square/QUERIES`` (Square alone) or ``flip/STEPS`` (the threshold-flip attack, for rows
-    of a binarised defense), e.g. ``100/3/1000,100/9/5000`` or ``square/1000,flip/50``."""
+    of a binarised defense; ``flip/STEPSxSTARTS`` with random-flip restarts), e.g.
+    ``100/3/1000,100/9/5000`` or ``square/1000,flip/50x4``."""
     stages = []
     for part in _split_list(text):
         fields = part.split("/")
-        if len(fields) == 2 and fields[0] in ("square", "flip") and fields[1].isdigit() and int(fields[1]) > 0:
-            count = int(fields[1])
-            stages.append(FollowUpBudget(0, 0, count) if fields[0] == "square" else FollowUpBudget(count, 0, 0, "flip"))
+        if len(fields) == 2 and fields[0] == "square" and fields[1].isdigit() and int(fields[1]) > 0:
+            stages.append(FollowUpBudget(0, 0, int(fields[1])))
+            continue
+        flip = re.fullmatch(r"flip/([0-9]+)(?:x([0-9]+))?", part)
+        if flip and int(flip[1]) > 0 and int(flip[2] or 1) > 0:
+            stages.append(FollowUpBudget(int(flip[1]), 0, 0, "flip", int(flip[2] or 1)))
             continue
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
             raise ValueError(f"a follow-up stage is STEPS/TARGETS/QUERIES with three positive whole numbers, "
-                             f"square/QUERIES or flip/STEPS, not {part!r}")
+                             f"square/QUERIES or flip/STEPS[xSTARTS], not {part!r}")
         stages.append(FollowUpBudget(*map(int, fields)))
     if not stages:
         raise ValueError("--follow-up needs at least one STEPS/TARGETS/QUERIES stage")
@@ -356,10 +363,10 @@ def select_rows(rows: list[Row], patterns: str, flag: str, optional_by_name: boo
 
 def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int, steps: int, stem: str,
               square_queries: int | None = None, targets: int | None = None,
-              indices: str | None = None) -> tuple[str, ...]:
+              indices: str | None = None, restarts: int = 1) -> tuple[str, ...]:
     """The ``rdc eval`` arguments of one evaluation of ``row``'s defense (outputs under --out-dir):
     the first ``n`` test images, or ``indices`` (an ``rdc eval --indices`` list) when given;
-    ``targets`` defaults to ``--targets``."""
+    ``targets`` defaults to ``--targets``; ``restarts`` above 1 adds ``--restarts``."""
     out = Path(args.out_dir) / stem
     picked = ["--indices", indices] if indices is not None else ["--n", str(n)]
     argv = ["eval", "--dataset", "mnist", "--split", "test", *picked, "--defense", row.defense]
@@ -374,6 +381,8 @@ def eval_argv(args: argparse.Namespace, row: Row, attack: str, eps: str, n: int,
     argv += ["--attack", attack, "--norm", row.norm, "--eps", eps]
     if attack != "square":
         argv += ["--steps", str(steps)]
+    if restarts > 1:
+        argv += ["--restarts", str(restarts)]
     if attack in ("ensemble", "square"):
         argv += ["--square-queries", str(square_queries)]
     if attack == "ensemble":
@@ -473,7 +482,8 @@ def follow_up_evaluation(args: argparse.Namespace, row: Row, indices: list[int],
     digest = hashlib.sha256(spelled.encode()).hexdigest()[:6]
     stem = f"{row.key}-n{row.n}-followup-{budget.tag}-i{digest}{model_tag(args, row, budget.attack)}"
     return Evaluation(stem, eval_argv(args, row, budget.attack, row.eps, row.n, budget.steps, stem,
-                                      budget.square_queries, targets=budget.targets, indices=spelled))
+                                      budget.square_queries, targets=budget.targets, indices=spelled,
+                                      restarts=budget.restarts))
 
 
 def result_parts(done: list[tuple[Row, Evaluation, dict[str, Any]]]
@@ -940,7 +950,8 @@ def describe_attacks(row: dict[str, Any]) -> str:
     if list(row["attacks"]) == ["square"] and budget.get("square_queries"):
         text = f"Square alone ({budget['square_queries']} queries)"
     if list(row["attacks"]) == ["flip"] and budget.get("steps"):
-        text = f"the threshold-flip attack ({budget['steps']} iterations)"
+        starts = f", {budget['restarts']} starts" if budget.get("restarts", 1) > 1 else ""
+        text = f"the threshold-flip attack ({budget['steps']} iterations{starts})"
     follow = row.get("follow_up")
     if follow is not None and not follow["n"]:
         return f"{text}; no survivors to follow up"
@@ -1517,7 +1528,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack the survivors of every finished row again (for the RDC: the examples that survived "
                         "all three gradient modes, attacked with each) with the ensemble and the --follow-up-* "
                         "budget, or in stages with the budgets given (e.g. 100/3/1000,100/9/5000: each stage "
-                        "attacks what the ones before it left; square/QUERIES: Square alone; flip/STEPS: the "
+                        "attacks what the ones before it left; square/QUERIES: Square alone; flip/STEPS[xSTARTS]: the "
                         "threshold-flip attack, binary-dc rows only); the row then counts "
                         "an example robust only if every run left it robust")
     p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of a one-stage follow-up")

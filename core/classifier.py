@@ -21,12 +21,15 @@ from .nets import Denoiser
 MODES = ("deterministic", "randomized")
 REDUCTIONS = ("sum", "mean")
 # Network inputs (image, level, class) per network call, by device type. A DC pass on N
-# images is N x levels x classes inputs (80 per image at the shipped settings), and a
-# gradient pass keeps every input's activations (about 4.6 MB each for the 28x28
-# class-embedding U-Net): unbounded, a batch of 50 needs ~19 GB. Larger batches run in
-# chunks of this many inputs, each checkpointed when gradients are on, so a backward pass
-# holds one chunk's activations at a time (at the price of one more forward pass).
-MAX_NETWORK_INPUTS = {"cpu": 512, "cuda": 4096}
+# images is N x levels x classes inputs (80 per image at the shipped settings).
+# Without autograd, a large batch runs in chunks small enough for the CPU's caches: 50
+# digits at once took 201 ms per digit on the 2-core VM, in chunks of 512 inputs 124 ms,
+# of 160 114 ms (docs/architecture.md). A gradient pass keeps every input's activations
+# (about 4.6 MB each for the 28x28 class-embedding U-Net; unbounded, a batch of 50 needs
+# ~19 GB): above MAX_GRADIENT_INPUTS it runs in checkpointed chunks of that size, so the
+# backward pass holds one chunk's activations at a time (for one more forward pass).
+MAX_NETWORK_INPUTS = {"cpu": 160, "cuda": 4096}
+MAX_GRADIENT_INPUTS = {"cpu": 512, "cuda": 4096}
 
 
 @dataclass
@@ -107,8 +110,9 @@ class DiffusionClassifier(nn.Module):
     log_prior : optional (K,) tensor added to the logits.
     generator : torch.Generator used in randomized mode (default: seeded from
         ``settings.noise_seed``).
-    max_network_inputs : the most network inputs in one call (default: by device,
-        :data:`MAX_NETWORK_INPUTS`); bounds memory, never changes which inputs are run.
+    max_network_inputs : the most network inputs in one call, with or without autograd
+        (default: by device, :data:`MAX_NETWORK_INPUTS` and :data:`MAX_GRADIENT_INPUTS`);
+        bounds memory, never changes which inputs are run.
     """
 
     def __init__(self, net: Denoiser, settings: ClassifierSettings | None = None,
@@ -144,27 +148,31 @@ class DiffusionClassifier(nn.Module):
             return self.noise_bank
         return torch.randn(self.noise_bank.shape, generator=self.generator).to(self.device)
 
-    def network_input_limit(self) -> int:
-        """The most (image, level, class) inputs :meth:`level_errors` gives one network call.
+    def network_input_limit(self, gradients: bool = False) -> int:
+        """The most (image, level, class) inputs :meth:`level_errors` gives one network call,
+        without autograd or (``gradients``) with it.
 
         The class-embedding network's every-class pass splits by (image, level), so one of
         its calls holds at least the K classes of one image at one level.
         """
         if self.max_network_inputs is not None:
             return self.max_network_inputs
-        return MAX_NETWORK_INPUTS.get(self.device.type, MAX_NETWORK_INPUTS["cuda"])
+        limits = MAX_GRADIENT_INPUTS if gradients else MAX_NETWORK_INPUTS
+        return limits.get(self.device.type, limits["cuda"])
 
     def _bounded(self, denoise: Callable[..., torch.Tensor], inputs_per_row: int,
                  *rows: torch.Tensor) -> torch.Tensor:
-        """``denoise(*rows)``, run on chunks of rows when it would exceed the input limit."""
-        per_call = max(1, self.network_input_limit() // inputs_per_row)
+        """``denoise(*rows)``, run on chunks of rows when it would exceed the input limit
+        (checkpointed chunks under autograd)."""
+        gradients = torch.is_grad_enabled()
+        per_call = max(1, self.network_input_limit(gradients) // inputs_per_row)
         total = rows[0].shape[0]
         if total <= per_call:
             return denoise(*rows)
         parts = []
         for start in range(0, total, per_call):
             chunk = [r[start:start + per_call] for r in rows]
-            if torch.is_grad_enabled():
+            if gradients:
                 parts.append(checkpoint(denoise, *chunk, use_reentrant=False))
             else:
                 parts.append(denoise(*chunk))

@@ -970,7 +970,16 @@ def test_follow_up_stages_are_checked(table):
     assert table.describe_attacks({"attacks": ["apgd-ce"], "budget": {}, "follow_up": {
         "n": 3, "broke": 0, "attacks": ["flip"], "budget": {"steps": 50, "targets": None, "square_queries": None}}}) \
         == "apgd-ce; then the threshold-flip attack (50 iterations) on its 3 survivors, which broke none"
-    for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2", "flip/0", "flip/2/3"):
+    # flip/STEPSxSTARTS: restarts in the stem, the budget, the command and the README text
+    [starts] = table.parse_args(["--follow-up", "flip/50x4"]).follow_up
+    assert (starts.tag, starts.restarts) == ("flip-s50r4", 4) and starts.as_dict()["restarts"] == 4
+    parsed = build_parser().parse_args(table.follow_up_evaluation(args, binary, [4, 7], starts).argv)
+    assert (parsed.attack, parsed.steps, parsed.restarts) == ("flip", 50, 4)
+    assert "--restarts" not in table.follow_up_evaluation(args, binary, [4, 7], flip[1]).argv
+    assert table.describe_attacks({"attacks": ["flip"], "budget": starts.as_dict()}) \
+        == "the threshold-flip attack (50 iterations, 4 starts)"
+    for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2", "flip/0", "flip/2/3",
+                "flip/5x0", "flip/x4", "flip/5x", "square/5x2"):
         with pytest.raises(SystemExit):
             table.parse_args(["--follow-up", bad])
     assert not table.extends_follow_up({"n": 2}, {"n": 2}) and table.extends_follow_up({"n": 2}, None)

@@ -209,4 +209,6 @@ def test_input_limit_bounds_every_network_call_and_changes_nothing(any_net, imag
 def test_input_limit_is_validated(tiny_net):
     with pytest.raises(ValueError, match="at least 1"):
         DiffusionClassifier(tiny_net, ClassifierSettings(steps=2), max_network_inputs=0)
-    assert DiffusionClassifier(tiny_net, ClassifierSettings(steps=2)).network_input_limit() == 512
+    default = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2))
+    assert default.network_input_limit() == 160 and default.network_input_limit(gradients=True) == 512
+    assert DiffusionClassifier(tiny_net, ClassifierSettings(steps=2), max_network_inputs=9).network_input_limit(True) == 9
