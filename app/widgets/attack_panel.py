@@ -138,5 +138,5 @@ class AttackPanel(RunStopPanel):
         self.target.setCurrentIndex(0 if s.target is None else s.target + 1)
         self.eot.setValue(s.eot)
         self.seed.setValue(s.seed)
-        if s.method == "flip":  # a flip attack's settings name the threshold it was run against
-            self.binarize.setValue(s.threshold)
+        # Binarisation belongs to the defense, not the attack: sessions restore it on their
+        # own ("attack_binarize"), and a launch never starts with it on.

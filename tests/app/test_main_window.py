@@ -315,12 +315,14 @@ def test_light_settings_persist_heavy_ones_reset_unless_pinned(qtbot, window, ti
     window.attack_panel.steps.setValue(17)
     window.attack_panel.eot.setValue(50)
     window.attack_panel.norm.setCurrentText("l2")
+    window.attack_panel.binarize.setValue(0.5)
     window.close()
     again = MainWindow(load_checkpoint(tiny_checkpoint))
     qtbot.addWidget(again)
     assert again.steps_spin.value() == 16  # the classifier default (the tiny card has none)
     assert again.attack_panel.steps.value() == 20 and again.attack_panel.eot.value() == 1
     assert again.attack_panel.norm.currentText() == "l2"
+    assert again.attack_panel.binarize_threshold() is None  # a launch never starts binarised
     again.steps_spin.setValue(256)
     again.attack_panel.steps.setValue(17)
     again.pin_check.setChecked(True)
@@ -439,8 +441,8 @@ def test_attack_panel_enables_what_each_method_uses(qapp):
     saved = panel.settings().to_dict()
     other = AttackPanel([str(c) for c in range(10)])
     other.apply(saved)
-    assert other.method.currentText() == "Threshold flip"
-    assert other.binarize_threshold() == pytest.approx(0.4) and not other.norm.isEnabled()
+    assert other.method.currentText() == "Threshold flip" and not other.norm.isEnabled()
+    assert other.binarize_threshold() is None  # the defense's binarisation is not an attack setting
     panel.method.setCurrentText("APGD-CE")
     assert panel.norm.isEnabled() and "threshold" not in panel.settings().to_dict()
 
