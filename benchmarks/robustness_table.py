@@ -924,12 +924,17 @@ def report_attacks(report: dict[str, Any]) -> list[str]:
 
 def report_budget(report: dict[str, Any]) -> dict[str, Any]:
     """The attack budget of an ``rdc eval`` report: gradient steps, APGD-T target classes
-    and Square queries (None where the attack did not run)."""
+    and Square queries (None where the attack did not run), and a single attack's restarts
+    when it made more than one start."""
     if not report["settings"].get("ensemble"):  # one attack (e.g. a square/QUERIES follow-up): its own settings
         single = report["settings"].get("attack_settings") or {}
         if report["settings"].get("attack") == "square":
-            return {"steps": None, "targets": None, "square_queries": single.get("steps")}
-        return {"steps": single.get("steps"), "targets": None, "square_queries": None}
+            budget = {"steps": None, "targets": None, "square_queries": single.get("steps")}
+        else:
+            budget = {"steps": single.get("steps"), "targets": None, "square_queries": None}
+        if (single.get("restarts") or 1) > 1:  # e.g. a flip/STEPSxSTARTS stage
+            budget["restarts"] = single["restarts"]
+        return budget
     per_attack = report["settings"].get("attack_settings") or {}
     ensemble = report["settings"]["ensemble"]
     gradient = [a for name, a in per_attack.items() if name != "square"]

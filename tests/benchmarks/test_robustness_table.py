@@ -978,6 +978,10 @@ def test_follow_up_stages_are_checked(table):
     assert "--restarts" not in table.follow_up_evaluation(args, binary, [4, 7], flip[1]).argv
     assert table.describe_attacks({"attacks": ["flip"], "budget": starts.as_dict()}) \
         == "the threshold-flip attack (50 iterations, 4 starts)"
+    flip_report = {"settings": {"attack": "flip", "attack_settings": {"method": "flip", "steps": 50, "restarts": 4}}}
+    assert table.report_budget(flip_report) == {"steps": 50, "targets": None, "square_queries": None, "restarts": 4}
+    flip_report["settings"]["attack_settings"]["restarts"] = 1
+    assert "restarts" not in table.report_budget(flip_report)
     for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2", "flip/0", "flip/2/3",
                 "flip/5x0", "flip/x4", "flip/5x", "square/5x2"):
         with pytest.raises(SystemExit):
