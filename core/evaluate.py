@@ -623,10 +623,15 @@ def read_state_file(path: str | Path) -> StateFile:
     Lines that are not a complete example record (one cut off by an interruption) are
     skipped. A missing file reads as empty.
     """
+    path = Path(path)
+    return parse_state_text(path.read_text() if path.exists() else "")
+
+
+def parse_state_text(text: str) -> StateFile:
+    """:func:`read_state_file` on the text of a state file already read."""
     import json
 
-    path = Path(path)
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = text.splitlines()
     settings = None
     if lines:
         try:
@@ -698,10 +703,10 @@ class ResumeState:
 
         header = json.dumps({"settings": settings}, sort_keys=True)
         if self.path.exists():
-            state = read_state_file(self.path)
+            text = self.path.read_text()
+            state = parse_state_text(text)
             if not state.header_line or (state.header_line != header and not self._grows(state.header_line, settings)):
                 raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
-            text = self.path.read_text()
             if state.header_line != header:  # a smaller run's state: same examples, the new n in the header
                 from .models import atomic_write_bytes
 
