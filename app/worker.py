@@ -1,7 +1,11 @@
 """Runs one engine job at a time on a worker thread and relays its step records.
 
 A job is a callable ``factory(cancelled) -> generator``; ``cancelled`` is a zero-argument
-callable the engine polls between chunks of network passes. The generator yields step
+callable the engine polls between chunks of network passes. The job runs inside a
+:func:`core.runtime.cancellation_scope` of the same callable, so the diffusion classifier
+also polls it between the network calls of one pass (a pass of hundreds of noise levels
+takes seconds on a CPU); the :class:`core.runtime.OperationCancelled` that ends such a pass
+ends the job quietly. The generator yields step
 records and *returns* its result (``return value`` of the generator, None when the job
 gave up); a factory that is a plain function (no records) just returns its result. The
 runner relays the records in batches at most about 30 times a second (so
@@ -20,6 +24,8 @@ from collections import abc
 from typing import Any, Callable, Generator
 
 from PySide6.QtCore import QObject, QThread, Signal, Slot
+
+from ..core.runtime import OperationCancelled, cancellation_scope
 
 JobFactory = Callable[[Callable[[], bool]], Generator[Any, None, Any] | Any]
 UPDATE_INTERVAL_S = 1.0 / 30.0
@@ -72,27 +78,31 @@ class _JobThread(QThread):
         pending: list = []
         last_emit = 0.0
         try:
-            gen = self._factory(self.is_cancelled)
-            result = gen
-            while isinstance(gen, abc.Generator):  # a plain function's value is the result
-                try:
-                    record = next(gen)
-                except StopIteration as stop:
-                    result = stop.value
-                    break
-                pending.append(record)
-                now = time.monotonic()
-                if now - last_emit >= UPDATE_INTERVAL_S:
-                    self.step_ready.emit(self.job_id, pending)
-                    last_emit, pending = now, []
-                if self.is_cancelled():
-                    gen.close()
-                    return
+            # the engine also polls inside long network passes (between network calls)
+            with cancellation_scope(self.is_cancelled):
+                gen = self._factory(self.is_cancelled)
+                result = gen
+                while isinstance(gen, abc.Generator):  # a plain function's value is the result
+                    try:
+                        record = next(gen)
+                    except StopIteration as stop:
+                        result = stop.value
+                        break
+                    pending.append(record)
+                    now = time.monotonic()
+                    if now - last_emit >= UPDATE_INTERVAL_S:
+                        self.step_ready.emit(self.job_id, pending)
+                        last_emit, pending = now, []
+                    if self.is_cancelled():
+                        gen.close()
+                        return
             if self.is_cancelled():
                 return
             if pending:
                 self.step_ready.emit(self.job_id, pending)
             self.finished_with.emit(self.job_id, result)
+        except OperationCancelled:
+            return  # stopped inside a network pass
         except Exception as exc:  # the GUI shows it; the thread must not die silently
             if not self.is_cancelled():
                 traceback.print_exc()

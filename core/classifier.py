@@ -17,18 +17,23 @@ from torch.utils.checkpoint import checkpoint
 
 from .diffusion import GRIDS, WEIGHTINGS, NoiseGrid, noise_grid, to_model_space
 from .nets import Denoiser
+from .runtime import active_cancellation, raise_if_cancelled
 
 MODES = ("deterministic", "randomized")
 REDUCTIONS = ("sum", "mean")
 # Network inputs (image, level, class) per network call, by device type. A DC pass on N
 # images is N x levels x classes inputs (80 per image at the shipped settings).
-# Without autograd, a large batch runs in chunks small enough for the CPU's caches: 50
-# digits at once took 201 ms per digit on the 2-core VM, in chunks of 512 inputs 124 ms,
-# of 160 114 ms (docs/architecture.md). A gradient pass keeps every input's activations
-# (about 4.6 MB each for the 28x28 class-embedding U-Net; unbounded, a batch of 50 needs
-# ~19 GB): above MAX_GRADIENT_INPUTS it runs in checkpointed chunks of that size, so the
-# backward pass holds one chunk's activations at a time (for one more forward pass).
+# Without autograd, a large batch runs in calls small enough for the CPU's caches: 50
+# digits at once took 201 ms per digit on the 2-core VM, in calls of 512 inputs 124 ms,
+# of 160 114 ms (docs/architecture.md). With autograd, small calls are faster still (500
+# inputs forward and backward: 8.3-15.3 s in one call, 4.4-4.9 s in calls of 32-256, one
+# thread) and each is a point where a stop request can end the pass. A gradient pass keeps
+# every input's activations (about 4.6 MB each for the 28x28 class-embedding U-Net;
+# unbounded, a batch of 50 needs ~19 GB): above MAX_GRADIENT_INPUTS it runs in
+# checkpointed segments of that size, so the backward pass holds one segment's
+# activations at a time (for one more forward pass).
 MAX_NETWORK_INPUTS = {"cpu": 160, "cuda": 4096}
+MAX_GRADIENT_CALL_INPUTS = {"cpu": 64, "cuda": 4096}
 MAX_GRADIENT_INPUTS = {"cpu": 512, "cuda": 4096}
 
 
@@ -157,26 +162,29 @@ class DiffusionClassifier(nn.Module):
         """
         if self.max_network_inputs is not None:
             return self.max_network_inputs
-        limits = MAX_GRADIENT_INPUTS if gradients else MAX_NETWORK_INPUTS
+        limits = MAX_GRADIENT_CALL_INPUTS if gradients else MAX_NETWORK_INPUTS
         return limits.get(self.device.type, limits["cuda"])
+
+    def activation_limit(self) -> int:
+        """The most inputs whose activations a gradient pass holds at once (above it, the
+        calls run in checkpointed segments of this size)."""
+        if self.max_network_inputs is not None:
+            return self.max_network_inputs
+        return MAX_GRADIENT_INPUTS.get(self.device.type, MAX_GRADIENT_INPUTS["cuda"])
 
     def _bounded(self, denoise: Callable[..., torch.Tensor], inputs_per_row: int,
                  *rows: torch.Tensor) -> torch.Tensor:
-        """``denoise(*rows)``, run on chunks of rows when it would exceed the input limit
-        (checkpointed chunks under autograd)."""
+        """``denoise(*rows)`` in network calls of at most :meth:`network_input_limit` inputs,
+        in checkpointed segments of :meth:`activation_limit` under autograd; a stop request
+        (:func:`core.runtime.cancellation_scope`) ends it between two calls, forward or
+        backward."""
         gradients = torch.is_grad_enabled()
         per_call = max(1, self.network_input_limit(gradients) // inputs_per_row)
-        total = rows[0].shape[0]
-        if total <= per_call:
-            return denoise(*rows)
-        parts = []
-        for start in range(0, total, per_call):
-            chunk = [r[start:start + per_call] for r in rows]
-            if gradients:
-                parts.append(checkpoint(denoise, *chunk, use_reentrant=False))
-            else:
-                parts.append(denoise(*chunk))
-        return torch.cat(parts)
+        per_segment = max(per_call, self.activation_limit() // inputs_per_row)
+        if not gradients or rows[0].shape[0] <= per_segment:
+            return _in_calls(denoise, rows, per_call)
+        return torch.cat([checkpoint(lambda *part: _in_calls(denoise, part, per_call), *segment, use_reentrant=False)
+                          for segment in _row_chunks(rows, per_segment)])
 
     def _autocast(self):
         if not self.settings.bf16:
@@ -310,6 +318,25 @@ class DiffusionClassifier(nn.Module):
                 )
                 if cancelled():
                     return
+
+
+def _row_chunks(rows: Sequence[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:
+    for start in range(0, rows[0].shape[0], size):
+        yield [r[start:start + size] for r in rows]
+
+
+def _in_calls(denoise: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor], per_call: int) -> torch.Tensor:
+    """``denoise`` on ``per_call`` rows at a time, polling the active cancellation scope
+    before each call and, when the output takes gradients, before each call's backward."""
+    cancelled = active_cancellation()
+    parts = []
+    for chunk in _row_chunks(rows, per_call):
+        raise_if_cancelled(cancelled)
+        out = denoise(*chunk)
+        if cancelled is not None and out.requires_grad:
+            out.register_hook(lambda grad: raise_if_cancelled(cancelled))
+        parts.append(out)
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def interleaved_order(steps: int) -> list[int]:

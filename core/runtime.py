@@ -1,5 +1,5 @@
-"""Process-level tuning for CPU inference and training, and the driver of step generators
-(no Qt, no torch import needed).
+"""Process-level tuning for CPU inference and training, the driver of step generators, and
+cancellation inside a network pass (no Qt, no torch import needed).
 
 glibc's malloc returns large freed blocks to the kernel at once (they are ``mmap``-ed
 above a threshold, and the heap top is trimmed). PyTorch on the CPU frees and
@@ -15,10 +15,12 @@ arena's lock is not contended.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import ctypes.util
 import sys
-from typing import Any, Callable, Generator, TypeVar
+from typing import Any, Callable, Generator, Iterator, TypeVar
 
 S = TypeVar("S")
 R = TypeVar("R")
@@ -76,3 +78,46 @@ def run_to_end(steps: Generator[S, Any, R], on_step: Callable[[S], None] | None 
             return stop.value
         if on_step is not None:
             on_step(record)
+
+
+class OperationCancelled(Exception):
+    """Raised inside a long operation when the cancellation callback of the active
+    :func:`cancellation_scope` returns True; the operation's driver turns it into a stop."""
+
+
+_CANCELLATION: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar(
+    "rdc_cancellation", default=None)
+
+
+@contextlib.contextmanager
+def cancellation_scope(cancelled: Callable[[], bool] | None) -> Iterator[None]:
+    """Let the code run inside poll ``cancelled`` (:func:`raise_if_cancelled`).
+
+    Step generators poll their ``cancelled`` callback between network passes; a single
+    pass of a large batch (hundreds of noise levels, a big EOT draw) can take seconds on a
+    CPU, so the diffusion classifier also polls between its network calls, forward and
+    backward, through this scope. ``None`` leaves an enclosing scope in force. The scope is
+    per thread (a context variable): enter it around synchronous work only, never across
+    a ``yield``.
+    """
+    if cancelled is None:
+        yield
+        return
+    token = _CANCELLATION.set(cancelled)
+    try:
+        yield
+    finally:
+        _CANCELLATION.reset(token)
+
+
+def active_cancellation() -> Callable[[], bool] | None:
+    """The callback of the innermost :func:`cancellation_scope` of this thread, or None."""
+    return _CANCELLATION.get()
+
+
+def raise_if_cancelled(cancelled: Callable[[], bool] | None = None) -> None:
+    """Raise :class:`OperationCancelled` when ``cancelled`` (default: the active scope's
+    callback) returns True; a no-op outside any scope."""
+    cancelled = cancelled if cancelled is not None else _CANCELLATION.get()
+    if cancelled is not None and cancelled():
+        raise OperationCancelled

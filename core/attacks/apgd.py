@@ -27,8 +27,9 @@ def gradient_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, 
     """APGD (``method`` "apgd") or PGD ("pgd"): yields an :class:`AttackStep` per iteration and
     returns the validated :class:`AttackResult` (None when cancelled).
 
-    ``cancelled`` is polled before every network pass (each EOT draw, each iteration), so
-    a stop request takes effect within one forward-backward pass of the model.
+    ``cancelled`` is polled before every network pass (each EOT draw, each iteration) and,
+    for a diffusion classifier, between its network calls (:func:`stops_when_cancelled`),
+    so a stop request takes effect within one network call, forward or backward.
     """
     x0 = x0.detach()
     ids = list(range(x0.shape[0])) if example_ids is None else [int(i) for i in example_ids]

@@ -5,6 +5,7 @@ validation of returned examples, and cancellation.
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, TypeVar
 
@@ -13,13 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import OperationCancelled, cancellation_scope
+
 Cancelled = Callable[[], bool]
 """A zero-argument callable polled during an attack: True asks it to stop."""
 
 R = TypeVar("R")
 
 
-class AttackCancelled(Exception):
+class AttackCancelled(OperationCancelled):
     """Raised inside an attack when its ``cancelled`` callback returns True (never escapes
     a generator decorated with :func:`stops_when_cancelled`)."""
 
@@ -31,14 +34,31 @@ def check_cancelled(cancelled: Cancelled | None) -> None:
 
 
 def stops_when_cancelled(func: Callable[..., Generator[Any, None, R]]) -> Callable[..., Generator[Any, None, R | None]]:
-    """Make a step generator return None as soon as a :func:`check_cancelled` inside it fires."""
+    """Make a step generator return None as soon as its ``cancelled`` argument fires.
+
+    Each resumption of the generator runs inside a :func:`core.runtime.cancellation_scope`
+    of that callback, so a stop request also ends a network pass in progress (the
+    diffusion classifier polls between its network calls, forward and backward), not only
+    at the generator's own :func:`check_cancelled` calls.
+    """
+    signature = inspect.signature(func)
 
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
+        cancelled = signature.bind(*args, **kwargs).arguments.get("cancelled")
+        steps = func(*args, **kwargs)
         try:
-            return (yield from func(*args, **kwargs))
-        except AttackCancelled:
+            while True:
+                with cancellation_scope(cancelled):  # around synchronous work only, not the yield
+                    try:
+                        record = next(steps)
+                    except StopIteration as stop:
+                        return stop.value
+                yield record
+        except OperationCancelled:
             return None
+        finally:
+            steps.close()
 
     return wrapper
 

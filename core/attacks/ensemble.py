@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..runtime import run_to_end
-from .base import AttackSettings, Cancelled
+from .base import AttackSettings, Cancelled, stops_when_cancelled
 from .run import attack
 
 ENSEMBLE_LABELS = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "square": "Square",
@@ -84,6 +84,7 @@ class EnsembleResult:
     attack_queries: dict[str, int]  # per attack, summed over the examples
 
 
+@stops_when_cancelled
 def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, members: list[EnsembleMember],
                     example_ids: list[int] | None = None, surrogate: nn.Module | None = None,
                     cancelled: Cancelled | None = None
@@ -92,7 +93,8 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, members:
     (as AutoAttack does); yields an :class:`EnsembleStep` per attack and returns the
     :class:`EnsembleResult`. Examples the model misclassifies clean are not attacked.
     Each attack validates its examples; ``example_ids`` seed them as in :func:`attack`.
-    Returns None when ``cancelled`` (polled by every attack before each pass) fires.
+    Returns None when ``cancelled`` (polled by every attack before each pass, and inside
+    the diffusion classifier's passes) fires.
     """
     x0 = x.detach()
     n = x0.shape[0]

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..runtime import OperationCancelled, cancellation_scope
 from .apgd import gradient_attack
 from .base import AttackResult, AttackSettings, AttackStep, Cancelled
 from .flip import flip_attack
@@ -23,8 +24,9 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: 
 
     ``y`` None attacks the model's own clean predictions. ``example_ids`` (default
     0..N-1) seed each example's random draws, so results do not depend on batching.
-    ``cancelled`` is polled before every pass of the model (every EOT draw), so a stop
-    request takes effect within one pass. Drive it with :func:`run_to_end`, or use the
+    ``cancelled`` is polled before every pass of the model (every EOT draw) and, for a
+    diffusion classifier, between its network calls, so a stop request takes effect within
+    one network call. Drive it with :func:`run_to_end`, or use the
     torchattacks-shaped classes (:class:`APGD`, ...) for the adversarial images alone.
     """
     x0 = x.detach()
@@ -68,10 +70,13 @@ def attack_session(model: nn.Module, x: torch.Tensor, settings: AttackSettings, 
         return
     defense = defense or model
     adv = result.adversarial
-    with torch.no_grad():
-        attacked_pred = model(adv).argmax(1)
-        probs = torch.softmax(defense(adv), dim=1)
-        purified = purify(adv) if purify is not None else None
+    try:
+        with torch.no_grad(), cancellation_scope(cancelled):  # three full passes: stoppable inside them
+            attacked_pred = model(adv).argmax(1)
+            probs = torch.softmax(defense(adv), dim=1)
+            purified = purify(adv) if purify is not None else None
+    except OperationCancelled:
+        return
     yield DefenseOutcome(
         clean=x.detach().cpu().numpy().copy(), adversarial=adv.cpu().numpy().copy(),
         purified=None if purified is None else purified.cpu().numpy().copy(),

@@ -102,6 +102,33 @@ def test_cancelled_job_never_reports_and_drains(qtbot):
     assert not finished and runner.running_threads() == 0 and live_workers() == 0
 
 
+def test_a_job_stopped_inside_a_network_pass_ends_quietly(qtbot):
+    """The worker runs each job inside a cancellation scope: a pass that only polls the
+    scope (as the diffusion classifier does between its network calls) ends on Stop, and
+    the job reports neither a result nor an error."""
+    from rdc_studio.app.worker import JobRunner
+    from rdc_studio.core.runtime import raise_if_cancelled
+
+    runner = JobRunner()
+    finished, failed, polls = [], [], []
+    runner.finished.connect(finished.append)
+    runner.failed.connect(failed.append)
+
+    def one_long_pass(cancelled):  # never checks its ``cancelled`` argument itself
+        yield "started"
+        for _ in range(100_000):  # a hang detector only: 1000 s
+            polls.append(1)
+            raise_if_cancelled()
+            time.sleep(0.01)
+        return "finished"
+
+    runner.start(one_long_pass)
+    qtbot.waitUntil(lambda: len(polls) >= 3, timeout=10000)
+    with qtbot.waitSignal(runner.drained, timeout=10000):
+        assert runner.cancel()
+    assert not finished and not failed and len(polls) < 100_000
+
+
 def test_set_device_never_moves_the_network_under_a_running_job(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
     """The race: a cancelled job may still run when the device changes. The job keeps its
     own network; the window moves to a copy (here to the 'meta' device, which any machine has)."""

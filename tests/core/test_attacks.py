@@ -399,3 +399,66 @@ def test_flip_attack_settings_and_cancellation(toy):
 
     steps = list(attack(InputBinarization(model, 0.4), x, y, s, cancelled))
     assert len(steps) < 5 and run_to_end(attack(InputBinarization(model, 0.4), x, y, s, lambda: True)) is None
+
+
+@pytest.mark.parametrize("method, phase", [("apgd", "forward"), ("apgd", "backward"), ("square", "forward"),
+                                           ("ensemble", "forward"), ("ensemble", "backward")])
+def test_a_stop_ends_an_attack_inside_a_diffusion_classifier_pass(tiny_net, method, phase):
+    """The attack's ``cancelled`` reaches into the classifier's pass: no network call runs
+    after the one during which Stop came (forward), nor after Stop in a backward pass."""
+    from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
+
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=8), max_network_inputs=4)
+    x = torch.round(torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 255) / 255
+    with torch.no_grad():
+        y = clf(x).argmax(1)  # correctly classified, so every attack runs
+    calls = {"forward": 0, "backward": 0, "after_stop": 0}
+    stop = {"now": False}
+
+    def on_forward(*_):
+        calls["forward"] += 1
+        calls["after_stop"] += stop["now"]
+        if phase == "forward" and calls["forward"] == 6:  # pressed during the 6th call (of 4 per pass)
+            stop["now"] = True
+
+    def on_backward(*_):
+        calls["backward"] += 1
+        calls["after_stop"] += stop["now"]
+        stop["now"] = True  # pressed during the first backward call
+
+    handles = [tiny_net.conv_in.register_forward_pre_hook(on_forward),
+               tiny_net.conv_in.register_full_backward_pre_hook(on_backward)]
+    settings = AttackSettings(method="square" if method == "square" else "apgd", eps=0.1, steps=3)
+    try:
+        if method == "ensemble":
+            steps = ensemble_attack(clf, x, y, [EnsembleMember("APGD-CE", settings)], cancelled=lambda: stop["now"])
+        else:
+            steps = attack(clf, x, y, settings, lambda: stop["now"])
+        assert run_to_end(steps) is None
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert stop["now"] and calls["after_stop"] == 0
+    assert calls["backward"] == (1 if phase == "backward" else 0)
+
+
+def test_a_stop_during_the_verdict_ends_the_session_quietly(toy):
+    """attack_session's closing passes (attacked model, full defense, purification) stop too."""
+    from rdc_studio.core.attacks import AttackResult, DefenseOutcome, attack_session
+    from rdc_studio.core.runtime import raise_if_cancelled
+
+    model, x, y = toy
+    stop = {"now": False, "defense_passes": 0}
+
+    class PollingDefense(nn.Module):  # as the diffusion classifier polls between its calls
+        def forward(self, z):
+            stop["defense_passes"] += 1
+            stop["now"] = True
+            raise_if_cancelled()
+            return model(z)
+
+    records = list(attack_session(model, x[:2], AttackSettings(eps=0.05, steps=2), defense=PollingDefense(),
+                                  y=y[:2], cancelled=lambda: stop["now"]))
+    assert stop["defense_passes"] == 1
+    assert any(isinstance(r, AttackResult) for r in records)
+    assert not any(isinstance(r, DefenseOutcome) for r in records)

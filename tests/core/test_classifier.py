@@ -212,5 +212,72 @@ def test_input_limit_is_validated(tiny_net):
     with pytest.raises(ValueError, match="at least 1"):
         DiffusionClassifier(tiny_net, ClassifierSettings(steps=2), max_network_inputs=0)
     default = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2))
-    assert default.network_input_limit() == 160 and default.network_input_limit(gradients=True) == 512
-    assert DiffusionClassifier(tiny_net, ClassifierSettings(steps=2), max_network_inputs=9).network_input_limit(True) == 9
+    assert default.network_input_limit() == 160 and default.network_input_limit(gradients=True) == 64
+    assert default.activation_limit() == 512
+    limited = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2), max_network_inputs=9)
+    assert limited.network_input_limit(True) == 9 and limited.activation_limit() == 9
+
+
+class NetworkCalls:
+    """Counts the network calls (forward, and backward through the input convolution) of a net."""
+
+    def __init__(self, net) -> None:
+        self.forward = self.backward = 0
+        self._handles = [
+            net.conv_in.register_forward_pre_hook(lambda *_: self._count("forward")),
+            net.conv_in.register_full_backward_pre_hook(lambda *_: self._count("backward")),
+        ]
+
+    def _count(self, kind: str) -> None:
+        setattr(self, kind, getattr(self, kind) + 1)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("checkpointed", [False, True])
+def test_a_stop_request_ends_a_pass_between_network_calls(any_net, images, monkeypatch, checkpointed):
+    """Inside a cancellation scope the classifier polls before every network call and every
+    call's backward pass (also in checkpointed segments), so a stop ends the pass there."""
+    import rdc_studio.core.classifier as classifier_module
+    from rdc_studio.core.runtime import OperationCancelled, cancellation_scope
+
+    # calls of 10 inputs (multi-head: 10 (image, level) rows; embedding: one row, all
+    # classes), in checkpointed segments of 20 inputs or in one plain segment
+    monkeypatch.setitem(classifier_module.MAX_GRADIENT_CALL_INPUTS, "cpu", 10)
+    monkeypatch.setitem(classifier_module.MAX_NETWORK_INPUTS, "cpu", 10)
+    monkeypatch.setitem(classifier_module.MAX_GRADIENT_INPUTS, "cpu", 20 if checkpointed else 10_000)
+    clf = DiffusionClassifier(any_net, ClassifierSettings(steps=6, noise_seed=2))
+    calls = NetworkCalls(any_net)
+    stop = {"now": False}
+    try:
+        x = images.clone().requires_grad_(True)
+        outside = torch.autograd.grad(clf(x).logsumexp(1).sum(), x)[0]
+        calls.forward = calls.backward = 0
+        with cancellation_scope(lambda: stop["now"]):
+            free = torch.autograd.grad(clf(x).logsumexp(1).sum(), x)[0]  # never stopped: as outside a scope
+            assert torch.equal(free, outside)
+            assert calls.forward >= 3 and calls.backward >= 3  # 4 images x 6 levels, in several calls
+            calls.forward = calls.backward = 0
+            # Stop pressed during the second network call of a forward pass
+            hook = any_net.conv_in.register_forward_pre_hook(lambda *_: stop.update(now=calls.forward >= 2))
+            try:
+                with torch.no_grad(), pytest.raises(OperationCancelled):
+                    clf(images)
+            finally:
+                hook.remove()
+            assert calls.forward == 2  # no call after the one during which Stop came
+            stop["now"] = False
+            calls.forward = calls.backward = 0
+            logits = clf(x)
+            forward_calls = calls.forward
+            assert calls.backward == 0
+            stop["now"] = True  # pressed after the forward pass: the backward pass stops at once
+            with pytest.raises(OperationCancelled):
+                torch.autograd.grad(logits.logsumexp(1).sum(), x)
+            assert calls.backward == 0
+            assert calls.forward == forward_calls  # a checkpointed segment was not even recomputed
+    finally:
+        calls.remove()
+    assert free.abs().sum() > 0
