@@ -23,6 +23,7 @@ from torch import nn
 from .classifier import ClassifierSettings, DiffusionClassifier
 from .nets import Denoiser
 from .purify import LikelihoodMaximizer, PurifySettings
+from .runtime import raise_if_cancelled
 
 GRAD_MODES = ("exact", "smooth", "bpda", "dc-only")
 
@@ -84,6 +85,7 @@ class RobustDiffusionClassifier(nn.Module):
         x_orig = x if create_graph else x.detach()
         cur, moments = x_orig, None
         for i in range(lm.settings.steps):
+            raise_if_cancelled()  # a stop request inside an attack's pass (core.runtime.cancellation_scope)
             cur, _, moments = lm.step(cur, x_orig, i, sigmas[i], noises[i], moments, create_graph=create_graph,
                                       smooth_sign=smooth_sign)
         return cur if create_graph else cur.detach()

@@ -3,7 +3,8 @@
 Every network pass is slowed by a forward hook (20 ms of sleep), and the settings are
 those of the reported hang (T = 256 noise levels; attack: EOT 50 draws), so one attack
 iteration would take minutes. The engine checks cancellation between noise-level chunks
-(classify), EOT draws (attack) and steps (purify).
+(classify), EOT draws (attack) and steps (purify), and the diffusion classifier also
+between the network calls of one pass (the worker's cancellation scope).
 
 No test here bounds wall-clock time (a loaded machine could miss any bound): the hook can
 hold the worker inside a network pass, so the tests count what happens instead: the
@@ -31,9 +32,10 @@ from test_main_window import isolate_settings  # noqa: E402 (tests/app is on sys
 
 KINDS = ["classify", "attack", "purify"]
 HANG_S = 60  # only a hang detector: the tests never depend on how fast the machine is
-# Network passes the worker may still make after Stop: the rest of one cancellation unit
-# (a noise-level chunk, an EOT draw, an LM step). The jobs above have hundreds left.
-MAX_PASSES_AFTER_STOP = 4
+# Network passes the worker may still start after Stop: none (the classifier polls before
+# each of its network calls, the likelihood maximisation before each step's). The jobs
+# above have hundreds left.
+MAX_PASSES_AFTER_STOP = 0
 
 
 class SlowNetwork:
@@ -70,7 +72,7 @@ def start_slow_job(window, kind: str) -> None:
     window.steps_spin.setValue(256)
     window.attack_panel.eot.setValue(50)
     window.attack_panel.steps.setValue(5)
-    if kind == "purify":  # (in an attack, the defense's purification is one uncancellable forward pass)
+    if kind == "purify":  # a long likelihood maximisation (an attack purifies with the card's steps)
         window.purify_panel.steps.setValue(200)
     image = np.zeros((1, 28, 28), np.float32)
     image[0, 5:23, 12:16] = 1
