@@ -505,3 +505,28 @@ def test_square_attack_runs_in_the_app(qtbot, window, digit_png):
     # Square stops once the attacked model is fooled (on this tiny model, often by its first query)
     assert len(window.attack_plot.data["loss"][0]) <= 3
     assert np.array_equal(np.round(out.adversarial * 255) / 255, out.adversarial)  # 8-bit, as saved
+
+
+def test_attack_fooled_by_its_starting_point_says_why_the_plot_is_empty(window):
+    """Square's initial stripes can fool the attacked model before its first iteration."""
+    from rdc_studio.core.attacks import DefenseOutcome
+
+    clean = np.zeros((1, 1, 28, 28), np.float32)
+    adversarial = clean + 0.1
+    probs = np.full((1, 10), 0.01, np.float32)
+    probs[0, 3] = 0.91
+
+    def outcome(succeeded: bool) -> DefenseOutcome:
+        return DefenseOutcome(clean=clean, adversarial=adversarial, purified=adversarial, labels=np.array([3]),
+                              attacked_prediction=np.array([5 if succeeded else 3]), defense_probabilities=probs,
+                              attack_succeeded=np.array([succeeded]), defense_recovered=np.array([True]),
+                              linf=np.array([0.1]), l2=np.array([2.8]))
+
+    tab = window.attack_tab
+    for succeeded in (True, False):
+        tab.begin(clean[0], "zeros", 10)
+        tab.finish(outcome(succeeded))
+        text = tab.verdict.text()
+        assert ("starting point already fooled" in text) == succeeded
+        assert text.startswith("Attack succeeded (3 → 5)" if succeeded else "Attack failed (3 → 3)")
+    assert len(tab.plot.data["loss"][0]) == 0
