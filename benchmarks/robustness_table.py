@@ -58,7 +58,10 @@ stage ``square/QUERIES`` runs Square alone (gradient-free: for defenses whose gr
 suspect, such as input binarisation; for an RDC row it runs once, under the first gradient
 mode's name, and serves all three), and ``flip/STEPS`` the threshold-flip attack (``rdc eval --attack flip``: a greedy
 search over the pixels eps can carry across the binarisation threshold; ``flip/STEPSxSTARTS``
-adds random-flip restarts), for the rows of a binarised defense only. A later run with fewer stages (or none) that re-reads the same evaluations keeps the
+adds random-flip restarts), for the rows of a binarised defense only. ``apgd-ce/STEPS`` runs
+APGD-CE alone with STEPS iterations (``apgd-ce/STEPSxSTARTS`` with restarts): after the full
+ensemble, twice its steps is the masking checks' "longer attacks do not lower it further" at
+the row's final budget. A later run with fewer stages (or none) that re-reads the same evaluations keeps the
 longer chain.
 
 ``--readme`` rewrites the README's robustness table (between ``<!-- robustness-table:start
@@ -172,14 +175,16 @@ class Row:
 
 @dataclass(frozen=True)
 class FollowUpBudget:
-    """The budget of one follow-up stage: the ensemble's, Square's alone (``steps`` 0), or the
-    threshold-flip attack's (``attack`` "flip", ``steps`` iterations; binarised rows only)."""
+    """The budget of one follow-up stage: the ensemble's, Square's alone (``steps`` 0),
+    APGD-CE's alone (``attack`` "apgd-ce", ``steps`` iterations: a longer run of the strongest
+    single attack, the convergence check at a row's final budget) or the threshold-flip
+    attack's (``attack`` "flip", ``steps`` iterations; binarised rows only)."""
 
     steps: int
     targets: int
     square_queries: int
     attack: str = ""  # the ``rdc eval --attack`` of the stage; "" picks ensemble or square (see below)
-    restarts: int = 1  # flip: starts (the clean image, then random flips; ``flip/STEPSxSTARTS``)
+    restarts: int = 1  # flip or APGD-CE alone: starts (``flip/STEPSxSTARTS``, ``apgd-ce/STEPSxSTARTS``)
 
     def __post_init__(self) -> None:
         if not self.attack:
@@ -188,14 +193,14 @@ class FollowUpBudget:
     @property
     def tag(self) -> str:
         """The budget in a file stem, e.g. ``s100t9q5000`` (``square-q1000`` for Square alone,
-        ``flip-s50`` for the flip attack)."""
-        if self.attack == "flip":
-            return f"flip-s{self.steps}" + (f"r{self.restarts}" if self.restarts > 1 else "")
+        ``apgd-ce-s200`` for APGD-CE alone, ``flip-s50`` for the flip attack)."""
+        if self.attack in ("flip", "apgd-ce"):
+            return f"{self.attack}-s{self.steps}" + (f"r{self.restarts}" if self.restarts > 1 else "")
         return f"s{self.steps}t{self.targets}q{self.square_queries}" if self.steps else f"square-q{self.square_queries}"
 
     def as_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"steps": self.steps, "targets": self.targets, "square_queries": self.square_queries}
-        if self.attack == "flip":
+        if self.attack in ("flip", "apgd-ce"):
             d["attack"] = self.attack
         if self.restarts > 1:
             d["restarts"] = self.restarts
@@ -204,22 +209,23 @@ class FollowUpBudget:
 
 def parse_follow_up(text: str) -> list[FollowUpBudget]:
     """``--follow-up`` stages, comma-separated ``STEPS/TARGETS/QUERIES`` (the ensemble),
-    ``square/QUERIES`` (Square alone) or ``flip/STEPS`` (the threshold-flip attack, for rows
-    of a binarised defense; ``flip/STEPSxSTARTS`` with random-flip restarts), e.g.
-    ``100/3/1000,100/9/5000`` or ``square/1000,flip/50x4``."""
+    ``square/QUERIES`` (Square alone), ``apgd-ce/STEPS`` (APGD-CE alone; ``apgd-ce/STEPSxSTARTS``
+    with random restarts) or ``flip/STEPS`` (the threshold-flip attack, for rows of a binarised
+    defense; ``flip/STEPSxSTARTS`` with random-flip restarts), e.g.
+    ``100/3/1000,100/9/5000,apgd-ce/200`` or ``square/1000,flip/50x4``."""
     stages = []
     for part in _split_list(text):
         fields = part.split("/")
         if len(fields) == 2 and fields[0] == "square" and fields[1].isdigit() and int(fields[1]) > 0:
             stages.append(FollowUpBudget(0, 0, int(fields[1])))
             continue
-        flip = re.fullmatch(r"flip/([0-9]+)(?:x([0-9]+))?", part)
-        if flip and int(flip[1]) > 0 and int(flip[2] or 1) > 0:
-            stages.append(FollowUpBudget(int(flip[1]), 0, 0, "flip", int(flip[2] or 1)))
+        single = re.fullmatch(r"(flip|apgd-ce)/([0-9]+)(?:x([0-9]+))?", part)
+        if single and int(single[2]) > 0 and int(single[3] or 1) > 0:
+            stages.append(FollowUpBudget(int(single[2]), 0, 0, single[1], int(single[3] or 1)))
             continue
         if len(fields) != 3 or not all(f.isdigit() and int(f) > 0 for f in fields):
             raise ValueError(f"a follow-up stage is STEPS/TARGETS/QUERIES with three positive whole numbers, "
-                             f"square/QUERIES or flip/STEPS[xSTARTS], not {part!r}")
+                             f"square/QUERIES, apgd-ce/STEPS[xSTARTS] or flip/STEPS[xSTARTS], not {part!r}")
         stages.append(FollowUpBudget(*map(int, fields)))
     if not stages:
         raise ValueError("--follow-up needs at least one STEPS/TARGETS/QUERIES stage")
@@ -950,6 +956,8 @@ def describe_attacks(row: dict[str, Any]) -> str:
         parts.append(f"{budget['targets']} target{'s' if budget['targets'] != 1 else ''}")
     if budget.get("square_queries"):
         parts.append(f"Square {budget['square_queries']}")
+    if budget.get("restarts", 1) > 1:
+        parts.append(f"{budget['restarts']} starts")
     name = "ensemble" if list(row["attacks"]) == list(ENSEMBLE_ORDER) else ", ".join(row["attacks"])
     text = f"{name} ({', '.join(parts)})" if parts else name
     if list(row["attacks"]) == ["square"] and budget.get("square_queries"):
@@ -1533,8 +1541,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="attack the survivors of every finished row again (for the RDC: the examples that survived "
                         "all three gradient modes, attacked with each) with the ensemble and the --follow-up-* "
                         "budget, or in stages with the budgets given (e.g. 100/3/1000,100/9/5000: each stage "
-                        "attacks what the ones before it left; square/QUERIES: Square alone; flip/STEPS[xSTARTS]: the "
-                        "threshold-flip attack, binary-dc rows only); the row then counts "
+                        "attacks what the ones before it left; square/QUERIES: Square alone; apgd-ce/STEPS[xSTARTS]: "
+                        "APGD-CE alone; flip/STEPS[xSTARTS]: the threshold-flip attack, binary-dc rows only); the row "
+                        "then counts "
                         "an example robust only if every run left it robust")
     p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of a one-stage follow-up")
     p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of a one-stage follow-up")

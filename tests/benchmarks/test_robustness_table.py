@@ -982,8 +982,20 @@ def test_follow_up_stages_are_checked(table):
     assert table.report_budget(flip_report) == {"steps": 50, "targets": None, "square_queries": None, "restarts": 4}
     flip_report["settings"]["attack_settings"]["restarts"] = 1
     assert "restarts" not in table.report_budget(flip_report)
+    # apgd-ce/STEPS[xSTARTS]: APGD-CE alone, on any row (the convergence check at the final budget)
+    longer, restarted = table.parse_args(["--follow-up", "apgd-ce/200,apgd-ce/200x2"]).follow_up
+    assert (longer.attack, longer.tag, restarted.tag) == ("apgd-ce", "apgd-ce-s200", "apgd-ce-s200r2")
+    assert longer.as_dict() == {"steps": 200, "targets": 0, "square_queries": 0, "attack": "apgd-ce"}
+    table.check_follow_up_stages([row, binary], [longer])
+    parsed = build_parser().parse_args(table.follow_up_evaluation(args, row, [4, 7], restarted).argv)
+    assert (parsed.attack, parsed.steps, parsed.restarts, parsed.indices) == ("apgd-ce", 200, 2, "4,7")
+    assert "--square-queries" not in table.follow_up_evaluation(args, row, [4, 7], longer).argv
+    apgd_report = {"settings": {"attack": "apgd-ce", "attack_settings": {"method": "apgd", "steps": 200, "restarts": 2}}}
+    assert table.describe_attacks({"attacks": ["apgd-ce"], "budget": table.report_budget(apgd_report)}) \
+        == "apgd-ce (200 steps, 2 starts)"
     for bad in ("100/9", "100/0/5000", "a/b/c", ",", "square/0", "square/", "square/10/2", "flip/0", "flip/2/3",
-                "flip/5x0", "flip/x4", "flip/5x", "square/5x2"):
+                "flip/5x0", "flip/x4", "flip/5x", "square/5x2", "apgd-ce/0", "apgd-ce/", "apgd-ce/5x0",
+                "apgd-dlr/100"):
         with pytest.raises(SystemExit):
             table.parse_args(["--follow-up", bad])
     assert not table.extends_follow_up({"n": 2}, {"n": 2}) and table.extends_follow_up({"n": 2}, None)
