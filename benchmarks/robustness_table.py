@@ -1463,7 +1463,7 @@ def render_markdown(summaries: list[dict[str, Any]], checks: list[dict[str, Any]
                          f"**{_pct(w['robust_acc'])}** ({_pct(lo)}-{_pct(hi)}) |")
     if follow:
         lines += ["", "## Follow-up on the survivors", "",
-                  "The ensemble (or Square alone, or the threshold-flip attack) again, with a larger budget, "
+                  "The ensemble (or Square, APGD-CE or the threshold-flip attack alone) again, with a larger budget, "
                   "on the examples each row left robust (for the RDC: "
                   "those that survived all three gradient modes); a later stage attacks those every earlier one "
                   "left. robustness.json counts an example robust only if every follow-up left it robust too.", "",
