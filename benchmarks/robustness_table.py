@@ -601,8 +601,9 @@ def _done_in_state(path: Path) -> int:
 
 def state_progress(ev: Evaluation, out_dir: Path) -> str | None:
     """How far an unfinished evaluation has got, from its state file (and those of its shards
-    under ``torchrun``): examples done of all, and how many of them an attack broke so far;
-    None when it has no state yet."""
+    under ``torchrun``): examples done of all, how many of them an attack broke so far, and
+    the time the rest would take at the seconds per example recorded so far; None when it
+    has no state yet."""
     base = out_dir / f"{ev.name}.state.jsonl"
     paths = [base] + sorted(out_dir.glob(f"{ev.name}.state.jsonl.rank*-of-*"))
     total, records = None, {}
@@ -615,7 +616,18 @@ def state_progress(ev: Evaluation, out_dir: Path) -> str | None:
     broken = sum(1 for r in records.values() if r.clean_correct and not r.robust_correct)
     wrong = sum(1 for r in records.values() if not r.clean_correct)
     text = f"{len(records)} of {total if total is not None else '?'} examples done, {broken} broken by the attack"
-    return text + (f", {wrong} misclassified clean" if wrong else "")
+    text += f", {wrong} misclassified clean" if wrong else ""
+    timed = [r.seconds for r in records.values() if r.seconds is not None]
+    left = (total - len(records)) if total is not None else 0
+    if timed and left > 0:
+        per_example = sum(timed) / len(timed)
+        text += f"; the other {left} need about {_duration(per_example * left)} at the {per_example:.0f} s per example so far"
+    return text
+
+
+def _duration(seconds: float) -> str:
+    """``seconds`` for a reader: minutes below two hours, else hours."""
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 _STEM_N = re.compile(r"^(?P<pre>.*-n)(?P<n>[0-9]+)(?P<post>(-[msc][0-9a-f]{8})+)$")

@@ -77,15 +77,16 @@ def test_dry_run_says_how_far_an_unfinished_evaluation_got(table, tmp_path, caps
     out_dir.mkdir()
     header = json.dumps({"settings": {"n": 5}})
     fields = {"label": 3, "linf": 0.3, "l2": 2.0, "queries": 20}
-    records = [{"index": 0, "clean_correct": True, "robust_correct": True} | fields,
-               {"index": 1, "clean_correct": True, "robust_correct": False} | fields,
-               {"index": 2, "clean_correct": False, "robust_correct": False} | fields]
+    records = [{"index": 0, "clean_correct": True, "robust_correct": True, "seconds": 600.0} | fields,
+               {"index": 1, "clean_correct": True, "robust_correct": False, "seconds": 660.0} | fields,
+               {"index": 2, "clean_correct": False, "robust_correct": False} | fields]  # (no timing: older states)
     state.write_text("\n".join([header] + [json.dumps(r) for r in records[:2]]) + "\nnot json\n")
     Path(f"{state}.rank1-of-2").write_text("\n".join([header, json.dumps(records[2])]) + "\n")
     assert table.main(argv) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[1] == (f"#   unfinished: 3 of 5 examples done, 1 broken by the attack, 1 misclassified clean "
-                        f"(state {state})")
+    assert lines[1] == (f"#   unfinished: 3 of 5 examples done, 1 broken by the attack, 1 misclassified clean; "
+                        f"the other 2 need about 21 min at the 630 s per example so far (state {state})")
+    assert table._duration(7199) == "120 min" and table._duration(54000) == "15.0 h"
     report = {"settings": {"command": "rdc " + " ".join(shlex.quote(a) for a in shlex.split(line)[1:])}}
     Path(str(state).removesuffix(".state.jsonl") + ".json").write_text(json.dumps(report))
     assert table.main(argv) == 0 and capsys.readouterr().out.splitlines() == [line]  # finished: no comment
