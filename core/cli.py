@@ -15,7 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
                       GRIDS, OPTIMIZERS, PRESETS, SAMPLER_CHURN_RANGE, WEIGHTINGS)
@@ -42,6 +42,27 @@ GRAD_HELP = ("gradient mode of an attacked rdc: auto (smooth for sign-step purif
 def _command_line() -> str:
     """The command as the user typed it (for model cards and reports)."""
     return "rdc " + " ".join(shlex.quote(a) for a in _ARGV)
+
+
+def _stop_on_signals() -> Callable[[], bool]:
+    """Make Ctrl+C (SIGINT) and SIGTERM ask the running command to stop at its next check
+    instead of killing it; returns the check.
+
+    The engine polls it between training steps and batches and, through
+    :func:`core.runtime.cancellation_scope`, between the diffusion classifier's network
+    calls, so a command ends within a second with its state saved. A second Ctrl+C
+    interrupts at once.
+    """
+    stop = {"requested": False}
+
+    def on_signal(signum, _frame) -> None:
+        if stop["requested"] and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return lambda: stop["requested"]
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -92,16 +113,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
         **{k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None},
     )
-    stop = {"flag": False}
-
-    def _on_signal(signum, frame):  # finish the step, save state, exit
-        stop["flag"] = True
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
+    stop_requested = _stop_on_signals()  # finish the step, save state, exit
     extra = {"training_command": _command_line(), "data": f"{args.dataset} {args.split} split (data root {args.data_root or 'RDC_DATA_ROOT'})"}
     bar = None
-    for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=lambda: stop["flag"],
+    for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=stop_requested,
                      device=args.device, log_every=args.log_every, init_from=init_net, init_name=init_name):
         if bar is None:
             # start counting at the first record: the steps before it (a resumed run's, or
@@ -119,7 +134,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f.write(json.dumps(rec.__dict__) + "\n")
     if bar is not None:
         bar.close()
-    if stop["flag"]:
+    if stop_requested():
         print(f"stopped; state saved in {args.out} (re-run the same command to resume)", file=sys.stderr)
         return 130
     print(f"wrote {Path(args.out) / 'model.safetensors'}")
@@ -387,6 +402,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluate import init_distributed, robust_log, run_evaluation
     from .models import atomic_write_bytes, atomic_write_json
+    from .runtime import OperationCancelled, cancellation_scope
 
     _setup_threads(args)
     config = _eval_config(args)
@@ -414,14 +430,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"rdc: warning: {message} (choose it with --grad smooth or --grad bpda)", file=sys.stderr)
 
+    stop_requested = _stop_on_signals()
     try:
-        report = run_evaluation(config, model, clf, device=device, purify=purify, shard=(rank, world),
-                                progress=progress, warn=warn)
+        with cancellation_scope(stop_requested):  # a clean pass stops inside its batch too
+            report = run_evaluation(config, model, clf, device=device, purify=purify, shard=(rank, world),
+                                    progress=progress, warn=warn, cancelled=stop_requested)
     except ValueError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
+    except OperationCancelled:
+        report = None
     finally:
         if bar is not None:
             bar.close()
+    if report is None:
+        if rank == 0:
+            kept = (f"the examples finished are in {config.state}; re-run the same command to resume" if config.state
+                    else "nothing was kept (give --state FILE to make a run resumable)")
+            print(f"rdc: stopped; {kept}", file=sys.stderr)
+        return 130
     if rank != 0:
         return 0
     if args.log and report.attacked:
@@ -670,8 +696,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
                   f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}", file=sys.stderr)
 
     t0 = time.perf_counter()
-    result = run_to_end(attack(defense, x, y, settings), show)
+    result = run_to_end(attack(defense, x, y, settings, _stop_on_signals()), show)
     seconds = time.perf_counter() - t0
+    if result is None:
+        print(f"rdc: stopped after {iterations_run} iterations; nothing written", file=sys.stderr)
+        return 130
     with torch.no_grad():
         adv_logits = defense(result.adversarial)
     adv_pred = int(adv_logits.argmax(1))

@@ -516,3 +516,65 @@ def test_eval_of_chosen_indices_attacks_them_as_a_run_over_the_first_n_does(tmp_
         main(common + ["--indices", "10000"])
     with pytest.raises(SystemExit, match="runs backwards"):
         main(common + ["--indices", "7-5"])
+
+
+HANG_S = 300  # only a hang detector: nothing here depends on how fast the machine is
+
+
+def _start_cli(args: list[str]) -> subprocess.Popen:
+    """``rdc ARGS`` in a child process (its own Ctrl+C handling, unlike ``main`` in-process)."""
+    import os
+
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "rdc_studio.core.cli", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_ctrl_c_stops_an_eval_cleanly_with_its_state_saved(tiny_checkpoint, tmp_path):
+    import signal
+    import time
+
+    from rdc_studio.core.evaluate import read_state_file
+
+    state, out = tmp_path / "run.state.jsonl", tmp_path / "run.json"
+    proc = _start_cli(["eval", "--dataset", "mnist", "--split", "test", "--n", "500", "--defense", "dc",
+                       "--attack", "apgd-ce", "--eps", "0.3", "--steps", "50", "--levels", "4", "--batch-size", "1",
+                       "--model", str(tiny_checkpoint), "--device", "cpu", "--threads", "1",
+                       "--state", str(state), "--out", str(out)])
+    try:
+        deadline = time.monotonic() + HANG_S
+        while not (state.exists() and len(state.read_text().splitlines()) >= 3):  # two examples done
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and f"rdc: stopped; the examples finished are in {state}" in err
+    assert not out.exists()  # no report of a run that did not finish
+    saved = read_state_file(state)
+    assert 2 <= len(saved.results) < 500 and len(state.read_text().splitlines()) == len(saved.results) + 1
+
+
+def test_ctrl_c_stops_an_attack_cleanly(tiny_checkpoint, digit_png, tmp_path):
+    import signal
+
+    report = tmp_path / "attack.json"
+    proc = _start_cli(["attack", str(digit_png), "--defense", "dc", "--attack", "apgd-ce", "--eps", "0.3",
+                       "--steps", "10", "--eot", "300", "--levels", "2", "--model", str(tiny_checkpoint),
+                       "--device", "cpu", "--threads", "1", "--out", str(tmp_path / "adv.png"),
+                       "--report", str(report)])
+    try:
+        first = proc.stderr.readline()
+        while first and not first.startswith("iter"):  # the first progress line: iteration 1 of 10
+            first = proc.stderr.readline()
+        assert first.startswith("iter"), proc.communicate(timeout=HANG_S)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rdc: stopped after" in err and "nothing written" in err
+    assert not report.exists() and not (tmp_path / "adv.png").exists()
