@@ -497,11 +497,16 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     columns = []
-    for y in labels:
+    stop_requested = _stop_on_signals()
+    for done, y in enumerate(labels):
         last = None
         for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0),
-                           churn=args.churn):
+                           cancelled=stop_requested, churn=args.churn):
             pass
+        if stop_requested() or last is None or last.step < last.total_steps:
+            kept = f"; {done * args.n} PNGs of the classes before it are in {out_dir}" if out_dir and done else ""
+            print(f"rdc: stopped{kept}; no grid written", file=sys.stderr)
+            return 130
         if out_dir is not None:
             for i, image in enumerate(last.image):
                 save_png_atomic(image, out_dir / sample_filename(y, i))

@@ -578,3 +578,27 @@ def test_ctrl_c_stops_an_attack_cleanly(tiny_checkpoint, digit_png, tmp_path):
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "rdc: stopped after" in err and "nothing written" in err
     assert not report.exists() and not (tmp_path / "adv.png").exists()
+
+
+def test_ctrl_c_stops_sampling_cleanly(tiny_checkpoint, tmp_path):
+    import signal
+    import time
+
+    out_dir, grid = tmp_path / "samples", tmp_path / "grid.png"
+    proc = _start_cli(["sample", "--model", str(tiny_checkpoint), "--label", "all", "--n", "10",
+                       "--sampler-steps", "300", "--out-dir", str(out_dir), "--out", str(grid), "--threads", "1"])
+    try:
+        deadline = time.monotonic() + HANG_S
+        while len(list(out_dir.glob("0-*.png"))) < 10:  # the first class is written
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    import re
+
+    kept = re.search(r"rdc: stopped; ([0-9]+) PNGs of the classes before it are in", err)
+    assert "Traceback" not in err and kept, err
+    assert not grid.exists() and int(kept[1]) == len(list(out_dir.glob("*.png"))) < 100
