@@ -539,7 +539,10 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{rec.loss:.4f}", acc=f"{rec.accuracy:.4f}")
             bar.refresh()
 
-        model = run_to_end(train_cnn(ds, epochs=args.epochs, seed=args.seed), show)
+        model = run_to_end(train_cnn(ds, epochs=args.epochs, seed=args.seed, cancelled=_stop_on_signals()), show)
+    if model is None:
+        print("rdc: stopped; nothing written (the CNN trains in a minute or two: re-run it whole)", file=sys.stderr)
+        return 130
     wall = time.perf_counter() - t0
     metrics = {}
     for split in ("val", "test"):
