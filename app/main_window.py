@@ -188,8 +188,7 @@ class MainWindow(QMainWindow):
 
         self.device_label = QLabel()
         self.progress = QProgressBar()
-        self.progress.setMaximumWidth(220)
-        self.progress.setFormat("%v / %m levels")
+        self._set_progress_format("%v / %m levels")
         self.elapsed_label = QLabel("")
         self.message_label = QLabel("")  # long messages are elided here, whole in the tooltip
         self.message_label.setMinimumWidth(50)
@@ -612,8 +611,15 @@ class MainWindow(QMainWindow):
     # -- jobs ---------------------------------------------------------------------
     def _set_progress(self, total: int, unit: str) -> None:
         self.progress.setRange(0, max(1, total))
-        self.progress.setFormat(f"%v / %m {unit}")
+        self._set_progress_format(f"%v / %m {unit}")
         self.progress.setValue(0)
+
+    def _set_progress_format(self, text: str) -> None:
+        """The progress bar's text, with the bar wide enough for it at its longest
+        (e.g. "stopped at 100 / 100 iterations" on one line)."""
+        self.progress.setFormat(text)
+        widest = text.replace("%v", str(self.progress.maximum())).replace("%m", str(self.progress.maximum()))
+        self.progress.setMinimumWidth(min(360, self.progress.fontMetrics().horizontalAdvance(widest) + 24))
 
     def _start_job(self, kind: str, factory) -> None:
         if self._closing:
@@ -750,7 +756,7 @@ class MainWindow(QMainWindow):
         view = self._views.get(self._job_kind)
         if view is not None:
             view.stopped()
-        self.progress.setFormat(f"stopped at %v / %m {self.progress.format().split('%m ', 1)[-1]}")
+        self._set_progress_format(f"stopped at %v / %m {self.progress.format().split('%m ', 1)[-1]}")
         self._job_kind = ""
 
     @Slot(list)

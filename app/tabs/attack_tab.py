@@ -140,12 +140,12 @@ class AttackTab(QWidget):
             self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
         attack = "Attack succeeded" if outcome.attack_succeeded[0] else "Attack failed"
         defense = "defense recovered" if outcome.defense_recovered[0] else "defense failed"
-        text = (f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: {self.defense_name} "
-                f"predicts {classes[defended]} ({probs[defended]:.1%}).")
+        self._set_verdict(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: {self.defense_name} "
+                          f"predicts {classes[defended]} ({probs[defended]:.1%}).",
+                          GOOD if outcome.defense_recovered[0] else BAD)
         if not self.state.attack.iterations and outcome.attack_succeeded[0]:
             # Square's initial stripes often fool a model outright: say why the plot is empty
-            text += " The attack's starting point already fooled the attacked model: no iteration was needed."
-        self._set_verdict(text, GOOD if outcome.defense_recovered[0] else BAD)
+            self.plot.set_message("No iteration ran: the attack's starting point already fooled the attacked model.")
         self.purify_button.setEnabled(True)
 
     def stopped(self) -> None:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import numpy as np
 import pyqtgraph as pg
-from PySide6.QtWidgets import QWidget
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QLabel, QWidget
 
 from .palette import class_colour
 from .plotting import add_cursor, cache_axes, set_x_extent, update_x_ticks
@@ -41,6 +42,11 @@ class StepPlot(pg.PlotWidget):
         self.data: dict[str, tuple[list[float], list[float]]] = {n: ([], []) for n in names}
         cache_axes(self)
         self.cursor = add_cursor(self)
+        self._message = QLabel(self)  # a note over the plot area, e.g. why it stays empty
+        self._message.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        self._message.setWordWrap(True)
+        self._message.setStyleSheet("color: #505050; background: transparent;")
+        self._message.hide()
 
     @staticmethod
     def _pen(index: int, faint: bool):
@@ -53,7 +59,23 @@ class StepPlot(pg.PlotWidget):
             self.data[name] = ([], [])
             curve.setData([], [])
         self.cursor.hide()
+        self.set_message(None)
         set_x_extent(self, x_extent)
+
+    def set_message(self, text: str | None) -> None:
+        """Show ``text`` centred over the plot (e.g. why it is empty); None removes it."""
+        self._message.setText(text or "")
+        self._message.setVisible(bool(text))
+        self._place_message()
+
+    def message(self) -> str | None:
+        """The note shown over the plot, or None."""
+        return self._message.text() if self._message.isVisibleTo(self) else None
+
+    def _place_message(self) -> None:
+        message = getattr(self, "_message", None)  # (a resize can come before __init__ made it)
+        if message is not None:
+            message.setGeometry(self.rect().adjusted(60, 10, -60, -40))
 
     def append(self, name: str, x: float, y: float) -> None:
         self.extend(name, [x], [y])
@@ -76,3 +98,4 @@ class StepPlot(pg.PlotWidget):
     def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
         super().resizeEvent(event)
         update_x_ticks(self)
+        self._place_message()

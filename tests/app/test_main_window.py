@@ -525,8 +525,21 @@ def test_attack_fooled_by_its_starting_point_says_why_the_plot_is_empty(window):
     tab = window.attack_tab
     for succeeded in (True, False):
         tab.begin(clean[0], "zeros", 10)
+        assert tab.plot.message() is None
         tab.finish(outcome(succeeded))
-        text = tab.verdict.text()
-        assert ("starting point already fooled" in text) == succeeded
-        assert text.startswith("Attack succeeded (3 → 5)" if succeeded else "Attack failed (3 → 3)")
-    assert len(tab.plot.data["loss"][0]) == 0
+        assert tab.verdict.text().startswith("Attack succeeded (3 → 5)" if succeeded else "Attack failed (3 → 3)")
+        note = tab.plot.message()
+        assert (note is not None and "starting point already fooled" in note) == succeeded
+        assert len(tab.plot.data["loss"][0]) == 0
+    tab.begin(clean[0], "zeros", 10)  # the next attack starts without the note
+    assert tab.plot.message() is None
+
+
+def test_progress_bar_is_wide_enough_for_its_text(window):
+    """'stopped at 1000 / 1000 iterations' fits on one line (it used to wrap and be cut)."""
+    bar = window.progress
+    for total, unit in ((16, "levels"), (1000, "iterations")):
+        window._set_progress(total, unit)
+        window._set_progress_format(f"stopped at %v / %m {unit}")
+        text = f"stopped at {total} / {total} {unit}"
+        assert bar.minimumWidth() >= bar.fontMetrics().horizontalAdvance(text)
