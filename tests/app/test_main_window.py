@@ -171,6 +171,7 @@ def test_attack_run_shows_adversarial_and_verdict(qtbot, window, digit_png):
     text = window.attack_verdict.text()
     assert ("Attack succeeded" in text or "Attack failed" in text) and "defense" in text
     assert len(window.attack_plot.data["loss"][0]) == 3
+    assert window.progress.value() == window.progress.maximum() == 3
 
 
 def test_purification_run_draws_one_point_per_step_and_replays(qtbot, window, digit_png):
@@ -503,7 +504,9 @@ def test_square_attack_runs_in_the_app(qtbot, window, digit_png):
     assert out is not None and np.abs(out.adversarial - out.clean).max() <= window.attack_panel.eps_value() + 1e-6
     assert "the full RDC predicts" in window.attack_verdict.text()
     # Square stops once the attacked model is fooled (on this tiny model, often by its first query)
-    assert len(window.attack_plot.data["loss"][0]) <= 3
+    ran = len(window.attack_plot.data["loss"][0])
+    assert ran <= 3
+    assert window.progress.value() == ran and window.progress.maximum() == 3  # how far it went, of 3
     assert np.array_equal(np.round(out.adversarial * 255) / 255, out.adversarial)  # 8-bit, as saved
 
 
