@@ -25,9 +25,10 @@ REDUCTIONS = ("sum", "mean")
 # images is N x levels x classes inputs (80 per image at the shipped settings).
 # Without autograd, a large batch runs in calls small enough for the CPU's caches: 50
 # digits at once took 201 ms per digit on the 2-core VM, in calls of 512 inputs 124 ms,
-# of 160 114 ms (docs/architecture.md). With autograd, small calls are faster still (500
-# inputs forward and backward: 8.3-15.3 s in one call, 4.4-4.9 s in calls of 32-256, one
-# thread) and each is a point where a stop request can end the pass. A gradient pass keeps
+# of 160 114 ms (docs/architecture.md). With autograd, calls of 64 inputs cost nothing
+# against larger ones (an RDC attack step at T = 256: 1979 ms against 2186 ms in calls of
+# 512; benchmarks/bench_attack_step.py --call-inputs) and each is a point where a stop
+# request can end the pass (core.runtime.cancellation_scope). A gradient pass keeps
 # every input's activations (about 4.6 MB each for the 28x28 class-embedding U-Net;
 # unbounded, a batch of 50 needs ~19 GB): above MAX_GRADIENT_INPUTS it runs in
 # checkpointed segments of that size, so the backward pass holds one segment's
