@@ -996,11 +996,16 @@ def main(argv: list[str] | None = None) -> int:
     from .classifier import UnconditionalModelError
     from .defense import DeviceUnavailableError
 
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)
     except (DatasetNotFoundError, DeviceUnavailableError, UnconditionalModelError) as exc:  # engine errors that are the user's to fix
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 2
+    finally:  # a command's Ctrl-C handling (_stop_on_signals) ends with it (main may run in-process)
+        for sig, handler in handlers.items():
+            if handler is not None:
+                signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -602,3 +602,14 @@ def test_ctrl_c_stops_sampling_cleanly(tiny_checkpoint, tmp_path):
     kept = re.search(r"rdc: stopped; ([0-9]+) PNGs of the classes before it are in", err)
     assert "Traceback" not in err and kept, err
     assert not grid.exists() and int(kept[1]) == len(list(out_dir.glob("*.png"))) < 100
+
+
+def test_a_command_leaves_the_signal_handlers_as_it_found_them(tiny_checkpoint, digit_png, tmp_path):
+    """rdc attack installs its Ctrl-C handling for its own run only (main may run in-process)."""
+    import signal
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    assert main(["attack", str(digit_png), "--defense", "dc", "--attack", "apgd-ce", "--eps", "0.3", "--steps", "1",
+                 "--levels", "2", "--model", str(tiny_checkpoint), "--device", "cpu", "--quiet",
+                 "--out", str(tmp_path / "adv.png")]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
