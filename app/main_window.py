@@ -783,12 +783,11 @@ class MainWindow(QMainWindow):
         self._job_ended()
         if result is None:
             return
+        if kind != "attack":
+            self.progress.setValue(self.progress.maximum())
         if kind == "attack":  # it may end early (the model fooled): the bar says how far it went
             ran = self.state.attack.iterations
             self.progress.setValue(ran[-1] if ran else 0)
-        else:
-            self.progress.setValue(self.progress.maximum())
-        if kind == "attack":
             self.attack_tab.finish(result)
             self.attack_finished.emit(result)
         elif kind == "sample":
