@@ -182,9 +182,13 @@ class DiffusionClassifier(nn.Module):
         gradients = torch.is_grad_enabled()
         per_call = max(1, self.network_input_limit(gradients) // inputs_per_row)
         per_segment = max(per_call, self.activation_limit() // inputs_per_row)
+        # Taken here, not where a call polls: a checkpointed segment is recomputed during the
+        # backward pass, which on CUDA runs on autograd's own thread, outside the scope.
+        cancelled = active_cancellation()
         if not gradients or rows[0].shape[0] <= per_segment:
-            return _in_calls(denoise, rows, per_call)
-        return torch.cat([checkpoint(lambda *part: _in_calls(denoise, part, per_call), *segment, use_reentrant=False)
+            return _in_calls(denoise, rows, per_call, cancelled)
+        return torch.cat([checkpoint(lambda *part: _in_calls(denoise, part, per_call, cancelled), *segment,
+                                     use_reentrant=False)
                           for segment in _row_chunks(rows, per_segment)])
 
     def _autocast(self):
@@ -326,10 +330,11 @@ def _row_chunks(rows: Sequence[torch.Tensor], size: int) -> Iterator[list[torch.
         yield [r[start:start + size] for r in rows]
 
 
-def _in_calls(denoise: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor], per_call: int) -> torch.Tensor:
-    """``denoise`` on ``per_call`` rows at a time, polling the active cancellation scope
-    before each call and, when the output takes gradients, before each call's backward."""
-    cancelled = active_cancellation()
+def _in_calls(denoise: Callable[..., torch.Tensor], rows: Sequence[torch.Tensor], per_call: int,
+              cancelled: Callable[[], bool] | None) -> torch.Tensor:
+    """``denoise`` on ``per_call`` rows at a time, polling ``cancelled`` (a cancellation
+    scope's request, or None) before each call and, when the output takes gradients, before
+    each call's backward."""
     parts = []
     for chunk in _row_chunks(rows, per_call):
         raise_if_cancelled(cancelled)

@@ -281,3 +281,37 @@ def test_a_stop_request_ends_a_pass_between_network_calls(any_net, images, monke
     finally:
         calls.remove()
     assert free.abs().sum() > 0
+
+
+def test_a_checkpointed_segment_polls_its_scope_when_recomputed_outside_it(any_net, tiny_net, images, monkeypatch):
+    """The backward pass recomputes a checkpointed segment where the scope may not be set (on
+    CUDA, autograd's own thread; here, after leaving it): the recomputation still polls the
+    request of the scope the forward pass ran in, and stops between its calls."""
+    import rdc_studio.core.classifier as classifier_module
+    from rdc_studio.core.runtime import OperationCancelled, active_cancellation, cancellation_scope
+
+    # 2 calls in every segment: multi-head, 24 (image, level) rows in calls of 6; class
+    # embedding, calls of one row (all 10 classes)
+    per_call = 6 if any_net is tiny_net else 10
+    monkeypatch.setitem(classifier_module.MAX_GRADIENT_CALL_INPUTS, "cpu", per_call)
+    monkeypatch.setitem(classifier_module.MAX_GRADIENT_INPUTS, "cpu", 2 * per_call)
+    clf = DiffusionClassifier(any_net, ClassifierSettings(steps=6, noise_seed=2))
+    calls = NetworkCalls(any_net)
+    stop = {"now": False}
+    try:
+        x = images.clone().requires_grad_(True)
+        with cancellation_scope(lambda: stop["now"]):
+            logits = clf(x)
+        assert active_cancellation() is None
+        forward_calls = calls.forward
+        # Stop pressed during the first call the backward pass recomputes
+        hook = any_net.conv_in.register_forward_pre_hook(lambda *_: stop.update(now=calls.forward > forward_calls))
+        try:
+            with pytest.raises(OperationCancelled):
+                torch.autograd.grad(logits.logsumexp(1).sum(), x)
+        finally:
+            hook.remove()
+        assert calls.forward == forward_calls + 1  # the segment's second call was not recomputed
+        assert calls.backward == 0
+    finally:
+        calls.remove()
