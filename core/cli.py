@@ -274,6 +274,7 @@ def _load(args: argparse.Namespace):
 def cmd_classify(args: argparse.Namespace) -> int:
     from .baseline import is_cnn_checkpoint, load_cnn
     from .images import ImageLoadError, load_for_model
+    from .runtime import OperationCancelled, cancellation_scope, raise_if_cancelled
 
     _setup_threads(args)
     if is_cnn_checkpoint(args.model):  # the discriminative baseline, e.g. to judge samples
@@ -299,14 +300,16 @@ def cmd_classify(args: argparse.Namespace) -> int:
         classify = InputBinarization(classify, args.binarize)
         settings = (settings or {}) | {"binarize": args.binarize}
     results, status = [], 0
-    for path in args.images:
+
+    def classify_image(path: str) -> None:
+        nonlocal status
         try:
             arr = load_for_model(path, image_size, channels)
         except ImageLoadError as exc:
             print(f"rdc: error: {exc}", file=sys.stderr)
             results.append({"image": path, "error": str(exc)})
             status = 1
-            continue
+            return
         x = torch.from_numpy(arr).unsqueeze(0).to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
@@ -324,11 +327,24 @@ def cmd_classify(args: argparse.Namespace) -> int:
             print(f"{path}: {classes[pred]} ({float(probs[pred]):.1%})  [{bars}]  {seconds * 1000:.0f} ms")
             if ood is not None and ood.warning:
                 print(f"{path}: warning: {ood.warning} [percentile {ood.percentile:.2f}]")
-    if not args.json and scorer is not None and scorer.reference is None:
+
+    stop_requested = _stop_on_signals()
+    stopped = False
+    try:
+        with cancellation_scope(stop_requested):  # a slow model (EDM on a CPU) stops inside an image too
+            for path in args.images:
+                raise_if_cancelled(stop_requested)
+                classify_image(path)
+    except OperationCancelled:
+        stopped = True
+    if not args.json and scorer is not None and scorer.reference is None and not stopped:
         print(f"note: no OOD reference for this model, so no out-of-distribution warnings (add one with "
               f"rdc ood-calibrate --model {args.model or name})")
-    if args.json:
-        print(json.dumps({"model": name, "settings": settings, "results": results}, indent=2))
+    if args.json:  # what was classified, also when stopped ("stopped": true)
+        print(json.dumps({"model": name, "settings": settings, "results": results, "stopped": stopped}, indent=2))
+    if stopped:
+        print(f"rdc: stopped after {len(results)} of {len(args.images)} images", file=sys.stderr)
+        return 130
     return status
 
 
@@ -369,10 +385,15 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
     ds = load_dataset(dataset, "val", args.data_root)
     n = min(args.n, len(ds)) if args.n else len(ds)
     scorer = OodScorer(model.purifier_net, settings)
+    stop_requested = _stop_on_signals()
     t0 = time.perf_counter()
     with tqdm(total=n, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-        scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, device=device),
+        scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, cancelled=stop_requested,
+                                         device=device),
                             lambda rec: bar.update(rec.done - bar.n))
+    if scores is None:
+        print(f"rdc: stopped; the model card of {model.path} was not changed", file=sys.stderr)
+        return 130
     reference = make_reference(scores, settings, dataset, "val", command=_command_line(),
                                seconds=time.perf_counter() - t0)
     card = update_card(model.path, CARD_KEY, reference)
@@ -586,33 +607,48 @@ def _load_image_tensor(path: str, cfg) -> torch.Tensor:
 def cmd_purify(args: argparse.Namespace) -> int:
     from .defense import build_maximizer
     from .images import save_png_atomic
+    from .runtime import OperationCancelled, cancellation_scope
 
     _setup_threads(args)
     model, clf = _load(args)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
     lm = build_maximizer(model, _purify_settings(model, args))
+    stop_requested = _stop_on_signals()
+    steps = []
+
+    def show(r) -> None:  # text output: each step as it is made
+        step = {"step": r.step, "objective": float(r.objective[0]), "objective_estimate": float(r.objective_estimate[0]),
+                "sigma": r.sigma, "linf": float(r.linf[0]), "l2": float(r.l2[0]),
+                "probabilities": torch.softmax(torch.from_numpy(r.logits[0]), 0).tolist()}
+        steps.append(step)
+        if not args.json:
+            p = step["probabilities"]
+            top = max(range(len(p)), key=p.__getitem__)
+            print(f"step {step['step']:3d}  objective {step['objective_estimate']:10.3f} (this step's draw "
+                  f"{step['objective']:10.3f})  linf {step['linf']:.4f}  "
+                  f"l2 {step['l2']:.3f}  -> {model.classes[top]} ({p[top]:.1%})")
+
     t0 = time.perf_counter()
-    records = list(lm.run(x, classifier=clf))
+    final = None
+    try:
+        with cancellation_scope(stop_requested):  # stops inside a step's network passes too
+            for final in lm.run(x, classifier=clf, cancelled=stop_requested):
+                show(final)
+    except OperationCancelled:
+        pass
     seconds = time.perf_counter() - t0
-    final = records[-1] if records else None
-    image = final.image[0] if final else x[0].cpu().numpy()
+    if stop_requested() and len(steps) <= lm.settings.steps:  # not every step ran
+        done = max(0, len(steps) - 1)  # step 0 is the input itself
+        print(f"rdc: stopped after {done} of {lm.settings.steps} steps; nothing written", file=sys.stderr)
+        return 130
+    image = final.image[0] if final is not None else x[0].cpu().numpy()
     if args.out:
         save_png_atomic(image, args.out, source=args.image)
-    steps = [{"step": r.step, "objective": float(r.objective[0]), "objective_estimate": float(r.objective_estimate[0]),
-              "sigma": r.sigma, "linf": float(r.linf[0]),
-              "l2": float(r.l2[0]), "probabilities": torch.softmax(torch.from_numpy(r.logits[0]), 0).tolist()}
-             for r in records]
-    report = {"image": args.image, "out": args.out, "settings": lm.settings.to_dict(),
-              "classifier": clf.settings.to_dict(), "steps": steps, "seconds": seconds, "classes": model.classes}
     if args.json:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({"image": args.image, "out": args.out, "settings": lm.settings.to_dict(),
+                          "classifier": clf.settings.to_dict(), "steps": steps, "seconds": seconds,
+                          "classes": model.classes}, indent=2))
     else:
-        for st in steps:
-            p = st["probabilities"]
-            top = max(range(len(p)), key=p.__getitem__)
-            print(f"step {st['step']:3d}  objective {st['objective_estimate']:10.3f} (this step's draw "
-                  f"{st['objective']:10.3f})  linf {st['linf']:.4f}  "
-                  f"l2 {st['l2']:.3f}  -> {model.classes[top]} ({p[top]:.1%})")
         print(f"{seconds:.2f} s" + (f", wrote {args.out}" if args.out else ""))
     return 0
 

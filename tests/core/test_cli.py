@@ -604,6 +604,71 @@ def test_ctrl_c_stops_sampling_cleanly(tiny_checkpoint, tmp_path):
     assert not grid.exists() and int(kept[1]) == len(list(out_dir.glob("*.png"))) < 100
 
 
+def test_ctrl_c_stops_classifying_many_images_cleanly(tiny_checkpoint, digit_png):
+    import signal
+
+    images = [str(digit_png)] * 5000
+    proc = _start_cli(["classify", *images, "--model", str(tiny_checkpoint), "--levels", "8", "--device", "cpu",
+                       "--threads", "1"])
+    try:
+        first = proc.stdout.readline()  # the first image is classified
+        assert first.startswith(str(digit_png)), proc.communicate(timeout=HANG_S)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=HANG_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    import re
+
+    done = re.search(r"rdc: stopped after ([0-9]+) of 5000 images", err)
+    assert "Traceback" not in err and done, err
+    assert 1 <= int(done[1]) < 5000 and len((first + out).splitlines()) == int(done[1])
+
+
+def test_ctrl_c_stops_a_purification_cleanly(tiny_checkpoint, digit_png, tmp_path):
+    import signal
+
+    purified = tmp_path / "purified.png"
+    proc = _start_cli(["purify", str(digit_png), "--model", str(tiny_checkpoint), "--lm-steps", "5000",
+                       "--levels", "2", "--device", "cpu", "--threads", "1", "--out", str(purified)])
+    try:
+        line = proc.stdout.readline()
+        while line and not line.startswith("step   1"):  # the first step is made
+            line = proc.stdout.readline()
+        assert line.startswith("step   1"), proc.communicate(timeout=HANG_S)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rdc: stopped after" in err and "of 5000 steps; nothing written" in err
+    assert not purified.exists()
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_ctrl_c_stops_an_ood_calibration_without_touching_the_card(tiny_checkpoint):
+    import re
+    import signal
+
+    card = tiny_checkpoint.with_suffix(".json")
+    before = card.read_bytes()
+    proc = _start_cli(["ood-calibrate", "--model", str(tiny_checkpoint), "--n", "0", "--levels", "8",
+                       "--batch-size", "2", "--device", "cpu", "--threads", "1"])
+    try:
+        seen = ""
+        while not re.search(r"\| *[1-9][0-9]*/[0-9]+ ", seen):  # the progress bar counts a first batch
+            char = proc.stderr.read(1)
+            assert char, seen + proc.communicate(timeout=HANG_S)[1]
+            seen += char
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=HANG_S)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "rdc: stopped; the model card of" in err and "was not changed" in err
+    assert card.read_bytes() == before
+
+
 def test_a_command_leaves_the_signal_handlers_as_it_found_them(tiny_checkpoint, digit_png, tmp_path):
     """rdc attack installs its Ctrl-C handling for its own run only (main may run in-process)."""
     import signal
