@@ -1286,6 +1286,50 @@ def _checked_modes_note(row: dict[str, Any]) -> str:
     return f"; {', '.join(m for m in modes if m in checked)} gradients only"
 
 
+def final_budget_convergence(row: dict[str, Any]) -> dict[str, Any] | None:
+    """Evidence that a row's figure is converged at its final budget, or None.
+
+    A robust accuracy after follow-ups counts only the digits that survived every stage, so
+    a longer attack could lower it only by breaking one of them. The evidence is a follow-up
+    stage of APGD-CE alone with at least twice the gradient steps of every stage before it,
+    which, like every stage after it, broke none of the survivors.
+
+    Returns
+    -------
+    dict or None
+        ``steps`` (of that stage), ``before`` (the most steps of a stage before it) and
+        ``survivors`` (how many it attacked).
+    """
+    stages, follow = [row], row.get("follow_up")
+    while follow is not None:
+        stages.append(follow)
+        follow = follow.get("then")
+    for i in range(1, len(stages)):
+        stage = stages[i]
+        steps = (stage.get("budget") or {}).get("steps")
+        before = max(((s.get("budget") or {}).get("steps") or 0 for s in stages[:i]), default=0)
+        if (list(stage["attacks"]) == ["apgd-ce"] and steps and before and steps >= 2 * before and stage["n"]
+                and not any(s["broke"] for s in stages[i:])):
+            return {"steps": steps, "before": before, "survivors": stage["n"]}
+    return None
+
+
+def _convergence_note(row: dict[str, Any]) -> str:
+    """For a row whose doubled-iterations masking check failed: what its final budget shows."""
+    failed = [c for c in row["masking_checks"]["checks"] if c["verdict"] != "PASS"]
+    doubled = [c for c in failed if c["check"] == "more_iterations"]
+    evidence = final_budget_convergence(row)
+    first = (row.get("budget") or {}).get("steps")
+    if not doubled or evidence is None or not first:
+        return ""
+    which = "each" if len(doubled) == len(failed) else str(len(doubled))
+    survivors = f"{evidence['survivors']} survivor{'s' if evidence['survivors'] != 1 else ''}"
+    times = "twice" if evidence["steps"] == 2 * evidence["before"] else "more than twice"
+    return (f"; {which} compares {first} with {2 * first} steps; at the final budget, APGD-CE with "
+            f"{evidence['steps']} steps, {times} the {evidence['before']} of the stages before it, broke none of "
+            f"the {survivors}")
+
+
 def _threat_label(norm: str, eps: float) -> str:
     return f"{NORM_LABELS.get(norm, norm)} {eps:g}"
 
@@ -1358,7 +1402,8 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
             verdict = f"all {len(checks['checks'])} passed (n = {checks['n']}{_checked_modes_note(r)})"
         else:
             failed = sum(c["verdict"] != "PASS" for c in checks["checks"])
-            verdict = f"**{failed} of {len(checks['checks'])} failed** (n = {checks['n']}{_checked_modes_note(r)})"
+            verdict = (f"**{failed} of {len(checks['checks'])} failed** (n = {checks['n']}{_checked_modes_note(r)}"
+                       f"{_convergence_note(r)})")
         lines.append(f"| {r['label']} | {_threat_label(r['norm'], r['eps'])} | {r['n']} | {_pct(r['clean'])}% | "
                      f"**{_pct(r['robust'])}%** ({_pct(lo)}-{_pct(hi)}) | {attacks} | {verdict} | "
                      f"{r['seconds_per_image']:.2f} | [{hardware.index(r['hardware']) + 1}] |")

@@ -1002,3 +1002,36 @@ def test_follow_up_stages_are_checked(table):
     assert not table.extends_follow_up({"n": 2}, {"n": 2}) and table.extends_follow_up({"n": 2}, None)
     assert table.extends_follow_up({"n": 2, "then": {"n": 1}}, {"n": 2})
     assert not table.extends_follow_up({"n": 2, "then": {"n": 1}}, {"n": 3})
+
+
+def _stage(attacks: list[str], steps: int | None, n: int, broke: int, then: dict | None = None) -> dict:
+    stage = {"attacks": attacks, "budget": {"steps": steps, "targets": None, "square_queries": None}, "n": n,
+             "broke": broke}
+    return stage | ({"then": then} if then else {})
+
+
+def test_final_budget_convergence_needs_a_doubled_apgd_stage_that_broke_none(table):
+    ensemble = list(table.ENSEMBLE_ORDER)
+    row = {"attacks": ensemble, "budget": {"steps": 20}, "masking_checks": {"checks": [
+        {"row": "rdc-smooth-linf-0.3", "check": "more_iterations", "verdict": "FAIL", "summary": ""},
+        {"row": "rdc-smooth-linf-0.3", "check": "large_eps", "verdict": "PASS", "summary": ""}]}}
+    chain = _stage(ensemble, 100, 4, 2, _stage(ensemble, 100, 2, 0, _stage(["apgd-ce"], 200, 2, 0)))
+    assert table.final_budget_convergence(row) is None  # no follow-up
+    assert table.final_budget_convergence(row | {"follow_up": chain}) == {"steps": 200, "before": 100, "survivors": 2}
+    note = table._convergence_note(row | {"follow_up": chain})
+    assert note == ("; each compares 20 with 40 steps; at the final budget, APGD-CE with 200 steps, twice the 100 "
+                    "of the stages before it, broke none of the 2 survivors")
+    # not twice the steps of every stage before it
+    short = _stage(ensemble, 100, 4, 2, _stage(["apgd-ce"], 150, 2, 0))
+    assert table.final_budget_convergence(row | {"follow_up": short}) is None
+    # the long attack broke a survivor: the figure was not converged
+    broke = _stage(ensemble, 100, 4, 2, _stage(["apgd-ce"], 200, 2, 1))
+    assert table.final_budget_convergence(row | {"follow_up": broke}) is None
+    # a later stage broke one: the evidence is refuted
+    later = _stage(ensemble, 100, 4, 2, _stage(["apgd-ce"], 200, 2, 0, _stage(["square"], None, 2, 1)))
+    assert table.final_budget_convergence(row | {"follow_up": later}) is None
+    # nothing to attack proves nothing
+    assert table.final_budget_convergence(row | {"follow_up": _stage(["apgd-ce"], 200, 0, 0)}) is None
+    # a row whose doubled-steps checks all passed needs no note
+    passed = {"checks": [dict(c, verdict="PASS") for c in row["masking_checks"]["checks"]]}
+    assert table._convergence_note(row | {"follow_up": chain, "masking_checks": passed}) == ""
