@@ -17,8 +17,8 @@ class StepPlot(pg.PlotWidget):
 
     ``faint`` names curves drawn thin and pale behind the others (e.g. a noisy per-step
     value behind its steady estimate); each keeps the colour of its position in ``names``.
-    The legend (two or more curves) sits right of the plot, or in one row below it with
-    ``legend_below`` (narrow plots).
+    The legend (two or more curves) sits right of the plot, or below it with ``legend_below``
+    (narrow plots): in one row when the plot is wide enough for it, else one entry per row.
     """
 
     def __init__(self, x_label: str, y_label: str, names: list[str], parent: QWidget | None = None,
@@ -30,6 +30,7 @@ class StepPlot(pg.PlotWidget):
         self.setMinimumSize(240, 150)
         # the legend sits in its own column right of the plot (or row below it), never over the curves
         item = self.getPlotItem()
+        self.legend_below = legend_below
         self.legend = pg.LegendItem(offset=None, labelTextSize="8pt", colCount=len(names) if legend_below else 1,
                                     verSpacing=-6)
         if len(names) > 1:  # one curve: the axis label names it
@@ -95,7 +96,20 @@ class StepPlot(pg.PlotWidget):
             self.cursor.setValue(float(x))
             self.cursor.show()
 
+    def _fit_legend(self) -> None:
+        """A legend below the plot takes one row only where the plot is wide enough: a wider
+        legend would widen the plot past its widget, and the scene would cut off its right."""
+        if not getattr(self, "legend_below", False) or len(self.legend.items) < 2:  # (before __init__ ends)
+            return
+        row = sum(sample.boundingRect().width() + label.boundingRect().width() + 10
+                  for sample, label in self.legend.items)
+        available = self.width() - self.getPlotItem().getAxis("left").width() - 10
+        columns = len(self.legend.items) if row <= available else 1
+        if self.legend.columnCount != columns:
+            self.legend.setColumnCount(columns)
+
     def resizeEvent(self, event) -> None:  # noqa: N802 (Qt API)
+        self._fit_legend()
         super().resizeEvent(event)
         update_x_ticks(self)
         self._place_message()

@@ -107,6 +107,21 @@ def test_x_ticks_cover_every_step(qtbot):
     assert narrow.curves["one draw"].zValue() < narrow.curves["estimate"].zValue()
 
 
+def test_a_legend_below_a_narrow_plot_stacks_instead_of_cutting_the_plot_off(qtbot):
+    """Below a plot, the legend takes one row where it fits; in a narrow plot one entry per row,
+    so the plot item never grows wider than its widget (the scene would cut off its right)."""
+    plot = StepPlot("step", "diffusion loss (objective)", ["fixed-noise estimate", "one draw"],
+                    faint=("one draw",), legend_below=True)
+    qtbot.addWidget(plot)
+    plot.show()
+    qtbot.waitExposed(plot)
+    for width, columns in [(600, 2), (240, 1), (600, 2)]:
+        plot.resize(width, 260)
+        qtbot.waitUntil(lambda: plot.getPlotItem().geometry().width() == plot.width())
+        assert plot.legend.columnCount == columns
+        assert plot.legend.boundingRect().width() <= plot.width()
+
+
 def test_eliminated_classes_curves_end_where_they_were_last_measured(qtbot, tiny_net):
     """With progressive elimination the tab draws each eliminated class up to the screening
     levels only; the kept classes run to the end; the session keeps the classifier's logits."""

@@ -43,6 +43,8 @@ def check_readable(window: MainWindow, tab: str) -> None:
              "purify": [window.purify_curves, window.objective_plot]}[tab]
     for plot in plots:
         assert plot.height() >= 130 and plot.width() >= 230, (tab, plot.size())
+        drawn = plot.getPlotItem().geometry()  # wider than the widget: the scene cuts off its right
+        assert drawn.width() <= plot.width() and drawn.height() <= plot.height(), (tab, plot.size(), drawn)
         legend = getattr(plot, "legend", None)
         if legend is not None and legend.items:
             assert legend.boundingRect().height() <= plot.height(), f"{tab}: legend taller than its plot"
