@@ -66,6 +66,10 @@ class PurifySettings:
             raise ValueError("mode must be 'deterministic' or 'randomized'")
         if self.eta < 0 or self.steps < 0 or self.step_size < 0:
             raise ValueError("eta, steps and step_size must be >= 0")
+        if self.eta > 1 or self.step_size > 1:  # most likely grey levels meant as 8/255
+            value = max(self.eta, self.step_size)
+            raise ValueError(f"eta and step_size are l-inf distances in [0, 1] pixel units, not {value:g}; "
+                             f"write grey levels as a fraction, e.g. {value:g}/255")
         if not 0 < self.sigma_lo <= self.sigma_hi:
             raise ValueError("need 0 < sigma_lo <= sigma_hi")
 

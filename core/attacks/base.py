@@ -104,6 +104,9 @@ class AttackSettings:
             raise ValueError(f"norm must be one of {NORMS}")
         if self.eps < 0 or self.steps < 1 or self.restarts < 1 or self.eot < 1:
             raise ValueError("need eps >= 0, steps >= 1, restarts >= 1, eot >= 1")
+        if self.norm == "linf" and self.eps > 1:  # most likely grey levels meant as 8/255
+            raise ValueError(f"an l-inf eps of {self.eps:g} exceeds the whole pixel range [0, 1]; "
+                             f"write grey levels as a fraction, e.g. {self.eps:g}/255")
         if not 0 < self.p_init <= 1 or self.target_rank < 1:
             raise ValueError("need 0 < p_init <= 1 and target_rank >= 1")
         if self.method in ("square", "flip"):

@@ -146,6 +146,10 @@ def test_settings_validation():
         AttackSettings(norm="l1")
     with pytest.raises(ValueError):
         AttackSettings(loss="hinge")
+    # grey levels written as a whole number: an l-inf ball over the whole pixel range
+    with pytest.raises(ValueError, match="e.g. 8/255"):
+        AttackSettings(norm="linf", eps=8)
+    assert AttackSettings(norm="linf", eps=1.0).eps == 1.0 and AttackSettings(norm="l2", eps=8).eps == 8
 
 
 def test_results_do_not_depend_on_batching(toy):

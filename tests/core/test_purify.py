@@ -112,3 +112,7 @@ def test_settings_validation():
         PurifySettings(score="max")
     with pytest.raises(ValueError):
         PurifySettings(sigma_lo=0.6, sigma_hi=0.4)
+    with pytest.raises(ValueError, match="e.g. 16/255"):  # grey levels written as a whole number
+        PurifySettings(eta=16)
+    with pytest.raises(ValueError, match="e.g. 4/255"):
+        PurifySettings(step_size=4)
