@@ -234,6 +234,9 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     p = Path(name_or_path)
+    if p.is_file() and p.suffix and p.suffix not in (".safetensors", ".json"):  # e.g. an image or a .pt file
+        raise CheckpointError(f"{p}: not a checkpoint; give a .safetensors file with its .json card, a bundled "
+                              f"model name, or an EDM snapshot (.pkl)")
     if p.suffix in (".safetensors", ".json") or p.exists() or os.sep in str(name_or_path):
         p = p.with_suffix(".safetensors")
         if not p.exists():

@@ -56,6 +56,15 @@ def test_missing_file_is_named(tmp_path):
         load_checkpoint(tmp_path / "nope.safetensors")
 
 
+def test_a_file_that_is_no_checkpoint_is_named_as_such(tmp_path, tiny_checkpoint):
+    """An image or a torch .pt file given as the model: said so, not looked up as NAME.safetensors."""
+    for name in ("digit.png", "weights.pt"):
+        other = tiny_checkpoint.with_name(name)
+        other.write_bytes(b"not a checkpoint")
+        with pytest.raises(CheckpointError, match=f"{name}: not a checkpoint; give a .safetensors file"):
+            load_checkpoint(other)
+
+
 def test_unknown_bundled_name():
     with pytest.raises(CheckpointError, match="no bundled model named"):
         load_checkpoint("definitely-not-a-model")
