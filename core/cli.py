@@ -888,14 +888,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
     p.set_defaults(func=cmd_train_cnn)
 
-    p = sub.add_parser("classify", help="classify image files with the diffusion classifier")
+    p = sub.add_parser("classify", help="classify image files with the diffusion classifier (or the CNN baseline: --model mnist-cnn)")
     p.add_argument("images", nargs="+", help="image files (PNG, JPEG, ...)")
     _add_classifier_args(p, steps_alias=True)
     p.add_argument("--json", action="store_true", help="print JSON")
     _add_binarize_arg(p)
     p.set_defaults(func=cmd_classify)
 
-    p = sub.add_parser("sample", help="generate images of a class with the EDM sampler (a PNG grid)")
+    p = sub.add_parser("sample", help="generate images of a class with the EDM sampler (a PNG grid, or one PNG per sample)")
     p.add_argument("--model", default=None, metavar="NAME|PATH",
                    help="bundled model name or checkpoint path (default: the bundled default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
