@@ -13,6 +13,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
 from .diffusion import GRIDS, WEIGHTINGS, NoiseGrid, noise_grid, to_model_space
@@ -36,6 +38,13 @@ REDUCTIONS = ("sum", "mean")
 MAX_NETWORK_INPUTS = {"cpu": 160, "cuda": 4096}
 MAX_GRADIENT_CALL_INPUTS = {"cpu": 64, "cuda": 4096}
 MAX_GRADIENT_INPUTS = {"cpu": 512, "cuda": 4096}
+# The limits above are for a network as costly per input as the shipped 28x28
+# class-embedding U-Net (its multiply-adds, by count_macs_per_input). A network c times
+# as costly gets 1/c of each limit (at least one input), so that its calls last about as
+# long (a stop request still ends a pass within a fraction of a second on a CPU: one input
+# of EDM's CIFAR-10 network takes ~0.35 s there, 160 of them ~50 s) and hold about as
+# much activation memory. Only the CUDA limit without autograd stays as it is (throughput).
+REFERENCE_MACS_PER_INPUT = 116_814_848
 
 
 @dataclass
@@ -156,22 +165,27 @@ class DiffusionClassifier(nn.Module):
 
     def network_input_limit(self, gradients: bool = False) -> int:
         """The most (image, level, class) inputs :meth:`level_errors` gives one network call,
-        without autograd or (``gradients``) with it.
-
-        The class-embedding network's every-class pass splits by (image, level), so one of
-        its calls holds at least the K classes of one image at one level.
-        """
+        without autograd or (``gradients``) with it: the device's limit, scaled down for a
+        network costlier than the reference (:data:`REFERENCE_MACS_PER_INPUT`)."""
         if self.max_network_inputs is not None:
             return self.max_network_inputs
         limits = MAX_GRADIENT_CALL_INPUTS if gradients else MAX_NETWORK_INPUTS
-        return limits.get(self.device.type, limits["cuda"])
+        limit = limits.get(self.device.type, limits["cuda"])
+        if not gradients and self.device.type != "cpu":
+            return limit
+        return self._scaled(limit)
 
     def activation_limit(self) -> int:
         """The most inputs whose activations a gradient pass holds at once (above it, the
         calls run in checkpointed segments of this size)."""
         if self.max_network_inputs is not None:
             return self.max_network_inputs
-        return MAX_GRADIENT_INPUTS.get(self.device.type, MAX_GRADIENT_INPUTS["cuda"])
+        return self._scaled(MAX_GRADIENT_INPUTS.get(self.device.type, MAX_GRADIENT_INPUTS["cuda"]))
+
+    def _scaled(self, limit: int) -> int:
+        """``limit`` for a network ``cost`` times as costly per input as the reference."""
+        cost = count_macs_per_input(self.net) / REFERENCE_MACS_PER_INPUT
+        return limit if cost <= 1 else max(1, int(limit / cost))
 
     def _bounded(self, denoise: Callable[..., torch.Tensor], inputs_per_row: int,
                  *rows: torch.Tensor) -> torch.Tensor:
@@ -223,10 +237,14 @@ class DiffusionClassifier(nn.Module):
             if per_class:
                 outs = [self.net.denoise(x_noisy, sig_b, heads=[y]) for y in range(k)]
                 d = torch.cat(outs, dim=1)
-            else:
-                heads = list(range(k))
-                per_row = k if self.net.config.architecture == "embedding" else 1
-                d = self._bounded(lambda xn, sb: self.net.denoise(xn, sb, heads=heads), per_row, x_noisy, sig_b)
+            elif not labels_are_inputs(self.net):  # one pass gives every class
+                d = self._bounded(lambda xn, sb: self.net.denoise(xn, sb, heads=list(range(k))), 1, x_noisy, sig_b)
+            elif k <= self.network_input_limit(torch.is_grad_enabled()):  # every class of a row in one call
+                d = self._bounded(lambda xn, sb: self.net.denoise(xn, sb, heads=list(range(k))), k, x_noisy, sig_b)
+            else:  # a row's K classes exceed one call (a costly network): one input per class
+                labels = torch.arange(k, device=self.device).repeat(x_noisy.shape[0])
+                rep = lambda t: t.repeat_interleave(k, dim=0)  # noqa: E731  (example, level, class) order
+                d = self._bounded(self.net.denoise_labels, 1, rep(x_noisy), rep(sig_b), labels)
         d = d.to(x0.dtype).view(n, L, k, *x.shape[1:])
         return (d - x0.view(n, 1, 1, *x.shape[1:])).pow(2).flatten(3).sum(-1)
 
@@ -323,6 +341,58 @@ class DiffusionClassifier(nn.Module):
                 )
                 if cancelled():
                     return
+
+
+def labels_are_inputs(net: nn.Module) -> bool:
+    """Whether ``net`` takes the class as an input, so K classes cost K network inputs (the
+    class-embedding network, a class-conditional EDM network), rather than giving every class
+    from one pass (the multi-head network)."""
+    architecture = net.config.architecture
+    return architecture == "embedding" or (architecture == "edm" and net.config.num_classes > 0)
+
+
+def count_macs_per_input(net: nn.Module) -> int:
+    """Multiply-adds of one network input (one image, level and class) in ``net``'s
+    convolutions, linear layers and batched matrix products: a deterministic measure of its
+    cost per input. Counted once, with one input, and cached on ``net``."""
+    cached = getattr(net, "_macs_per_input", None)
+    if cached is None:
+        config = net.config
+        first = next(net.parameters(), None)  # the input takes the network's device and dtype
+        like = {"device": first.device, "dtype": first.dtype} if first is not None else {}
+        x = torch.zeros(1, config.in_channels, config.image_size, config.image_size, **like)
+        counter = _MacCounter()
+        with torch.no_grad(), counter:
+            net.denoise_labels(x, torch.ones(1, **like), torch.zeros(1, dtype=torch.long, device=x.device))
+        cached = counter.macs
+        net._macs_per_input = cached
+    return cached
+
+
+class _MacCounter(TorchFunctionMode):
+    """Counts the multiply-adds of the convolutions, linear layers and matrix products run
+    inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.macs = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in (F.conv2d, F.conv1d, F.conv3d):
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.macs += out.numel() * weight[0].numel()  # (C_in / groups) x kernel per output
+        elif func in (F.conv_transpose2d, F.conv_transpose1d, F.conv_transpose3d):
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.macs += args[0].numel() * weight[0].numel()  # (C_out / groups) x kernel per input
+        elif func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            self.macs += out.numel() * weight.shape[-1]
+        elif func in (torch.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.baddbmm):
+            first = args[1] if func is torch.baddbmm else args[0]
+            self.macs += out.numel() * first.shape[-1]
+        return out
 
 
 def _row_chunks(rows: Sequence[torch.Tensor], size: int) -> Iterator[list[torch.Tensor]]:

@@ -180,13 +180,15 @@ def test_progressive_elimination_is_differentiable_and_validated(tiny_net, image
 
 
 @pytest.mark.parametrize("elimination", [False, True])
-def test_input_limit_bounds_every_network_call_and_changes_nothing(any_net, images, elimination):
-    """A small input limit splits the network calls (checkpointed under autograd) exactly."""
+@pytest.mark.parametrize("limit", [12, 3])
+def test_input_limit_bounds_every_network_call_and_changes_nothing(any_net, images, elimination, limit):
+    """A small input limit splits the network calls (checkpointed under autograd) exactly;
+    below K (10 classes) the class-embedding network's calls split a row by class."""
     extra = dict(screen_levels=3, keep_classes=2) if elimination else {}
     settings = ClassifierSettings(steps=6, noise_seed=2, **extra)
     calls: dict[str, list[int]] = {"whole": [], "limited": []}
     grads, logits = {}, {}
-    for name, limit in (("whole", 10_000), ("limited", 12)):
+    for name, limit in (("whole", 10_000), ("limited", limit)):
         clf = DiffusionClassifier(any_net, settings, max_network_inputs=limit)
         hook = any_net.conv_in.register_forward_pre_hook(lambda mod, args, name=name: calls[name].append(args[0].shape[0]))
         try:
@@ -202,9 +204,9 @@ def test_input_limit_bounds_every_network_call_and_changes_nothing(any_net, imag
     assert torch.allclose(grads["whole"], grads["limited"], rtol=1e-3, atol=1e-3 * scale)
     assert grads["limited"].abs().sum() > 0
     # one call per phase for the whole batch; the limited classifier splits them, and none
-    # of its calls (the recomputation in the backward pass included) exceeds 12 inputs
+    # of its calls (the recomputation in the backward pass included) exceeds the limit
     assert len(calls["whole"]) == (2 if elimination else 1) and max(calls["whole"]) > 12
-    assert max(calls["limited"]) <= 12
+    assert max(calls["limited"]) <= limit
     assert sum(calls["limited"]) > sum(calls["whole"])  # the checkpointed chunks ran again
 
 

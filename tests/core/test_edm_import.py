@@ -226,6 +226,63 @@ def test_classifier_purifier_and_sampler_run_on_an_imported_network(converted: d
     assert last is not None and last.image.shape == (1, 3, 16, 16)
 
 
+def test_a_class_conditional_edm_network_counts_k_inputs_per_row_and_splits_by_class(converted: dict) -> None:
+    """EDM's every-class pass is K network inputs per (image, level): the calls respect the
+    input limit, down to one input each when a row's K classes do not fit, and the logits
+    and gradients are those of the unsplit pass."""
+    from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
+
+    net, _ = converted["edm-ddpmpp-cond"]
+    calls: list[int] = []
+    original = net._precondition
+
+    def counted(x, *args, **kwargs):
+        calls.append(x.shape[0])
+        return original(x, *args, **kwargs)
+
+    net._precondition = counted
+    try:
+        results = {}
+        for limit in (10_000, 20, 3):
+            calls.clear()
+            clf = DiffusionClassifier(net, ClassifierSettings(steps=3, sigma_min=0.05, sigma_max=2.0, noise_seed=1),
+                                      max_network_inputs=limit)
+            x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            logits = clf(x)
+            (grad,) = torch.autograd.grad(logits.logsumexp(1).sum() - logits[:, 2].sum(), x)
+            results[limit] = logits.detach(), grad
+            assert max(calls) <= limit and sum(calls) >= 2 * 3 * 10  # 2 images x 3 levels x 10 classes
+    finally:
+        del net._precondition
+    for limit in (20, 3):
+        assert torch.allclose(results[limit][0], results[10_000][0], rtol=1e-5, atol=1e-4)
+        scale = float(results[10_000][1].abs().max())
+        assert torch.allclose(results[limit][1], results[10_000][1], rtol=1e-3, atol=1e-3 * scale)
+
+
+def test_a_costly_network_gets_proportionally_smaller_calls(converted: dict, monkeypatch) -> None:
+    """The device limits are for the shipped network's cost per input; a network c times as
+    costly (counted in multiply-adds, as torch's FLOP counter counts them) gets 1/c of each."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import rdc_studio.core.classifier as classifier_module
+    from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, count_macs_per_input
+
+    net, _ = converted["edm-ddpmpp-cond"]
+    x = torch.zeros(1, 3, 16, 16)
+    with FlopCounterMode(display=False) as flops, torch.no_grad():
+        net.denoise_labels(x, torch.ones(1), torch.zeros(1, dtype=torch.long))
+    macs = count_macs_per_input(net)
+    assert macs == flops.get_total_flops() // 2 and macs > 0
+    clf = DiffusionClassifier(net, ClassifierSettings(steps=2))
+    cheap = (clf.network_input_limit(), clf.network_input_limit(True), clf.activation_limit())
+    assert cheap == (160, 64, 512)  # cheaper than the reference: the limits as they are
+    monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 10)  # now 10 times as costly
+    assert (clf.network_input_limit(), clf.network_input_limit(True), clf.activation_limit()) == (16, 6, 51)
+    monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 1000)
+    assert (clf.network_input_limit(), clf.network_input_limit(True), clf.activation_limit()) == (1, 1, 1)
+
+
 # -- safety: refused globals, damaged files, pickles of other things -----------------------
 
 class _Reduce:
