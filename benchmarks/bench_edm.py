@@ -10,16 +10,20 @@ prints, measured in one run:
 * ms per classification of one 32x32 image at the ``fast`` preset (16 noise levels x 10
   classes = 160 image passes, the classes of a level batched), and the time the ``paper``
   preset (125 levels, 1,250 image passes) would take at the same rate (projected from the
-  measured ms per image pass, not measured).
+  measured ms per image pass, not measured);
+* with ``--stop-after S``: how long a classification runs on after a stop request made S
+  seconds into it (a SIGALRM timer sets the request of its cancellation scope), and the
+  network calls it made, of how many inputs.
 
     python benchmarks/bench_edm.py [--threads N] [--repeats R] [--classify-repeats R] [--device cpu|cuda]
-                                   [--json out.json]
+                                   [--stop-after S] [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import shlex
+import signal
 import statistics
 import sys
 import time
@@ -31,6 +35,7 @@ from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier
 from rdc_studio.core.edm_import import random_published_network
 from rdc_studio.core.evaluate import hardware_description
 from rdc_studio.core.presets import get_preset
+from rdc_studio.core.runtime import OperationCancelled, cancellation_scope
 
 CONFIG = "cifar10-32x32-cond-vp"
 
@@ -71,12 +76,42 @@ def gflop_per_image(net, device: str, batch: int = 1) -> float:
     return counter.get_total_flops() / batch / 1e9
 
 
+def stop_latency(clf: DiffusionClassifier, x: torch.Tensor, after: float) -> dict:
+    """Classify ``x`` and request a stop ``after`` seconds in: the seconds the pass ran on
+    after the request, and the sizes of the network calls it made."""
+    calls: list[int] = []
+    original = clf.net.denoise_labels
+    clf.net.denoise_labels = lambda xn, *rest: calls.append(xn.shape[0]) or original(xn, *rest)
+    stop = {"at": None}
+
+    def request(_signum, _frame) -> None:
+        stop["at"] = time.perf_counter()
+
+    previous = signal.signal(signal.SIGALRM, request)
+    signal.setitimer(signal.ITIMER_REAL, after)
+    try:
+        with cancellation_scope(lambda: stop["at"] is not None), torch.no_grad():
+            clf(x)
+        ended = "finished before the request"
+    except OperationCancelled:
+        ended = "stopped"
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+        del clf.net.denoise_labels
+    late = None if stop["at"] is None else time.perf_counter() - stop["at"]
+    return {"stop_after_s": after, "ended": ended, "s_after_stop_request": None if late is None else round(late, 3),
+            "network_calls": len(calls), "inputs_per_call_max": max(calls, default=0)}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=3, help="timed forward passes per batch size")
     p.add_argument("--classify-repeats", type=int, default=1, help="timed classifications (after no warm-up)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--stop-after", type=float, default=None, metavar="S",
+                   help="also measure how fast a classification stops when asked to S seconds in")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -124,6 +159,12 @@ def main(argv: list[str] | None = None) -> int:
           f"({per_pass * 1000:.1f} ms per image pass)")
     print(f"paper preset (T = 125, {paper_passes} image passes): ~{per_pass * paper_passes:.0f} s per image at "
           "that rate (projected, not measured)")
+    if args.stop_after is not None:
+        stop = stop_latency(clf, x, args.stop_after)
+        result["stop"] = stop
+        print(f"stop requested {args.stop_after:g} s into a classification: {stop['ended']}, "
+              f"{stop['s_after_stop_request']} s after the request ({stop['network_calls']} network calls of at "
+              f"most {stop['inputs_per_call_max']} inputs)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
