@@ -21,10 +21,11 @@
 #      robustness.json keeps such a row of more examples: a smaller one never replaces it)
 #   3. DC at l-inf 0.3 on N_DC_LARGE (100) digits and RDC on N_RDC_LARGE (50), with the checks
 #      of every row on CHECK_N_LARGE (50) digits, then a follow-up on the survivors in the
-#      stages FOLLOW_UP_LARGE (100/3/1000,100/9/5000: 100 steps, 3 targets and Square 1000,
-#      then the full ensemble on what that left; empty for none), as measured for the shipped
-#      weights (~1 h for the rows, ~1 h for the checks, ~1 h and ~2 h for the two follow-up
-#      stages on the 2-core VM, docs/results.md)
+#      stages FOLLOW_UP_LARGE (100/3/1000,100/9/5000,apgd-ce/200: 100 steps, 3 targets and
+#      Square 1000, then the full ensemble on what that left, then APGD-CE alone with twice its
+#      steps, the convergence check at the final budget; empty for none), as measured for the
+#      shipped weights (~1 h for the rows, ~1 h for the checks, ~1 h, ~2 h and ~0.5 h for the
+#      three follow-up stages on the 2-core VM, docs/results.md)
 #   4. the README table regenerated from robustness.json
 #
 # The CNN rows (full ensemble) do not depend on the diffusion model and are not re-run.
@@ -46,7 +47,7 @@ table "${common[@]}" --rows 'dc-linf-0.1,dc-l2-1.5' --n-row "dc-*=${N_DC:-100}" 
     --check-n "${CHECK_N_DC:-50}"
 table "${common[@]}" --rows 'rdc-*-linf-0.1,rdc-*-l2-1.5' --n-row "rdc-*=${N_RDC:-60}" \
     --check-rows 'rdc-*' --check-n "${CHECK_N_RDC:-10}"
-stages="${FOLLOW_UP_LARGE-100/3/1000,100/9/5000}"  # set but empty: no follow-up
+stages="${FOLLOW_UP_LARGE-100/3/1000,100/9/5000,apgd-ce/200}"  # set but empty: no follow-up
 follow_up=()
 if [[ -n "$stages" ]]; then follow_up=(--follow-up "$stages"); fi
 table "${common[@]}" --rows 'dc-linf-0.3,rdc-*-linf-0.3' \

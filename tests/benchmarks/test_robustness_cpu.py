@@ -62,7 +62,7 @@ def test_sizes_and_model_come_from_the_environment(tmp_path):
 
 def test_the_l_inf_0_3_rows_get_the_staged_follow_up_unless_switched_off(tmp_path):
     staged = dry_output(tmp_path)
-    assert "--follow-up 100/3/1000,100/9/5000" in staged and "# follow-ups" in staged
+    assert "--follow-up 100/3/1000,100/9/5000,apgd-ce/200" in staged and "# follow-ups" in staged
     assert staged.count("--follow-up") == 1  # only the l-inf 0.3 stage
     other = dry_output(tmp_path, FOLLOW_UP_LARGE="100/9/5000")
     assert "--follow-up 100/9/5000" in other
