@@ -169,23 +169,14 @@ class DiffusionClassifier(nn.Module):
         network costlier than the reference (:data:`REFERENCE_MACS_PER_INPUT`)."""
         if self.max_network_inputs is not None:
             return self.max_network_inputs
-        limits = MAX_GRADIENT_CALL_INPUTS if gradients else MAX_NETWORK_INPUTS
-        limit = limits.get(self.device.type, limits["cuda"])
-        if not gradients and self.device.type != "cpu":
-            return limit
-        return self._scaled(limit)
+        return network_call_limit(self.net, self.device.type, gradients)
 
     def activation_limit(self) -> int:
         """The most inputs whose activations a gradient pass holds at once (above it, the
         calls run in checkpointed segments of this size)."""
         if self.max_network_inputs is not None:
             return self.max_network_inputs
-        return self._scaled(MAX_GRADIENT_INPUTS.get(self.device.type, MAX_GRADIENT_INPUTS["cuda"]))
-
-    def _scaled(self, limit: int) -> int:
-        """``limit`` for a network ``cost`` times as costly per input as the reference."""
-        cost = count_macs_per_input(self.net) / REFERENCE_MACS_PER_INPUT
-        return limit if cost <= 1 else max(1, int(limit / cost))
+        return _scaled(self.net, MAX_GRADIENT_INPUTS.get(self.device.type, MAX_GRADIENT_INPUTS["cuda"]))
 
     def _bounded(self, denoise: Callable[..., torch.Tensor], inputs_per_row: int,
                  *rows: torch.Tensor) -> torch.Tensor:
@@ -341,6 +332,24 @@ class DiffusionClassifier(nn.Module):
                 )
                 if cancelled():
                     return
+
+
+def network_call_limit(net: nn.Module, device_type: str, gradients: bool = False) -> int:
+    """The most inputs one call of ``net`` gets on a device of ``device_type``, without
+    autograd or (``gradients``) with it: :data:`MAX_NETWORK_INPUTS` or
+    :data:`MAX_GRADIENT_CALL_INPUTS`, scaled down for a network costlier than the reference
+    (:data:`REFERENCE_MACS_PER_INPUT`; not the CUDA limit without autograd)."""
+    limits = MAX_GRADIENT_CALL_INPUTS if gradients else MAX_NETWORK_INPUTS
+    limit = limits.get(device_type, limits["cuda"])
+    if not gradients and device_type != "cpu":
+        return limit
+    return _scaled(net, limit)
+
+
+def _scaled(net: nn.Module, limit: int) -> int:
+    """``limit`` for ``net``, 1/c of it for a network c times as costly as the reference."""
+    cost = count_macs_per_input(net) / REFERENCE_MACS_PER_INPUT
+    return limit if cost <= 1 else max(1, int(limit / cost))
 
 
 def labels_are_inputs(net: nn.Module) -> bool:

@@ -29,9 +29,11 @@ from typing import Any, Callable, Generator
 import numpy as np
 import torch
 
+from .classifier import network_call_limit
 from .diffusion import to_model_space
 from .models import LoadedModel
 from .nets import Denoiser
+from .runtime import active_cancellation, raise_if_cancelled
 
 CARD_KEY = "ood_reference"
 REFERENCE_FORMAT = "rdc-studio/ood-reference"
@@ -147,15 +149,19 @@ class OodScorer:
         """The score of images ``x`` (N, C, H, W) in [0, 1], shaped (N,) (float64).
 
         ``levels_per_pass`` bounds the batch of one network pass to N times that many
-        levels (0: all levels in one pass).
+        levels (0: as many as one network call takes,
+        :func:`core.classifier.network_call_limit`). A stop request
+        (:func:`core.runtime.cancellation_scope`) ends it between two passes.
         """
         x0 = to_model_space(x.float())
         n, dims = x0.shape[0], x0[0].numel()
         device = x0.device
         head = [self.net.config.num_classes]
         total = torch.zeros(n, dtype=torch.float64, device=device)
-        chunk = levels_per_pass if levels_per_pass > 0 else self.settings.levels
+        chunk = levels_per_pass if levels_per_pass > 0 else max(1, network_call_limit(self.net, device.type) // n)
+        cancelled = active_cancellation()
         for start in range(0, self.settings.levels, chunk):
+            raise_if_cancelled(cancelled)
             sig = self.sigmas[start:start + chunk].to(device)
             m = sig.shape[0]
             sig_rows = sig.repeat_interleave(n)

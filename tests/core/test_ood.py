@@ -42,6 +42,31 @@ def test_score_is_deterministic_and_per_image(tiny_net, images):
     assert not torch.equal(other_seed, a)
 
 
+def test_score_passes_follow_the_call_limit_and_stop_in_a_scope(tiny_net, images, monkeypatch):
+    """By default a pass holds as many levels as one network call takes (fewer for a costly
+    network), and a stop request ends the score between two passes."""
+    import rdc_studio.core.classifier as classifier_module
+    from rdc_studio.core.runtime import OperationCancelled, cancellation_scope
+
+    macs = classifier_module.count_macs_per_input(tiny_net)  # (counted with a pass of its own, once)
+    calls: list[int] = []
+    hook = tiny_net.conv_in.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        scorer = OodScorer(tiny_net, OodSettings(levels=6))
+        whole = scorer.bits_per_dim(images)
+        assert calls == [18]  # 3 images x 6 levels in one call
+        # a network 40 times as costly as the reference: calls of 160 / 40 = 4 inputs, 1 level each
+        monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 40)
+        calls.clear()
+        assert torch.allclose(scorer.bits_per_dim(images), whole, rtol=1e-6) and calls == [3] * 6
+        calls.clear()
+        with cancellation_scope(lambda: len(calls) >= 2), pytest.raises(OperationCancelled):
+            scorer.bits_per_dim(images)
+        assert len(calls) == 2
+    finally:
+        hook.remove()
+
+
 def test_score_is_the_truncated_elbo_in_bits_per_dim(tiny_net, images):
     """Level by level: decoder + weighted denoising errors + prior, per dimension, in bits of 8-bit bins."""
     settings = OodSettings(levels=5, sigma_min=0.01, sigma_max=20.0)
