@@ -18,8 +18,10 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .classifier import labels_are_inputs, network_call_limit
 from .diffusion import loss_weight, to_model_space
 from .nets import Denoiser
+from .runtime import active_cancellation, raise_if_cancelled
 
 OPTIMIZERS = ("sign", "adam")
 SCORES = ("uncond", "mixture")
@@ -163,10 +165,20 @@ class LikelihoodMaximizer:
         """
         sigmas, noises = self.estimate_bank
         n, levels = x.shape[0], sigmas.shape[0]
+        # as many levels per pass as one network call takes (one by one for a costly network),
+        # polling the active cancellation scope between passes
+        per_row = self.net.config.num_classes if self.settings.score != "uncond" and labels_are_inputs(self.net) else 1
+        chunk = max(1, network_call_limit(self.net, x.device.type) // (n * per_row))
+        cancelled = active_cancellation()
+        parts = []
         with torch.no_grad():
-            obj = self.objective(x.detach().repeat(levels, *[1] * (x.dim() - 1)), sigmas.repeat_interleave(n),
-                                 noises.repeat_interleave(n, dim=0))
-        return obj.view(levels, n).mean(0)
+            for start in range(0, levels, chunk):
+                raise_if_cancelled(cancelled)
+                m = min(chunk, levels - start)
+                parts.append(self.objective(x.detach().repeat(m, *[1] * (x.dim() - 1)),
+                                            sigmas[start:start + m].repeat_interleave(n),
+                                            noises[start:start + m].repeat_interleave(n, dim=0)))
+        return torch.cat(parts).view(levels, n).mean(0)
 
     def run(self, x: torch.Tensor, classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
             cancelled: Callable[[], bool] = lambda: False, estimate: bool = True) -> Iterator[PurifyStep]:

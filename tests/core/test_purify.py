@@ -75,6 +75,31 @@ def test_objective_estimate_is_the_mean_over_its_fixed_bank(tiny_net, x, score):
     assert torch.allclose(lm.objective_estimate(x), loop, rtol=1e-5)
 
 
+def test_objective_estimate_passes_follow_the_call_limit_and_stop_in_a_scope(tiny_net, x, monkeypatch):
+    """The estimate's levels go in as few passes as the network's call limit allows (one by
+    one for a costly network, with the same result), and a stop request ends it between two."""
+    import rdc_studio.core.classifier as classifier_module
+    from rdc_studio.core.runtime import OperationCancelled, cancellation_scope
+
+    lm = LikelihoodMaximizer(tiny_net, PurifySettings(steps=2))
+    macs = classifier_module.count_macs_per_input(tiny_net)  # (counted with a pass of its own, once)
+    calls: list[int] = []
+    hook = tiny_net.conv_in.register_forward_pre_hook(lambda mod, args: calls.append(args[0].shape[0]))
+    try:
+        whole = lm.objective_estimate(x)
+        assert calls == [ESTIMATE_LEVELS * x.shape[0]]
+        monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 160)  # 1 input per call
+        calls.clear()
+        assert torch.allclose(lm.objective_estimate(x), whole, rtol=1e-5)
+        assert calls == [x.shape[0]] * ESTIMATE_LEVELS  # a level per pass (its images stay together)
+        calls.clear()
+        with cancellation_scope(lambda: len(calls) >= 3), pytest.raises(OperationCancelled):
+            lm.objective_estimate(x)
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+
+
 def test_objective_estimate_does_not_depend_on_the_steps_noise_draws(tiny_net, x):
     """Same image, different per-step draws: the one-draw objective changes, the estimate does not."""
     lm = LikelihoodMaximizer(tiny_net, PurifySettings(steps=3, mode="randomized"),
