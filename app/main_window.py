@@ -55,6 +55,16 @@ def sample_caption(stem: str, classes: list[str]) -> str:
     return stem
 
 
+def time_left_text(elapsed: float, done: int, total: int) -> str:
+    """A job's estimated time left, e.g. ``"~40 s left"``, at the rate of the ``done`` of
+    ``total`` units so far; ``""`` until the estimate means something (2 s and one unit in)
+    and once the job is done."""
+    if elapsed < 2 or done <= 0 or done >= total:
+        return ""
+    left = elapsed / done * (total - done)
+    return f"~{left:.0f} s left" if left < 90 else f"~{left / 60:.0f} min left"
+
+
 class MainWindow(QMainWindow):
     """Drop, open or paste an image; the engine classifies it on a worker thread."""
 
@@ -813,7 +823,10 @@ class MainWindow(QMainWindow):
         self.show_error(f"{kind.capitalize() or 'Job'} failed", message)
 
     def _on_timer_timeout(self) -> None:
-        self.elapsed_label.setText(f"{time.perf_counter() - self._started_at:.1f} s")
+        """The running job's elapsed time and, while it runs, the time it has left."""
+        elapsed = time.perf_counter() - self._started_at
+        left = time_left_text(elapsed, self.progress.value(), self.progress.maximum()) if self._timer.isActive() else ""
+        self.elapsed_label.setText(f"{elapsed:.1f} s" + (f" \u00b7 {left}" if left else ""))
 
     # -- closing ------------------------------------------------------------------
     def closeEvent(self, event) -> None:  # noqa: N802

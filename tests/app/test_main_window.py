@@ -546,3 +546,26 @@ def test_progress_bar_is_wide_enough_for_its_text(window):
         window._set_progress_format(f"stopped at %v / %m {unit}")
         text = f"stopped at {total} / {total} {unit}"
         assert bar.minimumWidth() >= bar.fontMetrics().horizontalAdvance(text)
+
+
+def test_the_status_bar_says_how_long_a_running_job_has_left(window):
+    """Linear in the units done; nothing before 2 s or a first unit, nor after the job."""
+    import re
+    import time
+
+    from rdc_studio.app.main_window import time_left_text
+
+    assert time_left_text(10.0, 20, 100) == "~40 s left"
+    assert time_left_text(60.0, 10, 100) == "~9 min left"
+    assert time_left_text(1.0, 50, 100) == time_left_text(10.0, 0, 100) == time_left_text(10.0, 100, 100) == ""
+    window.progress.setRange(0, 100)
+    window.progress.setValue(20)
+    window._started_at = time.perf_counter() - 10.0
+    window._timer.start()  # as while a job runs
+    try:
+        window._on_timer_timeout()
+        assert re.fullmatch(r"[0-9]+\.[0-9] s \u00b7 ~[0-9]+ s left", window.elapsed_label.text())
+    finally:
+        window._timer.stop()
+    window._on_timer_timeout()  # the job over: the elapsed time only
+    assert window.elapsed_label.text().endswith(" s") and "left" not in window.elapsed_label.text()
