@@ -138,6 +138,8 @@ class DiffusionClassifier(nn.Module):
         if max_network_inputs is not None and max_network_inputs < 1:
             raise ValueError(f"max_network_inputs must be at least 1, got {max_network_inputs}")
         self.max_network_inputs = max_network_inputs
+        if max_network_inputs is None:
+            count_macs_per_input(net)  # once per network, here rather than inside a timed first pass
         self.settings = settings or ClassifierSettings()
         self.num_classes = net.config.num_classes
         self.grid: NoiseGrid = noise_grid(self.settings.grid, self.settings.steps, self.settings.weighting,
