@@ -138,8 +138,6 @@ class DiffusionClassifier(nn.Module):
         if max_network_inputs is not None and max_network_inputs < 1:
             raise ValueError(f"max_network_inputs must be at least 1, got {max_network_inputs}")
         self.max_network_inputs = max_network_inputs
-        if max_network_inputs is None:
-            count_macs_per_input(net)  # once per network, here rather than inside a timed first pass
         self.settings = settings or ClassifierSettings()
         self.num_classes = net.config.num_classes
         self.grid: NoiseGrid = noise_grid(self.settings.grid, self.settings.steps, self.settings.weighting,
@@ -365,7 +363,9 @@ def labels_are_inputs(net: nn.Module) -> bool:
 def count_macs_per_input(net: nn.Module) -> int:
     """Multiply-adds of one network input (one image, level and class) in ``net``'s
     convolutions, linear layers and batched matrix products: a deterministic measure of its
-    cost per input. Counted once, with one input, and cached on ``net``."""
+    cost per input. Counted once, with one input, and cached on ``net``: on first use,
+    inside the first pass that needs it (so in the app on the worker thread, never on the
+    GUI thread; benchmarks time passes after a warm-up)."""
     cached = getattr(net, "_macs_per_input", None)
     if cached is None:
         config = net.config
