@@ -20,6 +20,7 @@ from ..core.classifier import build_classifier, classifier_settings
 from ..core.defense import build_defense, build_maximizer, gradient_warning, purify_settings
 from ..core.ood import OodScorer
 from ..core.presets import get_preset
+from ..core.runtime import time_left_text
 from ..core.sample import SampleStep, parse_sample_filename
 from ..core.images import save_png_atomic
 from ..core.session import SessionError, load_session, make_session, save_session, write_csv
@@ -53,16 +54,6 @@ def sample_caption(stem: str, classes: list[str]) -> str:
     if parsed is not None and parsed[0] < len(classes):
         return f"{classes[parsed[0]]} #{parsed[1]}"
     return stem
-
-
-def time_left_text(elapsed: float, done: int, total: int) -> str:
-    """A job's estimated time left, e.g. ``"~40 s left"``, at the rate of the ``done`` of
-    ``total`` units so far; ``""`` until the estimate means something (2 s and one unit in)
-    and once the job is done."""
-    if elapsed < 2 or done <= 0 or done >= total:
-        return ""
-    left = elapsed / done * (total - done)
-    return f"~{left:.0f} s left" if left < 90 else f"~{left / 60:.0f} min left"
 
 
 class MainWindow(QMainWindow):

@@ -607,7 +607,7 @@ def _load_image_tensor(path: str, cfg) -> torch.Tensor:
 def cmd_purify(args: argparse.Namespace) -> int:
     from .defense import build_maximizer
     from .images import save_png_atomic
-    from .runtime import OperationCancelled, cancellation_scope
+    from .runtime import OperationCancelled, cancellation_scope, time_left_text
 
     _setup_threads(args)
     model, clf = _load(args)
@@ -624,9 +624,10 @@ def cmd_purify(args: argparse.Namespace) -> int:
         if not args.json:
             p = step["probabilities"]
             top = max(range(len(p)), key=p.__getitem__)
+            left = time_left_text(time.perf_counter() - t0, r.step, lm.settings.steps)
             print(f"step {step['step']:3d}  objective {step['objective_estimate']:10.3f} (this step's draw "
                   f"{step['objective']:10.3f})  linf {step['linf']:.4f}  "
-                  f"l2 {step['l2']:.3f}  -> {model.classes[top]} ({p[top]:.1%})")
+                  f"l2 {step['l2']:.3f}  -> {model.classes[top]} ({p[top]:.1%})" + (f"  {left}" if left else ""))
 
     t0 = time.perf_counter()
     final = None
@@ -708,6 +709,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .defense import attack_threshold
     from .images import save_png_atomic
     from .models import atomic_write_json
+    from .runtime import time_left_text
 
     _setup_threads(args)
     model, clf = _load(args)
@@ -735,9 +737,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         nonlocal iterations_run
         iterations_run += 1
         if not args.quiet and (rec.iteration % max(1, args.steps // 10) == 0 or rec.iteration == args.steps):
+            left = time_left_text(time.perf_counter() - t0, iterations_run, settings.steps * settings.restarts)
             print(f"iter {rec.iteration:4d}/{rec.total_iterations}  loss {rec.loss[0]:9.4f}  margin "
                   f"{rec.margin[0]:9.4f}  pred {model.classes[int(rec.prediction[0])]}  "
-                  f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}", file=sys.stderr)
+                  f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}" + (f"  {left}" if left else ""), file=sys.stderr)
 
     t0 = time.perf_counter()
     result = run_to_end(attack(defense, x, y, settings, _stop_on_signals()), show)

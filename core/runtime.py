@@ -121,3 +121,13 @@ def raise_if_cancelled(cancelled: Callable[[], bool] | None = None) -> None:
     cancelled = cancelled if cancelled is not None else _CANCELLATION.get()
     if cancelled is not None and cancelled():
         raise OperationCancelled
+
+
+def time_left_text(elapsed: float, done: int, total: int) -> str:
+    """A job's estimated time left, e.g. ``"~40 s left"``, at the rate of the ``done`` of
+    ``total`` units so far (``elapsed`` seconds); ``""`` until the estimate means something
+    (2 s and one unit in) and once the job is done."""
+    if elapsed < 2 or done <= 0 or done >= total:
+        return ""
+    left = elapsed / done * (total - done)
+    return f"~{max(1, round(left))} s left" if left < 90 else f"~{round(left / 60)} min left"

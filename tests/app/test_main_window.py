@@ -553,10 +553,10 @@ def test_the_status_bar_says_how_long_a_running_job_has_left(window):
     import re
     import time
 
-    from rdc_studio.app.main_window import time_left_text
+    from rdc_studio.core.runtime import time_left_text
 
     assert time_left_text(10.0, 20, 100) == "~40 s left"
-    assert time_left_text(60.0, 10, 100) == "~9 min left"
+    assert time_left_text(60.0, 10, 100) == "~9 min left" and time_left_text(19.0, 19, 20) == "~1 s left"
     assert time_left_text(1.0, 50, 100) == time_left_text(10.0, 0, 100) == time_left_text(10.0, 100, 100) == ""
     window.progress.setRange(0, 100)
     window.progress.setValue(20)
