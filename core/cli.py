@@ -365,7 +365,7 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .models import CheckpointError, load_checkpoint, update_card
     from .ood import CARD_KEY, OodScorer, OodSettings, make_reference, score_images
-    from .runtime import run_to_end
+    from .runtime import OperationCancelled, cancellation_scope, run_to_end
 
     _setup_threads(args)
     device = resolve_device(args.device)
@@ -387,10 +387,14 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
     scorer = OodScorer(model.purifier_net, settings)
     stop_requested = _stop_on_signals()
     t0 = time.perf_counter()
-    with tqdm(total=n, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
-        scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, cancelled=stop_requested,
-                                         device=device),
-                            lambda rec: bar.update(rec.done - bar.n))
+    try:  # the scope stops a batch between its network calls (a costly network's batch is long)
+        with tqdm(total=n, unit="img", dynamic_ncols=True, file=sys.stderr) as bar, \
+                cancellation_scope(stop_requested):
+            scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, cancelled=stop_requested,
+                                             device=device),
+                                lambda rec: bar.update(rec.done - bar.n))
+    except OperationCancelled:
+        scores = None
     if scores is None:
         print(f"rdc: stopped; the model card of {model.path} was not changed", file=sys.stderr)
         return 130

@@ -148,29 +148,31 @@ class OodScorer:
     def bits_per_dim(self, x: torch.Tensor, levels_per_pass: int = 0) -> torch.Tensor:
         """The score of images ``x`` (N, C, H, W) in [0, 1], shaped (N,) (float64).
 
-        ``levels_per_pass`` bounds the batch of one network pass to N times that many
-        levels (0: as many as one network call takes,
-        :func:`core.classifier.network_call_limit`). A stop request
-        (:func:`core.runtime.cancellation_scope`) ends it between two passes.
+        ``levels_per_pass`` bounds one network call to N times that many levels (0: as many
+        (level, image) inputs as one call takes, :func:`core.classifier.network_call_limit`,
+        one by one for a costly network). A stop request
+        (:func:`core.runtime.cancellation_scope`) ends it between two calls.
         """
         x0 = to_model_space(x.float())
         n, dims = x0.shape[0], x0[0].numel()
         device = x0.device
-        head = [self.net.config.num_classes]
-        total = torch.zeros(n, dtype=torch.float64, device=device)
-        chunk = levels_per_pass if levels_per_pass > 0 else max(1, network_call_limit(self.net, device.type) // n)
+        levels = self.settings.levels
+        spatial = [1] * (x0.dim() - 1)
+        # every (level, image) input, level-major
+        sig_rows = self.sigmas.to(device).repeat_interleave(n)
+        x_rows = x0.repeat(levels, *spatial)
+        noise = self.noise_bank.to(device).repeat_interleave(n, dim=0)
+        per_call = levels_per_pass * n if levels_per_pass > 0 else network_call_limit(self.net, device.type)
         cancelled = active_cancellation()
-        for start in range(0, self.settings.levels, chunk):
+        errors = []
+        for start in range(0, levels * n, per_call):
             raise_if_cancelled(cancelled)
-            sig = self.sigmas[start:start + chunk].to(device)
-            m = sig.shape[0]
-            sig_rows = sig.repeat_interleave(n)
-            x_rows = x0.repeat(m, *[1] * (x0.dim() - 1))
-            noise = self.noise_bank[start:start + chunk].to(device).repeat_interleave(n, dim=0)
-            noisy = x_rows + sig_rows.view(-1, *[1] * (x0.dim() - 1)) * noise
-            denoised = self.net.denoise(noisy, sig_rows, heads=head)[:, 0]
-            err = (denoised - x_rows).pow(2).flatten(1).sum(1).view(m, n).double()
-            total += (self.weights[start:start + chunk].to(device).double().view(-1, 1) * err).sum(0)
+            rows = slice(start, start + per_call)
+            noisy = x_rows[rows] + sig_rows[rows].view(-1, *spatial) * noise[rows]
+            denoised = self.net.denoise(noisy, sig_rows[rows], heads=[self.net.config.num_classes])[:, 0]
+            errors.append((denoised - x_rows[rows]).pow(2).flatten(1).sum(1))
+        err = torch.cat(errors).view(levels, n).double()
+        total = (self.weights.to(device).double().view(-1, 1) * err).sum(0)
         s = self.settings
         decoder = dims * (0.5 * math.log(2 * math.pi * math.e) + math.log(s.sigma_min))
         prior = x0.double().pow(2).flatten(1).sum(1) / (2 * s.sigma_max ** 2)

@@ -43,8 +43,8 @@ def test_score_is_deterministic_and_per_image(tiny_net, images):
 
 
 def test_score_passes_follow_the_call_limit_and_stop_in_a_scope(tiny_net, images, monkeypatch):
-    """By default a pass holds as many levels as one network call takes (fewer for a costly
-    network), and a stop request ends the score between two passes."""
+    """By default a call holds as many (level, image) inputs as the network's call limit
+    allows (fewer for a costly network), and a stop request ends the score between two calls."""
     import rdc_studio.core.classifier as classifier_module
     from rdc_studio.core.runtime import OperationCancelled, cancellation_scope
 
@@ -55,10 +55,10 @@ def test_score_passes_follow_the_call_limit_and_stop_in_a_scope(tiny_net, images
         scorer = OodScorer(tiny_net, OodSettings(levels=6))
         whole = scorer.bits_per_dim(images)
         assert calls == [18]  # 3 images x 6 levels in one call
-        # a network 40 times as costly as the reference: calls of 160 / 40 = 4 inputs, 1 level each
+        # a network 40 times as costly as the reference: calls of 160 / 40 = 4 (level, image) inputs
         monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 40)
         calls.clear()
-        assert torch.allclose(scorer.bits_per_dim(images), whole, rtol=1e-6) and calls == [3] * 6
+        assert torch.allclose(scorer.bits_per_dim(images), whole, rtol=1e-6) and calls == [4, 4, 4, 4, 2]
         calls.clear()
         with cancellation_scope(lambda: len(calls) >= 2), pytest.raises(OperationCancelled):
             scorer.bits_per_dim(images)
