@@ -138,11 +138,17 @@ class AttackTab(QWidget):
         self.view_perturbation.set_perturbation(outcome.adversarial[0] - outcome.clean[0])
         if outcome.purified is not None:
             self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
-        attack = "Attack succeeded" if outcome.attack_succeeded[0] else "Attack failed"
-        defense = "defense recovered" if outcome.defense_recovered[0] else "defense failed"
-        self._set_verdict(f"{attack} ({classes[label]} → {classes[adv_pred]}); {defense}: {self.defense_name} "
-                          f"predicts {classes[defended]} ({probs[defended]:.1%}).",
-                          GOOD if outcome.defense_recovered[0] else BAD)
+        says = f"{self.defense_name} predicts {classes[defended]} ({probs[defended]:.1%})"
+        if outcome.attack_succeeded[0]:
+            attack = f"Attack succeeded ({classes[label]} → {classes[adv_pred]})"
+            defense = "the defense recovered" if outcome.defense_recovered[0] else "the defense failed"
+            verdict = f"{attack}; {defense}: {says}."
+        elif outcome.defense_recovered[0]:
+            verdict = f"Attack failed ({classes[label]} stays {classes[adv_pred]}); the defense holds: {says}."
+        else:  # the attacked model (e.g. DC only, or another gradient mode) held, the full defense did not
+            verdict = (f"Attack failed against the attacked model ({classes[label]} stays {classes[adv_pred]}), "
+                       f"but {says}: the defense failed.")
+        self._set_verdict(verdict, GOOD if outcome.defense_recovered[0] else BAD)
         if not self.state.attack.iterations and outcome.attack_succeeded[0]:
             # Square's initial stripes often fool a model outright: say why the plot is empty
             self.plot.set_message("No iteration ran: the attack's starting point already fooled the attacked model.")

@@ -530,12 +530,21 @@ def test_attack_fooled_by_its_starting_point_says_why_the_plot_is_empty(window):
         tab.begin(clean[0], "zeros", 10)
         assert tab.plot.message() is None
         tab.finish(outcome(succeeded))
-        assert tab.verdict.text().startswith("Attack succeeded (3 → 5)" if succeeded else "Attack failed (3 → 3)")
+        assert tab.verdict.text().startswith("Attack succeeded (3 → 5); the defense recovered" if succeeded
+                                             else "Attack failed (3 stays 3); the defense holds")
         note = tab.plot.message()
         assert (note is not None and "starting point already fooled" in note) == succeeded
         assert len(tab.plot.data["loss"][0]) == 0
     tab.begin(clean[0], "zeros", 10)  # the next attack starts without the note
     assert tab.plot.message() is None
+    # the attacked model held but the full defense did not (another gradient mode, DC only)
+    fooled = probs[:, ::-1].copy()  # the full defense says 6 (91%)
+    tab.finish(DefenseOutcome(clean=clean, adversarial=adversarial, purified=adversarial, labels=np.array([3]),
+                              attacked_prediction=np.array([3]), defense_probabilities=fooled,
+                              attack_succeeded=np.array([False]), defense_recovered=np.array([False]),
+                              linf=np.array([0.1]), l2=np.array([2.8])))
+    assert tab.verdict.text().startswith("Attack failed against the attacked model (3 stays 3), but")
+    assert tab.verdict.text().endswith("predicts 6 (91.0%): the defense failed.")
 
 
 def test_progress_bar_is_wide_enough_for_its_text(window):
