@@ -279,6 +279,9 @@ def test_a_costly_network_gets_proportionally_smaller_calls(converted: dict, mon
     assert cheap == (160, 64, 512)  # cheaper than the reference: the limits as they are
     monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 10)  # now 10 times as costly
     assert (clf.network_input_limit(), clf.network_input_limit(True), clf.activation_limit()) == (16, 6, 51)
+    # on CUDA only the limits under autograd (memory) scale; a no-grad call keeps its throughput
+    limit = classifier_module.network_call_limit
+    assert (limit(net, "cuda"), limit(net, "cuda", gradients=True)) == (4096, 409)
     monkeypatch.setattr(classifier_module, "REFERENCE_MACS_PER_INPUT", macs / 1000)
     assert (clf.network_input_limit(), clf.network_input_limit(True), clf.activation_limit()) == (1, 1, 1)
 
