@@ -8,7 +8,8 @@ prints, measured in one run:
   ``--repeats`` after one warm-up), and per image at batch 10;
 * GFLOP per image per forward pass, counted with ``torch.utils.flop_counter``;
 * ms per classification of one 32x32 image at the ``fast`` preset (16 noise levels x 10
-  classes = 160 image passes, the classes of a level batched), and the time the ``paper``
+  classes = 160 image passes, in calls of the classifier's call limit: one pass each on a
+  CPU), and the time the ``paper``
   preset (125 levels, 1,250 image passes) would take at the same rate (projected from the
   measured ms per image pass, not measured);
 * with ``--stop-after S``: how long a classification runs on after a stop request made S
