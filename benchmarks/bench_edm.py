@@ -9,9 +9,8 @@ prints, measured in one run:
 * GFLOP per image per forward pass, counted with ``torch.utils.flop_counter``;
 * ms per classification of one 32x32 image at the ``fast`` preset (16 noise levels x 10
   classes = 160 image passes, in calls of the classifier's call limit: one pass each on a
-  CPU), and the time the ``paper``
-  preset (125 levels, 1,250 image passes) would take at the same rate (projected from the
-  measured ms per image pass, not measured);
+  CPU), and the time the ``paper`` preset (125 levels, 1,250 image passes) would take at
+  the same rate (projected from the measured ms per image pass, not measured);
 * with ``--stop-after S``: how long a classification runs on after a stop request made S
   seconds into it (a SIGALRM timer sets the request of its cancellation scope), and the
   network calls it made, of how many inputs.
