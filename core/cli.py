@@ -8,6 +8,7 @@ module turns options into their arguments and engine errors into one-line messag
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import shlex
@@ -15,10 +16,11 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Iterator
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
                       GRIDS, OPTIMIZERS, PRESETS, SAMPLER_CHURN_RANGE, WEIGHTINGS)
+from .runtime import OperationCancelled, cancellation_scope
 
 
 class _LazyModule:
@@ -44,25 +46,39 @@ def _command_line() -> str:
     return "rdc " + " ".join(shlex.quote(a) for a in _ARGV)
 
 
-def _stop_on_signals() -> Callable[[], bool]:
-    """Make Ctrl+C (SIGINT) and SIGTERM ask the running command to stop at its next check
-    instead of killing it; returns the check.
+class _StopOnSignals:
+    """Ctrl+C (SIGINT) and SIGTERM ask the running command to stop at its next check
+    instead of killing it; a second Ctrl+C interrupts at once.
 
-    The engine polls it between training steps and batches and, through
-    :func:`core.runtime.cancellation_scope`, between the diffusion classifier's network
-    calls, so a command ends within a second with its state saved. A second Ctrl+C
-    interrupts at once.
+    Called, it is the check (``cancelled=stop``) that the engine polls between training
+    steps and batches. ``with stop.scope():`` also makes the diffusion classifier poll it
+    between its network calls (:func:`core.runtime.cancellation_scope`) and ends the block
+    quietly when they stop, so a command ends within a second with its state saved and
+    tells what it kept by reading ``stop()``. The handlers last until :func:`main` returns.
     """
-    stop = {"requested": False}
 
-    def on_signal(signum, _frame) -> None:
-        if stop["requested"] and signum == signal.SIGINT:
+    def __init__(self) -> None:
+        self._requested = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        if self._requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        stop["requested"] = True
+        self._requested = True
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    return lambda: stop["requested"]
+    def __call__(self) -> bool:
+        return self._requested
+
+    @contextlib.contextmanager
+    def scope(self) -> Iterator[None]:
+        """Run the block with network calls that poll this stop; a stop ends the block."""
+        with cancellation_scope(self):
+            try:
+                yield
+            except OperationCancelled:
+                if not self._requested:  # another scope's cancellation: not ours to swallow
+                    raise
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
@@ -113,10 +129,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
         **{k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None},
     )
-    stop_requested = _stop_on_signals()  # finish the step, save state, exit
+    stop = _StopOnSignals()  # finish the step, save state, exit
     extra = {"training_command": _command_line(), "data": f"{args.dataset} {args.split} split (data root {args.data_root or 'RDC_DATA_ROOT'})"}
     bar = None
-    for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=stop_requested,
+    for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=stop,
                      device=args.device, log_every=args.log_every, init_from=init_net, init_name=init_name):
         if bar is None:
             # start counting at the first record: the steps before it (a resumed run's, or
@@ -134,7 +150,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f.write(json.dumps(rec.__dict__) + "\n")
     if bar is not None:
         bar.close()
-    if stop_requested():
+    if stop():
         print(f"stopped; state saved in {args.out} (re-run the same command to resume)", file=sys.stderr)
         return 130
     print(f"wrote {Path(args.out) / 'model.safetensors'}")
@@ -274,7 +290,7 @@ def _load(args: argparse.Namespace):
 def cmd_classify(args: argparse.Namespace) -> int:
     from .baseline import is_cnn_checkpoint, load_cnn
     from .images import ImageLoadError, load_for_model
-    from .runtime import OperationCancelled, cancellation_scope, raise_if_cancelled
+    from .runtime import raise_if_cancelled
 
     _setup_threads(args)
     if is_cnn_checkpoint(args.model):  # the discriminative baseline, e.g. to judge samples
@@ -328,15 +344,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
             if ood is not None and ood.warning:
                 print(f"{path}: warning: {ood.warning} [percentile {ood.percentile:.2f}]")
 
-    stop_requested = _stop_on_signals()
-    stopped = False
-    try:
-        with cancellation_scope(stop_requested):  # a slow model (EDM on a CPU) stops inside an image too
-            for path in args.images:
-                raise_if_cancelled(stop_requested)
-                classify_image(path)
-    except OperationCancelled:
-        stopped = True
+    stop = _StopOnSignals()
+    with stop.scope():  # a slow model (EDM on a CPU) stops inside an image too
+        for path in args.images:
+            raise_if_cancelled(stop)
+            classify_image(path)
+    stopped = stop() and len(results) < len(args.images)  # a stop after the last image stops nothing
     if not args.json and scorer is not None and scorer.reference is None and not stopped:
         print(f"note: no OOD reference for this model, so no out-of-distribution warnings (add one with "
               f"rdc ood-calibrate --model {args.model or name})")
@@ -365,7 +378,7 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
     from .data import load_dataset
     from .models import CheckpointError, load_checkpoint, update_card
     from .ood import CARD_KEY, OodScorer, OodSettings, make_reference, score_images
-    from .runtime import OperationCancelled, cancellation_scope, run_to_end
+    from .runtime import run_to_end
 
     _setup_threads(args)
     device = resolve_device(args.device)
@@ -385,16 +398,13 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
     ds = load_dataset(dataset, "val", args.data_root)
     n = min(args.n, len(ds)) if args.n else len(ds)
     scorer = OodScorer(model.purifier_net, settings)
-    stop_requested = _stop_on_signals()
+    stop = _StopOnSignals()
     t0 = time.perf_counter()
-    try:  # the scope stops a batch between its network calls (a costly network's batch is long)
-        with tqdm(total=n, unit="img", dynamic_ncols=True, file=sys.stderr) as bar, \
-                cancellation_scope(stop_requested):
-            scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, cancelled=stop_requested,
-                                             device=device),
-                                lambda rec: bar.update(rec.done - bar.n))
-    except OperationCancelled:
-        scores = None
+    scores = None
+    # the scope stops a batch between its network calls (a costly network's batch is long)
+    with stop.scope(), tqdm(total=n, unit="img", dynamic_ncols=True, file=sys.stderr) as bar:
+        scores = run_to_end(score_images(scorer, ds.images[:n], args.batch_size, cancelled=stop, device=device),
+                            lambda rec: bar.update(rec.done - bar.n))
     if scores is None:
         print(f"rdc: stopped; the model card of {model.path} was not changed", file=sys.stderr)
         return 130
@@ -427,7 +437,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     from .evaluate import init_distributed, robust_log, run_evaluation
     from .models import atomic_write_bytes, atomic_write_json
-    from .runtime import OperationCancelled, cancellation_scope
 
     _setup_threads(args)
     config = _eval_config(args)
@@ -455,15 +464,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"rdc: warning: {message} (choose it with --grad smooth or --grad bpda)", file=sys.stderr)
 
-    stop_requested = _stop_on_signals()
+    stop = _StopOnSignals()
+    report = None
     try:
-        with cancellation_scope(stop_requested):  # a clean pass stops inside its batch too
+        with stop.scope():  # a clean pass stops inside its batch too
             report = run_evaluation(config, model, clf, device=device, purify=purify, shard=(rank, world),
-                                    progress=progress, warn=warn, cancelled=stop_requested)
+                                    progress=progress, warn=warn, cancelled=stop)
     except ValueError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
-    except OperationCancelled:
-        report = None
     finally:
         if bar is not None:
             bar.close()
@@ -522,13 +530,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
     columns = []
-    stop_requested = _stop_on_signals()
+    stop = _StopOnSignals()
     for done, y in enumerate(labels):
         last = None
         for last in sample(model.net, y, n=args.n, steps=args.sampler_steps, seed=args.seed + (y or 0),
-                           cancelled=stop_requested, churn=args.churn):
+                           cancelled=stop, churn=args.churn):
             pass
-        if stop_requested() or last is None or last.step < last.total_steps:
+        if stop() or last is None or last.step < last.total_steps:
             kept = f"; {done * args.n} PNGs of the classes before it are in {out_dir}" if out_dir and done else ""
             print(f"rdc: stopped{kept}; no grid written", file=sys.stderr)
             return 130
@@ -564,7 +572,7 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
             bar.set_postfix(loss=f"{rec.loss:.4f}", acc=f"{rec.accuracy:.4f}")
             bar.refresh()
 
-        model = run_to_end(train_cnn(ds, epochs=args.epochs, seed=args.seed, cancelled=_stop_on_signals()), show)
+        model = run_to_end(train_cnn(ds, epochs=args.epochs, seed=args.seed, cancelled=_StopOnSignals()), show)
     if model is None:
         print("rdc: stopped; nothing written (the CNN trains in a minute or two: re-run it whole)", file=sys.stderr)
         return 130
@@ -611,13 +619,13 @@ def _load_image_tensor(path: str, cfg) -> torch.Tensor:
 def cmd_purify(args: argparse.Namespace) -> int:
     from .defense import build_maximizer
     from .images import save_png_atomic
-    from .runtime import OperationCancelled, cancellation_scope, time_left_text
+    from .runtime import time_left_text
 
     _setup_threads(args)
     model, clf = _load(args)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
     lm = build_maximizer(model, _purify_settings(model, args))
-    stop_requested = _stop_on_signals()
+    stop = _StopOnSignals()
     steps = []
 
     def show(r) -> None:  # text output: each step as it is made
@@ -635,14 +643,11 @@ def cmd_purify(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     final = None
-    try:
-        with cancellation_scope(stop_requested):  # stops inside a step's network passes too
-            for final in lm.run(x, classifier=clf, cancelled=stop_requested):
-                show(final)
-    except OperationCancelled:
-        pass
+    with stop.scope():  # stops inside a step's network passes too
+        for final in lm.run(x, classifier=clf, cancelled=stop):
+            show(final)
     seconds = time.perf_counter() - t0
-    if stop_requested() and len(steps) <= lm.settings.steps:  # not every step ran
+    if stop() and len(steps) <= lm.settings.steps:  # not every step ran
         done = max(0, len(steps) - 1)  # step 0 is the input itself
         print(f"rdc: stopped after {done} of {lm.settings.steps} steps; nothing written", file=sys.stderr)
         return 130
@@ -747,7 +752,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
                   f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}" + (f"  {left}" if left else ""), file=sys.stderr)
 
     t0 = time.perf_counter()
-    result = run_to_end(attack(defense, x, y, settings, _stop_on_signals()), show)
+    result = run_to_end(attack(defense, x, y, settings, _StopOnSignals()), show)
     seconds = time.perf_counter() - t0
     if result is None:
         print(f"rdc: stopped after {iterations_run} iterations; nothing written", file=sys.stderr)
@@ -1045,7 +1050,7 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetNotFoundError, DeviceUnavailableError, UnconditionalModelError) as exc:  # engine errors that are the user's to fix
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 2
-    finally:  # a command's Ctrl-C handling (_stop_on_signals) ends with it (main may run in-process)
+    finally:  # a command's Ctrl-C handling (_StopOnSignals) ends with it (main may run in-process)
         for sig, handler in handlers.items():
             if handler is not None:
                 signal.signal(sig, handler)

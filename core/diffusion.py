@@ -112,6 +112,14 @@ class NoiseGrid:
         return float(self.weights.sum())
 
 
+def _check_grid(steps: int, sigma_min: float, sigma_max: float) -> None:
+    """Refuse a grid without levels or with an empty or non-positive sigma range."""
+    if steps < 1:
+        raise ValueError("steps must be >= 1")
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError("need 0 < sigma_min < sigma_max")
+
+
 def quantile_grid(
     steps: int, weighting: str = "edm", sigma_min: float = 0.002, sigma_max: float = 80.0,
     resolution: int = 20001,
@@ -130,10 +138,7 @@ def quantile_grid(
     sigma_min, sigma_max : float
         Integration range in x~ units.
     """
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError("need 0 < sigma_min < sigma_max")
+    _check_grid(steps, sigma_min, sigma_max)
     u = np.linspace(math.log(sigma_min), math.log(sigma_max), resolution)
     logw = log_weight_density(u, weighting)
     shift = logw.max()
@@ -173,10 +178,7 @@ def uniform_grid(steps: int, weighting: str = "edm", sigma_min: float = 1e-4, si
     sigma_min, sigma_max : float
         Integration range in x~ units.
     """
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError("need 0 < sigma_min < sigma_max")
+    _check_grid(steps, sigma_min, sigma_max)
     d = (sigma_max - sigma_min) / steps
     sigmas = sigma_min + d * np.arange(steps, dtype=np.float64)
     weights = weight_density(sigmas, weighting) * d
@@ -201,10 +203,7 @@ def log_grid(steps: int, weighting: str = "edm", sigma_min: float = 0.1, sigma_m
     sigma_min, sigma_max : float
         Integration range in x~ units.
     """
-    if steps < 1:
-        raise ValueError("steps must be >= 1")
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError("need 0 < sigma_min < sigma_max")
+    _check_grid(steps, sigma_min, sigma_max)
     d = (math.log(sigma_max) - math.log(sigma_min)) / steps
     log_sigmas = math.log(sigma_min) + d * (np.arange(steps, dtype=np.float64) + 0.5)
     weights = np.exp(log_weight_density(log_sigmas, weighting)) * d

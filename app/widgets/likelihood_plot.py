@@ -6,7 +6,7 @@ import pyqtgraph as pg
 from PySide6.QtWidgets import QWidget
 
 from .palette import class_pen
-from .plotting import add_cursor, cache_axes, set_x_extent, update_x_ticks
+from .plotting import add_cursor, cache_axes, place_cursor, set_x_extent, update_x_ticks
 
 
 class LikelihoodPlot(pg.PlotWidget):
@@ -111,11 +111,7 @@ class LikelihoodPlot(pg.PlotWidget):
 
     def set_cursor(self, x: float | None) -> None:
         """A vertical line at ``x`` (the replayed step); None hides it."""
-        if x is None:
-            self.cursor.hide()
-        else:
-            self.cursor.setValue(float(x))
-            self.cursor.show()
+        place_cursor(self.cursor, x)
 
     def _fit_y(self, low: float) -> None:
         """Keep the y range steady: change it only when the curves leave it or fill < half of it.

@@ -67,3 +67,12 @@ def add_cursor(plot: pg.PlotWidget) -> pg.InfiniteLine:
     line.hide()
     plot.addItem(line, ignoreBounds=True)
     return line
+
+
+def place_cursor(cursor: pg.InfiniteLine, x: float | None) -> None:
+    """Move a cursor of :func:`add_cursor` to step ``x``; None hides it."""
+    if x is None:
+        cursor.hide()
+    else:
+        cursor.setValue(float(x))
+        cursor.show()

@@ -7,7 +7,7 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QLabel, QWidget
 
 from .palette import class_colour
-from .plotting import add_cursor, cache_axes, set_x_extent, update_x_ticks
+from .plotting import add_cursor, cache_axes, place_cursor, set_x_extent, update_x_ticks
 
 COLOURS = [class_colour(0), class_colour(3), class_colour(2), class_colour(8)]
 
@@ -90,11 +90,7 @@ class StepPlot(pg.PlotWidget):
 
     def set_cursor(self, x: float | None) -> None:
         """A vertical line at ``x`` (the replayed step); None hides it."""
-        if x is None:
-            self.cursor.hide()
-        else:
-            self.cursor.setValue(float(x))
-            self.cursor.show()
+        place_cursor(self.cursor, x)
 
     def _fit_legend(self) -> None:
         """A legend below the plot takes one row only where the plot is wide enough: a wider

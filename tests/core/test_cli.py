@@ -678,3 +678,30 @@ def test_a_command_leaves_the_signal_handlers_as_it_found_them(tiny_checkpoint, 
                  "--levels", "2", "--model", str(tiny_checkpoint), "--device", "cpu", "--quiet",
                  "--out", str(tmp_path / "adv.png")]) == 0
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+
+
+def test_the_stop_scope_ends_its_block_on_its_own_stop_only():
+    """Ctrl-C's scope swallows the stop it asked for, never a cancellation of an enclosing scope."""
+    import signal
+
+    from rdc_studio.core.cli import _StopOnSignals
+    from rdc_studio.core.runtime import OperationCancelled, cancellation_scope, raise_if_cancelled
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = _StopOnSignals()
+        reached = []
+        with stop.scope():
+            raise_if_cancelled()  # nothing asked yet: runs on
+            reached.append("before")
+        with pytest.raises(OperationCancelled), cancellation_scope(lambda: True), stop.scope():
+            raise_if_cancelled(lambda: True)  # someone else's stop passes through
+        signal.raise_signal(signal.SIGINT)  # the first Ctrl-C asks; it does not interrupt
+        assert stop()
+        with stop.scope():
+            raise_if_cancelled()  # the network call's poll inside the scope sees it
+            reached.append("after")
+        assert reached == ["before"]
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
