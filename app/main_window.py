@@ -77,6 +77,7 @@ class MainWindow(QMainWindow):
         self._started_at = 0.0
         self._closing = False
         self._pending_device: str | None = None
+        self._preset_note = ""  # said again when the classification that a preset started ends
         self.runner = JobRunner(self)
         self.runner.steps_ready.connect(self._on_runner_steps_ready)
         self.runner.finished.connect(self._on_runner_finished)
@@ -113,9 +114,11 @@ class MainWindow(QMainWindow):
             self.preset_combo.addItem(name, name)
             self.preset_combo.setItemData(self.preset_combo.count() - 1, get_preset(name).description,
                                           Qt.ItemDataRole.ToolTipRole)
-        self.preset_combo.setToolTip("Named classifier and purification settings: the model card's, the RDC "
-                                     "paper's (paper), the released code's (paper-code) or paper with T = 16 "
-                                     "(fast). Choosing one sets T and the purification panel")
+        self.preset_combo.setToolTip("Named classifier and purification settings: the model card's (chosen "
+                                     "for the model), or the RDC paper's CIFAR-10 settings for EDM networks: "
+                                     "the paper's (paper), the released code's (paper-code) or paper with "
+                                     "T = 16 (fast). Choosing one sets T and the purification panel and "
+                                     "classifies again")
         self.preset_combo.currentIndexChanged.connect(self._on_preset_combo_current_index_changed)
         toolbar.addWidget(self.preset_combo)
         self.classify_button = QPushButton("Classify")
@@ -279,20 +282,21 @@ class MainWindow(QMainWindow):
         self._add_action(run_menu, "&Stop", QKeySequence("Esc"), self.stop)
         model_menu = self.menuBar().addMenu("&Model")
         for name in list_bundled_models():
-            self._add_action(model_menu, f"Bundled: {name}", None, lambda checked=False, n=name: self.load_model(n))
+            self._add_action(model_menu, f"Bundled: {name}", None, lambda n=name: self.load_model(n))
         model_menu.addSeparator()
         self._add_action(model_menu, "&Load checkpoint…", QKeySequence("Ctrl+L"), self.load_model_dialog)
         self._add_action(model_menu, "&Generate sample of class…", QKeySequence("Ctrl+G"), self.generate_sample_dialog)
         device_menu = self.menuBar().addMenu("&Device")
         for name in ("cpu", "cuda"):
-            action = self._add_action(device_menu, name.upper(), None, lambda checked=False, d=name: self.set_device(d))
+            action = self._add_action(device_menu, name.upper(), None, lambda d=name: self.set_device(d))
             action.setEnabled(name == "cpu" or torch.cuda.is_available())
 
     def _add_action(self, menu, text, shortcut, slot) -> QAction:
         action = QAction(text, self)
         if shortcut is not None:
             action.setShortcut(shortcut)
-        action.triggered.connect(slot)
+        # triggered(bool) would pass its `checked` flag as a slot's first argument (run_attack's image)
+        action.triggered.connect(lambda _checked=False: slot())
         menu.addAction(action)
         return action
 
@@ -330,6 +334,8 @@ class MainWindow(QMainWindow):
         browser.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         browser.show()
         self.dataset_browser = browser
+        if browser.source_indices[0] != 2:  # the model's test split, at once (Load shows another source)
+            browser.load(0, browser.root.text())
 
     def set_device(self, device: str) -> None:
         """Run later jobs on ``device``.
@@ -371,8 +377,9 @@ class MainWindow(QMainWindow):
 
     def _apply_model(self) -> None:
         self.setWindowTitle(f"RDC Studio — {self.model.name}")
-        self.state.set_classes(self.model.classes)
+        self.state.set_classes(self.model.classes)  # drops the old model's results: so do the views
         self.classify_tab.set_classes(self.model.classes)
+        self.attack_tab.set_classes(self.model.classes)
         self.purify_tab.set_classes(self.model.classes)
         self._load_samples()
         cfg = self.model.net.config
@@ -531,8 +538,10 @@ class MainWindow(QMainWindow):
         if self.image is None:
             raise SessionError("no image is open")
         results = self.state.results()
+        # the settings that made the result on show (T or the preset may have changed since)
+        classified = self.state.classification.settings if self.state.probabilities is not None else None
         return make_session(str(self.model.path), self.image, self.image_source,
-                            self._classifier().settings.to_dict(), self.attack_panel.settings().to_dict(),
+                            classified or self._classifier().settings.to_dict(), self.attack_panel.settings().to_dict(),
                             self.purify_panel.settings().to_dict(), results, self.device) | {
             "attack_gradient": self.attack_panel.grad.currentText(),
             "attack_binarize": self.attack_panel.binarize_threshold()}
@@ -603,6 +612,7 @@ class MainWindow(QMainWindow):
         self._on_job_stopped()
         self.model = model
         self._apply_model()
+        self._apply_preset_settings(self.preset)  # T and the purification: this model's card's
         if self.image is not None and self.image.shape[0] != model.net.config.in_channels:
             self.state.set_image(None)
         if self.image is not None:
@@ -625,6 +635,8 @@ class MainWindow(QMainWindow):
     def _start_job(self, kind: str, factory) -> None:
         if self._closing:
             return
+        if self._job_kind and self._job_kind != kind:  # the new job cuts the running one short: say so
+            self._show_stopped(self._job_kind)
         self._job_kind = kind
         self._started_at = time.perf_counter()
         self._timer.start()
@@ -654,11 +666,25 @@ class MainWindow(QMainWindow):
         if index != self.preset_combo.currentIndex():
             self.preset_combo.setCurrentIndex(index)  # comes back here through the signal
             return
+        self._apply_preset_settings(preset)
+        self._preset_note = ""
+        if preset:
+            note = ""
+            if self.model.card.get("dataset") != "cifar10":
+                note = (f" These are the paper's CIFAR-10 settings; {self.model.name}'s own, chosen on its "
+                        f"validation split, are its model card's.")
+            self._preset_note = f"Preset {preset}: {get_preset(preset).description}.{note}"
+            self.show_status(self._preset_note, 15000)
+        if self.image is not None and self._job_kind in ("", "classify"):  # the result on show: these settings'
+            self.classify()  # its status line repeats the note
+        else:
+            self._preset_note = ""
+
+    def _apply_preset_settings(self, preset: str | None) -> None:
+        """T and the purification panel from the model's card and ``preset``."""
         self.session_classifier = None
         self.steps_spin.setValue(classifier_settings(self.model, preset).steps)
         self.purify_panel.apply(purify_settings(self.model, preset).to_dict())
-        if preset:
-            self.show_status(f"Preset {preset}: {get_preset(preset).description}", 8000)
 
     def _classifier(self):
         overrides = dict(self.session_classifier or {})
@@ -674,7 +700,7 @@ class MainWindow(QMainWindow):
         steps = int(self.steps_spin.value())
         clf = self._classifier()
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
-        self.classify_tab.begin(steps)
+        self.classify_tab.begin(steps, clf.settings.to_dict())
         try:
             ood = OodScorer.for_model(self.model)
         except ValueError as exc:  # a malformed reference: classify without the score
@@ -735,6 +761,10 @@ class MainWindow(QMainWindow):
             self.show_status("Open, drop or paste an image first", 4000)
             return
         settings = self.purify_panel.settings()
+        if settings.steps == 0:
+            self.show_error("Nothing to purify", "Steps N is 0: the purification leaves the image as it is. "
+                            "Set at least 1 step (0 steps in an attack's defense means no purification).")
+            return
         clf = self._classifier()
         lm = build_maximizer(self.model, settings)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).unsqueeze(0).to(self.device)
@@ -754,11 +784,17 @@ class MainWindow(QMainWindow):
         if not self._job_kind:
             return
         self._job_ended()
-        view = self._views.get(self._job_kind)
-        if view is not None:
-            view.stopped()
+        self._show_stopped(self._job_kind)
         self._set_progress_format(f"stopped at %v / %m {self.progress.format().split('%m ', 1)[-1]}")
         self._job_kind = ""
+
+    def _show_stopped(self, kind: str) -> None:
+        """Tell the view of a job of ``kind`` that it ended early."""
+        view = self._views.get(kind)
+        if view is not None:
+            view.stopped()
+        elif kind == "sample":  # the sampler drew into the input view: show the input again
+            self._on_state_changed("image")
 
     @Slot(list)
     def _on_runner_steps_ready(self, records: list) -> None:
@@ -801,8 +837,10 @@ class MainWindow(QMainWindow):
             self.classify_tab.finish(result)
             probs = self.state.probabilities
             top = int(np.argmax(probs))
+            note, self._preset_note = self._preset_note, ""
             self.show_status(f"{self.image_source}: {self.model.classes[top]} ({probs[top]:.1%}) "
-                             f"in {time.perf_counter() - self._started_at:.2f} s", 10000)
+                             f"in {time.perf_counter() - self._started_at:.2f} s" + (f". {note}" if note else ""),
+                             15000 if note else 10000)
             self.classification_finished.emit(probs)
 
     @Slot(str)

@@ -28,6 +28,7 @@ class ClassificationResult:
     levels: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
     probabilities: np.ndarray | None = None  # set when every level is done
+    settings: dict | None = None  # the classifier settings that made it (ClassifierSettings.to_dict())
     ood: OodScore | None = None  # how typical the input is for the model (after the levels)
 
 
@@ -88,8 +89,8 @@ class SessionState:
         self._notify("image")
 
     # -- classification ---------------------------------------------------------------
-    def begin_classification(self) -> None:
-        self.classification = ClassificationResult()
+    def begin_classification(self, settings: dict | None = None) -> None:
+        self.classification = ClassificationResult(settings=settings)
         self._notify("classification")
 
     def add_classification(self, records: list[ClassifyStep]) -> None:

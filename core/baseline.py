@@ -14,9 +14,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .data import TensorDataset
-from .models import BUNDLED_DIR, CheckpointError, atomic_save_tensors, atomic_write_json
-
-CNN_FORMAT = "rdc-studio/cnn"
+from .models import BUNDLED_DIR, CNN_FORMAT, CheckpointError, atomic_save_tensors, atomic_write_json, is_cnn_card
 
 
 class SmallCNN(nn.Module):
@@ -109,10 +107,7 @@ def is_cnn_checkpoint(name_or_path: str | Path | None) -> bool:
     p = Path(name_or_path)
     if p.suffix not in (".safetensors", ".json") and not p.exists():
         p = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    try:
-        return json.loads(p.with_suffix(".json").read_text()).get("format") == CNN_FORMAT
-    except (OSError, json.JSONDecodeError, AttributeError):
-        return False
+    return is_cnn_card(p)
 
 
 def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device = "cpu") -> tuple[SmallCNN, dict]:

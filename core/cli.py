@@ -81,6 +81,20 @@ class _StopOnSignals:
                     raise
 
 
+def _check_output_is_not_input(out: str | None, image: str) -> None:
+    """Refuse ``--out`` naming the input image before any work is done."""
+    from .images import same_file
+
+    if out and same_file(out, image):
+        raise SystemExit(f"rdc: error: --out {out} is the input image; choose another file")
+
+
+def _check_class_index(option: str, value: int | None, classes: list[str]) -> None:
+    """Refuse a class index the model does not have."""
+    if value is not None and not 0 <= value < len(classes):
+        raise SystemExit(f"rdc: error: {option} {value} is not a class of this model (0..{len(classes) - 1})")
+
+
 def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
@@ -511,6 +525,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit("rdc: error: --out must be a .png file")
     if args.churn < 0:
         raise SystemExit("rdc: error: --churn must be >= 0 (0: deterministic sampling)")
+    if args.n < 1:
+        raise SystemExit("rdc: error: --n must be at least 1 (samples per class)")
     _setup_threads(args)
     try:
         model = load_checkpoint(args.model, device=resolve_device(args.device))
@@ -526,6 +542,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             labels = [int(args.label)]
         except ValueError:
             raise SystemExit(f"rdc: error: --label must be a class index, 'all' or 'uncond', not {args.label!r}") from None
+        _check_class_index("--label", labels[0], model.classes)
     out_dir = Path(args.out_dir) if args.out_dir else None
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -621,6 +638,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from .images import save_png_atomic
     from .runtime import time_left_text
 
+    _check_output_is_not_input(args.out, args.image)
     _setup_threads(args)
     model, clf = _load(args)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
@@ -720,8 +738,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .models import atomic_write_json
     from .runtime import time_left_text
 
+    _check_output_is_not_input(args.out, args.image)
     _setup_threads(args)
     model, clf = _load(args)
+    _check_class_index("--label", args.label, model.classes)
+    _check_class_index("--target", args.target, model.classes)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
     x = torch.round(x * 255) / 255  # attack the image as it is stored (8-bit)
     defense = _build_defense(args.defense, model, clf, args)

@@ -21,7 +21,12 @@ _MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-imag
 
 
 class DatasetNotFoundError(FileNotFoundError):
-    """A dataset's files are not where the data root says; the message is one line."""
+    """A dataset's files are not where the data root says; the message is one line (for the
+    command line); ``dataset`` and ``searched`` let a window phrase its own."""
+
+    def __init__(self, message: str, dataset: str = "", searched: tuple[Path, ...] = ()) -> None:
+        super().__init__(message)
+        self.dataset, self.searched = dataset, tuple(searched)
 
 
 def user_data_dir() -> Path:
@@ -59,10 +64,11 @@ def default_data_root() -> Path:
 
 
 def _missing(what: str, expected: str, data_root: str | Path | None) -> DatasetNotFoundError:
-    looked = ", ".join(str(c) for c in data_root_candidates(data_root))
+    searched = tuple(data_root_candidates(data_root))
+    looked = ", ".join(str(c) for c in searched)
     return DatasetNotFoundError(
         f"{what} not found (looked for {expected} under: {looked}); "
-        "set RDC_DATA_ROOT or pass --data-root to the folder that holds it")
+        "set RDC_DATA_ROOT or pass --data-root to the folder that holds it", what, searched)
 
 
 def default_cache_dir() -> Path:

@@ -303,7 +303,9 @@ def image_from_array(arr: Any) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(levels.transpose(1, 2, 0)), mode="RGB")
 
 
-def _same_file(a: Path, b: Path) -> bool:
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """Whether two paths name one file (also through links; False when either is missing)."""
+    a, b = Path(a), Path(b)
     if a.resolve() == b.resolve():
         return True
     try:
@@ -341,7 +343,7 @@ def save_png_atomic(arr: Any, path: str | os.PathLike, source: str | os.PathLike
         ``path`` is the same file as ``source``, or ``arr`` has the wrong shape.
     """
     path = Path(path)
-    if source is not None and _same_file(path, Path(source)):
+    if source is not None and same_file(path, Path(source)):
         raise ValueError(f"{path}: refusing to overwrite the input image")
     img = image_from_array(arr)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -22,6 +22,8 @@ from safetensors.torch import load_file, save_file
 from .nets import Denoiser, NetConfig, build_denoiser
 
 FORMAT = "rdc-studio/diffusion-classifier"
+CNN_FORMAT = "rdc-studio/cnn"
+"""The card format of a CNN baseline (:mod:`core.baseline`): not a diffusion model."""
 FORMAT_VERSION = 1
 
 
@@ -221,6 +223,9 @@ def _read_card(weights: Path) -> dict[str, Any]:
         if "rdc_card" not in meta:
             raise CheckpointError(f"{weights}: no model card (neither {side.name} nor embedded metadata)")
         card = json.loads(meta["rdc_card"])
+    if isinstance(card, dict) and card.get("format") == CNN_FORMAT:
+        raise CheckpointError(f"{weights}: the CNN baseline (a discriminative classifier), not a diffusion model; "
+                              f"use it with rdc classify --model or as an attack's --cnn")
     if not isinstance(card, dict) or card.get("format") != FORMAT:
         raise CheckpointError(f"{weights}: model card does not declare format {FORMAT!r}")
     for key in ("net", "classes"):
@@ -345,6 +350,18 @@ def list_model_names(folder: str | Path) -> list[str]:
     return [stem for stem in stems if stem not in purifiers]
 
 
-def list_bundled_models() -> list[str]:
-    """Names of the models shipped in ``resources/models`` (a pair counts once)."""
-    return list_model_names(BUNDLED_DIR)
+def is_cnn_card(weights: str | Path) -> bool:
+    """Whether the card beside ``weights`` is a CNN baseline's (:mod:`core.baseline`)."""
+    try:
+        return json.loads(Path(weights).with_suffix(".json").read_text()).get("format") == CNN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def list_bundled_models(diffusion_only: bool = True) -> list[str]:
+    """Names of the diffusion models shipped in ``resources/models`` (a pair counts once);
+    ``diffusion_only=False`` adds the CNN baselines."""
+    names = list_model_names(BUNDLED_DIR)
+    if diffusion_only:
+        names = [n for n in names if not is_cnn_card(BUNDLED_DIR / f"{n}.safetensors")]
+    return names

@@ -70,9 +70,9 @@ def sample(net: Denoiser, label: int | None, n: int = 1, steps: int = 18, seed: 
     Yields one record per step; the last record's ``image`` is the sample in [0, 1].
     """
     cfg = net.config
-    head = cfg.num_classes if label is None else int(label)
-    if not 0 <= head <= cfg.num_classes:
+    if label is not None and not 0 <= int(label) < cfg.num_classes:  # index num_classes is the null label
         raise ValueError(f"label must be in 0..{cfg.num_classes - 1} or None")
+    head = cfg.num_classes if label is None else int(label)
     if churn < 0 or not 0 <= churn_range[0] <= churn_range[1]:
         raise ValueError("need churn >= 0 and 0 <= churn_range[0] <= churn_range[1]")
     gamma = churn_gamma(churn, steps)

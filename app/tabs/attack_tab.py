@@ -92,6 +92,20 @@ class AttackTab(QWidget):
         layout.setContentsMargins(2, 2, 2, 2)
         layout.addWidget(self.panel)
         layout.addWidget(split, 1)
+        self.reset()
+
+    def set_classes(self, classes: list[str]) -> None:
+        """Another model: its classes as targets, and no result of the old one on show."""
+        self.panel.set_classes(classes)
+        self.reset()
+
+    def reset(self) -> None:
+        """Show no attack (the state holds none)."""
+        for v in self.views:
+            v.set_image(None)
+        self.view_perturbation.set_perturbation(None)
+        self.plot.reset()
+        self.purify_button.setEnabled(False)
         self._set_verdict("Run an attack to see the verdict", NEUTRAL)
 
     def _set_verdict(self, text: str, colour: str) -> None:

@@ -14,6 +14,9 @@ from ..widgets.ood_label import OodLabel
 from ..widgets.probability_bars import ProbabilityBars
 
 
+CLASSIFYING = "Classifying…"
+
+
 class ClassifyTab(QSplitter):
     """Shows a classification as it converges; writes its records into the session state."""
 
@@ -41,9 +44,11 @@ class ClassifyTab(QSplitter):
         self.bars.set_classes(classes)
         self.curves.set_classes(classes)
 
-    def begin(self, levels: int) -> None:
-        self.state.begin_classification()
+    def begin(self, levels: int, settings: dict | None = None) -> None:
+        """A new classification of ``levels`` noise levels with classifier ``settings``."""
+        self.state.begin_classification(settings)
         self.curves.reset(x_extent=levels)
+        self.bars.set_probabilities(None, text=CLASSIFYING)  # never the last image's verdict
         self.ood.clear_score()
 
     def show_records(self, records: list[ClassifyStep | OodScore]) -> int:
@@ -70,3 +75,5 @@ class ClassifyTab(QSplitter):
         text = self.bars.verdict.text()
         if text.startswith("Leading"):
             self.bars.verdict.setText(f"Stopped. {text}")
+        elif text == CLASSIFYING:
+            self.bars.verdict.setText("Stopped before the first noise level")

@@ -20,6 +20,9 @@ OBJECTIVE_DRAW = "one draw"
 """The objective at each step's own noise draw (what the step descends), drawn faint."""
 
 
+PURIFIED_TITLE = "Purified image (live)"
+
+
 class PurifyTab(QWidget):
     """Shows a purification; ``attack_requested(image, label)`` asks the window to attack the result."""
 
@@ -31,7 +34,7 @@ class PurifyTab(QWidget):
         self.panel = PurifyPanel(defaults)
         self.panel.setMinimumWidth(200)
         self.panel.setMaximumWidth(270)
-        self.view = ImageView("Purified image (live)")
+        self.view = ImageView(PURIFIED_TITLE)
         self.curves = LikelihoodPlot(state.classes, x_label="likelihood-maximisation step", markers=True)
         self.objective_plot = StepPlot("step", "diffusion loss (objective)", [OBJECTIVE_ESTIMATE, OBJECTIVE_DRAW],
                                        faint=(OBJECTIVE_DRAW,), legend_below=True)
@@ -79,15 +82,19 @@ class PurifyTab(QWidget):
         return self.state.purification.records
 
     def set_classes(self, classes: list[str]) -> None:
+        """Another model: its classes on the curves, and no result of the old one on show."""
         self.curves.set_classes(classes)
+        self.curves.reset()
+        self.objective_plot.reset()
+        self.view.set_image(None)
+        self.view.title.setText(f"<b>{PURIFIED_TITLE}</b>")
+        self._enable_replay(False)
 
     def begin(self, source: str, steps: int) -> None:
         self.state.begin_purification(source)
         self.curves.reset(x_extent=steps)
         self.objective_plot.reset(x_extent=steps)
-        self.scrubber.setEnabled(False)
-        self.attack_button.setEnabled(False)
-        self.scrubber_label.setText("step –")
+        self._enable_replay(False)
         self.view.title.setText(f"<b>Purifying: {source}</b>")
 
     def show_records(self, records: list[PurifyStep]) -> int:
@@ -103,20 +110,30 @@ class PurifyTab(QWidget):
         self._show_record(records[-1])
         return steps[-1]
 
+    def _enable_replay(self, enabled: bool) -> None:
+        self.scrubber.setEnabled(enabled)
+        self.attack_button.setEnabled(enabled)
+        if not enabled:
+            self.scrubber_label.setText("step –")
+
     def finish(self, records: list[PurifyStep]) -> None:
         self.state.finish_purification()
+        self.view.title.setText(f"<b>Purified: {self.state.purification.source}</b>")
         if self.records:
             self.scrubber.blockSignals(True)
             self.scrubber.setRange(0, len(self.records) - 1)
             self.scrubber.setValue(len(self.records) - 1)
             self.scrubber.blockSignals(False)
-            self.scrubber.setEnabled(True)
-            self.attack_button.setEnabled(True)
+            self._enable_replay(True)
             self._on_scrubber_value_changed(len(self.records) - 1)
 
     def stopped(self) -> None:
         done = self.records[-1].step if self.records else 0
-        self.view.caption.setText(f"Stopped after step {done}.")
+        self.view.title.setText(f"<b>Stopped: {self.state.purification.source}</b>")
+        if self.records:
+            self.view.caption.setText(f"Stopped after step {done}.")
+        else:  # nothing of this run to show: not the last run's image either
+            self.view.set_image(None, "Stopped before the first step.")
 
     def _show_record(self, record: PurifyStep) -> None:
         probs = np.exp(record.logits[0] - record.logits[0].max())

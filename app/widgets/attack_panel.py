@@ -80,6 +80,14 @@ class AttackPanel(RunStopPanel):
         self.steps.setToolTip("Iterations (Square: queries; threshold flip: search iterations)")
         self._on_method_changed(self.method.currentText())
 
+    def set_classes(self, classes: list[str]) -> None:
+        """Offer another model's classes as targets (the chosen one stays if it still exists)."""
+        index = self.target.currentIndex()
+        self.target.clear()
+        self.target.addItem("runner-up (auto)")
+        self.target.addItems(classes)
+        self.target.setCurrentIndex(index if index <= len(classes) else 0)
+
     def _on_method_changed(self, text: str) -> None:
         """Enable what the method uses: the flip attack is l-inf only, Square takes no gradient."""
         method, loss = METHODS[text]

@@ -12,7 +12,7 @@ from PySide6.QtCore import Signal
 from PySide6.QtWidgets import (QComboBox, QDialog, QFileDialog, QHBoxLayout, QLabel, QLineEdit, QPushButton,
                                QSpinBox, QVBoxLayout, QWidget)
 
-from ...core.data import TensorDataset, default_data_root, load_dataset
+from ...core.data import DatasetNotFoundError, TensorDataset, default_data_root, load_dataset
 from ...core.images import ImageLoadError, convert_image, image_from_array, load_for_model
 
 from ..worker import JobRunner
@@ -85,6 +85,7 @@ class DatasetBrowser(QDialog):
         layout.addWidget(self.gallery, 1)
         layout.addLayout(bottom)
         self._dataset_name = dataset_name
+        self.info.setText("Choose a source and press Load")
 
     def _on_browse_clicked(self) -> None:
         folder = QFileDialog.getExistingDirectory(self, "Data root or image folder", self.root.text())
@@ -104,6 +105,10 @@ class DatasetBrowser(QDialog):
         def job(_cancelled):
             try:
                 return load_source(name, source_index, root)
+            except DatasetNotFoundError as exc:  # its message advises the command line
+                searched = ", ".join(str(p) for p in exc.searched) or root
+                return (f"{exc.dataset or name} is not under {searched}. Choose the folder that holds it "
+                        f"(Browse…) and press Load, or pick \u201cimage folder…\u201d.")
             except (OSError, ValueError) as exc:
                 return str(exc)
 

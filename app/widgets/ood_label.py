@@ -1,6 +1,8 @@
 """A small label: how typical the input is for the model (its out-of-distribution score)."""
 from __future__ import annotations
 
+import math
+
 from PySide6.QtWidgets import QLabel, QWidget
 
 from ...core.ood import OodScore
@@ -8,6 +10,16 @@ from ...core.ood import OodScore
 PLAIN_STYLE = "color: #555555; padding: 2px 6px;"
 WARNING_STYLE = ("color: #7a1f00; background: #ffe2cc; border: 1px solid #d65f28; border-radius: 3px; "
                  "padding: 2px 6px; font-weight: bold;")
+
+
+def percentile_text(percentile: float) -> str:
+    """A percentile for the label: whole numbers in the middle, one decimal in the tails,
+    rounded towards 50 so that an unflagged input never reads as past a warning line
+    (99.95 is not "100", 0.04 not "0")."""
+    if 1 <= percentile <= 99:
+        return f"{percentile:.0f}"
+    tenths = math.floor(percentile * 10) if percentile > 50 else math.ceil(percentile * 10)
+    return f"{tenths / 10:.1f}"
 
 
 class OodLabel(QLabel):
@@ -42,7 +54,7 @@ class OodLabel(QLabel):
             self.setText(f"⚠ Out of distribution: {bpd}, percentile {score.percentile:.1f} of validation")
             self.setToolTip(f"The prediction may mean little: {score.warning}.")
         else:
-            self.setText(f"In distribution: {bpd}, percentile {score.percentile:.0f} of validation")
+            self.setText(f"In distribution: {bpd}, percentile {percentile_text(score.percentile)} of validation")
             self.setToolTip("How likely the diffusion model finds the input (an upper bound on -log2 p per "
                             "pixel), placed among the model's validation images.")
         self.setStyleSheet(WARNING_STYLE if self.warning else PLAIN_STYLE)

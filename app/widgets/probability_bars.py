@@ -102,11 +102,14 @@ class ProbabilityBars(QWidget):
             label.setText(value_label(float(self.heights[k])) if show_labels else "")
             label.setPos(k, float(tops[k]) + (0.05 if self.log else 0.0))
 
-    def set_probabilities(self, probabilities: np.ndarray | None, final: bool = True) -> None:
+    def set_probabilities(self, probabilities: np.ndarray | None, final: bool = True,
+                          text: str = "Drop an image to classify it") -> None:
+        """Draw ``probabilities`` (a running estimate unless ``final``); None: empty bars
+        under ``text``."""
         if probabilities is None:
             self.heights = np.zeros(len(self.classes))
             self._draw([BAR_COLOUR] * len(self.classes), show_labels=False)
-            self.verdict.setText("Drop an image to classify it")
+            self.verdict.setText(text)
             return
         self.heights = np.asarray(probabilities, dtype=float).copy()
         top = int(np.argmax(self.heights))

@@ -49,6 +49,15 @@ def drop(window, path):
     window.dropEvent(event)
 
 
+def _classified_with_small_budgets(qtbot, window, digit_png, attack_steps: int = 2) -> None:
+    """Open and classify the digit, then make T, the attack and the purification cheap."""
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.steps_spin.setValue(2)
+    window.attack_panel.steps.setValue(attack_steps)
+    window.purify_panel.steps.setValue(1)
+
+
 def test_drop_classifies_and_bars_match_engine(qtbot, window, digit_png, tiny_checkpoint):
     with qtbot.waitSignal(window.classification_finished, timeout=30000) as blocker:
         drop(window, digit_png)
@@ -155,11 +164,7 @@ def test_screenshot_bad_model_exits_2(tmp_path, qapp, capsys):
 
 
 def test_attack_run_shows_adversarial_and_verdict(qtbot, window, digit_png):
-    with qtbot.waitSignal(window.classification_finished, timeout=30000):
-        window.open_path(str(digit_png))
-    window.steps_spin.setValue(2)
-    window.attack_panel.steps.setValue(3)
-    window.purify_panel.steps.setValue(1)
+    _classified_with_small_budgets(qtbot, window, digit_png, attack_steps=3)
     with qtbot.waitSignal(window.attack_finished, timeout=60000):
         window.run_attack()
     out = window.last_outcome
@@ -578,3 +583,115 @@ def test_the_status_bar_says_how_long_a_running_job_has_left(window):
         window._timer.stop()
     window._on_timer_timeout()  # the job over: the elapsed time only
     assert window.elapsed_label.text().endswith(" s") and "left" not in window.elapsed_label.text()
+
+
+def _menu_action(window, menu_title: str, text: str):
+    menu = next(a.menu() for a in window.menuBar().actions() if a.text() == menu_title)
+    return next(a for a in menu.actions() if a.text() == text)
+
+
+def test_run_menu_starts_an_attack_and_a_purification_of_the_input(qtbot, window, digit_png):
+    """Run ▸ Attack (Ctrl+T) and Run ▸ Purify (Ctrl+P) run on the input (triggered's
+    `checked` flag once arrived as the image)."""
+    _classified_with_small_budgets(qtbot, window, digit_png)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        _menu_action(window, "&Run", "&Attack").trigger()
+    assert window.last_outcome is not None and np.array_equal(window.last_outcome.clean[0], window.image)
+    with qtbot.waitSignal(window.purification_finished, timeout=60000):
+        _menu_action(window, "&Run", "&Purify").trigger()
+    assert np.array_equal(window.purify_records[0].image[0], window.image)
+    assert not window.errors
+    model_menu = next(a.menu() for a in window.menuBar().actions() if a.text() == "&Model")
+    bundled = [a.text().removeprefix("Bundled: ") for a in model_menu.actions() if a.text().startswith("Bundled")]
+    assert "mnist-embedding" in bundled and "mnist-cnn" not in bundled  # the CNN is no diffusion model
+
+
+def test_stopping_before_the_first_level_shows_no_old_verdict(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    assert window.bars.verdict.text().startswith("Predicted")
+    window.steps_spin.setValue(400)
+    window.set_image(np.zeros((1, 28, 28), np.float32), "blank")
+    assert window.bars.verdict.text() == "Classifying…" and window.bars.heights.sum() == 0
+    window.stop()  # before any record of the new image was drawn
+    assert window.bars.verdict.text() == "Stopped before the first noise level"
+    assert window.bars.heights.sum() == 0 and window.last_probabilities is None
+
+
+def test_a_job_cut_short_by_another_says_it_stopped(qtbot, window, digit_png):
+    _classified_with_small_budgets(qtbot, window, digit_png, attack_steps=500)
+    window.run_attack()
+    assert window.attack_verdict.text() == "Attacking…"
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.classify()  # cuts the attack short
+    assert window.attack_verdict.text().startswith("Stopped after")
+    window.purify_panel.steps.setValue(500)
+    window.run_purification()
+    window.steps_spin.setValue(400)
+    window.classify()
+    assert window.purify_view.title.text().startswith("<b>Stopped")
+    window.stop()
+
+
+def test_a_model_switch_clears_old_results_and_takes_the_new_cards_settings(qtbot, window, digit_png, tiny_net,
+                                                                            tmp_path):
+    from rdc_studio.core.models import save_checkpoint
+
+    other = save_checkpoint(tmp_path / "other" / "other.safetensors", tiny_net,
+                            {"name": "other", "dataset": "mnist", "classes": [f"c{i}" for i in range(10)],
+                             "classifier": {"steps": 7}, "purify": {"eta": 0.2, "steps": 3, "step_size": 0.05}})
+    _classified_with_small_budgets(qtbot, window, digit_png)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        window.run_attack()
+    assert window.attack_tab.purify_button.isEnabled() and window.view_adversarial.image is not None
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        assert window.load_model(str(other))
+    assert window.steps_spin.value() == 7
+    purify = window.purify_panel.settings()
+    assert (purify.eta, purify.steps, purify.step_size) == pytest.approx((0.2, 3, 0.05))
+    assert window.view_adversarial.image is None and window.view_original.image is None
+    assert not window.attack_tab.purify_button.isEnabled() and window.attack_verdict.text().startswith("Run an")
+    assert window.attack_panel.target.itemText(1) == "c0"
+    assert not window.scrubber.isEnabled() and window.purify_view.image is None
+
+
+def test_a_preset_classifies_again_and_a_session_keeps_the_settings_of_its_result(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    with qtbot.waitSignal(window.classification_finished, timeout=60000):
+        window.preset_combo.setCurrentIndex(window.preset_combo.findData("fast"))
+    session = window.session()
+    assert session["classifier"]["preset"] == "fast" and session["classifier"]["steps"] == 16
+    window.steps_spin.setValue(5)  # not classified with it yet: the session keeps the result's settings
+    assert window.session()["classifier"]["steps"] == 16
+    assert "CIFAR-10" in window.message_label.toolTip()
+
+
+def test_purifying_zero_steps_says_why_nothing_runs(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.purify_panel.steps.setValue(0)
+    window.run_purification()
+    assert window.errors and window.errors[-1][0] == "Nothing to purify" and not window.runner.busy
+
+
+def test_ood_percentiles_never_read_past_their_warning_lines():
+    from rdc_studio.app.widgets.ood_label import percentile_text
+    from rdc_studio.core.ood import WARN_HIGH, WARN_LOW
+
+    assert percentile_text(27.4) == "27" and percentile_text(99.0) == "99"
+    assert percentile_text(WARN_HIGH) == "99.9" and percentile_text(99.89) == "99.8"
+    assert percentile_text(WARN_LOW) == "0.1" and percentile_text(0.14) == "0.2"
+
+
+def test_dataset_browser_tells_a_window_user_where_to_point_it(qtbot, tmp_path, monkeypatch):
+    from rdc_studio.app.widgets.dataset_browser import DatasetBrowser
+
+    monkeypatch.delenv("RDC_DATA_ROOT", raising=False)
+    browser = DatasetBrowser("mnist", 28, 1)
+    qtbot.addWidget(browser)
+    assert "Load" in browser.info.text()
+    with qtbot.waitSignal(browser.failed, timeout=30000) as failed:
+        browser.load(0, str(tmp_path / "empty"))
+    message = failed.args[0]
+    assert "Browse…" in message and "--data-root" not in message and "RDC_DATA_ROOT" not in message

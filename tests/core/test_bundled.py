@@ -52,3 +52,8 @@ def test_default_settings_classify_test_digits(default_model):
         pred = clf(data.float_images(slice(0, 100))).argmax(1)
     accuracy = float((pred == data.labels[:100]).float().mean())
     assert accuracy >= default_model.card["metrics"]["test"]["accuracy"] - 0.05
+
+
+def test_bundled_models_are_the_diffusion_models_unless_asked_for_all():
+    assert "mnist-cnn" not in list_bundled_models()  # the app's Model menu: diffusion models only
+    assert {"mnist-cnn", DEFAULT_MODEL} <= set(list_bundled_models(diffusion_only=False))

@@ -705,3 +705,27 @@ def test_the_stop_scope_ends_its_block_on_its_own_stop_only():
     finally:
         signal.signal(signal.SIGINT, before[0])
         signal.signal(signal.SIGTERM, before[1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["purify", "{img}", "--out", "{img}"], "is the input image"),
+    (["attack", "{img}", "--defense", "dc", "--steps", "1", "--out", "{img}"], "is the input image"),
+    (["attack", "{img}", "--defense", "dc", "--steps", "1", "--label", "11"], "--label 11 is not a class"),
+    (["attack", "{img}", "--defense", "dc", "--attack", "apgd-t", "--steps", "1", "--target", "-1"],
+     "--target -1 is not a class"),
+    (["sample", "--label", "3", "--n", "0", "--out", "{tmp}/s.png"], "--n must be at least 1"),
+    (["sample", "--label", "10", "--out", "{tmp}/s.png"], r"--label 10 is not a class of this model \(0..9\)"),
+    (["sample", "--label", "-1", "--out", "{tmp}/s.png"], "--label -1 is not a class"),
+])
+def test_mistakes_are_refused_with_a_message_before_any_work(tiny_checkpoint, digit_png, tmp_path, argv, message):
+    """Refused up front (before, a whole attack ran and then ended in a traceback)."""
+    argv = [a.format(img=digit_png, tmp=tmp_path) for a in argv]
+    before = digit_png.read_bytes()
+    with pytest.raises(SystemExit, match=message):
+        main(argv + ["--model", str(tiny_checkpoint), "--device", "cpu"])
+    assert digit_png.read_bytes() == before and not (tmp_path / "s.png").exists()
+
+
+def test_the_cnn_baseline_given_as_a_diffusion_model_is_named_as_such(capsys):
+    with pytest.raises(SystemExit, match="the CNN baseline .*not a diffusion model"):
+        main(["sample", "--model", "mnist-cnn", "--label", "3", "--out", "unused.png"])

@@ -24,9 +24,11 @@ def test_sampler_records_and_determinism(tiny_net):
     assert len(list(sample(tiny_net, None, n=1, steps=3))) == 3
 
 
-def test_sampler_rejects_bad_label(tiny_net):
-    with pytest.raises(ValueError):
-        list(sample(tiny_net, 11))
+@pytest.mark.parametrize("label", [11, 10, -1])  # 10 = K is the null label's index: not a class
+def test_sampler_rejects_bad_label(tiny_net, label):
+    assert tiny_net.config.num_classes == 10
+    with pytest.raises(ValueError, match="0..9"):
+        list(sample(tiny_net, label))
 
 
 def test_sample_file_names_round_trip():
