@@ -99,6 +99,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from rdc_studio.core.cli import whole_number
 from rdc_studio.core.defense import parse_fraction
 from rdc_studio.core.evaluate import (example_rows, format_indices, parse_indices, read_state_file, with_follow_up,
                                       worst_case_report)
@@ -1574,9 +1575,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "RDC row of robustness.json needs all three rdc-* rows of its threat model. The optional "
                    "binary-dc rows (the DC behind input binarisation at 0.5, rdc eval --binarize) only by a "
                    "pattern that begins with binary-dc, e.g. 'binary-dc-linf-0.3'")
-    p.add_argument("--n-cnn", type=int, default=1000, help="test images of the CNN rows")
-    p.add_argument("--n-dc", type=int, default=200, help="test images of the DC rows")
-    p.add_argument("--n-rdc", type=int, default=100, help="test images of the RDC rows (exact, smooth and BPDA)")
+    p.add_argument("--n-cnn", type=whole_number(1), default=1000, help="test images of the CNN rows")
+    p.add_argument("--n-dc", type=whole_number(1), default=200, help="test images of the DC rows")
+    p.add_argument("--n-rdc", type=whole_number(1), default=100, help="test images of the RDC rows (exact, smooth and BPDA)")
     p.add_argument("--n-row", default="", help="comma-separated PATTERN=N: n for the rows whose key matches the "
                    "shell pattern, over --n-cnn/--n-dc/--n-rdc (later pairs win), e.g. 'rdc-*-linf-0.3=50'")
     p.add_argument("--budget", choices=BUDGETS, default="full",
@@ -1588,10 +1589,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--targets", type=int, default=None, help="APGD-T target classes (default: the --budget's)")
     p.add_argument("--levels", type=int, default=None, help="classifier noise levels T (default: the model card's)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--batch-size", type=whole_number(1), default=50)
     p.add_argument("--device", default="auto")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
-    p.add_argument("--jobs", type=int, default=1,
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--jobs", type=whole_number(1), default=1,
                    help="evaluations run at once, each an rdc eval subprocess (e.g. several on one GPU)")
     p.add_argument("--data-root", default=None)
     p.add_argument("--follow-up", nargs="?", const="", default=None, metavar="STEPS/TARGETS/QUERIES,...",
@@ -1602,16 +1603,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "APGD-CE alone; flip/STEPS[xSTARTS]: the threshold-flip attack, binary-dc rows only); the row "
                         "then counts "
                         "an example robust only if every run left it robust")
-    p.add_argument("--follow-up-steps", type=int, default=100, help="APGD iterations of a one-stage follow-up")
-    p.add_argument("--follow-up-targets", type=int, default=9, help="APGD-T target classes of a one-stage follow-up")
-    p.add_argument("--follow-up-square-queries", type=int, default=5000,
+    p.add_argument("--follow-up-steps", type=whole_number(1), default=100, help="APGD iterations of a one-stage follow-up")
+    p.add_argument("--follow-up-targets", type=whole_number(1), default=9, help="APGD-T target classes of a one-stage follow-up")
+    p.add_argument("--follow-up-square-queries", type=whole_number(1), default=5000,
                    help="Square queries of a one-stage follow-up")
     p.add_argument("--checks", action=argparse.BooleanOptionalAction, default=True,
                    help="run the gradient-masking checks")
     p.add_argument("--check-rows", default="*", help="shell patterns: the rows (of --rows) that get the checks")
-    p.add_argument("--check-n", type=int, default=50, help="test images of each check evaluation")
-    p.add_argument("--check-steps", type=int, default=None, help="APGD iterations of the checks (default: --steps)")
-    p.add_argument("--check-square-queries", type=int, default=None,
+    p.add_argument("--check-n", type=whole_number(1), default=50, help="test images of each check evaluation")
+    p.add_argument("--check-steps", type=whole_number(1), default=None, help="APGD iterations of the checks (default: --steps)")
+    p.add_argument("--check-square-queries", type=whole_number(1), default=None,
                    help="Square queries of check (c) (default: the --budget's)")
     p.add_argument("--sweep-linf", default="0.1,0.2,0.3", help="l-inf eps sweep of check (b)")
     p.add_argument("--sweep-l2", default="0.5,1,1.5", help="l2 eps sweep of check (b)")

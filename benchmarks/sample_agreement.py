@@ -106,7 +106,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="bundled name or checkpoint path of the diffusion model")
     parser.add_argument("--judge", default="mnist-cnn", help="CNN checkpoint that judges the samples")
-    parser.add_argument("--n", type=int, default=20, help="samples per class")
+    parser.add_argument("--n", type=cli.whole_number(1), default=20, help="samples per class")
     parser.add_argument("--sampler-steps", type=int, default=18, help="Heun sampler steps")
     parser.add_argument("--churn", type=float, default=0.0,
                         help="EDM's S_churn: stochastic sampling with this much fresh noise (0: deterministic)")

@@ -86,7 +86,8 @@ class ClassifierSettings:
         if self.screen_levels < 0 or self.keep_classes < 0:
             raise ValueError("screen_levels and keep_classes must be >= 0")
         if self.screen_levels > self.steps:
-            raise ValueError(f"screen_levels ({self.screen_levels}) exceeds the number of levels ({self.steps})")
+            raise ValueError(f"screen_levels ({self.screen_levels}) exceeds the number of levels ({self.steps}); "
+                             f"screen fewer levels (--screen-levels; 0 turns class elimination off)")
 
     @property
     def eliminates(self) -> bool:

@@ -11,12 +11,13 @@ import argparse
 import contextlib
 import importlib
 import json
+import math
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
                       GRIDS, OPTIMIZERS, PRESETS, SAMPLER_CHURN_RANGE, WEIGHTINGS)
@@ -89,6 +90,22 @@ def _check_output_is_not_input(out: str | None, image: str) -> None:
         raise SystemExit(f"rdc: error: --out {out} is the input image; choose another file")
 
 
+def _check_output_files(args: argparse.Namespace, *names: str) -> None:
+    """Refuse output options that name a folder, before any work is done."""
+    for name in names:
+        value = getattr(args, name, None)
+        if value and (Path(value).is_dir() or str(value).endswith(("/", "\\"))):
+            raise SystemExit(f"rdc: error: --{name.replace('_', '-')} {value} is a folder; give a file name")
+
+
+def _check_png_output(args: argparse.Namespace) -> None:
+    """``--out`` of a command that writes the image it makes: a PNG file, not the input."""
+    _check_output_files(args, "out")
+    if args.out and Path(args.out).suffix.lower() != ".png":
+        raise SystemExit(f"rdc: error: --out {args.out}: images are written as lossless PNG; name a .png file")
+    _check_output_is_not_input(args.out, args.image)
+
+
 def _check_class_index(option: str, value: int | None, classes: list[str]) -> None:
     """Refuse a class index the model does not have."""
     if value is not None and not 0 <= value < len(classes):
@@ -99,18 +116,23 @@ def _int_tuple(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(",") if v.strip())
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+def _train_setup(args: argparse.Namespace):
+    """``rdc train``'s network and training configs, data and starting model (``--init-from``).
 
+    Raises ValueError or CheckpointError for settings that cannot train.
+    """
     from .data import load_dataset
     from .nets import NetConfig
-    from .train import TrainConfig, train
+    from .train import TrainConfig
 
     if args.threads:
         torch.set_num_threads(args.threads)
     init_net, init_name = None, None
     if args.grow_blocks and not args.init_from:
         raise ValueError("--grow-blocks deepens a trained checkpoint: give it with --init-from")
+    if args.epochs == 0 and not args.init_from:
+        raise ValueError("--epochs 0 trains nothing; it only copies (or, with --grow-blocks, deepens) an "
+                         "--init-from checkpoint")
     if args.init_from:
         from .models import load_checkpoint
 
@@ -130,10 +152,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     channels = 1 if args.dataset == "mnist" else 3
     size = 28 if args.dataset == "mnist" else 32
     if init_net is None:
+        try:
+            channel_list, head_list = _int_tuple(args.channels), _int_tuple(args.head_channels)
+        except ValueError:
+            raise ValueError("--channels and --head-channels are comma-separated whole numbers, e.g. 32,64,96") from None
         net_cfg = NetConfig(
             architecture=args.arch, image_size=size, in_channels=channels, num_classes=len(ds.classes),
-            channels=_int_tuple(args.channels), blocks_per_level=args.blocks, emb_dim=args.emb_dim,
-            head_channels=_int_tuple(args.head_channels), dropout=args.dropout,
+            channels=channel_list, blocks_per_level=args.blocks, emb_dim=args.emb_dim,
+            head_channels=head_list, dropout=args.dropout,
         )
     train_cfg = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps, ema_decay=args.ema_decay,
@@ -143,8 +169,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         lr_schedule=args.lr_schedule,
         **{k: v for k, v in (("p_mean", args.p_mean), ("p_std", args.p_std)) if v is not None},
     )
+    return net_cfg, train_cfg, ds, init_net, init_name
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .data import default_data_root
+    from .models import CheckpointError
+    from .train import check_resume, train
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise SystemExit(f"rdc: error: --out {out} is a file; give a run directory (new, or one to resume)")
+    _check_output_files(args, "log")
+    try:
+        net_cfg, train_cfg, ds, init_net, init_name = _train_setup(args)
+        changed = check_resume(out, net_cfg, train_cfg, ds)
+    except (ValueError, CheckpointError) as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+    if changed:
+        print(f"rdc: note: resuming {out} with a changed schedule from its saved step ({'; '.join(changed)}); "
+              f"the card records the new settings", file=sys.stderr)
     stop = _StopOnSignals()  # finish the step, save state, exit
-    extra = {"training_command": _command_line(), "data": f"{args.dataset} {args.split} split (data root {args.data_root or 'RDC_DATA_ROOT'})"}
+    extra = {"training_command": _command_line(),
+             "data": f"{args.dataset} {args.split} split (data root {args.data_root or default_data_root()})"}
     bar = None
     for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=stop,
                      device=args.device, log_every=args.log_every, init_from=init_net, init_name=init_name):
@@ -161,7 +210,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.refresh()
         if args.log:
             with open(args.log, "a") as f:
-                f.write(json.dumps(rec.__dict__) + "\n")
+                record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON
+                          for k, v in rec.__dict__.items()}
+                f.write(json.dumps(record, allow_nan=False) + "\n")
     if bar is not None:
         bar.close()
     if stop():
@@ -195,6 +246,41 @@ def parse_fraction(text: str, flag: str = "") -> float:
         return parse(text)
     except ValueError as exc:
         raise SystemExit(f"rdc: error: {flag + ': ' if flag else ''}{exc}") from None
+
+
+def whole_number(minimum: int) -> Callable[[str], int]:
+    """argparse type: a whole number of at least ``minimum``."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+
+    return parse
+
+
+def finite_number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
+          high_open: bool = False) -> Callable[[str], float]:
+    """argparse type: a finite number in [low, high] (``low_open``/``high_open``: excluding
+    that end)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+        below = value <= low if low_open else value < low
+        above = value >= high if high_open else value > high
+        if not math.isfinite(value) or below or above:
+            left = "(" if low_open or low == -math.inf else "["
+            right = ")" if high_open or high == math.inf else "]"
+            raise argparse.ArgumentTypeError(f"must be a finite number in {left}{low:g}, {high:g}{right}, "
+                                             f"not {text}")
+        return value
+
+    return parse
 
 
 def _threshold(text: str) -> float:
@@ -235,43 +321,43 @@ def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) 
                         "paper-code (the released code, its bugs fixed) or fast (paper with T = 16); they "
                         "replace the model card's defaults, and the other options override single values "
                         "(default: the one the model card names, else none)")
-    p.add_argument("--levels", dest="dc_steps", type=int, default=None, metavar="T",
+    p.add_argument("--levels", dest="dc_steps", type=whole_number(1), default=None, metavar="T",
                    help="classifier noise levels T (default: the model card's)")
     if steps_alias:
-        p.add_argument("--steps", dest="dc_steps", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--steps", dest="dc_steps", type=whole_number(1), default=None, help=argparse.SUPPRESS)
     p.add_argument("--weighting", choices=WEIGHTINGS, default=None,
                    help="weights of the noise levels in the classifier's ELBO (default: the model card's)")
     p.add_argument("--grid", choices=GRIDS, default=None,
                    help="placement of the noise levels: quantile (equal-mass levels of the weighting), log "
                         "(equally spaced in ln sigma) or uniform (equally spaced in sigma) "
                         "(default: the model card's)")
-    p.add_argument("--sigma-min", type=float, default=None,
+    p.add_argument("--sigma-min", type=finite_number(0, low_open=True), default=None,
                    help="smallest classifier noise level (default: the model card's)")
-    p.add_argument("--sigma-max", type=float, default=None,
+    p.add_argument("--sigma-max", type=finite_number(0, low_open=True), default=None,
                    help="largest classifier noise level (default: the model card's)")
     p.add_argument("--mode", choices=CLASSIFIER_MODES, default=None,
                    help="deterministic: a frozen noise bank (same image, same logits); randomized: fresh noise "
                         "per call (default: the model card's)")
     p.add_argument("--noise-seed", type=int, default=None,
                    help="seed of the classifier's noise bank (default: the model card's)")
-    p.add_argument("--screen-levels", type=int, default=None,
+    p.add_argument("--screen-levels", type=whole_number(0), default=None,
                    help="progressive class elimination: levels spent on all classes before the leading "
                         "--keep-classes get the rest (default: the model card's; 0 = off)")
-    p.add_argument("--keep-classes", type=int, default=None,
+    p.add_argument("--keep-classes", type=whole_number(0), default=None,
                    help="classes kept after the screening levels (default: the model card's; 0 = all)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
 
 
 def _add_purify_args(p: argparse.ArgumentParser, aliases: bool = False) -> None:
     """The likelihood-maximisation options (``aliases``: also the old spellings of ``rdc purify``)."""
     p.add_argument("--eta", default=None,
                    help="purification l-inf radius in [0,1] units, e.g. 0.3 or 8/255 (default: the model card's)")
-    p.add_argument("--lm-steps", type=int, default=None, metavar="N",
+    p.add_argument("--lm-steps", type=whole_number(0), default=None, metavar="N",
                    help="purification (likelihood-maximisation) steps N (default: the model card's)")
     p.add_argument("--lm-step-size", default=None,
                    help="purification step size in [0,1] units (default: the model card's)")
     if aliases:
-        p.add_argument("--steps", dest="lm_steps", type=int, default=None, help=argparse.SUPPRESS)
+        p.add_argument("--steps", dest="lm_steps", type=whole_number(0), default=None, help=argparse.SUPPRESS)
         p.add_argument("--step-size", dest="lm_step_size", default=None, help=argparse.SUPPRESS)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="purification optimiser: sign steps or Adam (default: the model card's)")
@@ -318,12 +404,14 @@ def cmd_classify(args: argparse.Namespace) -> int:
         name, classes, settings = card["name"], list(card["classes"]), None
         image_size, channels = card["image_size"], card["in_channels"]
         scorer = None  # no likelihood model: no out-of-distribution score
+        calibratable = False
     else:
         model, classify = _load(args)
         device, name, classes = classify.device, model.name, model.classes
         settings = classify.settings.to_dict()
         image_size, channels = model.net.config.image_size, model.net.config.in_channels
         scorer = _ood_scorer(model)
+        calibratable = bool(model.card.get("dataset"))  # rdc ood-calibrate needs the card's dataset
     if args.binarize is not None:  # the likelihood (OOD) score stays that of the image as given
         from .defense import InputBinarization
 
@@ -364,7 +452,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
             raise_if_cancelled(stop)
             classify_image(path)
     stopped = stop() and len(results) < len(args.images)  # a stop after the last image stops nothing
-    if not args.json and scorer is not None and scorer.reference is None and not stopped:
+    if not args.json and scorer is not None and scorer.reference is None and not stopped and calibratable:
         print(f"note: no OOD reference for this model, so no out-of-distribution warnings (add one with "
               f"rdc ood-calibrate --model {args.model or name})")
     if args.json:  # what was classified, also when stopped ("stopped": true)
@@ -452,8 +540,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate import init_distributed, robust_log, run_evaluation
     from .models import atomic_write_bytes, atomic_write_json
 
+    _check_output_files(args, "out", "log", "state")
     _setup_threads(args)
     config = _eval_config(args)
+    if config.state and config.attack == "none":
+        print("rdc: warning: --state keeps attacked runs only; a clean evaluation runs whole", file=sys.stderr)
     if args.defense == "cnn":  # the diffusion model is not needed
         model, clf, purify = None, None, None
         device = resolve_device(args.device)
@@ -491,7 +582,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             bar.close()
     if report is None:
         if rank == 0:
-            kept = (f"the examples finished are in {config.state}; re-run the same command to resume" if config.state
+            kept = (f"the examples finished are in {config.state}; re-run the same command to resume"
+                    if config.state and config.attack != "none"
+                    else "nothing was kept" if config.attack == "none"
                     else "nothing was kept (give --state FILE to make a run resumable)")
             print(f"rdc: stopped; {kept}", file=sys.stderr)
         return 130
@@ -521,12 +614,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     if not args.out and not args.out_dir:
         raise SystemExit("rdc: error: give --out GRID.png, --out-dir DIR, or both")
+    _check_output_files(args, "out")
+    if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
+        raise SystemExit(f"rdc: error: --out-dir {args.out_dir} is a file; give a folder")
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise SystemExit("rdc: error: --out must be a .png file")
-    if args.churn < 0:
-        raise SystemExit("rdc: error: --churn must be >= 0 (0: deterministic sampling)")
-    if args.n < 1:
-        raise SystemExit("rdc: error: --n must be at least 1 (samples per class)")
     _setup_threads(args)
     try:
         model = load_checkpoint(args.model, device=resolve_device(args.device))
@@ -579,6 +671,9 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
     from .evaluate import hardware_description, wilson_interval
     from .runtime import run_to_end
 
+    _check_output_files(args, "out")
+    if Path(args.out).suffix not in ("", ".safetensors"):
+        raise SystemExit(f"rdc: error: --out {args.out}: the CNN is saved as NAME.safetensors (with NAME.json)")
     _setup_threads(args)
     ds = load_dataset(args.dataset, "train", args.data_root)
     t0 = time.perf_counter()
@@ -638,7 +733,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     from .images import save_png_atomic
     from .runtime import time_left_text
 
-    _check_output_is_not_input(args.out, args.image)
+    _check_png_output(args)
     _setup_threads(args)
     model, clf = _load(args)
     x = _load_image_tensor(args.image, model.net.config).to(clf.device)
@@ -684,6 +779,8 @@ def cmd_purify(args: argparse.Namespace) -> int:
 def cmd_worst_case(args: argparse.Namespace) -> int:
     from .evaluate import run_label, worst_case_log, worst_case_report
     from .models import atomic_write_json
+
+    _check_output_files(args, "out")
 
     def read(path: str) -> dict:
         try:
@@ -738,7 +835,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .models import atomic_write_json
     from .runtime import time_left_text
 
-    _check_output_is_not_input(args.out, args.image)
+    _check_png_output(args)
+    _check_output_files(args, "report")
+    method, loss = NAMED_ATTACKS[args.attack]
+    if args.target is not None and loss != "dlr-targeted":
+        raise SystemExit(f"rdc: error: --target applies to the targeted attack (apgd-t), not {args.attack}")
+    if args.target is not None and args.label is not None and args.target == args.label:
+        raise SystemExit("rdc: error: --target is the true class (--label): a targeted attack needs another class")
     _setup_threads(args)
     model, clf = _load(args)
     _check_class_index("--label", args.label, model.classes)
@@ -750,7 +853,6 @@ def cmd_attack(args: argparse.Namespace) -> int:
     with torch.no_grad():
         clean_logits = defense(x)
     label = int(clean_logits.argmax(1)) if args.label is None else args.label
-    method, loss = NAMED_ATTACKS[args.attack]
     try:
         settings = AttackSettings(method=method, loss=loss, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
                                   steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed,
@@ -841,13 +943,13 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     """The threat model and budget options shared by ``rdc attack`` and ``rdc eval``."""
     p.add_argument("--norm", choices=NORMS, default="linf", help="threat model: l-inf or l2 ball")
     p.add_argument("--eps", default="0.3", help="attack radius in [0,1] units, e.g. 0.3 or 8/255")
-    p.add_argument("--steps", type=int, default=100,
-                   help="attack iterations (APGD, PGD; Square: queries unless --square-queries)")
-    p.add_argument("--restarts", type=int, default=1, help="attack restarts (random starts)")
-    p.add_argument("--eot", type=int, default=1,
+    p.add_argument("--steps", type=whole_number(1), default=100,
+                   help="attack iterations (APGD, PGD; Square: queries, unless rdc eval's --square-queries)")
+    p.add_argument("--restarts", type=whole_number(1), default=1, help="attack restarts (random starts)")
+    p.add_argument("--eot", type=whole_number(1), default=1,
                    help="expectation over transformation: gradient (Square: query) draws averaged per step")
     p.add_argument("--seed", type=int, default=0, help="attack seed (random starts, Square's squares)")
-    p.add_argument("--p-init", type=float, default=0.8, help="Square: initial fraction of pixels per square")
+    p.add_argument("--p-init", type=finite_number(0, 1, low_open=True), default=0.8, help="Square: initial fraction of pixels per square")
     p.add_argument("--grad", choices=GRAD_MODES, default="auto", help=GRAD_HELP)
 
 
@@ -867,48 +969,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multihead: one shared trunk with a branch per class; embedding: a class-embedding UNet")
     p.add_argument("--channels", default="32,64,128", help="UNet channels per resolution, comma-separated")
     p.add_argument("--head-channels", default="16,8", help="multi-head: per-class branch widths (coarse to fine)")
-    p.add_argument("--blocks", type=int, default=1, help="residual blocks per resolution")
-    p.add_argument("--emb-dim", type=int, default=128, help="width of the noise-level (and class) embedding")
-    p.add_argument("--dropout", type=float, default=0.0, help="dropout rate in the residual blocks")
-    p.add_argument("--epochs", type=float, default=10.0, help="passes over the training data (may be fractional)")
-    p.add_argument("--batch-size", type=int, default=128, help="training batch size")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (Adam)")
-    p.add_argument("--ema-decay", type=float, default=0.999, help="decay of the weights' exponential moving average")
-    p.add_argument("--warmup-steps", type=int, default=500, help="linear learning-rate warm-up")
+    p.add_argument("--blocks", type=whole_number(1), default=1, help="residual blocks per resolution")
+    p.add_argument("--emb-dim", type=whole_number(1), default=128, help="width of the noise-level (and class) embedding")
+    p.add_argument("--dropout", type=finite_number(0, 1, high_open=True), default=0.0, help="dropout rate in the residual blocks")
+    p.add_argument("--epochs", type=finite_number(0), default=10.0, help="passes over the training data (may be fractional)")
+    p.add_argument("--batch-size", type=whole_number(1), default=128, help="training batch size")
+    p.add_argument("--lr", type=finite_number(0, low_open=True), default=1e-3, help="peak learning rate (Adam)")
+    p.add_argument("--ema-decay", type=finite_number(0, 1, high_open=True), default=0.999, help="decay of the weights' exponential moving average")
+    p.add_argument("--warmup-steps", type=whole_number(0), default=500, help="linear learning-rate warm-up")
     p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
                    help="after the warm-up: constant, or half a cosine down to 0 at the last step")
-    p.add_argument("--p-mean", type=float, default=None,
+    p.add_argument("--p-mean", type=finite_number(), default=None,
                    help="training noise levels: mean of ln sigma (default: EDM's -1.2; larger trains "
                         "the classifier's mid and high levels more)")
-    p.add_argument("--p-std", type=float, default=None,
+    p.add_argument("--p-std", type=finite_number(0, low_open=True), default=None,
                    help="training noise levels: std of ln sigma (default: EDM's 1.2)")
     precision = p.add_mutually_exclusive_group()
     precision.add_argument("--bf16", action="store_true",
                            help="bfloat16 autocast (fast on GPUs and CPUs with AMX/AVX512-BF16, slow elsewhere)")
     precision.add_argument("--fp32", action="store_true", help="float32 throughout (the default)")
-    p.add_argument("--ce-weight", type=float, default=0.0,
+    p.add_argument("--ce-weight", type=finite_number(0), default=0.0,
                    help="hybrid objective: weight of the cross-entropy of the classifier's own logits "
                         "(multi-head; 0 = purely generative)")
-    p.add_argument("--ce-sigma-min", type=float, default=0.1,
+    p.add_argument("--ce-sigma-min", type=finite_number(0, low_open=True), default=0.1,
                    help="hybrid objective: smallest noise level whose draws enter the cross-entropy term")
-    p.add_argument("--ce-sigma-max", type=float, default=10.0,
+    p.add_argument("--ce-sigma-max", type=finite_number(0, low_open=True), default=10.0,
                    help="hybrid objective: largest noise level whose draws enter the cross-entropy term")
     p.add_argument("--init-from", default=None, metavar="NAME|PATH",
                    help="fine-tune: start from this checkpoint's weights (its architecture replaces "
                         "--arch/--channels/--head-channels/--blocks/--emb-dim)")
-    p.add_argument("--grow-blocks", type=int, default=0, metavar="N",
+    p.add_argument("--grow-blocks", type=whole_number(0), default=0, metavar="N",
                    help="with --init-from: deepen the checkpoint to N residual blocks per resolution, "
                         "the added blocks starting as the identity (the grown network computes the same "
                         "function before training)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise draws")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--max-minutes", type=float, default=0.0,
+    p.add_argument("--max-minutes", type=finite_number(0), default=0.0,
                    help="stop after this wall time and write the model (0: no limit)")
-    p.add_argument("--checkpoint-minutes", type=float, default=5.0, help="minutes between resumable state saves")
-    p.add_argument("--log-every", type=int, default=50, help="steps between progress records")
+    p.add_argument("--checkpoint-minutes", type=finite_number(0, low_open=True), default=5.0, help="minutes between resumable state saves")
+    p.add_argument("--log-every", type=whole_number(1), default=50, help="steps between progress records")
     p.add_argument("--log", default=None, help="append JSON lines of step records here")
-    p.add_argument("--limit", type=int, default=0, help="train on the first N examples only (smoke runs; 0: all)")
+    p.add_argument("--limit", type=whole_number(0), default=0, help="train on the first N examples only (smoke runs; 0: all)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train-cnn", help="train the small discriminative CNN baseline")
@@ -916,9 +1018,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None,
                    help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors; a .json card is written beside)")
-    p.add_argument("--epochs", type=float, default=3.0, help="passes over the training data")
+    p.add_argument("--epochs", type=finite_number(0, low_open=True), default=3.0, help="passes over the training data")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
     p.set_defaults(func=cmd_train_cnn)
 
     p = sub.add_parser("classify", help="classify image files with the diffusion classifier (or the CNN baseline: --model mnist-cnn)")
@@ -933,13 +1035,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="bundled model name or checkpoint path (default: the bundled default)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
     p.add_argument("--label", default="all", help="class index, 'all' (one column per class) or 'uncond'")
-    p.add_argument("--n", type=int, default=4, help="samples per class")
-    p.add_argument("--sampler-steps", type=int, default=18, help="Heun steps of the EDM sampler")
-    p.add_argument("--churn", type=float, default=0.0,
+    p.add_argument("--n", type=whole_number(1), default=4, help="samples per class")
+    p.add_argument("--sampler-steps", type=whole_number(1), default=18, help="Heun steps of the EDM sampler")
+    p.add_argument("--churn", type=finite_number(0), default=0.0,
                    help="EDM's S_churn: add fresh noise at each step with sigma in [%g, %g] "
                         "(stochastic sampling; 0, the default: deterministic)" % SAMPLER_CHURN_RANGE)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (plus the class index)")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
     p.add_argument("--out", default=None, help="write all samples as one PNG grid (a column per class)")
     p.add_argument("--out-dir", default=None,
                    help="write one PNG per sample into this folder, named LABEL-INDEX.png (e.g. 3-007.png)")
@@ -958,7 +1060,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", choices=DEFENSES, default="rdc",
                    help="rdc: purification + diffusion classifier; dc: the classifier alone; cnn: the baseline")
     p.add_argument("--attack", choices=sorted(NAMED_ATTACKS), default="apgd-ce",
-                   help="apgd-ce, apgd-dlr, apgd-t (targeted DLR), pgd (cross-entropy) or square (gradient-free)")
+                   help="apgd-ce, apgd-dlr, apgd-t (targeted DLR), pgd (cross-entropy), square (gradient-free) or "
+                        "flip (the threshold-flip attack on a binarising defense: needs --binarize)")
     _add_attack_args(p)
     p.add_argument("--step-size", default=None, help="PGD step size in [0,1] units (default: 2.5 eps / steps; "
                                                      "APGD adapts its own)")
@@ -979,8 +1082,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="dataset split")
     picked = p.add_mutually_exclusive_group()
-    picked.add_argument("--n", "--num-examples", dest="n", type=int, default=None,
-                        help="first N examples (default: all); spell it --num-examples under torchrun")
+    picked.add_argument("--n", "--num-examples", dest="n", type=whole_number(0), default=None,
+                        help="first N examples (default or 0: all); spell it --num-examples under torchrun")
     picked.add_argument("--indices", default=None, metavar="LIST",
                         help="these examples instead of the first N, e.g. 1,13,28-35 (the survivors of an earlier "
                              "run, attacked again with a larger budget: each example's attack is seeded by its "
@@ -992,15 +1095,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "transfer attack from --cnn, each on the examples still unbroken (AutoAttack style); "
                         "transfer: the ensemble's transfer attack alone (APGD-CE crafted on --cnn); or one attack")
     _add_attack_args(p)
-    p.add_argument("--targets", type=int, default=9,
+    p.add_argument("--targets", type=whole_number(1), default=9,
                    help="ensemble: target classes of targeted APGD-DLR (the top runner-up classes)")
-    p.add_argument("--square-queries", type=int, default=None,
+    p.add_argument("--square-queries", type=whole_number(1), default=None,
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
     p.add_argument("--cnn", default="mnist-cnn",
                    help="CNN checkpoint: --defense cnn, and the ensemble's transfer source")
     _add_binarize_arg(p)
     _add_purify_args(p)
-    p.add_argument("--batch-size", type=int, default=50, help="examples per batch (results do not depend on it)")
+    p.add_argument("--batch-size", type=whole_number(1), default=50, help="examples per batch (results do not depend on it)")
     p.add_argument("--state", default=None, help="per-example results file: an interrupted run resumes from it")
     p.add_argument("--out", default=None, help="write the JSON report here (atomically)")
     p.add_argument("--log", "--log-file", dest="log", default=None,
@@ -1014,17 +1117,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=None, metavar="NAME|PATH",
                    help="bundled model name or checkpoint path whose JSON card is updated (default: the "
                         "bundled default)")
-    p.add_argument("--n", type=int, default=1000, help="validation images scored (0: the whole split)")
+    p.add_argument("--n", type=whole_number(0), default=1000, help="validation images scored (0: the whole split)")
     p.add_argument("--data-root", default=None,
                    help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
-    p.add_argument("--levels", type=int, default=None, metavar="L",
+    p.add_argument("--levels", type=whole_number(1), default=None, metavar="L",
                    help="noise levels of the score's quadrature, evenly spaced in log sigma (default: 16)")
-    p.add_argument("--sigma-min", type=float, default=None, help="smallest noise level of the score (default: 0.002)")
-    p.add_argument("--sigma-max", type=float, default=None, help="largest noise level of the score (default: 80)")
+    p.add_argument("--sigma-min", type=finite_number(0, low_open=True), default=None, help="smallest noise level of the score (default: 0.002)")
+    p.add_argument("--sigma-max", type=finite_number(0, low_open=True), default=None, help="largest noise level of the score (default: 80)")
     p.add_argument("--noise-seed", type=int, default=None, help="seed of the score's frozen noise bank (default: 0)")
-    p.add_argument("--batch-size", type=int, default=50, help="images per network pass (times L levels)")
+    p.add_argument("--batch-size", type=whole_number(1), default=50, help="images per network pass (times L levels)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
     p.set_defaults(func=cmd_ood_calibrate)
 
     p = sub.add_parser("worst-case", help="per-example worst case over several rdc eval reports of one model",
@@ -1068,6 +1171,9 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once (outputs are written atomically or not at all)
+        print("rdc: interrupted", file=sys.stderr)
+        return 130
     except (DatasetNotFoundError, DeviceUnavailableError, UnconditionalModelError) as exc:  # engine errors that are the user's to fix
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 2

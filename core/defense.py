@@ -9,6 +9,7 @@ engine errors that describe the problem; each front end words its own hint.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import TYPE_CHECKING
 
@@ -38,7 +39,12 @@ def resolve_device(name: str = "auto") -> str:
     """
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.split(":", 1)[0] == "cuda" and not torch.cuda.is_available():
+    kind = name.split(":", 1)[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise DeviceUnavailableError(f"unknown device {name!r} (auto, cpu, cuda or cuda:N)")
+    if kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise DeviceUnavailableError("the MPS device was requested but is not available")
+    if kind == "cuda" and not torch.cuda.is_available():
         raise DeviceUnavailableError("the CUDA device was requested but CUDA is not available "
                                      "(no GPU, or a CPU-only torch build)")
     return name
@@ -50,17 +56,21 @@ def parse_fraction(text: str | float) -> float:
     Raises
     ------
     ValueError
-        When ``text`` is neither a number nor a fraction of two numbers.
+        When ``text`` is neither a number nor a fraction of two numbers, or is not finite.
     """
-    if isinstance(text, (int, float)):
-        return float(text)
     try:
-        if "/" in text:
+        if isinstance(text, (int, float)):
+            value = float(text)
+        elif "/" in text:
             num, den = text.split("/", 1)
-            return float(num) / float(den)
-        return float(text)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
     except (ValueError, ZeroDivisionError):
         raise ValueError(f"not a number or a fraction such as 8/255: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value
 
 
 def setup_threads(threads: int = 0) -> int:

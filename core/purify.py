@@ -12,6 +12,7 @@ step), so the curve of a run shows what the optimisation actually achieves.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
@@ -66,8 +67,8 @@ class PurifySettings:
             raise ValueError(f"score must be one of {SCORES}")
         if self.mode not in ("deterministic", "randomized"):
             raise ValueError("mode must be 'deterministic' or 'randomized'")
-        if self.eta < 0 or self.steps < 0 or self.step_size < 0:
-            raise ValueError("eta, steps and step_size must be >= 0")
+        if not (0 <= self.eta < math.inf and 0 <= self.step_size < math.inf) or self.steps < 0:
+            raise ValueError("eta, steps and step_size must be finite and >= 0")
         if self.eta > 1 or self.step_size > 1:  # most likely grey levels meant as 8/255
             value = max(self.eta, self.step_size)
             raise ValueError(f"eta and step_size are l-inf distances in [0, 1] pixel units, not {value:g}; "

@@ -217,6 +217,47 @@ def _load_state(run_dir: Path, net, ema, opt, gen: torch.Generator) -> tuple[int
     return int(state["step"]), float(state["wall_seconds"])
 
 
+RESUME_FIXED = ("batch_size", "seed", "dataset", "split", "examples")
+"""What a resumed run must share with its state: a step's and an epoch's meaning and the data order."""
+RUN_CONTROL = ("threads", "checkpoint_minutes", "max_minutes")
+"""Training settings that do not change the result (how a run is executed)."""
+
+
+def check_resume(run_dir: str | Path, net_config: NetConfig, train_config: TrainConfig,
+                 dataset: TensorDataset) -> list[str]:
+    """Whether a run started in ``run_dir`` can resume with these settings, and what changes.
+
+    Returns ``name: old -> new`` texts of the optimisation settings a resumed run changes
+    (a new schedule from the saved step on; the card records the new ones); empty for a
+    new run.
+
+    Raises
+    ------
+    ValueError
+        When the network differs, or a setting that fixes the data and the batches
+        (:data:`RESUME_FIXED`; checked where the state records it).
+    """
+    state_file = Path(run_dir) / "state.json"
+    if not state_file.exists():
+        return []
+    prev = json.loads(state_file.read_text())
+    if prev.get("net") != json.loads(json.dumps(net_config.to_dict())):
+        raise ValueError(f"{run_dir}: existing run has a different network config; use a new --out")
+    old = dict(prev.get("train") or {}, dataset=prev.get("dataset"), split=prev.get("split"),
+               examples=prev.get("examples"))
+    new = dict(asdict(train_config), dataset=dataset.name, split=dataset.split, examples=len(dataset))
+    refused, changed = [], []
+    for key, value in new.items():
+        if key in RUN_CONTROL or old.get(key) is None or old[key] == value:
+            continue
+        (refused if key in RESUME_FIXED else changed).append(f"{key.replace('_', ' ')}: {old[key]} -> {value}")
+    if refused:
+        raise ValueError(f"{run_dir}: a resumed run keeps its data and batches, but these differ: "
+                         f"{'; '.join(refused)}; use the run's settings, or a new --out (with --init-from "
+                         f"to start from its model)")
+    return changed
+
+
 def train(
     dataset: TensorDataset,
     net_config: NetConfig,
@@ -231,7 +272,8 @@ def train(
 ) -> Iterator[TrainStep]:
     """Train a denoiser, yielding a :class:`TrainStep` every ``log_every`` steps.
 
-    Resumes from ``run_dir/state.*`` when present (same configs required). Writes a
+    Resumes from ``run_dir/state.*`` when present (the same network, data and batches
+    required: :func:`check_resume`; a changed schedule continues from the saved step). Writes a
     checkpoint every ``checkpoint_minutes`` and, at the end, the EMA weights in the
     bundled format as ``run_dir/model.safetensors`` + ``model.json``.
 
@@ -244,7 +286,8 @@ def train(
     cfg = train_config
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    meta = {"net": net_config.to_dict(), "train": asdict(cfg), "dataset": dataset.name, "split": dataset.split}
+    meta = {"net": net_config.to_dict(), "train": asdict(cfg), "dataset": dataset.name, "split": dataset.split,
+            "examples": len(dataset)}
     if init_from is not None:
         if json.loads(json.dumps(init_from.config.to_dict())) != json.loads(json.dumps(net_config.to_dict())):
             raise ValueError(f"--init-from {init_name or 'model'}: its network config "
@@ -263,9 +306,7 @@ def train(
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     step, wall = 0, 0.0
     if (run_dir / "state.json").exists():
-        prev = json.loads((run_dir / "state.json").read_text())
-        if prev.get("net") != json.loads(json.dumps(meta["net"])):
-            raise ValueError(f"{run_dir}: existing run has a different network config; use a new --out")
+        check_resume(run_dir, net_config, cfg, dataset)
         step, wall = _load_state(run_dir, net, ema, opt, gen)
     else:
         atomic_write_json(run_dir / "config.json", meta)

@@ -21,7 +21,7 @@ import time
 import torch
 
 from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, interleaved_order
-from rdc_studio.core.cli import resolve_device
+from rdc_studio.core.cli import resolve_device, whole_number
 from rdc_studio.core.data import load_dataset
 from rdc_studio.core.evaluate import hardware_description, wilson_interval
 from rdc_studio.core.models import atomic_write_json, load_checkpoint
@@ -47,11 +47,11 @@ def replay_elimination(err: torch.Tensor, weights: torch.Tensor, screen: int, ke
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", required=True, help="bundled name or checkpoint path")
     p.add_argument("--data-root", default=None, help="dataset root (default: RDC_DATA_ROOT, ...)")
-    p.add_argument("--split", default="val", help="split to choose on (never the test split)")
-    p.add_argument("--n", type=int, default=1000, help="images (the first n of the split)")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split to choose on (never the test split)")
+    p.add_argument("--n", type=whole_number(1), default=1000, help="images (the first n of the split)")
     p.add_argument("--levels", default="8,12,16", help="comma-separated numbers of noise levels T")
     p.add_argument("--weighting", default="edm", help="comma-separated weightings (edm, elbo)")
     p.add_argument("--sigma-min", default="0.1", help="comma-separated lower ends of the grid")

@@ -122,11 +122,11 @@ def weights_cross_validation(err: torch.Tensor, labels: torch.Tensor, sigmas: to
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "))
     p.add_argument("--model", default=None)
     p.add_argument("--dataset", default="mnist")
     p.add_argument("--data-root", default=None)
-    p.add_argument("--split", default="val")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="split to measure on (never the test split)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--levels", type=int, default=40)
     p.add_argument("--sigma-lo", type=float, default=0.01)

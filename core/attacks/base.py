@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, TypeVar
 
@@ -102,8 +103,10 @@ class AttackSettings:
             raise ValueError(f"loss must be one of {LOSSES}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}")
-        if self.eps < 0 or self.steps < 1 or self.restarts < 1 or self.eot < 1:
-            raise ValueError("need eps >= 0, steps >= 1, restarts >= 1, eot >= 1")
+        if not 0 <= self.eps < math.inf or self.steps < 1 or self.restarts < 1 or self.eot < 1:
+            raise ValueError("need a finite eps >= 0, steps >= 1, restarts >= 1, eot >= 1")
+        if self.step_size is not None and not 0 < self.step_size < math.inf:
+            raise ValueError(f"the step size must be a finite number > 0, not {self.step_size}")
         if self.norm == "linf" and self.eps > 1:  # most likely grey levels meant as 8/255
             raise ValueError(f"an l-inf eps of {self.eps:g} exceeds the whole pixel range [0, 1]; "
                              f"write grey levels as a fraction, e.g. {self.eps:g}/255")

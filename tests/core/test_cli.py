@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -192,8 +193,9 @@ def test_sample_with_churn_is_reproducible_and_rejects_negative_churn(tiny_check
     assert "churn 20" in capsys.readouterr().out
     first = (tmp_path / "a" / "3-000.png").read_bytes()
     assert first == (tmp_path / "b" / "3-000.png").read_bytes() != (tmp_path / "plain" / "3-000.png").read_bytes()
-    with pytest.raises(SystemExit, match="--churn must be >= 0"):
+    with pytest.raises(SystemExit) as exc:
         main(args + ["--churn", "-1", "--out-dir", str(tmp_path / "bad")])
+    assert exc.value.code == 2 and "--churn: must be a finite number in [0, inf)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 
@@ -216,7 +218,7 @@ def test_purify_writes_png_and_never_touches_input(tiny_checkpoint, digit_png, t
     assert [s["step"] for s in rep["steps"]] == [0, 1, 2, 3]
     assert max(s["linf"] for s in rep["steps"]) <= 8 / 255 + 1e-6
     assert Image.open(out).size == (28, 28) and digit_png.read_bytes() == before
-    with pytest.raises(ValueError, match="refusing"):
+    with pytest.raises(SystemExit, match="is the input image"):  # refused before the work
         main(["purify", str(digit_png), "--model", str(tiny_checkpoint), "--levels", "2", "--out", str(digit_png)])
 
 
@@ -713,19 +715,89 @@ def test_the_stop_scope_ends_its_block_on_its_own_stop_only():
     (["attack", "{img}", "--defense", "dc", "--steps", "1", "--label", "11"], "--label 11 is not a class"),
     (["attack", "{img}", "--defense", "dc", "--attack", "apgd-t", "--steps", "1", "--target", "-1"],
      "--target -1 is not a class"),
-    (["sample", "--label", "3", "--n", "0", "--out", "{tmp}/s.png"], "--n must be at least 1"),
     (["sample", "--label", "10", "--out", "{tmp}/s.png"], r"--label 10 is not a class of this model \(0..9\)"),
     (["sample", "--label", "-1", "--out", "{tmp}/s.png"], "--label -1 is not a class"),
+    (["purify", "{img}", "--out", "{tmp}"], "is a folder"),
+    (["attack", "{img}", "--defense", "dc", "--steps", "1", "--out", "{tmp}/adv.jpg"], "name a .png file"),
+    (["attack", "{img}", "--defense", "dc", "--steps", "1", "--report", "{tmp}/"], "--report .* is a folder"),
+    (["eval", "--n", "1", "--attack", "apgd-ce", "--steps", "1", "--state", "{tmp}"], "--state .* is a folder"),
+    (["sample", "--label", "3", "--out-dir", "{img}"], "--out-dir .* is a file"),
+    (["train-cnn", "--out", "{tmp}/"], "is a folder"),
+    (["train", "--out", "{img}"], "is a file; give a run directory"),
+    (["train", "--out", "{tmp}/run", "--channels", "8,x"], "comma-separated whole numbers"),
+    (["train", "--out", "{tmp}/run", "--epochs", "0"], "--epochs 0 trains nothing"),
+    (["attack", "{img}", "--defense", "dc", "--attack", "apgd-ce", "--target", "3"], "--target applies to"),
+    (["attack", "{img}", "--defense", "dc", "--attack", "apgd-t", "--label", "1", "--target", "1"], "true class"),
+    (["purify", "{img}", "--eta", "nan"], "not a finite number"),
+    (["attack", "{img}", "--defense", "dc", "--eps", "inf", "--norm", "l2"], "not a finite number"),
+    (["attack", "{img}", "--defense", "dc", "--attack", "pgd", "--step-size", "-1"], "step size must be"),
+    (["classify", "{img}", "--device", "tpu"], None),
 ])
 def test_mistakes_are_refused_with_a_message_before_any_work(tiny_checkpoint, digit_png, tmp_path, argv, message):
     """Refused up front (before, a whole attack ran and then ended in a traceback)."""
     argv = [a.format(img=digit_png, tmp=tmp_path) for a in argv]
     before = digit_png.read_bytes()
-    with pytest.raises(SystemExit, match=message):
-        main(argv + ["--model", str(tiny_checkpoint), "--device", "cpu"])
+    if "--device" not in argv and argv[0] != "train-cnn":
+        argv += ["--device", "cpu"]
+    if argv[0] not in ("train", "train-cnn"):
+        argv += ["--model", str(tiny_checkpoint)]
+    if message is None:  # a usage error (exit status 2, the message on stderr)
+        with pytest.raises(SystemExit) as exc:
+            main(argv)
+        assert exc.value.code == 2
+    else:
+        with pytest.raises(SystemExit, match=message):
+            main(argv)
     assert digit_png.read_bytes() == before and not (tmp_path / "s.png").exists()
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--n", "-5"], "--n/--num-examples: must be at least 0, not -5"),
+    (["sample", "--label", "3", "--n", "0", "--out", "s.png"], "--n: must be at least 1, not 0"),
+    (["eval", "--batch-size", "0"], "--batch-size: must be at least 1"),
+    (["sample", "--sampler-steps", "0", "--out", "s.png"], "--sampler-steps: must be at least 1"),
+    (["train", "--out", "run", "--epochs", "-1"], r"--epochs: must be a finite number in \[0, inf\)"),
+    (["train", "--out", "run", "--ema-decay", "2"], r"in \[0, 1\)"),
+    (["sample", "--churn", "nan", "--out", "s.png"], "--churn: must be a finite number"),
+    (["classify", "x.png", "--threads", "-1"], "--threads: must be at least 0"),
+    (["eval", "--attack", "ensemble", "--square-queries", "0"], "--square-queries: must be at least 1"),
+    (["attack", "x.png", "--p-init", "0"], r"--p-init: must be a finite number in \(0, 1\]"),
+])
+def test_option_values_out_of_range_are_usage_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
 
 
 def test_the_cnn_baseline_given_as_a_diffusion_model_is_named_as_such(capsys):
     with pytest.raises(SystemExit, match="the CNN baseline .*not a diffusion model"):
         main(["sample", "--model", "mnist-cnn", "--label", "3", "--out", "unused.png"])
+
+
+def test_a_resumed_training_run_keeps_its_batches_and_says_what_changes(tmp_path, capsys):
+    base = ["train", "--out", str(tmp_path / "run"), "--limit", "64", "--channels", "8,16", "--head-channels",
+            "4,4", "--emb-dim", "16", "--threads", "1", "--log-every", "1", "--device", "cpu",
+            "--log", str(tmp_path / "log.jsonl"), "--batch-size", "32"]
+    assert main(base + ["--epochs", "1"]) == 0
+    state = (tmp_path / "run" / "state.json").read_bytes()
+    with pytest.raises(SystemExit, match="batch size: 32 -> 16"):
+        main(base[:-1] + ["16", "--epochs", "2"])
+    assert (tmp_path / "run" / "state.json").read_bytes() == state  # refused before any step
+    capsys.readouterr()
+    assert main(base + ["--epochs", "2", "--lr", "5e-4"]) == 0
+    err = capsys.readouterr().err
+    assert "changed schedule" in err and "epochs: 1.0 -> 2.0; lr: 0.001 -> 0.0005" in err
+    for line in (tmp_path / "log.jsonl").read_text().splitlines():  # strict JSON: no NaN for "not measured"
+        json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the training log"))
+    card = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert card["training"]["lr"] == 5e-4 and card["training"]["epochs"] == 2
+
+
+def test_a_clean_evaluation_says_that_state_files_keep_attacked_runs_only(tiny_checkpoint, tmp_path, capsys):
+    if not mnist_available():
+        pytest.skip("MNIST not available")
+    assert main(["eval", "--n", "2", "--levels", "2", "--screen-levels", "0", "--model", str(tiny_checkpoint),
+                 "--device", "cpu", "--threads", "1", "--state", str(tmp_path / "s.jsonl")]) == 0
+    assert "--state keeps attacked runs only" in capsys.readouterr().err

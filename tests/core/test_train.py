@@ -134,7 +134,7 @@ def test_cli_init_from_refuses_another_dataset(tmp_path):
     card = json.loads((tmp_path / "src" / "model.json").read_text())
     card["dataset"] = "cifar10"
     (tmp_path / "src" / "model.json").write_text(json.dumps(card))
-    with pytest.raises(ValueError, match="cifar10 model, not mnist"):
+    with pytest.raises(SystemExit, match="cifar10 model, not mnist"):
         main(["train", "--dataset", "mnist", "--out", str(tmp_path / "ft"),
               "--init-from", str(tmp_path / "src" / "model.safetensors"), "--epochs", "0"])
 
@@ -142,7 +142,7 @@ def test_cli_init_from_refuses_another_dataset(tmp_path):
 def test_cli_grow_blocks_needs_init_from(tmp_path):
     from rdc_studio.core.cli import main
 
-    with pytest.raises(ValueError, match="--grow-blocks deepens a trained checkpoint"):
+    with pytest.raises(SystemExit, match="--grow-blocks deepens a trained checkpoint"):
         main(["train", "--out", str(tmp_path / "g"), "--grow-blocks", "2", "--epochs", "0"])
     assert not (tmp_path / "g").exists()
 
