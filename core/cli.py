@@ -791,6 +791,8 @@ def cmd_worst_case(args: argparse.Namespace) -> int:
             raise SystemExit(f"rdc: error: {path} is not an rdc eval attack report")
         return report
 
+    if len({Path(p).resolve() for p in args.reports}) < len(args.reports):
+        raise SystemExit("rdc: error: a report is given twice; the worst case needs the reports of different runs")
     reports = [read(path) for path in args.reports]
     follow_ups = [read(path) for path in args.follow_up]
     try:

@@ -670,11 +670,15 @@ class ResumeState:
         self.path = Path(path)
         self.results: dict[int, ExampleResult] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = Path(f"{self.path}.lock")
+        lock_is_new = not lock_file.exists()
         self._lock = self._acquire_lock(self.path)
         try:
             self._load(settings)
         except BaseException:
             self.close()
+            if lock_is_new:  # a refused file (another run's state, not a state) keeps no lock file beside it
+                lock_file.unlink(missing_ok=True)
             raise
 
     @staticmethod

@@ -801,3 +801,10 @@ def test_a_clean_evaluation_says_that_state_files_keep_attacked_runs_only(tiny_c
     assert main(["eval", "--n", "2", "--levels", "2", "--screen-levels", "0", "--model", str(tiny_checkpoint),
                  "--device", "cpu", "--threads", "1", "--state", str(tmp_path / "s.jsonl")]) == 0
     assert "--state keeps attacked runs only" in capsys.readouterr().err
+
+
+def test_worst_case_refuses_one_report_given_twice(tmp_path):
+    report = tmp_path / "a.json"
+    report.write_text("{}")
+    with pytest.raises(SystemExit, match="given twice"):
+        main(["worst-case", str(report), str(tmp_path / "." / "a.json")])

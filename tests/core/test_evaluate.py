@@ -115,6 +115,11 @@ def test_a_state_file_serves_one_run_at_a_time(tmp_path):
     with pytest.raises(ValueError, match="other settings"):  # a refused state leaves no lock behind
         ResumeState(path, settings | {"attack": "pgd"})
     ResumeState(path, settings).close()
+    not_a_state = tmp_path / "notes.txt"
+    not_a_state.write_text("my notes\n")
+    with pytest.raises(ValueError, match="other settings"):
+        ResumeState(not_a_state, settings)
+    assert not (tmp_path / "notes.txt.lock").exists() and not_a_state.read_text() == "my notes\n"
 
 
 def test_the_state_reader_and_the_resuming_run_read_the_same_examples(tmp_path):
