@@ -557,6 +557,9 @@ def _purifier_weights(purifier: str | Path, folder: Path, net: EdmDenoiser, comm
         if loaded.purifier is not None:
             raise EdmImportError(f"{purifier}: names a purifier of its own; a purifier must be a single model")
     cfg = net.config
+    if getattr(p_cfg, "num_classes", 0):  # EDM's conditional networks have no unconditional (null-label) output
+        raise EdmImportError(f"{purifier}: a class-conditional network; the purifier must be an unconditional "
+                             f"model (the paper's pair: a conditional classifier, an unconditional purifier)")
     if (p_cfg.image_size, p_cfg.in_channels) != (cfg.image_size, cfg.in_channels):
         raise EdmImportError(f"{purifier}: the purifier takes {p_cfg.in_channels}x{p_cfg.image_size}x"
                              f"{p_cfg.image_size} images, the classifier {cfg.in_channels}x{cfg.image_size}x"

@@ -458,6 +458,13 @@ def pair(tmp_path: Path) -> Path:
                       purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
 
 
+def test_a_class_conditional_purifier_is_refused(tmp_path: Path) -> None:
+    """EDM's conditional networks have no null label: the likelihood maximisation needs an unconditional one."""
+    with pytest.raises(EdmImportError, match="purifier must be an unconditional"):
+        import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", str(tmp_path / "models") + os.sep,
+                   purifier=FIXTURES / "edm-ddpmpp-cond.pkl")
+
+
 def test_pair_card_names_its_purifier_and_loads_as_one_model(pair: Path) -> None:
     from rdc_studio.core.models import file_sha256, list_model_names
 
