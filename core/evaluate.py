@@ -848,8 +848,10 @@ def _ensemble(config: EvalConfig, dataset: TensorDataset, device: str):
     from .baseline import load_cnn
     from .models import CheckpointError
 
-    if config.targets < 1:
-        raise ValueError("the ensemble needs at least 1 target class for APGD-T")
+    classes = len(dataset.classes)
+    if not 1 <= config.targets <= classes - 1:  # the record must say what ran
+        raise ValueError(f"the ensemble's APGD-T takes 1 to {classes - 1} target classes on {dataset.name}, "
+                         f"not {config.targets}")
     try:
         surrogate, _ = load_cnn(config.cnn, device=device)
     except CheckpointError as exc:

@@ -808,3 +808,13 @@ def test_worst_case_refuses_one_report_given_twice(tmp_path):
     report.write_text("{}")
     with pytest.raises(SystemExit, match="given twice"):
         main(["worst-case", str(report), str(tmp_path / "." / "a.json")])
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_refuses_more_target_classes_than_the_model_has(tiny_checkpoint, tiny_cnn, tmp_path):
+    """Ten classes leave 9 targets: a report saying 20 would misstate what ran."""
+    args = _ensemble_args(tiny_checkpoint, tiny_cnn)
+    args[args.index("--targets") + 1] = "20"
+    with pytest.raises(SystemExit, match="1 to 9 target classes on mnist, not 20"):
+        main(args + ["--out", str(tmp_path / "r.json")])
+    assert not (tmp_path / "r.json").exists()
