@@ -263,7 +263,7 @@ def whole_number(minimum: int) -> Callable[[str], int]:
 
 
 def finite_number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
-          high_open: bool = False) -> Callable[[str], float]:
+                  high_open: bool = False) -> Callable[[str], float]:
     """argparse type: a finite number in [low, high] (``low_open``/``high_open``: excluding
     that end)."""
     def parse(text: str) -> float:
