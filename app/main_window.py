@@ -87,6 +87,7 @@ class MainWindow(QMainWindow):
         self.resize(1280, 800)
         self._build_ui()
         self._build_menus()
+        self.attack_panel.set_dataset(model.card.get("dataset"))  # saved settings below take precedence
         self._restore_settings(steps)
         self._timer = QTimer(self)
         self._timer.setInterval(100)
@@ -304,7 +305,7 @@ class MainWindow(QMainWindow):
         """The bundled per-class samples (MNIST models), or a caption saying how to make some."""
         cfg = self.model.net.config
         images, labels = [], []
-        dataset = self.model.card.get("dataset", "?")
+        dataset = self.model.card.get("dataset") or ""
         if dataset == "mnist" and SAMPLES_DIR.exists():
             for path in sorted(SAMPLES_DIR.glob("*.png")):
                 try:
@@ -315,8 +316,9 @@ class MainWindow(QMainWindow):
         self.gallery.set_images(images, labels)
         make_more = "Model ▸ Generate sample of class… (Ctrl+G) adds samples of the loaded model here"
         if not images:
-            text = (f"<b>Samples</b>: none bundled for this {dataset} model. {make_more}; File ▸ Browse dataset… "
-                    f"(Ctrl+B) opens test images.")
+            browse = ("File ▸ Browse dataset… (Ctrl+B) opens test images" if dataset else
+                      "File ▸ Browse dataset… (Ctrl+B) opens a folder of images")
+            text = f"<b>Samples</b>: none bundled for this {dataset + ' ' if dataset else ''}model. {make_more}; {browse}."
         elif self.model.name == DEFAULT_MODEL:
             text = f"<b>Samples</b> of this model, per class (click to open). {make_more}."
         else:
@@ -538,13 +540,21 @@ class MainWindow(QMainWindow):
         if self.image is None:
             raise SessionError("no image is open")
         results = self.state.results()
-        # the settings that made the result on show (T or the preset may have changed since)
+        # the settings that made the results on show (the panels may have changed since)
         classified = self.state.classification.settings if self.state.probabilities is not None else None
-        return make_session(str(self.model.path), self.image, self.image_source,
-                            classified or self._classifier().settings.to_dict(), self.attack_panel.settings().to_dict(),
-                            self.purify_panel.settings().to_dict(), results, self.device) | {
-            "attack_gradient": self.attack_panel.grad.currentText(),
-            "attack_binarize": self.attack_panel.binarize_threshold()}
+        try:
+            classifier = classified or self._classifier().settings.to_dict()
+        except ValueError as exc:
+            raise SessionError(f"classifier settings: {exc}") from None
+        attacked = self.state.attack.settings if self.state.attack.outcome is not None else None
+        attack = attacked or {"attack": self.attack_panel.settings().to_dict(),
+                              "attack_gradient": self.attack_panel.grad.currentText(),
+                              "attack_binarize": self.attack_panel.binarize_threshold(),
+                              "purify": self.purify_panel.settings().to_dict()}
+        purified = self.state.purification.settings if self.state.purification.records else None
+        return make_session(str(self.model.path), self.image, self.image_source, classifier, attack["attack"],
+                            purified or attack["purify"], results, self.device) | {
+            "attack_gradient": attack["attack_gradient"], "attack_binarize": attack["attack_binarize"]}
 
     def save_session_dialog(self) -> None:
         path = self._save_dialog("Save session", "session.json", "RDC Studio session (*.json)")
@@ -613,6 +623,7 @@ class MainWindow(QMainWindow):
         self.model = model
         self._apply_model()
         self._apply_preset_settings(self.preset)  # T and the purification: this model's card's
+        self.attack_panel.set_dataset(model.card.get("dataset"))  # and epsilon its data's usual one
         if self.image is not None and self.image.shape[0] != model.net.config.in_channels:
             self.state.set_image(None)
         if self.image is not None:
@@ -692,13 +703,23 @@ class MainWindow(QMainWindow):
         preset = overrides.pop("preset", "") if self.session_classifier else self.preset  # a session's own
         return build_classifier(self.model, self.device, preset=preset, **overrides)
 
+    def _classifier_for(self, job: str):
+        """The classifier of the toolbar's settings, or None after saying why ``job`` cannot run."""
+        try:
+            return self._classifier()
+        except ValueError as exc:
+            self.show_error(f"Cannot {job}", f"Classifier settings: {exc}")
+            return None
+
     def classify(self) -> None:
         """Classify the input with the current T, drawing the running estimate."""
         if self.image is None:
             self.show_status("Open, drop or paste an image first", 4000)
             return
         steps = int(self.steps_spin.value())
-        clf = self._classifier()
+        clf = self._classifier_for("classify")
+        if clf is None:
+            return
         x = torch.from_numpy(self.image).unsqueeze(0).to(self.device)
         self.classify_tab.begin(steps, clf.settings.to_dict())
         try:
@@ -728,7 +749,9 @@ class MainWindow(QMainWindow):
         settings = self.attack_panel.settings()
         grad = self.attack_panel.grad.currentText()
         threshold = self.attack_panel.binarize_threshold()
-        clf = self._classifier()
+        clf = self._classifier_for("run this attack")
+        if clf is None:
+            return
         purify_settings = self.purify_panel.settings()
         full = build_defense("rdc", self.model, clf, purify=purify_settings, grad_mode="exact", device=self.device,
                              binarize=threshold)
@@ -741,7 +764,9 @@ class MainWindow(QMainWindow):
         purify = full.purify if threshold is None else (lambda adv: full.purify(full.binarize(adv)))
         x = torch.round(torch.from_numpy(np.asarray(image)).unsqueeze(0) * 255).div(255).to(self.device)
         iterations = settings.steps * settings.restarts
-        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold)
+        run_settings = {"attack": settings.to_dict(), "attack_gradient": grad, "attack_binarize": threshold,
+                        "purify": purify_settings.to_dict()}  # what a session records with the result
+        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold, run_settings)
         self._set_progress(iterations, "iterations")
         self.tabs.setCurrentWidget(self.attack_tab)
         if warning := gradient_warning(attacked):
@@ -765,10 +790,12 @@ class MainWindow(QMainWindow):
             self.show_error("Nothing to purify", "Steps N is 0: the purification leaves the image as it is. "
                             "Set at least 1 step (0 steps in an attack's defense means no purification).")
             return
-        clf = self._classifier()
+        clf = self._classifier_for("purify")
+        if clf is None:
+            return
         lm = build_maximizer(self.model, settings)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).unsqueeze(0).to(self.device)
-        self.purify_tab.begin(source, settings.steps)
+        self.purify_tab.begin(source, settings.steps, settings.to_dict())
         self._set_progress(settings.steps, "steps")
         self.tabs.setCurrentWidget(self.purify_tab)
         self._start_job("purify", lambda cancelled: purify_job(lm, x, clf, cancelled))

@@ -27,6 +27,7 @@ class ClassificationResult:
 
     levels: list[int] = field(default_factory=list)
     logits: list[np.ndarray] = field(default_factory=list)
+    measured: list[np.ndarray] = field(default_factory=list)  # per class: estimated at that level (not eliminated)
     probabilities: np.ndarray | None = None  # set when every level is done
     settings: dict | None = None  # the classifier settings that made it (ClassifierSettings.to_dict())
     ood: OodScore | None = None  # how typical the input is for the model (after the levels)
@@ -41,6 +42,7 @@ class AttackTrace:
     margin: list[float] = field(default_factory=list)
     outcome: DefenseOutcome | None = None
     source: str = ""  # what was attacked
+    settings: dict | None = None  # the session fields of the run: attack, attack_gradient, attack_binarize, purify
 
 
 @dataclass
@@ -50,6 +52,7 @@ class PurificationTrace:
     records: list[PurifyStep] = field(default_factory=list)
     source: str = ""  # what was purified
     finished: bool = False
+    settings: dict | None = None  # PurifySettings.to_dict() of the run
 
 
 class SessionState:
@@ -93,10 +96,14 @@ class SessionState:
         self.classification = ClassificationResult(settings=settings)
         self._notify("classification")
 
-    def add_classification(self, records: list[ClassifyStep]) -> None:
-        for r in records:
+    def add_classification(self, records: list[ClassifyStep], measured: list[np.ndarray] | None = None) -> None:
+        """Append running estimates; ``measured`` (per record, per class) marks the classes
+        that progressive elimination still evaluated (default: all)."""
+        for i, r in enumerate(records):
             self.classification.levels.append(int(r.levels_done))
             self.classification.logits.append(np.asarray(r.logits[0], dtype=float).copy())
+            k = len(self.classification.logits[-1])
+            self.classification.measured.append(np.ones(k, bool) if measured is None else np.asarray(measured[i], bool))
         self._notify("classification")
 
     def finish_classification(self, final: ClassifyStep) -> None:
@@ -112,8 +119,8 @@ class SessionState:
         return self.classification.probabilities
 
     # -- attack --------------------------------------------------------------------
-    def begin_attack(self, source: str) -> None:
-        self.attack = AttackTrace(source=source)
+    def begin_attack(self, source: str, settings: dict | None = None) -> None:
+        self.attack = AttackTrace(source=source, settings=settings)
         self._notify("attack")
 
     def add_attack(self, records: list[AttackStep]) -> None:
@@ -128,8 +135,8 @@ class SessionState:
         self._notify("attack")
 
     # -- purification ------------------------------------------------------------------
-    def begin_purification(self, source: str) -> None:
-        self.purification = PurificationTrace(source=source)
+    def begin_purification(self, source: str, settings: dict | None = None) -> None:
+        self.purification = PurificationTrace(source=source, settings=settings)
         self._notify("purification")
 
     def add_purification(self, records: list[PurifyStep]) -> None:
@@ -146,8 +153,10 @@ class SessionState:
         classes, rows = self.classes, []
         if self.probabilities is not None:
             rows += [["probability", "", c, float(p)] for c, p in zip(classes, self.probabilities)]
-        for step, logits in zip(self.classification.levels, self.classification.logits):
-            rows += [["classify_logit", step, c, float(v)] for c, v in zip(classes, logits)]
+        result = self.classification
+        for step, logits, measured in zip(result.levels, result.logits, result.measured):
+            # an eliminated class's estimate is not measured at later levels (the plot ends its curve too)
+            rows += [["classify_logit", step, c, float(v)] for c, v, m in zip(classes, logits, measured) if m]
         for rec in self.purification.records:
             rows.append(["purify_objective", rec.step, "", float(rec.objective[0])])
             if rec.objective_estimate is not None:

@@ -455,7 +455,10 @@ def classifier_settings(model, preset: str | None = None, **overrides) -> Classi
     """The classifier settings of a loaded model: the card's ``classifier`` defaults, then
     the named preset's (default: the one the card names, if any), then ``overrides``.
 
-    Overrides whose value is None are ignored, so CLI flags can be passed through.
+    Overrides whose value is None are ignored, so CLI flags can be passed through. Fewer
+    levels than the card's or preset's screening levels (``steps`` overridden, the
+    screening not) turn progressive class elimination off: with every level screened no
+    class is eliminated.
 
     Raises
     ------
@@ -470,6 +473,9 @@ def classifier_settings(model, preset: str | None = None, **overrides) -> Classi
         base.update(get_preset(name).classifier)
         base["preset"] = name
     changes = {k: v for k, v in overrides.items() if v is not None}
+    if ("steps" in changes and "screen_levels" not in changes
+            and changes["steps"] <= int(base.get("screen_levels", 0) or 0)):
+        changes.update(screen_levels=0, keep_classes=0)
     return ClassifierSettings.from_dict({**base, **changes})
 
 

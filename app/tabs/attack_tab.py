@@ -112,12 +112,14 @@ class AttackTab(QWidget):
         self.verdict.setText(text)
         self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
 
-    def begin(self, x: np.ndarray, source: str, iterations: int, binarize: float | None = None) -> None:
+    def begin(self, x: np.ndarray, source: str, iterations: int, binarize: float | None = None,
+              settings: dict | None = None) -> None:
         """A new attack on ``x`` (C, H, W) of ``iterations`` iterations in all, against a
-        defense that binarises its input at ``binarize`` (None: it does not)."""
+        defense that binarises its input at ``binarize`` (None: it does not); ``settings``:
+        the run's, as a session records them."""
         self.binarize = binarize
         self.defense_name = "the full RDC" if binarize is None else f"the full RDC on the input binarised at {binarize:.2f}"
-        self.state.begin_attack(source)
+        self.state.begin_attack(source, settings)
         self.plot.reset(x_extent=iterations)
         for v in (self.view_adversarial, self.view_purified):
             v.set_image(None)

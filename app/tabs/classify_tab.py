@@ -60,9 +60,9 @@ class ClassifyTab(QSplitter):
         if not records:
             return -1
         last = records[-1]
-        self.state.add_classification(records)
         # a class is measured by a record unless elimination left all its errors NaN
         measured = [~np.isnan(r.level_errors[0]).all(axis=0) for r in records]
+        self.state.add_classification(records, measured)
         self.curves.add_points([r.levels_done for r in records], [r.logits[0] for r in records], measured)
         self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels)
         return last.levels_done

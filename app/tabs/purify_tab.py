@@ -90,8 +90,8 @@ class PurifyTab(QWidget):
         self.view.title.setText(f"<b>{PURIFIED_TITLE}</b>")
         self._enable_replay(False)
 
-    def begin(self, source: str, steps: int) -> None:
-        self.state.begin_purification(source)
+    def begin(self, source: str, steps: int, settings: dict | None = None) -> None:
+        self.state.begin_purification(source, settings)
         self.curves.reset(x_extent=steps)
         self.objective_plot.reset(x_extent=steps)
         self._enable_replay(False)
@@ -117,7 +117,8 @@ class PurifyTab(QWidget):
             self.scrubber_label.setText("step –")
 
     def finish(self, records: list[PurifyStep]) -> None:
-        self.state.finish_purification()
+        if records and len(self.records) and self.records[-1].step == self.records[-1].total_steps:
+            self.state.finish_purification()
         self.view.title.setText(f"<b>Purified: {self.state.purification.source}</b>")
         if self.records:
             self.scrubber.blockSignals(True)
@@ -130,8 +131,10 @@ class PurifyTab(QWidget):
     def stopped(self) -> None:
         done = self.records[-1].step if self.records else 0
         self.view.title.setText(f"<b>Stopped: {self.state.purification.source}</b>")
-        if self.records:
-            self.view.caption.setText(f"Stopped after step {done}.")
+        if self.records:  # the steps made can be replayed (and attacked)
+            self.finish(self.records)
+            self.view.title.setText(f"<b>Stopped: {self.state.purification.source}</b>")
+            self.view.caption.setText(f"Stopped after step {done}; replay the steps made below.")
         else:  # nothing of this run to show: not the last run's image either
             self.view.set_image(None, "Stopped before the first step.")
 
@@ -155,4 +158,5 @@ class PurifyTab(QWidget):
         index = self.scrubber.value()
         if 0 <= index < len(self.records):
             record = self.records[index]
-            self.attack_requested.emit(record.image[0], f"purified, step {record.step} ({self.state.purification.source})")
+            what = "unpurified" if record.step == 0 else f"purified, step {record.step}"
+            self.attack_requested.emit(record.image[0], f"{what} ({self.state.purification.source})")

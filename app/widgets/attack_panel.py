@@ -25,6 +25,10 @@ FLIP_NEEDS_BINARIZATION = ("The threshold-flip attack is for a defense that bina
                            "set \u201cBinarise input\u201d to a threshold (0.50 for MNIST) first.")
 
 
+DEFAULT_RADII = {"mnist": {"linf": 0.3, "l2": 1.5}, "cifar10": {"linf": 8 / 255, "l2": 0.5}}
+"""The usual threat models of each dataset (l-inf in [0, 1] units): the panel's starting epsilon."""
+
+
 class AttackPanel(RunStopPanel):
     """Emits ``run_requested`` / ``stop_requested``; :meth:`settings` builds the engine settings."""
 
@@ -39,7 +43,8 @@ class AttackPanel(RunStopPanel):
         self.eps = QDoubleSpinBox()
         self.eps.setDecimals(2)
         self.eps.setRange(0.0, 255.0)
-        self.eps.setValue(76.5)
+        self.radii = DEFAULT_RADII["mnist"]
+        self.eps.setValue(self.radii["linf"] * 255)
         self.eps.setSuffix(" /255")
         self.eps.setToolTip("l-inf: radius in /255 pixel units; l2: radius in [0,1] units")
         self.steps = QSpinBox()
@@ -99,13 +104,18 @@ class AttackPanel(RunStopPanel):
         self.grad.setEnabled(method != "square")
         self.eot.setEnabled(method in ("apgd", "pgd"))
 
+    def set_dataset(self, dataset: str | None) -> None:
+        """Start epsilon at the usual threat model of ``dataset`` (unknown: MNIST's)."""
+        self.radii = DEFAULT_RADII.get(dataset or "", DEFAULT_RADII["mnist"])
+        self._on_norm_changed(self.norm.currentText())
+
     def _on_norm_changed(self, norm: str) -> None:
         if norm == "l2":
             self.eps.setSuffix("")
-            self.eps.setValue(1.5)
+            self.eps.setValue(self.radii["l2"])
         else:
             self.eps.setSuffix(" /255")
-            self.eps.setValue(76.5)
+            self.eps.setValue(self.radii["linf"] * 255)
 
     def eps_value(self) -> float:
         return self.eps.value() / 255.0 if self.norm.currentText() == "linf" else self.eps.value()

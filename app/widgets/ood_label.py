@@ -57,4 +57,5 @@ class OodLabel(QLabel):
             self.setText(f"In distribution: {bpd}, percentile {percentile_text(score.percentile)} of validation")
             self.setToolTip("How likely the diffusion model finds the input (an upper bound on -log2 p per "
                             "pixel), placed among the model's validation images.")
+        self.setToolTip(f"{self.text()}\n\n{self.toolTip()}")  # the whole text where a narrow window cuts it
         self.setStyleSheet(WARNING_STYLE if self.warning else PLAIN_STYLE)

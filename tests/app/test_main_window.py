@@ -695,3 +695,53 @@ def test_dataset_browser_tells_a_window_user_where_to_point_it(qtbot, tmp_path, 
         browser.load(0, str(tmp_path / "empty"))
     message = failed.args[0]
     assert "Browse…" in message and "--data-root" not in message and "RDC_DATA_ROOT" not in message
+
+
+def test_a_session_records_the_settings_of_the_results_it_holds(qtbot, window, digit_png):
+    """Changing a panel after a run must not relabel the run's results in the session."""
+    _classified_with_small_budgets(qtbot, window, digit_png)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        window.run_attack()
+    window.purify_panel.eta.setValue(8.0)
+    with qtbot.waitSignal(window.purification_finished, timeout=60000):
+        window.run_purification()
+    window.attack_panel.steps.setValue(7)
+    window.purify_panel.eta.setValue(4.0)
+    session = window.session()
+    assert session["attack"]["steps"] == 2 and session["purify"]["eta"] == pytest.approx(8 / 255)
+
+
+def test_few_levels_on_a_model_that_eliminates_classes_still_classify(qtbot, window, digit_png, tiny_net, tmp_path):
+    from rdc_studio.core.models import save_checkpoint
+
+    other = save_checkpoint(tmp_path / "elim" / "elim.safetensors", tiny_net,
+                            {"name": "elim", "dataset": "mnist", "classes": [str(i) for i in range(10)],
+                             "classifier": {"steps": 8, "screen_levels": 6, "keep_classes": 2}})
+    assert window.load_model(str(other))
+    window.steps_spin.setValue(4)
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    assert window.bars.verdict.text().startswith("Predicted") and not window.errors
+
+
+def test_a_stopped_purification_replays_the_steps_it_made(qtbot, window, digit_png):
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    window.steps_spin.setValue(2)
+    window.purify_panel.steps.setValue(500)
+    window.run_purification()
+    qtbot.waitUntil(lambda: len(window.purify_records) >= 2, timeout=60000)
+    window.stop()
+    assert window.scrubber.isEnabled() and window.purify_tab.attack_button.isEnabled()
+    assert window.purify_view.title.text().startswith("<b>Stopped")
+
+
+def test_a_cifar10_model_starts_the_attack_at_its_own_threat_model(qapp):
+    from rdc_studio.app.widgets.attack_panel import AttackPanel
+
+    panel = AttackPanel([str(c) for c in range(10)])
+    assert panel.eps_value() == pytest.approx(0.3, abs=1e-3)
+    panel.set_dataset("cifar10")
+    assert panel.eps_value() == pytest.approx(8 / 255, abs=1e-3)
+    panel.norm.setCurrentText("l2")
+    assert panel.eps_value() == pytest.approx(0.5)

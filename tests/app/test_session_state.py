@@ -202,3 +202,16 @@ def test_long_status_messages_are_elided(qtbot, tiny_checkpoint, monkeypatch, tm
     assert shown != text and shown.endswith("…") and win.message_label.toolTip() == text
     label_right = win.message_label.geometry().right()
     assert label_right < win.elapsed_label.geometry().left() or not win.elapsed_label.text()
+
+
+def test_csv_leaves_out_the_estimates_of_eliminated_classes():
+    """The plot ends an eliminated class's curve; the export must not report its extrapolation."""
+    state = SessionState(["a", "b", "c"])
+    state.set_image(np.zeros((1, 2, 2), np.float32), "zeros")
+    logits = np.array([[0.0, -1.0, -9.0]])
+    step = ClassifyStep(levels_done=2, total_levels=2, sigmas_done=np.ones(2), logits=logits,
+                        probabilities=np.exp(logits) / np.exp(logits).sum(), level_errors=np.zeros((1, 2, 3)))
+    state.begin_classification()
+    state.add_classification([step, step], [np.array([True, True, True]), np.array([True, True, False])])
+    rows = [r for r in state.csv_rows() if r[0] == "classify_logit"]
+    assert [r[2] for r in rows] == ["a", "b", "c", "a", "b"]

@@ -317,3 +317,20 @@ def test_a_checkpointed_segment_polls_its_scope_when_recomputed_outside_it(any_n
         assert calls.backward == 0
     finally:
         calls.remove()
+
+
+def test_fewer_levels_than_the_cards_screening_turn_elimination_off(tiny_net, tmp_path):
+    """T below the card's screening levels used to be an error in every job of the default model."""
+    from rdc_studio.core.classifier import classifier_settings
+    from rdc_studio.core.models import load_checkpoint, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_net,
+                           {"name": "m", "dataset": "mnist", "classes": [str(i) for i in range(10)],
+                            "classifier": {"steps": 16, "screen_levels": 6, "keep_classes": 2}})
+    model = load_checkpoint(path)
+    assert classifier_settings(model).eliminates
+    few = classifier_settings(model, steps=4)
+    assert (few.steps, few.screen_levels, few.keep_classes) == (4, 0, 0) and not few.eliminates
+    assert classifier_settings(model, steps=8).screen_levels == 6  # enough levels: the card's elimination
+    with pytest.raises(ValueError, match="exceeds the number of levels"):  # asked for explicitly: an error
+        classifier_settings(model, steps=4, screen_levels=6)
