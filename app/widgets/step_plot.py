@@ -86,7 +86,14 @@ class StepPlot(pg.PlotWidget):
         xs, ys = self.data[name]
         xs.extend(float(v) for v in x)
         ys.extend(float(v) for v in y)
-        self.curves[name].setData(np.asarray(xs), np.asarray(ys))
+        curve = self.curves[name]
+        curve.setData(np.asarray(xs), np.asarray(ys))
+        # a line needs two points: a lone one (an attack of one iteration) is drawn as a dot
+        curve.setSymbol("o" if len(xs) == 1 else None)
+        if len(xs) == 1:
+            curve.setSymbolSize(7)
+            curve.setSymbolPen(curve.opts["pen"])
+            curve.setSymbolBrush(curve.opts["pen"].color())
 
     def set_cursor(self, x: float | None) -> None:
         """A vertical line at ``x`` (the replayed step); None hides it."""

@@ -156,3 +156,22 @@ def test_eliminated_classes_curves_end_where_they_were_last_measured(qtbot, tiny
     tab.begin(3)
     tab.show_records(full)
     assert all(np.isfinite(c.getData()[1]).all() and len(c.getData()[1]) == 3 for c in tab.curves.curves)
+
+
+def test_a_lone_point_is_drawn_as_a_dot_and_fits_the_view(qtbot):
+    """An attack of one iteration gives one point per curve: no line to draw, so a dot."""
+    plot = StepPlot("iteration", "loss / margin", ["loss", "margin"])
+    qtbot.addWidget(plot)
+    plot.reset(x_extent=1)
+    plot.extend("loss", [1], [8.99])
+    plot.extend("margin", [1], [-8.78])
+    assert plot.curves["loss"].opts["symbol"] == "o"
+    plot.show()
+
+    def fits() -> bool:
+        low, high = plot.getViewBox().viewRange()[1]
+        return low <= -8.78 and high >= 8.99
+
+    qtbot.waitUntil(fits, timeout=30000)
+    plot.extend("loss", [2], [7.0])
+    assert plot.curves["loss"].opts["symbol"] is None  # a line from two points on
