@@ -117,7 +117,7 @@ class PurifyTab(QWidget):
             self.scrubber_label.setText("step –")
 
     def finish(self, records: list[PurifyStep]) -> None:
-        if records and len(self.records) and self.records[-1].step == self.records[-1].total_steps:
+        if self.records and self.records[-1].step == self.records[-1].total_steps:  # not a stopped run's
             self.state.finish_purification()
         self.view.title.setText(f"<b>Purified: {self.state.purification.source}</b>")
         if self.records:
