@@ -95,6 +95,7 @@ def save_cnn(path: str | Path, model: SmallCNN, card: dict[str, Any]) -> Path:
     card = dict(card, format=CNN_FORMAT, in_channels=model.in_channels, num_classes=model.num_classes,
                 image_size=model.image_size)
     card.setdefault("name", path.stem)
+    card.setdefault("classes", [str(i) for i in range(model.num_classes)])
     atomic_save_tensors(path, model.state_dict(), metadata={"rdc_card": json.dumps(card)})
     atomic_write_json(path.with_suffix(".json"), card)
     return path
@@ -124,7 +125,13 @@ def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device 
         raise CheckpointError(f"{p}: unreadable model card ({exc})") from exc
     if card.get("format") != CNN_FORMAT:
         raise CheckpointError(f"{p}: not a CNN checkpoint (format {card.get('format')!r})")
-    model = SmallCNN(card["in_channels"], card["num_classes"], card["image_size"])
+    try:
+        model = SmallCNN(card["in_channels"], card["num_classes"], card["image_size"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{p}: the CNN card lacks or mangles its shape ({exc!r})") from exc
+    card.setdefault("classes", [str(i) for i in range(model.num_classes)])  # cards written before classes were
+    if len(card["classes"]) != model.num_classes:
+        raise CheckpointError(f"{p}: the card names {len(card['classes'])} classes for {model.num_classes} outputs")
     try:
         tensors = load_file(str(p))
         model.load_state_dict(tensors)

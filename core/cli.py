@@ -387,20 +387,26 @@ def _load(args: argparse.Namespace):
         raise SystemExit(f"rdc: error: classifier settings: {exc}") from None
 
 
+def _load_cnn(name_or_path: str, device: str):
+    """The CNN baseline and its card (:func:`core.baseline.load_cnn`); a bad file is a one-line error."""
+    from .baseline import load_cnn
+    from .models import CheckpointError
+
+    try:
+        return load_cnn(name_or_path, device=device)
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
+
+
 def cmd_classify(args: argparse.Namespace) -> int:
-    from .baseline import is_cnn_checkpoint, load_cnn
+    from .baseline import is_cnn_checkpoint
     from .images import ImageLoadError, load_for_model
     from .runtime import raise_if_cancelled
 
     _setup_threads(args)
     if is_cnn_checkpoint(args.model):  # the discriminative baseline, e.g. to judge samples
-        from .models import CheckpointError
-
         device = resolve_device(args.device)
-        try:
-            classify, card = load_cnn(args.model, device=device)
-        except CheckpointError as exc:
-            raise SystemExit(f"rdc: error: {exc}") from None
+        classify, card = _load_cnn(args.model, device)
         name, classes, settings = card["name"], list(card["classes"]), None
         image_size, channels = card["image_size"], card["in_channels"]
         scorer = None  # no likelihood model: no out-of-distribution score
@@ -719,11 +725,11 @@ def _purify_settings(model, args: argparse.Namespace):
         raise SystemExit(f"rdc: error: purification settings: {exc}") from None
 
 
-def _load_image_tensor(path: str, cfg) -> torch.Tensor:
+def _load_image_tensor(path: str, image_size: int, channels: int) -> torch.Tensor:
     from .images import ImageLoadError, load_for_model
 
     try:
-        return torch.from_numpy(load_for_model(path, cfg.image_size, cfg.in_channels)).unsqueeze(0)
+        return torch.from_numpy(load_for_model(path, image_size, channels)).unsqueeze(0)
     except ImageLoadError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
 
@@ -736,7 +742,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     _check_png_output(args)
     _setup_threads(args)
     model, clf = _load(args)
-    x = _load_image_tensor(args.image, model.net.config).to(clf.device)
+    x = _load_image_tensor(args.image, model.net.config.image_size, model.net.config.in_channels).to(clf.device)
     lm = build_maximizer(model, _purify_settings(model, args))
     stop = _StopOnSignals()
     steps = []
@@ -845,12 +851,24 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.target is not None and args.label is not None and args.target == args.label:
         raise SystemExit("rdc: error: --target is the true class (--label): a targeted attack needs another class")
     _setup_threads(args)
-    model, clf = _load(args)
-    _check_class_index("--label", args.label, model.classes)
-    _check_class_index("--target", args.target, model.classes)
-    x = _load_image_tensor(args.image, model.net.config).to(clf.device)
+    if args.defense == "cnn":  # the baseline alone: the diffusion model is not loaded
+        defense, card = _load_cnn(args.cnn, resolve_device(args.device))
+        if args.binarize is not None:
+            from .defense import InputBinarization
+
+            defense = InputBinarization(defense, args.binarize)
+        classes, image_size, channels = list(card["classes"]), card["image_size"], card["in_channels"]
+        model_name, classifier_settings = card.get("name", args.cnn), None
+        device = next(defense.parameters()).device
+    else:
+        model, clf = _load(args)
+        classes, image_size, channels = model.classes, model.net.config.image_size, model.net.config.in_channels
+        model_name, classifier_settings, device = model.name, clf.settings.to_dict(), clf.device
+        defense = _build_defense(args.defense, model, clf, args)
+    _check_class_index("--label", args.label, classes)
+    _check_class_index("--target", args.target, classes)
+    x = _load_image_tensor(args.image, image_size, channels).to(device)
     x = torch.round(x * 255) / 255  # attack the image as it is stored (8-bit)
-    defense = _build_defense(args.defense, model, clf, args)
     grad = getattr(defense, "grad_mode", None)  # reports record the mode actually used (auto resolved)
     with torch.no_grad():
         clean_logits = defense(x)
@@ -873,7 +891,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         if not args.quiet and (rec.iteration % max(1, args.steps // 10) == 0 or rec.iteration == args.steps):
             left = time_left_text(time.perf_counter() - t0, iterations_run, settings.steps * settings.restarts)
             print(f"iter {rec.iteration:4d}/{rec.total_iterations}  loss {rec.loss[0]:9.4f}  margin "
-                  f"{rec.margin[0]:9.4f}  pred {model.classes[int(rec.prediction[0])]}  "
+                  f"{rec.margin[0]:9.4f}  pred {classes[int(rec.prediction[0])]}  "
                   f"linf {rec.linf[0]:.4f}  l2 {rec.l2[0]:.3f}" + (f"  {left}" if left else ""), file=sys.stderr)
 
     t0 = time.perf_counter()
@@ -889,13 +907,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_png_atomic(result.adversarial[0].cpu().numpy(), args.out, source=args.image)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
-        "image": args.image, "out": args.out, "defense": args.defense, "attack": args.attack,
+        "image": args.image, "out": args.out, "model": model_name, "defense": args.defense, "attack": args.attack,
         "grad": grad if args.defense == "rdc" else None, "binarize": args.binarize, "settings": settings.to_dict(),
-        "classifier": clf.settings.to_dict(),
+        "classifier": classifier_settings,
         "purify": _purify_settings(model, args).to_dict() if args.defense == "rdc" else None,
-        "label": label, "label_name": model.classes[label],
+        "label": label, "label_name": classes[label],
         "clean_probabilities": torch.softmax(clean_logits[0], 0).tolist(),
-        "adversarial_prediction": adv_pred, "adversarial_class": model.classes[adv_pred],
+        "adversarial_prediction": adv_pred, "adversarial_class": classes[adv_pred],
         "adversarial_probabilities": torch.softmax(adv_logits[0], 0).tolist(),
         "success": bool(result.success[0]), "linf": float(result.linf[0]), "l2": float(result.l2[0]),
         "checks": result.checks, "queries": result.queries, "seconds": seconds,
@@ -906,7 +924,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     if args.report:
         atomic_write_json(args.report, report)
     verdict = "attack succeeded" if report["success"] else "attack failed"
-    print(f"{verdict}: {model.classes[label]} -> {model.classes[adv_pred]}  linf {report['linf']:.4f} "
+    print(f"{verdict}: {classes[label]} -> {classes[adv_pred]}  linf {report['linf']:.4f} "
           f"l2 {report['l2']:.3f}  {seconds:.1f} s ({iterations_run} iterations, "
           f"{report['seconds_per_iteration']:.2f} s/iter), "
           f"peak RSS {peak_mb:.0f} MB")

@@ -237,6 +237,29 @@ def test_attack_writes_valid_example_and_report(tiny_checkpoint, digit_png, tmp_
     assert report["seconds_per_iteration"] == pytest.approx(report["seconds"] / 2) and report["peak_rss_mb"] > 0
 
 
+def test_attack_on_the_cnn_loads_no_diffusion_model(tiny_cnn, digit_png, tmp_path):
+    rep = tmp_path / "report.json"
+    missing = tmp_path / "no-such-model.safetensors"  # would fail if the diffusion model were loaded
+    assert main(["attack", str(digit_png), "--model", str(missing), "--defense", "cnn", "--cnn", str(tiny_cnn),
+                 "--steps", "2", "--eps", "0.3", "--report", str(rep), "--device", "cpu", "--quiet"]) == 0
+    report = json.loads(rep.read_text())
+    assert report["defense"] == "cnn" and report["classifier"] is None and report["purify"] is None
+    assert report["model"] == "cnn" and report["label_name"] == str(report["label"])
+    assert report["linf"] <= 0.3 + 1e-6 and report["iterations"] == 2
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"num_classes": "ten"}, "lacks or mangles its shape"),
+    ({"classes": ["a", "b"]}, "names 2 classes for 10 outputs"),
+    ({"format": "rdc-studio/diffusion"}, "not a CNN checkpoint"),
+])
+def test_a_mangled_cnn_card_is_a_one_line_error(tiny_cnn, digit_png, change, message):
+    card_path = tiny_cnn.with_suffix(".json")
+    card_path.write_text(json.dumps(json.loads(card_path.read_text()) | change))
+    with pytest.raises(SystemExit, match=message):
+        main(["attack", str(digit_png), "--defense", "cnn", "--cnn", str(tiny_cnn), "--steps", "1", "--quiet"])
+
+
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
 def test_eval_with_attack_on_rdc(tiny_checkpoint, tmp_path):
     out = tmp_path / "robust.json"
