@@ -17,7 +17,7 @@ from ..core.ood import OodScore
 from ..core.purify import PurifyStep
 
 EVENTS = ("image", "classification", "attack", "purification")
-CSV_HEADER = ["kind", "step", "class", "value"]
+CSV_HEADER = ["image", "kind", "step", "class", "value"]  # image: what the row's result is of
 Observer = Callable[[str], None]
 
 
@@ -149,21 +149,37 @@ class SessionState:
 
     # -- exports -----------------------------------------------------------------------
     def csv_rows(self) -> list[list[Any]]:
-        """Probabilities, likelihood curves, purification and attack curves as tidy rows."""
+        """Probabilities, likelihood curves, OOD score, purification and attack curves and the
+        attack's verdict as tidy rows; each row starts with the image its result is of (the
+        attack and purification may be of an earlier input or of another tab's result)."""
         classes, rows = self.classes, []
+        result, source = self.classification, self.image_source
         if self.probabilities is not None:
-            rows += [["probability", "", c, float(p)] for c, p in zip(classes, self.probabilities)]
-        result = self.classification
+            rows += [[source, "probability", "", c, float(p)] for c, p in zip(classes, self.probabilities)]
         for step, logits, measured in zip(result.levels, result.logits, result.measured):
             # an eliminated class's estimate is not measured at later levels (the plot ends its curve too)
-            rows += [["classify_logit", step, c, float(v)] for c, v, m in zip(classes, logits, measured) if m]
+            rows += [[source, "classify_logit", step, c, float(v)] for c, v, m in zip(classes, logits, measured) if m]
+        if result.ood is not None:
+            rows.append([source, "ood_bits_per_dim", "", "", result.ood.bits_per_dim])
+            if result.ood.percentile is not None:
+                rows.append([source, "ood_percentile", "", "", result.ood.percentile])
+        source = self.purification.source
         for rec in self.purification.records:
-            rows.append(["purify_objective", rec.step, "", float(rec.objective[0])])
+            rows.append([source, "purify_objective", rec.step, "", float(rec.objective[0])])
             if rec.objective_estimate is not None:
-                rows.append(["purify_objective_estimate", rec.step, "", float(rec.objective_estimate[0])])
-            rows += [["purify_logit", rec.step, c, float(v)] for c, v in zip(classes, rec.logits[0])]
+                rows.append([source, "purify_objective_estimate", rec.step, "", float(rec.objective_estimate[0])])
+            rows += [[source, "purify_logit", rec.step, c, float(v)] for c, v in zip(classes, rec.logits[0])]
+        source = self.attack.source
         for name, values in (("loss", self.attack.loss), ("margin", self.attack.margin)):
-            rows += [[f"attack_{name}", int(x), "", y] for x, y in zip(self.attack.iterations, values)]
+            rows += [[source, f"attack_{name}", int(x), "", y] for x, y in zip(self.attack.iterations, values)]
+        if (outcome := self.attack.outcome) is not None:
+            label = classes[int(outcome.labels[0])]
+            rows += [[source, "attack_succeeded", "", label, int(outcome.attack_succeeded[0])],
+                     [source, "defense_recovered", "", label, int(outcome.defense_recovered[0])],
+                     [source, "attack_linf", "", "", float(outcome.linf[0])],
+                     [source, "attack_l2", "", "", float(outcome.l2[0])]]
+            rows += [[source, "defense_probability", "", c, float(p)]
+                     for c, p in zip(classes, outcome.defense_probabilities[0])]
         return rows
 
     def results(self) -> dict[str, Any]:

@@ -245,7 +245,9 @@ def test_exports_and_session_round_trip(qtbot, window, digit_png, tmp_path, tiny
     rows = list(csv.DictReader(open(table)))
     probs = [float(r["value"]) for r in rows if r["kind"] == "probability"]
     assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-5
-    assert any(r["kind"] == "attack_loss" for r in rows)
+    assert {r["image"] for r in rows if r["kind"] in ("attack_loss", "probability")} == {window.image_source}
+    verdict = [r for r in rows if r["kind"] == "attack_succeeded"]
+    assert [int(r["value"]) for r in verdict] == [int(window.last_outcome.attack_succeeded[0])]
     assert window.save_session(str(sess))
     data = json.loads(sess.read_text())
     assert data["attack"]["seed"] == 7 and data["classifier"]["steps"] == 5

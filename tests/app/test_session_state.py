@@ -32,8 +32,8 @@ def test_session_state_notifies_and_exports():
     state.finish_classification(step)
     assert events == ["image", "classification", "classification", "classification"]
     rows = state.csv_rows()
-    assert CSV_HEADER == ["kind", "step", "class", "value"]
-    assert [r[0] for r in rows] == ["probability"] * 2 + ["classify_logit"] * 2
+    assert CSV_HEADER == ["image", "kind", "step", "class", "value"]
+    assert [r[:2] for r in rows] == [["zeros", "probability"]] * 2 + [["zeros", "classify_logit"]] * 2
     assert state.results()["probabilities"] == pytest.approx(list(probs[0]))
     state.set_image(np.ones((1, 2, 2), np.float32), "ones")
     assert state.probabilities is None and state.image_path == ""
@@ -49,10 +49,13 @@ def test_session_state_exports_the_objective_estimate_and_the_ood_score():
     state.add_purification([PurifyStep(s, 1, np.zeros((1, 1, 2, 2)), one * (5 - s), 0.5, one * 0, one * 0,
                                        np.zeros((1, 2)), one * (4 - s)) for s in (0, 1)])
     rows = state.csv_rows()
-    assert [r[1:] for r in rows if r[0] == "purify_objective_estimate"] == [[0, "", 4.0], [1, "", 3.0]]
-    assert [r[3] for r in rows if r[0] == "purify_objective"] == [5.0, 4.0]
+    assert [r[2:] for r in rows if r[1] == "purify_objective_estimate"] == [[0, "", 4.0], [1, "", 3.0]]
+    assert [r[4] for r in rows if r[1] == "purify_objective"] == [5.0, 4.0]
+    assert {r[0] for r in rows} == {"input"}
     score = judge(3.0, {"probabilities": [0.0, 1.0], "quantiles": [1.0, 2.0]})
     state.set_ood(score)
+    ood_rows = {r[1]: r[4] for r in state.csv_rows() if r[1].startswith("ood_")}
+    assert ood_rows == {"ood_bits_per_dim": 3.0, "ood_percentile": score.percentile}
     assert state.results()["ood"] == score.to_dict() and score.to_dict()["out_of_distribution"] is True
     state.begin_classification()
     assert "ood" not in state.results()  # a new classification forgets the old score
@@ -213,5 +216,29 @@ def test_csv_leaves_out_the_estimates_of_eliminated_classes():
                         probabilities=np.exp(logits) / np.exp(logits).sum(), level_errors=np.zeros((1, 2, 3)))
     state.begin_classification()
     state.add_classification([step, step], [np.array([True, True, True]), np.array([True, True, False])])
-    rows = [r for r in state.csv_rows() if r[0] == "classify_logit"]
-    assert [r[2] for r in rows] == ["a", "b", "c", "a", "b"]
+    rows = [r for r in state.csv_rows() if r[1] == "classify_logit"]
+    assert [r[3] for r in rows] == ["a", "b", "c", "a", "b"]
+
+
+def test_csv_says_which_image_each_result_is_of_and_gives_the_attack_verdict():
+    """An attack stays after a new image is opened: its rows name the attacked image, not the new input."""
+    from rdc_studio.core.attacks import AttackStep, DefenseOutcome
+
+    state = SessionState(["a", "b"])
+    state.set_image(np.zeros((1, 2, 2), np.float32), "first.png")
+    state.begin_attack("first.png")
+    one = np.ones(1)
+    state.add_attack([AttackStep(iteration=1, total_iterations=1, restart=0, loss=one * 2.0, margin=one * -0.5,
+                                 prediction=np.array([1]), linf=one * 0.1, l2=one * 0.5,
+                                 image=np.zeros((1, 1, 2, 2), np.float32), step_size=one * 0.01)])
+    image = np.zeros((1, 1, 2, 2), np.float32)
+    state.finish_attack(DefenseOutcome(clean=image, adversarial=image, purified=None, labels=np.array([0]),
+                                       attacked_prediction=np.array([1]), defense_probabilities=np.array([[0.3, 0.7]]),
+                                       attack_succeeded=np.array([True]), defense_recovered=np.array([False]),
+                                       linf=one * 0.1, l2=one * 0.5))
+    state.set_image(np.ones((1, 2, 2), np.float32), "second.png")
+    rows = {(r[0], r[1], r[3]): r[4] for r in state.csv_rows()}
+    assert rows == {("first.png", "attack_loss", ""): 2.0, ("first.png", "attack_margin", ""): -0.5,
+                    ("first.png", "attack_succeeded", "a"): 1, ("first.png", "defense_recovered", "a"): 0,
+                    ("first.png", "attack_linf", ""): 0.1, ("first.png", "attack_l2", ""): 0.5,
+                    ("first.png", "defense_probability", "a"): 0.3, ("first.png", "defense_probability", "b"): 0.7}
