@@ -36,11 +36,12 @@ def classify_job(clf: DiffusionClassifier, x: torch.Tensor, levels_per_step: int
 
 
 def attack_job(attacked: nn.Module, x: torch.Tensor, settings: AttackSettings, defense: nn.Module,
-               purify: Callable[[torch.Tensor], torch.Tensor] | None,
-               cancelled: Cancelled) -> Generator[AttackStep, None, DefenseOutcome | None]:
-    """Yield the attack's iterations; returns the full defense's verdict on its result."""
+               purify: Callable[[torch.Tensor], torch.Tensor] | None, cancelled: Cancelled,
+               y: torch.Tensor | None = None) -> Generator[AttackStep, None, DefenseOutcome | None]:
+    """Yield the attack's iterations; returns the full defense's verdict on its result
+    (``y``: the labels, default: the attacked model's predictions on ``x``)."""
     outcome = None
-    for record in attack_session(attacked, x, settings, defense=defense, purify=purify, cancelled=cancelled):
+    for record in attack_session(attacked, x, settings, defense=defense, purify=purify, y=y, cancelled=cancelled):
         if isinstance(record, AttackStep):
             yield record
         elif isinstance(record, DefenseOutcome):

@@ -73,6 +73,7 @@ class MainWindow(QMainWindow):
         self.session_classifier: dict | None = None
         self.sample_label = ""
         self.sample_caption = ""
+        self.sample_class = 0
         self._job_kind = ""
         self._started_at = 0.0
         self._closing = False
@@ -304,16 +305,19 @@ class MainWindow(QMainWindow):
     def _load_samples(self) -> None:
         """The bundled per-class samples (MNIST models), or a caption saying how to make some."""
         cfg = self.model.net.config
-        images, labels = [], []
+        images, captions, class_names = [], [], []
         dataset = self.model.card.get("dataset") or ""
         if dataset == "mnist" and SAMPLES_DIR.exists():
             for path in sorted(SAMPLES_DIR.glob("*.png")):
                 try:
                     images.append(load_for_model(path, cfg.image_size, cfg.in_channels, invert=False))
-                    labels.append(sample_caption(path.stem, self.model.classes))
                 except ImageLoadError:
                     continue
-        self.gallery.set_images(images, labels)
+                captions.append(sample_caption(path.stem, self.model.classes))
+                parsed = parse_sample_filename(path.stem)  # the class it was drawn from
+                known = parsed is not None and parsed[0] < len(self.model.classes)
+                class_names.append(self.model.classes[parsed[0]] if known else None)
+        self.gallery.set_images(images, captions, class_names)
         make_more = "Model ▸ Generate sample of class… (Ctrl+G) adds samples of the loaded model here"
         if not images:
             browse = ("File ▸ Browse dataset… (Ctrl+B) opens test images" if dataset else
@@ -325,8 +329,9 @@ class MainWindow(QMainWindow):
             text = f"<b>Samples</b> of the bundled model {DEFAULT_MODEL}, per class (click to open). {make_more}."
         self.samples_label.setText(text)
 
-    def _on_gallery_image_chosen(self, image: np.ndarray, label: str) -> None:
-        self.set_image(image, label)
+    def _on_gallery_image_chosen(self, image: np.ndarray, caption: str, class_name: str | None) -> None:
+        known = self.model.classes.index(class_name) if class_name in self.model.classes else None
+        self.set_image(image, caption, known_class=known)
 
     def open_dataset_browser(self) -> None:
         cfg = self.model.net.config
@@ -374,6 +379,7 @@ class MainWindow(QMainWindow):
         net = self.model.net
         self._set_progress(steps, "sampler steps")
         self.sample_label = f"generated {self.model.classes[label]} (seed {seed})"
+        self.sample_class = label
         self.sample_caption = f"{self.model.classes[label]} (seed {seed})"
         self._start_job("sample", lambda cancelled: sample_job(net, label, steps, seed, cancelled))
 
@@ -456,9 +462,10 @@ class MainWindow(QMainWindow):
         cfg = self.model.net.config
         self.set_image(convert_image(Image.fromarray(arr, "RGBA"), cfg.image_size, cfg.in_channels), label)
 
-    def set_image(self, image: np.ndarray, source: str, path: str = "") -> None:
-        """Make ``image`` (C, H, W) in [0, 1] the input and classify it."""
-        self.state.set_image(image, source, path)
+    def set_image(self, image: np.ndarray, source: str, path: str = "", known_class: int | None = None) -> None:
+        """Make ``image`` (C, H, W) in [0, 1] the input and classify it; ``known_class``: its
+        label when known (a dataset image, a sample drawn from a class), which attacks then use."""
+        self.state.set_image(image, source, path, known_class)
         self.classify()
 
     def _on_state_changed(self, event: str) -> None:
@@ -553,7 +560,8 @@ class MainWindow(QMainWindow):
                               "purify": self.purify_panel.settings().to_dict()}
         purified = self.state.purification.settings if self.state.purification.records else None
         return make_session(str(self.model.path), self.image, self.image_source, classifier, attack["attack"],
-                            purified or attack["purify"], results, self.device) | {
+                            purified or attack["purify"], results, self.device,
+                            known_class=self.state.image_known_class) | {
             "attack_gradient": attack["attack_gradient"], "attack_binarize": attack["attack_binarize"]}
 
     def save_session_dialog(self) -> None:
@@ -603,7 +611,9 @@ class MainWindow(QMainWindow):
         self.attack_panel.binarize.setValue(float(binarize) if isinstance(binarize, (int, float)) else 0.0)
         if session.get("purify"):
             self.purify_panel.apply(session["purify"])
-        self.set_image(image, session["image"].get("source", Path(path).name))
+        known = session["image"].get("known_class")  # absent in older sessions: unknown
+        known = known if type(known) is int and 0 <= known < len(self.model.classes) else None
+        self.set_image(image, session["image"].get("source", Path(path).name), known_class=known)
         return True
 
     # -- model ------------------------------------------------------------------
@@ -734,12 +744,15 @@ class MainWindow(QMainWindow):
     def _on_attack_panel_run_requested(self) -> None:
         self.run_attack()
 
-    def _on_purify_tab_attack_requested(self, image: np.ndarray, label: str) -> None:
-        self.run_attack(image, label)
+    def _on_purify_tab_attack_requested(self, image: np.ndarray, caption: str, known_class: int | None) -> None:
+        self.run_attack(image, caption, known_class)
 
-    def run_attack(self, image: np.ndarray | None = None, source: str = "") -> None:
-        """Attack ``image`` (default: the input) with the panel's settings against the full defense."""
-        image, source = (self.image, self.image_source) if image is None else (image, source)
+    def run_attack(self, image: np.ndarray | None = None, source: str = "", known_class: int | None = None) -> None:
+        """Attack ``image`` (default: the input) with the panel's settings against the full
+        defense; the label is ``known_class`` (the input's when known), else the attacked
+        model's prediction on the image."""
+        if image is None:
+            image, source, known_class = self.image, self.image_source, self.state.image_known_class
         if image is None:
             self.show_status("Open, drop or paste an image first", 4000)
             return
@@ -766,22 +779,26 @@ class MainWindow(QMainWindow):
         iterations = settings.steps * settings.restarts
         run_settings = {"attack": settings.to_dict(), "attack_gradient": grad, "attack_binarize": threshold,
                         "purify": purify_settings.to_dict()}  # what a session records with the result
-        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold, run_settings)
+        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold, run_settings, known_class)
+        y = None if known_class is None else torch.tensor([known_class], device=self.device)
         self._set_progress(iterations, "iterations")
         self.tabs.setCurrentWidget(self.attack_tab)
         if warning := gradient_warning(attacked):
             self.show_status(f"Note: {warning} (choose it under Gradient)", 15000)
-        self._start_job("attack", lambda cancelled: attack_job(attacked, x, settings, full, purify, cancelled))
+        self._start_job("attack", lambda cancelled: attack_job(attacked, x, settings, full, purify, cancelled, y))
 
     def _on_purify_panel_run_requested(self) -> None:
         self.run_purification()
 
-    def _on_attack_tab_purify_requested(self, image: np.ndarray, label: str) -> None:
-        self.run_purification(image, label)
+    def _on_attack_tab_purify_requested(self, image: np.ndarray, caption: str, known_class: int | None) -> None:
+        self.run_purification(image, caption, known_class)
 
-    def run_purification(self, image: np.ndarray | None = None, source: str = "") -> None:
-        """Likelihood maximisation of ``image`` (default: the input), drawn live."""
-        image, source = (self.image, self.image_source) if image is None else (image, source)
+    def run_purification(self, image: np.ndarray | None = None, source: str = "",
+                         known_class: int | None = None) -> None:
+        """Likelihood maximisation of ``image`` (default: the input), drawn live; ``known_class``
+        (the input's when known) is carried to an attack of the result."""
+        if image is None:
+            image, source, known_class = self.image, self.image_source, self.state.image_known_class
         if image is None:
             self.show_status("Open, drop or paste an image first", 4000)
             return
@@ -795,7 +812,7 @@ class MainWindow(QMainWindow):
             return
         lm = build_maximizer(self.model, settings)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).unsqueeze(0).to(self.device)
-        self.purify_tab.begin(source, settings.steps, settings.to_dict())
+        self.purify_tab.begin(source, settings.steps, settings.to_dict(), known_class)
         self._set_progress(settings.steps, "steps")
         self.tabs.setCurrentWidget(self.purify_tab)
         self._start_job("purify", lambda cancelled: purify_job(lm, x, clf, cancelled))
@@ -855,8 +872,9 @@ class MainWindow(QMainWindow):
             self.attack_tab.finish(result)
             self.attack_finished.emit(result)
         elif kind == "sample":
-            self.gallery.add_image(result.image[0], self.sample_caption)
-            self.set_image(result.image[0], self.sample_label)
+            self.gallery.add_image(result.image[0], self.sample_caption,
+                                   class_name=self.model.classes[self.sample_class])
+            self.set_image(result.image[0], self.sample_label, known_class=self.sample_class)
         elif kind == "purify":
             self.purify_tab.finish(result)
             self.purification_finished.emit(result)

@@ -42,6 +42,7 @@ class AttackTrace:
     margin: list[float] = field(default_factory=list)
     outcome: DefenseOutcome | None = None
     source: str = ""  # what was attacked
+    known_class: int | None = None  # the attacked image's known class (else the attacked model's prediction is the label)
     settings: dict | None = None  # the session fields of the run: attack, attack_gradient, attack_binarize, purify
 
 
@@ -51,6 +52,7 @@ class PurificationTrace:
 
     records: list[PurifyStep] = field(default_factory=list)
     source: str = ""  # what was purified
+    known_class: int | None = None  # the purified image's known class, carried to an attack of it
     finished: bool = False
     settings: dict | None = None  # PurifySettings.to_dict() of the run
 
@@ -63,6 +65,7 @@ class SessionState:
         self.image: np.ndarray | None = None
         self.image_source = ""
         self.image_path = ""
+        self.image_known_class: int | None = None  # the input's known class: a dataset label, or the class a sample was drawn from
         self.classification = ClassificationResult()
         self.attack = AttackTrace()
         self.purification = PurificationTrace()
@@ -84,10 +87,12 @@ class SessionState:
         self.attack = AttackTrace()
         self.purification = PurificationTrace()
 
-    def set_image(self, image: np.ndarray | None, source: str = "", path: str = "") -> None:
-        """A new input; the classification restarts (attack and purification results stay until rerun)."""
+    def set_image(self, image: np.ndarray | None, source: str = "", path: str = "",
+                  known_class: int | None = None) -> None:
+        """A new input (``known_class``: its label, when known); the classification restarts
+        (attack and purification results stay until rerun)."""
         self.image = None if image is None else np.array(image, dtype=np.float32, copy=True)
-        self.image_source, self.image_path = source, path
+        self.image_source, self.image_path, self.image_known_class = source, path, known_class
         self.classification = ClassificationResult()
         self._notify("image")
 
@@ -119,8 +124,8 @@ class SessionState:
         return self.classification.probabilities
 
     # -- attack --------------------------------------------------------------------
-    def begin_attack(self, source: str, settings: dict | None = None) -> None:
-        self.attack = AttackTrace(source=source, settings=settings)
+    def begin_attack(self, source: str, settings: dict | None = None, known_class: int | None = None) -> None:
+        self.attack = AttackTrace(source=source, settings=settings, known_class=known_class)
         self._notify("attack")
 
     def add_attack(self, records: list[AttackStep]) -> None:
@@ -135,8 +140,8 @@ class SessionState:
         self._notify("attack")
 
     # -- purification ------------------------------------------------------------------
-    def begin_purification(self, source: str, settings: dict | None = None) -> None:
-        self.purification = PurificationTrace(source=source, settings=settings)
+    def begin_purification(self, source: str, settings: dict | None = None, known_class: int | None = None) -> None:
+        self.purification = PurificationTrace(source=source, settings=settings, known_class=known_class)
         self._notify("purification")
 
     def add_purification(self, records: list[PurifyStep]) -> None:
@@ -193,5 +198,6 @@ class SessionState:
         if outcome is not None:
             results["attack"] = {"success": bool(outcome.attack_succeeded[0]),
                                  "defense_recovered": bool(outcome.defense_recovered[0]),
-                                 "linf": float(outcome.linf[0]), "l2": float(outcome.l2[0])}
+                                 "linf": float(outcome.linf[0]), "l2": float(outcome.l2[0]),
+                                 "label": int(outcome.labels[0]), "label_known": self.attack.known_class is not None}
         return results

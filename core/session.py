@@ -39,10 +39,11 @@ def save_session(path: str | Path, session: dict[str, Any]) -> None:
 
 
 def make_session(model: str, image: np.ndarray, image_source: str, classifier: dict, attack: dict,
-                 purify: dict, results: dict, device: str = "cpu") -> dict[str, Any]:
-    """Assemble a session: model, exact input image, all settings (with seeds) and results."""
+                 purify: dict, results: dict, device: str = "cpu", known_class: int | None = None) -> dict[str, Any]:
+    """Assemble a session: model, exact input image (with its label ``known_class`` when
+    known), all settings (with seeds) and results."""
     return {"format": SESSION_FORMAT, "version": 1, "model": model, "device": device,
-            "image": dict(encode_array(image), source=image_source), "classifier": classifier,
+            "image": dict(encode_array(image), source=image_source, known_class=known_class), "classifier": classifier,
             "attack": attack, "purify": purify, "results": results}
 
 

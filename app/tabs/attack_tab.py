@@ -48,10 +48,11 @@ class ImageGrid(QWidget):
 
 
 class AttackTab(QWidget):
-    """Shows an attack live and the full defense's verdict; ``purify_requested(image, label)``
-    asks the window to purify the adversarial image."""
+    """Shows an attack live and the full defense's verdict; ``purify_requested(image, caption,
+    known_class)`` asks the window to purify the adversarial image (``known_class``: the
+    attacked image's label when known, else None)."""
 
-    purify_requested = Signal(object, str)
+    purify_requested = Signal(object, str, object)
 
     def __init__(self, state: SessionState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -113,13 +114,14 @@ class AttackTab(QWidget):
         self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
 
     def begin(self, x: np.ndarray, source: str, iterations: int, binarize: float | None = None,
-              settings: dict | None = None) -> None:
+              settings: dict | None = None, known_class: int | None = None) -> None:
         """A new attack on ``x`` (C, H, W) of ``iterations`` iterations in all, against a
         defense that binarises its input at ``binarize`` (None: it does not); ``settings``:
-        the run's, as a session records them."""
+        the run's, as a session records them; ``known_class``: the label of ``x`` when known
+        (else the attacked model's prediction on it is the label)."""
         self.binarize = binarize
         self.defense_name = "the full RDC" if binarize is None else f"the full RDC on the input binarised at {binarize:.2f}"
-        self.state.begin_attack(source, settings)
+        self.state.begin_attack(source, settings, known_class)
         self.plot.reset(x_extent=iterations)
         for v in (self.view_adversarial, self.view_purified):
             v.set_image(None)
@@ -155,19 +157,25 @@ class AttackTab(QWidget):
         if outcome.purified is not None:
             self.view_purified.set_image(outcome.purified[0], f"defense says {classes[defended]} ({probs[defended]:.1%})")
         says = f"{self.defense_name} predicts {classes[defended]} ({probs[defended]:.1%})"
+        # the label is the image's known class, else the attacked model's prediction on it
+        was = f"{'labelled' if self.state.attack.known_class is not None else 'predicted'} {classes[label]}"
         if outcome.attack_succeeded[0]:
-            attack = f"Attack succeeded ({classes[label]} → {classes[adv_pred]})"
+            attack = f"Attack succeeded ({was} → {classes[adv_pred]})"
             defense = "the defense recovered" if outcome.defense_recovered[0] else "the defense failed"
             verdict = f"{attack}; {defense}: {says}."
         elif outcome.defense_recovered[0]:
-            verdict = f"Attack failed ({classes[label]} stays {classes[adv_pred]}); the defense holds: {says}."
+            verdict = f"Attack failed ({was}, still {classes[adv_pred]}); the defense holds: {says}."
         else:  # the attacked model (e.g. DC only, or another gradient mode) held, the full defense did not
-            verdict = (f"Attack failed against the attacked model ({classes[label]} stays {classes[adv_pred]}), "
+            verdict = (f"Attack failed against the attacked model ({was}, still {classes[adv_pred]}), "
                        f"but {says}: the defense failed.")
         self._set_verdict(verdict, GOOD if outcome.defense_recovered[0] else BAD)
         if not self.state.attack.iterations and outcome.attack_succeeded[0]:
-            # Square's initial stripes often fool a model outright: say why the plot is empty
-            self.plot.set_message("No iteration ran: the attack's starting point already fooled the attacked model.")
+            # Square's initial stripes often fool a model outright, and a labelled image may be misclassified
+            # already: say why the plot is empty
+            already = int(outcome.attacked_prediction[0]) != label and self.state.attack.known_class is not None
+            self.plot.set_message("No iteration ran: " + ("the attacked model misclassifies this labelled image "
+                                  "already." if already else "the attack's starting point already fooled the "
+                                  "attacked model."))
         self.purify_button.setEnabled(True)
 
     def stopped(self) -> None:
@@ -181,9 +189,9 @@ class AttackTab(QWidget):
         outcome = self.state.attack.outcome
         if outcome is None:
             return
-        label = f"adversarial ({self.state.attack.source})"
+        caption, known = f"adversarial ({self.state.attack.source})", self.state.attack.known_class
         if self.binarize is None:
-            self.purify_requested.emit(outcome.adversarial[0], label)
+            self.purify_requested.emit(outcome.adversarial[0], caption, known)
         else:  # what the defense purified: the binarised image
             binary = (outcome.adversarial[0] > self.binarize).astype(outcome.adversarial.dtype)
-            self.purify_requested.emit(binary, f"{label}, binarised at {self.binarize:.2f}")
+            self.purify_requested.emit(binary, f"{caption}, binarised at {self.binarize:.2f}", known)

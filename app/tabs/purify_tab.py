@@ -24,9 +24,10 @@ PURIFIED_TITLE = "Purified image (live)"
 
 
 class PurifyTab(QWidget):
-    """Shows a purification; ``attack_requested(image, label)`` asks the window to attack the result."""
+    """Shows a purification; ``attack_requested(image, caption, known_class)`` asks the window
+    to attack the result (``known_class``: the purified image's label when known, else None)."""
 
-    attack_requested = Signal(object, str)
+    attack_requested = Signal(object, str, object)
 
     def __init__(self, state: SessionState, defaults: PurifySettings, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -90,8 +91,8 @@ class PurifyTab(QWidget):
         self.view.title.setText(f"<b>{PURIFIED_TITLE}</b>")
         self._enable_replay(False)
 
-    def begin(self, source: str, steps: int, settings: dict | None = None) -> None:
-        self.state.begin_purification(source, settings)
+    def begin(self, source: str, steps: int, settings: dict | None = None, known_class: int | None = None) -> None:
+        self.state.begin_purification(source, settings, known_class)
         self.curves.reset(x_extent=steps)
         self.objective_plot.reset(x_extent=steps)
         self._enable_replay(False)
@@ -159,4 +160,5 @@ class PurifyTab(QWidget):
         if 0 <= index < len(self.records):
             record = self.records[index]
             what = "unpurified" if record.step == 0 else f"purified, step {record.step}"
-            self.attack_requested.emit(record.image[0], f"{what} ({self.state.purification.source})")
+            self.attack_requested.emit(record.image[0], f"{what} ({self.state.purification.source})",
+                                       self.state.purification.known_class)

@@ -36,7 +36,7 @@ def load_source(dataset_name: str, source_index: int, root: str) -> TensorDatase
 class DatasetBrowser(QDialog):
     """Pages of thumbnails with their labels; clicking one emits ``image_chosen``."""
 
-    image_chosen = Signal(object, str)
+    image_chosen = Signal(object, str, object)  # image, caption, true class name (None: a folder image)
     loaded = Signal(int)
     failed = Signal(str)
 
@@ -143,20 +143,22 @@ class DatasetBrowser(QDialog):
 
     def _on_page_value_changed(self, page: int) -> None:
         start = page * PAGE
-        images, labels = [], []
+        images, captions, class_names = [], [], []
         if self.dataset is not None:
             stop = min(start + PAGE, len(self.dataset))
             for i in range(start, stop):
                 images.append(self._fit(self.dataset.float_images(slice(i, i + 1))[0].numpy()))
-                labels.append(f"#{i}: {self.dataset.classes[int(self.dataset.labels[i])]}")
+                class_names.append(self.dataset.classes[int(self.dataset.labels[i])])
+                captions.append(f"#{i}: {class_names[-1]}")
             total = len(self.dataset)
         else:
             for path in self.folder_files[start:start + PAGE]:
                 try:
                     images.append(load_for_model(path, self.image_size, self.channels))
-                    labels.append(path.name)
+                    captions.append(path.name)
+                    class_names.append(None)
                 except ImageLoadError:
                     continue
             total = len(self.folder_files)
-        self.gallery.set_images(images, labels)
+        self.gallery.set_images(images, captions, class_names)
         self.info.setText(f"{start + 1}–{start + len(images)} of {total}")

@@ -22,9 +22,10 @@ def array_to_pixmap(image: np.ndarray, size: int = 56) -> QPixmap:
 
 
 class Gallery(QListWidget):
-    """Icon grid; ``image_chosen(array, label)`` when an item is clicked."""
+    """Icon grid; ``image_chosen(array, caption, class_name)`` when an item is clicked
+    (``class_name``: the image's true class when known, else None)."""
 
-    image_chosen = Signal(object, str)
+    image_chosen = Signal(object, str, object)
 
     def __init__(self, parent: QWidget | None = None, icon_size: int = 56) -> None:
         super().__init__(parent)
@@ -35,23 +36,28 @@ class Gallery(QListWidget):
         self.setSpacing(4)
         self._icon_size = icon_size
         self.images: list[np.ndarray] = []
+        self.class_names: list[str | None] = []
         self.itemClicked.connect(self._on_item_clicked)
 
-    def set_images(self, images: list[np.ndarray], labels: list[str]) -> None:
+    def set_images(self, images: list[np.ndarray], captions: list[str],
+                   class_names: list[str | None] | None = None) -> None:
+        """Show ``images`` with their captions and, where known, their true classes."""
         self.clear()
-        self.images = []
-        for image, label in zip(images, labels):
-            self.add_image(image, label, scroll=False)
+        self.images, self.class_names = [], []
+        for i, (image, caption) in enumerate(zip(images, captions)):
+            self.add_image(image, caption, scroll=False, class_name=None if class_names is None else class_names[i])
 
-    def add_image(self, image: np.ndarray, label: str, scroll: bool = True) -> None:
-        """Append one image (a copy) with its caption; ``scroll`` brings it into view."""
+    def add_image(self, image: np.ndarray, caption: str, scroll: bool = True, class_name: str | None = None) -> None:
+        """Append one image (a copy) with its caption and true class (None: unknown);
+        ``scroll`` brings it into view."""
         self.images.append(np.array(image, dtype=np.float32, copy=True))
-        item = QListWidgetItem(QIcon(array_to_pixmap(self.images[-1], self._icon_size)), label)
-        item.setToolTip(label)
+        self.class_names.append(class_name)
+        item = QListWidgetItem(QIcon(array_to_pixmap(self.images[-1], self._icon_size)), caption)
+        item.setToolTip(caption)
         self.addItem(item)
         if scroll:
             self.scrollToItem(item)
 
     def _on_item_clicked(self, item: QListWidgetItem) -> None:
         row = self.row(item)
-        self.image_chosen.emit(self.images[row], item.text())
+        self.image_chosen.emit(self.images[row], item.text(), self.class_names[row])

@@ -160,13 +160,14 @@ def test_dataset_browser_on_the_cifar10_test_split(qtbot, window):
     qtbot.addWidget(browser)
     assert browser.source.itemText(0) == "cifar10 test"
     chosen = []
-    browser.image_chosen.connect(lambda img, label: chosen.append((img, label)))
+    browser.image_chosen.connect(lambda img, caption, class_name: chosen.append((img, caption, class_name)))
     with qtbot.waitSignal(browser.loaded, timeout=120000) as blocker:
         browser.load(0, str(default_data_root()))
     assert blocker.args[0] == 10000 and browser.gallery.count() == 48
     assert browser.gallery.item(0).text().split(": ")[1] in CIFAR10_CLASSES
     browser.gallery.itemClicked.emit(browser.gallery.item(0))
     assert chosen[0][0].shape == (3, 16, 16)  # converted to the model's input
+    assert chosen[0][2] == browser.gallery.item(0).text().split(": ")[1]  # its label, for attacks
     folder_only = DatasetBrowser(None, 16, 3)  # a model without a known dataset: folders only
     qtbot.addWidget(folder_only)
     assert folder_only.source.count() == 1 and folder_only.source_indices == [2]

@@ -284,6 +284,7 @@ def test_generate_sample_then_classify(qtbot, window):
     assert window.gallery.count() == before + 1
     item = window.gallery.item(before)
     assert item.text() == "3 (seed 1)" and np.array_equal(window.gallery.images[-1], window.image)
+    assert window.state.image_known_class == 3 and window.gallery.class_names[-1] == "3"  # drawn from class 3
     assert "Generate sample" in window.samples_label.text()
 
 
@@ -297,12 +298,12 @@ def test_dataset_browser_opens_a_test_digit(qtbot, window):
     browser = DatasetBrowser("mnist", 28, 1)
     qtbot.addWidget(browser)
     chosen = []
-    browser.image_chosen.connect(lambda img, label: chosen.append((img, label)))
+    browser.image_chosen.connect(lambda img, caption, class_name: chosen.append((img, caption, class_name)))
     with qtbot.waitSignal(browser.loaded, timeout=60000):  # loads on a worker thread
         browser.load(0, str(__import__("rdc_studio.core.data", fromlist=["x"]).default_data_root()))
     assert browser.gallery.count() == 48 and browser.gallery.item(0).text() == "#0: 7"
     browser.gallery.itemClicked.emit(browser.gallery.item(0))
-    assert chosen and chosen[0][0].shape == (1, 28, 28) and chosen[0][1] == "#0: 7"
+    assert chosen and chosen[0][0].shape == (1, 28, 28) and chosen[0][1:] == ("#0: 7", "7")
     with qtbot.waitSignal(browser.failed, timeout=10000) as blocker:
         browser.load(2, "/nonexistent/folder")
     assert "/nonexistent/folder" in blocker.args[0]
@@ -315,6 +316,52 @@ def test_gallery_click_opens_image(qtbot, window):
     with qtbot.waitSignal(window.classification_finished, timeout=30000):
         window.gallery.itemClicked.emit(window.gallery.item(0))
     assert np.array_equal(window.image, img) and window.image_source == "sample"
+
+
+def test_a_labelled_image_is_attacked_with_its_label_through_purify_and_attack(qtbot, window, tmp_path,
+                                                                               tiny_checkpoint):
+    """A gallery image with a known class (a dataset digit, a sample drawn from a class) is attacked
+    with that label, not with the model's prediction; "Purify this" / "Attack this" carry it, and a
+    session keeps it."""
+    import json
+
+    img = np.zeros((1, 28, 28), np.float32)
+    img[0, 10:20, 12:16] = 1
+    with qtbot.waitSignal(window.classification_finished, timeout=30000) as classified:
+        window.gallery.set_images([img, img], ["digit", "unlabelled"], ["3", None])
+        window.gallery.itemClicked.emit(window.gallery.item(0))
+    assert window.state.image_known_class == 3
+    label = 3 if int(np.argmax(classified.args[0])) != 3 else 5  # a label the untrained model does not predict
+    window.state.image_known_class = label
+    window.attack_panel.steps.setValue(1)
+    window.purify_panel.steps.setValue(1)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000) as attacked:
+        window.run_attack()
+    assert int(attacked.args[0].labels[0]) == label and window.state.attack.known_class == label
+    assert f"labelled {label}" in window.attack_verdict.text()  # misclassified already: the attack succeeded
+    with qtbot.waitSignal(window.purification_finished, timeout=60000):
+        window.attack_tab.purify_button.click()
+    assert window.state.purification.known_class == label
+    window.purify_tab.scrubber.setValue(1)
+    with qtbot.waitSignal(window.attack_finished, timeout=60000) as again:
+        window.purify_tab.attack_button.click()
+    assert int(again.args[0].labels[0]) == label
+    sess = tmp_path / "session.json"
+    assert window.save_session(str(sess))
+    assert json.loads(sess.read_text())["image"]["known_class"] == label
+    other = MainWindow(load_checkpoint(tiny_checkpoint), steps=3)
+    qtbot.addWidget(other)
+    with qtbot.waitSignal(other.classification_finished, timeout=30000):
+        assert other.open_session(str(sess))
+    assert other.state.image_known_class == label
+    other.runner.shutdown()
+    # an image of unknown class is attacked with the attacked model's prediction
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.gallery.itemClicked.emit(window.gallery.item(1))
+    assert window.state.image_known_class is None
+    with qtbot.waitSignal(window.attack_finished, timeout=60000):
+        window.run_attack()
+    assert window.state.attack.known_class is None and "predicted" in window.attack_verdict.text()
 
 
 def test_light_settings_persist_heavy_ones_reset_unless_pinned(qtbot, window, tiny_checkpoint):
@@ -476,8 +523,8 @@ def test_flip_attack_needs_binarisation_then_attacks_the_binarised_defense(qtbot
     # the purified pane and "Purify this" show what the defense purified: the binarised image
     with qtbot.waitSignal(window.attack_tab.purify_requested) as sent:
         window.attack_tab.purify_button.click()
-    image, label = sent.args
-    assert set(np.unique(image)) <= {0.0, 1.0} and "binarised at 0.50" in label
+    image, caption, known_class = sent.args
+    assert set(np.unique(image)) <= {0.0, 1.0} and "binarised at 0.50" in caption and known_class is None
     assert np.array_equal(image, (out.adversarial[0] > 0.5).astype(image.dtype))
 
 
