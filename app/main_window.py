@@ -56,6 +56,21 @@ def sample_caption(stem: str, classes: list[str]) -> str:
     return stem
 
 
+def saved_attack_note(attack: dict | None, classes: list[str]) -> str:
+    """What a session's saved attack result was, for the status line after it is reopened
+    (the attack itself is re-run on request, with the session's settings and seed)."""
+    if not isinstance(attack, dict) or not isinstance(attack.get("success"), bool):
+        return ""
+    label = attack.get("label")
+    name = (f" on {'labelled' if attack.get('label_known') else 'predicted'} {classes[label]}"
+            if type(label) is int and 0 <= label < len(classes) else "")
+    if attack["success"]:
+        verdict = "succeeded; the defense " + ("recovered" if attack.get("defense_recovered") else "failed")
+    else:
+        verdict = "failed; the defense " + ("held" if attack.get("defense_recovered") else "failed")
+    return f"The session's attack{name} {verdict}. Run ▸ Attack (Ctrl+T) re-runs it with its settings and seed."
+
+
 class MainWindow(QMainWindow):
     """Drop, open or paste an image; the engine classifies it on a worker thread."""
 
@@ -78,7 +93,7 @@ class MainWindow(QMainWindow):
         self._started_at = 0.0
         self._closing = False
         self._pending_device: str | None = None
-        self._preset_note = ""  # said again when the classification that a preset started ends
+        self._classify_note = ""  # said again when the classification that a preset or session started ends
         self.runner = JobRunner(self)
         self.runner.steps_ready.connect(self._on_runner_steps_ready)
         self.runner.finished.connect(self._on_runner_finished)
@@ -465,6 +480,7 @@ class MainWindow(QMainWindow):
     def set_image(self, image: np.ndarray, source: str, path: str = "", known_class: int | None = None) -> None:
         """Make ``image`` (C, H, W) in [0, 1] the input and classify it; ``known_class``: its
         label when known (a dataset image, a sample drawn from a class), which attacks then use."""
+        self._classify_note = ""  # a note on the previous input's classification
         self.state.set_image(image, source, path, known_class)
         self.classify()
 
@@ -614,6 +630,7 @@ class MainWindow(QMainWindow):
         known = session["image"].get("known_class")  # absent in older sessions: unknown
         known = known if type(known) is int and 0 <= known < len(self.model.classes) else None
         self.set_image(image, session["image"].get("source", Path(path).name), known_class=known)
+        self._classify_note = saved_attack_note(session.get("results", {}).get("attack"), self.model.classes)
         return True
 
     # -- model ------------------------------------------------------------------
@@ -688,18 +705,18 @@ class MainWindow(QMainWindow):
             self.preset_combo.setCurrentIndex(index)  # comes back here through the signal
             return
         self._apply_preset_settings(preset)
-        self._preset_note = ""
+        self._classify_note = ""
         if preset:
             note = ""
             if self.model.card.get("dataset") != "cifar10":
                 note = (f" These are the paper's CIFAR-10 settings; {self.model.name}'s own, chosen on its "
                         f"validation split, are its model card's.")
-            self._preset_note = f"Preset {preset}: {get_preset(preset).description}.{note}"
-            self.show_status(self._preset_note, 15000)
+            self._classify_note = f"Preset {preset}: {get_preset(preset).description}.{note}"
+            self.show_status(self._classify_note, 15000)
         if self.image is not None and self._job_kind in ("", "classify"):  # the result on show: these settings'
             self.classify()  # its status line repeats the note
         else:
-            self._preset_note = ""
+            self._classify_note = ""
 
     def _apply_preset_settings(self, preset: str | None) -> None:
         """T and the purification panel from the model's card and ``preset``."""
@@ -882,7 +899,7 @@ class MainWindow(QMainWindow):
             self.classify_tab.finish(result)
             probs = self.state.probabilities
             top = int(np.argmax(probs))
-            note, self._preset_note = self._preset_note, ""
+            note, self._classify_note = self._classify_note, ""
             self.show_status(f"{self.image_source}: {self.model.classes[top]} ({probs[top]:.1%}) "
                              f"in {time.perf_counter() - self._started_at:.2f} s" + (f". {note}" if note else ""),
                              15000 if note else 10000)

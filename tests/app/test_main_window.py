@@ -354,6 +354,8 @@ def test_a_labelled_image_is_attacked_with_its_label_through_purify_and_attack(q
     with qtbot.waitSignal(other.classification_finished, timeout=30000):
         assert other.open_session(str(sess))
     assert other.state.image_known_class == label
+    saved = "succeeded" if again.args[0].attack_succeeded[0] else "failed"
+    assert f"The session's attack on labelled {label} {saved}" in other.message_label.toolTip()
     other.runner.shutdown()
     # an image of unknown class is attacked with the attacked model's prediction
     with qtbot.waitSignal(window.classification_finished, timeout=30000):
