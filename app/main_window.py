@@ -16,7 +16,7 @@ from PySide6.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QHBoxLayout, Q
                                QVBoxLayout, QWidget)
 
 from ..core.choices import PRESETS
-from ..core.classifier import build_classifier, classifier_settings
+from ..core.classifier import ClassifierSettings, build_classifier, classifier_settings
 from ..core.defense import build_defense, build_maximizer, gradient_warning, purify_settings
 from ..core.ood import OodScorer
 from ..core.presets import get_preset
@@ -725,7 +725,9 @@ class MainWindow(QMainWindow):
         self.purify_panel.apply(purify_settings(self.model, preset).to_dict())
 
     def _classifier(self):
-        overrides = dict(self.session_classifier or {})
+        # a session's settings; keys another version of the app wrote are left out
+        known = set(ClassifierSettings.__dataclass_fields__) | {"preset"}
+        overrides = {k: v for k, v in (self.session_classifier or {}).items() if k in known}
         overrides["steps"] = int(self.steps_spin.value())
         preset = overrides.pop("preset", "") if self.session_classifier else self.preset  # a session's own
         return build_classifier(self.model, self.device, preset=preset, **overrides)

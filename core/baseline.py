@@ -13,7 +13,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from .data import TensorDataset
+from .data import TensorDataset, check_image_batch
 from .models import BUNDLED_DIR, CNN_FORMAT, CheckpointError, atomic_save_tensors, atomic_write_json, is_cnn_card
 
 
@@ -32,6 +32,7 @@ class SmallCNN(nn.Module):
                                   nn.Linear(256, num_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_image_batch(x, self.in_channels, self.image_size)
         return self.head(self.features(x * 2 - 1))
 
 

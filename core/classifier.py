@@ -17,6 +17,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
+from .data import check_image_batch
 from .diffusion import GRIDS, WEIGHTINGS, NoiseGrid, noise_grid, to_model_space
 from .nets import Denoiser
 from .runtime import active_cancellation, raise_if_cancelled
@@ -254,6 +255,8 @@ class DiffusionClassifier(nn.Module):
         smallest change of a kept class's estimate, so it always ranks below every kept
         class. The last estimate is the classifier's output.
         """
+        config = self.net.config
+        check_image_batch(x, config.in_channels, config.image_size)
         s = self.settings
         t, k = s.steps, self.num_classes
         order = interleaved_order(t)
@@ -463,10 +466,15 @@ def classifier_settings(model, preset: str | None = None, **overrides) -> Classi
     Raises
     ------
     ValueError
-        For an unknown preset name or invalid settings.
+        For an unknown preset name, an override that is no ``ClassifierSettings`` field, or
+        invalid settings.
     """
     from .presets import get_preset
 
+    if unknown := sorted(set(overrides) - set(ClassifierSettings.__dataclass_fields__)):
+        raise ValueError(f"unknown classifier setting{'s' if len(unknown) > 1 else ''} {', '.join(unknown)} "
+                         f"(the settings: {', '.join(ClassifierSettings.__dataclass_fields__)}; the noise "
+                         f"levels T are 'steps')")
     base = dict(model.classifier_defaults)
     name = preset if preset is not None else model.card.get("preset")
     if name:
@@ -501,6 +509,8 @@ def build_classifier(model, device: str | torch.device = "cpu", preset: str | No
     ------
     UnconditionalModelError
         If the model is unconditional (no class names on its card).
+    ValueError
+        For an unknown preset or setting, or invalid settings (:func:`classifier_settings`).
     """
     if not model.classes:
         raise UnconditionalModelError(

@@ -29,6 +29,30 @@ class DatasetNotFoundError(FileNotFoundError):
         self.dataset, self.searched = dataset, tuple(searched)
 
 
+def check_image_batch(x: torch.Tensor, channels: int | None = None, image_size: int | None = None,
+                      what: str = "images") -> None:
+    """Raise ``ValueError`` unless ``x`` is a float batch (N, C, H, W) in [0, 1] (with C,
+    H and W those of the model when given): the convention of every classifier, defense
+    and attack here (a dataset's ``images`` field is uint8: use ``float_images``)."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{what} must be a torch.Tensor, not {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{what} must be floating point in [0, 1], not {x.dtype} (divide 8-bit images by 255)")
+    if x.dim() != 4:
+        raise ValueError(f"{what} must be a batch (N, C, H, W), not of shape {tuple(x.shape)} "
+                         f"(one image: x.unsqueeze(0))")
+    want = (channels if channels is not None else x.shape[1],
+            image_size if image_size is not None else x.shape[2], image_size if image_size is not None else x.shape[3])
+    if tuple(x.shape[1:]) != want:
+        raise ValueError(f"{what} of shape {tuple(x.shape[1:])} per image do not fit the model's "
+                         f"{want} (channels, height, width)")
+    if x.numel():
+        lo, hi = float(x.detach().amin()), float(x.detach().amax())
+        if not (lo >= -1e-4 and hi <= 1 + 1e-4):  # also false for NaN
+            raise ValueError(f"{what} must lie in [0, 1], not [{lo:.4g}, {hi:.4g}] (the models scale to "
+                             f"[-1, 1] themselves)")
+
+
 def user_data_dir() -> Path:
     """The per-user data directory (``$XDG_DATA_HOME/rdc-studio/data``, default
     ``~/.local/share/rdc-studio/data``)."""

@@ -55,7 +55,9 @@ class Attack:
         return self.last_result
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """The adversarial images (8-bit, validated); unbroken examples are perturbed too."""
+        """The adversarial images (8-bit, validated). APGD, PGD, Square and Flip return their
+        last iterate for unbroken examples too; APGDT (a worst case over target classes)
+        returns the clean image where no target broke it."""
         return self.run(images, labels).adversarial
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

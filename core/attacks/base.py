@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data import check_image_batch
 from ..runtime import OperationCancelled, cancellation_scope
 
 Cancelled = Callable[[], bool]
@@ -199,6 +200,16 @@ def project(x: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.T
         n = d.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *([1] * (x.dim() - 1)))
         x = x0 + d * torch.clamp(eps / n, max=1.0)
     return x.clamp(0.0, 1.0)
+
+
+def check_attack_input(x: torch.Tensor) -> None:
+    """Raise ``ValueError`` unless ``x`` is a float batch (N, C, H, W) in [0, 1] on the 8-bit
+    grid: the attacks return 8-bit images (what a PNG holds) within eps of ``x``, which
+    needs ``x`` itself on the grid."""
+    check_image_batch(x)
+    if not torch.allclose(x * 255, torch.round(x * 255), atol=1e-3):
+        raise ValueError("images must be 8-bit values (k/255): the attacks return 8-bit images within eps of them; "
+                         "round them first with torch.round(x * 255) / 255")
 
 
 def quantize_in_ball(x: torch.Tensor, x0: torch.Tensor, eps: float, norm: str) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ..runtime import run_to_end
-from .base import AttackSettings, Cancelled, stops_when_cancelled
+from .base import AttackSettings, Cancelled, check_attack_input, stops_when_cancelled
 from .run import attack
 
 ENSEMBLE_LABELS = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T", "square": "Square",
@@ -83,6 +83,11 @@ class EnsembleResult:
     seconds: dict[str, float]  # per attack
     attack_queries: dict[str, int]  # per attack, summed over the examples
 
+    @property
+    def success(self) -> torch.Tensor:
+        """Per example: misclassified clean or broken by an attack (as :class:`AttackResult`'s)."""
+        return ~self.robust
+
 
 @stops_when_cancelled
 def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, members: list[EnsembleMember],
@@ -96,6 +101,7 @@ def ensemble_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, members:
     Returns None when ``cancelled`` (polled by every attack before each pass, and inside
     the diffusion classifier's passes) fires.
     """
+    check_attack_input(x)
     x0 = x.detach()
     n = x0.shape[0]
     ids = list(range(n)) if example_ids is None else [int(i) for i in example_ids]

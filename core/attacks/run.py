@@ -11,7 +11,7 @@ from torch import nn
 
 from ..runtime import OperationCancelled, cancellation_scope
 from .apgd import gradient_attack
-from .base import AttackResult, AttackSettings, AttackStep, Cancelled
+from .base import AttackResult, AttackSettings, AttackStep, Cancelled, check_attack_input
 from .flip import flip_attack
 from .square import square_attack
 
@@ -29,6 +29,7 @@ def attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor | None, settings: 
     one network call. Drive it with :func:`run_to_end`, or use the
     torchattacks-shaped classes (:class:`APGD`, ...) for the adversarial images alone.
     """
+    check_attack_input(x)
     x0 = x.detach()
     ids = list(range(x0.shape[0])) if example_ids is None else [int(i) for i in example_ids]
     if settings.method == "square":

@@ -141,6 +141,31 @@ def test_torchattacks_shaped_classes_match_the_generators(toy):
         APGD(model, norm="L1")
 
 
+def test_attacks_refuse_images_off_the_8bit_grid_or_outside_the_convention(toy):
+    """The attacks return 8-bit images within eps of the input: an input between grey levels
+    (e.g. resized), 0-255 values or uint8 are refused before any work, not at validation."""
+    model, x, y = toy
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    for bad, message in ((x * 0.99 + 0.3 / 255, "8-bit values"), (x * 255, r"\[0, 1\]"),
+                         ((x * 255).to(torch.uint8), "floating point")):
+        for make in (lambda: APGD(model, eps=0.05, steps=2), lambda: APGDT(model, eps=0.05, steps=2,
+                                                                            n_target_classes=1)):
+            with pytest.raises(ValueError, match=message):
+                make()(bad, y)
+    assert not calls
+
+
+def test_apgdt_result_says_which_examples_are_broken_like_the_others(toy):
+    model, x, y = toy
+    apgdt = APGDT(model, eps=0.05, steps=3, n_target_classes=2)
+    adv = apgdt(x, y)
+    result = apgdt.last_result
+    with torch.no_grad():
+        fooled = model(adv).argmax(1) != y
+    assert result.success.dtype == torch.bool and torch.equal(result.success, fooled)
+
+
 def test_settings_validation():
     with pytest.raises(ValueError):
         AttackSettings(norm="l1")

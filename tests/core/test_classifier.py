@@ -334,3 +334,32 @@ def test_fewer_levels_than_the_cards_screening_turn_elimination_off(tiny_net, tm
     assert classifier_settings(model, steps=8).screen_levels == 6  # enough levels: the card's elimination
     with pytest.raises(ValueError, match="exceeds the number of levels"):  # asked for explicitly: an error
         classifier_settings(model, steps=4, screen_levels=6)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (lambda x: (x * 255).to(torch.uint8), "floating point"),
+    (lambda x: x * 255, r"lie in \[0, 1\]"),
+    (lambda x: x * 2 - 1, r"lie in \[0, 1\]"),
+    (lambda x: x[0], r"batch \(N, C, H, W\)"),
+    (lambda x: torch.nn.functional.pad(x, (2, 2, 2, 2)), r"\(1, 32, 32\) per image do not fit the model's \(1, 28, 28\)"),
+    (lambda x: x.expand(-1, 3, -1, -1), r"\(3, 28, 28\) per image"),
+])
+def test_images_outside_the_convention_are_a_clear_error(tiny_net, images, bad, message):
+    """A dataset's uint8 field, 0-255 or [-1, 1] scaling, a missing batch axis or another size
+    would otherwise give silently wrong logits or a shape error deep inside the network."""
+    clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=2))
+    with pytest.raises(ValueError, match=message):
+        clf(bad(images))
+    with pytest.raises(ValueError, match=message):
+        next(clf.stream(bad(images)))
+
+
+def test_the_cnn_baseline_checks_its_input_too():
+    from rdc_studio.core.baseline import SmallCNN
+
+    cnn = SmallCNN().eval()
+    with pytest.raises(ValueError, match="floating point"):
+        cnn(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"\(1, 32, 32\) per image"):
+        cnn(torch.zeros(2, 1, 32, 32))
+    assert cnn(torch.zeros(2, 1, 28, 28)).shape == (2, 10)

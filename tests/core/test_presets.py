@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from rdc_studio.core.choices import PRESETS as PRESET_NAMES
-from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, classifier_settings
+from rdc_studio.core.classifier import ClassifierSettings, DiffusionClassifier, build_classifier, classifier_settings
 from rdc_studio.core.defense import purify_settings
 from rdc_studio.core.diffusion import P_MEAN, P_STD, SIGMA_DATA, noise_grid, uniform_grid
 from rdc_studio.core.models import load_checkpoint
@@ -149,6 +149,11 @@ def test_settings_layer_card_then_preset_then_options(tiny_checkpoint) -> None:
     assert classifier_settings(model, "paper").steps == 125
     with pytest.raises(ValueError, match="unknown preset"):
         classifier_settings(model, "nope")
+    # a misspelt override (the command line's --levels is the field steps) is an error, not ignored
+    with pytest.raises(ValueError, match="unknown classifier setting levels .*'steps'"):
+        classifier_settings(model, levels=4)
+    with pytest.raises(ValueError, match="unknown classifier settings T, sigma"):
+        build_classifier(model, T=4, sigma=1.0)
 
 
 # -- the command line applies them and records them --------------------------------------
