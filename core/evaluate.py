@@ -803,6 +803,23 @@ class EvalConfig:
     state: str | None = None
     command: str = ""
 
+    def __post_init__(self) -> None:
+        from .choices import DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NORMS
+
+        for name, value, allowed in (("dataset", self.dataset, DATASETS), ("defense", self.defense, DEFENSES),
+                                     ("attack", self.attack, EVAL_ATTACKS), ("norm", self.norm, NORMS),
+                                     ("grad", self.grad, GRAD_MODES)):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        for name in ("steps", "restarts", "eot", "targets", "batch_size"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be a whole number of at least 1, not {getattr(self, name)!r}")
+        if self.n is not None and not (isinstance(self.n, int) and self.n >= 0):
+            raise ValueError(f"n must be a whole number (0 or None: all), not {self.n!r}")
+        if self.attack != "none" and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
+                                          and self.eps > 0):
+            raise ValueError(f"eps must be a positive number, not {self.eps!r}")
+
 
 @dataclass(frozen=True)
 class EvalProgress:
@@ -874,10 +891,16 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
 
     Parameters
     ----------
+    config
+        What to evaluate (:class:`EvalConfig`).
     model, classifier
         The loaded diffusion model and its classifier (None for the ``cnn`` defense).
+    device
+        Where the ``cnn`` defense runs (the others run on the classifier's device).
     purify
         The RDC's :class:`core.purify.PurifySettings` (default: the model card's).
+    dataset
+        The split to evaluate (default: loaded from ``config``'s dataset, split and data root).
     shard
         (rank, world size): this process attacks every world-th example from rank; with
         a process group (:func:`init_distributed`) all shards' results are gathered.
@@ -885,6 +908,8 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         Called at the start (resumed examples count as done) and after every batch.
     warn
         Receives engine warnings (e.g. masked gradients) before the attacks start.
+    cancelled
+        Polled between batches and inside the attacks; True stops the run (None is returned).
 
     Returns
     -------
@@ -894,11 +919,16 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
     Raises
     ------
     ValueError
-        For a model trained on another dataset, an unusable CNN or ensemble setting, or a
-        ``state`` file of a run with other settings.
+        For a missing model or classifier (``dc``, ``rdc``), a model trained on another
+        dataset, an unusable CNN or ensemble setting, or a ``state`` file of a run with
+        other settings.
     """
     from .data import load_dataset
     from .defense import build_defense, gradient_warning
+
+    if config.defense != "cnn" and (model is None or classifier is None):
+        raise ValueError(f"the {config.defense} defense needs the loaded diffusion model and its classifier "
+                         f"(core.models.load_checkpoint, core.classifier.build_classifier)")
 
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.split, config.data_root)
     cancelled = cancelled or (lambda: False)

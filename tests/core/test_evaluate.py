@@ -1,4 +1,5 @@
 """core.evaluate helpers that the CLI tests do not pin down."""
+import pytest
 import torch
 
 from rdc_studio.core.evaluate import module_device
@@ -227,3 +228,30 @@ def test_follow_ups_count_where_they_attacked_and_do_not_narrow_the_worst_case(t
     assert saved["follow_ups"] == [str(paths[2])] and saved["robust_acc"] == 0.25
     assert main(["worst-case", str(paths[1]), "--follow-up", str(paths[2])]) == 0
     assert "robust accuracy 50.00%" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"attack": "foo"}, "attack must be one of none, ensemble"),
+    ({"defense": "abs"}, "defense must be one of cnn, dc, rdc"),
+    ({"norm": "l1"}, "norm must be one of linf, l2"),
+    ({"grad": "exactly"}, "grad must be one of"),
+    ({"steps": 0}, "steps must be a whole number"),
+    ({"batch_size": 2.5}, "batch_size must be a whole number"),
+    ({"n": -1}, "n must be a whole number"),
+    ({"attack": "apgd-ce", "eps": float("nan")}, "eps must be a positive number"),
+])
+def test_an_unusable_evaluation_config_is_refused_when_made(change, message):
+    from rdc_studio.core.evaluate import EvalConfig
+
+    with pytest.raises(ValueError, match=message):
+        EvalConfig(**change)
+
+
+def test_evaluating_a_diffusion_defense_without_its_model_says_so():
+    from rdc_studio.core.data import TensorDataset
+    from rdc_studio.core.evaluate import EvalConfig, run_evaluation
+
+    ds = TensorDataset(torch.zeros(2, 1, 28, 28, dtype=torch.uint8), torch.zeros(2, dtype=torch.long),
+                       [str(i) for i in range(10)], "mnist", "test")
+    with pytest.raises(ValueError, match="the dc defense needs the loaded diffusion model"):
+        run_evaluation(EvalConfig(defense="dc", n=1), dataset=ds)
