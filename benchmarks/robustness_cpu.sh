@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The robustness rows of the default model at the reduced budget a 2-core CPU affords, in one
-# resumable command: the protocol behind the README's DC and RDC rows of the third-stage
-# weights, to be re-run whenever the bundled weights or their defense settings change.
+# resumable command: the protocol that measured the shipped weights' l-inf 0.3 rows (stage 3)
+# and every DC and RDC row of the third-stage weights on the 2-core VM (the shipped weights'
+# l-inf 0.1 and l2 1.5 rows came from its GPU counterpart, benchmarks/robustness_gpu.sh, at
+# more digits); for re-measuring on a CPU whenever the bundled weights or their defense
+# settings change.
 #
 #   bash benchmarks/robustness_cpu.sh [MODEL]      (default: mnist-embedding)
 #
