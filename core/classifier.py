@@ -65,9 +65,10 @@ class ClassifierSettings:
     # classes leading after them. 0 = every level on every class.
     screen_levels: int = 0
     keep_classes: int = 0
-    # The quadrature: ``quantile`` (equal-mass levels of the weighting, equal weights) or
-    # ``uniform`` (equally spaced sigmas, weights = density x spacing; the released RDC
-    # code's Euler integral). ``reduction``: the squared error summed over pixels (``sum``)
+    # The quadrature: ``quantile`` (equal-mass levels of the weighting, equal weights),
+    # ``log`` (equally spaced in ln sigma, weights = density x spacing; the bundled default
+    # model's) or ``uniform`` (equally spaced sigmas, weights = density x spacing; the released
+    # RDC code's Euler integral). ``reduction``: the squared error summed over pixels (``sum``)
     # or averaged over them (``mean``, as the released code does: logits 1/(C H W) as large).
     grid: str = "quantile"
     reduction: str = "sum"

@@ -692,7 +692,7 @@ def cmd_train_cnn(args: argparse.Namespace) -> int:
 
         model = run_to_end(train_cnn(ds, epochs=args.epochs, seed=args.seed, cancelled=_StopOnSignals()), show)
     if model is None:
-        print("rdc: stopped; nothing written (the CNN trains in a minute or two: re-run it whole)", file=sys.stderr)
+        print("rdc: stopped; nothing written (the CNN trains in about 10 minutes on one CPU core, with no resume: re-run it whole)", file=sys.stderr)
         return 130
     wall = time.perf_counter() - t0
     metrics = {}
