@@ -40,7 +40,8 @@ _ARGV: list[str] = []
 GRAD_HELP = ("gradient mode of an attacked rdc: auto (smooth for sign-step purification, exact for Adam), "
              "exact (through the purification steps), smooth (exact, with a tanh surrogate in the backward "
              "pass of the sign steps) or bpda (identity through the purification)")
-
+DATA_ROOT_HELP = ("dataset root (default: RDC_DATA_ROOT, else the user data folder, else shared/data beside a "
+                  "source checkout; layouts: docs/data.md)")
 
 def _command_line() -> str:
     """The command as the user typed it (for model cards and reports)."""
@@ -981,7 +982,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a diffusion classifier (resumable)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
     p.add_argument("--data-root", default=None,
-                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+                   help=DATA_ROOT_HELP)
     p.add_argument("--split", default="train", choices=["train", "train-full"],
                    help="train: the training split without the validation images; train-full: all of it")
     p.add_argument("--out", required=True, help="run directory (resumes if it holds a state)")
@@ -1036,7 +1037,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-cnn", help="train the small discriminative CNN baseline")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="training data")
     p.add_argument("--data-root", default=None,
-                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+                   help=DATA_ROOT_HELP)
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors; a .json card is written beside)")
     p.add_argument("--epochs", type=finite_number(0, low_open=True), default=3.0, help="passes over the training data")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
@@ -1099,7 +1100,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate accuracy on a dataset split (clean, or under attack)")
     p.add_argument("--dataset", choices=DATASETS, default="mnist", help="evaluation data")
     p.add_argument("--data-root", default=None,
-                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+                   help=DATA_ROOT_HELP)
     p.add_argument("--split", choices=["test", "val", "train"], default="test", help="dataset split")
     picked = p.add_mutually_exclusive_group()
     picked.add_argument("--n", "--num-examples", dest="n", type=whole_number(0), default=None,
@@ -1139,7 +1140,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "bundled default)")
     p.add_argument("--n", type=whole_number(0), default=1000, help="validation images scored (0: the whole split)")
     p.add_argument("--data-root", default=None,
-                   help="dataset root (default: RDC_DATA_ROOT, the user data folder or ../shared/data)")
+                   help=DATA_ROOT_HELP)
     p.add_argument("--levels", type=whole_number(1), default=None, metavar="L",
                    help="noise levels of the score's quadrature, evenly spaced in log sigma (default: 16)")
     p.add_argument("--sigma-min", type=finite_number(0, low_open=True), default=None, help="smallest noise level of the score (default: 0.002)")

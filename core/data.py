@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import tarfile
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,9 +132,16 @@ def mnist_available(data_root: str | Path | None = None) -> bool:
 
 
 def _find_mnist_raw(data_root: str | Path | None) -> Path:
+    """The folder holding MNIST's four IDX files (each plain or ``.gz``)."""
+    def has(folder: Path, name: str) -> bool:
+        return (folder / (name + ".gz")).exists() or (folder / name).exists()
+
     for root in data_root_candidates(data_root):
         for cand in (root / "MNIST" / "raw", root / "raw", root):
-            if (cand / (_MNIST_FILES[0] + ".gz")).exists() or (cand / _MNIST_FILES[0]).exists():
+            if has(cand, _MNIST_FILES[0]):
+                if missing := [name for name in _MNIST_FILES if not has(cand, name)]:
+                    raise DatasetNotFoundError(f"MNIST in {cand} is incomplete: {', '.join(missing)} (.gz) missing",
+                                               "MNIST", (cand,))
                 return cand
     raise _missing("MNIST", f"MNIST/raw/{_MNIST_FILES[0]}.gz", data_root)
 
@@ -204,30 +213,71 @@ def class_interleaved(labels: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(np.lexsort((y, rank)))
 
 
+CIFAR10_SOURCE_FILE = ".source.json"  # in the extracted folder: which archive it came from
+
+
+def _archive_identity(archive: Path) -> dict:
+    stat = archive.stat()
+    return {"archive": str(archive.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _extract_cifar10(data_root: str | Path | None, cache_dir: Path) -> Path:
+    """``cache_dir/cifar10-jpeg``, extracted from the data root's ``cifar10-jpeg.tar.gz``
+    (again when that archive is another one than the folder came from); the extraction
+    happens in a temporary folder, so a failure or a concurrent load leaves no partial one."""
+    folder = cache_dir / "cifar10-jpeg"
+    archive = next((root / "cifar10-jpeg.tar.gz" for root in data_root_candidates(data_root)
+                    if (root / "cifar10-jpeg.tar.gz").is_file()), None)
+    if archive is None:
+        if folder.is_dir():  # extracted before; the archive has been moved away since
+            return folder
+        raise _missing("CIFAR-10", "cifar10-jpeg.tar.gz", data_root)
+    identity = _archive_identity(archive)
+    try:
+        current = json.loads((folder / CIFAR10_SOURCE_FILE).read_text()) == identity
+    except (OSError, ValueError):
+        current = False  # not extracted yet, or by a version that did not record its archive
+    if current:
+        return folder
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".cifar10-"))
+    try:
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DatasetNotFoundError(f"CIFAR-10 archive {archive} is damaged ({exc})", "CIFAR-10",
+                                       (archive.parent,)) from exc
+        if not (tmp / "cifar10-jpeg").is_dir():
+            raise DatasetNotFoundError(f"CIFAR-10 archive {archive} holds no cifar10-jpeg/ folder", "CIFAR-10",
+                                       (archive.parent,))
+        (tmp / "cifar10-jpeg" / CIFAR10_SOURCE_FILE).write_text(json.dumps(identity))
+        if folder.exists():  # another archive's images: set aside, then removed
+            os.replace(folder, tmp / "previous")
+        try:
+            os.replace(tmp / "cifar10-jpeg", folder)
+        except OSError:
+            if not folder.is_dir():  # not a concurrent load that finished first
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def load_cifar10(split: str, data_root: str | Path | None = None, cache_dir: str | Path | None = None) -> TensorDataset:
     """The CIFAR-10 JPEG re-encoding via ``torchvision.datasets.ImageFolder``.
 
     The archive stores the images class by class; every split is put in
     :func:`class_interleaved` order, so the first n images (what ``rdc eval --n``
-    takes) cover the ten classes evenly instead of being all airplanes.
-    Note: these are JPEG (quality 75) re-encodings, not the official binaries.
+    takes) cover the ten classes evenly instead of being all airplanes. The archive may
+    hold JPEG re-encodings or the lossless PNGs ``scripts/make_cifar10_archive.py``
+    makes from the official release (docs/data.md).
     """
     from torchvision.datasets import ImageFolder
 
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
-    cache_dir = Path(cache_dir or default_cache_dir())
-    folder = cache_dir / "cifar10-jpeg"
-    if not folder.exists():
-        archive = next((root / "cifar10-jpeg.tar.gz" for root in data_root_candidates(data_root)
-                        if (root / "cifar10-jpeg.tar.gz").exists()), None)
-        if archive is None:
-            raise _missing("CIFAR-10", "cifar10-jpeg.tar.gz", data_root)
-        tmp = Path(tempfile.mkdtemp(dir=cache_dir.mkdir(parents=True, exist_ok=True) or cache_dir))
-        with tarfile.open(archive) as tar:
-            tar.extractall(tmp, filter="data")
-        os.replace(tmp / "cifar10-jpeg", folder)
-        shutil.rmtree(tmp, ignore_errors=True)
+    folder = _extract_cifar10(data_root, Path(cache_dir or default_cache_dir()))
     sub = "test" if split == "test" else "train"
     ds = ImageFolder(str(folder / sub))
     arrays = np.stack([np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples])

@@ -817,8 +817,8 @@ class EvalConfig:
         if self.n is not None and not (isinstance(self.n, int) and self.n >= 0):
             raise ValueError(f"n must be a whole number (0 or None: all), not {self.n!r}")
         if self.attack != "none" and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
-                                          and self.eps > 0):
-            raise ValueError(f"eps must be a positive number, not {self.eps!r}")
+                                          and self.eps >= 0):
+            raise ValueError(f"eps must be a number of at least 0, not {self.eps!r}")
 
 
 @dataclass(frozen=True)

@@ -238,7 +238,8 @@ def test_follow_ups_count_where_they_attacked_and_do_not_narrow_the_worst_case(t
     ({"steps": 0}, "steps must be a whole number"),
     ({"batch_size": 2.5}, "batch_size must be a whole number"),
     ({"n": -1}, "n must be a whole number"),
-    ({"attack": "apgd-ce", "eps": float("nan")}, "eps must be a positive number"),
+    ({"attack": "apgd-ce", "eps": float("nan")}, "eps must be a number of at least 0"),
+    ({"attack": "apgd-ce", "eps": -0.1}, "eps must be a number of at least 0"),
 ])
 def test_an_unusable_evaluation_config_is_refused_when_made(change, message):
     from rdc_studio.core.evaluate import EvalConfig
