@@ -173,6 +173,9 @@ def _extract_mnist(data_root: str | Path | None, cache_dir: Path) -> Path:
 
 
 def _split_indices(n_train: int, split: str, seed: int = 0) -> np.ndarray:
+    if split in ("train", "val") and n_train <= VAL_SIZE:
+        raise ValueError(f"the training set holds {n_train} images: the {split} split needs more than the "
+                         f"{VAL_SIZE} that validation takes (use train-full)")
     perm = np.random.default_rng(seed).permutation(n_train)
     if split == "val":
         return np.sort(perm[:VAL_SIZE])
@@ -280,6 +283,9 @@ def load_cifar10(split: str, data_root: str | Path | None = None, cache_dir: str
     folder = _extract_cifar10(data_root, Path(cache_dir or default_cache_dir()))
     sub = "test" if split == "test" else "train"
     ds = ImageFolder(str(folder / sub))
+    if list(ds.classes) != CIFAR10_CLASSES:
+        raise DatasetNotFoundError(f"the CIFAR-10 archive's {sub} folder holds the classes {', '.join(ds.classes)}, "
+                                   f"not {', '.join(CIFAR10_CLASSES)}", "CIFAR-10", (folder,))
     arrays = np.stack([np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples])
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([t for _, t in ds.samples], dtype=torch.long)

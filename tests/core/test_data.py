@@ -80,3 +80,23 @@ def test_an_incomplete_mnist_folder_names_the_missing_files(tmp_path):
     (raw / "train-images-idx3-ubyte.gz").write_bytes(b"")
     with pytest.raises(DatasetNotFoundError, match="incomplete: train-labels-idx1-ubyte, t10k-images"):
         load_dataset("mnist", "test", tmp_path, tmp_path / "cache")
+
+
+def test_an_archive_with_other_class_folders_or_too_few_training_images_is_refused(tmp_path):
+    import tarfile
+
+    from rdc_studio.core.data import DatasetNotFoundError
+
+    root, cache = tmp_path / "data", tmp_path / "cache"
+    _tiny_cifar_archive(root, 10)
+    with pytest.raises(ValueError, match="holds 10 images: the val split needs more than the 5000"):
+        load_dataset("cifar10", "val", root, cache)
+    other = tmp_path / "other"
+    other.mkdir()
+    with tarfile.open(root / "cifar10-jpeg.tar.gz") as tar:
+        tar.extractall(other, filter="data")
+    (other / "cifar10-jpeg" / "test" / "truck").rename(other / "cifar10-jpeg" / "test" / "lorry")
+    with tarfile.open(root / "cifar10-jpeg.tar.gz", "w:gz") as tar:
+        tar.add(other / "cifar10-jpeg", "cifar10-jpeg")
+    with pytest.raises(DatasetNotFoundError, match="classes airplane, .*lorry, ship, not airplane"):
+        load_dataset("cifar10", "test", root, cache)
