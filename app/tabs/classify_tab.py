@@ -64,12 +64,13 @@ class ClassifyTab(QSplitter):
         measured = [~np.isnan(r.level_errors[0]).all(axis=0) for r in records]
         self.state.add_classification(records, measured)
         self.curves.add_points([r.levels_done for r in records], [r.logits[0] for r in records], measured)
-        self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels)
+        self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels,
+                                    known_class=self.state.image_known_class)
         return last.levels_done
 
     def finish(self, final: ClassifyStep) -> None:
         self.state.finish_classification(final)
-        self.bars.set_probabilities(self.state.probabilities, final=True)
+        self.bars.set_probabilities(self.state.probabilities, final=True, known_class=self.state.image_known_class)
 
     def stopped(self) -> None:
         text = self.bars.verdict.text()

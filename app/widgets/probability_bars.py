@@ -103,9 +103,10 @@ class ProbabilityBars(QWidget):
             label.setPos(k, float(tops[k]) + (0.05 if self.log else 0.0))
 
     def set_probabilities(self, probabilities: np.ndarray | None, final: bool = True,
-                          text: str = "Drop an image to classify it") -> None:
+                          text: str = "Drop an image to classify it", known_class: int | None = None) -> None:
         """Draw ``probabilities`` (a running estimate unless ``final``); None: empty bars
-        under ``text``."""
+        under ``text``. A final verdict names ``known_class`` (the input's label, when known)
+        and whether the prediction matches it."""
         if probabilities is None:
             self.heights = np.zeros(len(self.classes))
             self._draw([BAR_COLOUR] * len(self.classes), show_labels=False)
@@ -115,7 +116,10 @@ class ProbabilityBars(QWidget):
         top = int(np.argmax(self.heights))
         self._draw([TOP_COLOUR if i == top else BAR_COLOUR for i in range(len(self.classes))], show_labels=True)
         prefix = "Predicted" if final else "Leading"
-        self.verdict.setText(f"{prefix}: {self.classes[top]}  ({self.heights[top]:.1%})")
+        text = f"{prefix}: {self.classes[top]}  ({self.heights[top]:.1%})"
+        if final and known_class is not None and 0 <= known_class < len(self.classes):
+            text += f"  · label {self.classes[known_class]}: {'right' if top == known_class else 'wrong'}"
+        self.verdict.setText(text)
 
     @property
     def predicted(self) -> int | None:

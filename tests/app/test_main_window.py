@@ -331,6 +331,8 @@ def test_a_labelled_image_is_attacked_with_its_label_through_purify_and_attack(q
         window.gallery.set_images([img, img], ["digit", "unlabelled"], ["3", None])
         window.gallery.itemClicked.emit(window.gallery.item(0))
     assert window.state.image_known_class == 3
+    right = "right" if int(np.argmax(classified.args[0])) == 3 else "wrong"
+    assert window.bars.verdict.text().endswith(f"· label 3: {right}")
     label = 3 if int(np.argmax(classified.args[0])) != 3 else 5  # a label the untrained model does not predict
     window.state.image_known_class = label
     window.attack_panel.steps.setValue(1)
@@ -360,7 +362,7 @@ def test_a_labelled_image_is_attacked_with_its_label_through_purify_and_attack(q
     # an image of unknown class is attacked with the attacked model's prediction
     with qtbot.waitSignal(window.classification_finished, timeout=30000):
         window.gallery.itemClicked.emit(window.gallery.item(1))
-    assert window.state.image_known_class is None
+    assert window.state.image_known_class is None and "label" not in window.bars.verdict.text()
     with qtbot.waitSignal(window.attack_finished, timeout=60000):
         window.run_attack()
     assert window.state.attack.known_class is None and "predicted" in window.attack_verdict.text()
