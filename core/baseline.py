@@ -126,18 +126,27 @@ def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device 
         raise CheckpointError(f"{p}: unreadable model card ({exc})") from exc
     if card.get("format") != CNN_FORMAT:
         raise CheckpointError(f"{p}: not a CNN checkpoint (format {card.get('format')!r})")
-    try:
-        model = SmallCNN(card["in_channels"], card["num_classes"], card["image_size"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{p}: the CNN card lacks or mangles its shape ({exc!r})") from exc
+    shape = {key: card.get(key) for key in ("in_channels", "num_classes", "image_size")}
+    bounds = {"in_channels": (1, 4), "num_classes": (1, 1000), "image_size": (4, 512)}
+    for key, value in shape.items():
+        lo, hi = bounds[key]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise CheckpointError(f"{p}: the CNN card lacks or mangles its shape ({key} {value!r}, not {lo}-{hi})")
+    model = SmallCNN(shape["in_channels"], shape["num_classes"], shape["image_size"])
     card.setdefault("classes", [str(i) for i in range(model.num_classes)])  # cards written before classes were
-    if len(card["classes"]) != model.num_classes:
-        raise CheckpointError(f"{p}: the card names {len(card['classes'])} classes for {model.num_classes} outputs")
+    classes = card["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{p}: the card's classes must be a list of names, not {classes!r:.80}")
+    if len(classes) != model.num_classes:
+        raise CheckpointError(f"{p}: the card names {len(classes)} classes for {model.num_classes} outputs")
     try:
         tensors = load_file(str(p))
         model.load_state_dict(tensors)
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"{p}: weights do not match a SmallCNN ({exc})") from exc
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{p}: tensor {key!r} is not finite floating-point ({tensor.dtype})")
     model.eval().to(device)
     for q in model.parameters():
         q.requires_grad_(False)

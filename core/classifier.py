@@ -7,6 +7,7 @@ classes; the class-embedding network runs the K classes as one batched pass.
 from __future__ import annotations
 
 import contextlib
+import numbers
 from dataclasses import dataclass, field, asdict
 from typing import Callable, Iterator, Sequence
 
@@ -83,10 +84,17 @@ class ClassifierSettings:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if self.screen_levels < 0 or self.keep_classes < 0:
-            raise ValueError("screen_levels and keep_classes must be >= 0")
+        for name, lo, hi in (("steps", 1, 4096), ("noise_seed", 0, 2**63 - 1), ("levels_per_pass", 0, 4096),
+                             ("screen_levels", 0, 4096), ("keep_classes", 0, 1000)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
+                raise ValueError(f"{name} must be a whole number in {lo}-{hi}, not {value!r}")
+        for name in ("sigma_min", "sigma_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, not {value!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be true or false, not {self.bf16!r}")
         if self.screen_levels > self.steps:
             raise ValueError(f"screen_levels ({self.screen_levels}) exceeds the number of levels ({self.steps}); "
                              f"screen fewer levels (--screen-levels; 0 turns class elimination off)")
@@ -101,6 +109,8 @@ class ClassifierSettings:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ClassifierSettings":
+        if not isinstance(data, dict):
+            raise ValueError(f"classifier settings must be an object, not {data!r:.80}")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 

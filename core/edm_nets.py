@@ -19,6 +19,7 @@ sampler and the attacks use an imported EDM model unchanged.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -531,7 +532,21 @@ class EdmNetConfig:
         for name in ("image_size", "in_channels", "num_classes"):
             if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be a non-negative integer")
-        levels = len(self.full_model_kwargs()["channel_mult"])
+        # bounds far above the published networks (ADM: 192 channels, mult 4, 3 blocks), so that a
+        # crafted config cannot make the loader allocate many gigabytes before the weights are compared
+        full = self.full_model_kwargs()
+        for name, value, hi in (("image_size", self.image_size, 512), ("in_channels", self.in_channels, 4),
+                                ("num_classes", self.num_classes, 1000),
+                                ("model_channels", full["model_channels"], 1024),
+                                ("num_blocks", full["num_blocks"], 8), ("augment_dim", full["augment_dim"], 64),
+                                ("channel_mult_emb", full["channel_mult_emb"], 8)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= hi:
+                raise ValueError(f"{name} must be a whole number in 0-{hi}, not {value!r}")
+        mult = full["channel_mult"]
+        if (not isinstance(mult, list) or not 1 <= len(mult) <= 6
+                or not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and 1 <= m <= 8 for m in mult)):
+            raise ValueError(f"channel_mult must list 1-6 whole numbers in 1-8, not {mult!r}")
+        levels = len(mult)
         if self.image_size < 1 or self.image_size % (2 ** (levels - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2**{levels - 1}")
 

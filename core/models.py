@@ -205,13 +205,22 @@ def read_card(name_or_path: str | Path | None = None) -> dict[str, Any]:
     return _read_card(resolve_model_path(name_or_path))
 
 
+MAX_CARD_BYTES = 16 * 2**20  # far above any card (the bundled ones are a few tens of kB)
+
+
 def _read_card(weights: Path) -> dict[str, Any]:
     side = weights.with_suffix(".json")
     if side.exists():
+        if not side.is_file():  # a folder, or a device such as /dev/zero behind a link
+            raise CheckpointError(f"{side}: the model card is not a regular file")
+        if side.stat().st_size > MAX_CARD_BYTES:
+            raise CheckpointError(f"{side}: {side.stat().st_size} bytes is too large for a model card")
         try:
             card = json.loads(side.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise CheckpointError(f"{side}: model card is not valid JSON ({exc})") from exc
+        except OSError as exc:
+            raise CheckpointError(f"{side}: model card cannot be read ({exc})") from exc
     else:
         try:
             from safetensors import safe_open
@@ -222,7 +231,10 @@ def _read_card(weights: Path) -> dict[str, Any]:
             raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from exc
         if "rdc_card" not in meta:
             raise CheckpointError(f"{weights}: no model card (neither {side.name} nor embedded metadata)")
-        card = json.loads(meta["rdc_card"])
+        try:
+            card = json.loads(meta["rdc_card"])
+        except json.JSONDecodeError as exc:
+            raise CheckpointError(f"{weights}: the embedded model card is not valid JSON ({exc})") from exc
     if isinstance(card, dict) and card.get("format") == CNN_FORMAT:
         raise CheckpointError(f"{weights}: the CNN baseline (a discriminative classifier), not a diffusion model; "
                               f"use it with rdc classify --model or as an attack's --cnn")
@@ -231,7 +243,23 @@ def _read_card(weights: Path) -> dict[str, Any]:
     for key in ("net", "classes"):
         if key not in card:
             raise CheckpointError(f"{weights}: model card lacks {key!r}")
+    _check_card_types(weights, card)
     return card
+
+
+def _check_card_types(weights: Path, card: dict[str, Any]) -> None:
+    """The card's entries have the types the code reads them as (values are checked where
+    they are used: the network config, classifier and purification settings)."""
+    classes = card["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise CheckpointError(f"{weights}: the card's classes must be a list of names, not {classes!r:.80}")
+    if len(set(classes)) != len(classes):
+        raise CheckpointError(f"{weights}: the card names a class twice")
+    for key, kind, what in (("net", dict, "an object"), ("classifier", dict, "an object"),
+                            ("purify", dict, "an object"), ("preset", str, "a name"),
+                            ("ood_reference", dict, "an object"), ("dataset", str, "a name")):
+        if key in card and card[key] is not None and not isinstance(card[key], kind):
+            raise CheckpointError(f"{weights}: the card's {key!r} must be {what}, not {card[key]!r:.80}")
 
 
 def resolve_model_path(name_or_path: str | Path | None) -> Path:
@@ -274,8 +302,10 @@ def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.
         else:
             config = NetConfig.from_dict(card["net"])
             net = build_denoiser(config)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"{path}: invalid network config ({exc})") from exc
+    except (RuntimeError, MemoryError) as exc:  # within the config's bounds, yet too large for this machine
+        raise CheckpointError(f"{path}: the network the card describes cannot be built here ({exc})") from exc
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -293,6 +323,8 @@ def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.
             raise CheckpointError(
                 f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, config expects {tuple(ref.shape)}"
             )
+        if tensors[key].is_floating_point() != ref.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} is {tensors[key].dtype}, the network holds {ref.dtype}")
         if not torch.isfinite(tensors[key].float()).all():
             raise CheckpointError(f"{path}: tensor {key!r} contains NaN or inf")
     net.load_state_dict(tensors)
@@ -302,7 +334,26 @@ def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.
     if len(card["classes"]) != config.num_classes:
         raise CheckpointError(f"{path}: {len(card['classes'])} class names for {config.num_classes} classes")
     purifier = _load_purifier(path, card, config, device) if card.get("purifier") else None
-    return LoadedModel(net, card, path, purifier)
+    model = LoadedModel(net, card, path, purifier)
+    _check_card_settings(model)
+    return model
+
+
+def _check_card_settings(model: LoadedModel) -> None:
+    """The card's classifier, purification, preset and OOD entries make usable settings
+    (else every job of the model would fail later, in the middle of a front end)."""
+    from .classifier import classifier_settings
+    from .defense import purify_settings
+    from .ood import check_reference
+
+    try:
+        if model.classes:
+            classifier_settings(model)
+        purify_settings(model)
+        if model.card.get("ood_reference") is not None:
+            check_reference(model.card["ood_reference"])
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(f"{model.path}: the card's settings are unusable ({exc})") from exc
 
 
 def _load_purifier(path: Path, card: dict[str, Any], config: Any, device: str | torch.device) -> LoadedModel:
@@ -317,12 +368,16 @@ def _load_purifier(path: Path, card: dict[str, Any], config: Any, device: str | 
     target = Path(os.path.normpath(path.parent / entry["path"])).with_suffix(".safetensors")
     if not target.exists():
         raise CheckpointError(f"{path}: its purifier {entry['path']} was not found (looked for {target})")
+    if not target.is_file():  # e.g. a link to a device, whose sha256 would never finish
+        raise CheckpointError(f"{path}: its purifier {target} is not a regular file")
+    if target.resolve() == path.resolve():
+        raise CheckpointError(f"{path}: the card names the model itself as its purifier")
+    if _read_card(target).get("purifier"):  # checked before loading: a pair never nests, nor loops
+        raise CheckpointError(f"{path}: its purifier {target.name} names a purifier of its own")
     if entry.get("sha256") and file_sha256(target) != entry["sha256"]:
         raise CheckpointError(f"{path}: its purifier {target.name} does not have the sha256 the card records "
                               "(replaced or modified since the pair was made)")
     purifier = load_checkpoint(target, device)
-    if purifier.purifier is not None:
-        raise CheckpointError(f"{path}: its purifier {target.name} names a purifier of its own")
     p_cfg = purifier.net.config
     if (p_cfg.image_size, p_cfg.in_channels) != (config.image_size, config.in_channels):
         raise CheckpointError(f"{path}: its purifier {target.name} takes {p_cfg.in_channels}x{p_cfg.image_size}"

@@ -23,6 +23,7 @@ below the :data:`WARN_LOW`-th (unusually likely, e.g. a blank image) are flagged
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Generator
 
@@ -58,8 +59,12 @@ class OodSettings:
     noise_seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.levels < 1:
-            raise ValueError("levels must be >= 1")
+        if isinstance(self.levels, bool) or not isinstance(self.levels, numbers.Integral) or not 1 <= self.levels <= 4096:
+            raise ValueError(f"levels must be a whole number in 1-4096, not {self.levels!r}")
+        if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, numbers.Integral) or self.noise_seed < 0:
+            raise ValueError(f"noise_seed must be a whole number, not {self.noise_seed!r}")
+        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (self.sigma_min, self.sigma_max)):
+            raise ValueError("sigma_min and sigma_max must be numbers")
         if not 0 < self.sigma_min < self.sigma_max:
             raise ValueError("need 0 < sigma_min < sigma_max")
 
@@ -68,6 +73,8 @@ class OodSettings:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "OodSettings":
+        if not isinstance(data, dict):
+            raise ValueError(f"OOD settings must be an object, not {data!r:.80}")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 

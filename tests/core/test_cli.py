@@ -252,12 +252,27 @@ def test_attack_on_the_cnn_loads_no_diffusion_model(tiny_cnn, digit_png, tmp_pat
     ({"num_classes": "ten"}, "lacks or mangles its shape"),
     ({"classes": ["a", "b"]}, "names 2 classes for 10 outputs"),
     ({"format": "rdc-studio/diffusion"}, "not a CNN checkpoint"),
+    ({"image_size": 40000}, "lacks or mangles its shape"),
+    ({"classes": 10}, "classes must be a list of names"),
 ])
 def test_a_mangled_cnn_card_is_a_one_line_error(tiny_cnn, digit_png, change, message):
     card_path = tiny_cnn.with_suffix(".json")
     card_path.write_text(json.dumps(json.loads(card_path.read_text()) | change))
     with pytest.raises(SystemExit, match=message):
         main(["attack", str(digit_png), "--defense", "cnn", "--cnn", str(tiny_cnn), "--steps", "1", "--quiet"])
+
+
+def test_a_cnn_with_nan_weights_is_refused(tmp_path, digit_png):
+    import torch
+
+    from rdc_studio.core.baseline import SmallCNN, save_cnn
+
+    cnn = SmallCNN().eval()
+    with torch.no_grad():
+        cnn.head[-1].bias[0] = float("nan")
+    path = save_cnn(tmp_path / "nan-cnn.safetensors", cnn, {"name": "nan-cnn"})
+    with pytest.raises(SystemExit, match="head.3.bias' is not finite"):
+        main(["classify", "--model", str(path), str(digit_png)])
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")

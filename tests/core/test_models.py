@@ -151,3 +151,73 @@ def test_saved_files_get_normal_permissions(tmp_path, tiny_net):
     os.umask(umask)
     for p in (path, path.with_suffix(".json")):
         assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~umask
+
+
+def _with_card(checkpoint, **changes):
+    side = checkpoint.with_suffix(".json")
+    side.write_text(json.dumps(json.loads(side.read_text()) | changes))
+    return checkpoint
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"classes": 10}, "classes must be a list of names"),
+    ({"classes": [["0"]] * 10}, "classes must be a list of names"),
+    ({"classes": ["0"] * 10}, "names a class twice"),
+    ({"classifier": [1, 2]}, "'classifier' must be an object"),
+    ({"preset": ["x"]}, "'preset' must be a name"),
+    ({"classifier": {"steps": "16"}}, "settings are unusable .*steps must be a whole number"),
+    ({"classifier": {"steps": 10**9}}, "steps must be a whole number in 1-4096"),
+    ({"classifier": {"sigma_min": "x"}}, "sigma_min must be a positive number"),
+    ({"classifier": {"levels_per_pass": -3}}, "levels_per_pass must be a whole number"),
+    ({"purify": {"optimizer": "bogus"}}, "settings are unusable"),
+    ({"preset": "nonexistent"}, "settings are unusable .*preset"),
+    ({"ood_reference": {"settings": [1], "probabilities": [0, 1], "quantiles": [1, 2]}}, "settings are unusable"),
+    ({"ood_reference": {"settings": {"levels": 2.5}, "probabilities": [0, 1], "quantiles": [1, 2]}},
+     "levels must be a whole number"),
+])
+def test_a_card_of_wrong_types_or_unusable_settings_is_one_clear_error(tiny_checkpoint, changes, message):
+    """Every job of such a model would fail later with a traceback (or the app would be left
+    with a model it cannot use): the loader refuses it."""
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(_with_card(tiny_checkpoint, **changes))
+
+
+@pytest.mark.parametrize("net_change", [{"channels": [8, 200000]}, {"emb_dim": 2000000}, {"image_size": 100000},
+                                        {"blocks_per_level": 100000}, {"image_size": -28}, {"image_size": 28.0}])
+def test_a_network_config_beyond_any_real_one_is_refused_before_it_is_built(tiny_checkpoint, net_change):
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    with pytest.raises(CheckpointError, match="invalid network config .*must be a whole number"):
+        load_checkpoint(_with_card(tiny_checkpoint, net=card["net"] | net_change))
+
+
+def test_a_card_that_is_no_regular_file_or_an_embedded_card_of_bad_json_is_refused(tiny_checkpoint, tmp_path):
+    side = tiny_checkpoint.with_suffix(".json")
+    side.unlink()
+    side.mkdir()
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(tiny_checkpoint)
+    side.rmdir()
+    tensors = load_checkpoint.__globals__["load_file"](str(tiny_checkpoint))
+    save_file(tensors, str(tiny_checkpoint), metadata={"rdc_card": "{not json"})
+    with pytest.raises(CheckpointError, match="embedded model card is not valid JSON"):
+        load_checkpoint(tiny_checkpoint)
+
+
+def test_integer_weights_of_the_right_shape_are_refused(tmp_path, tiny_net):
+    path = save_checkpoint(tmp_path / "i.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
+    tensors = {k: v.contiguous() for k, v in tiny_net.state_dict().items()}
+    tensors["conv_in.weight"] = tensors["conv_in.weight"].to(torch.int8)
+    save_file(tensors, str(path))
+    with pytest.raises(CheckpointError, match="conv_in.weight' is torch.int8"):
+        load_checkpoint(path)
+
+
+def test_a_purifier_that_is_the_model_itself_or_loops_back_is_refused_at_once(tmp_path, tiny_net):
+    card = {"dataset": "mnist", "classes": list("0123456789")}
+    a = save_checkpoint(tmp_path / "a.safetensors", tiny_net, card | {"purifier": {"path": "a.safetensors"}})
+    with pytest.raises(CheckpointError, match="names the model itself as its purifier"):
+        load_checkpoint(a)
+    a = save_checkpoint(tmp_path / "a.safetensors", tiny_net, card | {"purifier": {"path": "b.safetensors"}})
+    save_checkpoint(tmp_path / "b.safetensors", tiny_net, card | {"purifier": {"path": "a.safetensors"}})
+    with pytest.raises(CheckpointError, match="its purifier b.safetensors names a purifier of its own"):
+        load_checkpoint(a)
