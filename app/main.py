@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(args.device)
         session = load_session(args.session) if args.session else None
         model = load_checkpoint(session["model"] if session else args.model, device=device)
-    except (CheckpointError, SessionError, DeviceUnavailableError) as exc:
+    except (CheckpointError, SessionError, DeviceUnavailableError, OSError, RuntimeError, MemoryError,
+            RecursionError) as exc:
         message = str(exc)
         print(f"rdc-studio: error: {message}", file=sys.stderr)
         if not args.screenshot:

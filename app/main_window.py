@@ -23,7 +23,7 @@ from ..core.presets import get_preset
 from ..core.runtime import time_left_text
 from ..core.sample import SampleStep, parse_sample_filename
 from ..core.images import save_png_atomic
-from ..core.session import SessionError, load_session, make_session, save_session, write_csv
+from ..core.session import SessionError, load_session, make_session, save_session, session_settings, write_csv
 from ..core.images import ImageLoadError, convert_image, load_for_model
 from ..core.models import (DEFAULT_MODEL, CheckpointError, LoadedModel, list_bundled_models, load_checkpoint,
                            resource_dir)
@@ -601,10 +601,11 @@ class MainWindow(QMainWindow):
 
     def open_session(self, path: str) -> bool:
         """Restore a saved session and re-run its classification."""
-        try:
+        try:  # everything is checked before anything changes
             session = load_session(path)
+            classifier, attack, purify = session_settings(session)
         except SessionError as exc:
-            self.show_error("Cannot open session", str(exc))
+            self.show_error("Cannot open session", f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
             return False
         if str(self.model.path) != session["model"] and not self.load_model(session["model"]):
             return False
@@ -613,24 +614,24 @@ class MainWindow(QMainWindow):
         if image.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
             self.show_error("Cannot open session", f"{path}: image shape {image.shape} does not fit the model")
             return False
-        self.session_classifier = dict(session["classifier"])
+        self.session_classifier = classifier
         self.preset_combo.blockSignals(True)  # show the session's preset; its settings come from the session
         index = self.preset_combo.findData(self.session_classifier.get("preset", ""))
         self.preset_combo.setCurrentIndex(max(0, index))
         self.preset_combo.blockSignals(False)
         self.steps_spin.setValue(int(self.session_classifier.get("steps", self.steps_spin.value())))
-        if session.get("attack"):
-            self.attack_panel.apply(session["attack"])
+        if attack:
+            self.attack_panel.apply(attack)
         if session.get("attack_gradient"):
             self.attack_panel.grad.setCurrentText(session["attack_gradient"])
         binarize = session.get("attack_binarize")  # absent in older sessions: off
         self.attack_panel.binarize.setValue(float(binarize) if isinstance(binarize, (int, float)) else 0.0)
-        if session.get("purify"):
-            self.purify_panel.apply(session["purify"])
+        if purify:
+            self.purify_panel.apply(purify)
         known = session["image"].get("known_class")  # absent in older sessions: unknown
         known = known if type(known) is int and 0 <= known < len(self.model.classes) else None
-        self.set_image(image, session["image"].get("source", Path(path).name), known_class=known)
-        self._classify_note = saved_attack_note(session.get("results", {}).get("attack"), self.model.classes)
+        self.set_image(image, str(session["image"].get("source", Path(path).name)), known_class=known)
+        self._classify_note = saved_attack_note((session.get("results") or {}).get("attack"), self.model.classes)
         return True
 
     # -- model ------------------------------------------------------------------
@@ -640,10 +641,18 @@ class MainWindow(QMainWindow):
             self.load_model(path)
 
     def load_model(self, name_or_path: str) -> bool:
+        """Load a model and switch to it; on any problem say so and keep the current one."""
         try:
             model = load_checkpoint(name_or_path, device=self.device)
-        except CheckpointError as exc:
+            # the settings this window would use with it (the card's with the toolbar's preset)
+            classifier_settings(model, self.preset)
+            purify_settings(model, self.preset)
+        except (CheckpointError, OSError, RuntimeError, MemoryError, RecursionError) as exc:
             self.show_error("Cannot load model", str(exc))
+            return False
+        except (TypeError, ValueError) as exc:
+            self.show_error("Cannot load model", f"{name_or_path}: its settings do not work with the preset "
+                            f"{self.preset or 'of its card'} ({exc})")
             return False
         self.runner.cancel()
         self._on_job_stopped()

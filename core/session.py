@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import csv
 import io
 import json
@@ -59,10 +60,22 @@ def load_session(path: str | Path) -> dict[str, Any]:
     for key in ("model", "image", "classifier"):
         if key not in session:
             raise SessionError(f"{path}: session lacks {key!r}")
+    for key, kind, what in (("model", str, "a model name or path"), ("image", dict, "an object"),
+                            ("classifier", dict, "an object"), ("attack", dict, "an object"),
+                            ("purify", dict, "an object"), ("results", dict, "an object"),
+                            ("attack_gradient", str, "a name"), ("device", str, "a name")):
+        if session.get(key) is not None and not isinstance(session[key], kind):
+            raise SessionError(f"{path}: the session's {key!r} must be {what}, not {session[key]!r:.60}")
+    binarize = session.get("attack_binarize")
+    if binarize is not None and (isinstance(binarize, bool) or not isinstance(binarize, (int, float))):
+        raise SessionError(f"{path}: the session's 'attack_binarize' must be a number, not {binarize!r:.60}")
     try:
-        session["image_array"] = decode_array(session["image"])
-    except (KeyError, ValueError, TypeError) as exc:
+        image = decode_array(session["image"])
+    except (KeyError, ValueError, TypeError, AttributeError, binascii.Error) as exc:
         raise SessionError(f"{path}: invalid image in session ({exc})") from exc
+    if image.ndim != 3 or not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+        raise SessionError(f"{path}: the session's image must be (channels, height, width) with values in [0, 1]")
+    session["image_array"] = image
     return session
 
 
@@ -73,3 +86,34 @@ def write_csv(path: str | Path, header: list[str], rows: list[list[Any]]) -> Non
     writer.writerow(header)
     writer.writerows(rows)
     atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def session_settings(session: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | None, dict[str, Any] | None]:
+    """A loaded session's classifier, attack and purification settings, validated (as
+    dictionaries of the settings classes' fields; None where the session has none). Keys
+    that another version of the app wrote are left out.
+
+    Raises
+    ------
+    SessionError
+        When a setting has the wrong type or an unusable value.
+    """
+    from .attacks import AttackSettings
+    from .classifier import ClassifierSettings
+    from .purify import PurifySettings
+
+    def known(entry: dict[str, Any] | None, cls: type) -> dict[str, Any] | None:
+        return None if entry is None else {k: v for k, v in entry.items() if k in cls.__dataclass_fields__}
+
+    try:
+        classifier = known(session["classifier"], ClassifierSettings)
+        if not isinstance(classifier.get("preset", ""), str):
+            raise ValueError(f"preset must be a name, not {classifier['preset']!r:.60}")
+        ClassifierSettings.from_dict(classifier)
+        attack = known(session.get("attack"), AttackSettings)
+        purify = known(session.get("purify"), PurifySettings)
+        return (classifier, None if attack is None else AttackSettings(**attack).to_dict(),
+                None if purify is None else PurifySettings(**purify).to_dict())
+    except (TypeError, ValueError) as exc:
+        raise SessionError(f"the session's settings are unusable ({exc})") from exc
+

@@ -803,3 +803,40 @@ def test_a_cifar10_model_starts_the_attack_at_its_own_threat_model(qapp):
     assert panel.eps_value() == pytest.approx(8 / 255, abs=1e-3)
     panel.norm.setCurrentText("l2")
     assert panel.eps_value() == pytest.approx(0.5)
+
+
+def test_a_model_whose_settings_fail_is_refused_and_the_window_keeps_its_model(qtbot, window, digit_png,
+                                                                              tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    before, eta = window.model, window.purify_panel.eta.value()
+    bad = tmp_path / "bad.safetensors"
+    shutil.copy(tiny_checkpoint, bad)
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    bad.with_suffix(".json").write_text(json.dumps(card | {"purify": {"eta": 5}}))
+    assert not window.load_model(str(bad))
+    assert window.errors[-1][0] == "Cannot load model" and "settings are unusable" in window.errors[-1][1]
+    assert window.model is before and window.purify_panel.eta.value() == eta
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):  # still works
+        window.classify()
+
+
+def test_a_session_with_unusable_settings_changes_nothing(qtbot, window, digit_png, tmp_path):
+    import json
+
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.open_path(str(digit_png))
+    sess = tmp_path / "s.json"
+    assert window.save_session(str(sess))
+    data = json.loads(sess.read_text())
+    data["classifier"]["sigma_min"] = "abc"
+    sess.write_text(json.dumps(data))
+    steps, source = window.steps_spin.value(), window.image_source
+    assert not window.open_session(str(sess))
+    assert "sigma_min must be a positive number" in window.errors[-1][1] and str(sess) in window.errors[-1][1]
+    assert window.steps_spin.value() == steps and window.image_source == source and window.session_classifier is None
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):  # classify still works
+        window.classify()

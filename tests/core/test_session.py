@@ -28,3 +28,54 @@ def test_bad_session_files(tmp_path, content, match):
     p.write_text(content)
     with pytest.raises(SessionError, match=match):
         load_session(p)
+
+
+def _session_file(tmp_path, **changes):
+    import json
+
+    img = np.full((1, 2, 2), 0.5, np.float32)
+    s = make_session("m.safetensors", img, "x.png", {"steps": 3}, {"seed": 1, "eps": 0.3}, {"eta": 0.1}, {})
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(s | changes))
+    return path
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"model": 5}, "'model' must be a model name or path"),
+    ({"classifier": [1, 2]}, "'classifier' must be an object"),
+    ({"attack": [1]}, "'attack' must be an object"),
+    ({"results": [1]}, "'results' must be an object"),
+    ({"attack_gradient": 5}, "'attack_gradient' must be a name"),
+    ({"attack_binarize": "half"}, "'attack_binarize' must be a number"),
+    ({"image": "x"}, "'image' must be an object"),
+    ({"image": {"dtype": "float32", "shape": [1, 2, 2], "data_b64": "%%%"}}, "invalid image"),
+])
+def test_a_session_of_wrong_types_is_refused_when_read(tmp_path, changes, message):
+    with pytest.raises(SessionError, match=message):
+        load_session(_session_file(tmp_path, **changes))
+
+
+def test_a_session_image_outside_0_1_or_not_finite_is_refused(tmp_path):
+    from rdc_studio.core.session import encode_array
+
+    for bad in (np.full((1, 2, 2), np.nan, np.float32), np.full((1, 2, 2), 5.0, np.float32),
+                np.zeros((2, 2), np.float32)):
+        with pytest.raises(SessionError, match="values in \\[0, 1\\]"):
+            load_session(_session_file(tmp_path, image=dict(encode_array(bad), source="x")))
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"classifier": {"steps": "abc"}}, "steps must be a whole number"),
+    ({"classifier": {"sigma_min": "abc"}}, "sigma_min must be a positive number"),
+    ({"classifier": {"preset": ["x"]}}, "preset must be a name"),
+    ({"attack": {"eps": "big"}}, "unusable"),
+    ({"purify": {"eta": 5}}, "unusable"),
+])
+def test_unusable_session_settings_are_one_error_and_unknown_keys_are_left_out(tmp_path, changes, message):
+    from rdc_studio.core.session import session_settings
+
+    with pytest.raises(SessionError, match=message):
+        session_settings(load_session(_session_file(tmp_path, **changes)))
+    classifier, attack, purify = session_settings(load_session(_session_file(
+        tmp_path, classifier={"steps": 3, "later": 1}, attack={"seed": 1, "later": 1}, purify={"eta": 0.1, "x": 2})))
+    assert classifier == {"steps": 3} and attack["seed"] == 1 and "later" not in attack and purify["eta"] == 0.1
