@@ -9,20 +9,25 @@ allow-list unpickler (:class:`SnapshotUnpickler`):
 * an EDM persistent object becomes a :class:`PersistentRecord` (class name, constructor
   arguments, state); its embedded source is neither executed nor imported;
 * tensors are rebuilt from their raw bytes (the legacy and zip ``torch.save`` layouts
-  that pickled storages use), checked against their storage's size;
+  that pickled storages use), checked against their storage's size (no overlapping
+  strides), with all decoded bytes together capped at a small multiple of the file's size;
 * ``collections.OrderedDict``, torch's container modules (as records), sets and numeric
   numpy scalars are the only other globals it resolves; any other global
   (``os.system``, ``builtins.eval``, ``subprocess.Popen`` ...) stops the load with an
   :class:`EdmImportError` naming the file and the global, before anything is called.
 
 The network record is then converted into :class:`~.edm_nets.EdmDenoiser`, whose
-parameter names are EDM's, so the state dict loads as it is.
+parameter names are EDM's, so the state dict loads as it is. The configuration is bounded
+and first built on the meta device, so a network is allocated only once its shapes match
+the snapshot's tensors; any failure is an :class:`EdmImportError` (a ``CheckpointError``).
 """
 from __future__ import annotations
 
 import collections
+import functools
 import hashlib
 import io
+import math
 import os
 import pickle
 import struct
@@ -41,6 +46,11 @@ from .models import CheckpointError, LoadedModel, file_sha256, load_checkpoint, 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's legacy-format magic number
 EDM_NETWORK_KEYS = ("ema", "G_ema", "network")  # where a snapshot keeps its network ('ema' in EDM)
+# decoded storages and tensors may take at most this multiple of the file's size, plus the slack
+# (a real snapshot takes about 2x: each storage, then its tensors' copies)
+DECODE_FACTOR, DECODE_SLACK = 4, 16 * 2**20
+# generous bounds on a declared network (EDM's largest published one: 64 px, 192 channels x 4, 1000 labels)
+MAX_RESOLUTION, MAX_CHANNELS, MAX_LABELS, MAX_BLOCKS, MAX_LIST = 1024, 4096, 100_000, 64, 16
 
 
 class EdmImportError(CheckpointError):
@@ -103,6 +113,20 @@ class _Storage:
     data: torch.Tensor  # 1-D, owns its memory
 
 
+class _Budget:
+    """The bytes one snapshot's storages and tensors may decode to. Pickle memo references
+    can hand one blob or storage to any number of calls, so each call is counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = self.left = limit
+
+    def take(self, nbytes: int) -> None:
+        if nbytes > self.left:
+            raise pickle.UnpicklingError(f"its tensors decode to more than {self.limit} bytes "
+                                         f"({DECODE_FACTOR}x the file's size + {DECODE_SLACK >> 20} MiB)")
+        self.left -= nbytes
+
+
 # -- tensors from pickled storages -------------------------------------------------------
 
 _STORAGE_DTYPES = {
@@ -136,24 +160,28 @@ class _StorageUnpickler(pickle.Unpickler):
         return self._storages(pid)
 
 
-def _storage_from_bytes(blob: bytes) -> _Storage:
+def _storage_from_bytes(budget: _Budget, blob: bytes) -> _Storage:
     """A storage saved by ``torch.save`` (legacy or zip layout), read without torch.load."""
     if not isinstance(blob, (bytes, bytearray)):
         raise pickle.UnpicklingError("a storage is not given as bytes")
     if blob[:2] == b"PK":
-        return _storage_from_zip(bytes(blob))
-    return _storage_from_legacy(bytes(blob))
+        return _storage_from_zip(bytes(blob), budget)
+    return _storage_from_legacy(bytes(blob), budget)
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _make_storage(dtype: torch.dtype, raw: bytes, numel: int) -> _Storage:
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = _itemsize(dtype)
     if len(raw) != numel * itemsize:
         raise pickle.UnpicklingError(f"storage holds {len(raw)} bytes, expected {numel * itemsize}")
     data = torch.frombuffer(bytearray(raw), dtype=dtype) if numel else torch.empty(0, dtype=dtype)
     return _Storage(dtype, data)
 
 
-def _storage_from_legacy(blob: bytes) -> _Storage:
+def _storage_from_legacy(blob: bytes, budget: _Budget) -> _Storage:
     """torch.save's legacy layout: magic, protocol, system info, the object pickle, the
     storage keys, then per storage an int64 element count and the raw little-endian bytes."""
     f = io.BytesIO(blob)
@@ -186,9 +214,10 @@ def _storage_from_legacy(blob: bytes) -> _Storage:
         if len(header) != 8:
             raise EOFError
         (count,) = struct.unpack("<q", header)
-        itemsize = torch.empty((), dtype=stype.dtype).element_size()
+        itemsize = _itemsize(stype.dtype)
         if count < 0 or count * itemsize > len(blob):
             raise pickle.UnpicklingError("malformed storage size")
+        budget.take(count * itemsize)
         raw = f.read(count * itemsize)
         if len(raw) != count * itemsize:
             raise EOFError
@@ -207,7 +236,7 @@ def _resolve_ref(ref: Any, loaded: dict[str, _Storage]) -> _Storage:
     return storage
 
 
-def _storage_from_zip(blob: bytes) -> _Storage:
+def _storage_from_zip(blob: bytes, budget: _Budget) -> _Storage:
     with zipfile.ZipFile(io.BytesIO(blob)) as z:
         names = z.namelist()
         pkl = [n for n in names if n.endswith("/data.pkl") or n == "data.pkl"]
@@ -224,24 +253,42 @@ def _storage_from_zip(blob: bytes) -> _Storage:
             return ("ref", str(pid[2]), None)
 
         ref = _StorageUnpickler(io.BytesIO(z.read(pkl[0])), storages).load()
-        loaded = {key: _make_storage(stype.dtype, z.read(f"{prefix}data/{key}"), numel)
-                  for key, (stype, numel, _) in found.items()}
+        loaded = {}
+        for key, (stype, numel, _) in found.items():
+            name, nbytes = f"{prefix}data/{key}", numel * _itemsize(stype.dtype)
+            if name not in names or z.getinfo(name).file_size != nbytes:  # checked before decompressing
+                raise pickle.UnpicklingError(f"a zipped storage's entry {name} does not hold its declared "
+                                             f"{nbytes} bytes")
+            budget.take(nbytes)
+            loaded[key] = _make_storage(stype.dtype, z.read(name), numel)
     return _resolve_ref(ref, loaded)
 
 
-def _rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, *rest: Any) -> torch.Tensor:
+def _rebuild_tensor(budget: _Budget, storage: Any, offset: Any, size: Any, stride: Any,
+                    *rest: Any) -> torch.Tensor:
     """``torch._utils._rebuild_tensor_v2`` from a checked storage (a copy, contiguous)."""
     if not isinstance(storage, _Storage):
         raise pickle.UnpicklingError("a tensor does not refer to a storage")
     size, stride, offset = tuple(int(s) for s in size), tuple(int(s) for s in stride), int(offset)
     if len(size) != len(stride) or offset < 0 or any(s < 0 for s in size) or any(s < 0 for s in stride):
         raise pickle.UnpicklingError("malformed tensor geometry")
-    if all(size):
-        last = offset + sum((n - 1) * s for n, s in zip(size, stride))
-        if last >= storage.data.numel():
-            raise pickle.UnpicklingError("a tensor reaches past the end of its storage")
-        return torch.as_strided(storage.data, size, stride, offset).clone()
-    return torch.empty(size, dtype=storage.dtype)
+    numel = math.prod(size)
+    if numel == 0:
+        return torch.empty(size, dtype=storage.dtype)
+    if numel > storage.data.numel():
+        raise pickle.UnpicklingError(f"a tensor of size {size} has {numel} elements, its storage "
+                                     f"{storage.data.numel()}")
+    # a saved network's tensors never overlap themselves: with the dimensions ordered by stride,
+    # each stride must step over the whole extent of the smaller ones (this refuses zero strides)
+    extent = 1
+    for s, n in sorted((s, n) for n, s in zip(size, stride) if n > 1):
+        if s < extent:
+            raise pickle.UnpicklingError(f"a tensor's strides {stride} overlap its elements (size {size})")
+        extent = s * n
+    if offset + sum((n - 1) * s for n, s in zip(size, stride)) >= storage.data.numel():
+        raise pickle.UnpicklingError("a tensor reaches past the end of its storage")
+    budget.take(numel * storage.data.element_size())
+    return torch.as_strided(storage.data, size, stride, offset).clone()
 
 
 def _rebuild_parameter(data: Any, requires_grad: Any = False, hooks: Any = None, *rest: Any) -> torch.Tensor:
@@ -300,14 +347,23 @@ _ALLOWED: dict[tuple[str, str], Any] = {
 }
 
 
+_BUDGETED = (_storage_from_bytes, _rebuild_tensor)  # take the unpickler's _Budget first
+
+
 class SnapshotUnpickler(pickle.Unpickler):
-    """Allow-list unpickler for EDM snapshots: resolves only the globals in ``_ALLOWED``."""
+    """Allow-list unpickler for EDM snapshots: resolves only the globals in ``_ALLOWED``;
+    its storages and tensors decode to at most ``max_bytes``."""
+
+    def __init__(self, f: Any, max_bytes: int) -> None:
+        super().__init__(f)
+        self.budget = _Budget(max_bytes)
 
     def find_class(self, module: str, name: str) -> Any:
         try:
-            return _ALLOWED[(module, name)]
+            found = _ALLOWED[(module, name)]
         except KeyError:
             raise RefusedGlobal(f"{module}.{name}") from None
+        return functools.partial(found, self.budget) if found in _BUDGETED else found
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("persistent ids do not occur in EDM snapshots")
@@ -333,7 +389,7 @@ def read_snapshot(path: str | Path) -> Any:
         kind = "a zip archive (torch.save?)" if data[:2] == b"PK" else "not a pickle"
         raise EdmImportError(f"{path}: {kind}; an EDM snapshot is a pickle (network-snapshot-*.pkl)")
     try:
-        return SnapshotUnpickler(io.BytesIO(data)).load()
+        return SnapshotUnpickler(io.BytesIO(data), DECODE_FACTOR * len(data) + DECODE_SLACK).load()
     except RefusedGlobal as exc:
         raise EdmImportError(f"{path}: refused: the pickle references the global {exc}, which an EDM snapshot "
                              "does not contain; nothing in it was run") from None
@@ -368,8 +424,14 @@ def find_network(snapshot: Any, path: str | Path) -> PersistentRecord:
     return net
 
 
-def _state_dict(record: Any, prefix: str = "") -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of a record tree, with torch's dotted names."""
+def _state_dict(record: Any, prefix: str = "", seen: set[int] | None = None) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers of a record tree, with torch's dotted names.
+
+    A module met twice (a cycle, or one module under two names) is refused: EDM's networks
+    are trees, and a pickle can describe a loop that would never end.
+    """
+    seen = set() if seen is None else seen
+    seen.add(id(record))
     state = record.state
     out: dict[str, torch.Tensor] = {}
     skip = set(state.get("_non_persistent_buffers_set") or ())
@@ -385,7 +447,10 @@ def _state_dict(record: Any, prefix: str = "") -> dict[str, torch.Tensor]:
             continue
         if not isinstance(child, (PersistentRecord, ModuleRecord)):
             raise ValueError(f"submodule {prefix}{name} is {type(child).__name__}, not a module")
-        out.update(_state_dict(child, f"{prefix}{name}."))
+        if id(child) in seen:
+            raise ValueError(f"submodule {prefix}{name} is a module already in the network (a cycle or a shared "
+                             "module); an EDM network's modules form a tree")
+        out.update(_state_dict(child, f"{prefix}{name}.", seen))
     return out
 
 
@@ -393,6 +458,22 @@ def _kwargs(record: PersistentRecord, what: str) -> dict[str, Any]:
     if record.init_args:
         raise ValueError(f"{what} was built with positional arguments; expected keyword arguments")
     return dict(record.init_kwargs)
+
+
+def _check_limits(image_size: int, in_channels: int, label_dim: int, kwargs: dict) -> None:
+    """Refuse a declared network far larger than any EDM network before anything is built
+    (these bound the build's time; its memory is bounded by the check against the tensors)."""
+    for name, value, limit in (("img_resolution", image_size, MAX_RESOLUTION), ("label_dim", label_dim, MAX_LABELS),
+                               ("in_channels", in_channels, MAX_CHANNELS),
+                               ("num_blocks", kwargs.get("num_blocks", 0), MAX_BLOCKS)):
+        if isinstance(value, (int, float)) and value > limit:
+            raise ValueError(f"{name} {value} exceeds {limit}")
+    for name, value in kwargs.items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if len(values) > MAX_LIST:
+            raise ValueError(f"{name} has {len(values)} entries, more than {MAX_LIST}")
+        if any(isinstance(v, (int, float)) and abs(v) > MAX_CHANNELS for v in values):
+            raise ValueError(f"{name} {value} exceeds {MAX_CHANNELS}")
 
 
 def network_config(net: PersistentRecord) -> EdmNetConfig:
@@ -414,6 +495,7 @@ def network_config(net: PersistentRecord) -> EdmNetConfig:
     unknown = sorted(set(mk) - set(MODEL_DEFAULTS[model.class_name]))
     if unknown:
         raise ValueError(f"unsupported {model.class_name} arguments {unknown}")
+    _check_limits(image_size, in_channels, label_dim, mk)
     precond_kwargs = {k: float(net.state.get(k, pk.get(k, v))) for k, v in PRECOND_DEFAULTS[kind].items()}
     return EdmNetConfig(precond=kind, model_type=model.class_name, image_size=image_size, in_channels=in_channels,
                         num_classes=label_dim, model_kwargs=mk, precond_kwargs=precond_kwargs,
@@ -447,17 +529,29 @@ def _guess_dataset(config: EdmNetConfig, snapshot: Any, path: Path) -> str | Non
 
 
 def convert(path: str | Path) -> tuple[EdmDenoiser, dict[str, Any]]:
-    """Read an EDM snapshot safely and build the network and its model card (in memory)."""
+    """Read an EDM snapshot safely and build the network and its model card (in memory).
+
+    Any failure, running out of memory included, is an :class:`EdmImportError`.
+    """
     path = Path(path)
     snapshot = read_snapshot(path)
     record = find_network(snapshot, path)
     try:
-        config = network_config(record)
-        tensors = _state_dict(record)
-        net = EdmDenoiser(config)
-    except (ValueError, TypeError) as exc:
+        return _convert(path, snapshot, record)
+    except EdmImportError:
+        raise
+    # what malformed records, or a network too large for this machine, raise (RecursionError
+    # is a RuntimeError); any of them is a refusal of the file, not a crash of the caller
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError, ArithmeticError, RuntimeError,
+            MemoryError) as exc:
         raise EdmImportError(f"{path}: cannot convert the {record.class_name} network ({_short(exc)})") from None
-    expected = net.state_dict()
+
+
+def _convert(path: Path, snapshot: Any, record: PersistentRecord) -> tuple[EdmDenoiser, dict[str, Any]]:
+    config = network_config(record)
+    tensors = _state_dict(record)
+    with torch.device("meta"):  # shapes only: nothing is allocated until they match the tensors
+        expected = EdmDenoiser(config).state_dict()
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -469,6 +563,7 @@ def convert(path: str | Path) -> tuple[EdmDenoiser, dict[str, Any]]:
                                  f"the configuration expects {tuple(ref.shape)}")
         if not tensors[key].is_floating_point() or not torch.isfinite(tensors[key]).all():
             raise EdmImportError(f"{path}: tensor {key!r} is not finite floating point")
+    net = EdmDenoiser(config)
     net.load_state_dict({k: v.float() for k, v in tensors.items()})
     net.eval()
     for p in net.parameters():
@@ -539,13 +634,17 @@ def _check_preset(preset: str | None) -> None:
             raise EdmImportError(str(exc)) from None
 
 
-def _purifier_weights(purifier: str | Path, folder: Path, net: EdmDenoiser, command: str | None) -> Path:
-    """The purifier's weights file: an EDM snapshot is converted into ``folder`` (named after
-    it), a checkpoint is used where it is. Checks that it takes the classifier's images."""
+def _purifier_weights(purifier: str | Path, dest: Path, net: EdmDenoiser, command: str | None) -> Path:
+    """The purifier's weights file: an EDM snapshot is converted beside ``dest`` (the
+    classifier's output), named after it or, where that is ``dest`` itself,
+    ``STEM-purifier.safetensors``; a checkpoint is used where it is. Checks that it takes
+    the classifier's images."""
     purifier = Path(purifier)
     if purifier.suffix.lower() == ".pkl":
         p_net, p_card = convert(purifier)
-        weights = folder / f"{purifier.stem}.safetensors"
+        weights = dest.parent / f"{purifier.stem}.safetensors"
+        if weights.resolve() == dest.resolve():  # EDM names every run's snapshots alike
+            weights = dest.parent / f"{purifier.stem}-purifier.safetensors"
         p_card["name"] = weights.stem
         p_card["role"] = "purifier"
         if command:
@@ -556,6 +655,8 @@ def _purifier_weights(purifier: str | Path, folder: Path, net: EdmDenoiser, comm
         weights, p_cfg = loaded.path, loaded.net.config
         if loaded.purifier is not None:
             raise EdmImportError(f"{purifier}: names a purifier of its own; a purifier must be a single model")
+        if weights.resolve() == dest.resolve():
+            raise EdmImportError(f"{dest}: the output would overwrite the purifier {purifier}; choose another --out")
     cfg = net.config
     if getattr(p_cfg, "num_classes", 0):  # EDM's conditional networks have no unconditional (null-label) output
         raise EdmImportError(f"{purifier}: a class-conditional network; the purifier must be an unconditional "
@@ -582,9 +683,12 @@ def import_edm(source: str | Path, out: str | Path, command: str | None = None,
     purifier
         Optional: the model whose unconditional denoiser purifies (the paper's
         unconditional EDM snapshot). A ``.pkl`` is converted and written beside the
-        output, named after the snapshot; a checkpoint is referenced where it is. The
-        card then names it (path relative to the card, sha256), so the pair loads as one
-        model: the classifier classifies, the purifier's network purifies.
+        output, named after the snapshot (``STEM.safetensors``), or ``STEM-purifier.safetensors``
+        where that is the output itself (e.g. ``runA/`` and ``runB/network-snapshot-200000.pkl``
+        into one folder); a checkpoint is referenced where it is (and an output that would
+        overwrite it is refused). The card then names it (path relative to the card,
+        sha256), so the pair loads as one model: the classifier classifies, the purifier's
+        network purifies. No file is written before both networks are converted and checked.
     preset
         Optional: a preset name (:mod:`core.presets`) recorded as the card's default.
     """
@@ -601,7 +705,7 @@ def import_edm(source: str | Path, out: str | Path, command: str | None = None,
             raise EdmImportError(f"{source}: an unconditional network cannot classify; give the class-conditional "
                                  "snapshot first and the unconditional one as --purifier")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        card["purifier"] = purifier_entry(dest, _purifier_weights(purifier, dest.parent, net, command))
+        card["purifier"] = purifier_entry(dest, _purifier_weights(purifier, dest, net, command))
     return save_checkpoint(dest, net, card)
 
 

@@ -7,10 +7,16 @@ pickled as EDM's training loop does, with reference outputs computed by EDM's co
 from __future__ import annotations
 
 import builtins
+import collections
+import io
 import json
 import os
 import pickle
+import shutil
 import subprocess
+import sys
+import types
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +24,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rdc_studio.core.edm_import import (CIFAR10_CLASSES, EdmImportError, convert, import_edm, output_path,
-                                        read_snapshot)
+from rdc_studio.core.edm_import import (CIFAR10_CLASSES, EdmImportError, ModuleRecord, PersistentRecord, convert,
+                                        import_edm, output_path, read_snapshot)
 from rdc_studio.core.edm_nets import EdmDenoiser, EdmNetConfig, published_config
 from rdc_studio.core.models import CheckpointError, load_checkpoint
 
@@ -545,3 +551,257 @@ def test_cli_import_a_pair_and_attack_it(tmp_path: Path, capsys) -> None:
                  "--threads", "1", "--device", "cpu", "--quiet", "--report", str(report)]) == 0
     rep = json.loads(report.read_text())
     assert rep["purify"]["preset"] == "paper" and rep["linf"] <= 8 / 255 + 1e-6
+
+
+# -- resource limits: tensors, storages, module trees and sizes a snapshot declares ----------
+
+class _LoadFromBytes:
+    """Unpickles as ``torch.storage._load_from_bytes(blob)``: a storage saved by torch.save."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __reduce__(self):
+        return torch.storage._load_from_bytes, (self.blob,)
+
+
+class _Tensor:
+    """Unpickles as ``torch._utils._rebuild_tensor_v2`` with any geometry on ``storage``."""
+
+    def __init__(self, storage, size: tuple, stride: tuple) -> None:
+        self.storage, self.size, self.stride = storage, size, stride
+
+    def __reduce__(self):
+        return torch._utils._rebuild_tensor_v2, (self.storage, 0, self.size, self.stride, False,
+                                                 collections.OrderedDict())
+
+
+def _legacy_storage(numel: int) -> bytes:
+    """A float storage of ``numel`` zeros in torch.save's legacy layout (as pickled tensors carry it)."""
+    storage = torch.storage.TypedStorage(wrap_storage=torch.zeros(numel).untyped_storage(), dtype=torch.float32,
+                                         _internal=True)
+    return storage.__reduce__()[1][0]
+
+
+class _StorageRef:
+    """Pickled by :func:`_zip_storage` as the persistent id of its one storage."""
+
+
+def _zip_storage(numel: int, data: bytes) -> bytes:
+    """A torch.save zip archive of one float storage declaring ``numel`` elements, ``data`` deflated."""
+    class Pickler(pickle.Pickler):
+        def persistent_id(self, obj):
+            return ("storage", torch.FloatStorage, "0", "cpu", numel) if isinstance(obj, _StorageRef) else None
+
+    pkl = io.BytesIO()
+    Pickler(pkl, protocol=2).dump(_StorageRef())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", pkl.getvalue())
+        z.writestr("archive/data/0", data, compress_type=zipfile.ZIP_DEFLATED)
+    return buf.getvalue()
+
+
+def _write(obj, tmp_path: Path, name: str = "crafted.pkl") -> Path:
+    path = tmp_path / name
+    path.write_bytes(pickle.dumps(obj, protocol=4))
+    return path
+
+
+@pytest.mark.parametrize("numel, size, stride", [
+    (1, (20000, 20000), (0, 0)),  # 1.6 GB from one element
+    (3, (2, 2), (1, 1)),  # more elements than the storage holds, though the last one is inside it
+    (4, (2, 2), (1, 1)),  # overlapping rows
+    (4, (4, 1), (0, 1)),  # a zero stride
+])
+def test_a_tensor_larger_than_its_storage_or_overlapping_is_refused(numel, size, stride, tmp_path: Path) -> None:
+    path = _write({"ema": None, "junk": _Tensor(_LoadFromBytes(_legacy_storage(numel)), size, stride)}, tmp_path)
+    with pytest.raises(EdmImportError, match="elements|overlap") as info:
+        read_snapshot(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_tensor_geometries_a_network_holds_are_read(tmp_path: Path) -> None:
+    storage = _LoadFromBytes(_legacy_storage(6))
+    path = _write({"t": _Tensor(storage, (2, 3), (3, 1)), "tt": _Tensor(storage, (3, 2), (1, 3)),
+                   "one": _Tensor(storage, (1, 3), (0, 1)), "empty": _Tensor(storage, (0, 5), (0, 0))}, tmp_path)
+    out = read_snapshot(path)
+    assert [tuple(out[k].shape) for k in ("t", "tt", "one", "empty")] == [(2, 3), (3, 2), (1, 3), (0, 5)]
+
+
+@pytest.mark.parametrize("what", ["storages", "tensors"])
+def test_one_blob_decoded_again_and_again_is_refused(what: str, tmp_path: Path) -> None:
+    """Pickle memo references repeat a 1 MiB storage 40 times: 40 MiB from a 1 MiB file."""
+    blob = _legacy_storage(2 ** 18)
+    if what == "storages":
+        junk = [_LoadFromBytes(blob) for _ in range(40)]  # the same bytes object, memoized once
+    else:
+        storage = _LoadFromBytes(blob)
+        junk = [_Tensor(storage, (2 ** 18,), (1,)) for _ in range(40)]
+    path = _write({"ema": None, "junk": junk}, tmp_path)
+    assert path.stat().st_size < 2 ** 21
+    with pytest.raises(EdmImportError, match="bytes"):
+        read_snapshot(path)
+
+
+def test_zipped_storages_are_checked_before_they_are_decompressed(tmp_path: Path, monkeypatch) -> None:
+    good = _write({"s": _LoadFromBytes(_zip_storage(3, bytes(12)))}, tmp_path, "good.pkl")
+    assert read_snapshot(good)["s"].data.numel() == 3
+    read: list[str] = []
+    original = zipfile.ZipFile.read
+
+    def spy(self, name, *args):
+        read.append(str(name))
+        return original(self, name, *args)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", spy)
+    # the entry is larger than its declared storage / a zip bomb within its declaration
+    for numel in (3, 2 ** 23):
+        path = _write({"ema": None, "s": _LoadFromBytes(_zip_storage(numel, bytes(2 ** 25)))}, tmp_path)
+        assert path.stat().st_size < 2 ** 17
+        read.clear()
+        with pytest.raises(EdmImportError, match="bytes"):
+            read_snapshot(path)
+        assert "archive/data/0" not in read
+
+
+def _reconstruct_persistent_obj(meta):  # only its name is pickled, as torch_utils.persistence's
+    raise AssertionError("not to be called")
+
+
+_reconstruct_persistent_obj.__module__ = "torch_utils.persistence"
+
+
+def _dump_records(obj, path: Path, monkeypatch) -> Path:
+    """Pickle a snapshot as read by read_snapshot (possibly edited) back in EDM's format."""
+    persistence = types.ModuleType("torch_utils.persistence")
+    persistence._reconstruct_persistent_obj = _reconstruct_persistent_obj
+    monkeypatch.setitem(sys.modules, "torch_utils", types.ModuleType("torch_utils"))
+    monkeypatch.setitem(sys.modules, "torch_utils.persistence", persistence)
+    containers = {"ModuleDict": torch.nn.ModuleDict, "ModuleList": torch.nn.ModuleList,
+                  "Sequential": torch.nn.Sequential}
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, value):
+            if isinstance(value, PersistentRecord):
+                return _reconstruct_persistent_obj, ({"type": "class", "class_name": value.class_name,
+                                                      "state": value.state, "version": value.version,
+                                                      "module_src": "# source"},)
+            if isinstance(value, ModuleRecord):  # the object, then its state: a cycle through it pickles
+                return containers[value.class_name], (), value.state
+            return NotImplemented
+
+    with open(path, "wb") as f:
+        Pickler(f, protocol=4).dump(obj)
+    return path
+
+
+def test_a_module_tree_with_a_cycle_is_refused(tmp_path: Path, monkeypatch) -> None:
+    snapshot = read_snapshot(FIXTURES / "vp-ddpmpp-uncond.pkl")
+    enc = snapshot["ema"].state["_modules"]["model"].state["_modules"]["enc"]
+    enc.state["_modules"]["loop"] = enc
+    path = _dump_records({"ema": snapshot["ema"]}, tmp_path / "cycle.pkl", monkeypatch)
+    with pytest.raises(EdmImportError, match="cycle") as info:
+        convert(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+    with pytest.raises(CheckpointError, match="cycle"):
+        load_checkpoint(str(path))
+    from rdc_studio.core.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["import-edm", str(path), "--out", str(tmp_path / "x")])
+    assert str(exit_info.value).startswith("rdc: error: ") and "cycle" in str(exit_info.value)
+    assert not (tmp_path / "x.safetensors").exists()
+
+
+@pytest.mark.parametrize("key, value, pattern", [
+    (None, None, None),  # the re-pickled snapshot itself converts
+    ("model_channels", 40000, "model_channels"),
+    ("img_resolution", 4096, "img_resolution"),
+    ("num_blocks", 10 ** 6, "num_blocks"),
+    ("channel_mult", [1] * 1000, "channel_mult"),
+    ("label_dim", 10 ** 9, "label_dim"),
+])
+def test_an_oversized_declared_network_is_refused(key, value, pattern, tmp_path: Path, monkeypatch) -> None:
+    snapshot = read_snapshot(FIXTURES / "vp-ddpmpp-uncond.pkl")
+    if key is not None:
+        snapshot["ema"].state["_modules"]["model"].state["_init_kwargs"][key] = value
+    path = _dump_records({"ema": snapshot["ema"]}, tmp_path / "big.pkl", monkeypatch)
+    if pattern is None:
+        assert convert(path)[0].config.to_dict() == convert(FIXTURES / "vp-ddpmpp-uncond.pkl")[0].config.to_dict()
+        return
+    with pytest.raises(EdmImportError, match=pattern) as info:
+        convert(path)
+    assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_declared_network_is_checked_against_its_tensors_before_it_is_allocated(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    import rdc_studio.core.edm_import as edm_import
+
+    snapshot = read_snapshot(FIXTURES / "vp-ddpmpp-uncond.pkl")
+    snapshot["ema"].state["_modules"]["model"].state["_init_kwargs"]["model_channels"] = 64
+    path = _dump_records({"ema": snapshot["ema"]}, tmp_path / "wide.pkl", monkeypatch)
+    devices: list[str] = []
+
+    def spy(config):
+        devices.append(torch.empty(0).device.type)
+        return EdmDenoiser(config)
+
+    monkeypatch.setattr(edm_import, "EdmDenoiser", spy)
+    with pytest.raises(EdmImportError, match="shape|match"):
+        convert(path)
+    assert devices and set(devices) == {"meta"}  # built for its shapes only
+
+
+@pytest.mark.parametrize("error", [MemoryError, RuntimeError])
+def test_running_out_of_memory_while_building_is_a_refusal(error, monkeypatch) -> None:
+    import rdc_studio.core.edm_import as edm_import
+
+    def failing(config):
+        if torch.empty(0).device.type != "meta":
+            raise error("DefaultCPUAllocator: can't allocate memory")
+        return EdmDenoiser(config)
+
+    monkeypatch.setattr(edm_import, "EdmDenoiser", failing)
+    with pytest.raises(EdmImportError, match="allocate"):
+        convert(FIXTURES / "vp-ddpmpp-uncond.pkl")
+
+
+# -- a purifier whose output would be the classifier's file -----------------------------
+
+def test_a_purifier_with_the_classifiers_file_name_gets_its_own(tmp_path: Path, capsys) -> None:
+    """EDM names every run's snapshots alike: runA/ and runB/network-snapshot-200000.pkl."""
+    from rdc_studio.core.cli import main
+
+    for run, name in (("runA", "vp-ddpmpp-cond"), ("runB", "vp-ddpmpp-uncond")):
+        (tmp_path / run).mkdir()
+        shutil.copy(FIXTURES / f"{name}.pkl", tmp_path / run / "network-snapshot-200000.pkl")
+    out = tmp_path / "models2"
+    assert main(["import-edm", str(tmp_path / "runA" / "network-snapshot-200000.pkl"), "--purifier",
+                 str(tmp_path / "runB" / "network-snapshot-200000.pkl"), "--out", str(out) + os.sep]) == 0
+    assert "purifier network-snapshot-200000-purifier.safetensors" in capsys.readouterr().out
+    weights = out / "network-snapshot-200000.safetensors"
+    purifier_file = out / "network-snapshot-200000-purifier.safetensors"
+    card = json.loads(weights.with_suffix(".json").read_text())
+    assert card["purifier"]["path"] == purifier_file.name and "role" not in card
+    p_card = json.loads(purifier_file.with_suffix(".json").read_text())
+    assert p_card["role"] == "purifier" and p_card["name"] == purifier_file.stem
+    model = load_checkpoint(weights)
+    assert model.net.config.num_classes == 10 and model.purifier.net.config.num_classes == 0
+
+    # --out naming the file the purifier would be written to
+    dest = tmp_path / "m3" / "vp-ddpmpp-uncond.safetensors"
+    path = import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", dest, purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
+    assert path == dest
+    model = load_checkpoint(path)
+    assert model.net.config.num_classes == 10 and model.purifier.path.name == "vp-ddpmpp-uncond-purifier.safetensors"
+    assert model.purifier.net.config.num_classes == 0
+
+
+def test_an_output_over_a_purifier_checkpoint_is_refused(tmp_path: Path) -> None:
+    uncond = import_edm(FIXTURES / "vp-ddpmpp-uncond.pkl", tmp_path / "uncond")
+    before = uncond.read_bytes()
+    with pytest.raises(EdmImportError, match="overwrite"):
+        import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", tmp_path / "uncond", purifier=uncond)
+    assert uncond.read_bytes() == before
