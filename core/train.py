@@ -5,6 +5,7 @@ import copy
 import json
 import math
 import platform
+import reprlib
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -200,11 +201,98 @@ def _save_state(run_dir: Path, net, ema, opt, gen: torch.Generator, step: int, w
     atomic_write_json(run_dir / "state.json", state)
 
 
-def _load_state(run_dir: Path, net, ema, opt, gen: torch.Generator) -> tuple[int, float]:
+STATE_KEYS: dict[str, tuple[type | tuple[type, ...], str]] = {
+    "net": (dict, "an object"), "train": (dict, "an object"), "step": (int, "a whole number"),
+    "wall_seconds": ((int, float), "a number"), "param_groups": (list, "a list"),
+}
+"""The keys a run's ``state.json`` must have, with their types (a bool is none of them)."""
+
+
+def _few(keys: list[str]) -> str:
+    """The first keys of a list, and how many there are when more."""
+    return ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+
+
+def _read_state_json(run_dir: Path) -> dict[str, Any]:
+    """A run's ``state.json``, with :data:`STATE_KEYS` checked.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when it is unreadable, not a JSON object, or lacks a key or has one
+        of another type (or a negative step or time).
+    """
+    path = run_dir / "state.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable run state ({exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a run state: a JSON {type(state).__name__}, not an object")
+    for key, (types, kind) in STATE_KEYS.items():
+        if key not in state:
+            raise ValueError(f"{path}: not a run state: it lacks {key!r}")
+        if not isinstance(state[key], types) or isinstance(state[key], bool):
+            raise ValueError(f"{path}: {key!r} must be {kind}, not {reprlib.repr(state[key])}")
+    if state["step"] < 0 or not 0 <= state["wall_seconds"] < math.inf:
+        raise ValueError(f"{path}: 'step' and 'wall_seconds' must be at least 0, not "
+                         f"{state['step']} and {state['wall_seconds']}")
+    return state
+
+
+def _read_state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
+    """A run's ``state.safetensors`` (ValueError naming it when missing or unreadable)."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = json.loads((run_dir / "state.json").read_text())
-    tensors = load_file(str(run_dir / "state.safetensors"))
+    path = run_dir / "state.safetensors"
+    if not path.exists():
+        raise ValueError(f"{path}: missing; the run's state.json needs it to resume")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
+def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], net: Denoiser,
+                ema: Denoiser, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
+    """Load a run's checked state (:func:`_read_state_json`, :func:`_read_state_tensors`) into
+    a new run's objects, after checking that every tensor and optimizer group fits them.
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when a tensor is missing, unexpected or of another shape or dtype, or
+        ``param_groups`` is not this optimizer's.
+    """
+    params = list(net.parameters())
+    expected = {f"model.{k}": v for k, v in net.state_dict().items()}
+    expected.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    expected["rng"] = gen.get_state()
+    opt_ids = {k.split(".")[1] for k in tensors if k.startswith("opt.")}  # the parameters Adam has stepped
+    for pid in opt_ids & {str(i) for i in range(len(params))}:
+        p = params[int(pid)]
+        expected.update({f"opt.{pid}.step": torch.zeros(1), f"opt.{pid}.exp_avg": p, f"opt.{pid}.exp_avg_sq": p})
+    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    mismatched = sorted(k for k in expected.keys() & tensors.keys()
+                        if (tensors[k].shape, tensors[k].dtype) != (expected[k].shape, expected[k].dtype))
+    problems = [f"{what} {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                                          ("of another shape or dtype", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{run_dir / 'state.safetensors'}: its tensors do not fit this network and optimizer: "
+                         f"{'; '.join(problems)}")
+    fresh = json.loads(json.dumps(opt.state_dict()["param_groups"]))  # tuples as JSON lists
+    saved = state["param_groups"]
+    if len(saved) != len(fresh) or not all(isinstance(g, dict) for g in saved):
+        raise ValueError(f"{run_dir / 'state.json'}: 'param_groups' must be {len(fresh)} object(s), "
+                         f"not {reprlib.repr(saved)}")
+    for i, (group, ref) in enumerate(zip(saved, fresh)):
+        lr = group.get("lr", ref["lr"])  # set every step; the other settings are Adam's defaults
+        bad = sorted(k for k in group.keys() & ref.keys() - {"lr"} if group[k] != ref[k])
+        bad += [] if isinstance(lr, (int, float)) and not isinstance(lr, bool) else ["lr"]
+        if bad:
+            raise ValueError(f"{run_dir / 'state.json'}: param_groups[{i}] does not fit this optimizer (Adam "
+                             f"with its defaults and a numeric lr) in {_few(bad)}")
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     opt_state: dict[int, dict[str, torch.Tensor]] = {}
@@ -212,9 +300,9 @@ def _load_state(run_dir: Path, net, ema, opt, gen: torch.Generator) -> tuple[int
         if k.startswith("opt."):
             _, pid, key = k.split(".", 2)
             opt_state.setdefault(int(pid), {})[key] = v.reshape(()) if key == "step" else v
-    opt.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    # keys a group saved by an older torch lacks take this one's defaults
+    opt.load_state_dict({"state": opt_state, "param_groups": [dict(ref, **g) for ref, g in zip(fresh, saved)]})
     gen.set_state(tensors["rng"])
-    return int(state["step"]), float(state["wall_seconds"])
 
 
 RESUME_FIXED = ("batch_size", "seed", "dataset", "split", "examples")
@@ -223,28 +311,35 @@ RUN_CONTROL = ("threads", "checkpoint_minutes", "max_minutes")
 """Training settings that do not change the result (how a run is executed)."""
 
 
-def check_resume(run_dir: str | Path, net_config: NetConfig, train_config: TrainConfig,
-                 dataset: TensorDataset) -> list[str]:
-    """Whether a run started in ``run_dir`` can resume with these settings, and what changes.
+def _new_run(net_config: NetConfig, cfg: TrainConfig, device: str | torch.device = "cpu",
+             init_from: Denoiser | None = None) -> tuple[Denoiser, Denoiser, torch.optim.Adam, torch.Generator]:
+    """A run's network (seeded, or ``init_from``'s weights), its EMA copy, optimizer and noise generator."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    torch_state = torch.random.get_rng_state()
+    torch.manual_seed(cfg.seed)  # parameter initialisation only; restored below
+    net = build_denoiser(net_config).to(device)
+    torch.random.set_rng_state(torch_state)
+    if init_from is not None:
+        net.load_state_dict(init_from.state_dict())
+    ema = copy.deepcopy(net).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    return net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), gen
 
-    Returns ``name: old -> new`` texts of the optimisation settings a resumed run changes
-    (a new schedule from the saved step on; the card records the new ones); empty for a
-    new run.
 
-    Raises
-    ------
-    ValueError
-        When the network differs, or a setting that fixes the data and the batches
-        (:data:`RESUME_FIXED`; checked where the state records it).
+def _resume(run_dir: Path, net_config: NetConfig, train_config: TrainConfig, dataset: TensorDataset,
+            net: Denoiser, ema: Denoiser, opt: torch.optim.Optimizer,
+            gen: torch.Generator) -> tuple[list[str], int, float]:
+    """Check a run's saved state against these settings and load it into a new run's objects.
+
+    Returns
+    -------
+    (the changed settings, as :func:`check_resume` gives them; the saved step; its wall seconds)
     """
-    state_file = Path(run_dir) / "state.json"
-    if not state_file.exists():
-        return []
-    prev = json.loads(state_file.read_text())
-    if prev.get("net") != json.loads(json.dumps(net_config.to_dict())):
+    prev = _read_state_json(run_dir)
+    if prev["net"] != json.loads(json.dumps(net_config.to_dict())):
         raise ValueError(f"{run_dir}: existing run has a different network config; use a new --out")
-    old = dict(prev.get("train") or {}, dataset=prev.get("dataset"), split=prev.get("split"),
-               examples=prev.get("examples"))
+    old = dict(prev["train"], dataset=prev.get("dataset"), split=prev.get("split"), examples=prev.get("examples"))
     new = dict(asdict(train_config), dataset=dataset.name, split=dataset.split, examples=len(dataset))
     refused, changed = [], []
     for key, value in new.items():
@@ -255,7 +350,32 @@ def check_resume(run_dir: str | Path, net_config: NetConfig, train_config: Train
         raise ValueError(f"{run_dir}: a resumed run keeps its data and batches, but these differ: "
                          f"{'; '.join(refused)}; use the run's settings, or a new --out (with --init-from "
                          f"to start from its model)")
-    return changed
+    _load_state(run_dir, prev, _read_state_tensors(run_dir), net, ema, opt, gen)
+    return changed, prev["step"], float(prev["wall_seconds"])
+
+
+def check_resume(run_dir: str | Path, net_config: NetConfig, train_config: TrainConfig,
+                 dataset: TensorDataset) -> list[str]:
+    """Whether a run started in ``run_dir`` can resume with these settings, and what changes.
+
+    Reads and checks the whole saved state (by loading it into a new network and optimizer),
+    so that a run that :func:`train` cannot resume fails here, before anything is written.
+
+    Returns ``name: old -> new`` texts of the optimisation settings a resumed run changes
+    (a new schedule from the saved step on; the card records the new ones); empty for a
+    new run.
+
+    Raises
+    ------
+    ValueError
+        When the network differs, or a setting that fixes the data and the batches
+        (:data:`RESUME_FIXED`; checked where the state records it), or, naming the file,
+        when ``state.json`` or ``state.safetensors`` is unreadable or does not fit.
+    """
+    run_dir = Path(run_dir)
+    if not (run_dir / "state.json").exists():
+        return []
+    return _resume(run_dir, net_config, train_config, dataset, *_new_run(net_config, train_config))[0]
 
 
 def train(
@@ -293,21 +413,10 @@ def train(
             raise ValueError(f"--init-from {init_name or 'model'}: its network config "
                              f"{init_from.config.to_dict()} differs from the requested {net_config.to_dict()}")
         meta["init_from"] = init_name or "model"
-    gen = torch.Generator().manual_seed(cfg.seed)
-    torch_state = torch.random.get_rng_state()
-    torch.manual_seed(cfg.seed)  # parameter initialisation only; restored below
-    net = build_denoiser(net_config).to(device)
-    torch.random.set_rng_state(torch_state)
-    if init_from is not None:
-        net.load_state_dict(init_from.state_dict())
-    ema = copy.deepcopy(net).eval()
-    for p in ema.parameters():
-        p.requires_grad_(False)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    net, ema, opt, gen = _new_run(net_config, cfg, device, init_from)
     step, wall = 0, 0.0
-    if (run_dir / "state.json").exists():
-        check_resume(run_dir, net_config, cfg, dataset)
-        step, wall = _load_state(run_dir, net, ema, opt, gen)
+    if (run_dir / "state.json").exists():  # checked and loaded before anything is written
+        _, step, wall = _resume(run_dir, net_config, cfg, dataset, net, ema, opt, gen)
     else:
         atomic_write_json(run_dir / "config.json", meta)
     n = len(dataset)
@@ -402,12 +511,10 @@ def train(
 
 def export_from_state(run_dir: str | Path, out: str | Path, card_extra: dict[str, Any] | None = None) -> Path:
     """Write the EMA weights of an (unfinished) run's saved state as a checkpoint."""
-    from safetensors.torch import load_file
-
     run_dir = Path(run_dir)
-    state = json.loads((run_dir / "state.json").read_text())
+    state = _read_state_json(run_dir)
     net = build_denoiser(NetConfig.from_dict(state["net"]))
-    tensors = load_file(str(run_dir / "state.safetensors"))
+    tensors = _read_state_tensors(run_dir)
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     from .data import CIFAR10_CLASSES, MNIST_CLASSES
 

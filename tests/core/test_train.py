@@ -1,4 +1,6 @@
 import json
+import re
+import shutil
 
 import pytest
 import torch
@@ -6,7 +8,7 @@ import torch
 from rdc_studio.core.data import TensorDataset
 from rdc_studio.core.models import load_checkpoint
 from rdc_studio.core.nets import NetConfig
-from rdc_studio.core.train import TrainConfig, ema_decay_at, export_from_state, lr_at, train
+from rdc_studio.core.train import TrainConfig, check_resume, ema_decay_at, export_from_state, lr_at, train
 
 from rdc_studio.core.data import mnist_available
 
@@ -218,3 +220,110 @@ def test_hybrid_objective_refuses_the_embedding_network(tmp_path):
     net_cfg = NetConfig(architecture="embedding", channels=(8, 16), emb_dim=32)
     with pytest.raises(ValueError, match="multi-head"):
         list(train(_dataset(), net_cfg, cfg, tmp_path / "e"))
+
+
+_CLI_TRAIN = ["train", "--dataset", "mnist", "--channels", "8,16", "--head-channels", "4", "--emb-dim", "32",
+              "--batch-size", "12", "--epochs", "1", "--warmup-steps", "2"]
+"""A tiny ``rdc train`` (on :func:`_dataset`, patched in for MNIST)."""
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """A real run folder made by ``rdc train`` (8 steps, so the state holds Adam's moments)."""
+    from rdc_studio.core.cli import main
+
+    run = tmp_path_factory.mktemp("cli") / "run"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("rdc_studio.core.data.load_dataset", lambda *args, **kwargs: _dataset())
+        assert main(_CLI_TRAIN + ["--out", str(run)]) == 0
+    return run
+
+
+_DROP = object()
+"""A key :func:`_set_json` removes."""
+
+
+def _set_json(**changes):
+    def corrupt(run):
+        state = json.loads((run / "state.json").read_text())
+        state.update(changes)
+        state = {k: v for k, v in state.items() if v is not _DROP}
+        (run / "state.json").write_text(json.dumps(state))
+    return corrupt
+
+
+def _set_group(**changes):
+    def corrupt(run):
+        state = json.loads((run / "state.json").read_text())
+        state["param_groups"][0].update(changes)
+        (run / "state.json").write_text(json.dumps(state))
+    return corrupt
+
+
+def _set_tensors(change):
+    def corrupt(run):
+        from safetensors.torch import load_file, save_file
+
+        tensors = load_file(str(run / "state.safetensors"))
+        save_file(change(tensors), str(run / "state.safetensors"))
+    return corrupt
+
+
+_CORRUPT = {
+    "json_garbage": ("state.json", lambda r: (r / "state.json").write_text("{oops"), "not a readable run state"),
+    "json_list": ("state.json", lambda r: (r / "state.json").write_text("[1]"), "a JSON list, not an object"),
+    "no_param_groups": ("state.json", _set_json(param_groups=_DROP), "lacks 'param_groups'"),
+    "step_str": ("state.json", _set_json(step="x"), "'step' must be a whole number, not 'x'"),
+    "step_negative": ("state.json", _set_json(step=-5), "must be at least 0, not -5"),
+    "wall_nan": ("state.json", _set_json(wall_seconds=float("nan")), "must be at least 0"),
+    "train_list": ("state.json", _set_json(train=[1]), "'train' must be an object"),
+    "groups_not_objects": ("state.json", _set_json(param_groups=[1]), "'param_groups' must be 1 object"),
+    "lr_str": ("state.json", _set_group(lr="x"), r"param_groups\[0\] does not fit .* in lr"),
+    "amsgrad": ("state.json", _set_group(amsgrad=True), "in amsgrad"),
+    "params_missing": ("state.json", _set_group(params=[0]), "in params"),
+    "tensors_missing": ("state.safetensors", lambda r: (r / "state.safetensors").unlink(), "missing; the run's"),
+    "tensors_truncated": ("state.safetensors",
+                          lambda r: (r / "state.safetensors").write_bytes((r / "state.safetensors").read_bytes()[:500]),
+                          "not a readable safetensors file"),
+    "rng_truncated": ("state.safetensors", _set_tensors(lambda t: {**t, "rng": t["rng"][:10]}),
+                      "of another shape or dtype rng"),
+    "model_missing": ("state.safetensors",
+                      _set_tensors(lambda t: {k: v for k, v in t.items() if not k.startswith("model.conv_in")}),
+                      "missing model.conv_in.bias, model.conv_in.weight"),
+    "ema_shape": ("state.safetensors", _set_tensors(lambda t: {**t, "ema.conv_in.bias": t["ema.conv_in.bias"][:1]}),
+                  "of another shape or dtype ema.conv_in.bias"),
+    "adam_partial": ("state.safetensors", _set_tensors(lambda t: {k: v for k, v in t.items() if k != "opt.0.exp_avg"}),
+                     "missing opt.0.exp_avg"),
+    "adam_unknown": ("state.safetensors", _set_tensors(lambda t: {**t, "opt.999.step": t["opt.0.step"].clone()}),
+                     "unexpected opt.999.step"),
+}
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("case", sorted(_CORRUPT))
+def test_corrupt_run_state_is_refused_in_one_line_and_left_as_it_is(cli_run, tmp_path, monkeypatch, case):
+    """check_resume, train() and ``rdc train`` refuse a damaged run folder before writing anything:
+    a ValueError (one ``rdc: error:`` line) that names the damaged file."""
+    from rdc_studio.core.cli import main
+
+    name, corrupt, problem = _CORRUPT[case]
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    state = json.loads((run / "state.json").read_text())
+    net_cfg, cfg, ds = NetConfig.from_dict(state["net"]), TrainConfig(**state["train"]), _dataset()
+    assert check_resume(run, net_cfg, cfg, ds) == []  # the intact copy resumes
+    corrupt(run)
+    before = _snapshot(run)
+    expected = re.escape(f"{run / name}: ") + f".*{problem}"
+    for attempt in (lambda: check_resume(run, net_cfg, cfg, ds), lambda: list(train(ds, net_cfg, cfg, run))):
+        with pytest.raises(ValueError, match=expected) as exc:
+            attempt()
+        assert "\n" not in str(exc.value)
+    monkeypatch.setattr("rdc_studio.core.data.load_dataset", lambda *args, **kwargs: _dataset())
+    with pytest.raises(SystemExit) as exc:
+        main(_CLI_TRAIN + ["--out", str(run)])
+    assert re.fullmatch("rdc: error: " + expected + "[^\n]*", str(exc.value.code))
+    assert _snapshot(run) == before
