@@ -29,7 +29,7 @@ class ClassifyTab(QSplitter):
                                "progressive class elimination, a class that is not among the leaders after the "
                                "screening levels is not evaluated further: its curve ends there.")
         self.ood = OodLabel()
-        self.bars.header.insertWidget(1, self.ood)
+        self.bars.details.insertWidget(0, self.ood, 1)
         curves_box = QWidget()
         cl = QVBoxLayout(curves_box)
         cl.setContentsMargins(2, 2, 2, 2)

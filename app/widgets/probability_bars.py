@@ -1,6 +1,8 @@
 """Per-class probability bars with value labels, the predicted class highlighted, and a log scale."""
 from __future__ import annotations
 
+import html
+
 import numpy as np
 import pyqtgraph as pg
 from PySide6.QtWidgets import QCheckBox, QHBoxLayout, QLabel, QVBoxLayout, QWidget
@@ -36,12 +38,16 @@ class ProbabilityBars(QWidget):
         self.plot.setLabel("left", "probability")
         self.plot.showGrid(y=True, alpha=0.3)
         cache_axes(self.plot)
-        self.header = QHBoxLayout()  # the verdict's row (a tab may add its own widgets)
+        self.header = QHBoxLayout()  # the verdict's row
         self.header.addWidget(self.verdict, 1)
-        self.header.addWidget(self.log_scale)
+        self.details = QHBoxLayout()  # below it: a tab's own widgets, then the axis switch
+        self.details.addStretch(1)
+        self.details.addWidget(self.log_scale)
         layout = QVBoxLayout(self)
         layout.setContentsMargins(2, 2, 2, 2)
+        layout.setSpacing(2)
         layout.addLayout(self.header)
+        layout.addLayout(self.details)
         layout.addWidget(self.plot, 1)
         self.bars: pg.BarGraphItem | None = None
         self.labels: list[pg.TextItem] = []
@@ -116,9 +122,12 @@ class ProbabilityBars(QWidget):
         top = int(np.argmax(self.heights))
         self._draw([TOP_COLOUR if i == top else BAR_COLOUR for i in range(len(self.classes))], show_labels=True)
         prefix = "Predicted" if final else "Leading"
-        text = f"{prefix}: {self.classes[top]}  ({self.heights[top]:.1%})"
+        text = f"{prefix}: {self.classes[top]} ({self.heights[top]:.1%})"
         if final and known_class is not None and 0 <= known_class < len(self.classes):
-            text += f"  · label {self.classes[known_class]}: {'right' if top == known_class else 'wrong'}"
+            right = top == known_class
+            text = (f"{text}&nbsp;&nbsp;<span style='font-size: 11pt; color: {'#1a7f37' if right else '#c62828'}'>"
+                    f"{'✓' if right else '✗'} label {html.escape(self.classes[known_class])}: "
+                    f"{'right' if right else 'wrong'}</span>")
         self.verdict.setText(text)
 
     @property

@@ -332,7 +332,7 @@ def test_a_labelled_image_is_attacked_with_its_label_through_purify_and_attack(q
         window.gallery.itemClicked.emit(window.gallery.item(0))
     assert window.state.image_known_class == 3
     right = "right" if int(np.argmax(classified.args[0])) == 3 else "wrong"
-    assert window.bars.verdict.text().endswith(f"· label 3: {right}")
+    assert f"label 3: {right}</span>" in window.bars.verdict.text()
     label = 3 if int(np.argmax(classified.args[0])) != 3 else 5  # a label the untrained model does not predict
     window.state.image_known_class = label
     window.attack_panel.steps.setValue(1)
@@ -448,14 +448,14 @@ def test_bundled_gallery_is_labelled_per_class(qtbot, window):
     assert all(c.split(" #")[0] in window.model.classes for c in captions)
 
 
-def test_classify_tab_shows_ood_next_to_the_verdict(qtbot, window, tiny_checkpoint):
+def test_classify_tab_shows_ood_under_the_verdict(qtbot, window, tiny_checkpoint):
     """No reference: the label says so; a reference far below a noise image's score: a warning."""
     from rdc_studio.app.widgets.ood_label import PLAIN_STYLE, WARNING_STYLE
     from rdc_studio.core.models import update_card
     from rdc_studio.core.ood import CARD_KEY, NO_REFERENCE, OodScorer, OodSettings, make_reference
 
     label = window.classify_tab.ood
-    assert window.bars.header.indexOf(label) == 1  # right of the verdict
+    assert window.bars.details.indexOf(label) == 0  # the row under the verdict, so neither cuts the other
     noise = np.random.default_rng(0).random((1, 28, 28)).astype(np.float32)
     with qtbot.waitSignal(window.classification_finished, timeout=30000):
         window.set_image(noise, "noise")
