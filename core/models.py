@@ -407,8 +407,11 @@ def list_model_names(folder: str | Path) -> list[str]:
 
 def is_cnn_card(weights: str | Path) -> bool:
     """Whether the card beside ``weights`` is a CNN baseline's (:mod:`core.baseline`)."""
-    try:
-        return json.loads(Path(weights).with_suffix(".json").read_text()).get("format") == CNN_FORMAT
+    side = Path(weights).with_suffix(".json")
+    try:  # a regular file of card size only (never read a device or a huge file to find out)
+        if not side.is_file() or side.stat().st_size > MAX_CARD_BYTES:
+            return False
+        return json.loads(side.read_text()).get("format") == CNN_FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 

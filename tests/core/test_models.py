@@ -221,3 +221,19 @@ def test_a_purifier_that_is_the_model_itself_or_loops_back_is_refused_at_once(tm
     save_checkpoint(tmp_path / "b.safetensors", tiny_net, card | {"purifier": {"path": "a.safetensors"}})
     with pytest.raises(CheckpointError, match="its purifier b.safetensors names a purifier of its own"):
         load_checkpoint(a)
+
+
+def test_a_card_linked_to_a_device_is_never_read(tmp_path, tiny_checkpoint):
+    """/dev/zero as a card would be read until memory runs out."""
+    import os
+
+    from rdc_studio.core.models import is_cnn_card
+
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("needs /dev/zero")
+    weights = tmp_path / "z.safetensors"
+    weights.write_bytes(tiny_checkpoint.read_bytes())
+    (tmp_path / "z.json").symlink_to("/dev/zero")
+    assert not is_cnn_card(weights)
+    with pytest.raises(CheckpointError, match="not a regular file"):
+        load_checkpoint(weights)
