@@ -14,6 +14,7 @@ import numpy as np
 from .models import atomic_write_bytes, atomic_write_json
 
 SESSION_FORMAT = "rdc-studio/session"
+MAX_SESSION_BYTES = 256 * 2**20  # one image and settings: far below this
 
 
 class SessionError(ValueError):
@@ -52,6 +53,12 @@ def load_session(path: str | Path) -> dict[str, Any]:
     """Read and validate a session file."""
     path = Path(path)
     try:
+        if not path.exists():
+            raise SessionError(f"{path}: no such file")
+        if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
+            raise SessionError(f"{path}: not a session file (not a regular file)")
+        if path.stat().st_size > MAX_SESSION_BYTES:
+            raise SessionError(f"{path}: {path.stat().st_size} bytes is too large for a session file")
         session = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise SessionError(f"{path}: cannot read session ({exc})") from exc

@@ -79,3 +79,16 @@ def test_unusable_session_settings_are_one_error_and_unknown_keys_are_left_out(t
     classifier, attack, purify = session_settings(load_session(_session_file(
         tmp_path, classifier={"steps": 3, "later": 1}, attack={"seed": 1, "later": 1}, purify={"eta": 0.1, "x": 2})))
     assert classifier == {"steps": 3} and attack["seed"] == 1 and "later" not in attack and purify["eta"] == 0.1
+
+
+def test_a_session_path_that_is_missing_a_folder_or_a_device_is_one_clear_error(tmp_path):
+    import os
+
+    with pytest.raises(SessionError, match="no such file"):
+        load_session(tmp_path / "none.json")
+    with pytest.raises(SessionError, match="not a regular file"):
+        load_session(tmp_path)
+    if os.path.exists("/dev/zero"):
+        (tmp_path / "z.json").symlink_to("/dev/zero")
+        with pytest.raises(SessionError, match="not a regular file"):
+            load_session(tmp_path / "z.json")
