@@ -254,6 +254,10 @@ def _read_state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
 
 
+ADAM_UPDATE_KEYS = {"betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"}
+"""The optimizer-group settings that change Adam's update (a resumed run must keep them)."""
+
+
 def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], net: Denoiser,
                 ema: Denoiser, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
     """Load a run's checked state (:func:`_read_state_json`, :func:`_read_state_tensors`) into
@@ -288,11 +292,13 @@ def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.T
                          f"not {reprlib.repr(saved)}")
     for i, (group, ref) in enumerate(zip(saved, fresh)):
         lr = group.get("lr", ref["lr"])  # set every step; the other settings are Adam's defaults
-        bad = sorted(k for k in group.keys() & ref.keys() - {"lr"} if group[k] != ref[k])
+        # only the settings of the update itself; implementation flags (foreach, fused, ...) may differ
+        # between the torch versions and devices a run is saved and resumed on
+        bad = sorted(k for k in group.keys() & ref.keys() & (ADAM_UPDATE_KEYS | {"params"}) if group[k] != ref[k])
         bad += [] if isinstance(lr, (int, float)) and not isinstance(lr, bool) else ["lr"]
         if bad:
             raise ValueError(f"{run_dir / 'state.json'}: param_groups[{i}] does not fit this optimizer (Adam "
-                             f"with its defaults and a numeric lr) in {_few(bad)}")
+                             f"with its default update and a numeric lr) in {_few(bad)}")
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     opt_state: dict[int, dict[str, torch.Tensor]] = {}

@@ -327,3 +327,15 @@ def test_corrupt_run_state_is_refused_in_one_line_and_left_as_it_is(cli_run, tmp
         main(_CLI_TRAIN + ["--out", str(run)])
     assert re.fullmatch("rdc: error: " + expected + "[^\n]*", str(exc.value.code))
     assert _snapshot(run) == before
+
+
+def test_a_run_saved_with_other_optimizer_implementation_flags_resumes(cli_run, tmp_path):
+    """foreach / fused / capturable differ between torch versions and devices: not the update."""
+    run = tmp_path / "run"
+    shutil.copytree(cli_run, run)
+    state = json.loads((run / "state.json").read_text())
+    for group in state["param_groups"]:
+        group.update(foreach=True, capturable=True)
+    (run / "state.json").write_text(json.dumps(state))
+    net_cfg, cfg = NetConfig.from_dict(state["net"]), TrainConfig(**state["train"])
+    assert check_resume(run, net_cfg, cfg, _dataset()) == []
