@@ -593,8 +593,8 @@ def test_attack_fooled_by_its_starting_point_says_why_the_plot_is_empty(window):
         tab.begin(clean[0], "zeros", 10)
         assert tab.plot.message() is None
         tab.finish(outcome(succeeded))
-        assert tab.verdict.text().startswith("Attack succeeded (3 → 5); the defense recovered" if succeeded
-                                             else "Attack failed (3 stays 3); the defense holds")
+        assert tab.verdict.text().startswith("Attack succeeded (predicted 3 → 5); the defense recovered"
+                                             if succeeded else "Attack failed (predicted 3, still 3); the defense holds")
         note = tab.plot.message()
         assert (note is not None and "starting point already fooled" in note) == succeeded
         assert len(tab.plot.data["loss"][0]) == 0

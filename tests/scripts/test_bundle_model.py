@@ -19,7 +19,8 @@ def bundle(tmp_path, tiny_checkpoint, monkeypatch):
     folder.mkdir()
     weights = folder / "tiny.safetensors"
     weights.write_bytes(tiny_checkpoint.read_bytes())
-    card = load_checkpoint(tiny_checkpoint).card | {"metrics": {"val": {"n": 5}}, "ood_reference": {"kept": True}}
+    reference = {"settings": {"levels": 4}, "probabilities": [0.0, 1.0], "quantiles": [1.0, 2.0], "kept": True}
+    card = load_checkpoint(tiny_checkpoint).card | {"metrics": {"val": {"n": 5}}, "ood_reference": reference}
     (folder / "tiny.json").write_text(json.dumps(card))
     monkeypatch.setattr(module, "BUNDLED_DIR", folder)
     return module, weights
@@ -40,7 +41,7 @@ def test_card_only_updates_purification_and_keeps_weights_and_other_fields(bundl
     assert (card["purify"]["sigma_lo"], card["purify"]["sigma_hi"]) == (0.4, 0.6)
     assert card["metrics"]["purify_choice"] == "chosen on val"
     assert card["metrics"]["purify_sweep"] == {"chosen": "eta 0.1"}
-    assert card["metrics"]["val"] == {"n": 5} and card["ood_reference"] == {"kept": True}
+    assert card["metrics"]["val"] == {"n": 5} and card["ood_reference"]["kept"] is True
     updates = card["metrics"]["card_updates"]
     assert len(updates) == 2 and updates[0].startswith("python scripts/bundle_model.py --card-only --name tiny")
     assert load_checkpoint(weights).card["purify"] == card["purify"]  # what the defense reads
