@@ -606,7 +606,7 @@ def test_attack_fooled_by_its_starting_point_says_why_the_plot_is_empty(window):
                               attacked_prediction=np.array([3]), defense_probabilities=fooled,
                               attack_succeeded=np.array([False]), defense_recovered=np.array([False]),
                               linf=np.array([0.1]), l2=np.array([2.8])))
-    assert tab.verdict.text().startswith("Attack failed against the attacked model (3 stays 3), but")
+    assert tab.verdict.text().startswith("Attack failed against the attacked model (predicted 3, still 3), but")
     assert tab.verdict.text().endswith("predicts 6 (91.0%): the defense failed.")
 
 
