@@ -1122,7 +1122,7 @@ def follow_up_summary(args: argparse.Namespace, parts: list[tuple[Row, Evaluatio
     runs = list({ev.name: (ev, rep) for ev, rep in (follow_ups[row.key][stage] for row, _, _ in parts)}.values())
     broken = set()
     for _, rep in runs:
-        broken |= {r.index for r in example_rows(rep) if r.clean_correct and not r.robust_correct}
+        broken |= {r.index for r in example_rows(rep) if not r.robust_correct}  # misclassified unperturbed too
     commands = [made_by(ev, rep) for ev, rep in runs]
     entry = {"n": len(before), "indices": format_indices(before), "attacks": report_attacks(runs[0][1]),
              "budget": report_budget(runs[0][1]), "broke": len(broken & set(before)),
@@ -1185,10 +1185,23 @@ def extends_follow_up(old: dict[str, Any] | None, new: dict[str, Any] | None) ->
     return len(old_stages) > len(new_stages) and old_stages[:len(new_stages)] == new_stages
 
 
+def _budget_signs(budget: dict[str, Any] | None, than: dict[str, Any] | None) -> set[int]:
+    """For each entry (steps, targets, queries) both budgets give: -1 where ``budget`` is
+    below ``than``, 1 where above, 0 where equal."""
+    budget, than = budget or {}, than or {}
+    return {(budget[k] > than[k]) - (budget[k] < than[k]) for k in than
+            if isinstance(than.get(k), (int, float)) and isinstance(budget.get(k), (int, float))}
+
+
 def _smaller_sample(stored: dict[str, Any] | None, row: dict[str, Any]) -> bool:
-    """Whether ``row`` attacked fewer examples than ``stored`` (a row of the same
-    :func:`result_key`) with the same budget: a smaller sample of the same measurement."""
-    return stored is not None and row["n"] < stored["n"] and row.get("budget") == stored.get("budget")
+    """Whether ``row`` is dominated by ``stored`` (a row of the same :func:`result_key`): no
+    more examples and no stronger budget entry, and fewer examples or a weaker entry. Such a
+    smaller or weaker measurement never replaces the stored one (more examples, or a stronger
+    attack, does)."""
+    if stored is None:
+        return False
+    signs = _budget_signs(row.get("budget"), stored.get("budget"))
+    return row["n"] <= stored["n"] and 1 not in signs and (row["n"] < stored["n"] or -1 in signs)
 
 
 def smaller_than_stored(existing: list[dict[str, Any]],
@@ -1217,12 +1230,20 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
             continue
         # checks not run by this invocation (--no-checks, --check-rows) are not checks that
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
-        if row.get("masking_checks") is None and old is not None and old.get("masking_checks"):
+        if (row.get("masking_checks") is None and old is not None and old.get("masking_checks")
+                and old.get("budget") == row.get("budget")):  # checks of another budget say nothing of this one
             row = row | {"masking_checks": old["masking_checks"]}
         # likewise follow-ups on the survivors of the very same evaluations that this run did not
         # repeat (a run without --follow-up, or with fewer stages, that re-reads them): they stand
         if (old is not None and old["command"] == row["command"]
                 and extends_follow_up(old.get("follow_up"), row.get("follow_up"))):
+            row = row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old}
+        # another chain of follow-ups on the same evaluations (neither begins the other): what the
+        # stored one broke stays broken, so the lower figures stand
+        elif (old is not None and old["command"] == row["command"] and old.get("follow_up")
+              and row.get("follow_up") and old.get("follow_up") != row.get("follow_up")
+              and not extends_follow_up(row.get("follow_up"), old.get("follow_up"))
+              and old["robust"] < row["robust"]):
             row = row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old}
         # a re-read of the same evaluations (and follow-up) measured nothing new: its date stands
         if (old is not None and "date" in old and old["command"] == row["command"]
@@ -1264,8 +1285,9 @@ def update_results(path: str | Path, measured: list[dict[str, Any]],
         if (result_key(row), row["n"]) in said:
             continue
         said.add((result_key(row), row["n"]))
+        same = "the same budget" if row.get("budget") == old.get("budget") else "a weaker budget"
         print(f"robustness_table: {_display_path(Path(path))} keeps its {row['key']} row of n = {old['n']}; "
-              f"this run's n = {row['n']} with the same budget does not replace it (it is in table.md)",
+              f"this run's n = {row['n']} with {same} does not replace it (it is in table.md)",
               file=sys.stderr)
     merged = merge_results(existing, measured)
     atomic_write_json(path, merged)
@@ -1469,7 +1491,7 @@ def follow_up_table(follow_ups: FollowUps) -> list[dict[str, Any]]:
         for stage, (ev, report) in enumerate(stages, 1):
             rows = example_rows(report)
             out.append({"row": key, "stage": stage, "indices": format_indices(r.index for r in rows), "n": len(rows),
-                        "broken": [r.index for r in rows if r.clean_correct and not r.robust_correct],
+                        "broken": [r.index for r in rows if not r.robust_correct],
                         "attacks": report_attacks(report), "budget": report_budget(report),
                         "seconds_per_image": report["table_timing"]["seconds_per_image"],
                         "command": made_by(ev, report)})

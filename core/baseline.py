@@ -112,12 +112,17 @@ def is_cnn_checkpoint(name_or_path: str | Path | None) -> bool:
     return is_cnn_card(p)
 
 
-def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device = "cpu") -> tuple[SmallCNN, dict]:
-    """Load a CNN checkpoint (bundled name or path); clear errors for bad files."""
+def cnn_weights_path(name_or_path: str | Path = "mnist-cnn") -> Path:
+    """The weights file of a CNN checkpoint given by bundled name or path (not checked)."""
     p = Path(name_or_path)
     if p.suffix not in (".safetensors", ".json") and not p.exists():
         p = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    p = p.with_suffix(".safetensors")
+    return p.with_suffix(".safetensors")
+
+
+def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device = "cpu") -> tuple[SmallCNN, dict]:
+    """Load a CNN checkpoint (bundled name or path); clear errors for bad files."""
+    p = cnn_weights_path(name_or_path)
     if not p.exists():
         raise CheckpointError(f"{p}: CNN checkpoint not found")
     try:

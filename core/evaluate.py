@@ -397,6 +397,9 @@ def _same_measurement(reports: list[dict[str, Any]], labels: list[str]) -> tuple
     for label, rep in zip(labels[1:], reports[1:]):
         if rep["model"].get("name") != base["model"].get("name"):
             raise ValueError(f"{label}: model {rep['model'].get('name')}, not {base['model'].get('name')}")
+        if rep["model"].get("sha256") and base["model"].get("sha256") and rep["model"]["sha256"] != base["model"]["sha256"]:
+            raise ValueError(f"{label}: model {rep['model']['name']} of other weights (sha256 "
+                             f"{rep['model']['sha256'][:8]}, not {base['model']['sha256'][:8]})")
         for key in DECISION_SETTINGS:
             if rep["settings"].get(key) != base["settings"].get(key):
                 raise ValueError(f"{label}: {key} {rep['settings'].get(key)!r} differs from "
@@ -410,7 +413,8 @@ def with_follow_up(report: dict[str, Any], follow_up: dict[str, Any], label: str
     """``report`` with the results of a follow-up evaluation of some of its examples (typically
     its survivors, attacked again with a larger budget: ``rdc eval --indices``).
 
-    An example stays robust only if the follow-up, where it attacked it, left it robust too;
+    An example stays robust only if the follow-up, where it attacked it, left it robust too
+    (one the follow-up finds misclassified unperturbed is broken: a distance-0 example);
     ``robust_acc`` and ``robust_ci95`` are recounted over ``report``'s examples and the
     examples the follow-up broke get ``broken_by`` = ``label``. The per-attack table, when
     there is one, is dropped (it describes ``report``'s ensemble alone).
@@ -426,7 +430,11 @@ def with_follow_up(report: dict[str, Any], follow_up: dict[str, Any], label: str
     extra = sorted({r.index for r in example_rows(follow_up)} - set(base_rows))
     if extra:
         raise ValueError(f"{label} attacked examples the report does not have: {format_indices(extra)}")
-    broken = {r.index for r in example_rows(follow_up) if r.clean_correct and not r.robust_correct}
+    follow_rows = example_rows(follow_up)
+    if mislabelled := [r.index for r in follow_rows if r.label != base_rows[r.index].label]:
+        raise ValueError(f"{label} has other labels for examples {format_indices(mislabelled)} (another data split?)")
+    # the unperturbed image misclassified there (e.g. on another device) is an adversarial example at distance 0
+    broken = {r.index for r in follow_rows if not r.robust_correct}
     rows = [ExampleRow(r.index, r.label, r.clean_correct, r.robust_correct and r.index not in broken,
                        label if r.robust_correct and r.index in broken else r.broken_by)
             for r in base_rows.values()]
@@ -664,10 +672,11 @@ class ResumeState:
     refused instead of appending the same examples again.
     """
 
-    def __init__(self, path: str | Path, settings: dict[str, Any]) -> None:
+    def __init__(self, path: str | Path, settings: dict[str, Any], weights: dict[str, str] | None = None) -> None:
         import json
 
         self.path = Path(path)
+        self.weights = weights  # sha256 of the files attacked (model, purifier, CNN); None: not recorded
         self.results: dict[int, ExampleResult] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         lock_file = Path(f"{self.path}.lock")
@@ -705,13 +714,26 @@ class ResumeState:
     def _load(self, settings: dict[str, Any]) -> None:
         import json
 
-        header = json.dumps({"settings": settings}, sort_keys=True)
+        same_settings = json.dumps({"settings": settings}, sort_keys=True)
+        header = json.dumps({"settings": settings} | ({"weights": self.weights} if self.weights else {}),
+                            sort_keys=True)
         if self.path.exists():
             text = self.path.read_text()
             state = parse_state_text(text)
-            if not state.header_line or (state.header_line != header and not self._grows(state.header_line, settings)):
+            try:
+                old = json.loads(state.header_line) if state.header_line else {}
+            except json.JSONDecodeError:
+                old = {}
+            old_settings = json.dumps({"settings": old.get("settings")}, sort_keys=True) if isinstance(old, dict) else ""
+            if not state.header_line or (old_settings != same_settings and not self._grows(state.header_line, settings)):
                 raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
-            if state.header_line != header:  # a smaller run's state: same examples, the new n in the header
+            # a state that recorded its weights (older ones did not) serves only the very same files
+            if self.weights and isinstance(old.get("weights"), dict) and old["weights"] != self.weights:
+                changed = ", ".join(sorted(k for k in set(old["weights"]) | set(self.weights)
+                                           if old["weights"].get(k) != self.weights.get(k)))
+                raise ValueError(f"{self.path}: state of a run on other weights ({changed} changed since); "
+                                 f"use another state file")
+            if state.header_line != header:  # a smaller run's state (the new n), or the weights recorded now
                 from .models import atomic_write_bytes
 
                 body = "\n".join(text.splitlines()[1:])
@@ -882,6 +904,25 @@ def _ensemble(config: EvalConfig, dataset: TensorDataset, device: str):
     return members, surrogate
 
 
+def evaluated_weights(config: EvalConfig, model=None) -> dict[str, str]:
+    """sha256 of every weights file an evaluation uses: the diffusion model and its purifier,
+    and the CNN (the defense itself, or the ensemble's transfer source). A state file
+    records them, so it never resumes a run on other weights of the same name or path."""
+    from .baseline import cnn_weights_path
+    from .models import file_sha256
+
+    weights = {}
+    if config.defense != "cnn" and model is not None and Path(model.path).is_file():
+        weights["model"] = file_sha256(model.path)
+        if model.purifier is not None:
+            weights["purifier"] = file_sha256(model.purifier.path)
+    if config.defense == "cnn" or config.attack in ("ensemble", "transfer"):
+        cnn = cnn_weights_path(config.cnn)
+        if cnn.is_file():
+            weights["cnn"] = file_sha256(cnn)
+    return weights
+
+
 def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifier | None = None, *,
                    device: str = "cpu", purify=None, dataset: TensorDataset | None = None,
                    shard: tuple[int, int] = (0, 1), progress: Callable[[EvalProgress], None] | None = None,
@@ -932,16 +973,21 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
 
     ds = dataset if dataset is not None else load_dataset(config.dataset, config.split, config.data_root)
     cancelled = cancelled or (lambda: False)
+    weights = evaluated_weights(config, model)
     if config.defense == "cnn":  # the diffusion model is not needed
         settings: dict[str, Any] = {"device": device}
-        model_info = {"name": config.cnn, "architecture": "cnn"}
+        model_info = {"name": config.cnn, "architecture": "cnn", "sha256": weights.get("cnn")}
     else:
         if ds.name != model.card.get("dataset"):
             raise ValueError(f"model {model.name} was trained on {model.card.get('dataset')}, not {ds.name}")
         settings = {"classifier": classifier.settings.to_dict(), "device": str(classifier.device)}
-        model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture}
+        model_info = {"name": model.name, "path": str(model.path), "architecture": model.net.config.architecture,
+                      "sha256": weights.get("model")}
         if model.purifier is not None:
-            model_info["purifier"] = {"name": model.purifier.name, "path": str(model.purifier.path)}
+            model_info["purifier"] = {"name": model.purifier.name, "path": str(model.purifier.path),
+                                      "sha256": weights.get("purifier")}
+    if "cnn" in weights and config.defense != "cnn":
+        model_info["transfer_source_sha256"] = weights["cnn"]
     if config.indices is not None:
         if config.n is not None:
             raise ValueError("give either n or indices, not both")
@@ -1003,7 +1049,7 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
     if config.state:
         state_path = config.state if world == 1 else f"{config.state}.rank{rank}-of-{world}"
         identity = {k: v for k, v in settings.items() if k != "command"}
-        state = ResumeState(state_path, identity | {"n": total, "shard": [rank, world]})
+        state = ResumeState(state_path, identity | {"n": total, "shard": [rank, world]}, weights)
     results = list(state.results.values()) if state else []
     t0 = time.perf_counter()
     skip = set(state.results) if state else frozenset()

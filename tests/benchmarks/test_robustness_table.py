@@ -390,6 +390,11 @@ def test_merge_replaces_rows_of_the_same_measurement_and_keeps_the_rest(table, t
     assert row["robust"] == 0.04 and row["masking_checks"] == checks
     other_model = next(r for r in grown if table.result_key(r) == ("dc", "linf", 0.1, old_model, ""))
     assert other_model["masking_checks"] is None  # another measurement's checks are not borrowed
+    # nor are the checks of another budget (they judged other attacks)
+    stronger = table.merge_results(with_checks, [_result("dc", "linf", 0.1, new_model, robust=0.03,
+                                                         budget={"steps": 200, "targets": 9, "square_queries": 5000})])
+    row = next(r for r in stronger if table.result_key(r) == ("dc", "linf", 0.1, new_model, ""))
+    assert row["robust"] == 0.03 and row["masking_checks"] is None
     # sorted by model, then CNN, DC, RDC, then norm and eps: merging is order-independent
     assert table.merge_results(list(reversed(existing)), measured) == merged
     assert [r["defense"] for r in merged if r["model_sha256"] == new_model] == ["dc", "dc", "rdc"]
@@ -857,6 +862,10 @@ def test_a_run_without_follow_up_keeps_the_follow_up_of_the_same_evaluations(tab
     plain = _result("rdc", "linf", 0.3, sha, robust=0.08, command=["x", "y", "z"], per_grad_mode={"bpda": 0.14})
     [kept] = table.merge_results([followed], [plain])
     assert (kept["robust"], kept["per_grad_mode"], kept["follow_up"]) == (0.04, {"bpda": 0.1}, {"n": 4, "broke": 2})
+    # another follow-up chain on the same evaluations does not make what the stored one broke robust again
+    other_chain = plain | {"robust": 0.06, "follow_up": {"n": 4, "broke": 1, "budget": {"square_queries": 500}}}
+    [kept] = table.merge_results([followed], [other_chain])
+    assert (kept["robust"], kept["follow_up"]) == (0.04, {"n": 4, "broke": 2})
     # other evaluations (e.g. a larger n) are a new measurement: the old follow-up does not apply
     [fresh] = table.merge_results([followed], [plain | {"command": ["x2", "y2", "z2"], "n": 100}])
     assert fresh["robust"] == 0.08 and "follow_up" not in fresh
@@ -873,6 +882,9 @@ def test_a_smaller_sample_of_the_same_measurement_never_replaces_a_stored_row(ta
     full = {"steps": 100, "targets": 9, "square_queries": 5000}
     [stronger] = table.merge_results([stored], [smaller | {"budget": full}])
     assert (stronger["n"], stronger["budget"]) == (60, full)
+    # but a weaker attack on no more examples never does (it would hide what the stronger one broke)
+    assert table.merge_results([stronger], [stronger | {"budget": reduced, "robust": 0.9}]) == [stronger]
+    assert table.merge_results([stronger], [stronger | {"budget": reduced, "n": 50}]) == [stronger]
     # the script says so on stderr, once however often it writes the file
     path = tmp_path / "robustness.json"
     table.update_results(path, [stored])

@@ -185,6 +185,12 @@ def test_a_follow_up_can_only_break_examples_the_report_left_robust():
     assert with_follow_up(base, _report("bpda", [[1, 2, 1, 1]]))["robust_acc"] == 0.6
     with pytest.raises(ValueError, match="does not have: 9"):
         with_follow_up(base, _report("bpda", [[9, 1, 1, 0]]))
+    # misclassified unperturbed where the follow-up ran (another device, say): broken at distance 0,
+    # as rdc worst-case counts it
+    merged = with_follow_up(base, _report("bpda", [[2, 1, 0, 0]]), label="follow-up")
+    assert merged["robust_acc"] == 0.4 and merged["per_example"][2][3:] == [0, "follow-up"]
+    with pytest.raises(ValueError, match="other labels for examples 2"):
+        with_follow_up(base, _report("bpda", [[2, 5, 1, 1]]))
     with pytest.raises(ValueError, match="threat model"):
         with_follow_up(base, _report("bpda", [[0, 7, 1, 0]], eps=0.1))
 
@@ -256,3 +262,34 @@ def test_evaluating_a_diffusion_defense_without_its_model_says_so():
                        [str(i) for i in range(10)], "mnist", "test")
     with pytest.raises(ValueError, match="the dc defense needs the loaded diffusion model"):
         run_evaluation(EvalConfig(defense="dc", n=1), dataset=ds)
+
+
+def test_a_state_records_its_weights_and_never_resumes_a_run_on_other_ones(tmp_path):
+    """Same settings, same model name or path, other weights (a retrained file, another --cnn):
+    the old results must not be reused. States written before weights were recorded still resume,
+    and then record them."""
+    import json
+
+    from rdc_studio.core.evaluate import ResumeState
+
+    path = tmp_path / "run.state.jsonl"
+    settings = {"attack": "apgd-ce", "n": 4, "shard": [0, 1]}
+    ResumeState(path, settings, {"model": "a" * 64, "cnn": "c" * 64}).close()
+    ResumeState(path, settings, {"model": "a" * 64, "cnn": "c" * 64}).close()
+    with pytest.raises(ValueError, match=r"other weights \(model changed since\)"):
+        ResumeState(path, settings, {"model": "b" * 64, "cnn": "c" * 64})
+    older = tmp_path / "older.state.jsonl"
+    older.write_text(json.dumps({"settings": settings}, sort_keys=True) + "\n")
+    ResumeState(older, settings, {"model": "a" * 64}).close()
+    assert json.loads(older.read_text().splitlines()[0])["weights"] == {"model": "a" * 64}
+
+
+def test_reports_of_other_weights_are_not_one_measurement():
+    from rdc_studio.core.evaluate import with_follow_up
+
+    base = _report("bpda", [[0, 7, 1, 1, None]])
+    base["per_example_columns"] = ["index", "label", "clean_correct", "robust_correct", "broken_by"]
+    follow = _report("bpda", [[0, 7, 1, 1]], attack="ensemble")
+    base["model"]["sha256"], follow["model"]["sha256"] = "a" * 64, "b" * 64
+    with pytest.raises(ValueError, match="of other weights"):
+        with_follow_up(base, follow)
