@@ -656,6 +656,10 @@ class MainWindow(QMainWindow):
             return False
         self.runner.cancel()
         self._on_job_stopped()
+        known, old_classes = self.state.image_known_class, self.model.classes
+        # the input's label, by name: an index into the old model's classes means nothing to the new one
+        self.state.image_known_class = (model.classes.index(old_classes[known])
+                                        if known is not None and old_classes[known] in model.classes else None)
         self.model = model
         self._apply_model()
         self._apply_preset_settings(self.preset)  # T and the purification: this model's card's

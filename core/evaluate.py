@@ -4,6 +4,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import numbers
 import platform
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -724,6 +725,9 @@ class ResumeState:
                 old = json.loads(state.header_line) if state.header_line else {}
             except json.JSONDecodeError:
                 old = {}
+            if not self.weights and isinstance(old, dict) and isinstance(old.get("weights"), dict):
+                # a run that could not digest its files keeps the record of those it was made on
+                header = json.dumps({"settings": settings, "weights": old["weights"]}, sort_keys=True)
             old_settings = json.dumps({"settings": old.get("settings")}, sort_keys=True) if isinstance(old, dict) else ""
             if not state.header_line or (old_settings != same_settings and not self._grows(state.header_line, settings)):
                 raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
@@ -833,14 +837,22 @@ class EvalConfig:
                                      ("grad", self.grad, GRAD_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
+        def whole(value: Any) -> bool:
+            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
         for name in ("steps", "restarts", "eot", "targets", "batch_size"):
-            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+            if not (whole(getattr(self, name)) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be a whole number of at least 1, not {getattr(self, name)!r}")
-        if self.n is not None and not (isinstance(self.n, int) and self.n >= 0):
+        if self.n is not None and not (whole(self.n) and self.n >= 0):
             raise ValueError(f"n must be a whole number (0 or None: all), not {self.n!r}")
-        if self.attack != "none" and not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps)
-                                          and self.eps >= 0):
+        if self.attack != "none" and not (isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool)
+                                          and math.isfinite(self.eps) and self.eps >= 0):
             raise ValueError(f"eps must be a number of at least 0, not {self.eps!r}")
+        # plain numbers from here on (numpy's do not go into the JSON of reports and states)
+        for name in ("steps", "restarts", "eot", "targets", "batch_size") + (("n",) if self.n is not None else ()):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        if isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool):
+            object.__setattr__(self, "eps", float(self.eps))
 
 
 @dataclass(frozen=True)

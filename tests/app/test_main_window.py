@@ -840,3 +840,25 @@ def test_a_session_with_unusable_settings_changes_nothing(qtbot, window, digit_p
     assert window.steps_spin.value() == steps and window.image_source == source and window.session_classifier is None
     with qtbot.waitSignal(window.classification_finished, timeout=30000):  # classify still works
         window.classify()
+
+
+def test_a_model_switch_keeps_the_inputs_label_only_by_name(qtbot, window, tiny_checkpoint, tmp_path):
+    import json
+    import shutil
+
+    img = np.zeros((1, 28, 28), np.float32)
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        window.set_image(img, "digit", known_class=3)
+    same = tmp_path / "same.safetensors"
+    shutil.copy(tiny_checkpoint, same)
+    shutil.copy(tiny_checkpoint.with_suffix(".json"), same.with_suffix(".json"))
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        assert window.load_model(str(same))
+    assert window.state.image_known_class == 3
+    letters = tmp_path / "letters.safetensors"
+    shutil.copy(tiny_checkpoint, letters)
+    card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
+    letters.with_suffix(".json").write_text(json.dumps(card | {"classes": list("abcdefghij")}))
+    with qtbot.waitSignal(window.classification_finished, timeout=30000):
+        assert window.load_model(str(letters))
+    assert window.state.image_known_class is None  # class "3" is not one of the new model's

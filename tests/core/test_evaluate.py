@@ -293,3 +293,29 @@ def test_reports_of_other_weights_are_not_one_measurement():
     base["model"]["sha256"], follow["model"]["sha256"] = "a" * 64, "b" * 64
     with pytest.raises(ValueError, match="of other weights"):
         with_follow_up(base, follow)
+
+
+def test_eval_config_takes_numpy_numbers_and_refuses_bools():
+    import numpy as np
+
+    from rdc_studio.core.evaluate import EvalConfig
+
+    config = EvalConfig(n=np.int64(10), steps=np.int64(5), attack="apgd-ce", eps=np.float32(0.3))
+    assert (config.n, config.steps, config.eps) == (10, 5, pytest.approx(0.3))
+    assert type(config.n) is int and type(config.eps) is float
+    with pytest.raises(ValueError, match="steps must be a whole number"):
+        EvalConfig(steps=True)
+
+
+def test_a_run_without_weights_keeps_the_record_of_the_state_it_resumes(tmp_path):
+    import json
+
+    from rdc_studio.core.evaluate import ResumeState
+
+    path = tmp_path / "run.state.jsonl"
+    settings = {"attack": "apgd-ce", "n": 4, "shard": [0, 1]}
+    ResumeState(path, settings, {"model": "a" * 64}).close()
+    ResumeState(path, settings, {}).close()
+    assert json.loads(path.read_text().splitlines()[0])["weights"] == {"model": "a" * 64}
+    with pytest.raises(ValueError, match="other weights"):
+        ResumeState(path, settings, {"model": "b" * 64})

@@ -237,3 +237,24 @@ def test_a_card_linked_to_a_device_is_never_read(tmp_path, tiny_checkpoint):
     assert not is_cnn_card(weights)
     with pytest.raises(CheckpointError, match="not a regular file"):
         load_checkpoint(weights)
+
+
+@pytest.mark.parametrize("card_text", ["[1, 2]", b"\xff\xfe\x00", "/dev/zero"])
+def test_a_cnn_card_of_another_shape_or_a_device_is_a_checkpoint_error(tmp_path, card_text):
+    import os
+
+    from rdc_studio.core.baseline import SmallCNN, load_cnn, save_cnn
+
+    weights = save_cnn(tmp_path / "c.safetensors", SmallCNN().eval(), {"name": "c"})
+    side = weights.with_suffix(".json")
+    side.unlink()
+    if card_text == "/dev/zero":
+        if not os.path.exists("/dev/zero"):
+            pytest.skip("needs /dev/zero")
+        side.symlink_to("/dev/zero")
+    elif isinstance(card_text, bytes):
+        side.write_bytes(card_text)
+    else:
+        side.write_text(card_text)
+    with pytest.raises(CheckpointError):
+        load_cnn(weights)
