@@ -49,7 +49,7 @@ def check_image_batch(x: torch.Tensor, channels: int | None = None, image_size: 
         raise ValueError(f"{what} of shape {tuple(x.shape[1:])} per image do not fit the model's "
                          f"{want} (channels, height, width)")
     if x.numel():
-        lo, hi = float(x.detach().amin()), float(x.detach().amax())
+        lo, hi = (float(v) for v in x.detach().aminmax())  # one pass (and one device sync)
         if not (lo >= -1e-4 and hi <= 1 + 1e-4):  # also false for NaN
             raise ValueError(f"{what} must lie in [0, 1], not [{lo:.4g}, {hi:.4g}] (the models scale to "
                              f"[-1, 1] themselves)")
