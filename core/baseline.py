@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .data import TensorDataset, check_image_batch
-from .models import (BUNDLED_DIR, CNN_FORMAT, MAX_CARD_BYTES, CheckpointError, atomic_save_tensors,
-                     atomic_write_json, is_cnn_card)
+from .models import (BUNDLED_DIR, CNN_FORMAT, CheckpointError, atomic_save_tensors,
+                     atomic_write_json, is_cnn_card, read_json_object)
 
 
 class SmallCNN(nn.Module):
@@ -126,15 +126,7 @@ def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device 
     p = cnn_weights_path(name_or_path)
     if not p.exists():
         raise CheckpointError(f"{p}: CNN checkpoint not found")
-    side = p.with_suffix(".json")
-    if not side.is_file() or side.stat().st_size > MAX_CARD_BYTES:  # e.g. a link to /dev/zero
-        raise CheckpointError(f"{side}: the CNN's model card is missing, not a regular file, or too large")
-    try:
-        card = json.loads(side.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{p}: unreadable model card ({exc})") from exc
-    if not isinstance(card, dict):
-        raise CheckpointError(f"{side}: the model card is not an object")
+    card = read_json_object(p.with_suffix(".json"), "CNN's model card", CheckpointError)
     if card.get("format") != CNN_FORMAT:
         raise CheckpointError(f"{p}: not a CNN checkpoint (format {card.get('format')!r})")
     shape = {key: card.get(key) for key in ("in_channels", "num_classes", "image_size")}

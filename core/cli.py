@@ -783,18 +783,21 @@ def cmd_purify(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_REPORT_BYTES = 2**30  # per-example records of a large evaluation stay far below this
+
+
 def cmd_worst_case(args: argparse.Namespace) -> int:
     from .evaluate import run_label, worst_case_log, worst_case_report
-    from .models import atomic_write_json
+    from .models import atomic_write_json, read_json_object
 
     _check_output_files(args, "out")
 
     def read(path: str) -> dict:
         try:
-            report = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SystemExit(f"rdc: error: cannot read report {path}: {exc}") from None
-        if not isinstance(report, dict) or "per_example" not in report or "settings" not in report:
+            report = read_json_object(path, "attack report", max_bytes=MAX_REPORT_BYTES)
+        except ValueError as exc:
+            raise SystemExit(f"rdc: error: {exc}") from None
+        if "per_example" not in report or "settings" not in report:
             raise SystemExit(f"rdc: error: {path} is not an rdc eval attack report")
         return report
 

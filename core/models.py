@@ -139,6 +139,46 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+MAX_CARD_BYTES = 16 * 2**20  # far above any card (the bundled ones are a few tens of kB)
+
+
+def read_json_object(path: str | Path, what: str, error: type[Exception] = ValueError,
+                     max_bytes: int = MAX_CARD_BYTES) -> dict[str, Any]:
+    """A small JSON file that must hold an object (a model card, a session, a run state).
+
+    The file is read only when it is a regular file of at most ``max_bytes`` (a link to a
+    device such as /dev/zero would otherwise be read forever).
+
+    Parameters
+    ----------
+    path : str or Path
+        The file.
+    what : str
+        What the file is, for the messages ("model card", "session file", ...).
+    error : type of Exception
+        The exception raised on failure, with a one-line message that names the file.
+    max_bytes : int
+        The largest file accepted.
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise error(f"{path}: no such file (the {what})")
+        if not path.is_file():  # a folder, or a device behind a link
+            raise error(f"{path}: the {what} is not a regular file")
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise error(f"{path}: {size} bytes is too large for a {what}")
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: the {what} is not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise error(f"{path}: the {what} cannot be read ({exc})") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: the {what} is a JSON {type(obj).__name__}, not an object")
+    return obj
+
+
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` through a temporary file, then rename."""
     path = Path(path)
@@ -205,22 +245,10 @@ def read_card(name_or_path: str | Path | None = None) -> dict[str, Any]:
     return _read_card(resolve_model_path(name_or_path))
 
 
-MAX_CARD_BYTES = 16 * 2**20  # far above any card (the bundled ones are a few tens of kB)
-
-
 def _read_card(weights: Path) -> dict[str, Any]:
     side = weights.with_suffix(".json")
     if side.exists():
-        if not side.is_file():  # a folder, or a device such as /dev/zero behind a link
-            raise CheckpointError(f"{side}: the model card is not a regular file")
-        if side.stat().st_size > MAX_CARD_BYTES:
-            raise CheckpointError(f"{side}: {side.stat().st_size} bytes is too large for a model card")
-        try:
-            card = json.loads(side.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{side}: model card is not valid JSON ({exc})") from exc
-        except OSError as exc:
-            raise CheckpointError(f"{side}: model card cannot be read ({exc})") from exc
+        card = read_json_object(side, "model card", CheckpointError)
     else:
         try:
             from safetensors import safe_open
@@ -396,8 +424,8 @@ def list_model_names(folder: str | Path) -> list[str]:
     purifiers = set()
     for side in folder.glob("*.json"):
         try:
-            entry = json.loads(side.read_text()).get("purifier")
-        except (OSError, ValueError, AttributeError):
+            entry = read_json_object(side, "model card").get("purifier")
+        except ValueError:
             continue
         rel = entry.get("path") if isinstance(entry, dict) else entry
         if isinstance(rel, str) and (folder / rel).resolve().parent == folder.resolve():
@@ -408,11 +436,9 @@ def list_model_names(folder: str | Path) -> list[str]:
 def is_cnn_card(weights: str | Path) -> bool:
     """Whether the card beside ``weights`` is a CNN baseline's (:mod:`core.baseline`)."""
     side = Path(weights).with_suffix(".json")
-    try:  # a regular file of card size only (never read a device or a huge file to find out)
-        if not side.is_file() or side.stat().st_size > MAX_CARD_BYTES:
-            return False
-        return json.loads(side.read_text()).get("format") == CNN_FORMAT
-    except (OSError, ValueError, AttributeError):
+    try:
+        return read_json_object(side, "model card").get("format") == CNN_FORMAT
+    except ValueError:
         return False
 
 

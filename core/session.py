@@ -5,13 +5,12 @@ import base64
 import binascii
 import csv
 import io
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .models import atomic_write_bytes, atomic_write_json
+from .models import atomic_write_bytes, atomic_write_json, read_json_object
 
 SESSION_FORMAT = "rdc-studio/session"
 MAX_SESSION_BYTES = 256 * 2**20  # one image and settings: far below this
@@ -52,17 +51,8 @@ def make_session(model: str, image: np.ndarray, image_source: str, classifier: d
 def load_session(path: str | Path) -> dict[str, Any]:
     """Read and validate a session file."""
     path = Path(path)
-    try:
-        if not path.exists():
-            raise SessionError(f"{path}: no such file")
-        if not path.is_file():  # a folder, or a device such as /dev/zero that would be read forever
-            raise SessionError(f"{path}: not a session file (not a regular file)")
-        if path.stat().st_size > MAX_SESSION_BYTES:
-            raise SessionError(f"{path}: {path.stat().st_size} bytes is too large for a session file")
-        session = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise SessionError(f"{path}: cannot read session ({exc})") from exc
-    if not isinstance(session, dict) or session.get("format") != SESSION_FORMAT:
+    session = read_json_object(path, "session file", SessionError, MAX_SESSION_BYTES)
+    if session.get("format") != SESSION_FORMAT:
         raise SessionError(f"{path}: not an RDC Studio session file")
     for key in ("model", "image", "classifier"):
         if key not in session:

@@ -16,7 +16,7 @@ import torch
 from .data import TensorDataset
 from .diffusion import (P_MEAN, P_STD, log_normal_density, log_weight_density, loss_weight, precondition,
                         sample_training_sigmas, to_model_space)
-from .models import atomic_save_tensors, atomic_write_json, save_checkpoint
+from .models import atomic_save_tensors, atomic_write_json, read_json_object, save_checkpoint
 from .nets import Denoiser, NetConfig, build_denoiser, count_parameters
 
 
@@ -223,12 +223,7 @@ def _read_state_json(run_dir: Path) -> dict[str, Any]:
         of another type (or a negative step or time).
     """
     path = run_dir / "state.json"
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a readable run state ({exc})") from None
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a run state: a JSON {type(state).__name__}, not an object")
+    state = read_json_object(path, "run state")
     for key, (types, kind) in STATE_KEYS.items():
         if key not in state:
             raise ValueError(f"{path}: not a run state: it lacks {key!r}")

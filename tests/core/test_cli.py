@@ -262,6 +262,12 @@ def test_a_mangled_cnn_card_is_a_one_line_error(tiny_cnn, digit_png, change, mes
         main(["attack", str(digit_png), "--defense", "cnn", "--cnn", str(tiny_cnn), "--steps", "1", "--quiet"])
 
 
+def test_a_cnn_card_that_is_no_json_object_is_a_one_line_error(tiny_cnn, digit_png):
+    tiny_cnn.with_suffix(".json").write_text("[1]")
+    with pytest.raises(SystemExit, match="CNN's model card is a JSON list, not an object"):
+        main(["attack", str(digit_png), "--defense", "cnn", "--cnn", str(tiny_cnn), "--steps", "1", "--quiet"])
+
+
 def test_a_cnn_with_nan_weights_is_refused(tmp_path, digit_png):
     import torch
 
@@ -846,6 +852,22 @@ def test_worst_case_refuses_one_report_given_twice(tmp_path):
     report.write_text("{}")
     with pytest.raises(SystemExit, match="given twice"):
         main(["worst-case", str(report), str(tmp_path / "." / "a.json")])
+
+
+def test_worst_case_names_an_unusable_report_in_one_line(tmp_path):
+    import os
+
+    bad = {"list.json": "[1]", "latin.json": b'{"a": "\xff"}', "other.json": '{"a": 1}'}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    messages = {"list.json": "a JSON list, not an object", "latin.json": "not valid JSON",
+                "other.json": "not an rdc eval attack report"}
+    if os.path.exists("/dev/zero"):  # would be read forever
+        (tmp_path / "zero.json").symlink_to("/dev/zero")
+        messages["zero.json"] = "not a regular file"
+    for name, message in messages.items():
+        with pytest.raises(SystemExit, match=message):
+            main(["worst-case", str(tmp_path / name), str(tmp_path / "b.json")])
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")

@@ -258,3 +258,49 @@ def test_a_cnn_card_of_another_shape_or_a_device_is_a_checkpoint_error(tmp_path,
         side.write_text(card_text)
     with pytest.raises(CheckpointError):
         load_cnn(weights)
+
+
+def test_read_json_object_refuses_every_kind_of_bad_file_with_one_line(tmp_path):
+    import os
+
+    from rdc_studio.core.models import read_json_object
+
+    class Bad(ValueError):
+        pass
+
+    cases = {"missing.json": None, "folder.json": "dir", "garbage.json": b"{oops", "latin.json": b'{"a": "\xff"}',
+             "list.json": b"[1, 2]", "big.json": b"{}" + b" " * 100}
+    for name, content in cases.items():
+        if content == "dir":
+            (tmp_path / name).mkdir()
+        elif content is not None:
+            (tmp_path / name).write_bytes(content)
+    expected = {"missing.json": "no such file", "folder.json": "not a regular file", "garbage.json": "not valid JSON",
+                "latin.json": "not valid JSON", "list.json": "a JSON list, not an object",
+                "big.json": "102 bytes is too large for a thing"}
+    for name, message in expected.items():
+        with pytest.raises(Bad, match=message) as info:
+            read_json_object(tmp_path / name, "thing", Bad, max_bytes=100)
+        assert str(info.value).startswith(str(tmp_path / name)) and "\n" not in str(info.value)
+    if os.path.exists("/dev/zero"):
+        (tmp_path / "zero.json").symlink_to("/dev/zero")
+        with pytest.raises(Bad, match="not a regular file"):
+            read_json_object(tmp_path / "zero.json", "thing", Bad)
+    (tmp_path / "ok.json").write_text('{"a": 1}')
+    assert read_json_object(tmp_path / "ok.json", "thing") == {"a": 1}
+
+
+def test_listing_a_folder_never_reads_a_card_linked_to_a_device(tmp_path, tiny_checkpoint):
+    import os
+
+    from rdc_studio.core.models import list_model_names
+
+    if not os.path.exists("/dev/zero"):
+        pytest.skip("needs /dev/zero")
+    folder = tmp_path / "models"
+    folder.mkdir()
+    (folder / "m.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    (folder / "m.json").write_text(tiny_checkpoint.with_suffix(".json").read_text())
+    (folder / "z.json").symlink_to("/dev/zero")
+    (folder / "list.json").write_text("[1]")
+    assert list_model_names(folder) == ["m"]

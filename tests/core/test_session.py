@@ -19,7 +19,7 @@ def test_session_round_trip(tmp_path):
     assert np.array_equal(back["image_array"], img) and back["classifier"] == {"steps": 3}
 
 
-@pytest.mark.parametrize("content,match", [("not json", "cannot read"), ('{"format": "other"}', "not an RDC"),
+@pytest.mark.parametrize("content,match", [("not json", "session file is not valid JSON"), ('{"format": "other"}', "not an RDC"),
                                            ('{"format": "rdc-studio/session", "model": "m"}', "lacks"),
                                            ('{"format": "rdc-studio/session", "model": "m", "classifier": {}, '
                                             '"image": {"dtype": "uint8"}}', "invalid image")])

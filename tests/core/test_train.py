@@ -270,7 +270,7 @@ def _set_tensors(change):
 
 
 _CORRUPT = {
-    "json_garbage": ("state.json", lambda r: (r / "state.json").write_text("{oops"), "not a readable run state"),
+    "json_garbage": ("state.json", lambda r: (r / "state.json").write_text("{oops"), "the run state is not valid JSON"),
     "json_list": ("state.json", lambda r: (r / "state.json").write_text("[1]"), "a JSON list, not an object"),
     "no_param_groups": ("state.json", _set_json(param_groups=_DROP), "lacks 'param_groups'"),
     "step_str": ("state.json", _set_json(step="x"), "'step' must be a whole number, not 'x'"),
