@@ -21,7 +21,6 @@ the classifier's noise levels (e.g. 256, the app's slowest setting).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time

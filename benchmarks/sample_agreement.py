@@ -19,7 +19,6 @@ flag (when the model has an OOD reference),
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path

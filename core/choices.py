@@ -1,9 +1,13 @@
-"""The names the engine accepts for defenses, attacks and settings (no torch import).
+"""The names the engine accepts for defenses, attacks and settings, and the checks of
+numeric settings (no torch import).
 
 Front ends build their menus and command-line choices from these; the CLI reads them
 before parsing, so ``rdc --help`` answers without importing torch.
 """
 from __future__ import annotations
+
+import math
+import numbers
 
 DATASETS = ("mnist", "cifar10")
 DEFENSES = ("cnn", "dc", "rdc")
@@ -26,3 +30,42 @@ NAMED_ATTACKS = {"apgd-ce": ("apgd", "ce"), "apgd-dlr": ("apgd", "dlr"), "apgd-t
 against a defense that binarises its input, ``--binarize``)."""
 EVAL_ATTACKS = ("none", "ensemble", "transfer") + tuple(sorted(NAMED_ATTACKS))
 """What an evaluation can run: nothing (clean accuracy), the ensemble, its transfer attack alone, or one attack."""
+
+
+def whole_number(name: str, value: object, lo: int = 0, hi: int | None = None) -> int:
+    """``value`` as a plain ``int`` when it is a whole number (numpy's too; never a bool) in
+    ``lo``..``hi`` (no upper bound when ``hi`` is None).
+
+    Raises
+    ------
+    ValueError
+        "NAME must be a whole number in LO-HI, not VALUE" (or "of at least LO").
+    """
+    if (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo
+            or (hi is not None and value > hi)):
+        bounds = f"of at least {lo}" if hi is None else f"in {lo}-{hi}"
+        raise ValueError(f"{name} must be a whole number {bounds}, not {value!r:.60}")
+    return int(value)
+
+
+def real_number(name: str, value: object, lo: float = 0.0, hi: float = math.inf, *, above: bool = False) -> float:
+    """``value`` as a plain ``float`` when it is a finite number (never a bool) of at least
+    ``lo`` (above ``lo`` when ``above``) and at most ``hi``.
+
+    Raises
+    ------
+    ValueError
+        "NAME must be a positive number, not VALUE" (or "a number of at least LO", "a number
+        in LO-HI", ...).
+    """
+    ok = (not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+          and (value > lo if above else value >= lo) and value <= hi)
+    if not ok:
+        if above and lo == 0 and hi == math.inf:
+            what = "a positive number"
+        elif hi == math.inf:
+            what = f"a number {'above' if above else 'of at least'} {lo:g}"
+        else:
+            what = f"a number {'above' if above else 'from'} {lo:g} {'and at most' if above else 'to'} {hi:g}"
+        raise ValueError(f"{name} must be {what}, not {value!r:.60}")
+    return float(value)

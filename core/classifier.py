@@ -7,8 +7,7 @@ classes; the class-embedding network runs the K classes as one batched pass.
 from __future__ import annotations
 
 import contextlib
-import numbers
-from dataclasses import dataclass, field, asdict
+from dataclasses import dataclass, asdict
 from typing import Callable, Iterator, Sequence
 
 import numpy as np
@@ -18,6 +17,7 @@ from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils.checkpoint import checkpoint
 
+from .choices import real_number, whole_number
 from .data import check_image_batch
 from .diffusion import GRIDS, WEIGHTINGS, NoiseGrid, noise_grid, to_model_space
 from .nets import Denoiser
@@ -86,13 +86,9 @@ class ClassifierSettings:
             raise ValueError(f"reduction must be one of {REDUCTIONS}, got {self.reduction!r}")
         for name, lo, hi in (("steps", 1, 4096), ("noise_seed", 0, 2**63 - 1), ("levels_per_pass", 0, 4096),
                              ("screen_levels", 0, 4096), ("keep_classes", 0, 1000)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be a whole number in {lo}-{hi}, not {value!r}")
+            setattr(self, name, whole_number(name, getattr(self, name), lo, hi))
         for name in ("sigma_min", "sigma_max"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < float("inf"):
-                raise ValueError(f"{name} must be a positive number, not {value!r}")
+            setattr(self, name, real_number(name, getattr(self, name), above=True))
         if not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be true or false, not {self.bf16!r}")
         if self.screen_levels > self.steps:

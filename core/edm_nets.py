@@ -19,7 +19,6 @@ sampler and the attacks use an imported EDM model unchanged.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -28,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import whole_number
 from .diffusion import Preconditioning, precondition
 
 EDM_ARCHITECTURE = "edm"
@@ -529,23 +529,18 @@ class EdmNetConfig:
             raise ValueError(f"unknown {self.precond} preconditioning arguments: {unknown}")
         self.model_kwargs = {k: _jsonable(v) for k, v in self.model_kwargs.items()}
         self.precond_kwargs = {k: float(v) for k, v in self.precond_kwargs.items()}
-        for name in ("image_size", "in_channels", "num_classes"):
-            if int(getattr(self, name)) != getattr(self, name) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be a non-negative integer")
         # bounds far above the published networks (ADM: 192 channels, mult 4, 3 blocks), so that a
         # crafted config cannot make the loader allocate many gigabytes before the weights are compared
+        for name, hi in (("image_size", 512), ("in_channels", 4), ("num_classes", 1000)):
+            setattr(self, name, whole_number(name, getattr(self, name), 0, hi))
         full = self.full_model_kwargs()
-        for name, value, hi in (("image_size", self.image_size, 512), ("in_channels", self.in_channels, 4),
-                                ("num_classes", self.num_classes, 1000),
-                                ("model_channels", full["model_channels"], 1024),
-                                ("num_blocks", full["num_blocks"], 8), ("augment_dim", full["augment_dim"], 64),
-                                ("channel_mult_emb", full["channel_mult_emb"], 8)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= value <= hi:
-                raise ValueError(f"{name} must be a whole number in 0-{hi}, not {value!r}")
+        for name, hi in (("model_channels", 1024), ("num_blocks", 8), ("augment_dim", 64), ("channel_mult_emb", 8)):
+            whole_number(name, full[name], 0, hi)
         mult = full["channel_mult"]
-        if (not isinstance(mult, list) or not 1 <= len(mult) <= 6
-                or not all(isinstance(m, numbers.Integral) and not isinstance(m, bool) and 1 <= m <= 8 for m in mult)):
-            raise ValueError(f"channel_mult must list 1-6 whole numbers in 1-8, not {mult!r}")
+        if not isinstance(mult, list) or not 1 <= len(mult) <= 6:
+            raise ValueError(f"channel_mult must list 1-6 whole numbers in 1-8, not {mult!r:.60}")
+        for m in mult:
+            whole_number("each channel_mult", m, 1, 8)
         levels = len(mult)
         if self.image_size < 1 or self.image_size % (2 ** (levels - 1)):
             raise ValueError(f"image_size {self.image_size} is not divisible by 2**{levels - 1}")

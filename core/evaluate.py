@@ -674,7 +674,6 @@ class ResumeState:
     """
 
     def __init__(self, path: str | Path, settings: dict[str, Any], weights: dict[str, str] | None = None) -> None:
-        import json
 
         self.path = Path(path)
         self.weights = weights  # sha256 of the files attacked (model, purifier, CNN); None: not recorded
@@ -830,28 +829,21 @@ class EvalConfig:
     command: str = ""
 
     def __post_init__(self) -> None:
-        from .choices import DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NORMS
+        from .choices import DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NORMS, real_number, whole_number
 
         for name, value, allowed in (("dataset", self.dataset, DATASETS), ("defense", self.defense, DEFENSES),
                                      ("attack", self.attack, EVAL_ATTACKS), ("norm", self.norm, NORMS),
                                      ("grad", self.grad, GRAD_MODES)):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, not {value!r}")
-        def whole(value: Any) -> bool:
-            return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-        for name in ("steps", "restarts", "eot", "targets", "batch_size"):
-            if not (whole(getattr(self, name)) and getattr(self, name) >= 1):
-                raise ValueError(f"{name} must be a whole number of at least 1, not {getattr(self, name)!r}")
-        if self.n is not None and not (whole(self.n) and self.n >= 0):
-            raise ValueError(f"n must be a whole number (0 or None: all), not {self.n!r}")
-        if self.attack != "none" and not (isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool)
-                                          and math.isfinite(self.eps) and self.eps >= 0):
-            raise ValueError(f"eps must be a number of at least 0, not {self.eps!r}")
         # plain numbers from here on (numpy's do not go into the JSON of reports and states)
-        for name in ("steps", "restarts", "eot", "targets", "batch_size") + (("n",) if self.n is not None else ()):
-            object.__setattr__(self, name, int(getattr(self, name)))
-        if isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool):
+        for name in ("steps", "restarts", "eot", "targets", "batch_size"):
+            object.__setattr__(self, name, whole_number(name, getattr(self, name), 1))
+        if self.n is not None:
+            object.__setattr__(self, "n", whole_number("n", self.n, 0))
+        if self.attack != "none":
+            object.__setattr__(self, "eps", real_number("eps", self.eps, 0))
+        elif isinstance(self.eps, numbers.Real) and not isinstance(self.eps, bool):
             object.__setattr__(self, "eps", float(self.eps))
 
 

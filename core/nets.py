@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .choices import whole_number
 from .diffusion import precondition
 
 ARCHITECTURES = ("multihead", "embedding")
@@ -45,24 +46,19 @@ class NetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        def whole(name: str, value: Any, lo: int, hi: int) -> int:
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not lo <= value <= hi:
-                raise ValueError(f"{name} must be a whole number in {lo}-{hi}, not {value!r}")
-            return int(value)
-
         # bounds far above any network of this project, so that a crafted config cannot make the
         # loader allocate many gigabytes before the weights are compared with it
         if not isinstance(self.channels, (list, tuple)) or not 1 <= len(self.channels) <= 6:
             raise ValueError(f"channels must list 1-6 widths, not {self.channels!r}")
         if not isinstance(self.head_channels, (list, tuple)) or len(self.head_channels) > 6:
             raise ValueError(f"head_channels must list at most 6 widths, not {self.head_channels!r}")
-        self.channels = tuple(whole("channels", c, 1, 1024) for c in self.channels)
-        self.head_channels = tuple(whole("head_channels", c, 1, 1024) for c in self.head_channels)
-        self.image_size = whole("image_size", self.image_size, 4, 512)
-        self.in_channels = whole("in_channels", self.in_channels, 1, 4)
-        self.num_classes = whole("num_classes", self.num_classes, 0, 1000)
-        self.blocks_per_level = whole("blocks_per_level", self.blocks_per_level, 1, 8)
-        self.emb_dim = whole("emb_dim", self.emb_dim, 2, 2048)
+        self.channels = tuple(whole_number("channels", c, 1, 1024) for c in self.channels)
+        self.head_channels = tuple(whole_number("head_channels", c, 1, 1024) for c in self.head_channels)
+        self.image_size = whole_number("image_size", self.image_size, 4, 512)
+        self.in_channels = whole_number("in_channels", self.in_channels, 1, 4)
+        self.num_classes = whole_number("num_classes", self.num_classes, 0, 1000)
+        self.blocks_per_level = whole_number("blocks_per_level", self.blocks_per_level, 1, 8)
+        self.emb_dim = whole_number("emb_dim", self.emb_dim, 2, 2048)
         if not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
         if self.architecture not in ARCHITECTURES:

@@ -23,13 +23,13 @@ below the :data:`WARN_LOW`-th (unusually likely, e.g. a blank image) are flagged
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Generator
 
 import numpy as np
 import torch
 
+from .choices import real_number, whole_number
 from .classifier import network_call_limit
 from .diffusion import to_model_space
 from .models import LoadedModel
@@ -59,13 +59,11 @@ class OodSettings:
     noise_seed: int = 0
 
     def __post_init__(self) -> None:
-        if isinstance(self.levels, bool) or not isinstance(self.levels, numbers.Integral) or not 1 <= self.levels <= 4096:
-            raise ValueError(f"levels must be a whole number in 1-4096, not {self.levels!r}")
-        if isinstance(self.noise_seed, bool) or not isinstance(self.noise_seed, numbers.Integral) or self.noise_seed < 0:
-            raise ValueError(f"noise_seed must be a whole number, not {self.noise_seed!r}")
-        if not all(isinstance(v, numbers.Real) and not isinstance(v, bool) for v in (self.sigma_min, self.sigma_max)):
-            raise ValueError("sigma_min and sigma_max must be numbers")
-        if not 0 < self.sigma_min < self.sigma_max:
+        object.__setattr__(self, "levels", whole_number("levels", self.levels, 1, 4096))
+        object.__setattr__(self, "noise_seed", whole_number("noise_seed", self.noise_seed, 0, 2**63 - 1))
+        for name in ("sigma_min", "sigma_max"):
+            object.__setattr__(self, name, real_number(name, getattr(self, name), above=True))
+        if not self.sigma_min < self.sigma_max:
             raise ValueError("need 0 < sigma_min < sigma_max")
 
     def to_dict(self) -> dict[str, Any]:

@@ -12,13 +12,13 @@ step), so the curve of a run shows what the optimisation actually achieves.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
+from .choices import real_number, whole_number
 from .classifier import labels_are_inputs, network_call_limit
 from .diffusion import loss_weight, to_model_space
 from .nets import Denoiser
@@ -59,22 +59,25 @@ class PurifySettings:
     preset: str = ""  # the named preset (core.presets) these settings started from; "" = none
 
     def __post_init__(self) -> None:
-        if self.momentum < 0:
-            raise ValueError("momentum must be >= 0")
+        self.momentum = real_number("momentum", self.momentum, 0)
+        self.eta = real_number("eta", self.eta, 0)
+        self.step_size = real_number("step_size", self.step_size, 0)
+        self.steps = whole_number("steps", self.steps, 0, 100_000)
+        self.noise_seed = whole_number("noise_seed", self.noise_seed, 0, 2**63 - 1)
+        self.sigma_lo = real_number("sigma_lo", self.sigma_lo, above=True)
+        self.sigma_hi = real_number("sigma_hi", self.sigma_hi, above=True)
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}")
         if self.score not in SCORES:
             raise ValueError(f"score must be one of {SCORES}")
         if self.mode not in ("deterministic", "randomized"):
             raise ValueError("mode must be 'deterministic' or 'randomized'")
-        if not (0 <= self.eta < math.inf and 0 <= self.step_size < math.inf) or self.steps < 0:
-            raise ValueError("eta, steps and step_size must be finite and >= 0")
         if self.eta > 1 or self.step_size > 1:  # most likely grey levels meant as 8/255
             value = max(self.eta, self.step_size)
             raise ValueError(f"eta and step_size are l-inf distances in [0, 1] pixel units, not {value:g}; "
                              f"write grey levels as a fraction, e.g. {value:g}/255")
-        if not 0 < self.sigma_lo <= self.sigma_hi:
-            raise ValueError("need 0 < sigma_lo <= sigma_hi")
+        if not self.sigma_lo <= self.sigma_hi:
+            raise ValueError(f"need sigma_lo <= sigma_hi, not {self.sigma_lo:g} > {self.sigma_hi:g}")
 
     def to_dict(self) -> dict:
         return asdict(self)

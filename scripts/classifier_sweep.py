@@ -14,7 +14,6 @@ accuracy it prints is the deployed classifier's. Cost is counted in network eval
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, TypeVar
 
@@ -15,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..choices import real_number, whole_number
 from ..data import check_image_batch
 from ..runtime import OperationCancelled, cancellation_scope
 
@@ -104,15 +104,20 @@ class AttackSettings:
             raise ValueError(f"loss must be one of {LOSSES}")
         if self.norm not in NORMS:
             raise ValueError(f"norm must be one of {NORMS}")
-        if not 0 <= self.eps < math.inf or self.steps < 1 or self.restarts < 1 or self.eot < 1:
-            raise ValueError("need a finite eps >= 0, steps >= 1, restarts >= 1, eot >= 1")
-        if self.step_size is not None and not 0 < self.step_size < math.inf:
-            raise ValueError(f"the step size must be a finite number > 0, not {self.step_size}")
+        self.eps = real_number("eps", self.eps, 0)
+        for name in ("steps", "restarts", "eot"):
+            setattr(self, name, whole_number(name, getattr(self, name), 1, 10**7))
+        if self.step_size is not None:
+            self.step_size = real_number("the step size", self.step_size, above=True)
+        self.seed = whole_number("seed", self.seed, -2**63, 2**64 - 1)  # what torch.manual_seed takes
+        self.p_init = real_number("p_init", self.p_init, 0, 1, above=True)
+        self.target_rank = whole_number("target_rank", self.target_rank, 1)
+        if self.target is not None:
+            self.target = whole_number("target", self.target, 0)
+        self.threshold = real_number("threshold", self.threshold, 0, 1)
         if self.norm == "linf" and self.eps > 1:  # most likely grey levels meant as 8/255
             raise ValueError(f"an l-inf eps of {self.eps:g} exceeds the whole pixel range [0, 1]; "
                              f"write grey levels as a fraction, e.g. {self.eps:g}/255")
-        if not 0 < self.p_init <= 1 or self.target_rank < 1:
-            raise ValueError("need 0 < p_init <= 1 and target_rank >= 1")
         if self.method in ("square", "flip"):
             if self.loss not in ("ce", "margin"):
                 raise ValueError(f"{self.method} is untargeted and uses the margin loss")

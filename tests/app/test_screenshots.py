@@ -17,14 +17,16 @@ SIZES = [(1024, 700), (1280, 800), (1920, 1080)]
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
 
 
-def digit() -> np.ndarray:
+def digit() -> tuple[np.ndarray, str, int | None]:
+    """The first MNIST test digit with its caption and label (a drawn bar without MNIST)."""
     from rdc_studio.core.data import load_dataset, mnist_available
 
     if mnist_available():
-        return load_dataset("mnist", "test").float_images(slice(0, 1))[0].numpy()
+        test = load_dataset("mnist", "test")
+        return test.float_images(slice(0, 1))[0].numpy(), "MNIST test #0", int(test.labels[0])
     image = np.zeros((1, 28, 28), np.float32)
     image[0, 5:23, 12:16] = 1
-    return image
+    return image, "a drawn bar", None
 
 
 def out_dir(tmp_path: Path) -> Path:
@@ -65,7 +67,8 @@ def test_screenshots_of_every_tab_at_three_sizes(qtbot, tmp_path, monkeypatch):
     win.show()
     try:
         with qtbot.waitSignal(win.classification_finished, timeout=120000):
-            win.set_image(digit(), "MNIST test #0")
+            image, caption, label = digit()
+            win.set_image(image, caption, known_class=label)  # as the dataset browser opens it
         win.attack_panel.steps.setValue(5)
         with qtbot.waitSignal(win.attack_finished, timeout=300000):
             win.run_attack()

@@ -276,7 +276,7 @@ def test_robustness_json_rows_for_three_threat_models(table, tmp_path, no_attack
         assert r["ci95"] == list(wilson_interval(robust, fake["n"])) and r["grad_modes"] == ["exact"]
         assert r["command"] == fake["settings"]["command"] and r["seconds_per_image"] == 1.0
     out = capsys.readouterr().out
-    assert f"merged 9 rows (cnn-linf-0.1, cnn-linf-0.3, cnn-l2-1.5, dc-linf-0.1" in out and "--readme" in out
+    assert "merged 9 rows (cnn-linf-0.1, cnn-linf-0.3, cnn-l2-1.5, dc-linf-0.1" in out and "--readme" in out
 
 
 def test_the_optional_binarised_dc_row_is_opt_in_and_a_row_of_its_own(table, tmp_path, no_attacks, capsys):

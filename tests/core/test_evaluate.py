@@ -71,7 +71,7 @@ def test_rdc_worst_case_command(tmp_path, capsys):
     w = json.loads(out.read_text())
     assert w["robust_acc"] == 0.0 and w["reports"] == [str(a), str(b)]
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(SystemExit, match="cannot read report"):
+    with pytest.raises(SystemExit, match="bad.json: the attack report is not valid JSON"):
         main(["worst-case", str(a), str(tmp_path / "bad.json")])
     with pytest.raises(SystemExit, match="threat model"):
         b.write_text(json.dumps(_report("exact", [[0, 7, 1, 0]], eps=0.1)))
