@@ -7,7 +7,7 @@
 #   N=10 bash benchmarks/attack_sanity.sh DIR        (DC and RDC on the first 10 digits)
 #
 # N (default 50) is the number of test digits of the DC and RDC evaluations, N_CNN (default
-# 200) that of the CNN's, THREADS (default 0: one per core) the torch threads of each
+# 200) that of the CNN's, THREADS (default 0: OMP_NUM_THREADS if set, else one per usable core) the torch threads of each
 # command. Every evaluation keeps per-example state in OUT_DIR, so an interrupted run
 # resumes; a finished one is not recomputed. With the defaults this takes
 # hours on a 2-core CPU for a class-embedding model (48 network evaluations per

@@ -69,3 +69,26 @@ def real_number(name: str, value: object, lo: float = 0.0, hi: float = math.inf,
             what = f"a number {'above' if above else 'from'} {lo:g} {'and at most' if above else 'to'} {hi:g}"
         raise ValueError(f"{name} must be {what}, not {value!r:.60}")
     return float(value)
+
+
+def parse_fraction(text: str | float) -> float:
+    """A number in [0, 1] pixel units written as ``0.3`` or ``8/255`` (numbers pass through).
+
+    Raises
+    ------
+    ValueError
+        When ``text`` is neither a number nor a fraction of two numbers, or is not finite.
+    """
+    try:
+        if isinstance(text, (int, float)):
+            value = float(text)
+        elif "/" in text:
+            num, den = text.split("/", 1)
+            value = float(num) / float(den)
+        else:
+            value = float(text)
+    except (ValueError, ZeroDivisionError):
+        raise ValueError(f"not a number or a fraction such as 8/255: {text!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"not a finite number: {text!r}")
+    return value

@@ -12,12 +12,13 @@ import contextlib
 import importlib
 import json
 import math
+import os
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from .choices import (CLASSIFIER_MODES, DATASETS, DEFENSES, EVAL_ATTACKS, GRAD_MODES, NAMED_ATTACKS, NORMS,
                       GRIDS, OPTIMIZERS, PRESETS, SAMPLER_CHURN_RANGE, WEIGHTINGS)
@@ -91,12 +92,38 @@ def _check_output_is_not_input(out: str | None, image: str) -> None:
         raise SystemExit(f"rdc: error: --out {out} is the input image; choose another file")
 
 
-def _check_output_files(args: argparse.Namespace, *names: str) -> None:
-    """Refuse output options that name a folder, before any work is done."""
-    for name in names:
-        value = getattr(args, name, None)
-        if value and (Path(value).is_dir() or str(value).endswith(("/", "\\"))):
-            raise SystemExit(f"rdc: error: --{name.replace('_', '-')} {value} is a folder; give a file name")
+def _check_output_files(args: argparse.Namespace, *names: str, inputs: Sequence[str] = ()) -> None:
+    """Refuse, before any work is done, output options that name a folder, that cannot be
+    written (a file where a folder must be, a folder without write permission), that name
+    the same file as each other, or that name one of ``inputs`` (files the command reads)."""
+    from .images import same_file
+
+    given = [(f"--{name.replace('_', '-')}", getattr(args, name, None)) for name in names]
+    given = [(option, value) for option, value in given if value]
+    for option, value in given:
+        if Path(value).is_dir() or str(value).endswith(("/", "\\")):
+            raise SystemExit(f"rdc: error: {option} {value} is a folder; give a file name")
+        _check_writable_folder(option, value, Path(value).parent)
+        for path in inputs:
+            if same_file(value, path):
+                raise SystemExit(f"rdc: error: {option} {value} is an input of this command ({path}); "
+                                 f"choose another file")
+    for i, (option, value) in enumerate(given):
+        for other, other_value in given[i + 1:]:
+            if same_file(value, other_value):
+                raise SystemExit(f"rdc: error: {option} and {other} name one file ({value}); give each its own")
+
+
+def _check_writable_folder(option: str, value: str, folder: Path) -> None:
+    """Refuse an output whose folder cannot be made or written: the nearest existing folder
+    above it must be a folder (not a file) that this user may write in."""
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SystemExit(f"rdc: error: {option} {value}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SystemExit(f"rdc: error: {option} {value}: no permission to write in {existing}")
 
 
 def _check_png_output(args: argparse.Namespace) -> None:
@@ -184,6 +211,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SystemExit(f"rdc: error: --out {out} is a file; give a run directory (new, or one to resume)")
     _check_output_files(args, "log")
+    _check_writable_folder("--out", args.out, out)
     try:
         net_cfg, train_cfg, ds, init_net, init_name = _train_setup(args)
         changed = check_resume(out, net_cfg, train_cfg, ds)
@@ -210,6 +238,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.set_postfix(post)
         bar.refresh()
         if args.log:
+            Path(args.log).parent.mkdir(parents=True, exist_ok=True)  # as every other output does
             with open(args.log, "a") as f:
                 record = {k: (None if isinstance(v, float) and not math.isfinite(v) else v)  # strict JSON
                           for k, v in rec.__dict__.items()}
@@ -284,6 +313,26 @@ def finite_number(low: float = -math.inf, high: float = math.inf, low_open: bool
     return parse
 
 
+def pixel_distance(positive: bool = False, at_most_one: bool = False) -> Callable[[str], float]:
+    """argparse type: a distance in [0, 1] pixel units written as ``0.3`` or ``8/255``, at
+    least 0 (above 0 when ``positive``; at most 1 when ``at_most_one``)."""
+    from .choices import parse_fraction
+
+    def parse(text: str) -> float:
+        try:
+            value = parse_fraction(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if value < 0 or (positive and value == 0):
+            raise argparse.ArgumentTypeError(f"must be {'above' if positive else 'at least'} 0, not {text}")
+        if at_most_one and value > 1:
+            raise argparse.ArgumentTypeError(f"must be at most 1 (the whole pixel range), not {text}; write grey "
+                                             f"levels as a fraction, e.g. {text}/255")
+        return value
+
+    return parse
+
+
 def _threshold(text: str) -> float:
     """``--binarize``'s threshold (:func:`core.defense.binarization_threshold`) as a usage error."""
     from .defense import binarization_threshold
@@ -309,6 +358,39 @@ def _classifier_overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {"steps": args.dc_steps, "weighting": args.weighting, "sigma_min": args.sigma_min,
             "sigma_max": args.sigma_max, "mode": args.mode, "noise_seed": args.noise_seed,
             "screen_levels": args.screen_levels, "keep_classes": args.keep_classes, "grid": args.grid}
+
+
+_CLASSIFIER_FLAGS = {"preset": "--preset", "dc_steps": "--levels", "weighting": "--weighting", "grid": "--grid",
+                     "sigma_min": "--sigma-min", "sigma_max": "--sigma-max", "mode": "--mode",
+                     "noise_seed": "--noise-seed", "screen_levels": "--screen-levels", "keep_classes": "--keep-classes"}
+_PURIFY_FLAGS = {"eta": "--eta", "lm_steps": "--lm-steps", "lm_step_size": "--lm-step-size", "optimizer": "--optimizer"}
+
+
+def _warn_ignored(args: argparse.Namespace, flags: dict[str, str], why: str) -> None:
+    """Say on stderr which of ``flags`` (dest: option) were given although they do not apply."""
+    given = [flag for dest, flag in flags.items() if getattr(args, dest, None) is not None]
+    if given:
+        verb = "does" if len(given) == 1 else "do"
+        print(f"rdc: warning: {', '.join(given)} {verb} not apply {why}; ignored", file=sys.stderr)
+
+
+def _warn_ignored_defense_options(args: argparse.Namespace) -> None:
+    """``rdc attack`` / ``eval``: the options of the parts of the defense that ``--defense``
+    leaves out (the CNN has no diffusion model; the DC alone no purification)."""
+    if args.defense == "cnn":
+        _warn_ignored(args, {"model": "--model", **_CLASSIFIER_FLAGS, **_PURIFY_FLAGS},
+                      "to --defense cnn (the CNN is --cnn; no diffusion model is used)")
+    elif args.defense == "dc":
+        _warn_ignored(args, _PURIFY_FLAGS, "to --defense dc (no purification)")
+    if args.defense != "rdc" and args.grad != "auto":
+        print(f"rdc: warning: --grad {args.grad} does not apply to --defense {args.defense} (the gradient modes "
+              f"are the RDC's, through its purification); ignored", file=sys.stderr)
+
+
+def _option_given(option: str) -> bool:
+    """Whether the command line holds ``option`` (or an abbreviation argparse took for it)."""
+    return any(token.startswith("--") and len(token.split("=", 1)[0]) > 2 and option.startswith(token.split("=", 1)[0])
+               for token in _ARGV)
 
 
 def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) -> None:
@@ -346,20 +428,21 @@ def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) 
                         "--keep-classes get the rest (default: the model card's; 0 = off)")
     p.add_argument("--keep-classes", type=whole_number(0), default=None,
                    help="classes kept after the screening levels (default: the model card's; 0 = all)")
-    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per usable core)")
 
 
 def _add_purify_args(p: argparse.ArgumentParser, aliases: bool = False) -> None:
     """The likelihood-maximisation options (``aliases``: also the old spellings of ``rdc purify``)."""
-    p.add_argument("--eta", default=None,
+    p.add_argument("--eta", type=pixel_distance(at_most_one=True), default=None,
                    help="purification l-inf radius in [0,1] units, e.g. 0.3 or 8/255 (default: the model card's)")
     p.add_argument("--lm-steps", type=whole_number(0), default=None, metavar="N",
                    help="purification (likelihood-maximisation) steps N (default: the model card's)")
-    p.add_argument("--lm-step-size", default=None,
+    p.add_argument("--lm-step-size", type=pixel_distance(at_most_one=True), default=None,
                    help="purification step size in [0,1] units (default: the model card's)")
     if aliases:
         p.add_argument("--steps", dest="lm_steps", type=whole_number(0), default=None, help=argparse.SUPPRESS)
-        p.add_argument("--step-size", dest="lm_step_size", default=None, help=argparse.SUPPRESS)
+        p.add_argument("--step-size", dest="lm_step_size", type=pixel_distance(at_most_one=True), default=None,
+                       help=argparse.SUPPRESS)
     p.add_argument("--optimizer", choices=OPTIMIZERS, default=None,
                    help="purification optimiser: sign steps or Adam (default: the model card's)")
 
@@ -407,6 +490,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     _setup_threads(args)
     if is_cnn_checkpoint(args.model):  # the discriminative baseline, e.g. to judge samples
         device = resolve_device(args.device)
+        _warn_ignored(args, _CLASSIFIER_FLAGS, "to the CNN baseline (no diffusion classifier)")
         classify, card = _load_cnn(args.model, device)
         name, classes, settings = card["name"], list(card["classes"]), None
         image_size, channels = card["image_size"], card["in_channels"]
@@ -480,6 +564,9 @@ def _ood_scorer(model):
         raise SystemExit(f"rdc: error: {model.path}: {exc}; re-run rdc ood-calibrate") from None
 
 
+MIN_OOD_REFERENCE = 1000  # the warning's quantiles are 0.1% and 99.9%: one image in a thousand each
+
+
 def cmd_ood_calibrate(args: argparse.Namespace) -> int:
     """Score the first N validation images and store their quantiles in the model card."""
     from tqdm import tqdm
@@ -506,6 +593,10 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
         raise SystemExit(f"rdc: error: {exc}") from None
     ds = load_dataset(dataset, "val", args.data_root)
     n = min(args.n, len(ds)) if args.n else len(ds)
+    if n < MIN_OOD_REFERENCE:
+        print(f"rdc: warning: {n} images cannot pin down the 0.1% and 99.9% quantiles the out-of-distribution "
+              f"warning is drawn at (it needs {MIN_OOD_REFERENCE} or more); the card's reference will be rough",
+              file=sys.stderr)
     scorer = OodScorer(model.purifier_net, settings)
     stop = _StopOnSignals()
     t0 = time.perf_counter()
@@ -548,6 +639,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from .models import atomic_write_bytes, atomic_write_json
 
     _check_output_files(args, "out", "log", "state")
+    _warn_ignored_defense_options(args)
+    if args.attack not in ("ensemble", "apgd-t") and _option_given("--targets"):
+        print(f"rdc: warning: --targets applies to the ensemble and apgd-t, not {args.attack}; ignored",
+              file=sys.stderr)
     _setup_threads(args)
     config = _eval_config(args)
     if config.state and config.attack == "none":
@@ -624,6 +719,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _check_output_files(args, "out")
     if args.out_dir and Path(args.out_dir).exists() and not Path(args.out_dir).is_dir():
         raise SystemExit(f"rdc: error: --out-dir {args.out_dir} is a file; give a folder")
+    if args.out_dir:
+        _check_writable_folder("--out-dir", args.out_dir, Path(args.out_dir))
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise SystemExit("rdc: error: --out must be a .png file")
     _setup_threads(args)
@@ -735,6 +832,20 @@ def _load_image_tensor(path: str, image_size: int, channels: int) -> torch.Tenso
         raise SystemExit(f"rdc: error: {exc}") from None
 
 
+def _load_attack_input(path: str, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """The image to attack, on the 8-bit grid, and what converting the file changed
+    (:func:`core.images.conversion_changes`; empty when the input is the file's pixels)."""
+    from .images import ImageLoadError, conversion_changes, convert_image, load_image
+
+    try:
+        img = load_image(path)
+        arr = convert_image(img, image_size, channels)
+    except ImageLoadError as exc:
+        raise SystemExit(f"rdc: error: {exc if str(path) in str(exc) else f'{path}: {exc}'}") from None
+    x = torch.round(torch.from_numpy(arr).unsqueeze(0) * 255) / 255  # the attacks work on the 8-bit grid
+    return x, conversion_changes(img, arr)
+
+
 def cmd_purify(args: argparse.Namespace) -> int:
     from .defense import build_maximizer
     from .images import save_png_atomic
@@ -790,7 +901,7 @@ def cmd_worst_case(args: argparse.Namespace) -> int:
     from .evaluate import run_label, worst_case_log, worst_case_report
     from .models import atomic_write_json, read_json_object
 
-    _check_output_files(args, "out")
+    _check_output_files(args, "out", inputs=[*args.reports, *args.follow_up])
 
     def read(path: str) -> dict:
         try:
@@ -848,12 +959,15 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .runtime import time_left_text
 
     _check_png_output(args)
-    _check_output_files(args, "report")
+    _check_output_files(args, "out", "report", inputs=[args.image])
     method, loss = NAMED_ATTACKS[args.attack]
     if args.target is not None and loss != "dlr-targeted":
         raise SystemExit(f"rdc: error: --target applies to the targeted attack (apgd-t), not {args.attack}")
     if args.target is not None and args.label is not None and args.target == args.label:
         raise SystemExit("rdc: error: --target is the true class (--label): a targeted attack needs another class")
+    _warn_ignored_defense_options(args)
+    if args.step_size is not None and method != "pgd":
+        print(f"rdc: warning: --step-size is PGD's; {args.attack} sets its own steps; ignored", file=sys.stderr)
     _setup_threads(args)
     if args.defense == "cnn":  # the baseline alone: the diffusion model is not loaded
         defense, card = _load_cnn(args.cnn, resolve_device(args.device))
@@ -871,8 +985,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
         defense = _build_defense(args.defense, model, clf, args)
     _check_class_index("--label", args.label, classes)
     _check_class_index("--target", args.target, classes)
-    x = _load_image_tensor(args.image, image_size, channels).to(device)
-    x = torch.round(x * 255) / 255  # attack the image as it is stored (8-bit)
+    x, changes = _load_attack_input(args.image, image_size, channels)
+    x = x.to(device)
+    if changes:
+        print(f"rdc: warning: {args.image} was converted for the model ({'; '.join(changes)}): the adversarial "
+              f"image and its distances are those of the converted image, not of the file", file=sys.stderr)
     grad = getattr(defense, "grad_mode", None)  # reports record the mode actually used (auto resolved)
     with torch.no_grad():
         clean_logits = defense(x)
@@ -911,7 +1028,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         save_png_atomic(result.adversarial[0].cpu().numpy(), args.out, source=args.image)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     report = {
-        "image": args.image, "out": args.out, "model": model_name, "defense": args.defense, "attack": args.attack,
+        "image": args.image, "input_conversion": changes, "out": args.out, "model": model_name, "defense": args.defense, "attack": args.attack,
         "grad": grad if args.defense == "rdc" else None, "binarize": args.binarize, "settings": settings.to_dict(),
         "classifier": classifier_settings,
         "purify": _purify_settings(model, args).to_dict() if args.defense == "rdc" else None,
@@ -966,7 +1083,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 def _add_attack_args(p: argparse.ArgumentParser) -> None:
     """The threat model and budget options shared by ``rdc attack`` and ``rdc eval``."""
     p.add_argument("--norm", choices=NORMS, default="linf", help="threat model: l-inf or l2 ball")
-    p.add_argument("--eps", default="0.3", help="attack radius in [0,1] units, e.g. 0.3 or 8/255")
+    p.add_argument("--eps", type=pixel_distance(), default="0.3", help="attack radius in [0,1] units, e.g. 0.3 or 8/255")
     p.add_argument("--steps", type=whole_number(1), default=100,
                    help="attack iterations (APGD, PGD; Square: queries, unless rdc eval's --square-queries)")
     p.add_argument("--restarts", type=whole_number(1), default=1, help="attack restarts (random starts)")
@@ -1044,7 +1161,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors; a .json card is written beside)")
     p.add_argument("--epochs", type=finite_number(0, low_open=True), default=3.0, help="passes over the training data")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
-    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per usable core)")
     p.set_defaults(func=cmd_train_cnn)
 
     p = sub.add_parser("classify", help="classify image files with the diffusion classifier (or the CNN baseline: --model mnist-cnn)")
@@ -1065,7 +1182,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="EDM's S_churn: add fresh noise at each step with sigma in [%g, %g] "
                         "(stochastic sampling; 0, the default: deterministic)" % SAMPLER_CHURN_RANGE)
     p.add_argument("--seed", type=int, default=0, help="sampling seed (plus the class index)")
-    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per usable core)")
     p.add_argument("--out", default=None, help="write all samples as one PNG grid (a column per class)")
     p.add_argument("--out-dir", default=None,
                    help="write one PNG per sample into this folder, named LABEL-INDEX.png (e.g. 3-007.png)")
@@ -1087,7 +1204,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="apgd-ce, apgd-dlr, apgd-t (targeted DLR), pgd (cross-entropy), square (gradient-free) or "
                         "flip (the threshold-flip attack on a binarising defense: needs --binarize)")
     _add_attack_args(p)
-    p.add_argument("--step-size", default=None, help="PGD step size in [0,1] units (default: 2.5 eps / steps; "
+    p.add_argument("--step-size", type=pixel_distance(positive=True), default=None, help="PGD step size in [0,1] units (default: 2.5 eps / steps; "
                                                      "APGD adapts its own)")
     p.add_argument("--label", type=int, default=None, help="true class (default: the clean prediction)")
     p.add_argument("--target", type=int, default=None, help="apgd-t target class (default: runner-up)")
@@ -1151,7 +1268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--noise-seed", type=int, default=None, help="seed of the score's frozen noise bank (default: 0)")
     p.add_argument("--batch-size", type=whole_number(1), default=50, help="images per network pass (times L levels)")
     p.add_argument("--device", default="auto", help="auto (CUDA when available), cpu or cuda")
-    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: one per core)")
+    p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per usable core)")
     p.set_defaults(func=cmd_ood_calibrate)
 
     p = sub.add_parser("worst-case", help="per-example worst case over several rdc eval reports of one model",
@@ -1201,6 +1318,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetNotFoundError, DeviceUnavailableError, UnconditionalModelError) as exc:  # engine errors that are the user's to fix
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a disk that fills up, a folder made read-only while the command ran
+        print(f"rdc: error: {exc}", file=sys.stderr)
+        return 1
     finally:  # a command's Ctrl-C handling (_StopOnSignals) ends with it (main may run in-process)
         for sig, handler in handlers.items():
             if handler is not None:

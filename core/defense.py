@@ -9,14 +9,13 @@ engine errors that describe the problem; each front end words its own hint.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .choices import DEFENSES
+from .choices import DEFENSES, parse_fraction  # parse_fraction: public here too
 from .purify import LikelihoodMaximizer, PurifySettings
 
 if TYPE_CHECKING:
@@ -50,32 +49,22 @@ def resolve_device(name: str = "auto") -> str:
     return name
 
 
-def parse_fraction(text: str | float) -> float:
-    """A number in [0, 1] pixel units written as ``0.3`` or ``8/255`` (numbers pass through).
-
-    Raises
-    ------
-    ValueError
-        When ``text`` is neither a number nor a fraction of two numbers, or is not finite.
-    """
+def default_threads() -> int:
+    """The CPU threads to use when none are asked for: ``OMP_NUM_THREADS`` when it is set (as
+    PyTorch itself reads it), else one per core this process may run on (``taskset``, cgroup
+    CPU sets)."""
+    env = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if env.isdigit() and int(env) > 0:
+        return int(env)
     try:
-        if isinstance(text, (int, float)):
-            value = float(text)
-        elif "/" in text:
-            num, den = text.split("/", 1)
-            value = float(num) / float(den)
-        else:
-            value = float(text)
-    except (ValueError, ZeroDivisionError):
-        raise ValueError(f"not a number or a fraction such as 8/255: {text!r}") from None
-    if not math.isfinite(value):
-        raise ValueError(f"not a finite number: {text!r}")
-    return value
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # no affinity on macOS and Windows
+        return max(1, os.cpu_count() or 1)
 
 
 def setup_threads(threads: int = 0) -> int:
-    """Set torch's CPU threads (0: one per core) and return the count set."""
-    count = threads if threads > 0 else max(1, os.cpu_count() or 1)
+    """Set torch's CPU threads (0: :func:`default_threads`) and return the count set."""
+    count = threads if threads > 0 else default_threads()
     torch.set_num_threads(count)
     return count
 

@@ -632,8 +632,25 @@ def read_state_file(path: str | Path) -> StateFile:
     Lines that are not a complete example record (one cut off by an interruption) are
     skipped. A missing file reads as empty.
     """
-    path = Path(path)
-    return parse_state_text(path.read_text() if path.exists() else "")
+    return parse_state_text(_read_state_text(Path(path)))
+
+
+MAX_STATE_BYTES = 2**30  # a line per example: millions of examples stay far below this
+
+
+def _read_state_text(path: Path) -> str:
+    """The text of a state file ("" when there is none); ``ValueError`` naming the file when
+    it is no state file (a folder, a device, binary data, too large)."""
+    if not path.exists():
+        return ""
+    if not path.is_file():
+        raise ValueError(f"{path}: the state file is not a regular file; give a file name")
+    if path.stat().st_size > MAX_STATE_BYTES:
+        raise ValueError(f"{path}: {path.stat().st_size} bytes is too large for a state file of rdc eval")
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not a state file of rdc eval (not text); give another --state file") from None
 
 
 def parse_state_text(text: str) -> StateFile:
@@ -717,13 +734,16 @@ class ResumeState:
         same_settings = json.dumps({"settings": settings}, sort_keys=True)
         header = json.dumps({"settings": settings} | ({"weights": self.weights} if self.weights else {}),
                             sort_keys=True)
-        if self.path.exists():
-            text = self.path.read_text()
+        text = _read_state_text(self.path)
+        if text:  # an empty file (made by hand, or by a run stopped before its header) is a new state
             state = parse_state_text(text)
             try:
                 old = json.loads(state.header_line) if state.header_line else {}
             except json.JSONDecodeError:
                 old = {}
+            if not isinstance(old, dict) or "settings" not in old:
+                raise ValueError(f"{self.path}: not a state file of rdc eval (its first line is no run header); "
+                                 f"give another --state file")
             if not self.weights and isinstance(old, dict) and isinstance(old.get("weights"), dict):
                 # a run that could not digest its files keeps the record of those it was made on
                 header = json.dumps({"settings": settings, "weights": old["weights"]}, sort_keys=True)

@@ -282,6 +282,23 @@ def load_for_model(path: str | os.PathLike, image_size: int, channels: int,
         raise ImageLoadError(f"{path}: {exc}") from exc
 
 
+def conversion_changes(img: Image.Image, converted: np.ndarray) -> list[str]:
+    """What :func:`convert_image` changed to make ``converted`` (C, H, W) from ``img``: an
+    empty list when the model input is the file's pixels exactly (an 8-bit L image for one
+    channel, RGB for three, of the model's size)."""
+    channels, height, width = converted.shape
+    changes = []
+    if img.size != (width, height):
+        changes.append(f"{img.size[0]}x{img.size[1]} cropped/resized to {width}x{height}")
+    if img.mode != ("L" if channels == 1 else "RGB"):
+        changes.append(f"mode {img.mode} converted to {'grayscale' if channels == 1 else 'RGB'}")
+    if not changes:
+        stored = np.asarray(img, dtype=np.float32).reshape(height, width, -1).transpose(2, 0, 1) / 255.0
+        if not np.allclose(stored, converted, atol=0.5 / 255):
+            changes.append("inverted (a dark digit on a light background)")
+    return changes
+
+
 def image_from_array(arr: Any) -> Image.Image:
     """An 8-bit PIL image (mode L or RGB) from a ``(C, H, W)`` array in [0, 1].
 

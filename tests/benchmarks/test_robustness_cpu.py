@@ -30,10 +30,10 @@ def dry_run(tmp_path: Path, **env: str) -> list:
 def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
     commands = dry_run(tmp_path)
     rows = Counter((a.defense, a.grad, a.norm, a.eps, a.n) for a in commands if a.attack == "ensemble")
-    expected = {("dc", "auto", "linf", "0.1", 100), ("dc", "auto", "l2", "1.5", 100),
-                ("dc", "auto", "linf", "0.3", 100)}
-    expected |= {("rdc", g, norm, eps, 60) for g in ("exact", "smooth", "bpda") for norm, eps in (("linf", "0.1"), ("l2", "1.5"))}
-    expected |= {("rdc", g, "linf", "0.3", 50) for g in ("exact", "smooth", "bpda")}
+    expected = {("dc", "auto", "linf", 0.1, 100), ("dc", "auto", "l2", 1.5, 100),
+                ("dc", "auto", "linf", 0.3, 100)}
+    expected |= {("rdc", g, norm, eps, 60) for g in ("exact", "smooth", "bpda") for norm, eps in (("linf", 0.1), ("l2", 1.5))}
+    expected |= {("rdc", g, "linf", 0.3, 50) for g in ("exact", "smooth", "bpda")}
     assert set(rows) == expected and set(rows.values()) == {1}
     for a in commands:
         assert a.model == "mnist-embedding" and a.threads == 1 and a.batch_size == 5 and a.split == "test"
@@ -45,7 +45,7 @@ def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
     # l2 1.5 and on 50 at l-inf 0.3
     assert {(a.defense, a.grad, a.n) for a in checks} == {("dc", "auto", 50)} | {
         ("rdc", g, n) for g in ("exact", "smooth", "bpda") for n in (10, 50)}
-    assert {a.n for a in checks if a.defense == "rdc" and a.steps == 40 and a.eps == "0.3"} == {50}
+    assert {a.n for a in checks if a.defense == "rdc" and a.steps == 40 and a.eps == 0.3} == {50}
     assert {a.attack for a in checks} == {"apgd-ce", "square", "transfer"}
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())  # a dry run measures nothing
 
@@ -53,8 +53,8 @@ def test_dry_run_lists_the_documented_rows_and_checks(tmp_path):
 def test_sizes_and_model_come_from_the_environment(tmp_path):
     commands = dry_run(tmp_path, N_DC="30", N_RDC="12", CHECK_N_DC="8", CHECK_N_LARGE="6", N_DC_LARGE="20",
                        N_RDC_LARGE="7", STEPS="10")
-    assert {a.n for a in commands if a.attack == "ensemble" and a.eps != "0.3"} == {30, 12}
-    assert {(a.defense, a.n) for a in commands if a.attack == "ensemble" and a.eps == "0.3"} == \
+    assert {a.n for a in commands if a.attack == "ensemble" and a.eps != 0.3} == {30, 12}
+    assert {(a.defense, a.n) for a in commands if a.attack == "ensemble" and a.eps == 0.3} == \
         {("dc", 20), ("rdc", 7)}
     assert {a.n for a in commands if a.defense == "dc" and a.attack != "ensemble"} == {8, 6}
     assert {a.steps for a in commands if a.attack == "ensemble"} == {10}

@@ -31,7 +31,7 @@ def test_dry_run_lists_every_dc_and_rdc_row_and_their_checks_on_the_gpu(tmp_path
     commands = [build_parser().parse_args(shlex.split(line)[1:]) for line in done.stdout.splitlines()
                 if line.startswith("rdc eval ")]
     rows = {(a.defense, a.grad, a.norm, a.eps, a.n) for a in commands if a.attack == "ensemble"}
-    threats = [("linf", "0.1"), ("linf", "0.3"), ("l2", "1.5")]
+    threats = [("linf", 0.1), ("linf", 0.3), ("l2", 1.5)]
     assert rows == ({("dc", "auto", norm, eps, 100) for norm, eps in threats}
                     | {("rdc", g, norm, eps, 100) for g in ("exact", "smooth", "bpda") for norm, eps in threats})
     for a in commands:

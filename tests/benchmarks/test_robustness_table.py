@@ -52,7 +52,7 @@ def test_dry_run_prints_one_rdc_eval_command_per_row(table, tmp_path, capsys):
     stems = set()
     for line, (defense, grad, norm, eps) in zip(lines, ROWS):
         args = build_parser().parse_args(shlex.split(line)[1:])  # a valid rdc command line
-        assert (args.defense, args.norm, args.eps, args.attack) == (defense, norm, eps, "ensemble")
+        assert (args.defense, args.norm, args.eps, args.attack) == (defense, norm, float(eps), "ensemble")
         assert args.grad == (grad or "auto")
         assert args.n == {"cnn": 500, "dc": 60, "rdc": 30}[defense]
         assert (args.steps, args.square_queries, args.targets, args.seed) == (20, 300, 9, 0)
@@ -148,13 +148,13 @@ def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     assert len(checks) == 3 * 5 + 2
     first = checks[:7]
     assert [(a.attack, a.eps, a.steps) for a in first if a.attack == "apgd-ce"] == [
-        ("apgd-ce", "0.1", 100), ("apgd-ce", "0.2", 100), ("apgd-ce", "0.3", 100), ("apgd-ce", "0.6", 100),
-        ("apgd-ce", "0.3", 200)]
+        ("apgd-ce", 0.1, 100), ("apgd-ce", 0.2, 100), ("apgd-ce", 0.3, 100), ("apgd-ce", 0.6, 100),
+        ("apgd-ce", 0.3, 200)]
     assert {a.attack for a in first} == {"apgd-ce", "square", "transfer"} and all(a.n == 50 for a in first)
     assert next(a for a in first if a.attack == "square").square_queries == 1000
     gradient_free = [a for a in checks if a.attack in ("square", "transfer")]
-    assert [(a.attack, a.grad, a.eps) for a in gradient_free] == [("square", "exact", "0.3"),
-                                                                  ("transfer", "exact", "0.3")]
+    assert [(a.attack, a.grad, a.eps) for a in gradient_free] == [("square", "exact", 0.3),
+                                                                  ("transfer", "exact", 0.3)]
     assert all(a.grad == "smooth" for a in checks[7:12]) and all(a.grad == "bpda" for a in checks[12:])
     with pytest.raises(SystemExit, match="matches none"):
         table.main(["--dry-run", "--rows", "vit-*"])
@@ -178,7 +178,7 @@ def test_rows_of_one_norm_share_the_eps_sweep_of_their_checks(table, capsys):
     sweep = [build_parser().parse_args(shlex.split(c)[1:]) for c in checks]
     sweep = sorted((a.eps, a.steps) for a in sweep if a.attack == "apgd-ce")
     # 0.1, 0.2, 0.3, 0.6 once for both rows; twice the steps at each row's eps
-    assert sweep == [("0.1", 100), ("0.1", 200), ("0.2", 100), ("0.3", 100), ("0.3", 200), ("0.6", 100)]
+    assert sweep == [(0.1, 100), (0.1, 200), (0.2, 100), (0.3, 100), (0.3, 200), (0.6, 100)]
 
 
 # --- robustness.json from fake reports (nothing is attacked) ---------------------------------

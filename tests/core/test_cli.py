@@ -772,9 +772,9 @@ def test_the_stop_scope_ends_its_block_on_its_own_stop_only():
     (["train", "--out", "{tmp}/run", "--epochs", "0"], "--epochs 0 trains nothing"),
     (["attack", "{img}", "--defense", "dc", "--attack", "apgd-ce", "--target", "3"], "--target applies to"),
     (["attack", "{img}", "--defense", "dc", "--attack", "apgd-t", "--label", "1", "--target", "1"], "true class"),
-    (["purify", "{img}", "--eta", "nan"], "not a finite number"),
-    (["attack", "{img}", "--defense", "dc", "--eps", "inf", "--norm", "l2"], "not a finite number"),
-    (["attack", "{img}", "--defense", "dc", "--attack", "pgd", "--step-size", "-1"], "step size must be"),
+    (["purify", "{img}", "--eta", "nan"], None),
+    (["attack", "{img}", "--defense", "dc", "--eps", "inf", "--norm", "l2"], None),
+    (["attack", "{img}", "--defense", "dc", "--attack", "pgd", "--step-size", "-1"], None),
     (["classify", "{img}", "--device", "tpu"], None),
 ])
 def test_mistakes_are_refused_with_a_message_before_any_work(tiny_checkpoint, digit_png, tmp_path, argv, message):
@@ -878,3 +878,98 @@ def test_eval_refuses_more_target_classes_than_the_model_has(tiny_checkpoint, ti
     with pytest.raises(SystemExit, match="1 to 9 target classes on mnist, not 20"):
         main(args + ["--out", str(tmp_path / "r.json")])
     assert not (tmp_path / "r.json").exists()
+
+
+def test_outputs_never_overwrite_an_input_or_each_other_and_are_checked_before_any_work(tiny_cnn, digit_png,
+                                                                                      tmp_path):
+    original = digit_png.read_bytes()
+    attack = ["attack", str(digit_png), "--defense", "cnn", "--cnn", str(tiny_cnn), "--steps", "1", "--quiet"]
+    with pytest.raises(SystemExit, match="--report .* is an input of this command"):
+        main(attack + ["--report", str(digit_png)])
+    with pytest.raises(SystemExit, match="--out and --report name one file"):
+        main(attack + ["--out", str(tmp_path / "same.png"), "--report", str(tmp_path / "." / "same.png")])
+    with pytest.raises(SystemExit, match=f"{digit_png} is a file, not a folder"):
+        main(attack + ["--out", str(digit_png / "adv.png")])
+    assert digit_png.read_bytes() == original and not (tmp_path / "same.png").exists()
+    with pytest.raises(SystemExit, match="--out and --state name one file"):
+        main(["eval", "--defense", "cnn", "--n", "2", "--out", str(tmp_path / "s.json"),
+              "--state", str(tmp_path / "s.json")])
+    with pytest.raises(SystemExit, match="--out and --log name one file"):
+        main(["eval", "--defense", "cnn", "--n", "2", "--out", str(tmp_path / "s.json"),
+              "--log", str(tmp_path / "s.json")])
+    report = tmp_path / "a.json"
+    report.write_text("{}")
+    with pytest.raises(SystemExit, match="--out .*a.json is an input of this command"):
+        main(["worst-case", str(report), str(tmp_path / "b.json"), "--out", str(report)])
+    assert report.read_text() == "{}"
+    with pytest.raises(SystemExit, match="is a file, not a folder"):
+        main(["train", "--out", str(tmp_path / "run"), "--log", str(report / "log.jsonl")])
+
+
+def test_an_os_error_while_writing_is_one_line_not_a_traceback(monkeypatch, capsys, tmp_path):
+    from rdc_studio.core import cli
+
+    def fails(args):
+        raise OSError(28, "No space left on device", str(tmp_path / "r.json"))
+
+    monkeypatch.setattr(cli, "cmd_worst_case", fails)
+    assert main(["worst-case", str(tmp_path / "a.json")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("rdc: error: [Errno 28] No space left on device") and err.count("\n") == 1
+
+
+def test_attack_says_when_the_file_was_converted_for_the_model(tiny_cnn, tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    stroke = np.zeros((28, 28), np.uint8)
+    stroke[4:24, 12:16] = 255
+    exact, inverted, large = tmp_path / "exact.png", tmp_path / "inverted.png", tmp_path / "large.png"
+    Image.fromarray(stroke).save(exact)
+    Image.fromarray(255 - stroke).save(inverted)
+    Image.fromarray(np.kron(stroke, np.ones((2, 2), np.uint8))).save(large)
+    expected = {exact: [], inverted: ["inverted (a dark digit on a light background)"],
+                large: ["56x56 cropped/resized to 28x28"]}
+    for image, changes in expected.items():
+        rep = tmp_path / f"{image.stem}.json"
+        assert main(["attack", str(image), "--defense", "cnn", "--cnn", str(tiny_cnn), "--steps", "1", "--quiet",
+                     "--report", str(rep)]) == 0
+        assert json.loads(rep.read_text())["input_conversion"] == changes
+        err = capsys.readouterr().err
+        assert ("was converted for the model" in err) == bool(changes)
+
+
+def test_options_that_do_not_apply_are_named_in_a_warning(tiny_cnn, digit_png, capsys):
+    base = ["attack", str(digit_png), "--cnn", str(tiny_cnn), "--steps", "1", "--quiet"]
+    assert main(base + ["--defense", "cnn", "--levels", "3", "--eta", "8/255", "--grad", "bpda"]) == 0
+    err = capsys.readouterr().err
+    assert "--levels, --eta do not apply to --defense cnn" in err and "--grad bpda does not apply" in err
+    assert main(base + ["--defense", "cnn", "--attack", "square", "--step-size", "0.01"]) == 0
+    assert "--step-size is PGD's; square sets its own steps" in capsys.readouterr().err
+    assert main(base + ["--defense", "cnn"]) == 0
+    assert "warning" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option,value,message", [
+    ("--eps", "-0.1", "--eps: must be at least 0, not -0.1"), ("--eps", "1/0", "--eps: not a number or a fraction"),
+    ("--eta", "3", "--eta: must be at most 1 .* e.g. 3/255"), ("--step-size", "0", "--step-size: must be above 0"),
+    ("--eps", "inf", "--eps: not a finite number"), ("--eta", "nan", "--eta: not a finite number"),
+])
+def test_distances_out_of_range_are_usage_errors(digit_png, capsys, option, value, message):
+    with pytest.raises(SystemExit) as info:
+        main(["attack", str(digit_png), "--defense", "cnn", "--attack", "pgd", option, value])
+    assert info.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_default_threads_follow_omp_num_threads_and_the_usable_cores(monkeypatch):
+    import os
+
+    from rdc_studio.core.defense import default_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert default_threads() == 1
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    if hasattr(os, "sched_getaffinity"):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+        assert default_threads() == 1

@@ -1,4 +1,6 @@
 """core.evaluate helpers that the CLI tests do not pin down."""
+import json
+
 import pytest
 import torch
 
@@ -118,9 +120,32 @@ def test_a_state_file_serves_one_run_at_a_time(tmp_path):
     ResumeState(path, settings).close()
     not_a_state = tmp_path / "notes.txt"
     not_a_state.write_text("my notes\n")
-    with pytest.raises(ValueError, match="other settings"):
+    with pytest.raises(ValueError, match="notes.txt: not a state file of rdc eval .its first line is no run header"):
         ResumeState(not_a_state, settings)
     assert not (tmp_path / "notes.txt.lock").exists() and not_a_state.read_text() == "my notes\n"
+
+
+def test_a_state_file_that_is_empty_binary_or_no_file_gets_a_clear_answer(tmp_path):
+    import os
+
+    from rdc_studio.core.evaluate import ResumeState, read_state_file
+
+    settings = {"attack": "apgd-ce", "n": 4, "shard": [0, 1]}
+    empty = tmp_path / "empty.jsonl"
+    empty.touch()  # made by hand, or a run stopped before its header: a new state
+    ResumeState(empty, settings).close()
+    assert json.loads(empty.read_text().splitlines()[0])["settings"] == settings
+    png = tmp_path / "digit.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    with pytest.raises(ValueError, match="digit.png: not a state file of rdc eval .not text"):
+        ResumeState(png, settings)
+    with pytest.raises(ValueError, match="not a regular file"):
+        ResumeState(tmp_path, settings)
+    if os.path.exists("/dev/zero"):  # would be read forever
+        (tmp_path / "zero.jsonl").symlink_to("/dev/zero")
+        with pytest.raises(ValueError, match="not a regular file"):
+            read_state_file(tmp_path / "zero.jsonl")
+    assert read_state_file(tmp_path / "missing.jsonl").results == {}
 
 
 def test_the_state_reader_and_the_resuming_run_read_the_same_examples(tmp_path):

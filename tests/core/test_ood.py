@@ -193,7 +193,9 @@ def test_ood_calibrate_stores_the_reference(tiny_checkpoint, capsys):
     before = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
     assert main(["ood-calibrate", "--model", str(tiny_checkpoint), "--n", "12", "--levels", "4", "--batch-size", "5",
                  "--threads", "1", "--device", "cpu"]) == 0
-    assert "wrote ood_reference" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "wrote ood_reference" in captured.out
+    assert "12 images cannot pin down the 0.1% and 99.9% quantiles" in captured.err  # a rough reference says so
     card = json.loads(tiny_checkpoint.with_suffix(".json").read_text())
     ref = card[CARD_KEY]
     check_reference(ref)
