@@ -272,7 +272,7 @@ class DiffusionClassifier(nn.Module):
         mass_done = torch.zeros((), device=self.device)
         screen = s.screen_levels if s.eliminates and s.keep_classes < k else t
         kept: torch.Tensor | None = None
-        kept_acc = kept_mass = None
+        kept_acc = kept_mass = screened = None  # set together with kept, after the screening levels
         done = 0
         while done < t:
             end = min(done + levels_per_step, screen if done < screen else t)
