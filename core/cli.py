@@ -1308,6 +1308,7 @@ def main(argv: list[str] | None = None) -> int:
     from .data import DatasetNotFoundError
     from .classifier import UnconditionalModelError
     from .defense import DeviceUnavailableError
+    from .attacks.base import NonFiniteGradientError
 
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -1318,6 +1319,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DatasetNotFoundError, DeviceUnavailableError, UnconditionalModelError) as exc:  # engine errors that are the user's to fix
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteGradientError as exc:  # the attacked defense, not the command line
+        print(f"rdc: error: {exc}", file=sys.stderr)
+        return 1
     except OSError as exc:  # a disk that fills up, a folder made read-only while the command ran
         print(f"rdc: error: {exc}", file=sys.stderr)
         return 1

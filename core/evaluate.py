@@ -186,6 +186,7 @@ class EvalReport:
     per_attack: list[AttackRow] | None = None  # ensembles
     attack_seconds_this_run: dict[str, float] | None = None
     attack_forward_passes_this_run: dict[str, int] | None = None
+    attack_revision: int | None = None  # core.attacks.ATTACK_REVISION of the code that attacked (None: before 2)
 
     @property
     def attacked(self) -> bool:
@@ -210,6 +211,8 @@ class EvalReport:
              "model": self.model, "settings": self.settings, "hardware": self.hardware}
         if self.seeds is not None:
             d["seeds"] = self.seeds
+        if self.attack_revision is not None:
+            d["attack_revision"] = self.attack_revision
         if ensemble:
             d["per_attack"] = [asdict(row) for row in self.per_attack]
             d["per_example_columns"] = list(PER_EXAMPLE_COLUMNS)
@@ -536,6 +539,8 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
     table of :func:`attack_table`, the breaking attack of every example, and this run's
     seconds and forward passes per attack; ``seeds`` records the seeds used.
     """
+    from .attacks.base import ATTACK_REVISION
+
     results = sorted(results, key=lambda r: r.index)
     n = len(results)
     clean = sum(r.clean_correct for r in results)
@@ -554,7 +559,8 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
         forward_backward_passes_per_image=queries / max(1, n),
         max_linf=max((r.linf for r in results), default=0.0), max_l2=max((r.l2 for r in results), default=0.0),
         examples=[ExampleRow(r.index, r.label, r.clean_correct, r.robust_correct, r.broken_by) for r in results],
-        model=model, settings=settings, hardware=hardware_description(), seeds=seeds)
+        model=model, settings=settings, hardware=hardware_description(), seeds=seeds,
+        attack_revision=ATTACK_REVISION)
     if attacks is not None:
         table = attack_table(results, attacks)
         if table and table[-1].robust_acc != report.robust_acc:
@@ -905,16 +911,20 @@ def single_attack_settings(config: EvalConfig):
                           **attack_threshold(method, config.binarize))
 
 
+def _check_targets(config: EvalConfig, dataset: TensorDataset) -> None:
+    """APGD-T's number of target classes must exist (the record must say what ran)."""
+    classes = len(dataset.classes)
+    if not 1 <= config.targets <= classes - 1:
+        raise ValueError(f"APGD-T takes 1 to {classes - 1} target classes on {dataset.name}, not {config.targets}")
+
+
 def _ensemble(config: EvalConfig, dataset: TensorDataset, device: str):
     """The members of the ensemble and the surrogate CNN of its transfer attack."""
     from .attacks import standard_ensemble
     from .baseline import load_cnn
     from .models import CheckpointError
 
-    classes = len(dataset.classes)
-    if not 1 <= config.targets <= classes - 1:  # the record must say what ran
-        raise ValueError(f"the ensemble's APGD-T takes 1 to {classes - 1} target classes on {dataset.name}, "
-                         f"not {config.targets}")
+    _check_targets(config, dataset)
     try:
         surrogate, _ = load_cnn(config.cnn, device=device)
     except CheckpointError as exc:
@@ -1052,12 +1062,19 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         members, surrogate = _ensemble(config, ds, device)
         if config.attack == "transfer":  # the ensemble's transfer attack alone
             members = [m for m in members if m.transfer]
+    elif config.attack == "apgd-t":  # its target classes one after another, on what is left (as in the ensemble)
+        from .attacks import EnsembleMember
+
+        _check_targets(config, ds)
+        members = [EnsembleMember("apgd-t", single_attack_settings(config), targets=config.targets)]
     else:
         att = single_attack_settings(config)
     if members is not None:
         settings["attack_settings"] = {m.name: m.settings.to_dict() for m in members}
-        settings["ensemble"] = {"order": [m.name for m in members], "transfer_source": config.cnn}
-        if config.attack == "ensemble":
+        settings["ensemble"] = {"order": [m.name for m in members]}
+        if any(m.transfer for m in members):
+            settings["ensemble"]["transfer_source"] = config.cnn
+        if config.attack in ("ensemble", "apgd-t"):
             settings["ensemble"]["targets"] = config.targets
         seeds = {"attack_seed": config.seed,
                  "classifier_noise_seed": settings.get("classifier", {}).get("noise_seed"),

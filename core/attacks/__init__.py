@@ -17,8 +17,8 @@ the app's :func:`attack_session`), :mod:`.ensemble`, :mod:`.api` (torchattacks s
 from ..runtime import run_to_end
 from .api import APGD, APGDT, PGD, Attack, Flip, Square
 from .apgd import apgd_checkpoints, gradient_attack
-from .base import (LOSSES, METHODS, NORMS, AttackCancelled, AttackResult, AttackSettings, AttackStep, Cancelled,
-                   attack_loss, check_attack_input, check_cancelled, finalize, margin_of, project, quantize_in_ball,
+from .base import (ATTACK_REVISION, LOSSES, METHODS, NORMS, AttackCancelled, AttackResult, AttackSettings, AttackStep, Cancelled,
+                   NonFiniteGradientError, attack_loss, check_attack_input, check_cancelled, finalize, margin_of, project, quantize_in_ball,
                    stops_when_cancelled)
 from .ensemble import (ENSEMBLE_LABELS, EnsembleMember, EnsembleResult, EnsembleStep, ensemble_attack,
                        standard_ensemble)
@@ -30,6 +30,7 @@ __all__ = [
     "APGD", "APGDT", "PGD", "Square", "Flip", "Attack", "flip_attack", "flippable_pixels", "run_to_end",
     "apgd_checkpoints", "gradient_attack", "LOSSES",
     "METHODS", "NORMS", "AttackCancelled", "AttackResult", "AttackSettings", "AttackStep", "Cancelled",
+    "NonFiniteGradientError", "ATTACK_REVISION",
     "attack_loss", "check_attack_input", "check_cancelled", "finalize", "margin_of", "project", "quantize_in_ball",
     "stops_when_cancelled", "ENSEMBLE_LABELS", "EnsembleMember", "EnsembleResult", "EnsembleStep",
     "ensemble_attack", "standard_ensemble", "DefenseOutcome", "attack", "attack_session", "SQUARE_CHECKPOINTS",

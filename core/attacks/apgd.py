@@ -8,8 +8,9 @@ from typing import Generator
 import torch
 from torch import nn
 
-from .base import (AttackResult, AttackSettings, AttackStep, Cancelled, _example_seed, _normalized, _random_start,
-                   attack_loss, check_cancelled, finalize, margin_of, project, stops_when_cancelled)
+from .base import (AttackResult, AttackSettings, AttackStep, Cancelled, NonFiniteGradientError, _example_seed,
+                   _normalized, _random_start, attack_loss, check_cancelled, finalize, margin_of, project,
+                   stops_when_cancelled)
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -67,6 +68,13 @@ def gradient_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, 
                 loss = attack_loss(logits, y, s.loss, target)
                 (g,) = torch.autograd.grad(loss.sum(), zz)
             queries += 1
+            if not torch.isfinite(g).all() or not torch.isfinite(loss).all():
+                bad = (~torch.isfinite(g.flatten(1)).all(1)) | ~torch.isfinite(loss)
+                raise NonFiniteGradientError(
+                    f"the defense's loss or gradient is not finite (NaN or inf) for {int(bad.sum())} of "
+                    f"{bad.numel()} examples (ids {[ids[i] for i in bad.nonzero().flatten().tolist()][:10]}): "
+                    f"an attack cannot follow it, and counting those examples as robust would over-state "
+                    f"robustness; attack another gradient mode (smooth, BPDA) or check the model")
             grad += g
             losses = losses + loss.detach()
             logits_sum = logits_sum + logits.detach()
@@ -76,13 +84,19 @@ def gradient_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, 
         seeds = [_example_seed(s.seed, i, restart) for i in ids]
         cur = _random_start(x0, s.eps, s.norm, seeds) if s.random_start else x0.clone()
         loss, grad, logits = loss_and_grad(cur)
+        start_margin = margin_of(logits, y)  # a start that is already adversarial counts (as in AutoAttack)
+        better = start_margin < best_margin
+        best_margin = torch.where(better, start_margin, best_margin)
+        best_adv[better] = cur[better]
         n = x0.shape[0]
         eta = torch.full((n,), float(step_size0), device=x0.device)
         view = (-1,) + (1,) * (x0.dim() - 1)
         best_loss, x_best_loss = loss.clone(), cur.clone()
         prev = cur.clone()
         checkpoints = apgd_checkpoints(s.steps)
-        last_ck, improved_count = 0, torch.zeros(n, device=x0.device)
+        # condition 1 of the step-size rule counts steps that raised the loss over the step
+        # before (AutoAttack's check_oscillation), not new bests
+        last_ck, increase_count, prev_loss = 0, torch.zeros(n, device=x0.device), loss.clone()
         loss_at_last_ck = best_loss.clone()
         eta_reduced_last = torch.zeros(n, dtype=torch.bool, device=x0.device)
         for it in range(1, s.steps + 1):
@@ -101,13 +115,14 @@ def gradient_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, 
             better = m < best_margin
             best_margin = torch.where(better, m, best_margin)
             best_adv[better] = cur[better]
+            increase_count += (loss > prev_loss).float()
+            prev_loss = loss.clone()
             improved = loss > best_loss
-            improved_count += improved.float()
             x_best_loss[improved] = cur[improved]
             best_loss = torch.where(improved, loss, best_loss)
             if s.method == "apgd" and it in checkpoints:
                 span = it - last_ck
-                cond1 = improved_count < 0.75 * span
+                cond1 = increase_count <= 0.75 * span
                 cond2 = (~eta_reduced_last) & (loss_at_last_ck >= best_loss)
                 reduce = cond1 | cond2
                 eta = torch.where(reduce, eta / 2, eta)
@@ -116,9 +131,10 @@ def gradient_attack(model: nn.Module, x0: torch.Tensor, y: torch.Tensor | None, 
                     prev[reduce] = x_best_loss[reduce]
                     loss_r, grad_r, _ = loss_and_grad(cur)
                     grad = torch.where(reduce.view(view), grad_r, grad)
+                    prev_loss = torch.where(reduce, loss_r, prev_loss)
                 eta_reduced_last = reduce
                 loss_at_last_ck = best_loss.clone()
-                improved_count.zero_()
+                increase_count.zero_()
                 last_ck = it
             d = (cur - x0).flatten(1)
             yield AttackStep(restart, it, s.steps, loss.cpu().numpy().copy(), m.cpu().numpy().copy(),

@@ -973,3 +973,21 @@ def test_default_threads_follow_omp_num_threads_and_the_usable_cores(monkeypatch
     if hasattr(os, "sched_getaffinity"):
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
         assert default_threads() == 1
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_apgd_t_tries_every_target_class_it_is_given(tiny_cnn, tmp_path):
+    """Before, --attack apgd-t ran the runner-up class only, whatever --targets said."""
+    reports = {}
+    for targets in (1, 3):
+        out = tmp_path / f"t{targets}.json"
+        assert main(["eval", "--defense", "cnn", "--cnn", str(tiny_cnn), "--attack", "apgd-t", "--targets",
+                     str(targets), "--eps", "0.05", "--steps", "2", "--n", "4", "--threads", "1", "--device", "cpu",
+                     "--out", str(out)]) == 0
+        reports[targets] = json.loads(out.read_text())
+    assert reports[3]["settings"]["ensemble"] == {"order": ["apgd-t"], "targets": 3}
+    assert reports[3]["attack_revision"] == 2  # reports say which revision of the attacks made them
+    passes = {t: r["forward_backward_passes_per_image"] for t, r in reports.items()}
+    survivors = sum(1 for row in reports[1]["per_example"] if row[3])
+    assert reports[3]["robust_acc"] <= reports[1]["robust_acc"]
+    assert survivors == 0 or passes[3] > passes[1]  # the survivors of the first target got two more
