@@ -6,12 +6,14 @@ None when it was cancelled or ended early.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, fields
 from typing import Callable, Generator
 
+import numpy as np
 import torch
 from torch import nn
 
-from ..core.attacks import AttackSettings, AttackStep, DefenseOutcome, attack_session
+from ..core.attacks import AttackResult, AttackSettings, AttackStep, DefenseOutcome, attack_session
 from ..core.classifier import ClassifyStep, DiffusionClassifier
 from ..core.ood import OodScore, OodScorer
 from ..core.purify import LikelihoodMaximizer, PurifyStep
@@ -20,10 +22,28 @@ from ..core.sample import SampleStep, sample
 Cancelled = Callable[[], bool]
 
 
+class Flush:
+    """Yielded by a job before a long stretch without records: the worker relays the
+    records so far at once (not with the next record). Never relayed itself."""
+
+
+FLUSH = Flush()
+
+
+@dataclass(frozen=True)
+class AttackOutcome(DefenseOutcome):
+    """The full defense's verdict, and whether the attacked model classified the clean image
+    right (``clean_correct``, per image): an attack that ran no iteration either found its
+    starting point adversarial or had nothing to do."""
+
+    clean_correct: np.ndarray | None = None
+
+
 def classify_job(clf: DiffusionClassifier, x: torch.Tensor, levels_per_step: int, cancelled: Cancelled,
-                 ood: OodScorer | None = None) -> Generator[ClassifyStep | OodScore, None, ClassifyStep | None]:
+                 ood: OodScorer | None = None) -> Generator[ClassifyStep | OodScore | Flush, None, ClassifyStep | None]:
     """Stream the running estimate, then (with ``ood``) the input's out-of-distribution
-    score; returns the final record (all levels), else None."""
+    score; returns the final record (all levels), else None. The last level reaches the
+    view before the score is computed: stopping during the score loses only the score."""
     last = None
     for record in clf.stream(x, levels_per_step, cancelled):
         last = record
@@ -31,21 +51,26 @@ def classify_job(clf: DiffusionClassifier, x: torch.Tensor, levels_per_step: int
     if last is None or last.levels_done < last.total_levels:
         return None
     if ood is not None and not cancelled():
+        yield FLUSH
         yield ood.assess(x)[0]
     return last
 
 
 def attack_job(attacked: nn.Module, x: torch.Tensor, settings: AttackSettings, defense: nn.Module,
                purify: Callable[[torch.Tensor], torch.Tensor] | None, cancelled: Cancelled,
-               y: torch.Tensor | None = None) -> Generator[AttackStep, None, DefenseOutcome | None]:
+               y: torch.Tensor | None = None) -> Generator[AttackStep, None, AttackOutcome | None]:
     """Yield the attack's iterations; returns the full defense's verdict on its result
-    (``y``: the labels, default: the attacked model's predictions on ``x``)."""
-    outcome = None
+    (``y``: the labels, default: the attacked model's predictions on ``x``) with whether the
+    attacked model classified ``x`` right."""
+    outcome, clean_correct = None, None
     for record in attack_session(attacked, x, settings, defense=defense, purify=purify, y=y, cancelled=cancelled):
         if isinstance(record, AttackStep):
             yield record
+        elif isinstance(record, AttackResult):
+            clean_correct = record.clean_correct.cpu().numpy().copy()
         elif isinstance(record, DefenseOutcome):
-            outcome = record
+            outcome = AttackOutcome(**{f.name: getattr(record, f.name) for f in fields(record)},
+                                    clean_correct=clean_correct)
     return None if cancelled() else outcome
 
 

@@ -22,26 +22,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.screenshot:
         os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
-    import torch
     from PySide6.QtCore import QCoreApplication, QEvent, QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication, QMessageBox
 
-    from ..core.defense import DeviceUnavailableError, resolve_device
+    from ..core.defense import DeviceUnavailableError, resolve_device, setup_threads
     from ..core.models import CheckpointError, load_checkpoint
 
     from .interrupt import InterruptHandler
-    from .main_window import MainWindow
-    from .worker import wait_for_workers
+    from .main_window import MainWindow, model_problem
+    from .worker import live_workers, wait_for_workers
 
-    torch.set_num_threads(max(1, os.cpu_count() or 1))  # one thread per core; the GUI thread mostly waits
+    setup_threads(0)  # OMP_NUM_THREADS, else one thread per usable core; the GUI thread mostly waits
     app = QApplication.instance() or QApplication(sys.argv[:1])
     app.setApplicationName("RDC Studio")
-    from ..core.session import SessionError, load_session
+    from ..core.session import SessionError, load_session, session_model
 
     try:
         device = resolve_device(args.device)
         session = load_session(args.session) if args.session else None
-        model = load_checkpoint(session["model"] if session else args.model, device=device)
+        # a session's bundled model is found in this installation (the window warns of other weights)
+        model = load_checkpoint(session_model(session, check_sha256=False)[0] if session else args.model, device=device)
+        if problem := model_problem(model):
+            raise CheckpointError(problem)
     except (CheckpointError, SessionError, DeviceUnavailableError, OSError, RuntimeError, MemoryError,
             RecursionError) as exc:
         message = str(exc)
@@ -88,8 +90,11 @@ def main(argv: list[str] | None = None) -> int:
     interrupt = InterruptHandler(window.close)  # Ctrl+C: the same clean close as File > Quit
     code = app.exec()
     interrupt.uninstall()
-    # the window has closed after its jobs ended; join any worker left (never destroy a running QThread)
-    wait_for_workers()
+    # the window has closed after its jobs ended; join any worker left: every job polls its cancellation,
+    # and a running QThread destroyed at exit would abort the process
+    if not wait_for_workers(10000):
+        print(f"rdc-studio: waiting for {live_workers()} background job(s) to stop…", file=sys.stderr)
+        wait_for_workers(None)
     window.deleteLater()
     QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
     return code

@@ -22,11 +22,12 @@ from ..core.ood import OodScorer
 from ..core.presets import get_preset
 from ..core.runtime import time_left_text
 from ..core.sample import SampleStep, parse_sample_filename
-from ..core.images import save_png_atomic
-from ..core.session import SessionError, load_session, make_session, save_session, session_settings, write_csv
-from ..core.images import ImageLoadError, convert_image, load_for_model
-from ..core.models import (DEFAULT_MODEL, CheckpointError, LoadedModel, list_bundled_models, load_checkpoint,
-                           resource_dir)
+from ..core.images import (MAX_PIXELS, ImageLoadError, convert_image, image_from_array, load_for_model, same_file,
+                           save_png_atomic)
+from ..core.session import (SessionError, load_session, make_session, save_session, session_model,
+                            session_model_reference, session_settings, write_csv)
+from ..core.models import (DEFAULT_MODEL, CheckpointError, LoadedModel, file_sha256, list_bundled_models,
+                           load_checkpoint, resolve_model_path, resource_dir)
 
 from .jobs import attack_job, classify_job, purify_job, sample_job
 from .session_state import CSV_HEADER, SessionState
@@ -42,6 +43,8 @@ SAMPLES_DIR = resource_dir("samples")
 HEAVY_ATTACK_SETTINGS = ("steps", "eot", "restarts")
 """Attack settings that set an attack's cost: reset on launch unless pinned."""
 IMAGE_FILTER = "Images (*.png *.jpg *.jpeg *.bmp *.webp *.tif *.tiff *.gif);;All files (*)"
+MAX_LEVELS = 4096
+"""The most noise levels T the toolbar offers: the diffusion classifier's own bound."""
 
 
 def sample_caption(stem: str, classes: list[str]) -> str:
@@ -58,7 +61,12 @@ def sample_caption(stem: str, classes: list[str]) -> str:
 
 def saved_attack_note(attack: dict | None, classes: list[str]) -> str:
     """What a session's saved attack result was, for the status line after it is reopened
-    (the attack itself is re-run on request, with the session's settings and seed)."""
+    (the attack itself is re-run on request, with the session's settings and seed).
+
+    Only an attack the session records as one of its own image (``of_input``) is described
+    as such; an attack of another image (an earlier input, a purified image) is named by
+    that image's caption, and older sessions, which did not record it, by neither.
+    """
     if not isinstance(attack, dict) or not isinstance(attack.get("success"), bool):
         return ""
     label = attack.get("label")
@@ -68,7 +76,22 @@ def saved_attack_note(attack: dict | None, classes: list[str]) -> str:
         verdict = "succeeded; the defense " + ("recovered" if attack.get("defense_recovered") else "failed")
     else:
         verdict = "failed; the defense " + ("held" if attack.get("defense_recovered") else "failed")
-    return f"The session's attack{name} {verdict}. Run ▸ Attack (Ctrl+T) re-runs it with its settings and seed."
+    if attack.get("of_input") is True:
+        return f"The session's attack{name} {verdict}. Run ▸ Attack (Ctrl+T) re-runs it with its settings and seed."
+    source = attack.get("source")
+    if "of_input" in attack and isinstance(source, str) and source:
+        what = f"The session's last attack was of another image ({source}): it {verdict}"
+    else:  # an older session: it did not record which image was attacked
+        what = f"The session's attack{name} {verdict} (the session does not say of which image)"
+    return f"{what}. Run ▸ Attack (Ctrl+T) attacks this image with the session's settings and seed."
+
+
+def model_problem(model: LoadedModel) -> str:
+    """Why the window cannot work with ``model`` ("" when it can)."""
+    if not model.classes:
+        return (f"{model.name} is an unconditional model: it has no classes, so it cannot classify (it serves as "
+                f"the purifier of a class-conditional model, named in that model's card)")
+    return ""
 
 
 class MainWindow(QMainWindow):
@@ -93,6 +116,8 @@ class MainWindow(QMainWindow):
         self._started_at = 0.0
         self._closing = False
         self._pending_device: str | None = None
+        self.dataset_browser: DatasetBrowser | None = None  # the open one, if any
+        self._model_sha256: str | None = None  # of the current model's weights, once a session needed it
         self._classify_note = ""  # said again when the classification that a preset or session started ends
         self.runner = JobRunner(self)
         self.runner.steps_ready.connect(self._on_runner_steps_ready)
@@ -121,7 +146,7 @@ class MainWindow(QMainWindow):
         toolbar.addSeparator()
         toolbar.addWidget(QLabel(" Noise levels T: "))
         self.steps_spin = QSpinBox()
-        self.steps_spin.setRange(1, 1000)
+        self.steps_spin.setRange(1, MAX_LEVELS)
         self.steps_spin.setToolTip("Number of noise levels in the likelihood quadrature (more: slower, steadier)")
         toolbar.addWidget(self.steps_spin)
         toolbar.addWidget(QLabel(" Preset: "))
@@ -344,20 +369,66 @@ class MainWindow(QMainWindow):
             text = f"<b>Samples</b> of the bundled model {DEFAULT_MODEL}, per class (click to open). {make_more}."
         self.samples_label.setText(text)
 
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        """The model's input (channels, height, width)."""
+        cfg = self.model.net.config
+        return cfg.in_channels, cfg.image_size, cfg.image_size
+
+    def fit_image(self, image: np.ndarray) -> np.ndarray | None:
+        """``image`` (C, H, W) in [0, 1] as the model's input: resized as an opened image is
+        when only its size differs; None when its channels differ (a grayscale digit is no
+        colour photo, nor the reverse)."""
+        channels, size, _ = shape = self.input_shape
+        if image.shape == shape:
+            return image
+        if image.ndim != 3 or image.shape[0] != channels:
+            return None
+        return convert_image(image_from_array(image), size, channels, invert=False)
+
     def _on_gallery_image_chosen(self, image: np.ndarray, caption: str, class_name: str | None) -> None:
+        fitted = self.fit_image(np.asarray(image))
+        if fitted is None:  # e.g. a browser page of the previous model's data
+            c, h, w = self.input_shape
+            self.show_error("Cannot open image", f"{caption} has {image.shape[0]} channel(s); {self.model.name} "
+                            f"takes {'grayscale' if c == 1 else 'RGB'} {w}×{h} images")
+            return
         known = self.model.classes.index(class_name) if class_name in self.model.classes else None
-        self.set_image(image, caption, known_class=known)
+        self.set_image(fitted, caption, known_class=known)
 
     def open_dataset_browser(self) -> None:
-        cfg = self.model.net.config
-        browser = DatasetBrowser(self.model.card.get("dataset", "mnist"), cfg.image_size, cfg.in_channels, self)
+        """Show the dataset browser of the model's data (the open one, if any)."""
+        if self.dataset_browser is not None:
+            self.dataset_browser.raise_()
+            self.dataset_browser.activateWindow()
+            return
+        c, size, _ = self.input_shape
+        browser = DatasetBrowser(self.model.card.get("dataset", "mnist"), size, c, self)
         browser.image_chosen.connect(self._on_gallery_image_chosen)
         browser.failed.connect(lambda msg: self.show_error("Cannot open dataset", msg))
+        browser.finished.connect(self._on_dataset_browser_finished)
+        browser.runner.drained.connect(self._on_runner_drained)  # a close waits for its load to end too
         browser.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         browser.show()
         self.dataset_browser = browser
         if browser.source_indices[0] != 2:  # the model's test split, at once (Load shows another source)
             browser.load(0, browser.root.text())
+
+    def _on_dataset_browser_finished(self, _code: int) -> None:
+        if self.sender() is self.dataset_browser:
+            self.dataset_browser = None
+
+    def _refit_dataset_browser(self) -> None:
+        """After a model switch: the open browser shows the new model's input, or closes
+        when the model is of another dataset (its pages would be of the old one)."""
+        browser = self.dataset_browser
+        if browser is None:
+            return
+        c, size, _ = self.input_shape
+        if browser.dataset_name == self.model.card.get("dataset", "mnist"):
+            browser.set_input(size, c)
+        else:
+            browser.close()
 
     def set_device(self, device: str) -> None:
         """Run later jobs on ``device``.
@@ -381,7 +452,7 @@ class MainWindow(QMainWindow):
             if purifier is not None:
                 purifier.net.to(device)
         self.device = device
-        self._apply_model()
+        self._show_model()  # the same weights: the results on show stay valid, so they stay
 
     def generate_sample_dialog(self) -> None:
         label, ok = QInputDialog.getItem(self, "Generate sample", "Class:", self.model.classes, 0, False)
@@ -399,12 +470,16 @@ class MainWindow(QMainWindow):
         self._start_job("sample", lambda cancelled: sample_job(net, label, steps, seed, cancelled))
 
     def _apply_model(self) -> None:
-        self.setWindowTitle(f"RDC Studio — {self.model.name}")
         self.state.set_classes(self.model.classes)  # drops the old model's results: so do the views
         self.classify_tab.set_classes(self.model.classes)
         self.attack_tab.set_classes(self.model.classes)
         self.purify_tab.set_classes(self.model.classes)
         self._load_samples()
+        self._show_model()
+
+    def _show_model(self) -> None:
+        """The window title and the status bar's model and device."""
+        self.setWindowTitle(f"RDC Studio — {self.model.name}")
         cfg = self.model.net.config
         pair = f" + purifier {self.model.purifier.name}" if self.model.purifier is not None else ""
         self.device_label.setText(f"{self.model.name}{pair} · {cfg.architecture} · {self.device.upper()} "
@@ -415,6 +490,13 @@ class MainWindow(QMainWindow):
         """Report a problem without changing the current state (tests replace this)."""
         self.show_status(f"{title}: {text}", 10000)
         box = QMessageBox(QMessageBox.Icon.Warning, title, text, QMessageBox.StandardButton.Ok, self)
+        box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
+        box.open()
+
+    def show_warning(self, title: str, text: str) -> None:
+        """Tell the user of something to bear in mind about what was done (tests replace this)."""
+        self.show_status(f"{title}: {text}", 15000)
+        box = QMessageBox(QMessageBox.Icon.Information, title, text, QMessageBox.StandardButton.Ok, self)
         box.setAttribute(Qt.WidgetAttribute.WA_DeleteOnClose)
         box.open()
 
@@ -465,13 +547,19 @@ class MainWindow(QMainWindow):
         self.open_qimage(img, "pasted image")
 
     def open_qimage(self, qimage: QImage, label: str) -> None:
+        """Convert and classify a pasted or dropped image; refused above :data:`MAX_PIXELS`
+        pixels, as a file is (converting one would hold the GUI thread for seconds)."""
         from PIL import Image
 
-        rgba = qimage.convertToFormat(QImage.Format.Format_RGBA8888)
-        w, h = rgba.width(), rgba.height()
+        w, h = qimage.width(), qimage.height()
         if w == 0 or h == 0:
             self.show_error("Cannot open image", f"{label} is empty")
             return
+        if w * h > MAX_PIXELS:
+            self.show_error("Cannot open image", f"{label} is {w}x{h} = {w * h:,} pixels, more than the "
+                            f"{MAX_PIXELS:,} allowed; scale it down first")
+            return
+        rgba = qimage.convertToFormat(QImage.Format.Format_RGBA8888)
         buf = np.frombuffer(rgba.constBits(), np.uint8, count=rgba.sizeInBytes())
         arr = buf.reshape(h, rgba.bytesPerLine())[:, : w * 4].reshape(h, w, 4).copy()
         cfg = self.model.net.config
@@ -530,11 +618,15 @@ class MainWindow(QMainWindow):
             self.export_adversarial(path)
 
     def export_adversarial(self, path: str) -> bool:
-        """Save the last attack's adversarial image as a lossless 8-bit PNG."""
+        """Save the last attack's adversarial image as a lossless 8-bit PNG, never over the
+        attacked image's file nor the input's."""
         if self.last_outcome is None:
             self.show_error("Nothing to export", "Run an attack first.")
             return False
         try:
+            for source, what in ((self.image_path, "the input image"), (self.state.attack.path, "the attacked image")):
+                if source and same_file(path, source):  # the attacked image: an earlier input, say
+                    raise ValueError(f"{path}: refusing to overwrite {what}")
             save_png_atomic(self.last_outcome.adversarial[0], path, source=self.image_path or None)
         except (OSError, ValueError) as exc:
             self.show_error("Cannot export", str(exc))
@@ -575,9 +667,14 @@ class MainWindow(QMainWindow):
                               "attack_binarize": self.attack_panel.binarize_threshold(),
                               "purify": self.purify_panel.settings().to_dict()}
         purified = self.state.purification.settings if self.state.purification.records else None
-        return make_session(str(self.model.path), self.image, self.image_source, classifier, attack["attack"],
-                            purified or attack["purify"], results, self.device,
-                            known_class=self.state.image_known_class) | {
+        if self._model_sha256 is None:
+            try:
+                self._model_sha256 = file_sha256(self.model.path)
+            except OSError:
+                self._model_sha256 = ""  # the file has gone since it was loaded: the session names it all the same
+        return make_session(session_model_reference(self.model.path), self.image, self.image_source, classifier,
+                            attack["attack"], purified or attack["purify"], results, self.device,
+                            known_class=self.state.image_known_class, model_sha256=self._model_sha256) | {
             "attack_gradient": attack["attack_gradient"], "attack_binarize": attack["attack_binarize"]}
 
     def save_session_dialog(self) -> None:
@@ -607,13 +704,20 @@ class MainWindow(QMainWindow):
         except SessionError as exc:
             self.show_error("Cannot open session", f"{path}: {exc}" if str(path) not in str(exc) else str(exc))
             return False
-        if str(self.model.path) != session["model"] and not self.load_model(session["model"]):
+        reference, warning = session_model(session)
+        model = self.model if self._is_current_model(reference) else self._load_candidate(reference)
+        if model is None:
             return False
-        cfg = self.model.net.config
+        cfg = model.net.config
         image = session["image_array"]
         if image.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
-            self.show_error("Cannot open session", f"{path}: image shape {image.shape} does not fit the model")
+            self.show_error("Cannot open session", f"{path}: image shape {image.shape} does not fit the model "
+                            f"{model.name} ({cfg.in_channels}, {cfg.image_size}, {cfg.image_size})")
             return False
+        if model is not self.model:
+            self._switch_model(model)
+        if warning:
+            self.show_warning("Session model", f"{path}: {warning}.")
         self.session_classifier = classifier
         self.preset_combo.blockSignals(True)  # show the session's preset; its settings come from the session
         index = self.preset_combo.findData(self.session_classifier.get("preset", ""))
@@ -642,33 +746,68 @@ class MainWindow(QMainWindow):
 
     def load_model(self, name_or_path: str) -> bool:
         """Load a model and switch to it; on any problem say so and keep the current one."""
+        model = self._load_candidate(name_or_path)
+        if model is None:
+            return False
+        self._switch_model(model)
+        return True
+
+    def _is_current_model(self, name_or_path: str) -> bool:
+        """Whether ``name_or_path`` names the loaded model's weights file."""
+        if str(self.model.path) == name_or_path:
+            return True
+        try:
+            return resolve_model_path(name_or_path).resolve() == self.model.path.resolve()
+        except (CheckpointError, OSError):
+            return False
+
+    def _load_candidate(self, name_or_path: str) -> LoadedModel | None:
+        """A model the window can switch to, checked (else None, after saying why)."""
         try:
             model = load_checkpoint(name_or_path, device=self.device)
+            if problem := model_problem(model):
+                self.show_error("Cannot load model", f"{name_or_path}: {problem}.")
+                return None
             # the settings this window would use with it (the card's with the toolbar's preset)
             classifier_settings(model, self.preset)
             purify_settings(model, self.preset)
         except (CheckpointError, OSError, RuntimeError, MemoryError, RecursionError) as exc:
             self.show_error("Cannot load model", str(exc))
-            return False
+            return None
         except (TypeError, ValueError) as exc:
             self.show_error("Cannot load model", f"{name_or_path}: its settings do not work with the preset "
                             f"{self.preset or 'of its card'} ({exc})")
-            return False
+            return None
+        return model
+
+    def _switch_model(self, model: LoadedModel) -> None:
+        """Make ``model`` the window's: the old model's results go; the input stays when it
+        fits (resized when only its size differs), and is classified again."""
         self.runner.cancel()
         self._on_job_stopped()
         known, old_classes = self.state.image_known_class, self.model.classes
         # the input's label, by name: an index into the old model's classes means nothing to the new one
-        self.state.image_known_class = (model.classes.index(old_classes[known])
-                                        if known is not None and old_classes[known] in model.classes else None)
+        if known is not None:
+            known = model.classes.index(old_classes[known]) if old_classes[known] in model.classes else None
         self.model = model
+        self._model_sha256 = None
+        image, source, path = self.image, self.image_source, self.image_path
         self._apply_model()
         self._apply_preset_settings(self.preset)  # T and the purification: this model's card's
         self.attack_panel.set_dataset(model.card.get("dataset"))  # and epsilon its data's usual one
-        if self.image is not None and self.image.shape[0] != model.net.config.in_channels:
+        self._refit_dataset_browser()
+        fitted = None if image is None else self.fit_image(image)
+        if image is not None and fitted is None:
+            c, size, _ = self.input_shape
             self.state.set_image(None)
+            self.show_status(f"{source} was closed: {model.name} takes {'grayscale' if c == 1 else 'RGB'} "
+                             f"{size}×{size} images", 10000)
+        elif fitted is not image:  # the same picture at the new model's size, as opening it would give
+            self.state.set_image(fitted, source, path, known)
+        else:
+            self.state.image_known_class = known
         if self.image is not None:
             self.classify()
-        return True
 
     # -- jobs ---------------------------------------------------------------------
     def _set_progress(self, total: int, unit: str) -> None:
@@ -777,12 +916,14 @@ class MainWindow(QMainWindow):
         self.run_attack()
 
     def _on_purify_tab_attack_requested(self, image: np.ndarray, caption: str, known_class: int | None) -> None:
-        self.run_attack(image, caption, known_class)
+        self.run_attack(image, caption, known_class, path=self.state.purification.path)
 
-    def run_attack(self, image: np.ndarray | None = None, source: str = "", known_class: int | None = None) -> None:
+    def run_attack(self, image: np.ndarray | None = None, source: str = "", known_class: int | None = None,
+                   path: str = "") -> None:
         """Attack ``image`` (default: the input) with the panel's settings against the full
         defense; the label is ``known_class`` (the input's when known), else the attacked
-        model's prediction on the image."""
+        model's prediction on the image; ``path``: the file ``image`` derives from."""
+        of_input = image is None
         if image is None:
             image, source, known_class = self.image, self.image_source, self.state.image_known_class
         if image is None:
@@ -811,7 +952,8 @@ class MainWindow(QMainWindow):
         iterations = settings.steps * settings.restarts
         run_settings = {"attack": settings.to_dict(), "attack_gradient": grad, "attack_binarize": threshold,
                         "purify": purify_settings.to_dict()}  # what a session records with the result
-        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold, run_settings, known_class)
+        self.attack_tab.begin(x[0].cpu().numpy(), source, iterations, threshold, run_settings, known_class,
+                              of_input, path)
         y = None if known_class is None else torch.tensor([known_class], device=self.device)
         self._set_progress(iterations, "iterations")
         self.tabs.setCurrentWidget(self.attack_tab)
@@ -823,12 +965,14 @@ class MainWindow(QMainWindow):
         self.run_purification()
 
     def _on_attack_tab_purify_requested(self, image: np.ndarray, caption: str, known_class: int | None) -> None:
-        self.run_purification(image, caption, known_class)
+        self.run_purification(image, caption, known_class, path=self.state.attack.path)
 
     def run_purification(self, image: np.ndarray | None = None, source: str = "",
-                         known_class: int | None = None) -> None:
+                         known_class: int | None = None, path: str = "") -> None:
         """Likelihood maximisation of ``image`` (default: the input), drawn live; ``known_class``
-        (the input's when known) is carried to an attack of the result."""
+        (the input's when known) is carried to an attack of the result, and so is ``path``,
+        the file ``image`` derives from."""
+        of_input = image is None
         if image is None:
             image, source, known_class = self.image, self.image_source, self.state.image_known_class
         if image is None:
@@ -844,7 +988,7 @@ class MainWindow(QMainWindow):
             return
         lm = build_maximizer(self.model, settings)
         x = torch.from_numpy(np.asarray(image, dtype=np.float32)).unsqueeze(0).to(self.device)
-        self.purify_tab.begin(source, settings.steps, settings.to_dict(), known_class)
+        self.purify_tab.begin(source, settings.steps, settings.to_dict(), known_class, of_input, path)
         self._set_progress(settings.steps, "steps")
         self.tabs.setCurrentWidget(self.purify_tab)
         self._start_job("purify", lambda cancelled: purify_job(lm, x, clf, cancelled))
@@ -924,8 +1068,13 @@ class MainWindow(QMainWindow):
     def _on_runner_failed(self, message: str) -> None:
         kind, self._job_kind = self._job_kind, ""
         self._job_ended()
-        if kind == "attack":
-            self.attack_tab.failed()
+        self._set_progress_format(f"failed at %v / %m {self.progress.format().split('%m ', 1)[-1]}")
+        view = self._views.get(kind)
+        if view is not None:  # never leave a view saying that the job still runs
+            view.failed()
+        elif kind == "sample":  # the sampler drew into the input view: show the input again
+            self._on_state_changed("image")
+        self._classify_note = ""
         self.show_error(f"{kind.capitalize() or 'Job'} failed", message)
 
     def _on_timer_timeout(self) -> None:
@@ -946,7 +1095,10 @@ class MainWindow(QMainWindow):
             self._timer.stop()
             self._closing = True
         self.stop()
-        if self.runner.running_threads():
+        browser = self.dataset_browser
+        if browser is not None:  # its load is cancelled; the close goes on when its worker has ended
+            browser.runner.cancel()
+        if self.runner.running_threads() or (browser is not None and browser.runner.running_threads()):
             self.setEnabled(False)
             self.show_status("Stopping the running job before closing…", 0)
             event.ignore()

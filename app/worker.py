@@ -9,7 +9,8 @@ ends the job quietly. The generator yields step
 records and *returns* its result (``return value`` of the generator, None when the job
 gave up); a factory that is a plain function (no records) just returns its result. The
 runner relays the records in batches at most about 30 times a second (so
-the GUI redraws at most at that rate; no record is dropped) and the return value once.
+the GUI redraws at most at that rate; no record is dropped; a job yields :data:`.jobs.FLUSH` to
+have them relayed at once before a long stretch without records) and the return value once.
 
 Worker threads outlive the runner that started them until their job ends: a cancelled
 job that is still inside a long network pass is never destroyed while running (Qt aborts
@@ -26,6 +27,7 @@ from typing import Any, Callable, Generator
 from PySide6.QtCore import QObject, QThread, Signal, Slot
 
 from ..core.runtime import OperationCancelled, cancellation_scope
+from .jobs import Flush
 
 JobFactory = Callable[[Callable[[], bool]], Generator[Any, None, Any] | Any]
 UPDATE_INTERVAL_S = 1.0 / 30.0
@@ -40,17 +42,20 @@ def live_workers() -> int:
         return sum(1 for t in _LIVE if t.isRunning())
 
 
-def wait_for_workers(timeout_ms: int = 60000) -> bool:
-    """Cancel and join every worker thread; True if all ended within ``timeout_ms``."""
-    deadline = time.monotonic() + timeout_ms / 1000
+def wait_for_workers(timeout_ms: int | None = 60000) -> bool:
+    """Cancel and join every worker thread; True if all ended within ``timeout_ms`` (None:
+    however long they take)."""
+    deadline = None if timeout_ms is None else time.monotonic() + timeout_ms / 1000
     with _LIVE_LOCK:
         threads = list(_LIVE)
     for thread in threads:
         thread.cancel()
     ok = True
     for thread in threads:
-        left = max(0, int((deadline - time.monotonic()) * 1000))
-        ok = thread.wait(left) and ok
+        if deadline is None:
+            ok = thread.wait() and ok
+        else:
+            ok = thread.wait(max(0, int((deadline - time.monotonic()) * 1000))) and ok
     return ok
 
 
@@ -88,9 +93,11 @@ class _JobThread(QThread):
                     except StopIteration as stop:
                         result = stop.value
                         break
-                    pending.append(record)
+                    flush = isinstance(record, Flush)
+                    if not flush:
+                        pending.append(record)
                     now = time.monotonic()
-                    if now - last_emit >= UPDATE_INTERVAL_S:
+                    if pending and (flush or now - last_emit >= UPDATE_INTERVAL_S):
                         self.step_ready.emit(self.job_id, pending)
                         last_emit, pending = now, []
                     if self.is_cancelled():

@@ -1,4 +1,10 @@
-"""Datasets (MNIST via torchvision, CIFAR-10 via ImageFolder) held in memory as tensors."""
+"""Datasets (MNIST via torchvision, CIFAR-10 via ImageFolder) held in memory as tensors.
+
+Loading can take a while (extracting CIFAR-10's archive, decoding its images): it polls the
+active :func:`core.runtime.cancellation_scope` between archive members and files and stops
+with :class:`core.runtime.OperationCancelled` when asked (a no-op outside any scope); an
+interrupted extraction leaves no temporary folder behind.
+"""
 from __future__ import annotations
 
 import gzip
@@ -10,9 +16,12 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
+
+from .runtime import raise_if_cancelled
 
 DATASETS = ("mnist", "cifar10")
 SPLITS = ("train", "val", "test", "train-full")
@@ -152,6 +161,7 @@ def _extract_mnist(data_root: str | Path | None, cache_dir: Path) -> Path:
     raw_dst = cache_dir / "MNIST" / "raw"
     raw_dst.mkdir(parents=True, exist_ok=True)
     for name in _MNIST_FILES:
+        raise_if_cancelled()
         dst = raw_dst / name
         if dst.exists():
             continue
@@ -224,6 +234,13 @@ def _archive_identity(archive: Path) -> dict:
     return {"archive": str(archive.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
 
+def _members_until_cancelled(tar: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """The archive's members, read one by one, polling the cancellation scope before each."""
+    for member in tar:
+        raise_if_cancelled()
+        yield member
+
+
 def _extract_cifar10(data_root: str | Path | None, cache_dir: Path) -> Path:
     """``cache_dir/cifar10-jpeg``, extracted from the data root's ``cifar10-jpeg.tar.gz``
     (again when that archive is another one than the folder came from); the extraction
@@ -246,8 +263,8 @@ def _extract_cifar10(data_root: str | Path | None, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".cifar10-"))
     try:
         try:
-            with tarfile.open(archive) as tar:
-                tar.extractall(tmp, filter="data")
+            with tarfile.open(archive) as tar:  # extractall still sets the folders' modes after their files
+                tar.extractall(tmp, members=_members_until_cancelled(tar), filter="data")
         except (tarfile.TarError, EOFError, zlib.error) as exc:
             raise DatasetNotFoundError(f"CIFAR-10 archive {archive} is damaged ({exc})", "CIFAR-10",
                                        (archive.parent,)) from exc
@@ -265,6 +282,13 @@ def _extract_cifar10(data_root: str | Path | None, cache_dir: Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _decode_rgb(loader: Callable[[str], Any], path: str) -> np.ndarray:
+    """One image file as (H, W, 3) uint8, after polling the cancellation scope (a split is
+    tens of thousands of files)."""
+    raise_if_cancelled()
+    return np.asarray(loader(path).convert("RGB"))
 
 
 def load_cifar10(split: str, data_root: str | Path | None = None, cache_dir: str | Path | None = None) -> TensorDataset:
@@ -286,7 +310,7 @@ def load_cifar10(split: str, data_root: str | Path | None = None, cache_dir: str
     if list(ds.classes) != CIFAR10_CLASSES:
         raise DatasetNotFoundError(f"the CIFAR-10 archive's {sub} folder holds the classes {', '.join(ds.classes)}, "
                                    f"not {', '.join(CIFAR10_CLASSES)}", "CIFAR-10", (folder,))
-    arrays = np.stack([np.asarray(ds.loader(p).convert("RGB")) for p, _ in ds.samples])
+    arrays = np.stack([_decode_rgb(ds.loader, p) for p, _ in ds.samples])
     images = torch.from_numpy(arrays).permute(0, 3, 1, 2).contiguous()
     labels = torch.tensor([t for _, t in ds.samples], dtype=torch.long)
     if split != "test":

@@ -10,7 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from .models import atomic_write_bytes, atomic_write_json, read_json_object
+from .models import (BUNDLED_DIR, CheckpointError, atomic_write_bytes, atomic_write_json, file_sha256,
+                     list_bundled_models, read_json_object, resolve_model_path)
 
 SESSION_FORMAT = "rdc-studio/session"
 MAX_SESSION_BYTES = 256 * 2**20  # one image and settings: far below this
@@ -40,12 +41,66 @@ def save_session(path: str | Path, session: dict[str, Any]) -> None:
 
 
 def make_session(model: str, image: np.ndarray, image_source: str, classifier: dict, attack: dict,
-                 purify: dict, results: dict, device: str = "cpu", known_class: int | None = None) -> dict[str, Any]:
-    """Assemble a session: model, exact input image (with its label ``known_class`` when
-    known), all settings (with seeds) and results."""
-    return {"format": SESSION_FORMAT, "version": 1, "model": model, "device": device,
-            "image": dict(encode_array(image), source=image_source, known_class=known_class), "classifier": classifier,
-            "attack": attack, "purify": purify, "results": results}
+                 purify: dict, results: dict, device: str = "cpu", known_class: int | None = None,
+                 model_sha256: str | None = None) -> dict[str, Any]:
+    """Assemble a session: model (see :func:`session_model_reference`) and the sha256 of its
+    weights file, exact input image (with its label ``known_class`` when known), all
+    settings (with seeds) and results."""
+    session = {"format": SESSION_FORMAT, "version": 1, "model": model, "device": device,
+               "image": dict(encode_array(image), source=image_source, known_class=known_class),
+               "classifier": classifier, "attack": attack, "purify": purify, "results": results}
+    if model_sha256:
+        session["model_sha256"] = model_sha256
+    return session
+
+
+def session_model_reference(path: str | Path) -> str:
+    """How a session names the model of weights file ``path``: a bundled model by its name
+    (any installation resolves it), any other by its path."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.parent.resolve() == BUNDLED_DIR.resolve() \
+            and path.stem in list_bundled_models():
+        return path.stem
+    return str(path)
+
+
+def _weights_file(reference: str) -> Path:
+    """The file whose sha256 a session records for ``reference`` (an EDM snapshot is its own)."""
+    return Path(reference) if reference.lower().endswith(".pkl") else resolve_model_path(reference)
+
+
+def session_model(session: dict[str, Any], check_sha256: bool = True) -> tuple[str, str]:
+    """The model to load for a loaded session (a name or path for ``load_checkpoint``), and a
+    warning for the user ("" when none).
+
+    A bundled model is named by name (resolved in this installation). A path that is gone
+    but lay in a bundled models folder (``resources/models``: sessions saved before names
+    were recorded, or by another installation) resolves by name to this installation's
+    bundled model of that name. The warning says when the weights found are not those the
+    session recorded (their sha256, read unless ``check_sha256`` is False), or cannot be compared.
+    """
+    recorded = session["model"]
+    reference, warning = recorded, ""
+    path = Path(recorded)
+    if path.suffix == ".safetensors" and not path.exists() and path.parent.name == "models" \
+            and path.parent.parent.name == "resources" and path.stem in list_bundled_models():
+        reference = path.stem
+        warning = f"The session's model file {recorded} is not here: this installation's bundled {path.stem} is used"
+    sha = session.get("model_sha256") if check_sha256 else None
+    try:
+        weights = _weights_file(reference)
+        differs = bool(sha) and weights.is_file() and file_sha256(weights) != sha
+    except (CheckpointError, OSError):
+        return reference, warning  # loading it says why it cannot be used
+    if differs:
+        warning = (f"{warning}. " if warning else "") + (
+            f"The weights of {reference} are not those the session was saved with (another sha256): "
+            "its results may not be reproduced")
+    elif sha:
+        warning = ""  # the very weights, wherever they are
+    elif warning and check_sha256:
+        warning += " (the session records no sha256 of its weights to compare)"
+    return reference, warning
 
 
 def load_session(path: str | Path) -> dict[str, Any]:
@@ -60,7 +115,8 @@ def load_session(path: str | Path) -> dict[str, Any]:
     for key, kind, what in (("model", str, "a model name or path"), ("image", dict, "an object"),
                             ("classifier", dict, "an object"), ("attack", dict, "an object"),
                             ("purify", dict, "an object"), ("results", dict, "an object"),
-                            ("attack_gradient", str, "a name"), ("device", str, "a name")):
+                            ("attack_gradient", str, "a name"), ("device", str, "a name"),
+                            ("model_sha256", str, "a hex digest")):
         if session.get(key) is not None and not isinstance(session[key], kind):
             raise SessionError(f"{path}: the session's {key!r} must be {what}, not {session[key]!r:.60}")
     binarize = session.get("attack_binarize")

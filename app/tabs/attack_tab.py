@@ -114,14 +114,16 @@ class AttackTab(QWidget):
         self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
 
     def begin(self, x: np.ndarray, source: str, iterations: int, binarize: float | None = None,
-              settings: dict | None = None, known_class: int | None = None) -> None:
+              settings: dict | None = None, known_class: int | None = None, of_input: bool = False,
+              path: str = "") -> None:
         """A new attack on ``x`` (C, H, W) of ``iterations`` iterations in all, against a
         defense that binarises its input at ``binarize`` (None: it does not); ``settings``:
         the run's, as a session records them; ``known_class``: the label of ``x`` when known
-        (else the attacked model's prediction on it is the label)."""
+        (else the attacked model's prediction on it is the label); ``of_input``: ``x`` is the
+        window's input; ``path``: the file ``x`` came from (export never overwrites it)."""
         self.binarize = binarize
         self.defense_name = "the full RDC" if binarize is None else f"the full RDC on the input binarised at {binarize:.2f}"
-        self.state.begin_attack(source, settings, known_class)
+        self.state.begin_attack(source, settings, known_class, of_input, path)
         self.plot.reset(x_extent=iterations)
         for v in (self.view_adversarial, self.view_purified):
             v.set_image(None)
@@ -171,11 +173,13 @@ class AttackTab(QWidget):
         self._set_verdict(verdict, GOOD if outcome.defense_recovered[0] else BAD)
         if not self.state.attack.iterations and outcome.attack_succeeded[0]:
             # Square's initial stripes often fool a model outright, and a labelled image may be misclassified
-            # already: say why the plot is empty
-            already = int(outcome.attacked_prediction[0]) != label and self.state.attack.known_class is not None
-            self.plot.set_message("No iteration ran: " + ("the attacked model misclassifies this labelled image "
-                                  "already." if already else "the attack's starting point already fooled the "
-                                  "attacked model."))
+            # already: say why the plot is empty. Only the clean image's prediction tells the two apart (the
+            # adversarial one is wrong in both cases).
+            clean_correct = getattr(outcome, "clean_correct", None)
+            already = clean_correct is not None and not bool(clean_correct[0])
+            self.plot.set_message("No iteration ran: " + ("the attacked model misclassifies this "
+                                  f"{'labelled ' if self.state.attack.known_class is not None else ''}image already."
+                                  if already else "the attack's starting point already fooled the attacked model."))
         self.purify_button.setEnabled(True)
 
     def stopped(self) -> None:
@@ -189,7 +193,8 @@ class AttackTab(QWidget):
         outcome = self.state.attack.outcome
         if outcome is None:
             return
-        caption, known = f"adversarial ({self.state.attack.source})", self.state.attack.known_class
+        # the caption names its origin by id: two images of one caption stay apart in a CSV export
+        caption, known = f"adversarial ({self.state.attack.image_id})", self.state.attack.known_class
         if self.binarize is None:
             self.purify_requested.emit(outcome.adversarial[0], caption, known)
         else:  # what the defense purified: the binarised image

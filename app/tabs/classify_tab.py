@@ -15,6 +15,7 @@ from ..widgets.probability_bars import ProbabilityBars
 
 
 CLASSIFYING = "Classifying…"
+NO_IMAGE = "Drop an image to classify it"
 
 
 class ClassifyTab(QSplitter):
@@ -41,8 +42,11 @@ class ClassifyTab(QSplitter):
         self.setSizes([360, 360])
 
     def set_classes(self, classes: list[str]) -> None:
+        """Another model: its classes, and no result of the old one on show (verdict, OOD score)."""
         self.bars.set_classes(classes)
+        self.bars.set_probabilities(None, text=NO_IMAGE)
         self.curves.set_classes(classes)
+        self.ood.clear_score()
 
     def begin(self, levels: int, settings: dict | None = None) -> None:
         """A new classification of ``levels`` noise levels with classifier ``settings``."""
@@ -64,8 +68,10 @@ class ClassifyTab(QSplitter):
         measured = [~np.isnan(r.level_errors[0]).all(axis=0) for r in records]
         self.state.add_classification(records, measured)
         self.curves.add_points([r.levels_done for r in records], [r.logits[0] for r in records], measured)
-        self.bars.set_probabilities(last.probabilities[0], final=last.levels_done == last.total_levels,
-                                    known_class=self.state.image_known_class)
+        final = last.levels_done == last.total_levels
+        if final:  # the classification is done here: the OOD score that may follow only adds to it
+            self.state.finish_classification(last)
+        self.bars.set_probabilities(last.probabilities[0], final=final, known_class=self.state.image_known_class)
         return last.levels_done
 
     def finish(self, final: ClassifyStep) -> None:
@@ -78,3 +84,16 @@ class ClassifyTab(QSplitter):
             self.bars.verdict.setText(f"Stopped. {text}")
         elif text == CLASSIFYING:
             self.bars.verdict.setText("Stopped before the first noise level")
+        elif self.state.probabilities is not None and self.state.classification.ood is None and not self.ood.text():
+            self.ood.clear_score("OOD score: stopped before it was computed")
+
+    def failed(self) -> None:
+        """The classification ended with an error: never leave it looking as if it still ran."""
+        text = self.bars.verdict.text()
+        if self.state.probabilities is not None:  # only the OOD score failed
+            if not self.ood.text():
+                self.ood.clear_score("OOD score failed (see the message)")
+        elif text.startswith("Leading"):
+            self.bars.verdict.setText(f"Failed (see the message). {text}")
+        else:
+            self.bars.set_probabilities(None, text="Classification failed (see the message)")

@@ -91,8 +91,11 @@ class PurifyTab(QWidget):
         self.view.title.setText(f"<b>{PURIFIED_TITLE}</b>")
         self._enable_replay(False)
 
-    def begin(self, source: str, steps: int, settings: dict | None = None, known_class: int | None = None) -> None:
-        self.state.begin_purification(source, settings, known_class)
+    def begin(self, source: str, steps: int, settings: dict | None = None, known_class: int | None = None,
+              of_input: bool = False, path: str = "") -> None:
+        """A new purification of ``steps`` steps of the image captioned ``source`` (the input
+        when ``of_input``; ``path``: the file it came from)."""
+        self.state.begin_purification(source, settings, known_class, of_input, path)
         self.curves.reset(x_extent=steps)
         self.objective_plot.reset(x_extent=steps)
         self._enable_replay(False)
@@ -129,15 +132,20 @@ class PurifyTab(QWidget):
             self._enable_replay(True)
             self._on_scrubber_value_changed(len(self.records) - 1)
 
-    def stopped(self) -> None:
+    def stopped(self, how: str = "Stopped") -> None:
+        """The run ended early (``how``: ``"Stopped"``, or ``"Failed"`` after an error)."""
         done = self.records[-1].step if self.records else 0
-        self.view.title.setText(f"<b>Stopped: {self.state.purification.source}</b>")
+        title = f"<b>{how}: {self.state.purification.source}</b>"
+        self.view.title.setText(title)
         if self.records:  # the steps made can be replayed (and attacked)
             self.finish(self.records)
-            self.view.title.setText(f"<b>Stopped: {self.state.purification.source}</b>")
-            self.view.caption.setText(f"Stopped after step {done}; replay the steps made below.")
+            self.view.title.setText(title)
+            self.view.caption.setText(f"{how} after step {done}; replay the steps made below.")
         else:  # nothing of this run to show: not the last run's image either
-            self.view.set_image(None, "Stopped before the first step.")
+            self.view.set_image(None, f"{how} before the first step.")
+
+    def failed(self) -> None:
+        self.stopped("Failed")
 
     def _show_record(self, record: PurifyStep) -> None:
         probs = np.exp(record.logits[0] - record.logits[0].max())
@@ -160,5 +168,6 @@ class PurifyTab(QWidget):
         if 0 <= index < len(self.records):
             record = self.records[index]
             what = "unpurified" if record.step == 0 else f"purified, step {record.step}"
-            self.attack_requested.emit(record.image[0], f"{what} ({self.state.purification.source})",
+            # the caption names its origin by id: two images of one caption stay apart in a CSV export
+            self.attack_requested.emit(record.image[0], f"{what} ({self.state.purification.image_id})",
                                        self.state.purification.known_class)

@@ -245,7 +245,7 @@ def test_exports_and_session_round_trip(qtbot, window, digit_png, tmp_path, tiny
     rows = list(csv.DictReader(open(table)))
     probs = [float(r["value"]) for r in rows if r["kind"] == "probability"]
     assert len(probs) == 10 and abs(sum(probs) - 1) < 1e-5
-    assert {r["image"] for r in rows if r["kind"] in ("attack_loss", "probability")} == {window.image_source}
+    assert {r["image"] for r in rows if r["kind"] in ("attack_loss", "probability")} == {f"#1 {window.image_source}"}
     verdict = [r for r in rows if r["kind"] == "attack_succeeded"]
     assert [int(r["value"]) for r in verdict] == [int(window.last_outcome.attack_succeeded[0])]
     assert window.save_session(str(sess))
@@ -357,7 +357,9 @@ def test_a_labelled_image_is_attacked_with_its_label_through_purify_and_attack(q
         assert other.open_session(str(sess))
     assert other.state.image_known_class == label
     saved = "succeeded" if again.args[0].attack_succeeded[0] else "failed"
-    assert f"The session's attack on labelled {label} {saved}" in other.message_label.toolTip()
+    # the last attack was of the purified image, not of the session's image: it is not passed off as that
+    assert (f"last attack was of another image (purified, step 1 (adversarial (#1 digit))): it {saved}"
+            in other.message_label.toolTip())
     other.runner.shutdown()
     # an image of unknown class is attacked with the attacked model's prediction
     with qtbot.waitSignal(window.classification_finished, timeout=30000):

@@ -33,7 +33,8 @@ def test_session_state_notifies_and_exports():
     assert events == ["image", "classification", "classification", "classification"]
     rows = state.csv_rows()
     assert CSV_HEADER == ["image", "kind", "step", "class", "value"]
-    assert [r[:2] for r in rows] == [["zeros", "probability"]] * 2 + [["zeros", "classify_logit"]] * 2
+    # the input's id: its serial and caption
+    assert [r[:2] for r in rows] == [["#1 zeros", "probability"]] * 2 + [["#1 zeros", "classify_logit"]] * 2
     assert state.results()["probabilities"] == pytest.approx(list(probs[0]))
     state.set_image(np.ones((1, 2, 2), np.float32), "ones")
     assert state.probabilities is None and state.image_path == ""
@@ -226,7 +227,7 @@ def test_csv_says_which_image_each_result_is_of_and_gives_the_attack_verdict():
 
     state = SessionState(["a", "b"])
     state.set_image(np.zeros((1, 2, 2), np.float32), "first.png")
-    state.begin_attack("first.png")
+    state.begin_attack("first.png", of_input=True)
     one = np.ones(1)
     state.add_attack([AttackStep(iteration=1, total_iterations=1, restart=0, loss=one * 2.0, margin=one * -0.5,
                                  prediction=np.array([1]), linf=one * 0.1, l2=one * 0.5,
@@ -236,9 +237,14 @@ def test_csv_says_which_image_each_result_is_of_and_gives_the_attack_verdict():
                                        attacked_prediction=np.array([1]), defense_probabilities=np.array([[0.3, 0.7]]),
                                        attack_succeeded=np.array([True]), defense_recovered=np.array([False]),
                                        linf=one * 0.1, l2=one * 0.5))
-    state.set_image(np.ones((1, 2, 2), np.float32), "second.png")
+    assert state.attack_is_of_input
+    state.set_image(np.ones((1, 2, 2), np.float32), "first.png")  # another image of the same name
+    assert not state.attack_is_of_input and state.image_id == "#2 first.png"
     rows = {(r[0], r[1], r[3]): r[4] for r in state.csv_rows()}
-    assert rows == {("first.png", "attack_loss", ""): 2.0, ("first.png", "attack_margin", ""): -0.5,
-                    ("first.png", "attack_succeeded", "a"): 1, ("first.png", "defense_recovered", "a"): 0,
-                    ("first.png", "attack_linf", ""): 0.1, ("first.png", "attack_l2", ""): 0.5,
-                    ("first.png", "defense_probability", "a"): 0.3, ("first.png", "defense_probability", "b"): 0.7}
+    first = "#1 first.png"  # ids tell apart what captions cannot
+    assert rows == {(first, "attack_loss", ""): 2.0, (first, "attack_margin", ""): -0.5,
+                    (first, "attack_label_known", "a"): 0,
+                    (first, "attack_succeeded", "a"): 1, (first, "defense_recovered", "a"): 0,
+                    (first, "attack_linf", ""): 0.1, (first, "attack_l2", ""): 0.5,
+                    (first, "defense_probability", "a"): 0.3, (first, "defense_probability", "b"): 0.7}
+    assert state.results()["attack"]["of_input"] is False and state.results()["attack"]["source"] == "first.png"
