@@ -28,7 +28,9 @@ robustness table: a JSON list of rows, one per defense and threat model, each wi
 (fractions), ``ci95`` (95% Wilson interval of ``robust``), ``attacks`` (the ensemble's
 attacks, in order), ``grad_modes``, ``model`` and ``model_sha256`` (the checkpoint the
 defense used: the CNN's for CNN rows), ``command``, ``hardware`` and ``seconds_per_image``,
-plus ``key``, ``label``, ``date``, ``settings_sha256`` (DC and RDC rows: the digest of the
+plus ``key``, ``label``, ``date``, ``attack_revision`` (the oldest ``core.attacks.ATTACK_REVISION``
+among the row's reports; rows written before it existed have none and were made by 1),
+``settings_sha256`` (DC and RDC rows: the digest of the
 model card's classifier and purification settings the defense was built with,
 :func:`core.models.defense_settings_sha256`), ``masking_checks`` (null when no run has checked
 that measurement; a later run without checks keeps the earlier verdicts) and, for the RDC, ``per_grad_mode``. The RDC row is the per-example worst case over the
@@ -1025,6 +1027,7 @@ def single_result_row(row: Row, ev: Evaluation, report: dict[str, Any], model: s
             "grad_modes": [grad], "model": model, "model_sha256": sha256, "command": made_by(ev, report),
             "hardware": report_hardware(report),
             "seconds_per_image": report["table_timing"]["seconds_per_image"], "date": time.strftime("%Y-%m-%d"),
+            "attack_revision": report.get("attack_revision", 1),
             **extra, "masking_checks": masking_summary(checks, [row.key], check_n)}
 
 
@@ -1069,6 +1072,7 @@ def rdc_result_row(parts: list[tuple[Row, Evaluation, dict[str, Any]]], model: s
             "command": [made_by(ev, rep) for _, ev, rep in parts], "hardware": "; ".join(hardware),
             "seconds_per_image": sum(rep["table_timing"]["seconds_per_image"] for _, _, rep in parts),
             "date": time.strftime("%Y-%m-%d"), "settings_sha256": settings,
+            "attack_revision": min(rep.get("attack_revision", 1) for _, _, rep in parts),
             "masking_checks": masking_summary(checks, [r.key for r, _, _ in parts], check_n),
             "per_grad_mode": {run["label"]: run["robust_acc_on_common"] for run in worst["runs"]}}
 
