@@ -7,6 +7,7 @@ import math
 import numbers
 import platform
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -107,6 +108,9 @@ class ExampleResult:
     broken_by: str | None = None  # ensemble: "clean", the attack that broke it, or None (robust)
     # its batch's wall time / batch size (None in states written before timings); not part of the result
     seconds: float | None = field(default=None, compare=False)
+    # core.attacks.ATTACK_REVISION of the code that attacked it (None: a state line written before
+    # lines recorded it, counted as revision 1); not part of the result
+    attack_revision: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True)
@@ -187,6 +191,8 @@ class EvalReport:
     attack_seconds_this_run: dict[str, float] | None = None
     attack_forward_passes_this_run: dict[str, int] | None = None
     attack_revision: int | None = None  # core.attacks.ATTACK_REVISION of the code that attacked (None: before 2)
+    # examples per revision, when a resumed state mixes examples attacked by different revisions
+    examples_per_attack_revision: dict[str, int] | None = None
 
     @property
     def attacked(self) -> bool:
@@ -213,6 +219,8 @@ class EvalReport:
             d["seeds"] = self.seeds
         if self.attack_revision is not None:
             d["attack_revision"] = self.attack_revision
+        if self.examples_per_attack_revision is not None:
+            d["examples_per_attack_revision"] = dict(self.examples_per_attack_revision)
         if ensemble:
             d["per_attack"] = [asdict(row) for row in self.per_attack]
             d["per_example_columns"] = list(PER_EXAMPLE_COLUMNS)
@@ -271,8 +279,10 @@ def _attack_batches(model: torch.nn.Module, dataset: TensorDataset, indices: lis
                     skip: set[int] | frozenset, cancelled: Callable[[], bool],
                     attack_batch: Callable) -> Iterator[RobustEvalStep]:
     """The batch loop of :func:`evaluate_attack` and :func:`evaluate_ensemble`: ``attack_batch(x, y,
-    batch)`` returns the :class:`ExampleResult` fields of each example (without the seconds) and the
-    batch's per-attack seconds and passes, or None when cancelled."""
+    batch)`` returns the :class:`ExampleResult` fields of each example (without the seconds and the
+    attack revision) and the batch's per-attack seconds and passes, or None when cancelled."""
+    from .attacks.base import ATTACK_REVISION
+
     device = module_device(model)
     todo = [i for i in indices if i not in skip]
     start = time.perf_counter()
@@ -289,7 +299,8 @@ def _attack_batches(model: torch.nn.Module, dataset: TensorDataset, indices: lis
         rows, seconds, queries = out
         each = (time.perf_counter() - batch_start) / len(batch)
         done += len(batch)
-        yield RobustEvalStep(done, len(indices), tuple(ExampleResult(*row, seconds=each) for row in rows),
+        yield RobustEvalStep(done, len(indices),
+                             tuple(ExampleResult(*row, seconds=each, attack_revision=ATTACK_REVISION) for row in rows),
                              time.perf_counter() - start, seconds, queries)
 
 
@@ -421,7 +432,8 @@ def with_follow_up(report: dict[str, Any], follow_up: dict[str, Any], label: str
     (one the follow-up finds misclassified unperturbed is broken: a distance-0 example);
     ``robust_acc`` and ``robust_ci95`` are recounted over ``report``'s examples and the
     examples the follow-up broke get ``broken_by`` = ``label``. The per-attack table, when
-    there is one, is dropped (it describes ``report``'s ensemble alone).
+    there is one, is dropped (it describes ``report``'s ensemble alone); ``attack_revision`` is
+    the older of the two.
 
     Raises
     ------
@@ -443,7 +455,9 @@ def with_follow_up(report: dict[str, Any], follow_up: dict[str, Any], label: str
                        label if r.robust_correct and r.index in broken else r.broken_by)
             for r in base_rows.values()]
     n, robust = len(rows), sum(r.robust_correct for r in rows)
-    merged = {k: v for k, v in report.items() if k != "per_attack"}
+    merged = {k: v for k, v in report.items() if k not in ("per_attack", "examples_per_attack_revision")}
+    if "attack_revision" in report or "attack_revision" in follow_up:  # the oldest (reports before 2 had none)
+        merged["attack_revision"] = min(report.get("attack_revision", 1), follow_up.get("attack_revision", 1))
     merged.update({"robust_acc": robust / max(1, n), "robust_ci95": list(wilson_interval(robust, n)),
                    "per_example": [[r.index, r.label, int(r.clean_correct), int(r.robust_correct), r.broken_by]
                                    for r in rows],
@@ -550,6 +564,9 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
     # examples from a state written before timings existed are left out of the average
     timed = [r.seconds for r in results if r.seconds is not None]
     per_image = sum(timed) / len(timed) if timed else seconds / max(1, n)
+    # a resumed state can hold examples attacked by an older revision of the attacks: the report
+    # claims the oldest, and says how many examples each revision attacked
+    per_revision = Counter(r.attack_revision or 1 for r in results)
     report = EvalReport(
         clean_acc=clean / max(1, n), robust_acc=robust / max(1, n), n=n, ci95=list(wilson_interval(clean, n)),
         robust_ci95=list(wilson_interval(robust, n)), seconds=seconds, seconds_per_image=per_image,
@@ -560,7 +577,9 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
         max_linf=max((r.linf for r in results), default=0.0), max_l2=max((r.l2 for r in results), default=0.0),
         examples=[ExampleRow(r.index, r.label, r.clean_correct, r.robust_correct, r.broken_by) for r in results],
         model=model, settings=settings, hardware=hardware_description(), seeds=seeds,
-        attack_revision=ATTACK_REVISION)
+        attack_revision=min(per_revision, default=ATTACK_REVISION),
+        examples_per_attack_revision=({str(k): per_revision[k] for k in sorted(per_revision)}
+                                      if len(per_revision) > 1 else None))
     if attacks is not None:
         table = attack_table(results, attacks)
         if table and table[-1].robust_acc != report.robust_acc:
@@ -604,6 +623,11 @@ def robust_log(report: EvalReport | dict[str, Any]) -> str:
         lines.append(f"attack: {st.get('attack')} {json.dumps(att, sort_keys=True)}")
     if "seeds" in report:
         lines.append(f"seeds: {json.dumps(report['seeds'], sort_keys=True)}")
+    if "attack_revision" in report:
+        mixed = report.get("examples_per_attack_revision")
+        lines.append(f"attack revision: {report['attack_revision']}" + (
+            f" (the oldest; examples per revision: "
+            f"{', '.join(f'{k}: {v}' for k, v in mixed.items())})" if mixed else ""))
     clean = report["clean_acc"]
     lines.append(f"clean accuracy: {pct(clean)} {ci(report['ci95'])}")
     seconds = report.get("attack_seconds_this_run", {})
@@ -784,8 +808,9 @@ class ResumeState:
                 row = asdict(r)
                 if row["broken_by"] is None:  # single attacks keep their old line format
                     del row["broken_by"]
-                if row["seconds"] is None:
-                    del row["seconds"]
+                for optional in ("seconds", "attack_revision"):
+                    if row[optional] is None:
+                        del row[optional]
                 f.write(json.dumps(row) + "\n")
                 self.results[r.index] = r
             f.flush()

@@ -175,6 +175,32 @@ def test_the_state_reader_and_the_resuming_run_read_the_same_examples(tmp_path):
     assert path.read_text().endswith("\n")  # the cut-off line is ended before the next append
 
 
+def test_a_resumed_state_says_which_revision_of_the_attacks_made_each_example(tmp_path):
+    """State lines record the attack revision; a state mixing lines of an older revision (or
+    lines written before lines recorded it, counted as revision 1) gives a report that claims
+    the oldest revision and counts the examples of each."""
+    from rdc_studio.core.attacks import ATTACK_REVISION
+    from rdc_studio.core.evaluate import ExampleResult, ResumeState, read_state_file, robust_log, robust_report
+
+    path = tmp_path / "run.state.jsonl"
+    settings = {"attack": "apgd-ce", "n": 3, "shard": [0, 1]}
+    state = ResumeState(path, settings)
+    state.add([ExampleResult(0, 7, True, True, 0.1, 1.0, 20),  # as written before revisions were recorded
+               ExampleResult(1, 2, True, False, 0.1, 1.2, 9, attack_revision=ATTACK_REVISION)])
+    state.close()
+    lines = [json.loads(line) for line in path.read_text().splitlines()[1:]]
+    assert "attack_revision" not in lines[0] and lines[1]["attack_revision"] == ATTACK_REVISION
+    results = read_state_file(path).results
+    assert results[0].attack_revision is None and results[1].attack_revision == ATTACK_REVISION
+    mixed = robust_report(list(results.values()), 1.0, {"name": "m"}, {"attack": "apgd-ce"}).to_dict()
+    assert mixed["attack_revision"] == 1
+    assert mixed["examples_per_attack_revision"] == {"1": 1, str(ATTACK_REVISION): 1}
+    assert f"attack revision: 1 (the oldest; examples per revision: 1: 1, {ATTACK_REVISION}: 1)" in robust_log(mixed)
+    current = robust_report([results[1]], 1.0, {"name": "m"}, {"attack": "apgd-ce"}).to_dict()
+    assert current["attack_revision"] == ATTACK_REVISION and "examples_per_attack_revision" not in current
+    assert f"attack revision: {ATTACK_REVISION}\n" in robust_log(current)
+
+
 def test_indices_are_read_and_written_as_lists_and_ranges():
     import pytest
 
@@ -206,6 +232,12 @@ def test_a_follow_up_can_only_break_examples_the_report_left_robust():
     assert [e[4] for e in merged["per_example"]] == ["follow-up", "apgd-ce", None, "clean", None]
     assert merged["robust_acc"] == 0.4 and merged["robust_ci95"] == list(wilson_interval(2, 5))
     assert "per_attack" not in merged and merged["n"] == 5 and base["per_example"][0][3] == 1  # base untouched
+    assert "attack_revision" not in merged  # neither report recorded one
+    # the merged report claims the older revision of the attacks (a report without one is revision 1)
+    assert with_follow_up(base | {"attack_revision": 2}, follow | {"attack_revision": 2})["attack_revision"] == 2
+    assert with_follow_up(base, follow | {"attack_revision": 2})["attack_revision"] == 1
+    assert with_follow_up(base | {"attack_revision": 2, "examples_per_attack_revision": {"1": 1, "2": 4}},
+                          follow | {"attack_revision": 1}) == merged | {"attack_revision": 1}
     # a follow-up never makes a broken example robust again
     assert with_follow_up(base, _report("bpda", [[1, 2, 1, 1]]))["robust_acc"] == 0.6
     with pytest.raises(ValueError, match="does not have: 9"):
