@@ -84,14 +84,6 @@ class _StopOnSignals:
                     raise
 
 
-def _check_output_is_not_input(out: str | None, image: str) -> None:
-    """Refuse ``--out`` naming the input image before any work is done."""
-    from .images import same_file
-
-    if out and same_file(out, image):
-        raise SystemExit(f"rdc: error: --out {out} is the input image; choose another file")
-
-
 def _check_output_files(args: argparse.Namespace, *names: str, inputs: Sequence[str] = ()) -> None:
     """Refuse, before any work is done, output options that name a folder, that cannot be
     written (a file where a folder must be, a folder without write permission), that name
@@ -126,12 +118,13 @@ def _check_writable_folder(option: str, value: str, folder: Path) -> None:
         raise SystemExit(f"rdc: error: {option} {value}: no permission to write in {existing}")
 
 
-def _check_png_output(args: argparse.Namespace) -> None:
-    """``--out`` of a command that writes the image it makes: a PNG file, not the input."""
-    _check_output_files(args, "out")
+def _check_png_output(args: argparse.Namespace, *other_outputs: str) -> None:
+    """The outputs of a command that reads ``args.image`` and writes the image it makes
+    (``--out``: a PNG file) and ``other_outputs``: :func:`_check_output_files`, with the input
+    image as the input."""
+    _check_output_files(args, "out", *other_outputs, inputs=[args.image])
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise SystemExit(f"rdc: error: --out {args.out}: images are written as lossless PNG; name a .png file")
-    _check_output_is_not_input(args.out, args.image)
 
 
 def _check_class_index(option: str, value: int | None, classes: list[str]) -> None:
@@ -387,12 +380,6 @@ def _warn_ignored_defense_options(args: argparse.Namespace) -> None:
               f"are the RDC's, through its purification); ignored", file=sys.stderr)
 
 
-def _option_given(option: str) -> bool:
-    """Whether the command line holds ``option`` (or an abbreviation argparse took for it)."""
-    return any(token.startswith("--") and len(token.split("=", 1)[0]) > 2 and option.startswith(token.split("=", 1)[0])
-               for token in _ARGV)
-
-
 def _add_classifier_args(p: argparse.ArgumentParser, steps_alias: bool = False) -> None:
     """The model, device, thread and classifier options (``steps_alias``: also accept the
     deprecated ``--steps`` for ``--levels``)."""
@@ -627,7 +614,8 @@ def _eval_config(args: argparse.Namespace):
         raise SystemExit(f"rdc: error: --{exc}") from None
     return EvalConfig(dataset=args.dataset, split=args.split, n=args.n, indices=indices, data_root=args.data_root,
                       defense=args.defense, attack=args.attack, norm=args.norm, eps=parse_fraction(args.eps, "--eps"),
-                      steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed, targets=args.targets,
+                      steps=args.steps, restarts=args.restarts, eot=args.eot, seed=args.seed,
+                      targets=9 if args.targets is None else args.targets,
                       square_queries=args.square_queries, p_init=args.p_init, grad=args.grad, cnn=args.cnn,
                       binarize=args.binarize, batch_size=args.batch_size, state=args.state, command=_command_line())
 
@@ -640,7 +628,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     _check_output_files(args, "out", "log", "state")
     _warn_ignored_defense_options(args)
-    if args.attack not in ("ensemble", "apgd-t") and _option_given("--targets"):
+    if args.attack not in ("ensemble", "apgd-t") and args.targets is not None:
         print(f"rdc: warning: --targets applies to the ensemble and apgd-t, not {args.attack}; ignored",
               file=sys.stderr)
     _setup_threads(args)
@@ -823,18 +811,9 @@ def _purify_settings(model, args: argparse.Namespace):
         raise SystemExit(f"rdc: error: purification settings: {exc}") from None
 
 
-def _load_image_tensor(path: str, image_size: int, channels: int) -> torch.Tensor:
-    from .images import ImageLoadError, load_for_model
-
-    try:
-        return torch.from_numpy(load_for_model(path, image_size, channels)).unsqueeze(0)
-    except ImageLoadError as exc:
-        raise SystemExit(f"rdc: error: {exc}") from None
-
-
-def _load_attack_input(path: str, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
-    """The image to attack, on the 8-bit grid, and what converting the file changed
-    (:func:`core.images.conversion_changes`; empty when the input is the file's pixels)."""
+def _load_input_image(path: str, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """The image a command works on (a batch of one, on the 8-bit grid) and what converting
+    the file changed (:func:`core.images.conversion_changes`; empty when it is the file's pixels)."""
     from .images import ImageLoadError, conversion_changes, convert_image, load_image
 
     try:
@@ -842,7 +821,7 @@ def _load_attack_input(path: str, image_size: int, channels: int) -> tuple[torch
         arr = convert_image(img, image_size, channels)
     except ImageLoadError as exc:
         raise SystemExit(f"rdc: error: {exc if str(path) in str(exc) else f'{path}: {exc}'}") from None
-    x = torch.round(torch.from_numpy(arr).unsqueeze(0) * 255) / 255  # the attacks work on the 8-bit grid
+    x = torch.round(torch.from_numpy(arr).unsqueeze(0) * 255) / 255  # as a PNG holds it; the attacks work on this grid
     return x, conversion_changes(img, arr)
 
 
@@ -854,7 +833,7 @@ def cmd_purify(args: argparse.Namespace) -> int:
     _check_png_output(args)
     _setup_threads(args)
     model, clf = _load(args)
-    x = _load_image_tensor(args.image, model.net.config.image_size, model.net.config.in_channels).to(clf.device)
+    x = _load_input_image(args.image, model.net.config.image_size, model.net.config.in_channels)[0].to(clf.device)
     lm = build_maximizer(model, _purify_settings(model, args))
     stop = _StopOnSignals()
     steps = []
@@ -958,8 +937,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from .models import atomic_write_json
     from .runtime import time_left_text
 
-    _check_png_output(args)
-    _check_output_files(args, "out", "report", inputs=[args.image])
+    _check_png_output(args, "report")
     method, loss = NAMED_ATTACKS[args.attack]
     if args.target is not None and loss != "dlr-targeted":
         raise SystemExit(f"rdc: error: --target applies to the targeted attack (apgd-t), not {args.attack}")
@@ -985,7 +963,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
         defense = _build_defense(args.defense, model, clf, args)
     _check_class_index("--label", args.label, classes)
     _check_class_index("--target", args.target, classes)
-    x, changes = _load_attack_input(args.image, image_size, channels)
+    x, changes = _load_input_image(args.image, image_size, channels)
     x = x.to(device)
     if changes:
         print(f"rdc: warning: {args.image} was converted for the model ({'; '.join(changes)}): the adversarial "
@@ -1236,8 +1214,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "transfer attack from --cnn, each on the examples still unbroken (AutoAttack style); "
                         "transfer: the ensemble's transfer attack alone (APGD-CE crafted on --cnn); or one attack")
     _add_attack_args(p)
-    p.add_argument("--targets", type=whole_number(1), default=9,
-                   help="ensemble: target classes of targeted APGD-DLR (the top runner-up classes)")
+    p.add_argument("--targets", type=whole_number(1), default=None,
+                   help="ensemble and apgd-t: target classes of targeted APGD-DLR (the top runner-up "
+                        "classes; default 9)")
     p.add_argument("--square-queries", type=whole_number(1), default=None,
                    help="Square iterations (default: 5000 in the ensemble, --steps for --attack square)")
     p.add_argument("--cnn", default="mnist-cnn",

@@ -218,7 +218,7 @@ def test_purify_writes_png_and_never_touches_input(tiny_checkpoint, digit_png, t
     assert [s["step"] for s in rep["steps"]] == [0, 1, 2, 3]
     assert max(s["linf"] for s in rep["steps"]) <= 8 / 255 + 1e-6
     assert Image.open(out).size == (28, 28) and digit_png.read_bytes() == before
-    with pytest.raises(SystemExit, match="is the input image"):  # refused before the work
+    with pytest.raises(SystemExit, match="--out .* is an input of this command"):  # refused before the work
         main(["purify", str(digit_png), "--model", str(tiny_checkpoint), "--levels", "2", "--out", str(digit_png)])
 
 
@@ -754,8 +754,8 @@ def test_the_stop_scope_ends_its_block_on_its_own_stop_only():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["purify", "{img}", "--out", "{img}"], "is the input image"),
-    (["attack", "{img}", "--defense", "dc", "--steps", "1", "--out", "{img}"], "is the input image"),
+    (["purify", "{img}", "--out", "{img}"], "is an input of this command"),
+    (["attack", "{img}", "--defense", "dc", "--steps", "1", "--out", "{img}"], "is an input of this command"),
     (["attack", "{img}", "--defense", "dc", "--steps", "1", "--label", "11"], "--label 11 is not a class"),
     (["attack", "{img}", "--defense", "dc", "--attack", "apgd-t", "--steps", "1", "--target", "-1"],
      "--target -1 is not a class"),
@@ -991,3 +991,15 @@ def test_eval_apgd_t_tries_every_target_class_it_is_given(tiny_cnn, tmp_path):
     survivors = sum(1 for row in reports[1]["per_example"] if row[3])
     assert reports[3]["robust_acc"] <= reports[1]["robust_acc"]
     assert survivors == 0 or passes[3] > passes[1]  # the survivors of the first target got two more
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_warns_about_targets_only_when_they_are_given_to_an_attack_without_targets(tiny_cnn, tmp_path, capsys):
+    base = ["eval", "--defense", "cnn", "--cnn", str(tiny_cnn), "--eps", "0.05", "--steps", "1", "--n", "2",
+            "--threads", "1", "--device", "cpu"]
+    assert main(base + ["--attack", "apgd-ce", "--targ", "3", "--out", str(tmp_path / "a.json")]) == 0
+    assert "--targets applies to the ensemble and apgd-t, not apgd-ce; ignored" in capsys.readouterr().err
+    assert main(base + ["--attack", "apgd-ce", "--out", str(tmp_path / "b.json")]) == 0
+    assert "--targets" not in capsys.readouterr().err
+    assert main(base + ["--attack", "apgd-t", "--out", str(tmp_path / "c.json")]) == 0
+    assert json.loads((tmp_path / "c.json").read_text())["settings"]["ensemble"]["targets"] == 9  # the default
