@@ -30,7 +30,7 @@ from ..core.models import (DEFAULT_MODEL, CheckpointError, LoadedModel, file_sha
                            load_checkpoint, resolve_model_path, resource_dir)
 
 from .jobs import attack_job, classify_job, purify_job, sample_job
-from .session_state import CSV_HEADER, SessionState
+from .session_state import CSV_HEADER, SessionState, saved_results
 from .tabs.attack_tab import AttackTab
 from .tabs.classify_tab import ClassifyTab
 from .tabs.purify_tab import PurifyTab
@@ -697,7 +697,8 @@ class MainWindow(QMainWindow):
             self.open_session(path)
 
     def open_session(self, path: str) -> bool:
-        """Restore a saved session and re-run its classification."""
+        """Restore a saved session: its settings and image, whose classification runs again,
+        and the attack and purification it holds, shown as they ended."""
         try:  # everything is checked before anything changes
             session = load_session(path)
             classifier, attack, purify = session_settings(session)
@@ -713,6 +714,11 @@ class MainWindow(QMainWindow):
         if image.shape != (cfg.in_channels, cfg.image_size, cfg.image_size):
             self.show_error("Cannot open session", f"{path}: image shape {image.shape} does not fit the model "
                             f"{model.name} ({cfg.in_channels}, {cfg.image_size}, {cfg.image_size})")
+            return False
+        try:  # the attack and purification it holds, checked against the model before anything changes
+            saved = saved_results(session.get("results") or {}, model.classes, image.shape)
+        except SessionError as exc:
+            self.show_error("Cannot open session", f"{path}: {exc}")
             return False
         if model is not self.model:
             self._switch_model(model)
@@ -735,6 +741,7 @@ class MainWindow(QMainWindow):
         known = session["image"].get("known_class")  # absent in older sessions: unknown
         known = known if type(known) is int and 0 <= known < len(self.model.classes) else None
         self.set_image(image, str(session["image"].get("source", Path(path).name)), known_class=known)
+        self.state.restore(saved)  # after the image: an attack of the session's image is one of this input
         self._classify_note = saved_attack_note((session.get("results") or {}).get("attack"), self.model.classes)
         return True
 

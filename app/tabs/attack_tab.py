@@ -57,8 +57,8 @@ class AttackTab(QWidget):
     def __init__(self, state: SessionState, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state
-        self.binarize: float | None = None
-        self.defense_name = "the full RDC"
+        self.binarize: float | None = None  # the shown attack's defense binarises its input at this threshold
+        state.subscribe(self._on_state_changed)
         self.panel = AttackPanel(state.classes)
         self.panel.setMinimumWidth(200)
         self.panel.setMaximumWidth(270)
@@ -109,6 +109,38 @@ class AttackTab(QWidget):
         self.purify_button.setEnabled(False)
         self._set_verdict("Run an attack to see the verdict", NEUTRAL)
 
+    @property
+    def defense_name(self) -> str:
+        """The defense that gives the verdict, as the verdict names it."""
+        binarize = self.binarize
+        return "the full RDC" if binarize is None else f"the full RDC on the input binarised at {binarize:.2f}"
+
+    def _on_state_changed(self, event: str) -> None:
+        if event == "restored":
+            self.show_trace()
+
+    def show_trace(self) -> None:
+        """Draw the state's attack whole, as when its run ended (a reopened session's): its
+        curves, images and verdict, or that it stopped without one."""
+        trace = self.state.attack
+        self.reset()
+        settings = trace.settings or {}
+        self.binarize = settings.get("attack_binarize")
+        attack = settings.get("attack")
+        self.plot.reset(x_extent=attack["steps"] * attack["restarts"] if attack else None)
+        original = trace.outcome.clean[0] if trace.outcome is not None else trace.image
+        if original is None and not trace.iterations:
+            return
+        self.view_original.set_image(original, trace.source)
+        self.plot.extend("loss", trace.iterations, trace.loss)
+        self.plot.extend("margin", trace.iterations, trace.margin)
+        if trace.outcome is not None:
+            self._show_outcome()
+            return
+        if trace.latest is not None:
+            self._show_latest()
+        self.stopped()
+
     def _set_verdict(self, text: str, colour: str) -> None:
         self.verdict.setText(text)
         self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
@@ -122,8 +154,7 @@ class AttackTab(QWidget):
         (else the attacked model's prediction on it is the label); ``of_input``: ``x`` is the
         window's input; ``path``: the file ``x`` came from (export never overwrites it)."""
         self.binarize = binarize
-        self.defense_name = "the full RDC" if binarize is None else f"the full RDC on the input binarised at {binarize:.2f}"
-        self.state.begin_attack(source, settings, known_class, of_input, path)
+        self.state.begin_attack(source, settings, known_class, of_input, path, image=x)
         self.plot.reset(x_extent=iterations)
         for v in (self.view_adversarial, self.view_purified):
             v.set_image(None)
@@ -138,17 +169,28 @@ class AttackTab(QWidget):
         if not records:
             return -1
         self.state.add_attack(records)
-        trace, last = self.state.attack, records[-1]
+        trace = self.state.attack
         n = len(records)
         self.plot.extend("loss", trace.iterations[-n:], trace.loss[-n:])
         self.plot.extend("margin", trace.iterations[-n:], trace.margin[-n:])
-        self.view_adversarial.set_image(last.image[0], f"iteration {last.iteration}: predicted "
-                                        f"{self.state.classes[int(last.prediction[0])]}")
-        self.view_perturbation.set_perturbation(last.image[0] - self.view_original.image)
+        self._show_latest()
         return trace.iterations[-1]
+
+    def _show_latest(self) -> None:
+        """The state's latest iterate in the adversarial pane, and its perturbation."""
+        latest = self.state.attack.latest
+        self.view_adversarial.set_image(latest.image, f"iteration {latest.iteration}: predicted "
+                                        f"{self.state.classes[latest.prediction]}")
+        if self.view_original.image is not None:
+            self.view_perturbation.set_perturbation(latest.image - self.view_original.image)
 
     def finish(self, outcome: DefenseOutcome) -> None:
         self.state.finish_attack(outcome)
+        self._show_outcome()
+
+    def _show_outcome(self) -> None:
+        """The state's verdict: the adversarial and purified panes, the verdict line, the plot's note."""
+        outcome = self.state.attack.outcome
         classes = self.state.classes
         label = int(outcome.labels[0])
         adv_pred = int(outcome.attacked_prediction[0])

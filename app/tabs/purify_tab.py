@@ -32,6 +32,7 @@ class PurifyTab(QWidget):
     def __init__(self, state: SessionState, defaults: PurifySettings, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.state = state
+        state.subscribe(self._on_state_changed)
         self.panel = PurifyPanel(defaults)
         self.panel.setMinimumWidth(200)
         self.panel.setMaximumWidth(270)
@@ -85,11 +86,31 @@ class PurifyTab(QWidget):
     def set_classes(self, classes: list[str]) -> None:
         """Another model: its classes on the curves, and no result of the old one on show."""
         self.curves.set_classes(classes)
-        self.curves.reset()
-        self.objective_plot.reset()
+        self._clear()
+
+    def _clear(self, x_extent: int | None = None) -> None:
+        self.curves.reset(x_extent=x_extent)
+        self.objective_plot.reset(x_extent=x_extent)
         self.view.set_image(None)
         self.view.title.setText(f"<b>{PURIFIED_TITLE}</b>")
         self._enable_replay(False)
+
+    def _on_state_changed(self, event: str) -> None:
+        if event == "restored":
+            self.show_trace()
+
+    def show_trace(self) -> None:
+        """Draw the state's purification whole, as when its run ended (a reopened session's):
+        its curves and the replay of its steps, from the last."""
+        records = self.records
+        self._clear(records[-1].total_steps if records else None)
+        if not records:
+            return
+        self._draw(records)
+        if self.state.purification.finished:
+            self.finish(records)
+        else:
+            self.stopped()
 
     def begin(self, source: str, steps: int, settings: dict | None = None, known_class: int | None = None,
               of_input: bool = False, path: str = "") -> None:
@@ -107,12 +128,16 @@ class PurifyTab(QWidget):
         if not records:
             return -1
         self.state.add_purification(records)
+        self._draw(records)
+        self._show_record(records[-1])
+        return records[-1].step
+
+    def _draw(self, records: list[PurifyStep]) -> None:
+        """Add ``records`` to the curves and the objective plot."""
         steps = [r.step for r in records]
         self.curves.add_points(steps, [r.logits[0] for r in records])
         self.objective_plot.extend(OBJECTIVE_ESTIMATE, steps, [r.objective_estimate[0] for r in records])
         self.objective_plot.extend(OBJECTIVE_DRAW, steps, [r.objective[0] for r in records])
-        self._show_record(records[-1])
-        return steps[-1]
 
     def _enable_replay(self, enabled: bool) -> None:
         self.scrubber.setEnabled(enabled)

@@ -92,3 +92,61 @@ def test_a_session_path_that_is_missing_a_folder_or_a_device_is_one_clear_error(
         (tmp_path / "z.json").symlink_to("/dev/zero")
         with pytest.raises(SessionError, match="not a regular file"):
             load_session(tmp_path / "z.json")
+
+
+def test_an_array_of_a_negative_or_non_integer_shape_is_refused():
+    for shape in ([-1], [1.5, 2], "4", None):
+        with pytest.raises(ValueError, match="shape must be a list of whole numbers"):
+            decode_array({"dtype": "float32", "shape": shape, "data_b64": encode_array(np.zeros(4))["data_b64"]})
+
+
+def test_a_defense_outcome_and_purify_steps_round_trip_exactly_and_are_checked():
+    import dataclasses
+
+    from rdc_studio.core.attacks import DefenseOutcome
+    from rdc_studio.core.purify import PurifyStep
+    from rdc_studio.core.session import (SessionError, decode_outcome, decode_purify_steps, encode_outcome,
+                                         encode_purify_steps)
+
+    rng = np.random.default_rng(0)
+    image = rng.random((1, 3, 4, 4), dtype=np.float32)
+    probs = np.array([[0.2, 0.7, 0.1]], np.float32)
+    outcome = DefenseOutcome(clean=image, adversarial=image[:, ::-1].copy(), purified=None, labels=np.array([1]),
+                             attacked_prediction=np.array([2]), defense_probabilities=probs,
+                             attack_succeeded=np.array([True]), defense_recovered=np.array([True]),
+                             linf=np.array([0.25], np.float32), l2=np.array([1.5], np.float32))
+    back = decode_outcome(json.loads(json.dumps(encode_outcome(outcome))), 3, (3, 4, 4))
+    assert type(back) is DefenseOutcome
+    for field in dataclasses.fields(DefenseOutcome):
+        a, b = getattr(outcome, field.name), getattr(back, field.name)
+        assert (a is None and b is None) or (a.dtype == b.dtype and a.tobytes() == b.tobytes()), field.name
+    with pytest.raises(SessionError, match="probabilities has shape \\(1, 3\\), not \\(1, 10\\)"):
+        decode_outcome(encode_outcome(outcome), 10, (3, 4, 4))
+    records = [PurifyStep(s, 2, rng.random((1, 3, 4, 4), dtype=np.float32), rng.random(1, dtype=np.float32),
+                          float(np.float32(0.45)), rng.random(1, dtype=np.float32), rng.random(1, dtype=np.float32),
+                          rng.standard_normal((1, 3), dtype=np.float32), rng.random(1, dtype=np.float32))
+               for s in range(3)]
+    steps = decode_purify_steps(json.loads(json.dumps(encode_purify_steps(records))), 3, (3, 4, 4))
+    for a, b in zip(records, steps, strict=True):
+        for field in dataclasses.fields(PurifyStep):
+            x, y = getattr(a, field.name), getattr(b, field.name)
+            assert (x.dtype == y.dtype and x.tobytes() == y.tobytes()) if isinstance(x, np.ndarray) else x == y
+    with pytest.raises(ValueError, match="logits and objective estimate"):
+        encode_purify_steps([dataclasses.replace(records[0], logits=None)])
+    with pytest.raises(SessionError, match="images has shape"):
+        decode_purify_steps(encode_purify_steps(records), 3, (1, 4, 4))
+
+
+def test_a_session_with_an_empty_image_is_refused_as_a_session_error(tmp_path):
+    import json
+
+    import numpy as np
+    import pytest
+
+    from rdc_studio.core.session import SessionError, encode_array, load_session, make_session
+
+    session = make_session("m", np.zeros((1, 4, 4), np.float32), "x", {}, {}, {}, {})
+    session["image"] |= encode_array(np.zeros((1, 0, 4), np.float32))
+    (tmp_path / "s.json").write_text(json.dumps(session))
+    with pytest.raises(SessionError, match="non-empty"):
+        load_session(tmp_path / "s.json")
