@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .data import TensorDataset, check_image_batch
-from .models import (BUNDLED_DIR, CNN_FORMAT, CheckpointError, atomic_save_tensors,
+from .models import (CNN_FORMAT, CheckpointError, atomic_save_tensors, checkpoint_path,
                      atomic_write_json, is_cnn_card, read_json_object)
 
 
@@ -60,8 +61,8 @@ def train_cnn(dataset: TensorDataset, epochs: float = 3.0, batch_size: int = 128
     torch.random.set_rng_state(state)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     n = len(dataset)
-    per_epoch = n // batch_size
-    total = int(epochs * per_epoch)
+    per_epoch = max(1, n // batch_size)  # a set smaller than a batch is one (smaller) batch
+    total = max(1, math.ceil(epochs * per_epoch))  # as rdc train: any positive epochs take a step
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, total)
     start = time.perf_counter()
     perm = torch.randperm(n, generator=gen)
@@ -107,18 +108,13 @@ def is_cnn_checkpoint(name_or_path: str | Path | None) -> bool:
     """Whether a bundled name or path names a CNN baseline checkpoint (by its card)."""
     if name_or_path is None:
         return False
-    p = Path(name_or_path)
-    if p.suffix not in (".safetensors", ".json") and not p.exists():
-        p = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    return is_cnn_card(p)
+    return is_cnn_card(cnn_weights_path(name_or_path))
 
 
 def cnn_weights_path(name_or_path: str | Path = "mnist-cnn") -> Path:
-    """The weights file of a CNN checkpoint given by bundled name or path (not checked)."""
-    p = Path(name_or_path)
-    if p.suffix not in (".safetensors", ".json") and not p.exists():
-        p = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    return p.with_suffix(".safetensors")
+    """The weights file of a CNN checkpoint given by bundled name or path (not checked; the
+    rule of :func:`core.models.checkpoint_path`)."""
+    return checkpoint_path(name_or_path)[0]
 
 
 def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device = "cpu") -> tuple[SmallCNN, dict]:
@@ -126,6 +122,8 @@ def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device 
     p = cnn_weights_path(name_or_path)
     if not p.exists():
         raise CheckpointError(f"{p}: CNN checkpoint not found")
+    if not p.is_file():
+        raise CheckpointError(f"{p}: the CNN checkpoint is not a regular file")
     card = read_json_object(p.with_suffix(".json"), "CNN's model card", CheckpointError)
     if card.get("format") != CNN_FORMAT:
         raise CheckpointError(f"{p}: not a CNN checkpoint (format {card.get('format')!r})")

@@ -205,6 +205,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise SystemExit(f"rdc: error: --out {out} is a file; give a run directory (new, or one to resume)")
     _check_output_files(args, "log")
     _check_writable_folder("--out", args.out, out)
+    device = resolve_device(args.device)  # before any work and before the run folder is made
     try:
         net_cfg, train_cfg, ds, init_net, init_name = _train_setup(args)
         changed = check_resume(out, net_cfg, train_cfg, ds)
@@ -218,7 +219,7 @@ def cmd_train(args: argparse.Namespace) -> int:
              "data": f"{args.dataset} {args.split} split (data root {args.data_root or default_data_root()})"}
     bar = None
     for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=stop,
-                     device=args.device, log_every=args.log_every, init_from=init_net, init_name=init_name):
+                     device=device, log_every=args.log_every, init_from=init_net, init_name=init_name):
         if bar is None:
             # start counting at the first record: the steps before it (a resumed run's, or
             # the first log_every) took unknown time, and would show an absurd rate
@@ -271,18 +272,24 @@ def parse_fraction(text: str, flag: str = "") -> float:
         raise SystemExit(f"rdc: error: {flag + ': ' if flag else ''}{exc}") from None
 
 
-def whole_number(minimum: int) -> Callable[[str], int]:
-    """argparse type: a whole number of at least ``minimum``."""
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str], int]:
+    """argparse type: a whole number of at least ``minimum`` (and at most ``maximum``)."""
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        if value < minimum or (maximum is not None and value > maximum):
+            bounds = f"at least {minimum}" if maximum is None else f"in {minimum}..{maximum}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
         return value
 
     return parse
+
+
+SEED = whole_number(-2**62, 2**62)
+"""argparse type of every ``--seed``: torch generators take 64 bits, and seeds get an example's
+index or a class index added."""
 
 
 def finite_number(low: float = -math.inf, high: float = math.inf, low_open: bool = False,
@@ -569,6 +576,13 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
         model = load_checkpoint(args.model, device=device)
     except CheckpointError as exc:
         raise SystemExit(f"rdc: error: {exc}") from None
+    if Path(model.path).suffix.lower() != ".safetensors":  # checked before hours of scoring, not after
+        raise SystemExit(f"rdc: error: {model.path}: the reference is stored in a checkpoint's model card; convert "
+                         f"the snapshot first (rdc import-edm {model.path} --out NAME.safetensors)")
+    card_file = Path(model.path).with_suffix(".json")
+    _check_writable_folder("--model", str(model.path), card_file.parent)
+    if card_file.exists() and not os.access(card_file, os.W_OK):
+        raise SystemExit(f"rdc: error: {card_file}: no permission to write the model card")
     dataset = model.card.get("dataset")
     if not dataset:
         raise SystemExit(f"rdc: error: {model.path}: the model card names no dataset to calibrate on")
@@ -597,7 +611,10 @@ def cmd_ood_calibrate(args: argparse.Namespace) -> int:
         return 130
     reference = make_reference(scores, settings, dataset, "val", command=_command_line(),
                                seconds=time.perf_counter() - t0)
-    card = update_card(model.path, CARD_KEY, reference)
+    try:
+        card = update_card(model.path, CARD_KEY, reference)
+    except CheckpointError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
     q = dict(zip(reference["probabilities"], reference["quantiles"]))
     print(f"wrote {CARD_KEY} to {card}: {dataset} val, n={n}, bits/dim median {q[0.5]:.3f}, "
           f"0.1% {q[0.001]:.3f}, 99.9% {q[0.999]:.3f} ({reference['seconds']:.0f} s)")
@@ -700,7 +717,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from .images import save_png_atomic
     from .models import CheckpointError, load_checkpoint
-    from .sample import sample, sample_filename
+    from .images import same_file
+    from .sample import is_sample_filename, sample, sample_filename
 
     if not args.out and not args.out_dir:
         raise SystemExit("rdc: error: give --out GRID.png, --out-dir DIR, or both")
@@ -711,6 +729,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
         _check_writable_folder("--out-dir", args.out_dir, Path(args.out_dir))
     if args.out and Path(args.out).suffix.lower() != ".png":
         raise SystemExit("rdc: error: --out must be a .png file")
+    if (args.out and args.out_dir and same_file(Path(args.out).parent, args.out_dir)
+            and is_sample_filename(Path(args.out).name)):
+        raise SystemExit(f"rdc: error: --out {args.out} is named like one of the samples --out-dir writes "
+                         f"(LABEL-INDEX.png); give the grid another name")
     _setup_threads(args)
     try:
         model = load_checkpoint(args.model, device=resolve_device(args.device))
@@ -718,7 +740,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise SystemExit(f"rdc: error: {exc}") from None
     k = model.net.config.num_classes
     if args.label == "all":
-        labels: list[int | None] = list(range(k))
+        labels: list[int | None] = list(range(k)) if k else [None]  # a model without classes samples unconditionally
     elif args.label == "uncond":
         labels = [None]
     else:
@@ -752,6 +774,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
               f"{churned})")
     if out_dir is not None:
         print(f"wrote {len(labels) * args.n} PNGs to {out_dir} (LABEL-INDEX.png)")
+        written = {sample_filename(y, i) for y in labels for i in range(args.n)}
+        older = sorted(p.name for p in out_dir.glob("*.png")
+                       if p.name not in written and is_sample_filename(p.name))
+        if older:  # the gallery shows every sample in the folder: say so rather than delete the user's files
+            print(f"rdc: warning: {out_dir} also holds {len(older)} sample(s) of an earlier run "
+                  f"({', '.join(older[:3])}{', ...' if len(older) > 3 else ''}); the app's gallery shows them "
+                  f"too: remove them or use an empty folder", file=sys.stderr)
     return 0
 
 
@@ -1067,7 +1096,7 @@ def _add_attack_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--restarts", type=whole_number(1), default=1, help="attack restarts (random starts)")
     p.add_argument("--eot", type=whole_number(1), default=1,
                    help="expectation over transformation: gradient (Square: query) draws averaged per step")
-    p.add_argument("--seed", type=int, default=0, help="attack seed (random starts, Square's squares)")
+    p.add_argument("--seed", type=SEED, default=0, help="attack seed (random starts, Square's squares)")
     p.add_argument("--p-init", type=finite_number(0, 1, low_open=True), default=0.8, help="Square: initial fraction of pixels per square")
     p.add_argument("--grad", choices=GRAD_MODES, default="auto", help=GRAD_HELP)
 
@@ -1089,7 +1118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", default="32,64,128", help="UNet channels per resolution, comma-separated")
     p.add_argument("--head-channels", default="16,8", help="multi-head: per-class branch widths (coarse to fine)")
     p.add_argument("--blocks", type=whole_number(1), default=1, help="residual blocks per resolution")
-    p.add_argument("--emb-dim", type=whole_number(1), default=128, help="width of the noise-level (and class) embedding")
+    p.add_argument("--emb-dim", type=whole_number(2), default=128,
+                   help="width of the noise-level (and class) embedding (an even number)")
     p.add_argument("--dropout", type=finite_number(0, 1, high_open=True), default=0.0, help="dropout rate in the residual blocks")
     p.add_argument("--epochs", type=finite_number(0), default=10.0, help="passes over the training data (may be fractional)")
     p.add_argument("--batch-size", type=whole_number(1), default=128, help="training batch size")
@@ -1121,9 +1151,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init-from: deepen the checkpoint to N residual blocks per resolution, "
                         "the added blocks starting as the identity (the grown network computes the same "
                         "function before training)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, data order and noise draws")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation, data order and noise draws")
     p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (CUDA when available)")
     p.add_argument("--max-minutes", type=finite_number(0), default=0.0,
                    help="stop after this wall time and write the model (0: no limit)")
     p.add_argument("--checkpoint-minutes", type=finite_number(0, low_open=True), default=5.0, help="minutes between resumable state saves")
@@ -1138,7 +1168,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=DATA_ROOT_HELP)
     p.add_argument("--out", required=True, help="output checkpoint (.safetensors; a .json card is written beside)")
     p.add_argument("--epochs", type=finite_number(0, low_open=True), default=3.0, help="passes over the training data")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation and data order")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation and data order")
     p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per usable core)")
     p.set_defaults(func=cmd_train_cnn)
 
@@ -1159,7 +1189,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--churn", type=finite_number(0), default=0.0,
                    help="EDM's S_churn: add fresh noise at each step with sigma in [%g, %g] "
                         "(stochastic sampling; 0, the default: deterministic)" % SAMPLER_CHURN_RANGE)
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (plus the class index)")
+    p.add_argument("--seed", type=SEED, default=0, help="sampling seed (plus the class index)")
     p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: OMP_NUM_THREADS if set, else one per usable core)")
     p.add_argument("--out", default=None, help="write all samples as one PNG grid (a column per class)")
     p.add_argument("--out-dir", default=None,

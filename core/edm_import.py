@@ -376,13 +376,23 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + "..."
 
 
+MAX_SNAPSHOT_BYTES = 4 << 30  # EDM's published snapshots are 0.2-0.6 GB
+
+
 def read_snapshot(path: str | Path) -> Any:
     """Unpickle an EDM snapshot with the allow-list unpickler (records, tensors, plain data)."""
     path = Path(path)
     try:
+        if path.exists() and not path.is_file():  # a folder, or a pipe or device (which would be read forever)
+            raise EdmImportError(f"{path}: not a regular file; give an EDM snapshot (.pkl)")
+        if path.exists() and path.stat().st_size > MAX_SNAPSHOT_BYTES:
+            raise EdmImportError(f"{path}: {path.stat().st_size} bytes is too large for an EDM snapshot (the "
+                                 f"published ones are 0.2-0.6 GB; at most {MAX_SNAPSHOT_BYTES >> 30} GiB is read)")
         data = path.read_bytes()
     except OSError as exc:
         raise EdmImportError(f"{path}: cannot read the file ({_short(exc)})") from None
+    except MemoryError:
+        raise EdmImportError(f"{path}: not enough memory to read the file") from None
     if not data:
         raise EdmImportError(f"{path}: the file is empty, not an EDM snapshot")
     if data[:1] != b"\x80":

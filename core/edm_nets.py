@@ -529,8 +529,8 @@ class EdmNetConfig:
             raise ValueError(f"unknown {self.precond} preconditioning arguments: {unknown}")
         self.model_kwargs = {k: _jsonable(v) for k, v in self.model_kwargs.items()}
         self.precond_kwargs = {k: float(v) for k, v in self.precond_kwargs.items()}
-        # bounds far above the published networks (ADM: 192 channels, mult 4, 3 blocks), so that a
-        # crafted config cannot make the loader allocate many gigabytes before the weights are compared
+        # bounds far above the published networks (ADM: 192 channels, mult 4, 3 blocks); the loader
+        # compares a config with the weights file's header before building the network
         for name, hi in (("image_size", 512), ("in_channels", 4), ("num_classes", 1000)):
             setattr(self, name, whole_number(name, getattr(self, name), 0, hi))
         full = self.full_model_kwargs()

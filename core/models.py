@@ -172,6 +172,8 @@ def read_json_object(path: str | Path, what: str, error: type[Exception] = Value
         obj = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise error(f"{path}: the {what} is not valid JSON ({exc})") from None
+    except RecursionError:
+        raise error(f"{path}: the {what} is not valid JSON (nested too deeply)") from None
     except OSError as exc:
         raise error(f"{path}: the {what} cannot be read ({exc})") from None
     if not isinstance(obj, dict):
@@ -290,24 +292,76 @@ def _check_card_types(weights: Path, card: dict[str, Any]) -> None:
             raise CheckpointError(f"{weights}: the card's {key!r} must be {what}, not {card[key]!r:.80}")
 
 
+def checkpoint_path(name_or_path: str | Path) -> tuple[Path, bool]:
+    """Where the weights of a model given by bundled name or by path are (not checked), and
+    whether it was given by name.
+
+    A path is a ``.safetensors`` or ``.json`` file name (the weights are beside the card) or
+    anything with a folder separator in it (``runs/x`` means ``runs/x.safetensors``, and a run
+    folder of ``rdc train`` its ``model.safetensors``); anything else is a bundled model's
+    name, whatever files or folders the working directory holds.
+    """
+    text = str(name_or_path)
+    p = Path(text)
+    if p.suffix in (".safetensors", ".json"):
+        return p.with_suffix(".safetensors"), False
+    if os.sep in text or (os.altsep and os.altsep in text):
+        if p.is_dir():
+            return p / "model.safetensors", False
+        return Path(text + ".safetensors"), False  # "cnn-v1.5" keeps its ".5"
+    return BUNDLED_DIR / f"{text}.safetensors", True
+
+
 def resolve_model_path(name_or_path: str | Path | None) -> Path:
-    """Map a bundled model name or a file path (.safetensors or .json) to the weights file."""
+    """Map a bundled model name or a path (see :func:`checkpoint_path`) to the weights file,
+    checked to be a regular file."""
     if name_or_path is None:
         name_or_path = DEFAULT_MODEL
     p = Path(name_or_path)
     if p.is_file() and p.suffix and p.suffix not in (".safetensors", ".json"):  # e.g. an image or a .pt file
         raise CheckpointError(f"{p}: not a checkpoint; give a .safetensors file with its .json card, a bundled "
                               f"model name, or an EDM snapshot (.pkl)")
-    if p.suffix in (".safetensors", ".json") or p.exists() or os.sep in str(name_or_path):
-        p = p.with_suffix(".safetensors")
-        if not p.exists():
-            raise CheckpointError(f"{p}: checkpoint file not found")
-        return p
-    bundled = BUNDLED_DIR / f"{name_or_path}.safetensors"
-    if not bundled.exists():
+    path, by_name = checkpoint_path(name_or_path)
+    if not path.exists():
+        if not by_name:
+            raise CheckpointError(f"{path}: checkpoint file not found")
         names = ", ".join(list_bundled_models()) or "none"
-        raise CheckpointError(f"no bundled model named {name_or_path!r} (bundled: {names})")
-    return bundled
+        here = f"; for the {'folder' if p.is_dir() else 'file'} {p} here, give ./{p}" if p.exists() else ""
+        raise CheckpointError(f"no bundled model named {str(name_or_path)!r} (bundled: {names}){here}")
+    if not path.is_file():  # a folder, or a pipe or device (which would be read forever)
+        raise CheckpointError(f"{path}: the checkpoint is not a regular file")
+    return path
+
+
+def _check_tensor_header(path: Path, expected: Mapping[str, torch.Tensor]) -> None:
+    """Compare a safetensors file's tensor names, shapes and kinds (from its header alone)
+    with a network's state dict (``expected``; meta tensors will do), before any weights or
+    network are allocated: a small card cannot make the loader build a huge network."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = {}
+            for key in f.keys():
+                tensor = f.get_slice(key)
+                dtype = tensor.get_dtype() if hasattr(tensor, "get_dtype") else None
+                header[key] = (tuple(tensor.get_shape()), dtype)
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
+    missing = sorted(set(expected) - set(header))
+    unexpected = sorted(set(header) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: tensors do not match the config: missing {missing[:5]}"
+            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )
+    for key, ref in expected.items():
+        shape, dtype = header[key]
+        if shape != tuple(ref.shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {shape}, config expects {tuple(ref.shape)}")
+        # safetensors dtype names: F16, BF16, F32, F64 (and F8_*) are floating point
+        if dtype is not None and dtype.startswith(("F", "BF")) != ref.is_floating_point():
+            raise CheckpointError(f"{path}: tensor {key!r} is {dtype}, the network holds {ref.dtype}")
 
 
 def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.device = "cpu") -> LoadedModel:
@@ -321,36 +375,32 @@ def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.
         return load_edm_pickle(name_or_path, device)
     path = resolve_model_path(name_or_path)
     card = _read_card(path)
-    try:
-        if isinstance(card["net"], dict) and card["net"].get("architecture") == "edm":
-            from .edm_nets import build_edm_denoiser
+    if isinstance(card["net"], dict) and card["net"].get("architecture") == "edm":
+        from .edm_nets import build_edm_denoiser
 
-            net = build_edm_denoiser(card["net"])
-            config = net.config
-        else:
-            config = NetConfig.from_dict(card["net"])
-            net = build_denoiser(config)
-    except (TypeError, ValueError, AttributeError) as exc:
+        def build() -> torch.nn.Module:
+            return build_edm_denoiser(card["net"])
+    else:
+        def build() -> torch.nn.Module:
+            return build_denoiser(NetConfig.from_dict(card["net"]))
+    try:
+        with torch.device("meta"):  # shapes only: nothing is allocated before the file is compared with the card
+            described = build()
+    except (TypeError, ValueError, AttributeError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: invalid network config ({exc})") from exc
-    except (RuntimeError, MemoryError) as exc:  # within the config's bounds, yet too large for this machine
+    config = described.config
+    if len(card["classes"]) != config.num_classes:
+        raise CheckpointError(f"{path}: {len(card['classes'])} class names for {config.num_classes} classes")
+    _check_tensor_header(path, described.state_dict())
+    try:
+        net = build()
+    except (RuntimeError, MemoryError) as exc:  # the file holds the weights, yet they are too large for this machine
         raise CheckpointError(f"{path}: the network the card describes cannot be built here ({exc})") from exc
     try:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from exc
-    expected = net.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: tensors do not match the config: missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-        )
-    for key, ref in expected.items():
-        if tuple(tensors[key].shape) != tuple(ref.shape):
-            raise CheckpointError(
-                f"{path}: tensor {key!r} has shape {tuple(tensors[key].shape)}, config expects {tuple(ref.shape)}"
-            )
+    for key, ref in net.state_dict().items():  # names and shapes are checked; the values now
         if tensors[key].is_floating_point() != ref.is_floating_point():
             raise CheckpointError(f"{path}: tensor {key!r} is {tensors[key].dtype}, the network holds {ref.dtype}")
         if not torch.isfinite(tensors[key].float()).all():
@@ -359,8 +409,6 @@ def load_checkpoint(name_or_path: str | Path | None = None, device: str | torch.
     net.eval().to(device)
     for p in net.parameters():
         p.requires_grad_(False)
-    if len(card["classes"]) != config.num_classes:
-        raise CheckpointError(f"{path}: {len(card['classes'])} class names for {config.num_classes} classes")
     purifier = _load_purifier(path, card, config, device) if card.get("purifier") else None
     model = LoadedModel(net, card, path, purifier)
     _check_card_settings(model)

@@ -46,8 +46,8 @@ class NetConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        # bounds far above any network of this project, so that a crafted config cannot make the
-        # loader allocate many gigabytes before the weights are compared with it
+        # bounds far above any network of this project (the loader compares a config with the
+        # weights file's header before building the network, so these only keep configs sane)
         if not isinstance(self.channels, (list, tuple)) or not 1 <= len(self.channels) <= 6:
             raise ValueError(f"channels must list 1-6 widths, not {self.channels!r}")
         if not isinstance(self.head_channels, (list, tuple)) or len(self.head_channels) > 6:
@@ -59,6 +59,8 @@ class NetConfig:
         self.num_classes = whole_number("num_classes", self.num_classes, 0, 1000)
         self.blocks_per_level = whole_number("blocks_per_level", self.blocks_per_level, 1, 8)
         self.emb_dim = whole_number("emb_dim", self.emb_dim, 2, 2048)
+        if self.emb_dim % 2:  # the noise embedding is cos and sin features, half each
+            raise ValueError(f"emb_dim must be even, not {self.emb_dim}")
         if not isinstance(self.dropout, numbers.Real) or not 0 <= self.dropout < 1:
             raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
         if self.architecture not in ARCHITECTURES:

@@ -39,6 +39,13 @@ def parse_sample_filename(stem: str) -> tuple[int, int] | None:
     return None
 
 
+def is_sample_filename(name: str) -> bool:
+    """Whether ``name`` is one :func:`sample_filename` writes (a class's or an unconditional sample)."""
+    stem, dot, suffix = name.rpartition(".")
+    label, _, index = stem.partition("-")
+    return dot == "." and suffix == "png" and (label.isdigit() or label == "uncond") and index.isdigit()
+
+
 def karras_sigmas(steps: int, sigma_min: float = 0.002, sigma_max: float = 80.0, rho: float = 7.0) -> torch.Tensor:
     """The EDM time discretisation, descending, with a final 0."""
     i = torch.arange(steps, dtype=torch.float64)
@@ -77,7 +84,10 @@ def sample(net: Denoiser, label: int | None, n: int = 1, steps: int = 18, seed: 
         raise ValueError("need churn >= 0 and 0 <= churn_range[0] <= churn_range[1]")
     gamma = churn_gamma(churn, steps)
     gen = torch.Generator().manual_seed(seed)
-    sigmas = karras_sigmas(steps)
+    # as EDM's sampler: never below or above the noise levels the network was trained for
+    # (an imported VE network's sigma_min is 0.02; native networks have no such bounds)
+    sigmas = karras_sigmas(steps, sigma_min=max(0.002, float(getattr(net, "sigma_min", 0.0))),
+                           sigma_max=min(80.0, float(getattr(net, "sigma_max", float("inf")))))
     device = next(net.parameters()).device
     x = (torch.randn(n, cfg.in_channels, cfg.image_size, cfg.image_size, generator=gen) * sigmas[0]).to(device)
 

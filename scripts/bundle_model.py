@@ -37,8 +37,9 @@ from rdc_studio.core.models import (BUNDLED_DIR, load_checkpoint, read_card, sav
 from rdc_studio.core.purify import PurifySettings
 
 
-def measure(clf: DiffusionClassifier, split: str, n: int, data_root) -> dict:
-    ds = load_dataset("mnist", split, data_root)
+def measure(clf: DiffusionClassifier, dataset: str, split: str, n: int, data_root) -> dict:
+    """Clean accuracy of ``clf`` on the first ``n`` images of ``dataset``'s ``split``."""
+    ds = load_dataset(dataset, split, data_root)
     last = None
     for last in evaluate_clean(clf, ds, n, batch_size=50):
         print(f"  {split}: {last.done}/{last.total} acc {last.accuracy:.4f}", file=sys.stderr, end="\r")
@@ -95,14 +96,18 @@ def main(argv=None) -> int:
     src = Path(args.run)
     src = src / "model.safetensors" if src.is_dir() else src
     model = load_checkpoint(src)
+    if model.card.get("purifier"):  # its card names the purifier by a path relative to the card
+        p.error(f"--run {args.run}: a classifier with its own purifier cannot be bundled by this script "
+                f"(the purifier's file would be left behind)")
+    dataset = model.card.get("dataset") or "mnist"
     settings = ClassifierSettings(steps=args.steps, weighting=args.weighting, sigma_min=args.sigma_min,
                                   sigma_max=args.sigma_max, bf16=args.bf16, grid=args.grid,
                                   screen_levels=args.screen_levels, keep_classes=args.keep_classes)
     dst = BUNDLED_DIR / f"{args.name}.safetensors"
     t0 = time.perf_counter()
     clf = DiffusionClassifier(model.net, settings)
-    val = measure(clf, "val", args.val_n, args.data_root)
-    test = measure(clf, "test", args.test_n, args.data_root)
+    val = measure(clf, dataset, "val", args.val_n, args.data_root)
+    test = measure(clf, dataset, "test", args.test_n, args.data_root)
     card = dict(model.card)
     card["name"] = args.name
     card["classifier"] = settings.to_dict()
@@ -133,9 +138,11 @@ def add_card_extras(card: dict, args: argparse.Namespace) -> None:
         if args.purify_sigma:
             lo, hi = (float(v) for v in args.purify_sigma.split(","))
             sigma = {"sigma_lo": lo, "sigma_hi": hi}
-        purify = PurifySettings(eta=parse_fraction(args.purify_eta), steps=args.purify_steps or 5,
-                                step_size=parse_fraction(args.purify_step_size or "0"), optimizer=args.purify_optimizer,
-                                **sigma)
+        given = {"steps": args.purify_steps,
+                 "step_size": None if args.purify_step_size is None else parse_fraction(args.purify_step_size)}
+        # options not given keep PurifySettings' defaults (a step size of 0 would make purification do nothing)
+        purify = PurifySettings(eta=parse_fraction(args.purify_eta), optimizer=args.purify_optimizer, **sigma,
+                                **{k: v for k, v in given.items() if v is not None})
         card["purify"] = purify.to_dict()
         metrics["purify_choice"] = args.purify_note
 

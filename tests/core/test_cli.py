@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -776,6 +777,11 @@ def test_the_stop_scope_ends_its_block_on_its_own_stop_only():
     (["attack", "{img}", "--defense", "dc", "--eps", "inf", "--norm", "l2"], None),
     (["attack", "{img}", "--defense", "dc", "--attack", "pgd", "--step-size", "-1"], None),
     (["classify", "{img}", "--device", "tpu"], None),
+    (["sample", "--label", "3", "--out-dir", "{tmp}/g", "--out", "{tmp}/g/3-000.png"],
+     "named like one of the samples --out-dir writes"),
+    (["sample", "--label", "3", "--seed", "18446744073709551616", "--out", "{tmp}/s.png"], None),
+    (["train", "--out", "{tmp}/run", "--seed", "99999999999999999999"], None),
+    (["train", "--out", "{tmp}/run", "--emb-dim", "17", "--limit", "8"], "emb_dim must be even"),
 ])
 def test_mistakes_are_refused_with_a_message_before_any_work(tiny_checkpoint, digit_png, tmp_path, argv, message):
     """Refused up front (before, a whole attack ran and then ended in a traceback)."""
@@ -1003,3 +1009,53 @@ def test_eval_warns_about_targets_only_when_they_are_given_to_an_attack_without_
     assert "--targets" not in capsys.readouterr().err
     assert main(base + ["--attack", "apgd-t", "--out", str(tmp_path / "c.json")]) == 0
     assert json.loads((tmp_path / "c.json").read_text())["settings"]["ensemble"]["targets"] == 9  # the default
+
+
+def test_train_on_a_missing_device_is_a_usage_error_before_the_run_folder_is_made(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--out", str(tmp_path / "run"), "--device", "cuda", "--limit", "8"])
+    assert exc.value.code == 2 and "--device cuda" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sample_all_of_a_model_without_classes_draws_unconditional_samples(tmp_path, capsys):
+    """Before, ``--label all`` (the default) of an unconditional model drew nothing and then
+    failed on the empty grid with a traceback."""
+    from rdc_studio.core.models import save_checkpoint
+    from rdc_studio.core.nets import NetConfig, build_denoiser
+
+    net = build_denoiser(NetConfig(channels=(8, 16), head_channels=(4,), emb_dim=32, num_classes=0))
+    model = save_checkpoint(tmp_path / "uncond.safetensors", net, {"name": "u", "dataset": "mnist", "classes": []})
+    assert main(["sample", "--model", str(model), "--n", "2", "--sampler-steps", "2", "--device", "cpu",
+                 "--out", str(tmp_path / "grid.png"), "--out-dir", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["uncond-000.png", "uncond-001.png"]
+    assert Image.open(tmp_path / "grid.png").size == (28, 56)
+
+
+def test_sample_warns_about_samples_of_an_earlier_run_in_its_folder(tiny_checkpoint, tmp_path, capsys):
+    common = ["sample", "--model", str(tiny_checkpoint), "--sampler-steps", "1", "--device", "cpu",
+              "--out-dir", str(tmp_path / "s")]
+    (tmp_path / "s").mkdir()
+    (tmp_path / "s" / "notes.png").write_bytes(b"not a sample")  # the user's file: neither touched nor counted
+    assert main(common + ["--label", "all", "--n", "1"]) == 0
+    assert "warning" not in capsys.readouterr().err
+    assert main(common + ["--label", "3", "--n", "2"]) == 0
+    err = capsys.readouterr().err
+    assert "also holds 9 sample(s) of an earlier run (0-000.png, 1-000.png, 2-000.png, ...)" in err
+    assert len(list((tmp_path / "s").glob("*.png"))) == 12  # nothing deleted
+
+
+@pytest.mark.skipif(not (Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "edm").exists(),
+                    reason="needs ../shared/fixtures/edm")
+def test_ood_calibrate_refuses_a_snapshot_before_scoring(monkeypatch):
+    """Its reference goes into a checkpoint's card: a .pkl was scored in full, then refused."""
+    import rdc_studio.core.ood as ood
+
+    snapshot = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "edm" / "vp-ddpmpp-cond.pkl"
+    monkeypatch.setattr(ood, "score_images", lambda *a, **k: pytest.fail("scored before the check"))
+    with pytest.raises(SystemExit, match="convert the snapshot first .rdc import-edm"):
+        main(["ood-calibrate", "--model", str(snapshot), "--device", "cpu", "--n", "10"])

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -203,12 +204,38 @@ def test_a_card_that_is_no_regular_file_or_an_embedded_card_of_bad_json_is_refus
         load_checkpoint(tiny_checkpoint)
 
 
+def test_a_small_card_cannot_make_the_loader_build_a_huge_network(tmp_path):
+    """The card's network is compared with the file's tensor header on the meta device: a
+    400-byte pair describing 1.75 GiB of weights is refused before anything is allocated
+    (before, the loader built and initialised the whole network first: 2.4 GiB of memory).
+    Measured in a fresh process, by its peak resident memory."""
+    import os
+    import subprocess
+    import sys
+
+    net = {"architecture": "embedding", "image_size": 32, "in_channels": 1, "num_classes": 10,
+           "channels": [512, 512, 512, 512], "blocks_per_level": 8, "emb_dim": 2048, "head_channels": [8],
+           "dropout": 0.0}
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "big.safetensors"))
+    (tmp_path / "big.json").write_text(json.dumps({"format": "rdc-studio/diffusion-classifier", "format_version": 1,
+                                                   "classes": [str(i) for i in range(10)], "net": net}))
+    script = ("import resource, sys, torch\n"
+              "from rdc_studio.core.models import CheckpointError, load_checkpoint\n"
+              "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "try:\n    load_checkpoint(sys.argv[1])\nexcept CheckpointError as exc:\n    print(exc)\n"
+              "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(tmp_path / "big.safetensors")], capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, check=True).stdout.splitlines()
+    assert "tensors do not match the config: missing" in out[0] and "unexpected ['x']" in out[0]
+    assert int(out[1]) < 200  # MiB of peak memory the load added (the network alone is 1790 MiB)
+
+
 def test_integer_weights_of_the_right_shape_are_refused(tmp_path, tiny_net):
     path = save_checkpoint(tmp_path / "i.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
     tensors = {k: v.contiguous() for k, v in tiny_net.state_dict().items()}
     tensors["conv_in.weight"] = tensors["conv_in.weight"].to(torch.int8)
     save_file(tensors, str(path))
-    with pytest.raises(CheckpointError, match="conv_in.weight' is torch.int8"):
+    with pytest.raises(CheckpointError, match="conv_in.weight' is I8, the network holds torch.float32"):
         load_checkpoint(path)
 
 
@@ -304,3 +331,71 @@ def test_listing_a_folder_never_reads_a_card_linked_to_a_device(tmp_path, tiny_c
     (folder / "z.json").symlink_to("/dev/zero")
     (folder / "list.json").write_text("[1]")
     assert list_model_names(folder) == ["m"]
+
+
+def test_a_pipe_or_device_as_the_weights_is_refused_not_read_forever(tmp_path, tiny_checkpoint):
+    import os
+
+    from rdc_studio.core.edm_import import EdmImportError, read_snapshot
+
+    if not hasattr(os, "mkfifo"):
+        pytest.skip("needs named pipes")
+    os.mkfifo(tmp_path / "pipe.safetensors")
+    with pytest.raises(CheckpointError, match="pipe.safetensors: the checkpoint is not a regular file"):
+        load_checkpoint(tmp_path / "pipe.safetensors")
+    os.mkfifo(tmp_path / "pipe.pkl")
+    with pytest.raises(EdmImportError, match="pipe.pkl: not a regular file"):
+        load_checkpoint(tmp_path / "pipe.pkl")
+    if os.path.exists("/dev/zero"):
+        (tmp_path / "zero.pkl").symlink_to("/dev/zero")
+        with pytest.raises(EdmImportError, match="not a regular file"):
+            read_snapshot(tmp_path / "zero.pkl")
+
+
+def test_files_in_the_working_directory_do_not_hide_a_bundled_model(tmp_path, monkeypatch, tiny_checkpoint):
+    """A folder named like the default model (e.g. ``rdc train --out mnist-embedding``) hid it;
+    a run folder given as a path means its model.safetensors; a dotted name keeps its dot."""
+    from rdc_studio.core.models import DEFAULT_MODEL, resolve_model_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / DEFAULT_MODEL).mkdir()
+    (tmp_path / DEFAULT_MODEL / "model.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    assert resolve_model_path(None).parent.name == "models" and resolve_model_path(None).stem == DEFAULT_MODEL
+    assert resolve_model_path(DEFAULT_MODEL) == resolve_model_path(None)
+    assert resolve_model_path(f"{DEFAULT_MODEL}/") == Path(DEFAULT_MODEL) / "model.safetensors"
+    assert resolve_model_path(f"./{DEFAULT_MODEL}") == Path(".") / DEFAULT_MODEL / "model.safetensors"
+    (tmp_path / "myrun").mkdir()
+    with pytest.raises(CheckpointError, match="no bundled model named 'myrun'.*for the folder myrun here, give ./myrun"):
+        resolve_model_path("myrun")
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "cnn-v1.5.safetensors").write_bytes(tiny_checkpoint.read_bytes())
+    assert resolve_model_path("v/cnn-v1.5") == Path("v/cnn-v1.5.safetensors")
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path):
+    from rdc_studio.core.models import read_json_object
+
+    (tmp_path / "deep.json").write_text("{\"a\": " + "[" * 200_000 + "]" * 200_000 + "}")
+    with pytest.raises(CheckpointError, match="deep.json: the model card is not valid JSON .nested too deeply"):
+        read_json_object(tmp_path / "deep.json", "model card", CheckpointError)
+
+
+@pytest.mark.parametrize("n, epochs", [(40, 1e-6), (5, 1.0)])
+def test_cnn_training_takes_at_least_one_step(n, epochs):
+    """Before, a small --epochs (or a set smaller than a batch) trained 0 steps and wrote an
+    untrained CNN without a word, or divided by zero."""
+    from rdc_studio.core.baseline import train_cnn
+    from rdc_studio.core.data import TensorDataset
+
+    gen = torch.Generator().manual_seed(0)
+    ds = TensorDataset(torch.randint(0, 256, (n, 1, 28, 28), generator=gen, dtype=torch.uint8),
+                       torch.arange(n) % 10, [str(i) for i in range(10)], "mnist", "train")
+    run = train_cnn(ds, epochs=epochs, batch_size=16, log_every=1)
+    steps = []
+    try:
+        while True:
+            steps.append(next(run))
+    except StopIteration as done:
+        model = done.value
+    assert steps and steps[-1].step == steps[-1].total_steps >= 1
+    assert model is not None

@@ -102,3 +102,13 @@ def test_grow_refuses_to_shrink():
     source = build_denoiser(NetConfig(architecture="embedding", channels=(8, 16), blocks_per_level=2, emb_dim=32))
     with pytest.raises(ValueError, match="cannot grow 2 blocks per level to 1"):
         grow_denoiser(source, 1)
+
+
+def test_an_odd_embedding_width_is_refused():
+    """Its cos/sin features would be one short of the layer after them (a shape error in training)."""
+    import pytest
+
+    from rdc_studio.core.nets import NetConfig
+
+    with pytest.raises(ValueError, match="emb_dim must be even, not 17"):
+        NetConfig(emb_dim=17)

@@ -65,3 +65,22 @@ def test_churn_rejects_bad_values(tiny_net):
         list(sample(tiny_net, 3, churn=-1.0))
     with pytest.raises(ValueError):
         list(sample(tiny_net, 3, churn=1.0, churn_range=(1.0, 0.5)))
+
+
+def test_the_sampler_keeps_to_the_noise_levels_the_network_was_trained_for(tiny_net, monkeypatch):
+    """As EDM's sampler: an imported VE network (sigma 0.02-100) is never asked below 0.02."""
+    seen = []
+    original = tiny_net.denoise
+
+    def recording(x, sigma, heads=None):
+        seen.append(float(sigma.flatten()[0]))
+        return original(x, sigma, heads=heads)
+
+    monkeypatch.setattr(tiny_net, "denoise", recording)
+    list(sample(tiny_net, 3, n=1, steps=6))
+    assert min(seen) == pytest.approx(0.002, rel=1e-4) and max(seen) == pytest.approx(80.0)
+    seen.clear()
+    monkeypatch.setattr(tiny_net, "sigma_min", 0.02, raising=False)  # what the importer records
+    monkeypatch.setattr(tiny_net, "sigma_max", 50.0, raising=False)
+    list(sample(tiny_net, 3, n=1, steps=6))
+    assert min(seen) == pytest.approx(0.02, rel=1e-4) and max(seen) == pytest.approx(50.0)

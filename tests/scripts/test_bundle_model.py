@@ -60,3 +60,18 @@ def test_card_only_refuses_an_unknown_model_or_nothing_to_do(bundle, capsys):
         module.main(["--name", "tiny", "--steps", "4"])  # a full bundle needs the run and the sigma range
     assert "--run, --sigma-min, --sigma-max" in capsys.readouterr().err
     assert weights.with_suffix(".json").read_text() == before
+
+
+def test_purification_options_not_given_keep_the_defaults(bundle):
+    """Before, ``--purify-eta`` alone wrote a step size of 0 (a purification that does
+    nothing), and ``--purify-steps 0`` became 5."""
+    from rdc_studio.core.purify import PurifySettings
+
+    module, weights = bundle
+    assert module.main(["--card-only", "--name", "tiny", "--purify-eta", "0.1"]) == 0
+    card = json.loads(weights.with_suffix(".json").read_text())
+    defaults = PurifySettings()
+    assert card["purify"]["step_size"] == pytest.approx(defaults.step_size) and defaults.step_size > 0
+    assert card["purify"]["steps"] == defaults.steps
+    assert module.main(["--card-only", "--name", "tiny", "--purify-eta", "0.1", "--purify-steps", "0"]) == 0
+    assert json.loads(weights.with_suffix(".json").read_text())["purify"]["steps"] == 0
