@@ -287,7 +287,8 @@ def _check_card_types(weights: Path, card: dict[str, Any]) -> None:
         raise CheckpointError(f"{weights}: the card names a class twice")
     for key, kind, what in (("net", dict, "an object"), ("classifier", dict, "an object"),
                             ("purify", dict, "an object"), ("preset", str, "a name"),
-                            ("ood_reference", dict, "an object"), ("dataset", str, "a name")):
+                            ("ood_reference", dict, "an object"), ("dataset", str, "a name"),
+                            ("name", str, "a name")):
         if key in card and card[key] is not None and not isinstance(card[key], kind):
             raise CheckpointError(f"{weights}: the card's {key!r} must be {what}, not {card[key]!r:.80}")
 

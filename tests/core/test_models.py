@@ -166,6 +166,7 @@ def _with_card(checkpoint, **changes):
     ({"classes": ["0"] * 10}, "names a class twice"),
     ({"classifier": [1, 2]}, "'classifier' must be an object"),
     ({"preset": ["x"]}, "'preset' must be a name"),
+    ({"name": 5}, "'name' must be a name, not 5"),
     ({"classifier": {"steps": "16"}}, "settings are unusable .*steps must be a whole number"),
     ({"classifier": {"steps": 10**9}}, "steps must be a whole number in 1-4096"),
     ({"classifier": {"sigma_min": "x"}}, "sigma_min must be a positive number"),
