@@ -1151,7 +1151,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --init-from: deepen the checkpoint to N residual blocks per resolution, "
                         "the added blocks starting as the identity (the grown network computes the same "
                         "function before training)")
-    p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation, data order and noise draws")
+    p.add_argument("--seed", type=SEED, default=0, help="seed of the initialisation, data order, noise draws and dropout")
     p.add_argument("--threads", type=whole_number(0), default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, or auto (CUDA when available)")
     p.add_argument("--max-minutes", type=finite_number(0), default=0.0,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import shutil
 import tarfile
@@ -16,7 +17,7 @@ import tempfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, BinaryIO, Callable, Iterator
 
 import numpy as np
 import torch
@@ -155,31 +156,172 @@ def _find_mnist_raw(data_root: str | Path | None) -> Path:
     raise _missing("MNIST", f"MNIST/raw/{_MNIST_FILES[0]}.gz", data_root)
 
 
+MNIST_SOURCE_FILE = ".source.json"  # in the cache's MNIST/raw: the source and shape of each copy
+_IDX_MAGIC = {"images": 0x00000803, "labels": 0x00000801}  # uint8 data with 3 and 1 dimensions
+
+
+def _mnist_source(raw_src: Path, name: str) -> Path:
+    """The source of one IDX file: the uncompressed file when there is one, else its ``.gz``."""
+    plain = raw_src / name
+    return plain if plain.exists() else raw_src / (name + ".gz")
+
+
+def _mnist_identity(src: Path) -> dict[str, Any]:
+    stat = src.stat()
+    return {"source": str(src.resolve()), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _idx_bytes(shape: list[int]) -> int:
+    """The size of an IDX file of uint8 data: magic, one 4-byte size per dimension, the data."""
+    return 4 + 4 * len(shape) + math.prod(shape)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def _damaged_mnist(src: Path, problem: str) -> DatasetNotFoundError:
+    return DatasetNotFoundError(f"MNIST file {src} is damaged: {problem}", "MNIST", (src.parent,))
+
+
+def _copy_idx(src: Path, out: BinaryIO, kind: str) -> list[int]:
+    """Copy (decompressing a ``.gz``) the IDX file ``src`` to ``out``, checking it against its
+    header: the magic number, then exactly the bytes its dimensions declare.
+
+    Returns
+    -------
+    The dimensions, from the header.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        Naming ``src``, when it cannot be read or decompressed, or does not fit its header.
+    """
+    def read(n: int) -> bytes:
+        try:
+            return f.read(n)
+        except (OSError, EOFError, zlib.error) as exc:  # BadGzipFile is an OSError
+            raise _damaged_mnist(src, _one_line(exc)) from None
+
+    try:
+        f = gzip.open(src, "rb") if src.name.endswith(".gz") else open(src, "rb")
+    except OSError as exc:
+        raise DatasetNotFoundError(f"MNIST file {src} cannot be read ({_one_line(exc)})", "MNIST",
+                                   (src.parent,)) from None
+    magic = _IDX_MAGIC[kind]
+    with f:
+        head = read(4)
+        if len(head) < 4 or int.from_bytes(head, "big") != magic:
+            raise _damaged_mnist(src, f"not an IDX file of {kind} (it starts with 0x{head.hex() or 'nothing'}, "
+                                      f"not the magic number 0x{magic:08x})")
+        dims_raw = read(4 * (magic & 0xFF))
+        if len(dims_raw) < 4 * (magic & 0xFF):
+            raise _damaged_mnist(src, "its IDX header is cut short")
+        dims = [int.from_bytes(dims_raw[i:i + 4], "big") for i in range(0, len(dims_raw), 4)]
+        out.write(head + dims_raw)
+        total = remaining = math.prod(dims)
+        while remaining:
+            chunk = read(min(remaining, 1 << 20))
+            if not chunk:
+                raise _damaged_mnist(src, f"it ends after {total - remaining} of the {total} data bytes its header "
+                                          f"declares ({'x'.join(map(str, dims))})")
+            out.write(chunk)
+            remaining -= len(chunk)
+        if read(1):  # also makes gzip check the stream's CRC and length
+            raise _damaged_mnist(src, f"it holds more than the {total} data bytes its header declares")
+    return dims
+
+
+def _read_mnist_record(raw_dst: Path) -> dict[str, Any]:
+    try:
+        record = json.loads((raw_dst / MNIST_SOURCE_FILE).read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}  # not extracted yet, or by a version that did not record its sources
+    return record if isinstance(record, dict) else {}
+
+
+def _write_mnist_record(raw_dst: Path, record: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=raw_dst, prefix=MNIST_SOURCE_FILE, suffix=".part")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out, indent=1)
+        os.replace(tmp, raw_dst / MNIST_SOURCE_FILE)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _is_current(entry: Any, identity: dict[str, Any], copy: Path, ndim: int) -> bool:
+    """Whether a record's entry says ``copy`` came from the source of ``identity`` and has the
+    size of the shape it recorded."""
+    if not isinstance(entry, dict) or {k: entry.get(k) for k in identity} != identity:
+        return False
+    shape = entry.get("shape")
+    if not (isinstance(shape, list) and len(shape) == ndim
+            and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        return False
+    try:
+        return copy.stat().st_size == _idx_bytes(shape)
+    except OSError:
+        return False
+
+
 def _extract_mnist(data_root: str | Path | None, cache_dir: Path) -> Path:
-    """Decompress the four MNIST IDX files into ``cache_dir/MNIST/raw`` (atomically)."""
+    """Decompress the four MNIST IDX files into ``cache_dir/MNIST/raw``; returns ``cache_dir``.
+
+    The copies follow their sources: ``MNIST/raw/.source.json`` records each one's source file
+    (resolved path, size, modification time) and shape, and a copy is made again when its
+    source differs (another data root, a replaced file) or it has another size. A cache
+    without that record (made by an earlier version) is extracted again once. Each file is
+    checked against its IDX header while it is copied, into a temporary file renamed into
+    place, so a damaged source leaves nothing in the cache.
+
+    Raises
+    ------
+    DatasetNotFoundError
+        When MNIST is not found, a file is damaged (naming it), or a split's image and label
+        files hold different numbers of examples.
+    """
     raw_src = _find_mnist_raw(data_root)
     raw_dst = cache_dir / "MNIST" / "raw"
     raw_dst.mkdir(parents=True, exist_ok=True)
-    for name in _MNIST_FILES:
+    record = _read_mnist_record(raw_dst)
+    sources = {name: _mnist_source(raw_src, name) for name in _MNIST_FILES}
+    identities = {name: _mnist_identity(src) for name, src in sources.items()}
+    stale = [name for name in _MNIST_FILES
+             if not _is_current(record.get(name), identities[name], raw_dst / name, 3 if "images" in name else 1)]
+    if stale:
+        # forget the stale copies first: an interruption then leaves no entry that vouches for them
+        record = {name: record[name] for name in _MNIST_FILES if name in record and name not in stale}
+        _write_mnist_record(raw_dst, record)
+        for name in stale:  # another source's data, or damaged: not kept when the new copy fails
+            (raw_dst / name).unlink(missing_ok=True)
+    for name in stale:
         raise_if_cancelled()
-        dst = raw_dst / name
-        if dst.exists():
-            continue
-        src_plain, src_gz = raw_src / name, raw_src / (name + ".gz")
         fd, tmp = tempfile.mkstemp(dir=raw_dst, prefix=name, suffix=".part")
         try:
             with os.fdopen(fd, "wb") as out:
-                if src_plain.exists():
-                    with open(src_plain, "rb") as f:
-                        shutil.copyfileobj(f, out)
-                else:
-                    with gzip.open(src_gz, "rb") as f:
-                        shutil.copyfileobj(f, out)
-            os.replace(tmp, dst)
+                shape = _copy_idx(sources[name], out, "images" if "images" in name else "labels")
+            os.replace(tmp, raw_dst / name)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+        record[name] = dict(identities[name], shape=shape)
+        _write_mnist_record(raw_dst, record)
+    for split in ("train", "t10k"):
+        images, labels = record[f"{split}-images-idx3-ubyte"]["shape"], record[f"{split}-labels-idx1-ubyte"]["shape"]
+        if images[0] != labels[0]:
+            raise DatasetNotFoundError(f"MNIST in {raw_src} does not fit together: {split}-images-idx3-ubyte holds "
+                                       f"{images[0]} images, {split}-labels-idx1-ubyte {labels[0]} labels",
+                                       "MNIST", (raw_src,))
     return cache_dir
+
+
+def _forget_mnist_cache(cache_dir: Path) -> None:
+    """Remove the extracted MNIST copies and their record (after one failed to read)."""
+    raw_dst = cache_dir / "MNIST" / "raw"
+    for name in (MNIST_SOURCE_FILE, *_MNIST_FILES):
+        (raw_dst / name).unlink(missing_ok=True)
 
 
 def _split_indices(n_train: int, split: str, seed: int = 0) -> np.ndarray:
@@ -205,7 +347,14 @@ def load_mnist(split: str, data_root: str | Path | None = None, cache_dir: str |
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     root = _extract_mnist(data_root, Path(cache_dir or default_cache_dir()))
-    ds = MNIST(str(root), train=split != "test", download=False)
+    try:
+        ds = MNIST(str(root), train=split != "test", download=False)
+    except (RuntimeError, ValueError, TypeError, AssertionError, IndexError, OSError, EOFError) as exc:
+        # the copies were checked when they were made; one that fails now is removed, not kept
+        _forget_mnist_cache(root)
+        raise DatasetNotFoundError(f"MNIST copied from {_find_mnist_raw(data_root)} to {root / 'MNIST' / 'raw'} "
+                                   f"could not be read ({_one_line(exc)}); the copies were removed, "
+                                   f"load it again to extract them anew", "MNIST", (root,)) from None
     images = ds.data.unsqueeze(1).contiguous()
     labels = ds.targets.long()
     if split != "test":

@@ -7,6 +7,8 @@ import math
 import platform
 import reprlib
 import time
+import uuid
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -187,7 +189,60 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _save_state(run_dir: Path, net, ema, opt, gen: torch.Generator, step: int, wall: float, meta: dict) -> None:
+class DropoutRng:
+    """A run's own states of torch's global generators, which ``nn.Dropout`` draws from: the
+    CPU one, and the CUDA device's when the run trains there.
+
+    They start from the run's seed and are swapped in only around a training step's forward
+    pass (:meth:`active`), so that the dropout masks depend on the seed and the step alone
+    (not on whatever else uses the global generators), and are saved with the run's state, so
+    that a resumed run continues them exactly.
+    """
+
+    SALT = 0x6A09E667F3BCC908  # keeps these streams apart from the noise generator's (same seed)
+
+    def __init__(self, seed: int, device: str | torch.device = "cpu") -> None:
+        device = torch.device(device)
+        seed = (seed ^ self.SALT) % 2**64
+        self.cpu = torch.Generator().manual_seed(seed).get_state()
+        self.cuda_index: int | None = None
+        self.cuda: torch.Tensor | None = None
+        if device.type == "cuda":
+            self.cuda_index = device.index if device.index is not None else torch.cuda.current_device()
+            self.cuda = torch.Generator(device=torch.device("cuda", self.cuda_index)).manual_seed(seed).get_state()
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Draw from the run's states inside the block; the global ones are restored after it."""
+        outer_cpu = torch.get_rng_state()
+        outer_cuda = torch.cuda.get_rng_state(self.cuda_index) if self.cuda is not None else None
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.cuda_index)
+        try:
+            yield
+        finally:
+            self.cpu = torch.get_rng_state()
+            torch.set_rng_state(outer_cpu)
+            if self.cuda is not None:
+                self.cuda = torch.cuda.get_rng_state(self.cuda_index)
+                torch.cuda.set_rng_state(outer_cuda, self.cuda_index)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The states as a run's state tensors."""
+        return {"rng_dropout": self.cpu} | ({"rng_dropout_cuda": self.cuda} if self.cuda is not None else {})
+
+
+DROPOUT_RNG_KEYS = ("rng_dropout", "rng_dropout_cuda")
+"""State tensors of :class:`DropoutRng`; optional (a run saved before them, or on another device)."""
+STATE_METADATA_KEY = "rdc_run_state"
+"""The ``state.safetensors`` metadata entry that holds the run state saved with the tensors (JSON)."""
+
+
+def _save_state(run_dir: Path, net, ema, opt, gen: torch.Generator, dropout_rng: DropoutRng, step: int,
+                wall: float, meta: dict) -> None:
+    """Write ``state.safetensors`` (the tensors, with the run state as metadata) and then
+    ``state.json`` (a readable copy of that state); a ``save_id`` ties the two together."""
     tensors = {f"model.{k}": v for k, v in net.state_dict().items()}
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     opt_state = opt.state_dict()
@@ -196,8 +251,11 @@ def _save_state(run_dir: Path, net, ema, opt, gen: torch.Generator, step: int, w
             if torch.is_tensor(val):
                 tensors[f"opt.{pid}.{key}"] = val.reshape(-1) if val.dim() == 0 else val
     tensors["rng"] = gen.get_state()
-    atomic_save_tensors(run_dir / "state.safetensors", tensors)
-    state = dict(meta, step=step, wall_seconds=wall, param_groups=opt_state["param_groups"])
+    tensors.update(dropout_rng.tensors())
+    state = dict(meta, step=step, wall_seconds=wall, param_groups=opt_state["param_groups"],
+                 save_id=uuid.uuid4().hex)
+    # each file is replaced atomically, the pair is not: see _read_state for an interruption between them
+    atomic_save_tensors(run_dir / "state.safetensors", tensors, metadata={STATE_METADATA_KEY: json.dumps(state)})
     atomic_write_json(run_dir / "state.json", state)
 
 
@@ -223,7 +281,11 @@ def _read_state_json(run_dir: Path) -> dict[str, Any]:
         of another type (or a negative step or time).
     """
     path = run_dir / "state.json"
-    state = read_json_object(path, "run state")
+    return _check_state(read_json_object(path, "run state"), path)
+
+
+def _check_state(state: dict[str, Any], path: Path) -> dict[str, Any]:
+    """``state`` (read from ``path``) after checking :data:`STATE_KEYS` (ValueError naming ``path``)."""
     for key, (types, kind) in STATE_KEYS.items():
         if key not in state:
             raise ValueError(f"{path}: not a run state: it lacks {key!r}")
@@ -235,18 +297,76 @@ def _read_state_json(run_dir: Path) -> dict[str, Any]:
     return state
 
 
-def _read_state_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
-    """A run's ``state.safetensors`` (ValueError naming it when missing or unreadable)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+def _read_state_tensors(run_dir: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """A run's ``state.safetensors``: its tensors, and the run state saved with them (checked as
+    :func:`_read_state_json` does; None in a file written before they carried it).
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when it is missing or unreadable, or its run state is not valid.
+    """
+    from safetensors import SafetensorError, safe_open
 
     path = run_dir / "state.safetensors"
     if not path.exists():
         raise ValueError(f"{path}: missing; the run's state.json needs it to resume")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError) as exc:
         raise ValueError(f"{path}: not a readable safetensors file ({exc})") from None
+    if STATE_METADATA_KEY not in metadata:
+        return tensors, None
+    try:
+        state = json.loads(metadata[STATE_METADATA_KEY])
+    except (ValueError, RecursionError) as exc:
+        raise ValueError(f"{path}: the run state saved with the tensors is not valid JSON ({exc})") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: the run state saved with the tensors is not a JSON object")
+    return tensors, _check_state(state, path)
+
+
+def _describe_save(state: dict[str, Any] | None) -> str:
+    if state is None:
+        return "a save that records no run state"
+    run = state.get("run_id")
+    return f"{'run ' + str(run)[:8] if isinstance(run, str) else 'a run'} at step {state['step']}"
+
+
+def _read_state(run_dir: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], Path]:
+    """A run's saved state: ``state.json`` and the ``state.safetensors`` of the same save.
+
+    Each save writes the tensors (with the run state in their metadata) and then
+    ``state.json``, both with the same ``save_id``. When an interruption came between the
+    two, the tensors are newer than ``state.json`` (the same ``run_id``, a later step): the
+    state saved with them is used. Files written before the ``save_id`` (no id in
+    ``state.json``, no state in the tensors) are taken as a pair, as they always were.
+
+    Returns
+    -------
+    (the run state, the tensors, the file the state was read from)
+
+    Raises
+    ------
+    ValueError
+        Naming the file, when one is unreadable or invalid, or the two are not of one save
+        of one run (a ``state.safetensors`` copied from another run, or an older one).
+    """
+    json_path, tensors_path = run_dir / "state.json", run_dir / "state.safetensors"
+    state = _read_state_json(run_dir)
+    tensors, saved = _read_state_tensors(run_dir)
+    if saved is None and state.get("save_id") is None:
+        return state, tensors, json_path
+    if saved is not None and saved.get("save_id") is not None and saved.get("save_id") == state.get("save_id"):
+        return state, tensors, json_path
+    if (saved is not None and state.get("run_id") is not None and saved.get("run_id") == state.get("run_id")
+            and saved["step"] >= state["step"]):
+        return saved, tensors, tensors_path  # state.json was not rewritten after these tensors
+    raise ValueError(f"{tensors_path}: not saved together with {json_path.name}: it holds "
+                     f"{_describe_save(saved)}, state.json {_describe_save(state)} (a file copied from another "
+                     f"run or an earlier save); put back the pair of one save, or use a new --out")
 
 
 ADAM_UPDATE_KEYS = {"betas", "eps", "weight_decay", "amsgrad", "maximize", "decoupled_weight_decay"}
@@ -254,9 +374,12 @@ ADAM_UPDATE_KEYS = {"betas", "eps", "weight_decay", "amsgrad", "maximize", "deco
 
 
 def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.Tensor], net: Denoiser,
-                ema: Denoiser, opt: torch.optim.Optimizer, gen: torch.Generator) -> None:
-    """Load a run's checked state (:func:`_read_state_json`, :func:`_read_state_tensors`) into
-    a new run's objects, after checking that every tensor and optimizer group fits them.
+                ema: Denoiser, opt: torch.optim.Optimizer, gen: torch.Generator, dropout_rng: DropoutRng,
+                state_path: Path | None = None) -> None:
+    """Load a run's checked state (:func:`_read_state`, read from ``state_path``, by default
+    ``state.json``) into a new run's objects, after checking that every tensor and optimizer
+    group fits them. The dropout generators' states are optional: a run saved before they were
+    saved resumes with them as a new run starts them; a CUDA one is used only on CUDA.
 
     Raises
     ------
@@ -272,7 +395,10 @@ def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.T
     for pid in opt_ids & {str(i) for i in range(len(params))}:
         p = params[int(pid)]
         expected.update({f"opt.{pid}.step": torch.zeros(1), f"opt.{pid}.exp_avg": p, f"opt.{pid}.exp_avg_sq": p})
-    missing, unexpected = sorted(expected.keys() - tensors.keys()), sorted(tensors.keys() - expected.keys())
+    optional = dropout_rng.tensors()
+    missing = sorted(expected.keys() - tensors.keys())
+    unexpected = sorted(tensors.keys() - expected.keys() - set(DROPOUT_RNG_KEYS))
+    expected.update({k: v for k, v in optional.items() if k in tensors})
     mismatched = sorted(k for k in expected.keys() & tensors.keys()
                         if (tensors[k].shape, tensors[k].dtype) != (expected[k].shape, expected[k].dtype))
     problems = [f"{what} {_few(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected),
@@ -280,10 +406,11 @@ def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.T
     if problems:
         raise ValueError(f"{run_dir / 'state.safetensors'}: its tensors do not fit this network and optimizer: "
                          f"{'; '.join(problems)}")
+    state_path = state_path or run_dir / "state.json"
     fresh = json.loads(json.dumps(opt.state_dict()["param_groups"]))  # tuples as JSON lists
     saved = state["param_groups"]
     if len(saved) != len(fresh) or not all(isinstance(g, dict) for g in saved):
-        raise ValueError(f"{run_dir / 'state.json'}: 'param_groups' must be {len(fresh)} object(s), "
+        raise ValueError(f"{state_path}: 'param_groups' must be {len(fresh)} object(s), "
                          f"not {reprlib.repr(saved)}")
     for i, (group, ref) in enumerate(zip(saved, fresh)):
         lr = group.get("lr", ref["lr"])  # set every step; the other settings are Adam's defaults
@@ -292,7 +419,7 @@ def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.T
         bad = sorted(k for k in group.keys() & ref.keys() & (ADAM_UPDATE_KEYS | {"params"}) if group[k] != ref[k])
         bad += [] if isinstance(lr, (int, float)) and not isinstance(lr, bool) else ["lr"]
         if bad:
-            raise ValueError(f"{run_dir / 'state.json'}: param_groups[{i}] does not fit this optimizer (Adam "
+            raise ValueError(f"{state_path}: param_groups[{i}] does not fit this optimizer (Adam "
                              f"with its default update and a numeric lr) in {_few(bad)}")
     net.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
@@ -304,6 +431,10 @@ def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.T
     # keys a group saved by an older torch lacks take this one's defaults
     opt.load_state_dict({"state": opt_state, "param_groups": [dict(ref, **g) for ref, g in zip(fresh, saved)]})
     gen.set_state(tensors["rng"])
+    if "rng_dropout" in tensors:
+        dropout_rng.cpu = tensors["rng_dropout"]
+    if "rng_dropout_cuda" in tensors and dropout_rng.cuda is not None:
+        dropout_rng.cuda = tensors["rng_dropout_cuda"]
 
 
 RESUME_FIXED = ("batch_size", "seed", "dataset", "split", "examples")
@@ -313,8 +444,10 @@ RUN_CONTROL = ("threads", "checkpoint_minutes", "max_minutes")
 
 
 def _new_run(net_config: NetConfig, cfg: TrainConfig, device: str | torch.device = "cpu",
-             init_from: Denoiser | None = None) -> tuple[Denoiser, Denoiser, torch.optim.Adam, torch.Generator]:
-    """A run's network (seeded, or ``init_from``'s weights), its EMA copy, optimizer and noise generator."""
+             init_from: Denoiser | None = None
+             ) -> tuple[Denoiser, Denoiser, torch.optim.Adam, torch.Generator, DropoutRng]:
+    """A run's network (seeded, or ``init_from``'s weights), its EMA copy, optimizer, noise
+    generator and dropout generators."""
     gen = torch.Generator().manual_seed(cfg.seed)
     torch_state = torch.random.get_rng_state()
     torch.manual_seed(cfg.seed)  # parameter initialisation only; restored below
@@ -325,19 +458,20 @@ def _new_run(net_config: NetConfig, cfg: TrainConfig, device: str | torch.device
     ema = copy.deepcopy(net).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    return net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), gen
+    return net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), gen, DropoutRng(cfg.seed, device)
 
 
 def _resume(run_dir: Path, net_config: NetConfig, train_config: TrainConfig, dataset: TensorDataset,
-            net: Denoiser, ema: Denoiser, opt: torch.optim.Optimizer,
-            gen: torch.Generator) -> tuple[list[str], int, float]:
+            net: Denoiser, ema: Denoiser, opt: torch.optim.Optimizer, gen: torch.Generator,
+            dropout_rng: DropoutRng) -> tuple[list[str], dict[str, Any], Path]:
     """Check a run's saved state against these settings and load it into a new run's objects.
 
     Returns
     -------
-    (the changed settings, as :func:`check_resume` gives them; the saved step; its wall seconds)
+    (the changed settings, as :func:`check_resume` gives them; the saved state; the file it
+    was read from, as :func:`_read_state` gives them)
     """
-    prev = _read_state_json(run_dir)
+    prev, tensors, state_path = _read_state(run_dir)
     if prev["net"] != json.loads(json.dumps(net_config.to_dict())):
         raise ValueError(f"{run_dir}: existing run has a different network config; use a new --out")
     old = dict(prev["train"], dataset=prev.get("dataset"), split=prev.get("split"), examples=prev.get("examples"))
@@ -351,8 +485,8 @@ def _resume(run_dir: Path, net_config: NetConfig, train_config: TrainConfig, dat
         raise ValueError(f"{run_dir}: a resumed run keeps its data and batches, but these differ: "
                          f"{'; '.join(refused)}; use the run's settings, or a new --out (with --init-from "
                          f"to start from its model)")
-    _load_state(run_dir, prev, _read_state_tensors(run_dir), net, ema, opt, gen)
-    return changed, prev["step"], float(prev["wall_seconds"])
+    _load_state(run_dir, prev, tensors, net, ema, opt, gen, dropout_rng, state_path)
+    return changed, prev, state_path
 
 
 def check_resume(run_dir: str | Path, net_config: NetConfig, train_config: TrainConfig,
@@ -371,12 +505,20 @@ def check_resume(run_dir: str | Path, net_config: NetConfig, train_config: Train
     ValueError
         When the network differs, or a setting that fixes the data and the batches
         (:data:`RESUME_FIXED`; checked where the state records it), or, naming the file,
-        when ``state.json`` or ``state.safetensors`` is unreadable or does not fit.
+        when ``state.json`` or ``state.safetensors`` is unreadable or does not fit, or the two
+        are not of one save (:func:`_read_state`).
     """
     run_dir = Path(run_dir)
     if not (run_dir / "state.json").exists():
         return []
     return _resume(run_dir, net_config, train_config, dataset, *_new_run(net_config, train_config))[0]
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of an epoch's data order (as before for every seed torch takes unchanged;
+    a larger product wraps into torch's 64 bits)."""
+    value = seed * 100003 + epoch
+    return value if -2**63 <= value < 2**64 else value % 2**64
 
 
 def train(
@@ -414,11 +556,17 @@ def train(
             raise ValueError(f"--init-from {init_name or 'model'}: its network config "
                              f"{init_from.config.to_dict()} differs from the requested {net_config.to_dict()}")
         meta["init_from"] = init_name or "model"
-    net, ema, opt, gen = _new_run(net_config, cfg, device, init_from)
+    net, ema, opt, gen, dropout_rng = _new_run(net_config, cfg, device, init_from)
     step, wall = 0, 0.0
     if (run_dir / "state.json").exists():  # checked and loaded before anything is written
-        _, step, wall = _resume(run_dir, net_config, cfg, dataset, net, ema, opt, gen)
+        _, prev, state_path = _resume(run_dir, net_config, cfg, dataset, net, ema, opt, gen, dropout_rng)
+        step, wall = prev["step"], float(prev["wall_seconds"])
+        if state_path.name != "state.json":  # an interrupted save: its readable copy, as it should have been
+            atomic_write_json(run_dir / "state.json", prev)
+        # a run saved before runs had an id gets one
+        meta["run_id"] = prev["run_id"] if isinstance(prev.get("run_id"), str) else uuid.uuid4().hex
     else:
+        meta["run_id"] = uuid.uuid4().hex
         atomic_write_json(run_dir / "config.json", meta)
     n = len(dataset)
     steps_per_epoch = max(1, n // cfg.batch_size)
@@ -427,7 +575,7 @@ def train(
     labels = dataset.labels
     # the permutation position is derived from the step so resume continues the epoch
     perm_epoch = step // steps_per_epoch
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + perm_epoch))
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, perm_epoch)))
     last_ckpt = time.perf_counter()
     t_log, imgs_since = time.perf_counter(), 0
     start = time.perf_counter() - wall
@@ -436,15 +584,15 @@ def train(
     net.train()
     while step < total_steps:
         if cfg.max_minutes > 0 and time.perf_counter() - start > cfg.max_minutes * 60:
-            _save_state(run_dir, net, ema, opt, gen, step, time.perf_counter() - start, meta)
+            _save_state(run_dir, net, ema, opt, gen, dropout_rng, step, time.perf_counter() - start, meta)
             break
         if should_stop is not None and should_stop():
-            _save_state(run_dir, net, ema, opt, gen, step, time.perf_counter() - start, meta)
+            _save_state(run_dir, net, ema, opt, gen, dropout_rng, step, time.perf_counter() - start, meta)
             return
         epoch_idx, pos = divmod(step, steps_per_epoch)
         if epoch_idx != perm_epoch:
             perm_epoch = epoch_idx
-            perm = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100003 + perm_epoch))
+            perm = torch.randperm(n, generator=torch.Generator().manual_seed(_epoch_seed(cfg.seed, perm_epoch)))
         idx = perm[pos * cfg.batch_size:(pos + 1) * cfg.batch_size]
         x = images[idx].to(device).float() / 255.0
         y = labels[idx].to(device)
@@ -452,7 +600,8 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu" if str(device) == "cpu" else "cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
-            parts = diffusion_loss(net, x, y, gen, cfg.uncond_prob, cfg)
+            with dropout_rng.active():  # nn.Dropout draws from the global generators
+                parts = diffusion_loss(net, x, y, gen, cfg.uncond_prob, cfg)
         loss = parts.total
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -473,7 +622,7 @@ def train(
         imgs_since += x.shape[0]
         checkpointed = False
         if time.perf_counter() - last_ckpt > cfg.checkpoint_minutes * 60 or step == total_steps:
-            _save_state(run_dir, net, ema, opt, gen, step, time.perf_counter() - start, meta)
+            _save_state(run_dir, net, ema, opt, gen, dropout_rng, step, time.perf_counter() - start, meta)
             last_ckpt = time.perf_counter()
             checkpointed = True
         if step % log_every == 0 or step == total_steps or checkpointed:
@@ -513,9 +662,8 @@ def train(
 def export_from_state(run_dir: str | Path, out: str | Path, card_extra: dict[str, Any] | None = None) -> Path:
     """Write the EMA weights of an (unfinished) run's saved state as a checkpoint."""
     run_dir = Path(run_dir)
-    state = _read_state_json(run_dir)
+    state, tensors, _ = _read_state(run_dir)
     net = build_denoiser(NetConfig.from_dict(state["net"]))
-    tensors = _read_state_tensors(run_dir)
     net.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     from .data import CIFAR10_CLASSES, MNIST_CLASSES
 

@@ -100,3 +100,159 @@ def test_an_archive_with_other_class_folders_or_too_few_training_images_is_refus
         tar.add(other / "cifar10-jpeg", "cifar10-jpeg")
     with pytest.raises(DatasetNotFoundError, match="classes airplane, .*lorry, ship, not airplane"):
         load_dataset("cifar10", "test", root, cache)
+
+
+def _idx(shape: tuple[int, ...], data: bytes) -> bytes:
+    """An IDX file of uint8 data: magic 0x0000080N (N dimensions), the sizes, the data."""
+    header = (0x800 + len(shape)).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in shape)
+    return header + data
+
+
+def _mnist_files(label: int = 3, n_train: int = 3, n_test: int = 2) -> dict[str, bytes]:
+    """The four (uncompressed) MNIST files of a tiny set: images of pixel value 10 * index,
+    every label ``label``."""
+    def images(n: int) -> bytes:
+        return b"".join(bytes([10 * i]) * 784 for i in range(n))
+
+    return {"train-images-idx3-ubyte": _idx((n_train, 28, 28), images(n_train)),
+            "train-labels-idx1-ubyte": _idx((n_train,), bytes([label]) * n_train),
+            "t10k-images-idx3-ubyte": _idx((n_test, 28, 28), images(n_test)),
+            "t10k-labels-idx1-ubyte": _idx((n_test,), bytes([label]) * n_test)}
+
+
+def _fake_mnist(root, label: int = 3, **sizes):
+    """A data root holding a tiny MNIST (gzip-compressed) under MNIST/raw."""
+    import gzip
+
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True, exist_ok=True)
+    for name, data in _mnist_files(label, **sizes).items():
+        (raw / (name + ".gz")).write_bytes(gzip.compress(data))
+    return raw
+
+
+def _cache_files(cache) -> list[str]:
+    return sorted(p.name for p in (cache / "MNIST" / "raw").iterdir())
+
+
+_CACHED = sorted([".source.json", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte", "train-images-idx3-ubyte",
+                  "train-labels-idx1-ubyte"])
+
+
+def test_the_mnist_cache_follows_its_source(tmp_path, monkeypatch):
+    """Another data root, or a file replaced in one, is extracted again; the same source is not."""
+    import os
+
+    from rdc_studio.core import data
+
+    cache = tmp_path / "cache"
+    a, b = _fake_mnist(tmp_path / "a", label=3), _fake_mnist(tmp_path / "b", label=7)
+    assert load_dataset("mnist", "test", tmp_path / "a", cache).labels.tolist() == [3, 3]
+    assert load_dataset("mnist", "test", tmp_path / "b", cache).labels.tolist() == [7, 7]
+    assert load_dataset("mnist", "train-full", tmp_path / "a", cache).labels.tolist() == [3, 3, 3]
+    assert _cache_files(cache) == _CACHED  # no temporary files left
+
+    copies = []
+    copy_idx = data._copy_idx
+    monkeypatch.setattr(data, "_copy_idx", lambda src, *args: copies.append(src.name) or copy_idx(src, *args))
+    ds = load_dataset("mnist", "test", tmp_path / "a", cache)
+    assert copies == [] and ds.images[1].unique().tolist() == [10]  # the same source: served from the cache
+
+    other = _fake_mnist(tmp_path / "c", label=5)
+    (other / "t10k-labels-idx1-ubyte.gz").replace(a / "t10k-labels-idx1-ubyte.gz")
+    os.utime(a / "t10k-labels-idx1-ubyte.gz", ns=(1, 1))  # another file even where the clock hides a new mtime
+    assert load_dataset("mnist", "test", tmp_path / "a", cache).labels.tolist() == [5, 5]
+    assert copies == ["t10k-labels-idx1-ubyte.gz"]  # only the replaced file
+
+
+def test_an_mnist_cache_made_before_the_source_record_is_extracted_again(tmp_path):
+    """Copies without ``.source.json`` (an earlier version's, which kept the first data root's
+    files for good) are not trusted: they are extracted again once."""
+    _fake_mnist(tmp_path / "root", label=4)
+    raw = tmp_path / "cache" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name, content in _mnist_files(label=9).items():
+        (raw / name).write_bytes(content)
+    assert load_dataset("mnist", "test", tmp_path / "root", tmp_path / "cache").labels.tolist() == [4, 4]
+    assert _cache_files(tmp_path / "cache") == _CACHED
+
+
+def _truncated_gz(raw, name):
+    path = raw / (name + ".gz")
+    path.write_bytes(path.read_bytes()[:-30])
+
+
+def _bad_crc(raw, name):
+    path = raw / (name + ".gz")
+    content = bytearray(path.read_bytes())
+    content[-8] ^= 0xFF  # the gzip trailer's CRC-32
+    path.write_bytes(bytes(content))
+
+
+def _plain(change):
+    """Replace the .gz by an uncompressed file, changed by ``change``."""
+    def damage(raw, name):
+        (raw / (name + ".gz")).unlink()
+        (raw / name).write_bytes(change(_mnist_files()[name]))
+    return damage
+
+
+_DAMAGE = {
+    "truncated_gz": (_truncated_gz, ".gz", "Compressed file ended"),
+    "bad_crc": (_bad_crc, ".gz", "CRC check failed"),
+    "not_gzip": (lambda raw, name: (raw / (name + ".gz")).write_bytes(b"garbage"), ".gz", "Not a gzipped file"),
+    "truncated": (_plain(lambda b: b[:-100]), "", "it ends after 1468 of the 1568 data bytes its header declares"),
+    "too_long": (_plain(lambda b: b + b"\0"), "", "it holds more than the 1568 data bytes"),
+    "labels_magic": (_plain(lambda b: _idx((1568,), b[16:])), "", "not an IDX file of images .* 0x00000803"),
+    "short_header": (_plain(lambda b: b[:10]), "", "its IDX header is cut short"),
+    "empty": (_plain(lambda b: b""), "", "not an IDX file of images \\(it starts with 0xnothing"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_DAMAGE))
+def test_a_damaged_mnist_file_is_a_one_line_error_and_is_not_cached(tmp_path, case):
+    """A file that cannot be decompressed or does not fit its IDX header is named in one line;
+    no copy of it (nor the copy of the file it replaced) stays in the cache."""
+    from rdc_studio.core.data import DatasetNotFoundError
+
+    damage, suffix, problem = _DAMAGE[case]
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    raw = _fake_mnist(root)
+    assert len(load_dataset("mnist", "test", root, cache)) == 2  # a good copy first
+    damage(raw, "t10k-images-idx3-ubyte")
+    for _ in range(2):  # the same error again: nothing damaged was kept
+        with pytest.raises(DatasetNotFoundError, match=f"MNIST file {raw / 't10k-images-idx3-ubyte'}{suffix} "
+                                                       f"is damaged: {problem}") as exc:
+            load_dataset("mnist", "test", root, cache)
+        assert "\n" not in str(exc.value)
+        assert "t10k-images-idx3-ubyte" not in _cache_files(cache)
+        assert not [name for name in _cache_files(cache) if name.endswith(".part")]
+    _fake_mnist(root)  # repaired
+    (raw / "t10k-images-idx3-ubyte").unlink(missing_ok=True)
+    assert load_dataset("mnist", "test", root, cache).images[1].unique().tolist() == [10]
+
+
+def test_mnist_image_and_label_files_must_agree(tmp_path):
+    import gzip
+
+    from rdc_studio.core.data import DatasetNotFoundError
+
+    raw = _fake_mnist(tmp_path / "root")
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx((3,), bytes(3))))
+    with pytest.raises(DatasetNotFoundError, match="t10k-images-idx3-ubyte holds 2 images, t10k-labels-idx1-ubyte 3"):
+        load_dataset("mnist", "test", tmp_path / "root", tmp_path / "cache")
+
+
+def test_a_cached_mnist_copy_that_fails_to_read_is_removed(tmp_path):
+    from rdc_studio.core.data import DatasetNotFoundError
+
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _fake_mnist(root)
+    load_dataset("mnist", "test", root, cache)
+    copy = cache / "MNIST" / "raw" / "t10k-labels-idx1-ubyte"
+    copy.write_bytes(b"\0\0\x07\x01" + copy.read_bytes()[4:])  # the same size, an unknown data type
+    with pytest.raises(DatasetNotFoundError, match="could not be read .*the copies were removed") as exc:
+        load_dataset("mnist", "test", root, cache)
+    assert "\n" not in str(exc.value)
+    assert _cache_files(cache) == []
+    assert load_dataset("mnist", "test", root, cache).labels.tolist() == [3, 3]

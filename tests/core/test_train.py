@@ -262,10 +262,13 @@ def _set_group(**changes):
 
 def _set_tensors(change):
     def corrupt(run):
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
         tensors = load_file(str(run / "state.safetensors"))
-        save_file(change(tensors), str(run / "state.safetensors"))
+        with safe_open(str(run / "state.safetensors"), framework="pt") as f:
+            metadata = f.metadata()  # the run state saved with the tensors: still of the same save
+        save_file(change(tensors), str(run / "state.safetensors"), metadata=metadata)
     return corrupt
 
 
@@ -339,3 +342,134 @@ def test_a_run_saved_with_other_optimizer_implementation_flags_resumes(cli_run, 
     (run / "state.json").write_text(json.dumps(state))
     net_cfg, cfg = NetConfig.from_dict(state["net"]), TrainConfig(**state["train"])
     assert check_resume(run, net_cfg, cfg, _dataset()) == []
+
+
+def _quiet_cfg(**changes):
+    """:func:`_cfgs`' training settings, checkpointing only when stopped or done (not on the clock)."""
+    return TrainConfig(**{**vars(_cfgs()[1]), "checkpoint_minutes": 1e6, **changes})
+
+
+def _stop_after(n):
+    """A ``should_stop`` that lets ``n`` steps run."""
+    calls = {"n": 0}
+
+    def stop():
+        calls["n"] += 1
+        return calls["n"] > n
+    return stop
+
+
+def _assert_same_model(a, b):
+    wa = load_checkpoint(a / "model.safetensors").net.state_dict()
+    wb = load_checkpoint(b / "model.safetensors").net.state_dict()
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
+def test_dropout_training_is_reproducible_and_resumes_exactly(tmp_path):
+    """nn.Dropout draws from torch's global generator: the run keeps its own state of it (from
+    its seed, saved with the run), so the same seed gives the same weights whatever else drew
+    from the global generator, and an interrupted run resumes bit for bit."""
+    net_cfg = NetConfig(channels=(8, 16), head_channels=(4,), emb_dim=32, dropout=0.3)
+    cfg = _quiet_cfg()
+    torch.manual_seed(123)
+    outer = torch.get_rng_state()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "a"))
+    assert torch.equal(torch.get_rng_state(), outer)  # the caller's generator is left as it was
+    torch.rand(7)  # another state of the global generator: no effect on a run
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "b"))
+    _assert_same_model(tmp_path / "a", tmp_path / "b")
+    part = list(train(_dataset(), net_cfg, cfg, tmp_path / "c", log_every=1, should_stop=_stop_after(3)))
+    assert part[-1].step == 3
+    torch.rand(5)
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "c"))
+    _assert_same_model(tmp_path / "a", tmp_path / "c")
+    list(train(_dataset(), _cfgs()[0], cfg, tmp_path / "no-dropout"))  # the masks do change the result
+    with pytest.raises(AssertionError):
+        _assert_same_model(tmp_path / "a", tmp_path / "no-dropout")
+
+
+def test_a_save_interrupted_between_its_two_files_resumes_from_the_newer_tensors(tmp_path, monkeypatch):
+    """A second Ctrl-C between ``state.safetensors`` and ``state.json`` leaves newer tensors
+    beside an older state.json: the state saved with the tensors is used (and state.json is
+    rewritten), so the run still ends bit for bit where an uninterrupted one does."""
+    import rdc_studio.core.train as train_module
+
+    net_cfg, cfg = _cfgs()[0], _quiet_cfg()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "full"))
+    run = tmp_path / "torn"
+    list(train(_dataset(), net_cfg, cfg, run, should_stop=_stop_after(3)))
+    write_json = train_module.atomic_write_json
+
+    def interrupted(path, obj):
+        if str(path).endswith("state.json"):
+            raise KeyboardInterrupt  # after state.safetensors has been replaced
+        write_json(path, obj)
+
+    monkeypatch.setattr(train_module, "atomic_write_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        list(train(_dataset(), net_cfg, cfg, run, should_stop=_stop_after(2)))
+    monkeypatch.undo()
+    assert json.loads((run / "state.json").read_text())["step"] == 3  # the tensors are of step 5
+    assert check_resume(run, net_cfg, cfg, _dataset()) == []
+    rest = list(train(_dataset(), net_cfg, cfg, run, log_every=1))
+    assert rest[0].step == 6 and rest[-1].step == 8
+    _assert_same_model(tmp_path / "full", run)
+    assert json.loads((run / "state.json").read_text())["step"] == 8
+
+
+def test_a_state_safetensors_of_another_run_or_an_earlier_save_is_refused(tmp_path):
+    """state.json and state.safetensors must be of one save: tensors copied from another run,
+    or put back from an earlier save, are refused in one line before anything is written."""
+    from rdc_studio.core.cli import main
+
+    net_cfg, cfg = _cfgs()[0], _quiet_cfg()
+    run, other = tmp_path / "run", tmp_path / "other"
+    list(train(_dataset(), net_cfg, cfg, run, should_stop=_stop_after(3)))
+    list(train(_dataset(), net_cfg, _quiet_cfg(seed=2), other, should_stop=_stop_after(5)))
+    earlier = (run / "state.safetensors").read_bytes()
+    list(train(_dataset(), net_cfg, cfg, run, should_stop=_stop_after(2)))
+    run_id = json.loads((run / "state.json").read_text())["run_id"][:8]
+    other_id = json.loads((other / "state.json").read_text())["run_id"][:8]
+    for tensors, holds in (((other / "state.safetensors").read_bytes(), f"run {other_id} at step 5"),
+                           (earlier, f"run {run_id} at step 3")):
+        (run / "state.safetensors").write_bytes(tensors)
+        before = _snapshot(run)
+        expected = (re.escape(f"{run / 'state.safetensors'}: not saved together with state.json: it holds {holds}, "
+                              f"state.json run {run_id} at step 5") + " .*use a new --out")
+        for attempt in (lambda: check_resume(run, net_cfg, cfg, _dataset()),
+                        lambda: list(train(_dataset(), net_cfg, cfg, run)),
+                        lambda: export_from_state(run, tmp_path / "export.safetensors")):
+            with pytest.raises(ValueError, match=expected) as exc:
+                attempt()
+            assert "\n" not in str(exc.value)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr("rdc_studio.core.data.load_dataset", lambda *args, **kwargs: _dataset())
+            with pytest.raises(SystemExit, match="rdc: error: " + expected):
+                main(_CLI_TRAIN + ["--out", str(run)])
+        assert _snapshot(run) == before
+
+
+def test_a_run_saved_in_the_earlier_format_still_resumes_exactly(tmp_path):
+    """Run folders written before the two files were tied together (no run_id or save_id in
+    state.json; neither a run state nor the dropout generator in state.safetensors) resume
+    as they did, bit for bit without dropout, and are saved in the new format from then on."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    net_cfg, cfg = _cfgs()[0], _quiet_cfg()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "full"))
+    run = tmp_path / "old"
+    list(train(_dataset(), net_cfg, cfg, run, should_stop=_stop_after(3)))
+    state = json.loads((run / "state.json").read_text())
+    (run / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k not in ("run_id", "save_id")}))
+    tensors = load_file(str(run / "state.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k != "rng_dropout"}, str(run / "state.safetensors"))
+    assert check_resume(run, net_cfg, cfg, _dataset()) == []
+    list(train(_dataset(), net_cfg, cfg, run, should_stop=_stop_after(2)))
+    new = json.loads((run / "state.json").read_text())
+    with safe_open(str(run / "state.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["rdc_run_state"])["save_id"] == new["save_id"]
+    list(train(_dataset(), net_cfg, cfg, run))
+    _assert_same_model(tmp_path / "full", run)
