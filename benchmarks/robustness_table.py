@@ -41,7 +41,10 @@ examples all three attacked: its ``command`` is the list of their three commands
 measured in this run replace the rows with the same (defense, norm, eps, model_sha256,
 settings_sha256); all other rows stay. A row never gives way to one of fewer examples
 attacked with the same budget (say the CPU script's n = 60 over an H200's n = 100): the stored
-row stays, the script says so, and the smaller one is only in the run's table.md.
+row stays, the script says so, and the smaller one is only in the run's table.md. Nor does a
+row whose follow-up broke examples give way to a higher figure of other evaluations without a
+follow-up (another folder, a larger n): what an attack broke stays broken until the new row
+has a follow-up of its own.
 
 **Follow-up on the survivors** (``--follow-up``). Once a row has finished, its survivors
 are attacked again with the ensemble and a larger budget (``--follow-up-steps``,
@@ -424,9 +427,11 @@ def model_sha256(name_or_path: str) -> str:
         raise SystemExit(f"robustness_table: {exc}") from exc
 
 
-def settings_sha256(name_or_path: str) -> str:
+def settings_sha256(name_or_path: str, levels: int | None = None) -> str:
     """:func:`core.models.defense_settings_sha256` of the card of a bundled model name or
-    checkpoint path (the DC and RDC that ``rdc eval --model`` builds from it).
+    checkpoint path (the DC and RDC that ``rdc eval --model`` builds from it; with ``levels``,
+    ``--levels``: the card's classifier with that many noise levels, so that such rows never
+    share file names or a robustness.json row with the card's own settings).
 
     Raises
     ------
@@ -434,7 +439,10 @@ def settings_sha256(name_or_path: str) -> str:
         When there is no such model or its card is invalid.
     """
     try:
-        return defense_settings_sha256(read_card(name_or_path))
+        card = read_card(name_or_path)
+        if levels is not None:
+            card = card | {"classifier": dict(card.get("classifier") or {}, steps=levels)}
+        return defense_settings_sha256(card)
     except CheckpointError as exc:
         raise SystemExit(f"robustness_table: {exc}") from exc
 
@@ -444,7 +452,7 @@ def add_model_digests(args: argparse.Namespace) -> argparse.Namespace:
     now) and ``args.settings_sha256`` (the defense settings of ``--model``'s card now)."""
     args.model_sha256 = model_sha256(args.model)
     args.cnn_sha256 = model_sha256(args.cnn)
-    args.settings_sha256 = settings_sha256(args.model)
+    args.settings_sha256 = settings_sha256(args.model, getattr(args, "levels", None))
     return args
 
 
@@ -1208,6 +1216,24 @@ def _smaller_sample(stored: dict[str, Any] | None, row: dict[str, Any]) -> bool:
     return row["n"] <= stored["n"] and 1 not in signs and (row["n"] < stored["n"] or -1 in signs)
 
 
+def _follow_up_broke(row: dict[str, Any]) -> int:
+    """How many examples the follow-up stages of a robustness.json row broke."""
+    broke, stage = 0, row.get("follow_up")
+    while stage is not None:
+        broke += stage.get("broke") or 0
+        stage = stage.get("then")
+    return broke
+
+
+def undoes_follow_up(stored: dict[str, Any] | None, row: dict[str, Any]) -> bool:
+    """Whether ``row`` (the same :func:`result_key`, other commands: another folder, more
+    examples) would raise ``stored``'s figure by dropping the follow-up that broke some of its
+    examples. It does not replace the stored row: what an attack broke stays broken
+    (docs/architecture.md, evaluation rule 3) until a follow-up of the new row says otherwise."""
+    return (stored is not None and _follow_up_broke(stored) > 0 and stored["command"] != row["command"]
+            and not row.get("follow_up") and row["robust"] > stored["robust"])
+
+
 def smaller_than_stored(existing: list[dict[str, Any]],
                         measured: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any]]]:
     """The (stored, measured) pairs where the measured row is a smaller sample of the stored one
@@ -1224,13 +1250,14 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
     RDC), norm and eps, so the file changes only where the numbers do. A measured row without
     masking checks keeps those of the row it replaces (the same weights and settings), and one
     whose follow-up stages (none, or fewer) begin those of a row made by the same commands keeps
-    that row's follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`). A row made by the
-    same commands (and follow-ups) keeps its date."""
+    that row's follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`); a row whose
+    follow-up broke examples stays against a higher one without a follow-up
+    (:func:`undoes_follow_up`). A row made by the same commands (and follow-ups) keeps its date."""
     existing_by_key = {result_key(r): r for r in existing}
     incoming = {}
     for row in measured:
         old = existing_by_key.get(result_key(row))
-        if _smaller_sample(old, row):
+        if _smaller_sample(old, row) or undoes_follow_up(old, row):
             continue
         # checks not run by this invocation (--no-checks, --check-rows) are not checks that
         # failed to exist: the same measurement keeps the verdicts an earlier run recorded
@@ -1285,6 +1312,15 @@ def update_results(path: str | Path, measured: list[dict[str, Any]],
     reported on stderr, once per row for a caller that passes the same ``said`` set."""
     existing = load_results(path)
     said = set() if said is None else said
+    existing_by_key = {result_key(r): r for r in existing}
+    for row in measured:
+        old = existing_by_key.get(result_key(row))
+        if undoes_follow_up(old, row) and (result_key(row), "follow-up") not in said:
+            said.add((result_key(row), "follow-up"))
+            print(f"robustness_table: {_display_path(Path(path))} keeps its {row['key']} row: its follow-up broke "
+                  f"{_follow_up_broke(old)} example(s) that this run's row ({100 * row['robust']:.1f}% robust, no "
+                  f"follow-up) would count as robust; run it with --follow-up to replace it (it is in table.md)",
+                  file=sys.stderr)
     for old, row in smaller_than_stored(existing, measured):
         if (result_key(row), row["n"]) in said:
             continue
@@ -1350,9 +1386,12 @@ def _convergence_note(row: dict[str, Any]) -> str:
     if not doubled or evidence is None or not first:
         return ""
     which = "each" if len(doubled) == len(failed) else str(len(doubled))
+    # the steps the check compared are in its summary ("20 -> 40 steps: ..."), not the row's budget
+    compared = {m.group(1, 2) for c in doubled if (m := re.match(r"(\d+) -> (\d+) steps", c.get("summary", "")))}
+    pair = f"{first} with {2 * first}" if len(compared) != 1 else " with ".join(next(iter(compared)))
     survivors = f"{evidence['survivors']} survivor{'s' if evidence['survivors'] != 1 else ''}"
     times = "twice" if evidence["steps"] == 2 * evidence["before"] else "more than twice"
-    return (f"; {which} compares {first} with {2 * first} steps; at the final budget, APGD-CE with "
+    return (f"; {which} compares {pair} steps; at the final budget, APGD-CE with "
             f"{evidence['steps']} steps, {times} the {evidence['before']} of the stages before it, broke none of "
             f"the {survivors}")
 

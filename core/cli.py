@@ -934,6 +934,12 @@ def cmd_worst_case(args: argparse.Namespace) -> int:
     report["reports"] = [str(p) for p in args.reports]
     if follow_ups:
         report["follow_ups"] = [str(p) for p in args.follow_up]
+    largest = max(r["n"] for r in reports)
+    for path, r in zip(args.reports, reports):
+        if r["settings"].get("indices") and report["n"] < largest:  # typically a follow-up given as a report
+            print(f"rdc: warning: {path} attacked chosen examples (--indices), which narrowed the worst case to "
+                  f"{report['n']} of {largest} examples; if it attacked an earlier run's survivors, give it with "
+                  f"--follow-up", file=sys.stderr)
     print(worst_case_log(report), end="")
     if args.out:
         atomic_write_json(args.out, report)

@@ -371,6 +371,9 @@ def run_label(report: dict[str, Any]) -> str:
 DECISION_SETTINGS = ("dataset", "split", "defense", "classifier", "purify", "binarize")
 
 
+MAX_INDICES = 10_000_000
+
+
 def parse_indices(text: str) -> tuple[int, ...]:
     """Example indices from ``"1,13,28-30"`` (comma-separated indices and inclusive ranges),
     sorted and without repeats.
@@ -388,6 +391,8 @@ def parse_indices(text: str) -> tuple[int, ...]:
         lo, hi = int(first), int(last) if sep else int(first)
         if hi < lo:
             raise ValueError(f"indices: the range {part} runs backwards")
+        if hi - lo + len(picked) >= MAX_INDICES:  # checked before the range is built in memory
+            raise ValueError(f"indices: more than {MAX_INDICES:,} examples (no split has that many)")
         picked.update(range(lo, hi + 1))
     return tuple(sorted(picked))
 
@@ -405,6 +410,13 @@ def format_indices(indices) -> str:
     return ",".join(parts)
 
 
+def _purifier_label(purifier: dict[str, Any]) -> str:
+    """A report's purifier for a message (``the model itself`` when it has none)."""
+    if not purifier:
+        return "the model itself"
+    return str(purifier.get("name")) + (f" (sha256 {purifier['sha256'][:8]})" if purifier.get("sha256") else "")
+
+
 def _same_measurement(reports: list[dict[str, Any]], labels: list[str]) -> tuple[str, float]:
     """The threat model of ``reports`` after checking that they attack one model with one data
     split, decision settings and threat model (``ValueError`` naming the first that does not)."""
@@ -415,6 +427,10 @@ def _same_measurement(reports: list[dict[str, Any]], labels: list[str]) -> tuple
         if rep["model"].get("sha256") and base["model"].get("sha256") and rep["model"]["sha256"] != base["model"]["sha256"]:
             raise ValueError(f"{label}: model {rep['model']['name']} of other weights (sha256 "
                              f"{rep['model']['sha256'][:8]}, not {base['model']['sha256'][:8]})")
+        theirs, ours = (r["model"].get("purifier") or {} for r in (rep, base))
+        if bool(theirs) != bool(ours) or (theirs.get("sha256") and ours.get("sha256")
+                                          and theirs["sha256"] != ours["sha256"]):
+            raise ValueError(f"{label}: purified by {_purifier_label(theirs)}, not by {_purifier_label(ours)}")
         for key in DECISION_SETTINGS:
             if rep["settings"].get(key) != base["settings"].get(key):
                 raise ValueError(f"{label}: {key} {rep['settings'].get(key)!r} differs from "
@@ -705,11 +721,25 @@ def parse_state_text(text: str) -> StateFile:
     return StateFile(lines[0] if lines else "", settings if isinstance(settings, dict) else None, results)
 
 
+SCHEDULING_SETTINGS = ("batch_size", "device")
+"""Run settings that say how the work is scheduled, not what is computed (every example's
+attack is seeded by its index alone): a state resumes under others, as finished reports are
+reused (``benchmarks/robustness_table.py``'s ``same_results``)."""
+
+
+def _resume_identity(settings: Any) -> Any:
+    """``settings`` without :data:`SCHEDULING_SETTINGS` (what a resumed state must match)."""
+    if not isinstance(settings, dict):
+        return settings
+    return {k: v for k, v in settings.items() if k not in SCHEDULING_SETTINGS}
+
+
 class ResumeState:
     """Per-example results appended to a JSON-lines file, so a stopped run resumes.
 
     The file starts with a header line holding the run's settings; resuming with
-    different settings is refused, except that an unsharded run may grow: a state
+    different settings is refused (the batch size and device excepted:
+    :data:`SCHEDULING_SETTINGS`), except that an unsharded run may grow: a state
     written for the first ``n`` examples serves a run over more examples with
     otherwise equal settings (each example's attack is seeded by its index alone),
     as does a state of chosen ``indices`` for a run over more of them (a superset), and
@@ -761,7 +791,7 @@ class ResumeState:
     def _load(self, settings: dict[str, Any]) -> None:
         import json
 
-        same_settings = json.dumps({"settings": settings}, sort_keys=True)
+        same_settings = json.dumps({"settings": _resume_identity(settings)}, sort_keys=True)
         header = json.dumps({"settings": settings} | ({"weights": self.weights} if self.weights else {}),
                             sort_keys=True)
         text = _read_state_text(self.path)
@@ -777,7 +807,7 @@ class ResumeState:
             if not self.weights and isinstance(old, dict) and isinstance(old.get("weights"), dict):
                 # a run that could not digest its files keeps the record of those it was made on
                 header = json.dumps({"settings": settings, "weights": old["weights"]}, sort_keys=True)
-            old_settings = json.dumps({"settings": old.get("settings")}, sort_keys=True) if isinstance(old, dict) else ""
+            old_settings = json.dumps({"settings": _resume_identity(old.get("settings"))}, sort_keys=True)
             if not state.header_line or (old_settings != same_settings and not self._grows(state.header_line, settings)):
                 raise ValueError(f"{self.path}: state of a run with other settings; use another state file")
             # a state that recorded its weights (older ones did not) serves only the very same files
@@ -830,8 +860,9 @@ class ResumeState:
         if not isinstance(old, dict) or not isinstance(old.get("n"), int):
             return False
         unsharded = old.get("shard") == [0, 1] and list(settings.get("shard", [])) == [0, 1]
-        same = ({k: v for k, v in old.items() if k not in ("n", "indices")}
-                == json.loads(json.dumps({k: v for k, v in settings.items() if k not in ("n", "indices")})))
+        same = ({k: v for k, v in _resume_identity(old).items() if k not in ("n", "indices")}
+                == json.loads(json.dumps({k: v for k, v in _resume_identity(settings).items()
+                                          if k not in ("n", "indices")})))
         if not (unsharded and same and old["n"] < settings["n"]):
             return False
         if old.get("indices") is None and settings.get("indices") is None:

@@ -96,6 +96,19 @@ def _model_digest(name: str) -> str:
     return hashlib.sha256((ROOT / "resources" / "models" / f"{name}.safetensors").read_bytes()).hexdigest()
 
 
+def test_rows_with_other_noise_levels_never_share_files_or_rows_with_the_cards_settings(table, capsys):
+    """Before, --levels T gave the card's file names and robustness.json row (key and
+    settings_sha256): such a row replaced the model's own figure in the README."""
+    from rdc_studio.core.models import read_card
+
+    card_steps = read_card(DEFAULT_MODEL)["classifier"]["steps"]
+    assert table.settings_sha256(DEFAULT_MODEL, levels=card_steps) == table.settings_sha256(DEFAULT_MODEL)
+    other = table.settings_sha256(DEFAULT_MODEL, levels=card_steps // 2)
+    assert other != table.settings_sha256(DEFAULT_MODEL)
+    assert table.main(["--dry-run", "--rows", "dc-linf-0.3", "--levels", str(card_steps // 2)]) == 0
+    assert f"-s{other[:8]}" in capsys.readouterr().out
+
+
 def test_evaluation_files_are_named_after_the_model_files(table, capsys):
     """A retrained model gets new file names, so its table never reuses or resumes an old model's evaluation."""
     assert table.main(["--dry-run", "--rows", "cnn-linf-0.3,dc-linf-0.3", "--check-rows", "dc-*"]) == 0
@@ -866,9 +879,14 @@ def test_a_run_without_follow_up_keeps_the_follow_up_of_the_same_evaluations(tab
     other_chain = plain | {"robust": 0.06, "follow_up": {"n": 4, "broke": 1, "budget": {"square_queries": 500}}}
     [kept] = table.merge_results([followed], [other_chain])
     assert (kept["robust"], kept["follow_up"]) == (0.04, {"n": 4, "broke": 2})
-    # other evaluations (e.g. a larger n) are a new measurement: the old follow-up does not apply
-    [fresh] = table.merge_results([followed], [plain | {"command": ["x2", "y2", "z2"], "n": 100}])
-    assert fresh["robust"] == 0.08 and "follow_up" not in fresh
+    # other evaluations (e.g. a larger n) without a follow-up do not undo what the stored follow-up
+    # broke: the stored row stays (and the script says so) until the new row has its own follow-up
+    grown = plain | {"command": ["x2", "y2", "z2"], "n": 100}
+    assert table.merge_results([followed], [grown]) == [followed]
+    [fresh] = table.merge_results([followed], [grown | {"robust": 0.03}])  # no higher: a new measurement
+    assert fresh["robust"] == 0.03 and "follow_up" not in fresh
+    [refollowed] = table.merge_results([followed], [grown | {"follow_up": {"n": 8, "broke": 4}, "robust": 0.05}])
+    assert refollowed["robust"] == 0.05 and refollowed["follow_up"]["n"] == 8
 
 
 def test_a_smaller_sample_of_the_same_measurement_never_replaces_a_stored_row(table, tmp_path, capsys):
@@ -1033,6 +1051,10 @@ def test_final_budget_convergence_needs_a_doubled_apgd_stage_that_broke_none(tab
     note = table._convergence_note(row | {"follow_up": chain})
     assert note == ("; each compares 20 with 40 steps; at the final budget, APGD-CE with 200 steps, twice the 100 "
                     "of the stages before it, broke none of the 2 survivors")
+    # the steps come from the check itself (a --check-steps 50 check compared 50 with 100)
+    checked = {"checks": [dict(row["masking_checks"]["checks"][0], summary="50 -> 100 steps: 10.0% -> 6.0%, ...")]}
+    assert table._convergence_note(row | {"follow_up": chain, "masking_checks": checked}).startswith(
+        "; each compares 50 with 100 steps;")
     # not twice the steps of every stage before it
     short = _stage(ensemble, 100, 4, 2, _stage(["apgd-ce"], 150, 2, 0))
     assert table.final_budget_convergence(row | {"follow_up": short}) is None

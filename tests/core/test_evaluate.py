@@ -201,6 +201,28 @@ def test_a_resumed_state_says_which_revision_of_the_attacks_made_each_example(tm
     assert f"attack revision: {ATTACK_REVISION}\n" in robust_log(current)
 
 
+def test_a_state_resumes_under_another_batch_size_or_device_but_not_other_settings(tmp_path):
+    """How the work is scheduled is not what is computed (each example's attack is seeded by
+    its index): a CPU state of batch 1 resumes on a GPU in batches of 25, and grows there."""
+    from rdc_studio.core.evaluate import ExampleResult, ResumeState
+
+    path = tmp_path / "run.state.jsonl"
+    cpu = {"attack": "apgd-ce", "n": 2, "shard": [0, 1], "batch_size": 1, "device": "cpu"}
+    state = ResumeState(path, cpu)
+    state.add([ExampleResult(0, 7, True, True, 0.1, 1.0, 20)])
+    state.close()
+    gpu = cpu | {"batch_size": 25, "device": "cuda"}
+    resumed = ResumeState(path, gpu)
+    assert sorted(resumed.results) == [0]
+    resumed.close()
+    assert json.loads(path.read_text().splitlines()[0])["settings"] == gpu  # the header says the last run's
+    grown = ResumeState(path, gpu | {"n": 4, "batch_size": 50})
+    assert sorted(grown.results) == [0]
+    grown.close()
+    with pytest.raises(ValueError, match="other settings"):
+        ResumeState(path, gpu | {"n": 4, "attack": "pgd"})
+
+
 def test_indices_are_read_and_written_as_lists_and_ranges():
     import pytest
 
@@ -211,7 +233,7 @@ def test_indices_are_read_and_written_as_lists_and_ranges():
     assert format_indices([30, 1, 2, 3, 7, 8, 13]) == "1-3,7,8,13,30"
     for spelled in ("0", "4,9", "0-99", "1,13,28,35", "2-4,6-8,10"):
         assert format_indices(parse_indices(spelled)) == spelled
-    for bad, message in (("", "is not an index"), ("1,,2", "is not an index"), ("-3", "is not an index"),
+    for bad, message in (("0-99999999", "more than 10,000,000 examples"), ("", "is not an index"), ("1,,2", "is not an index"), ("-3", "is not an index"),
                          ("4-2", "runs backwards"), ("a", "is not an index"), ("1-", "is not an index")):
         with pytest.raises(ValueError, match=message):
             parse_indices(bad)
@@ -277,6 +299,14 @@ def test_follow_ups_count_where_they_attacked_and_do_not_narrow_the_worst_case(t
         worst_case_report([], follow_ups=[follow, follow])
     with pytest.raises(ValueError, match="threat model"):
         worst_case_report([bpda], follow_ups=[_report("bpda", [[0, 7, 1, 0]], eps=0.1)])
+    paired = _report("bpda", [[0, 7, 1, 0]])
+    paired["model"]["purifier"] = {"name": "uncond", "sha256": "ab" * 32}
+    with pytest.raises(ValueError, match="purified by uncond .sha256 abababab., not by the model itself"):
+        worst_case_report([bpda, paired])
+    other = _report("bpda", [[0, 7, 1, 0]])
+    other["model"]["purifier"] = {"name": "uncond", "sha256": "cd" * 32}
+    with pytest.raises(ValueError, match="purified by uncond .sha256 cdcdcdcd., not by uncond .sha256 abababab"):
+        worst_case_report([paired, other])
     # the command line
     paths = []
     for name, rep in (("smooth", smooth), ("bpda", bpda), ("follow", follow)):
@@ -291,6 +321,12 @@ def test_follow_ups_count_where_they_attacked_and_do_not_narrow_the_worst_case(t
     assert saved["follow_ups"] == [str(paths[2])] and saved["robust_acc"] == 0.25
     assert main(["worst-case", str(paths[1]), "--follow-up", str(paths[2])]) == 0
     assert "robust accuracy 50.00%" in capsys.readouterr().out
+    # a follow-up given as an ordinary report narrows the worst case to its examples: said so
+    follow["settings"]["indices"] = "0,1"
+    paths[2].write_text(json.dumps(follow))
+    assert main(["worst-case", str(paths[1]), str(paths[2])]) == 0
+    assert "follow.json attacked chosen examples (--indices), which narrowed the worst case to 2 of 4" in \
+        capsys.readouterr().err
 
 
 @pytest.mark.parametrize("change,message", [
