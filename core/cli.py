@@ -217,7 +217,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     stop = _StopOnSignals()  # finish the step, save state, exit
     extra = {"training_command": _command_line(),
              "data": f"{args.dataset} {args.split} split (data root {args.data_root or default_data_root()})"}
-    bar = None
+    bar = rec = None
     for rec in train(ds, net_cfg, train_cfg, args.out, card_extra=extra, should_stop=stop,
                      device=device, log_every=args.log_every, init_from=init_net, init_name=init_name):
         if bar is None:
@@ -239,7 +239,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 f.write(json.dumps(record, allow_nan=False) + "\n")
     if bar is not None:
         bar.close()
-    if stop():
+    if stop() and (rec is None or rec.step < rec.total_steps):  # a stop during the last step still finished
         print(f"stopped; state saved in {args.out} (re-run the same command to resume)", file=sys.stderr)
         return 130
     print(f"wrote {Path(args.out) / 'model.safetensors'}")

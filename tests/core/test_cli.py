@@ -1059,3 +1059,22 @@ def test_ood_calibrate_refuses_a_snapshot_before_scoring(monkeypatch):
     monkeypatch.setattr(ood, "score_images", lambda *a, **k: pytest.fail("scored before the check"))
     with pytest.raises(SystemExit, match="convert the snapshot first .rdc import-edm"):
         main(["ood-calibrate", "--model", str(snapshot), "--device", "cpu", "--n", "10"])
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_a_stop_during_the_last_training_step_reports_the_finished_model(tmp_path, monkeypatch, capsys):
+    """Before, a Ctrl-C that came during the last step (the model written) said "stopped;
+    re-run the same command to resume" with exit 130."""
+    import os
+    import signal
+
+    import rdc_studio.core.train as train_module
+
+    def finishing_with_a_stop(*args, **kwargs):
+        yield train_module.TrainStep(1, 2, 0.5, 1.0, 10.0, 1e-3, 0.1)
+        os.kill(os.getpid(), signal.SIGINT)  # arrives during the last step
+        yield train_module.TrainStep(2, 2, 1.0, 1.0, 10.0, 1e-3, 0.2)
+
+    monkeypatch.setattr(train_module, "train", finishing_with_a_stop)
+    assert main(["train", "--out", str(tmp_path / "run"), "--limit", "8", "--device", "cpu"]) == 0
+    assert f"wrote {tmp_path / 'run' / 'model.safetensors'}" in capsys.readouterr().out
