@@ -71,7 +71,7 @@ status=0
 # later only if that hangs.
 timeout -s TERM -k 30 "$seconds" python benchmarks/robustness_table.py "${args[@]}" || status=$?
 echo "robustness_table exit status $status after $(( $(date +%s) - start )) s"
-if ((status == 124)); then
+if ((status == 124 || status == 137)); then  # 137: the KILL 30 s later (state lines are written whole)
     echo "stopped at the time limit: run this command again (with $out_dir) to resume" >&2
     exit 124
 fi
