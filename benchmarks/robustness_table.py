@@ -1243,6 +1243,13 @@ def smaller_than_stored(existing: list[dict[str, Any]],
             if _smaller_sample(existing_by_key.get(result_key(row)), row)]
 
 
+def _with_follow_up_of(row: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with ``old``'s follow-up and the figures after it (:data:`FOLLOW_UP_FIGURES`),
+    and the older of their attack revisions (a row without one was made by revision 1)."""
+    revision = min(row.get("attack_revision", 1), old.get("attack_revision", 1))
+    return row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old} | {"attack_revision": revision}
+
+
 def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``existing`` rows with every row that has the :func:`result_key` of a ``measured`` row
     replaced by it (unless :func:`smaller_than_stored`: then the stored row stays), and the
@@ -1268,14 +1275,14 @@ def merge_results(existing: list[dict[str, Any]], measured: list[dict[str, Any]]
         # repeat (a run without --follow-up, or with fewer stages, that re-reads them): they stand
         if (old is not None and old["command"] == row["command"]
                 and extends_follow_up(old.get("follow_up"), row.get("follow_up"))):
-            row = row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old}
+            row = _with_follow_up_of(row, old)
         # another chain of follow-ups on the same evaluations (neither begins the other): what the
         # stored one broke stays broken, so the lower figures stand
         elif (old is not None and old["command"] == row["command"] and old.get("follow_up")
               and row.get("follow_up") and old.get("follow_up") != row.get("follow_up")
               and not extends_follow_up(row.get("follow_up"), old.get("follow_up"))
               and old["robust"] < row["robust"]):
-            row = row | {k: old[k] for k in FOLLOW_UP_FIGURES if k in old}
+            row = _with_follow_up_of(row, old)
         # a re-read of the same evaluations (and follow-up) measured nothing new: its date stands
         if (old is not None and "date" in old and old["command"] == row["command"]
                 and old.get("follow_up") == row.get("follow_up")):

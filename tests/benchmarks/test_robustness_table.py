@@ -875,6 +875,8 @@ def test_a_run_without_follow_up_keeps_the_follow_up_of_the_same_evaluations(tab
     plain = _result("rdc", "linf", 0.3, sha, robust=0.08, command=["x", "y", "z"], per_grad_mode={"bpda": 0.14})
     [kept] = table.merge_results([followed], [plain])
     assert (kept["robust"], kept["per_grad_mode"], kept["follow_up"]) == (0.04, {"bpda": 0.1}, {"n": 4, "broke": 2})
+    [kept] = table.merge_results([followed], [plain | {"attack_revision": 2}])
+    assert kept["attack_revision"] == 1  # the stored follow-up's (none recorded: revision 1)
     # another follow-up chain on the same evaluations does not make what the stored one broke robust again
     other_chain = plain | {"robust": 0.06, "follow_up": {"n": 4, "broke": 1, "budget": {"square_queries": 500}}}
     [kept] = table.merge_results([followed], [other_chain])
