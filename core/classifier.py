@@ -324,7 +324,7 @@ class DiffusionClassifier(nn.Module):
         Levels are visited in an interleaved order (a stratified subset of the grid at
         every step) and the partial weighted sum is rescaled to the full mass, so the
         estimate is comparable across steps; after the last step it equals
-        :meth:`forward`. ``level_errors`` of a record follow the visiting order (NaN for
+        :meth:`forward` (in deterministic mode; randomized mode draws other noise per call). ``level_errors`` of a record follow the visiting order (NaN for
         classes eliminated by progressive elimination).
         """
         noise = self.draw_noise()

@@ -478,7 +478,7 @@ def _load_cnn(name_or_path: str, device: str):
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from .baseline import is_cnn_checkpoint
-    from .images import ImageLoadError, load_for_model
+    from .images import ImageLoadError
     from .runtime import raise_if_cancelled
 
     _setup_threads(args)
@@ -507,13 +507,12 @@ def cmd_classify(args: argparse.Namespace) -> int:
     def classify_image(path: str) -> None:
         nonlocal status
         try:
-            arr = load_for_model(path, image_size, channels)
+            x = _read_input_image(path, image_size, channels)[0].to(device)  # as rdc attack and purify read it
         except ImageLoadError as exc:
             print(f"rdc: error: {exc}", file=sys.stderr)
             results.append({"image": path, "error": str(exc)})
             status = 1
             return
-        x = torch.from_numpy(arr).unsqueeze(0).to(device)
         t0 = time.perf_counter()
         with torch.no_grad():
             logits = classify(x)[0]
@@ -840,18 +839,35 @@ def _purify_settings(model, args: argparse.Namespace):
         raise SystemExit(f"rdc: error: purification settings: {exc}") from None
 
 
-def _load_input_image(path: str, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
-    """The image a command works on (a batch of one, on the 8-bit grid) and what converting
-    the file changed (:func:`core.images.conversion_changes`; empty when it is the file's pixels)."""
+def _read_input_image(path: str, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """The image a command works on (a batch of one, on the 8-bit grid, as a PNG holds it and
+    the attacks work) and what converting the file changed
+    (:func:`core.images.conversion_changes`; empty when it is the file's pixels).
+
+    Raises
+    ------
+    ImageLoadError
+        Naming the file, when it cannot be read or converted.
+    """
     from .images import ImageLoadError, conversion_changes, convert_image, load_image
 
+    img = load_image(path)
     try:
-        img = load_image(path)
         arr = convert_image(img, image_size, channels)
     except ImageLoadError as exc:
-        raise SystemExit(f"rdc: error: {exc if str(path) in str(exc) else f'{path}: {exc}'}") from None
-    x = torch.round(torch.from_numpy(arr).unsqueeze(0) * 255) / 255  # as a PNG holds it; the attacks work on this grid
+        raise ImageLoadError(exc if str(path) in str(exc) else f"{path}: {exc}") from None
+    x = torch.round(torch.from_numpy(arr).unsqueeze(0) * 255) / 255
     return x, conversion_changes(img, arr)
+
+
+def _load_input_image(path: str, image_size: int, channels: int) -> tuple[torch.Tensor, list[str]]:
+    """:func:`_read_input_image`, a file that cannot be read being a one-line error."""
+    from .images import ImageLoadError
+
+    try:
+        return _read_input_image(path, image_size, channels)
+    except ImageLoadError as exc:
+        raise SystemExit(f"rdc: error: {exc}") from None
 
 
 def cmd_purify(args: argparse.Namespace) -> int:

@@ -82,8 +82,9 @@ def log_weight_density(log_sigma: np.ndarray, weighting: str) -> np.ndarray:
 
     ``elbo``: w(s) = s^-3 per unit s, i.e. s^-2 per unit ln s (uniform in log-SNR for the
     noise-prediction error).
-    ``edm``: lambda(s) times the log-normal training density of ln s,
-    N(ln s; P_MEAN, P_STD^2) (correctly divided by P_STD^2).
+    ``edm``: lambda(s) times EDM's default log-normal training density of ln s,
+    N(ln s; P_MEAN, P_STD^2) (correctly divided by P_STD^2); a model trained with other
+    ``--p-mean``/``--p-std`` still gets EDM's defaults here.
     """
     if weighting == "elbo":
         return -2.0 * log_sigma

@@ -186,7 +186,8 @@ class LikelihoodMaximizer:
 
     def run(self, x: torch.Tensor, classifier: Callable[[torch.Tensor], torch.Tensor] | None = None,
             cancelled: Callable[[], bool] = lambda: False, estimate: bool = True) -> Iterator[PurifyStep]:
-        """Yield one :class:`PurifyStep` per step (step 0 is the input itself).
+        """Yield one :class:`PurifyStep` per step (step 0 is the input itself; nothing at all
+        when the settings take 0 steps).
 
         ``classifier`` (e.g. a DiffusionClassifier) adds the per-class logits of every
         intermediate image to the records; ``estimate`` adds the deterministic objective

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .classifier import ClassifierSettings, DiffusionClassifier
+from .data import check_image_batch
 from .nets import Denoiser
 from .purify import LikelihoodMaximizer, PurifySettings
 from .runtime import raise_if_cancelled
@@ -93,6 +94,8 @@ class RobustDiffusionClassifier(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.grad_mode == "dc-only":
             return self.classifier(x)
+        config = self.classifier.net.config  # as the DC: a 0-255 image would be clamped by the purification
+        check_image_batch(x, config.in_channels, config.image_size)
         needs_grad = torch.is_grad_enabled() and x.requires_grad
         if self.grad_mode in ("exact", "smooth") and needs_grad:
             return self.classifier(self.purify(x, create_graph=True, smooth_sign=self.grad_mode == "smooth"))

@@ -1078,3 +1078,21 @@ def test_a_stop_during_the_last_training_step_reports_the_finished_model(tmp_pat
     monkeypatch.setattr(train_module, "train", finishing_with_a_stop)
     assert main(["train", "--out", str(tmp_path / "run"), "--limit", "8", "--device", "cpu"]) == 0
     assert f"wrote {tmp_path / 'run' / 'model.safetensors'}" in capsys.readouterr().out
+
+
+def test_classify_reads_an_image_as_attack_and_purify_do(tiny_checkpoint, tmp_path, capsys):
+    """A converted image is classified on the 8-bit grid (as a PNG of it holds it, and as rdc
+    attack and rdc purify read it), so the three commands never give a borderline image two answers."""
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (56, 56)).astype(np.uint8)).save(tmp_path / "big.png")
+    from rdc_studio.core.images import load_for_model
+
+    converted = load_for_model(tmp_path / "big.png", 28, 1)
+    assert not np.array_equal(np.round(converted * 255) / 255, converted)  # the resize left the grid
+    Image.fromarray(np.round(converted[0] * 255).astype(np.uint8)).save(tmp_path / "small.png")
+    logits = []
+    for name in ("big.png", "small.png"):
+        assert main(["classify", str(tmp_path / name), "--model", str(tiny_checkpoint), "--levels", "2", "--json",
+                     "--device", "cpu"]) == 0
+        logits.append(json.loads(capsys.readouterr().out)["results"][0]["logits"])
+    assert logits[0] == pytest.approx(logits[1], abs=1e-6)

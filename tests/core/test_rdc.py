@@ -72,6 +72,14 @@ def test_modes_agree_on_values_and_dc_only_skips_purification(tiny_net):
                               atol=1e-4)
 
 
+@pytest.mark.parametrize("mode", ["exact", "bpda", "dc-only"])
+def test_the_rdc_refuses_images_outside_0_1_as_the_dc_does(tiny_net, mode):
+    """Before, a 0-255 image was clamped by the purification and classified without a word."""
+    rdc = RobustDiffusionClassifier(tiny_net, ClassifierSettings(steps=2), PurifySettings(steps=1), mode)
+    with torch.no_grad(), pytest.raises(ValueError, match=r"\[0, 1\]"):
+        rdc(_x(torch.float32) * 255)
+
+
 def test_bad_grad_mode(tiny_net):
     with pytest.raises(ValueError):
         RobustDiffusionClassifier(tiny_net, grad_mode="magic")
