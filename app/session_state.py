@@ -22,8 +22,8 @@ from ..core.choices import GRAD_MODES, real_number
 from ..core.classifier import ClassifyStep
 from ..core.ood import OodScore
 from ..core.purify import PurifySettings, PurifyStep
-from ..core.session import (SessionError, checked_array, checked_whole_numbers, decode_outcome, decode_purify_steps,
-                            encode_array, encode_outcome, encode_purify_steps)
+from ..core.session import (SessionError, checked_array, checked_object, checked_whole_numbers, decode_outcome,
+                            decode_purify_steps, encode_array, encode_outcome, encode_purify_steps)
 from .jobs import AttackOutcome
 
 EVENTS = ("image", "classification", "attack", "purification", "restored")
@@ -372,8 +372,7 @@ def _known_class(obj: dict[str, Any], num_classes: int, what: str) -> int | None
 
 def _purify_settings(value: Any, what: str) -> dict[str, Any]:
     """Purification settings as ``PurifySettings.to_dict()`` gives them (keys of other versions left out)."""
-    if not isinstance(value, dict):
-        raise SessionError(f"{what}'s purification settings must be an object, not {value!r:.60}")
+    checked_object(value, f"{what}'s purification settings")
     try:
         return PurifySettings(**{k: v for k, v in value.items() if k in PurifySettings.__dataclass_fields__}).to_dict()
     except (TypeError, ValueError) as exc:
@@ -410,8 +409,7 @@ def attack_trace_from_dict(obj: Any, classes: list[str], image_shape: tuple[int,
         Naming the field and the problem.
     """
     what = "the saved attack"
-    if not isinstance(obj, dict):
-        raise SessionError(f"{what} must be an object, not {obj!r:.60}")
+    checked_object(obj, what)
     k = len(classes)
     iterations = checked_whole_numbers(obj.get("iterations"), f"{what}'s iterations")
     n = len(iterations)
@@ -437,8 +435,7 @@ def attack_trace_from_dict(obj: Any, classes: list[str], image_shape: tuple[int,
                                                                      0.0, 1.0)
         latest = obj.get("latest")
         if latest is not None:
-            if not isinstance(latest, dict):
-                raise SessionError(f"{what}'s latest iterate must be an object, not {latest!r:.60}")
+            checked_object(latest, f"{what}'s latest iterate")
             latest = AttackIterate(
                 checked_whole_numbers([latest.get("iteration")], f"{what}'s latest iteration")[0],
                 checked_array(latest.get("image"), f"{what}'s latest iterate", image_shape, 0.0, 1.0),
@@ -462,8 +459,7 @@ def purification_trace_from_dict(obj: Any, classes: list[str],
         Naming the field and the problem.
     """
     what = "the saved purification"
-    if not isinstance(obj, dict):
-        raise SessionError(f"{what} must be an object, not {obj!r:.60}")
+    checked_object(obj, what)
     try:
         records = decode_purify_steps(obj.get("steps"), len(classes), image_shape)
     except SessionError as exc:
@@ -492,8 +488,7 @@ def saved_results(results: Any, classes: list[str], image_shape: tuple[int, int,
     SessionError
         When a saved trace is malformed: the message names the trace, the field and the problem.
     """
-    if not isinstance(results, dict):
-        raise SessionError(f"the session's results must be an object, not {results!r:.60}")
+    checked_object(results, "the session's results")
     saved = SavedResults()
     if results.get("attack_trace") is not None:
         saved.attack, saved.attack_of_input = attack_trace_from_dict(results["attack_trace"], classes, image_shape)

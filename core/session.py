@@ -238,6 +238,13 @@ def checked_whole_numbers(value: Any, what: str, length: int | None = None, lo: 
     return value
 
 
+def checked_object(value: Any, what: str) -> dict[str, Any]:
+    """``value`` when it is a JSON object, else a :class:`SessionError` naming ``what``."""
+    if not isinstance(value, dict):
+        raise SessionError(f"{what} must be an object, not {value!r:.60}")
+    return value
+
+
 def checked_flags(value: Any, what: str, length: int) -> list[bool]:
     """``value`` as a list of ``length`` booleans, else a :class:`SessionError` naming ``what``."""
     if not isinstance(value, list) or len(value) != length or not all(isinstance(v, bool) for v in value):
@@ -278,8 +285,7 @@ def decode_outcome(obj: Any, num_classes: int, image_shape: tuple[int, int, int]
     from .attacks import DefenseOutcome
 
     cls = cls or DefenseOutcome
-    if not isinstance(obj, dict):
-        raise SessionError(f"the attack's verdict must be an object, not {obj!r:.60}")
+    checked_object(obj, "the attack's verdict")
     for name in ("clean", "adversarial", "defense_probabilities", "linf", "l2", "labels", "attacked_prediction",
                  "attack_succeeded", "defense_recovered"):
         if name not in obj:
@@ -344,8 +350,7 @@ def decode_purify_steps(obj: Any, num_classes: int, image_shape: tuple[int, int,
     """
     from .purify import PurifyStep
 
-    if not isinstance(obj, dict):
-        raise SessionError(f"the purification's steps must be an object, not {obj!r:.60}")
+    checked_object(obj, "the purification's steps")
     for name in ("step", "total_steps", "sigma", "image", "objective", "linf", "l2", "logits", "objective_estimate"):
         if name not in obj:
             raise SessionError(f"the purification's steps lack {name!r}")

@@ -22,9 +22,8 @@ from rdc_studio.core.classifier import build_classifier  # noqa: E402
 from rdc_studio.core.data import CIFAR10_CLASSES, data_root_candidates, default_data_root  # noqa: E402
 from rdc_studio.core.defense import build_maximizer  # noqa: E402
 from rdc_studio.core.edm_import import import_edm  # noqa: E402
-from rdc_studio.core.models import load_checkpoint  # noqa: E402
 
-from test_main_window import isolate_settings  # noqa: E402 (tests/app is on sys.path)
+from test_main_window import isolate_settings, open_window  # noqa: E402 (tests/app is on sys.path)
 
 FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "edm"
 if not FIXTURES.exists():
@@ -52,12 +51,7 @@ def pair(tmp_path: Path) -> Path:
 @pytest.fixture
 def window(qtbot, pair, monkeypatch, tmp_path):
     isolate_settings(monkeypatch, tmp_path)
-    win = MainWindow(load_checkpoint(pair), steps=2)
-    errors = []
-    win.show_error = lambda title, text: errors.append((title, text))
-    win.errors = errors
-    qtbot.addWidget(win)
-    win.show()
+    win = open_window(qtbot, pair, steps=2)
     yield win
     win.runner.shutdown()
 

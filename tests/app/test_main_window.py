@@ -28,15 +28,21 @@ def isolate_settings(monkeypatch, tmp_path) -> None:
     QSettings("RDC Studio", "RDC Studio").clear()
 
 
-@pytest.fixture
-def window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
-    isolate_settings(monkeypatch, tmp_path)
-    win = MainWindow(load_checkpoint(tiny_checkpoint), steps=4)
+def open_window(qtbot, checkpoint, steps: int) -> MainWindow:
+    """A shown window on ``checkpoint`` whose error dialogs are recorded in ``win.errors``."""
+    win = MainWindow(load_checkpoint(checkpoint), steps=steps)
     errors = []
     win.show_error = lambda title, text: errors.append((title, text))
     win.errors = errors
     qtbot.addWidget(win)
     win.show()
+    return win
+
+
+@pytest.fixture
+def window(qtbot, tiny_checkpoint, monkeypatch, tmp_path):
+    isolate_settings(monkeypatch, tmp_path)
+    win = open_window(qtbot, tiny_checkpoint, steps=4)
     yield win
     win.runner.shutdown()
 

@@ -10,21 +10,14 @@ import pytest
 pytest.importorskip("pytestqt")
 
 from rdc_studio.app.main_window import MainWindow  # noqa: E402
-from rdc_studio.core.models import load_checkpoint  # noqa: E402
 
-from test_main_window import isolate_settings  # noqa: E402 (tests/app is on sys.path)
+from test_main_window import isolate_settings, open_window  # noqa: E402 (tests/app is on sys.path)
 
 WAIT_MS = 120000  # only a hang detector
 
 
 def new_window(qtbot, checkpoint) -> MainWindow:
-    win = MainWindow(load_checkpoint(checkpoint), steps=2)
-    errors = []
-    win.show_error = lambda title, text: errors.append((title, text))
-    win.errors = errors
-    qtbot.addWidget(win)
-    win.show()
-    return win
+    return open_window(qtbot, checkpoint, steps=2)
 
 
 @pytest.fixture

@@ -146,7 +146,8 @@ def test_the_mnist_cache_follows_its_source(tmp_path, monkeypatch):
     from rdc_studio.core import data
 
     cache = tmp_path / "cache"
-    a, b = _fake_mnist(tmp_path / "a", label=3), _fake_mnist(tmp_path / "b", label=7)
+    a = _fake_mnist(tmp_path / "a", label=3)
+    _fake_mnist(tmp_path / "b", label=7)
     assert load_dataset("mnist", "test", tmp_path / "a", cache).labels.tolist() == [3, 3]
     assert load_dataset("mnist", "test", tmp_path / "b", cache).labels.tolist() == [7, 7]
     assert load_dataset("mnist", "train-full", tmp_path / "a", cache).labels.tolist() == [3, 3, 3]
