@@ -1,7 +1,6 @@
 """A small discriminative CNN: the baseline for side-by-side comparison and transfer attacks."""
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass
@@ -15,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .data import TensorDataset, check_image_batch
-from .models import (CNN_FORMAT, CheckpointError, atomic_save_tensors, checkpoint_path,
-                     atomic_write_json, is_cnn_card, read_json_object)
+from .models import (CNN_FORMAT, CheckpointError, check_card_matches_weights, checkpoint_path, is_cnn_card,
+                     read_json_object, save_weights_and_card)
 
 
 class SmallCNN(nn.Module):
@@ -99,9 +98,7 @@ def save_cnn(path: str | Path, model: SmallCNN, card: dict[str, Any]) -> Path:
                 image_size=model.image_size)
     card.setdefault("name", path.stem)
     card.setdefault("classes", [str(i) for i in range(model.num_classes)])
-    atomic_save_tensors(path, model.state_dict(), metadata={"rdc_card": json.dumps(card)})
-    atomic_write_json(path.with_suffix(".json"), card)
-    return path
+    return save_weights_and_card(path, model.state_dict(), card)
 
 
 def is_cnn_checkpoint(name_or_path: str | Path | None) -> bool:
@@ -125,6 +122,7 @@ def load_cnn(name_or_path: str | Path = "mnist-cnn", device: str | torch.device 
     if not p.is_file():
         raise CheckpointError(f"{p}: the CNN checkpoint is not a regular file")
     card = read_json_object(p.with_suffix(".json"), "CNN's model card", CheckpointError)
+    check_card_matches_weights(p, card)
     if card.get("format") != CNN_FORMAT:
         raise CheckpointError(f"{p}: not a CNN checkpoint (format {card.get('format')!r})")
     shape = {key: card.get(key) for key in ("in_channels", "num_classes", "image_size")}

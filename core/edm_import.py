@@ -41,7 +41,8 @@ import torch
 
 from .edm_nets import (MODEL_DEFAULTS, MODEL_TYPES, PRECOND_CLASS_NAMES, PRECOND_DEFAULTS, EdmDenoiser,
                        EdmNetConfig)
-from .models import CheckpointError, LoadedModel, file_sha256, load_checkpoint, purifier_entry, save_checkpoint
+from .models import (CheckpointError, LoadedModel, file_sha256, load_checkpoint, purifier_entry, read_card,
+                     save_checkpoint)
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's legacy-format magic number
@@ -660,7 +661,14 @@ def _purifier_weights(purifier: str | Path, dest: Path, net: EdmDenoiser, comman
         if command:
             p_card["import_command"] = command
         p_cfg = p_net.config
+        if weights.exists() or weights.with_suffix(".json").exists():
+            if not _is_conversion_of(weights, p_card["source"]["sha256"]):
+                raise EdmImportError(f"{weights}: exists and is not a conversion of {purifier.name}, and the purifier "
+                                     f"would be written there; move it away, or convert the purifier on its own "
+                                     f"(rdc import-edm {purifier} --out FILE) and give FILE as --purifier")
+            p_net = None  # the same snapshot's conversion: kept as it is (another card may name it by sha256)
     else:
+        p_net = None  # used where it is
         loaded = load_checkpoint(purifier)
         weights, p_cfg = loaded.path, loaded.net.config
         if loaded.purifier is not None:
@@ -675,9 +683,19 @@ def _purifier_weights(purifier: str | Path, dest: Path, net: EdmDenoiser, comman
         raise EdmImportError(f"{purifier}: the purifier takes {p_cfg.in_channels}x{p_cfg.image_size}x"
                              f"{p_cfg.image_size} images, the classifier {cfg.in_channels}x{cfg.image_size}x"
                              f"{cfg.image_size}")
-    if purifier.suffix.lower() == ".pkl":
+    if p_net is not None:
         save_checkpoint(weights, p_net, p_card)
     return weights
+
+
+def _is_conversion_of(weights: Path, snapshot_sha256: str) -> bool:
+    """Whether ``weights`` is a readable checkpoint converted from the snapshot of that sha256."""
+    try:
+        card = read_card(weights)
+    except CheckpointError:
+        return False
+    source = card.get("source")
+    return isinstance(source, dict) and source.get("kind") == "edm-snapshot" and source.get("sha256") == snapshot_sha256
 
 
 def import_edm(source: str | Path, out: str | Path, command: str | None = None,
@@ -695,7 +713,8 @@ def import_edm(source: str | Path, out: str | Path, command: str | None = None,
         unconditional EDM snapshot). A ``.pkl`` is converted and written beside the
         output, named after the snapshot (``STEM.safetensors``), or ``STEM-purifier.safetensors``
         where that is the output itself (e.g. ``runA/`` and ``runB/network-snapshot-200000.pkl``
-        into one folder); a checkpoint is referenced where it is (and an output that would
+        into one folder); a file already there is kept when it is the same snapshot's
+        conversion (another card may name it by sha256) and refused otherwise; a checkpoint is referenced where it is (and an output that would
         overwrite it is refused). The card then names it (path relative to the card,
         sha256), so the pair loads as one model: the classifier classifies, the purifier's
         network purifies. No file is written before both networks are converted and checked.

@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -181,18 +181,57 @@ def read_json_object(path: str | Path, what: str, error: type[Exception] = Value
     return obj
 
 
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file`` through a temporary file, then rename."""
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                        before_publish: Callable[[], None] | None = None) -> None:
+    """``safetensors.torch.save_file`` through a temporary file, then rename.
+
+    ``before_publish``, if given, runs once the temporary file is complete and before the
+    rename (to write a companion file only after the slow, failure-prone write succeeded).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+        if before_publish is not None:
+            before_publish()
         publish_file(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+TENSORS_DIGEST_KEY = "tensors_sha256"
+"""The card entry that ties a JSON card to the weights it was written with (see
+:func:`save_weights_and_card`)."""
+
+
+def tensors_sha256(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 (hex) of named tensors: names, dtypes, shapes and bytes, in name order."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def save_weights_and_card(path: Path, tensors: dict[str, torch.Tensor], card: dict[str, Any]) -> Path:
+    """Write ``path`` (.safetensors, the card embedded) and its JSON card beside it as a pair.
+
+    Both copies of the card record :func:`tensors_sha256` of the weights. The weights are
+    written to a temporary file first, then the card is replaced, then the weights: a
+    failed write leaves the old pair, and an interruption between the two renames leaves
+    a card whose digest differs from the one embedded in the weights, which loading
+    refuses (:func:`check_card_matches_weights`) instead of pairing new weights with an
+    old card or the reverse.
+    """
+    card = dict(card)
+    card[TENSORS_DIGEST_KEY] = tensors_sha256(tensors)
+    atomic_save_tensors(path, tensors, metadata={"rdc_card": json.dumps(card)},
+                        before_publish=lambda: atomic_write_json(path.with_suffix(".json"), card))
+    return path
 
 
 def save_checkpoint(path: str | Path, net: Denoiser, card: dict[str, Any]) -> Path:
@@ -203,9 +242,7 @@ def save_checkpoint(path: str | Path, net: Denoiser, card: dict[str, Any]) -> Pa
     card["format_version"] = FORMAT_VERSION
     card["net"] = net.config.to_dict()
     card.setdefault("name", path.stem)
-    atomic_save_tensors(path, net.state_dict(), metadata={"rdc_card": json.dumps(card)})
-    atomic_write_json(path.with_suffix(".json"), card)
-    return path
+    return save_weights_and_card(path, net.state_dict(), card)
 
 
 def update_card(name_or_path: str | Path, key: str, value: Any) -> Path:
@@ -247,24 +284,58 @@ def read_card(name_or_path: str | Path | None = None) -> dict[str, Any]:
     return _read_card(resolve_model_path(name_or_path))
 
 
+def _embedded_card(weights: Path) -> Any:
+    """The card stored in the weights' safetensors metadata (any JSON value; checked by the caller)."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            meta = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from exc
+    if "rdc_card" not in meta:
+        raise CheckpointError(f"{weights}: no model card (neither {weights.with_suffix('.json').name} nor "
+                              f"embedded metadata)")
+    try:
+        return json.loads(meta["rdc_card"])
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"{weights}: the embedded model card is not valid JSON ({exc})") from exc
+
+
+def check_card_matches_weights(weights: Path, card: Mapping[str, Any]) -> None:
+    """Refuse a JSON card written for other weights than those beside it.
+
+    A card records the digest of the weights it was saved with (:data:`TENSORS_DIGEST_KEY`;
+    cards written before it existed record none and are accepted). The digest embedded in
+    the weights must be the same, else the pair is torn (a save interrupted between the
+    two files, or one of them copied over from elsewhere).
+    """
+    expected = card.get(TENSORS_DIGEST_KEY)
+    if expected is None:
+        return
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(weights), framework="pt") as f:
+            embedded = json.loads((f.metadata() or {}).get("rdc_card", "null"))
+    except (SafetensorError, OSError, ValueError, RecursionError):  # unreadable: the loader says why
+        return
+    found = embedded.get(TENSORS_DIGEST_KEY) if isinstance(embedded, dict) else None
+    if found != expected:
+        side = weights.with_suffix(".json").name
+        found_text = f"weights {found[:12]}" if isinstance(found, str) else "weights that record no digest"
+        raise CheckpointError(f"{weights}: the card {side} was written for other weights (card {str(expected)[:12]}, "
+                              f"{found_text}): a save was interrupted between the two files, or one was replaced; "
+                              f"save the model again, or delete {side} to use the card embedded in the weights")
+
+
 def _read_card(weights: Path) -> dict[str, Any]:
     side = weights.with_suffix(".json")
     if side.exists():
         card = read_json_object(side, "model card", CheckpointError)
+        check_card_matches_weights(weights, card)
     else:
-        try:
-            from safetensors import safe_open
-
-            with safe_open(str(weights), framework="pt") as f:
-                meta = f.metadata() or {}
-        except (SafetensorError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from exc
-        if "rdc_card" not in meta:
-            raise CheckpointError(f"{weights}: no model card (neither {side.name} nor embedded metadata)")
-        try:
-            card = json.loads(meta["rdc_card"])
-        except json.JSONDecodeError as exc:
-            raise CheckpointError(f"{weights}: the embedded model card is not valid JSON ({exc})") from exc
+        card = _embedded_card(weights)
     if isinstance(card, dict) and card.get("format") == CNN_FORMAT:
         raise CheckpointError(f"{weights}: the CNN baseline (a discriminative classifier), not a diffusion model; "
                               f"use it with rdc classify --model or as an attack's --cnn")

@@ -805,3 +805,30 @@ def test_an_output_over_a_purifier_checkpoint_is_refused(tmp_path: Path) -> None
     with pytest.raises(EdmImportError, match="overwrite"):
         import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", tmp_path / "uncond", purifier=uncond)
     assert uncond.read_bytes() == before
+
+
+def test_a_purifier_conversion_never_overwrites_another_file_and_reuses_its_own(tmp_path: Path) -> None:
+    from rdc_studio.core.models import file_sha256
+
+    out = tmp_path / "models"
+    out.mkdir()
+    stranger = import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", out / "vp-ddpmpp-uncond.safetensors")  # another model there
+    before = stranger.read_bytes(), stranger.with_suffix(".json").read_bytes()
+    with pytest.raises(EdmImportError, match="is not a conversion of vp-ddpmpp-uncond.pkl"):
+        import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", out / "cond", purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
+    assert (stranger.read_bytes(), stranger.with_suffix(".json").read_bytes()) == before
+    assert sorted(p.name for p in out.iterdir()) == ["vp-ddpmpp-uncond.json", "vp-ddpmpp-uncond.safetensors"]
+
+    stranger.unlink()
+    stranger.with_suffix(".json").write_text("{}")  # a stray card alone is not the conversion either
+    with pytest.raises(EdmImportError, match="is not a conversion"):
+        import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", out / "cond", purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
+    stranger.with_suffix(".json").unlink()
+
+    first = import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", out / "a", purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
+    purifier_file = out / "vp-ddpmpp-uncond.safetensors"
+    digest = file_sha256(purifier_file)
+    second = import_edm(FIXTURES / "vp-ddpmpp-cond.pkl", out / "b", purifier=FIXTURES / "vp-ddpmpp-uncond.pkl")
+    assert file_sha256(purifier_file) == digest  # reused, not rewritten: the first pair still loads
+    for path in (first, second):
+        assert load_checkpoint(path).purifier.path == purifier_file

@@ -106,11 +106,16 @@ def test_tensors_not_matching_config(tiny_checkpoint):
         load_checkpoint(tiny_checkpoint)
 
 
+def _card_of(path):
+    """The metadata that embeds a checkpoint's JSON card (weights rewritten by hand keep the pair whole)."""
+    return {"rdc_card": path.with_suffix(".json").read_text()}
+
+
 def test_missing_tensor(tmp_path, tiny_net):
     path = save_checkpoint(tmp_path / "m.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
     tensors = dict(tiny_net.state_dict())
     tensors.pop("conv_in.weight")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=_card_of(path))
     with pytest.raises(CheckpointError, match="missing.*conv_in.weight"):
         load_checkpoint(path)
 
@@ -235,7 +240,7 @@ def test_integer_weights_of_the_right_shape_are_refused(tmp_path, tiny_net):
     path = save_checkpoint(tmp_path / "i.safetensors", tiny_net, {"dataset": "mnist", "classes": list("0123456789")})
     tensors = {k: v.contiguous() for k, v in tiny_net.state_dict().items()}
     tensors["conv_in.weight"] = tensors["conv_in.weight"].to(torch.int8)
-    save_file(tensors, str(path))
+    save_file(tensors, str(path), metadata=_card_of(path))
     with pytest.raises(CheckpointError, match="conv_in.weight' is I8, the network holds torch.float32"):
         load_checkpoint(path)
 
@@ -400,3 +405,97 @@ def test_cnn_training_takes_at_least_one_step(n, epochs):
         model = done.value
     assert steps and steps[-1].step == steps[-1].total_steps >= 1
     assert model is not None
+
+
+def _perturbed(net, seed):
+    import copy
+
+    other = copy.deepcopy(net)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    return other
+
+
+def test_a_torn_card_and_weights_pair_is_refused_in_either_direction(tmp_path, tiny_net):
+    card = {"dataset": "mnist", "classes": list("0123456789")}
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_net, card)
+    old_card, old_weights = path.with_suffix(".json").read_bytes(), path.read_bytes()
+    save_checkpoint(path, _perturbed(tiny_net, 1), card)
+    new_card = path.with_suffix(".json").read_bytes()
+    path.with_suffix(".json").write_bytes(old_card)  # new weights, the old card
+    with pytest.raises(CheckpointError, match="written for other weights"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="written for other weights"):
+        read_card(path)
+    path.with_suffix(".json").write_bytes(new_card)
+    path.write_bytes(old_weights)  # the new card, the old weights
+    with pytest.raises(CheckpointError, match="delete m.json to use the card embedded"):
+        load_checkpoint(path)
+    path.with_suffix(".json").unlink()  # as the message says: the weights' own card
+    assert load_checkpoint(path).card["tensors_sha256"] == json.loads(old_card)["tensors_sha256"]
+
+
+def test_an_interruption_between_the_two_renames_is_detected_and_a_failed_write_keeps_the_old_pair(
+        tmp_path, tiny_net, monkeypatch):
+    import rdc_studio.core.models as models
+
+    card = {"dataset": "mnist", "classes": list("0123456789")}
+    path = save_checkpoint(tmp_path / "m.safetensors", tiny_net, card)
+    x, s = torch.randn(1, 1, 28, 28), torch.ones(1)
+    with torch.no_grad():
+        before = tiny_net.denoise(x, s)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "save_file", disk_full)
+        with pytest.raises(OSError):
+            save_checkpoint(path, _perturbed(tiny_net, 2), card)
+    with torch.no_grad():  # the weights failed before anything was replaced: the old pair, whole
+        assert torch.equal(load_checkpoint(path).net.denoise(x, s), before)
+
+    publish = models.publish_file
+
+    def killed_before_the_weights(tmp, target):
+        if str(target).endswith(".safetensors"):
+            raise KeyboardInterrupt
+        publish(tmp, target)
+
+    with monkeypatch.context() as m:
+        m.setattr(models, "publish_file", killed_before_the_weights)
+        with pytest.raises(KeyboardInterrupt):
+            save_checkpoint(path, _perturbed(tiny_net, 3), card)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.safetensors"]  # no .part left
+    with pytest.raises(CheckpointError, match="written for other weights"):
+        load_checkpoint(path)
+    save_checkpoint(path, _perturbed(tiny_net, 3), card)  # saving again mends it
+    load_checkpoint(path)
+
+
+def test_the_pair_digest_is_deterministic_survives_card_updates_and_old_cards_without_it_load(tmp_path, tiny_net):
+    card = {"name": "m", "dataset": "mnist", "classes": list("0123456789")}
+    a = save_checkpoint(tmp_path / "a.safetensors", tiny_net, card)
+    b = save_checkpoint(tmp_path / "b.safetensors", tiny_net, card)
+    assert a.read_bytes() == b.read_bytes()  # same weights and card: the same file, as before the digest
+    update_card_entries(a, {"metrics": {"val": 0.5}})
+    assert load_checkpoint(a).card["metrics"] == {"val": 0.5}
+    legacy = json.loads(a.with_suffix(".json").read_text())
+    del legacy["tensors_sha256"]
+    a.with_suffix(".json").write_text(json.dumps(legacy))
+    assert load_checkpoint(a).card["metrics"] == {"val": 0.5}
+
+
+def test_a_torn_cnn_pair_is_refused(tmp_path):
+    from rdc_studio.core.baseline import SmallCNN, load_cnn, save_cnn
+
+    torch.manual_seed(0)
+    path = save_cnn(tmp_path / "c.safetensors", SmallCNN(1, 10, 28), {"dataset": "mnist"})
+    old_card = path.with_suffix(".json").read_bytes()
+    load_cnn(path)
+    save_cnn(path, SmallCNN(1, 10, 28), {"dataset": "mnist"})
+    path.with_suffix(".json").write_bytes(old_card)
+    with pytest.raises(CheckpointError, match="written for other weights"):
+        load_cnn(path)
