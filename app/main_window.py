@@ -1076,6 +1076,7 @@ class MainWindow(QMainWindow):
         kind, self._job_kind = self._job_kind, ""
         self._job_ended()
         self._set_progress_format(f"failed at %v / %m {self.progress.format().split('%m ', 1)[-1]}")
+        self.state.fail(kind, message)
         view = self._views.get(kind)
         if view is not None:  # never leave a view saying that the job still runs
             view.failed()

@@ -68,6 +68,7 @@ class AttackTrace:
     path: str = ""  # the file the attacked image came from (the input's, or the one a derived image came from)
     image: np.ndarray | None = None  # the attacked image (C, H, W), as attacked (8-bit rounded)
     latest: AttackIterate | None = None  # the latest iterate, until the verdict replaces it
+    error: str = ""  # the error that ended the run, if one did (then there is no verdict)
 
 
 @dataclass
@@ -82,6 +83,7 @@ class PurificationTrace:
     image_id: str = ""  # unique among the window's images (see AttackTrace.image_id)
     path: str = ""  # the file the purified image came from, if any
     input_serial: int | None = None  # the serial of the input when the input itself was purified, else None
+    error: str = ""  # the error that ended the run, if one did (then it is not finished)
 
 
 class SessionState:
@@ -213,6 +215,20 @@ class SessionState:
         self.purification.finished = True
         self._notify("purification")
 
+    @staticmethod
+    def error_summary(error: str, limit: int = 200) -> str:
+        """The first line of a run's error, shortened to ``limit`` characters ("" for none)."""
+        lines = error.strip().splitlines()
+        line = lines[0] if lines else ""
+        return line if len(line) <= limit else line[:limit - 1] + "\u2026"
+
+    def fail(self, kind: str, message: str) -> None:
+        """The running ``"attack"`` or ``"purify"`` job ended with an error: its trace keeps
+        the message (a reopened session says that it failed and why, not that it was stopped)."""
+        trace = {"attack": self.attack, "purify": self.purification}.get(kind)
+        if trace is not None:
+            trace.error = message[:MAX_TEXT]
+
     # -- exports -----------------------------------------------------------------------
     def csv_rows(self) -> list[list[Any]]:
         """Probabilities, likelihood curves, OOD score, purification and attack curves and the
@@ -334,7 +350,7 @@ def attack_trace_to_dict(trace: AttackTrace, of_input: bool) -> dict[str, Any]:
             "latest": None if latest is None else {"iteration": latest.iteration, "image": encode_array(latest.image),
                                                    "prediction": latest.prediction},
             "source": trace.source, "known_class": trace.known_class, "settings": trace.settings,
-            "image_id": trace.image_id, "of_input": bool(of_input)}
+            "image_id": trace.image_id, "of_input": bool(of_input), "error": trace.error}
 
 
 def purification_trace_to_dict(trace: PurificationTrace, of_input: bool) -> dict[str, Any]:
@@ -342,7 +358,7 @@ def purification_trace_to_dict(trace: PurificationTrace, of_input: bool) -> dict
     replay shows each step's image; :func:`~rdc_studio.core.session.encode_purify_steps`)."""
     return {"steps": encode_purify_steps(trace.records), "finished": bool(trace.finished),
             "source": trace.source, "known_class": trace.known_class, "settings": trace.settings,
-            "image_id": trace.image_id, "of_input": bool(of_input)}
+            "image_id": trace.image_id, "of_input": bool(of_input), "error": trace.error}
 
 
 def _text(obj: dict[str, Any], key: str, what: str) -> str:
@@ -425,6 +441,9 @@ def attack_trace_from_dict(obj: Any, classes: list[str], image_shape: tuple[int,
             raise SessionError(f"{what}: {exc}") from None
     elif n == 0:
         raise SessionError(f"{what} has neither iterations nor a verdict")
+    error = _text(obj, "error", what)
+    if outcome is not None and error:
+        raise SessionError(f"{what} has both a verdict and an error")
     known = _known_class(obj, k, what)
     if outcome is not None and known is not None and int(outcome.labels[0]) != known:
         raise SessionError(f"{what}'s label {int(outcome.labels[0])} is not its known class {known}")
@@ -444,7 +463,7 @@ def attack_trace_from_dict(obj: Any, classes: list[str], image_shape: tuple[int,
                         outcome=outcome, source=_text(obj, "source", what), known_class=known,
                         settings=_attack_run_settings(obj.get("settings"), what),
                         image_id=_text(obj, "image_id", what), image=image,
-                        latest=latest)
+                        latest=latest, error=error)
     return trace, _flag(obj, "of_input", what)
 
 
@@ -465,6 +484,9 @@ def purification_trace_from_dict(obj: Any, classes: list[str],
     except SessionError as exc:
         raise SessionError(f"{what}: {exc}") from None
     finished = _flag(obj, "finished", what)
+    error = _text(obj, "error", what)
+    if finished and error:
+        raise SessionError(f"{what} is marked both finished and failed")
     if finished and records[-1].step != records[-1].total_steps:
         raise SessionError(f"{what} is marked finished but ends at step {records[-1].step} "
                            f"of {records[-1].total_steps}")
@@ -474,7 +496,7 @@ def purification_trace_from_dict(obj: Any, classes: list[str],
         raise SessionError(f"{what}'s settings say {settings['steps']} steps, its records {records[-1].total_steps}")
     trace = PurificationTrace(records=records, source=_text(obj, "source", what),
                               known_class=_known_class(obj, len(classes), what), finished=finished,
-                              settings=settings, image_id=_text(obj, "image_id", what))
+                              settings=settings, image_id=_text(obj, "image_id", what), error=error)
     return trace, _flag(obj, "of_input", what)
 
 

@@ -139,7 +139,10 @@ class AttackTab(QWidget):
             return
         if trace.latest is not None:
             self._show_latest()
-        self.stopped()
+        if trace.error:
+            self.failed()
+        else:
+            self.stopped()
 
     def _set_verdict(self, text: str, colour: str) -> None:
         self.verdict.setText(text)
@@ -229,7 +232,8 @@ class AttackTab(QWidget):
         self._set_verdict(f"Stopped after {done} iteration{'s' if done != 1 else ''}: no verdict.", NEUTRAL)
 
     def failed(self) -> None:
-        self._set_verdict("The attack failed with an error (see the message).", BAD)
+        error = self.state.error_summary(self.state.attack.error)
+        self._set_verdict("The attack failed with an error" + (f": {error}" if error else "."), BAD)
 
     def _on_purify_button_clicked(self) -> None:
         outcome = self.state.attack.outcome

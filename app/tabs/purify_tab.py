@@ -109,6 +109,8 @@ class PurifyTab(QWidget):
         self._draw(records)
         if self.state.purification.finished:
             self.finish(records)
+        elif self.state.purification.error:
+            self.failed()
         else:
             self.stopped()
 
@@ -165,7 +167,9 @@ class PurifyTab(QWidget):
         if self.records:  # the steps made can be replayed (and attacked)
             self.finish(self.records)
             self.view.title.setText(title)
-            self.view.caption.setText(f"{how} after step {done}; replay the steps made below.")
+            error = self.state.error_summary(self.state.purification.error) if how == "Failed" else ""
+            reason = f" ({error})" if error else ""
+            self.view.caption.setText(f"{how} after step {done}{reason}; replay the steps made below.")
         else:  # nothing of this run to show: not the last run's image either
             self.view.set_image(None, f"{how} before the first step.")
 

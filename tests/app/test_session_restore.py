@@ -199,6 +199,46 @@ def test_stopped_runs_reopen_stopped_with_the_steps_they_made(qtbot, window, fre
     assert other.state.attack.outcome is None and not other.state.purification.finished
 
 
+def test_failed_runs_reopen_failed_with_their_error_not_as_stopped(qtbot, window, fresh, tmp_path, monkeypatch):
+    import rdc_studio.app.main_window as main_window
+
+    def failing(job, after):
+        def run(*args, **kwargs):
+            for i, record in enumerate(job(*args, **kwargs)):
+                if i == after:
+                    raise RuntimeError("CUDA out of memory (on purpose)\nsecond line")
+                yield record
+        return run
+
+    monkeypatch.setattr(main_window, "attack_job", failing(main_window.attack_job, 2))
+    monkeypatch.setattr(main_window, "purify_job", failing(main_window.purify_job, 2))
+    open_image(qtbot, window, digit(), "digit")
+    window.attack_panel.steps.setValue(5)
+    window.purify_panel.steps.setValue(5)
+    for run in (window.run_attack, window.run_purification):
+        with qtbot.waitSignal(window.runner.failed, timeout=WAIT_MS):
+            run()
+        qtbot.waitUntil(lambda: window.runner.running_threads() == 0, timeout=WAIT_MS)
+    before, rows = shown(window), csv_rows(window, tmp_path / "before.csv")
+    assert before["verdict"][0] == "The attack failed with an error: RuntimeError: CUDA out of memory (on purpose)"
+    assert window.purify_view.title.text().startswith("<b>Failed")
+    assert "(RuntimeError: CUDA out of memory (on purpose))" in window.purify_view.caption.text()
+    path = tmp_path / "session.json"
+    assert window.save_session(str(path))
+    results = json.loads(path.read_text())["results"]
+    assert results["attack_trace"]["error"].startswith("RuntimeError: CUDA out of memory")
+    other = fresh()
+    reopen(qtbot, other, path)
+    assert shown(other) == before and csv_rows(other, tmp_path / "after.csv") == rows
+    assert other.state.attack.iterations == [1, 2] and not other.state.purification.finished
+
+    session = json.loads(path.read_text())  # contradictions are refused
+    session["results"]["purification_trace"]["finished"] = True
+    path.write_text(json.dumps(session))
+    assert not other.open_session(str(path))
+    assert "marked both finished and failed" in other.errors[-1][1]
+
+
 def test_a_binarised_attack_reopens_with_its_defense_named_and_purifies_the_binarised_image(qtbot, window, fresh,
                                                                                           tmp_path):
     open_image(qtbot, window, digit(), "digit")
