@@ -105,6 +105,34 @@ class NoiseEmbedding(nn.Module):
         return self.mlp(torch.cat([angles.cos(), angles.sin()], dim=1))
 
 
+class StreamDropout(nn.Module):
+    """Dropout that draws its masks from a generator it is given (:attr:`generator`), else
+    from torch's global one as ``nn.Dropout`` does.
+
+    Training gives every dropout layer of a network the run's own generator
+    (:meth:`Denoiser.set_dropout_generator`), so the masks depend on the run's seed and step
+    alone, whatever else draws random numbers in the process (another thread included).
+    On the CPU the masks and the result are those of ``nn.Dropout`` drawing from a global
+    generator in the same state. Parameter-free: checkpoints are unchanged.
+    """
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = float(p)
+        self.generator: torch.Generator | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.generator is None:
+            return F.dropout(x, self.p, True)
+        keep = torch.empty_like(x).bernoulli_(1 - self.p, generator=self.generator)
+        return x * keep.div_(1 - self.p)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 class ResBlock(nn.Module):
     """Pre-activation residual block with scale/shift conditioning on the embedding."""
 
@@ -114,7 +142,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * c_out)
         self.norm2 = nn.GroupNorm(_norm_groups(c_out), c_out)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = StreamDropout(dropout)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
@@ -293,6 +321,12 @@ class Denoiser(nn.Module):
         nn.init.zeros_(self.conv_out.bias)
 
     # -- raw network F -------------------------------------------------------------
+    def set_dropout_generator(self, generator: torch.Generator | None) -> None:
+        """Draw every dropout mask from ``generator`` (None: torch's global generator)."""
+        for module in self.modules():
+            if isinstance(module, StreamDropout):
+                module.generator = generator
+
     def _trunk(self, x: torch.Tensor, emb: torch.Tensor):
         h = self.conv_in(x)
         skips = []

@@ -8,10 +8,9 @@ import platform
 import reprlib
 import time
 import uuid
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 
@@ -190,47 +189,35 @@ def lr_at(step: int, total_steps: int, cfg: TrainConfig) -> float:
 
 
 class DropoutRng:
-    """A run's own states of torch's global generators, which ``nn.Dropout`` draws from: the
-    CPU one, and the CUDA device's when the run trains there.
+    """A run's own generator for its dropout masks, on the run's device.
 
-    They start from the run's seed and are swapped in only around a training step's forward
-    pass (:meth:`active`), so that the dropout masks depend on the seed and the step alone
-    (not on whatever else uses the global generators), and are saved with the run's state, so
-    that a resumed run continues them exactly.
+    It starts from the run's seed and is given to the network's dropout layers
+    (:meth:`~rdc_studio.core.nets.Denoiser.set_dropout_generator`), so the masks depend on
+    the seed and the step alone (not on whatever else draws random numbers, in this thread
+    or another), and its state is saved with the run's, so a resumed run continues it
+    exactly. A CPU run's masks are those of the runs that swapped this state into torch's
+    global generator around each step (saved as ``rng_dropout`` too): old runs resume as
+    they would have.
     """
 
     SALT = 0x6A09E667F3BCC908  # keeps these streams apart from the noise generator's (same seed)
 
     def __init__(self, seed: int, device: str | torch.device = "cpu") -> None:
         device = torch.device(device)
-        seed = (seed ^ self.SALT) % 2**64
-        self.cpu = torch.Generator().manual_seed(seed).get_state()
-        self.cuda_index: int | None = None
-        self.cuda: torch.Tensor | None = None
-        if device.type == "cuda":
-            self.cuda_index = device.index if device.index is not None else torch.cuda.current_device()
-            self.cuda = torch.Generator(device=torch.device("cuda", self.cuda_index)).manual_seed(seed).get_state()
-
-    @contextmanager
-    def active(self) -> Iterator[None]:
-        """Draw from the run's states inside the block; the global ones are restored after it."""
-        outer_cpu = torch.get_rng_state()
-        outer_cuda = torch.cuda.get_rng_state(self.cuda_index) if self.cuda is not None else None
-        torch.set_rng_state(self.cpu)
-        if self.cuda is not None:
-            torch.cuda.set_rng_state(self.cuda, self.cuda_index)
-        try:
-            yield
-        finally:
-            self.cpu = torch.get_rng_state()
-            torch.set_rng_state(outer_cpu)
-            if self.cuda is not None:
-                self.cuda = torch.cuda.get_rng_state(self.cuda_index)
-                torch.cuda.set_rng_state(outer_cuda, self.cuda_index)
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.key = "rng_dropout_cuda" if device.type == "cuda" else "rng_dropout"
+        self.generator = torch.Generator(device=device).manual_seed((seed ^ self.SALT) % 2**64)
 
     def tensors(self) -> dict[str, torch.Tensor]:
-        """The states as a run's state tensors."""
-        return {"rng_dropout": self.cpu} | ({"rng_dropout_cuda": self.cuda} if self.cuda is not None else {})
+        """The state as a run's state tensor."""
+        return {self.key: self.generator.get_state()}
+
+    def load(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a saved state, where the run's state holds one for this device (a
+        run saved before it was saved, or on another kind of device, starts it afresh)."""
+        if self.key in tensors:
+            self.generator.set_state(tensors[self.key])
 
 
 DROPOUT_RNG_KEYS = ("rng_dropout", "rng_dropout_cuda")
@@ -431,10 +418,7 @@ def _load_state(run_dir: Path, state: dict[str, Any], tensors: dict[str, torch.T
     # keys a group saved by an older torch lacks take this one's defaults
     opt.load_state_dict({"state": opt_state, "param_groups": [dict(ref, **g) for ref, g in zip(fresh, saved)]})
     gen.set_state(tensors["rng"])
-    if "rng_dropout" in tensors:
-        dropout_rng.cpu = tensors["rng_dropout"]
-    if "rng_dropout_cuda" in tensors and dropout_rng.cuda is not None:
-        dropout_rng.cuda = tensors["rng_dropout_cuda"]
+    dropout_rng.load(tensors)
 
 
 RESUME_FIXED = ("batch_size", "seed", "dataset", "split", "examples")
@@ -458,7 +442,9 @@ def _new_run(net_config: NetConfig, cfg: TrainConfig, device: str | torch.device
     ema = copy.deepcopy(net).eval()
     for p in ema.parameters():
         p.requires_grad_(False)
-    return net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), gen, DropoutRng(cfg.seed, device)
+    dropout_rng = DropoutRng(cfg.seed, device)
+    net.set_dropout_generator(dropout_rng.generator)  # after the copy: the EMA network never trains
+    return net, ema, torch.optim.Adam(net.parameters(), lr=cfg.lr), gen, dropout_rng
 
 
 def _resume(run_dir: Path, net_config: NetConfig, train_config: TrainConfig, dataset: TensorDataset,
@@ -600,8 +586,7 @@ def train(
         for g in opt.param_groups:
             g["lr"] = lr
         with torch.autocast("cpu" if str(device) == "cpu" else "cuda", dtype=torch.bfloat16, enabled=cfg.bf16):
-            with dropout_rng.active():  # nn.Dropout draws from the global generators
-                parts = diffusion_loss(net, x, y, gen, cfg.uncond_prob, cfg)
+            parts = diffusion_loss(net, x, y, gen, cfg.uncond_prob, cfg)
         loss = parts.total
         opt.zero_grad(set_to_none=True)
         loss.backward()

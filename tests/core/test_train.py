@@ -368,9 +368,9 @@ def _assert_same_model(a, b):
 
 
 def test_dropout_training_is_reproducible_and_resumes_exactly(tmp_path):
-    """nn.Dropout draws from torch's global generator: the run keeps its own state of it (from
-    its seed, saved with the run), so the same seed gives the same weights whatever else drew
-    from the global generator, and an interrupted run resumes bit for bit."""
+    """The dropout masks come from the run's own generator (from its seed, saved with the
+    run), so the same seed gives the same weights whatever else drew from the global
+    generator, and an interrupted run resumes bit for bit."""
     net_cfg = NetConfig(channels=(8, 16), head_channels=(4,), emb_dim=32, dropout=0.3)
     cfg = _quiet_cfg()
     torch.manual_seed(123)
@@ -388,6 +388,45 @@ def test_dropout_training_is_reproducible_and_resumes_exactly(tmp_path):
     list(train(_dataset(), _cfgs()[0], cfg, tmp_path / "no-dropout"))  # the masks do change the result
     with pytest.raises(AssertionError):
         _assert_same_model(tmp_path / "a", tmp_path / "no-dropout")
+
+
+def test_draws_from_the_global_generator_during_a_step_leave_the_dropout_masks_alone(tmp_path, monkeypatch):
+    """Another user of torch's global generator (another thread, or code inside the step)
+    cannot change a run: the masks are drawn from the run's generator, not the global one."""
+    import rdc_studio.core.train as train_module
+
+    net_cfg = NetConfig(channels=(8, 16), head_channels=(4,), emb_dim=32, dropout=0.3)
+    cfg = _quiet_cfg()
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "quiet"))
+    loss = train_module.diffusion_loss
+
+    def with_other_draws(*args, **kwargs):
+        torch.rand(11)  # as if another thread drew at this moment
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "diffusion_loss", with_other_draws)
+    list(train(_dataset(), net_cfg, cfg, tmp_path / "busy"))
+    _assert_same_model(tmp_path / "quiet", tmp_path / "busy")
+
+
+def test_the_runs_dropout_draws_the_masks_nn_dropout_draws_from_a_generator_in_the_same_state():
+    """On the CPU the generator-fed dropout gives nn.Dropout's result bit for bit (so runs
+    saved when the state was swapped into the global generator resume as they would have)."""
+    from rdc_studio.core.nets import StreamDropout
+
+    x = torch.randn(4, 8, 6, 6, requires_grad=True)
+    ours = StreamDropout(0.3).train()
+    ours.generator = torch.Generator().manual_seed(42)
+    theirs = torch.nn.Dropout(0.3).train()
+    outer = torch.get_rng_state()
+    torch.manual_seed(42)
+    expected = theirs(x)
+    torch.set_rng_state(outer)
+    got = ours(x)
+    assert torch.equal(got, expected) and torch.equal(torch.get_rng_state(), outer)
+    got.sum().backward()
+    assert torch.equal(x.grad, (got != 0).float() / 0.7)
+    assert torch.equal(ours.eval()(x), x)
 
 
 def test_a_save_interrupted_between_its_two_files_resumes_from_the_newer_tensors(tmp_path, monkeypatch):
