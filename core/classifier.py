@@ -483,6 +483,11 @@ def classifier_settings(model, preset: str | None = None, **overrides) -> Classi
                          f"(the settings: {', '.join(ClassifierSettings.__dataclass_fields__)}; the noise "
                          f"levels T are 'steps')")
     base = dict(model.classifier_defaults)
+    if unknown := sorted(set(base) - set(ClassifierSettings.__dataclass_fields__)):
+        # as for the card's purification settings: a misspelt key would otherwise be ignored silently
+        raise ValueError(f"the card's classifier entry has unknown setting{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(map(repr, unknown))} (the settings: "
+                         f"{', '.join(ClassifierSettings.__dataclass_fields__)})")
     name = preset if preset is not None else model.card.get("preset")
     if name:
         base.update(get_preset(name).classifier)

@@ -225,6 +225,8 @@ def _copy_idx(src: Path, out: BinaryIO, kind: str) -> list[int]:
             if not chunk:
                 raise _damaged_mnist(src, f"it ends after {total - remaining} of the {total} data bytes its header "
                                           f"declares ({'x'.join(map(str, dims))})")
+            if kind == "labels" and max(chunk) > 9:  # MNIST's ten digits; a larger one fails far later
+                raise _damaged_mnist(src, f"it holds the label {max(chunk)}, not a digit 0-9")
             out.write(chunk)
             remaining -= len(chunk)
         if read(1):  # also makes gzip check the stream's CRC and length
@@ -347,6 +349,8 @@ def load_mnist(split: str, data_root: str | Path | None = None, cache_dir: str |
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}")
     root = _extract_mnist(data_root, Path(cache_dir or default_cache_dir()))
+    for legacy in ("training.pt", "test.pt"):  # torchvision would read these instead of the checked copies
+        (root / "MNIST" / "processed" / legacy).unlink(missing_ok=True)
     try:
         ds = MNIST(str(root), train=split != "test", download=False)
     except (RuntimeError, ValueError, TypeError, AssertionError, IndexError, OSError, EOFError) as exc:

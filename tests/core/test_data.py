@@ -257,3 +257,26 @@ def test_a_cached_mnist_copy_that_fails_to_read_is_removed(tmp_path):
     assert "\n" not in str(exc.value)
     assert _cache_files(cache) == []
     assert load_dataset("mnist", "test", root, cache).labels.tolist() == [3, 3]
+
+
+def test_an_mnist_label_file_holding_a_label_beyond_nine_is_damaged(tmp_path):
+    import gzip
+
+    from rdc_studio.core.data import DatasetNotFoundError
+
+    raw = _fake_mnist(tmp_path / "root")
+    (raw / "t10k-labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx((2,), bytes([3, 200]))))
+    with pytest.raises(DatasetNotFoundError, match="t10k-labels-idx1-ubyte.gz is damaged: it holds the label 200"):
+        load_dataset("mnist", "test", tmp_path / "root", tmp_path / "cache")
+    assert "t10k-labels-idx1-ubyte" not in _cache_files(tmp_path / "cache")
+
+
+def test_stale_torchvision_files_in_the_cache_never_replace_the_checked_copies(tmp_path):
+    """torchvision's MNIST reads ``processed/*.pt`` when it finds them, before the raw files."""
+    root, cache = tmp_path / "root", tmp_path / "cache"
+    _fake_mnist(root, label=3)
+    processed = cache / "MNIST" / "processed"
+    processed.mkdir(parents=True)
+    for name in ("training.pt", "test.pt"):  # what an old torchvision left: other data
+        torch.save((torch.zeros(5, 28, 28, dtype=torch.uint8), torch.full((5,), 8)), processed / name)
+    assert load_dataset("mnist", "test", root, cache).labels.tolist() == [3, 3]

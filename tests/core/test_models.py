@@ -177,6 +177,8 @@ def _with_card(checkpoint, **changes):
     ({"classifier": {"sigma_min": "x"}}, "sigma_min must be a positive number"),
     ({"classifier": {"levels_per_pass": -3}}, "levels_per_pass must be a whole number"),
     ({"purify": {"optimizer": "bogus"}}, "settings are unusable"),
+    ({"purify": {"setps": 3}}, "settings are unusable .*setps"),
+    ({"classifier": {"levles": 16}}, "settings are unusable .*unknown setting 'levles'"),
     ({"preset": "nonexistent"}, "settings are unusable .*preset"),
     ({"ood_reference": {"settings": [1], "probabilities": [0, 1], "quantiles": [1, 2]}}, "settings are unusable"),
     ({"ood_reference": {"settings": {"levels": 2.5}, "probabilities": [0, 1], "quantiles": [1, 2]}},
