@@ -300,8 +300,10 @@ class DiffusionClassifier(nn.Module):
             yield done, estimate + self.log_prior, err
             if kept is None and done == screen and screen < t:
                 screened = estimate
-                # the selection is a (piecewise constant) part of the deployed classifier
-                kept = estimate.detach().topk(s.keep_classes, dim=1).indices
+                # the selection is a (piecewise constant) part of the deployed classifier; it ranks
+                # the logits as they are output (prior included), so an eliminated class stays
+                # below every kept one
+                kept = (estimate + self.log_prior).detach().topk(s.keep_classes, dim=1).indices
                 kept_acc, kept_mass = acc.gather(1, kept), mass_done
 
     def forward(self, x: torch.Tensor, per_class: bool = False) -> torch.Tensor:

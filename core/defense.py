@@ -191,8 +191,9 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
     kind
         ``cnn`` (the baseline named or given by ``cnn``), ``dc`` (``classifier`` itself)
         or ``rdc`` (likelihood maximisation with ``purify``, default: the model card's,
-        then a classifier with ``classifier``'s settings). The likelihood maximisation
-        uses the model's purifier network when its card names one (:func:`purifier_net`).
+        then ``classifier`` itself, with its prior and call limit). The likelihood
+        maximisation uses the model's purifier network when its card names one
+        (:func:`purifier_net`).
     model, classifier
         The loaded diffusion model and its classifier (not needed for ``cnn``).
     grad_mode
@@ -200,7 +201,8 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
         ``smooth``, ``bpda`` or ``dc-only``; the returned module's ``grad_mode``
         attribute holds the resolved mode.
     device
-        Where the module lives (default: the classifier's device, else CPU).
+        Where the module lives (default: the classifier's device, else CPU). The module
+        shares the model's networks and the classifier: another device moves them too.
     binarize
         A threshold in (0, 1): the defense sees its input binarised there, attacked through
         a straight-through gradient (:class:`InputBinarization`); None (default): as is.
@@ -234,7 +236,9 @@ def build_defense(kind: str, model: LoadedModel | None, classifier: DiffusionCla
     from .rdc import RobustDiffusionClassifier
 
     settings = purify if purify is not None else purify_settings(model)
-    return RobustDiffusionClassifier(model.net, classifier.settings, settings, grad_mode,
+    if classifier.net is not model.net:
+        raise ValueError("the rdc defense needs a classifier of the loaded model's network")
+    return RobustDiffusionClassifier(model.net, classifier, settings, grad_mode,
                                      purifier=purifier_net(model, settings)).to(device)
 
 

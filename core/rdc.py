@@ -57,15 +57,22 @@ def masked_gradient_warning(grad_mode: str, purify: PurifySettings) -> str | Non
 class RobustDiffusionClassifier(nn.Module):
     """LM (``purify``) then DC (``classifier``), with a selectable gradient mode."""
 
-    def __init__(self, net: Denoiser, classifier: ClassifierSettings | None = None,
+    def __init__(self, net: Denoiser, classifier: ClassifierSettings | DiffusionClassifier | None = None,
                  purify: PurifySettings | None = None, grad_mode: str = "exact",
                  purifier: Denoiser | None = None) -> None:
-        """``purifier``: the denoiser of the likelihood maximisation, when it is a separate
-        (unconditional) network, as in the paper's CIFAR-10 setup; default ``net``."""
+        """``classifier``: the settings of a new classifier on ``net``, or a classifier of
+        ``net`` used as it is (with its prior, call limit and generator); ``purifier``: the
+        denoiser of the likelihood maximisation, when it is a separate (unconditional)
+        network, as in the paper's CIFAR-10 setup; default ``net``."""
         super().__init__()
         if grad_mode not in GRAD_MODES + ("auto",):
             raise ValueError(f"grad_mode must be auto or one of {GRAD_MODES}, got {grad_mode!r}")
-        self.classifier = DiffusionClassifier(net, classifier)
+        if isinstance(classifier, DiffusionClassifier):
+            if classifier.net is not net:
+                raise ValueError("the classifier given must be one of the network given")
+            self.classifier = classifier
+        else:
+            self.classifier = DiffusionClassifier(net, classifier)
         self.maximizer = LikelihoodMaximizer(purifier if purifier is not None else net, purify)
         if purifier is not None and purifier is not net:
             self.purifier_net = purifier  # a submodule, so .to(device) moves it too

@@ -168,6 +168,27 @@ def test_progressive_elimination_keeps_the_leaders_exact(any_net, images):
     assert not np.isnan(steps[0].level_errors).any()
 
 
+def test_elimination_ranks_the_logits_with_the_prior_so_the_prior_favourite_is_kept_and_leads(any_net, images):
+    """The classes kept are the leaders of the output (prior included): a class the prior
+    makes the winner is measured in full, and no eliminated class ends above a kept one."""
+    settings = ClassifierSettings(steps=8, noise_seed=4, screen_levels=4, keep_classes=2)
+    without = DiffusionClassifier(any_net, ClassifierSettings(steps=8, noise_seed=4))
+    with torch.no_grad():
+        logits = without(images)  # the full quadrature, no prior
+    last = logits.argmin(1)  # each image's least likely class without a prior
+    out = []
+    for i in range(images.shape[0]):
+        favoured = torch.zeros(10)
+        favoured[last[i]] = float(logits[i].max() - logits[i].min()) + 5  # enough to win
+        clf = DiffusionClassifier(any_net, settings, log_prior=favoured)
+        full = DiffusionClassifier(any_net, ClassifierSettings(steps=8, noise_seed=4), log_prior=favoured)
+        with torch.no_grad():
+            got, exact = clf(images[i:i + 1])[0], full(images[i:i + 1])[0]
+        out.append(int(got.argmax()))
+        assert torch.allclose(got[last[i]], exact[last[i]], rtol=1e-5, atol=1e-3)  # kept: the full quadrature
+    assert out == last.tolist()
+
+
 def test_progressive_elimination_is_differentiable_and_validated(tiny_net, images):
     clf = DiffusionClassifier(tiny_net, ClassifierSettings(steps=6, screen_levels=2, keep_classes=2))
     x = images.clone().requires_grad_(True)

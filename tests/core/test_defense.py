@@ -56,6 +56,25 @@ def test_build_each_defense(tiny_checkpoint):
         build_defense("vit", model, clf)
 
 
+def test_the_rdc_classifies_with_the_classifier_it_is_given_prior_and_call_limit_included(tiny_checkpoint):
+    from rdc_studio.core.classifier import DiffusionClassifier
+
+    model = load_checkpoint(tiny_checkpoint)
+    prior = torch.full((10,), -30.0)
+    prior[4] = 0.0  # a prior that decides alone
+    clf = DiffusionClassifier(model.net, build_classifier(model, "cpu", steps=2).settings, log_prior=prior,
+                              max_network_inputs=3)
+    p = purify_settings(model, steps=1)
+    rdc = build_defense("rdc", model, clf, purify=p)
+    assert rdc.classifier is clf and rdc.classifier.max_network_inputs == 3
+    x = torch.rand(2, 1, 28, 28)
+    with torch.no_grad():
+        assert rdc(x).argmax(1).tolist() == [4, 4] == clf(x).argmax(1).tolist()
+    other = copy.deepcopy(model.net)
+    with pytest.raises(ValueError, match="loaded model's network"):
+        build_defense("rdc", model, DiffusionClassifier(other, clf.settings), purify=p)
+
+
 def test_binarized_defense_sees_a_thresholded_image_and_passes_gradients_straight_through(tiny_checkpoint):
     model = load_checkpoint(tiny_checkpoint)
     clf = build_classifier(model, "cpu", steps=2)
