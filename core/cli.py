@@ -979,9 +979,17 @@ def _build_defense(kind: str, model, clf, args: argparse.Namespace):
     return defense
 
 
-def cmd_attack(args: argparse.Namespace) -> int:
-    import resource
+def _peak_rss_mb() -> float | None:
+    """This process's peak resident memory in MB (10^6 bytes); None where the OS does not say (Windows)."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1e6 if sys.platform == "darwin" else peak * 1024 / 1e6  # bytes on macOS, KiB on Linux
 
+
+def cmd_attack(args: argparse.Namespace) -> int:
     from .attacks import AttackSettings, attack, run_to_end
     from .defense import attack_threshold
     from .images import save_png_atomic
@@ -1055,7 +1063,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     adv_pred = int(adv_logits.argmax(1))
     if args.out:
         save_png_atomic(result.adversarial[0].cpu().numpy(), args.out, source=args.image)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = _peak_rss_mb()
     report = {
         "image": args.image, "input_conversion": changes, "out": args.out, "model": model_name, "defense": args.defense, "attack": args.attack,
         "grad": grad if args.defense == "rdc" else None, "binarize": args.binarize, "settings": settings.to_dict(),
@@ -1076,8 +1084,8 @@ def cmd_attack(args: argparse.Namespace) -> int:
     verdict = "attack succeeded" if report["success"] else "attack failed"
     print(f"{verdict}: {classes[label]} -> {classes[adv_pred]}  linf {report['linf']:.4f} "
           f"l2 {report['l2']:.3f}  {seconds:.1f} s ({iterations_run} iterations, "
-          f"{report['seconds_per_iteration']:.2f} s/iter), "
-          f"peak RSS {peak_mb:.0f} MB")
+          f"{report['seconds_per_iteration']:.2f} s/iter)"
+          + (f", peak RSS {peak_mb:.0f} MB" if peak_mb is not None else ""))
     return 0
 
 
