@@ -111,6 +111,39 @@ class ExampleResult:
     # core.attacks.ATTACK_REVISION of the code that attacked it (None: a state line written before
     # lines recorded it, counted as revision 1); not part of the result
     attack_revision: int | None = field(default=None, compare=False)
+    # sha256 of the example's stored image (uint8 bytes) as attacked, so a state resumed on other
+    # data is refused (None: a line written before lines recorded it); not part of the result
+    image_sha256: str | None = field(default=None, compare=False)
+
+
+def example_image_sha256(dataset: TensorDataset, index: int) -> str:
+    """The sha256 (hex) of example ``index``'s stored image: its uint8 bytes, (C, H, W) order."""
+    import hashlib
+
+    return hashlib.sha256(dataset.images[index].contiguous().numpy().tobytes()).hexdigest()
+
+
+def check_state_examples(path: str | Path, results: dict[int, ExampleResult], dataset: TensorDataset) -> None:
+    """Refuse a resumed state whose examples are not this dataset's: every line's label, and
+    its image digest where it recorded one, must be those of the example of its index.
+
+    Raises
+    ------
+    ValueError
+        Naming the state file and the first example that differs.
+    """
+    for index in sorted(results):
+        r = results[index]
+        if not 0 <= index < len(dataset):
+            problem = f"its example {index} is beyond the {len(dataset)} examples of this data"
+        elif int(dataset.labels[index]) != r.label:
+            problem = f"its example {index} is labelled {r.label}, this data's {int(dataset.labels[index])}"
+        elif r.image_sha256 is not None and r.image_sha256 != example_image_sha256(dataset, index):
+            problem = f"its example {index} is another image than this data's"
+        else:
+            continue
+        raise ValueError(f"{path}: state of a run on other data ({problem}; another --data-root?); "
+                         f"use another state file")
 
 
 @dataclass(frozen=True)
@@ -300,7 +333,8 @@ def _attack_batches(model: torch.nn.Module, dataset: TensorDataset, indices: lis
         each = (time.perf_counter() - batch_start) / len(batch)
         done += len(batch)
         yield RobustEvalStep(done, len(indices),
-                             tuple(ExampleResult(*row, seconds=each, attack_revision=ATTACK_REVISION) for row in rows),
+                             tuple(ExampleResult(*row, seconds=each, attack_revision=ATTACK_REVISION,
+                                                 image_sha256=example_image_sha256(dataset, row[0])) for row in rows),
                              time.perf_counter() - start, seconds, queries)
 
 
@@ -838,7 +872,7 @@ class ResumeState:
                 row = asdict(r)
                 if row["broken_by"] is None:  # single attacks keep their old line format
                     del row["broken_by"]
-                for optional in ("seconds", "attack_revision"):
+                for optional in ("seconds", "attack_revision", "image_sha256"):
                     if row[optional] is None:
                         del row[optional]
                 f.write(json.dumps(row) + "\n")
@@ -1147,6 +1181,11 @@ def run_evaluation(config: EvalConfig, model=None, classifier: DiffusionClassifi
         state_path = config.state if world == 1 else f"{config.state}.rank{rank}-of-{world}"
         identity = {k: v for k, v in settings.items() if k != "command"}
         state = ResumeState(state_path, identity | {"n": total, "shard": [rank, world]}, weights)
+        try:
+            check_state_examples(state_path, state.results, ds)
+        except ValueError:
+            state.close()
+            raise
     results = list(state.results.values()) if state else []
     t0 = time.perf_counter()
     skip = set(state.results) if state else frozenset()

@@ -335,6 +335,32 @@ def test_eval_resumes_from_state(tiny_checkpoint, tmp_path):
         main(args + ["--state", str(state), "--eps", "0.1"])
 
 
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_refuses_to_resume_a_state_made_on_other_data(tiny_checkpoint, tmp_path):
+    """Each state line records its example's label and image digest: a state resumed with
+    another --data-root (other images or labels at the same indices) is refused, not mixed."""
+    from rdc_studio.core.data import load_dataset
+    from rdc_studio.core.evaluate import example_image_sha256
+
+    args = ["eval", "--dataset", "mnist", "--n", "3", "--defense", "dc", "--attack", "apgd-ce", "--eps", "0.3",
+            "--steps", "1", "--levels", "2", "--batch-size", "3", "--model", str(tiny_checkpoint), "--device", "cpu"]
+    state = tmp_path / "state.jsonl"
+    assert main(args + ["--state", str(state)]) == 0
+    header, *lines = state.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    test = load_dataset("mnist", "test")
+    assert [r["image_sha256"] for r in rows] == [example_image_sha256(test, i) for i in range(3)]
+    # (the second refusal also shows that the first released the state's lock)
+    for change, message in ((dict(image_sha256="0" * 64), "its example 1 is another image than this data's"),
+                            (dict(label=(rows[1]["label"] + 1) % 10), "its example 1 is labelled")):
+        state.write_text("\n".join([header, lines[0], json.dumps(rows[1] | change), lines[2]]) + "\n")
+        with pytest.raises(SystemExit, match=f"state of a run on other data \\({message}"):
+            main(args + ["--state", str(state)])
+    older = {k: v for k, v in rows[1].items() if k != "image_sha256"}  # a line written before the digest
+    state.write_text("\n".join([header, lines[0], json.dumps(older), lines[2]]) + "\n")
+    assert main(args + ["--state", str(state)]) == 0
+
+
 def test_eval_grows_a_smaller_runs_state(tiny_checkpoint, tmp_path):
     """A finished run's state serves a run over more examples: the examples it holds are
     not attacked again and the report equals an uninterrupted run over all of them."""
