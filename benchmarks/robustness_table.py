@@ -741,6 +741,18 @@ def _load_timing(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
                                                                            "examples": 0}
 
 
+def _drop_stale_timing(ev: Evaluation, out_dir: Path, done_before: int) -> None:
+    """Remove ``ev``'s timing file when it counts more examples than its state holds before a run:
+    it belongs to a state that is gone (e.g. one grown from a smaller run, refused, then deleted),
+    and would mix that state's seconds into the new one's."""
+    path = out_dir / f"{ev.name}.timing.json"
+    shards = sum(_done_in_state(p) for p in out_dir.glob(f"{ev.name}.state.jsonl.rank*-of-*"))  # torchrun's
+    if path.exists() and _load_timing(ev, out_dir)["examples"] > done_before + shards:
+        path.unlink()
+        print(f"{ev.name}: its timing file counted examples its state no longer holds; it starts again",
+              file=sys.stderr, flush=True)
+
+
 def _add_timing(ev: Evaluation, out_dir: Path, report: dict[str, Any], done_before: int) -> None:
     """Add the run that just made ``report`` to ``ev``'s timing file (the examples it computed)."""
     timing = _load_timing(ev, out_dir)
@@ -805,6 +817,7 @@ def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
         print(f"\n$ {ev.command}", file=sys.stderr, flush=True)
         grow_from_smaller_run(ev, out_dir)
         before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
+        _drop_stale_timing(ev, out_dir, before)
         rc, last = _rdc_eval(ev)
         if rc != 0:
             raise SystemExit(f"robustness_table: {ev.name}: rdc eval exited with {rc}: {last}"
@@ -839,6 +852,7 @@ def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,
                 print(f"$ {ev.command}   [{ev.name}.out]", file=sys.stderr, flush=True)
                 grow_from_smaller_run(ev, out_dir)
                 before = _done_in_state(out_dir / f"{ev.name}.state.jsonl")
+                _drop_stale_timing(ev, out_dir, before)
                 log = open(out_dir / f"{ev.name}.out", "ab")
                 proc = subprocess.Popen([sys.executable, "-m", "rdc_studio.core", *ev.argv], stdout=log,
                                         stderr=subprocess.STDOUT, cwd=ROOT)

@@ -733,6 +733,13 @@ def test_a_larger_n_grows_from_the_largest_smaller_run(table, tmp_path, capsys):
     assert timing == {"command": big.command, "seconds": 12.0, "examples": 6}
     assert f"grows the state of {evaluation(6).name}" in capsys.readouterr().err
     assert table.grow_from_smaller_run(evaluation(2, eps="2"), out_dir) is None
+    # the grown state refused and deleted, a new one made from scratch: the copied timing is not its own
+    table._drop_stale_timing(big, out_dir, 6)  # its own state's examples: kept
+    assert (out_dir / f"{big.name}.timing.json").exists()
+    (out_dir / f"{big.name}.state.jsonl").unlink()
+    table._drop_stale_timing(big, out_dir, 0)
+    assert not (out_dir / f"{big.name}.timing.json").exists()
+    assert "its timing file counted examples its state no longer holds" in capsys.readouterr().err
 
 
 def _fake_follow_up(table, argv: list[str], out_dir: Path, reports: dict[str, dict], broken: dict[str, set[int]],
