@@ -95,6 +95,7 @@ import argparse
 import fnmatch
 import hashlib
 import json
+import math
 import re
 import shlex
 import signal
@@ -1428,6 +1429,19 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
+
+def _grid_radius_note(rows: list[dict[str, Any]]) -> str:
+    """The l-inf radius 8-bit adversarial images can use, for the l-inf radii of ``rows``
+    ("" when there are none): the attacks return images as they are saved, on the 8-bit
+    grid, so a pixel moves by at most floor(255 eps)/255."""
+    radii = sorted({float(r["eps"]) for r in rows if r.get("norm") == "linf"})
+    if not radii:
+        return ""
+    levels = ", ".join(f"{math.floor(255 * eps + 1e-9)}/255 = {math.floor(255 * eps + 1e-9) / 255:.3f} at {eps:g}"
+                       for eps in radii)
+    return (f"Adversarial examples are 8-bit images, as saved, so an l-inf radius eps lets a pixel move by "
+            f"floor(255 eps)/255 ({levels}); l2 radii hold after the rounding. ")
+
 def readme_section(results: list[dict[str, Any]], model: str, model_digest: str, cnn: str, cnn_digest: str,
                    threats: list[tuple[str, str]] | None = None,
                    results_name: str = "benchmarks/results/robustness.json",
@@ -1473,7 +1487,7 @@ def readme_section(results: list[dict[str, Any]], model: str, model_digest: str,
              f"(APGD-CE, APGD-DLR, APGD-T, Square, transfer from the CNN). An RDC digit counts as robust only if it "
              f"survives the ensemble with every gradient mode (exact, smooth, BPDA), and a digit of a row whose "
              f"attacks name a follow-up only if it survives that too (the ensemble again, with a larger budget, "
-             f"on the row's survivors). 95% Wilson intervals. "
+             f"on the row's survivors). 95% Wilson intervals. {_grid_radius_note(shown)}"
              f"Generated from [`{results_name}`]({results_name}), which holds each row's commands, by {regenerate}.",
              "",
              "| defense | threat model | n | clean | robust (95% CI) | attacks | masking checks | s / image | "
