@@ -1,7 +1,5 @@
 """benchmarks/bench_attack_step.py on a tiny model: timings and operator counts per gradient mode."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +9,7 @@ from rdc_studio.core.data import mnist_available
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_attack_step", ROOT / "benchmarks" / "bench_attack_step.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "bench_attack_step"  # loaded by the conftest's bench fixture
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")

@@ -1,7 +1,5 @@
 """benchmarks/bench_edm.py: the FLOP count of the paper's conditional CIFAR-10 network and
 the timing helper (the full timed run takes about a minute, so it is not run here)."""
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,13 +9,7 @@ from rdc_studio.core.edm_import import random_published_network
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_edm", ROOT / "benchmarks" / "bench_edm.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "bench_edm"  # loaded by the conftest's bench fixture
 
 
 def test_conditional_network_costs_42_gflop_per_image(bench):

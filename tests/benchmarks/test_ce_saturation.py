@@ -1,8 +1,6 @@
 """benchmarks/ce_saturation.py: the float64 variant is scoped, saturation is found where the
 float32 cross-entropy is exactly 0, and the report records what it measured."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,13 +12,7 @@ from rdc_studio.core.data import mnist_available
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ce_saturation", ROOT / "benchmarks" / "ce_saturation.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "ce_saturation"  # loaded by the conftest's bench fixture
 
 
 def test_the_float64_loss_keeps_a_gradient_where_float32_saturates_and_is_scoped(bench):

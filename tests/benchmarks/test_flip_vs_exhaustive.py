@@ -1,5 +1,4 @@
 """benchmarks/flip_vs_exhaustive.py: the exhaustive search is exact, and the comparison runs."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -10,16 +9,10 @@ from rdc_studio.core.attacks import flippable_pixels, margin_of
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _bench():
-    spec = importlib.util.spec_from_file_location("flip_vs_exhaustive", ROOT / "benchmarks" / "flip_vs_exhaustive.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "flip_vs_exhaustive"  # loaded by the conftest's bench fixture
 
 
-def test_problems_have_the_asked_reach_and_the_search_is_exhaustive():
-    bench = _bench()
+def test_problems_have_the_asked_reach_and_the_search_is_exhaustive(bench):
     model, x = bench.random_problem(3, examples=3, flippable=5)
     reach, value = flippable_pixels(x, 0.3, 0.5)
     assert reach.flatten(1).sum(1).tolist() == [5, 5, 5]
@@ -42,8 +35,7 @@ def test_problems_have_the_asked_reach_and_the_search_is_exhaustive():
         assert torch.allclose(shifted(x)[:, 2], model(x)[:, 2] + 1.5) and torch.equal(shifted(x)[:, 0], model(x)[:, 0])
 
 
-def test_the_comparison_runs_and_finds_no_impossible_break(monkeypatch, capsys):
-    bench = _bench()
+def test_the_comparison_runs_and_finds_no_impossible_break(bench, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["flip_vs_exhaustive.py", "--models", "1", "--examples", "4", "--flippable", "6",
                                       "--steps", "10"])
     bench.main()
@@ -52,10 +44,9 @@ def test_the_comparison_runs_and_finds_no_impossible_break(monkeypatch, capsys):
     assert "of the largest possible margin drop on average" in out
 
 
-def test_restarts_never_reach_less_than_one_start(monkeypatch, capsys):
+def test_restarts_never_reach_less_than_one_start(bench, monkeypatch, capsys):
     """The best of several starts includes the first (the clean image), so the average share
     of the optimal margin drop cannot fall."""
-    bench = _bench()
     shares = {}
     for restarts in (1, 3):
         monkeypatch.setattr(sys, "argv", ["flip_vs_exhaustive.py", "--models", "2", "--examples", "4", "--flippable",

@@ -1,7 +1,5 @@
 """benchmarks/ood_auroc.py on a tiny model: every set scored, AUROCs, and no image in both the reference and the test."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,13 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 CIFAR = any((root / "cifar10-jpeg.tar.gz").exists() for root in data_root_candidates())
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ood_auroc", ROOT / "benchmarks" / "ood_auroc.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "ood_auroc"  # loaded by the conftest's bench fixture
 
 
 def test_image_zoo(bench):

@@ -1,6 +1,5 @@
 """benchmarks/robustness_table.py: one rdc eval command per row, the table and the checks on a tiny model."""
 import hashlib
-import importlib.util
 import json
 import shlex
 import sys
@@ -22,13 +21,12 @@ TINY_THREATS = [("linf", "0.3"), ("l2", "1.5")]  # the tiny-model runs: two thre
 TINY_ROWS = [(d, g, norm) for d, g in DEFENSES for norm, _ in TINY_THREATS]
 
 
+BENCHMARK = "robustness_table"  # loaded by the conftest's bench fixture
+
+
 @pytest.fixture(scope="module")
-def table():
-    spec = importlib.util.spec_from_file_location("robustness_table", ROOT / "benchmarks" / "robustness_table.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+def table(bench):
+    return bench
 
 
 @pytest.fixture

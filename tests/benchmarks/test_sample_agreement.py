@@ -1,5 +1,4 @@
 """benchmarks/sample_agreement.py on a tiny model: every sample judged, written, and the gallery holds agreed ones."""
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -14,13 +13,7 @@ from rdc_studio.core.sample import parse_sample_filename
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("sample_agreement", ROOT / "benchmarks" / "sample_agreement.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+BENCHMARK = "sample_agreement"  # loaded by the conftest's bench fixture
 
 
 @pytest.fixture
