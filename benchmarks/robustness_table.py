@@ -747,8 +747,10 @@ def _drop_stale_timing(ev: Evaluation, out_dir: Path, done_before: int) -> None:
     it belongs to a state that is gone (e.g. one grown from a smaller run, refused, then deleted),
     and would mix that state's seconds into the new one's."""
     path = out_dir / f"{ev.name}.timing.json"
+    if not path.exists():
+        return
     shards = sum(_done_in_state(p) for p in out_dir.glob(f"{ev.name}.state.jsonl.rank*-of-*"))  # torchrun's
-    if path.exists() and _load_timing(ev, out_dir)["examples"] > done_before + shards:
+    if _load_timing(ev, out_dir)["examples"] > done_before + shards:
         path.unlink()
         print(f"{ev.name}: its timing file counted examples its state no longer holds; it starts again",
               file=sys.stderr, flush=True)
@@ -1429,7 +1431,6 @@ def _display_path(path: Path) -> str:
         return str(path)
 
 
-
 def _grid_radius_note(rows: list[dict[str, Any]]) -> str:
     """The l-inf radius 8-bit adversarial images can use, for the l-inf radii of ``rows``
     ("" when there are none): the attacks return images as they are saved, on the 8-bit
@@ -1437,10 +1438,11 @@ def _grid_radius_note(rows: list[dict[str, Any]]) -> str:
     radii = sorted({float(r["eps"]) for r in rows if r.get("norm") == "linf"})
     if not radii:
         return ""
-    levels = ", ".join(f"{math.floor(255 * eps + 1e-9)}/255 = {math.floor(255 * eps + 1e-9) / 255:.3f} at {eps:g}"
-                       for eps in radii)
+    steps = [(math.floor(255 * eps + 1e-9), eps) for eps in radii]  # 1e-9: eps = k/255 may be a hair below k/255
+    levels = ", ".join(f"{k}/255 = {k / 255:.3f} at {eps:g}" for k, eps in steps)
     return (f"Adversarial examples are 8-bit images, as saved, so an l-inf radius eps lets a pixel move by "
             f"floor(255 eps)/255 ({levels}); l2 radii hold after the rounding. ")
+
 
 def readme_section(results: list[dict[str, Any]], model: str, model_digest: str, cnn: str, cnn_digest: str,
                    threats: list[tuple[str, str]] | None = None,

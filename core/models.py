@@ -284,8 +284,9 @@ def read_card(name_or_path: str | Path | None = None) -> dict[str, Any]:
     return _read_card(resolve_model_path(name_or_path))
 
 
-def _embedded_card(weights: Path) -> Any:
-    """The card stored in the weights' safetensors metadata (any JSON value; checked by the caller)."""
+def _embedded_card(weights: Path, required: bool = True) -> Any:
+    """The card stored in the weights' safetensors metadata (any JSON value; checked by the
+    caller); None when there is none and it is not ``required``."""
     try:
         from safetensors import safe_open
 
@@ -294,6 +295,8 @@ def _embedded_card(weights: Path) -> Any:
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a safetensors file ({exc})") from exc
     if "rdc_card" not in meta:
+        if not required:
+            return None
         raise CheckpointError(f"{weights}: no model card (neither {weights.with_suffix('.json').name} nor "
                               f"embedded metadata)")
     try:
@@ -314,11 +317,8 @@ def check_card_matches_weights(weights: Path, card: Mapping[str, Any]) -> None:
     if expected is None:
         return
     try:
-        from safetensors import safe_open
-
-        with safe_open(str(weights), framework="pt") as f:
-            embedded = json.loads((f.metadata() or {}).get("rdc_card", "null"))
-    except (SafetensorError, OSError, ValueError, RecursionError):  # unreadable: the loader says why
+        embedded = _embedded_card(weights, required=False)
+    except CheckpointError:  # unreadable: the loader says why
         return
     found = embedded.get(TENSORS_DIGEST_KEY) if isinstance(embedded, dict) else None
     if found != expected:
