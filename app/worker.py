@@ -18,13 +18,14 @@ the process when that happens). :func:`wait_for_workers` joins them before exit.
 """
 from __future__ import annotations
 
+import gc
 import threading
 import time
 import traceback
 from collections import abc
 from typing import Any, Callable, Generator
 
-from PySide6.QtCore import QObject, QThread, Signal, Slot
+from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
 
 from ..core.runtime import OperationCancelled, cancellation_scope
 from .jobs import Flush
@@ -56,7 +57,64 @@ def wait_for_workers(timeout_ms: int | None = 60000) -> bool:
             ok = thread.wait() and ok
         else:
             ok = thread.wait(max(0, int((deadline - time.monotonic()) * 1000))) and ok
+    _restore_collection_if_idle()
     return ok
+
+
+class _GuiThreadCollection:
+    """Python's cyclic garbage collection kept on the GUI thread while worker threads run.
+
+    A collection runs in whichever thread allocates when a threshold is crossed. Started by
+    a worker thread, it can free Qt objects that only cycles held (a closed window's
+    widgets) off the GUI thread, and PySide then deadlocks: the worker waits for the GIL
+    inside a QObject destructor while the GUI thread, holding the GIL, waits for Qt's lock
+    (seen once as a hung test run). So while any worker runs, automatic collection is off
+    and a timer on the GUI thread collects, generation by generation as the automatic
+    collection would (pyqtgraph's ``GarbageCollector`` does the same for a whole program);
+    once none runs, automatic collection is on again.
+    """
+
+    INTERVAL_MS = 250
+
+    def __init__(self) -> None:
+        self._timer: QTimer | None = None
+        self._was_enabled = True
+
+    def workers_started(self) -> None:
+        """A worker is about to start (call on the GUI thread)."""
+        if self._timer is None:
+            self._timer = QTimer()
+            self._timer.timeout.connect(self.collect)
+        if not self._timer.isActive():
+            self._was_enabled = gc.isenabled()
+            gc.disable()
+            self._timer.start(self.INTERVAL_MS)
+
+    def workers_done(self) -> None:
+        """No worker runs any more (call on the GUI thread)."""
+        if self._timer is not None and self._timer.isActive():
+            self._timer.stop()
+            if self._was_enabled:
+                gc.enable()
+            self.collect()
+
+    @staticmethod
+    def collect() -> None:
+        count, threshold = gc.get_count(), gc.get_threshold()
+        if count[0] > threshold[0]:
+            gc.collect(2 if count[1] > threshold[1] and count[2] > threshold[2] else 1 if count[1] > threshold[1]
+                       else 0)
+
+
+_COLLECTION = _GuiThreadCollection()
+
+
+def _restore_collection_if_idle() -> None:
+    """Automatic garbage collection on again when no worker thread runs (GUI thread)."""
+    with _LIVE_LOCK:
+        idle = not any(t.isRunning() for t in _LIVE)
+    if idle:
+        _COLLECTION.workers_done()
 
 
 class _JobThread(QThread):
@@ -157,6 +215,7 @@ class JobRunner(QObject):
         thread.failed.connect(self._on_thread_failed)
         thread.finished.connect(self._on_thread_finished)  # queued: the slot runs on the GUI thread
         self._threads[thread.job_id] = thread
+        _COLLECTION.workers_started()
         with _LIVE_LOCK:
             _LIVE.add(thread)
         self._current = thread
@@ -183,6 +242,7 @@ class JobRunner(QObject):
         for thread in list(self._threads.values()):
             thread.cancel()
             ok = thread.wait(timeout_ms) and ok
+        _restore_collection_if_idle()
         return ok
 
     def running_threads(self) -> int:
@@ -220,6 +280,7 @@ class JobRunner(QObject):
             return
         with _LIVE_LOCK:
             _LIVE.discard(thread)
+        _restore_collection_if_idle()
         thread.deleteLater()
         if not any(t.isRunning() for t in self._threads.values()):
             self.drained.emit()

@@ -2,6 +2,7 @@
 import struct
 import subprocess
 import sys
+import threading
 import time
 import zlib
 
@@ -365,6 +366,41 @@ def test_worker_relays_records_then_the_return_value(qtbot):
         runner.start(lambda cancelled: 42)  # a plain function: its value is the result
     assert blocker.args == [42]
     qtbot.waitUntil(lambda: runner.running_threads() == 0, timeout=10000)
+
+
+def test_garbage_collection_stays_on_the_gui_thread_while_a_worker_runs(qtbot):
+    # A collection started by a worker thread can free a closed window's Qt objects off
+    # the GUI thread and deadlock PySide; while a worker runs, the GUI thread collects.
+    import gc
+
+    from rdc_studio.app.worker import JobRunner
+
+    assert gc.isenabled()
+    runner = JobRunner()
+    release = threading.Event()
+    seen_in_worker = []
+
+    def job(cancelled):
+        seen_in_worker.append(gc.isenabled())
+        release.wait(10)
+        yield None
+        return "done"
+
+    with qtbot.waitSignal(runner.drained, timeout=10000):
+        runner.start(job)
+        qtbot.waitUntil(lambda: bool(seen_in_worker), timeout=10000)
+        assert not gc.isenabled()
+        collected_before = gc.get_stats()[0]["collections"]
+        kept = [[] for _ in range(gc.get_threshold()[0] + 10)]  # past the collection threshold
+        qtbot.waitUntil(lambda: gc.get_stats()[0]["collections"] > collected_before, timeout=10000)
+        del kept
+        release.set()
+    assert seen_in_worker == [False] and gc.isenabled()
+
+    runner.start(lambda cancelled: release.wait(10))  # shutdown also turns it back on
+    assert not gc.isenabled()
+    assert runner.shutdown(10000)
+    assert gc.isenabled()
 
 
 def test_cancelled_job_never_reports_and_drains(qtbot):
