@@ -957,7 +957,10 @@ def worst_cases(summaries: list[dict[str, Any]], reports: dict[str, dict[str, An
 def report_hardware(report: dict[str, Any]) -> str:
     """One line on the machine of an ``rdc eval`` report: its ``hardware`` (CPU model, logical
     CPUs, torch version, threads, GPU; :func:`core.evaluate.hardware_description`) and the
-    device the evaluation ran on."""
+    device the evaluation ran on. Reports whose examples record their machine
+    (``examples_per_hardware``) name the devices already, and every machine of a resumed state."""
+    if "examples_per_hardware" in report:
+        return report["hardware"]
     device = report.get("settings", {}).get("device")
     return f"{report['hardware']}, device {device}" if device else report["hardware"]
 

@@ -66,8 +66,9 @@ def evaluate_clean(clf: torch.nn.Module, dataset: TensorDataset, n: int | None =
             yield EvalStep(j, total, correct, time.perf_counter() - start, pred.numpy().copy(), y.numpy().copy())
 
 
-def hardware_description() -> str:
-    """A short description of the machine the numbers were measured on."""
+def hardware_description(device: torch.device | str | None = None) -> str:
+    """A short description of the machine the numbers were measured on (and of ``device``, the
+    one the work ran on, when given)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as f:
@@ -82,7 +83,7 @@ def hardware_description() -> str:
     desc = f"{cpu}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads"
     if torch.cuda.is_available():
         desc += f", GPU {torch.cuda.get_device_name(0)}"
-    return desc
+    return desc if device is None else f"{desc}, device {device}"
 
 
 def clean_report(steps: list[EvalStep], model: dict[str, Any], settings: dict[str, Any]) -> EvalReport:
@@ -114,6 +115,9 @@ class ExampleResult:
     # sha256 of the example's stored image (uint8 bytes) as attacked, so a state resumed on other
     # data is refused (None: a line written before lines recorded it); not part of the result
     image_sha256: str | None = field(default=None, compare=False)
+    # hardware_description(device) of the run that attacked it, so a report over a state resumed
+    # on other hardware says so (None: a line written before lines recorded it); not part of the result
+    hardware: str | None = field(default=None, compare=False)
 
 
 def example_image_sha256(dataset: TensorDataset, index: int) -> str:
@@ -226,6 +230,9 @@ class EvalReport:
     attack_revision: int | None = None  # core.attacks.ATTACK_REVISION of the code that attacked (None: before 2)
     # examples per revision, when a resumed state mixes examples attacked by different revisions
     examples_per_attack_revision: dict[str, int] | None = None
+    # examples per machine (hardware_description with the device; "not recorded" for lines written
+    # before they recorded it), when any example recorded one: ``hardware`` is then complete
+    examples_per_hardware: dict[str, int] | None = None
 
     @property
     def attacked(self) -> bool:
@@ -254,6 +261,8 @@ class EvalReport:
             d["attack_revision"] = self.attack_revision
         if self.examples_per_attack_revision is not None:
             d["examples_per_attack_revision"] = dict(self.examples_per_attack_revision)
+        if self.examples_per_hardware is not None:
+            d["examples_per_hardware"] = dict(self.examples_per_hardware)
         if ensemble:
             d["per_attack"] = [asdict(row) for row in self.per_attack]
             d["per_example_columns"] = list(PER_EXAMPLE_COLUMNS)
@@ -317,6 +326,7 @@ def _attack_batches(model: torch.nn.Module, dataset: TensorDataset, indices: lis
     from .attacks.base import ATTACK_REVISION
 
     device = module_device(model)
+    machine = hardware_description(device)
     todo = [i for i in indices if i not in skip]
     start = time.perf_counter()
     done = len(indices) - len(todo)
@@ -334,7 +344,8 @@ def _attack_batches(model: torch.nn.Module, dataset: TensorDataset, indices: lis
         done += len(batch)
         yield RobustEvalStep(done, len(indices),
                              tuple(ExampleResult(*row, seconds=each, attack_revision=ATTACK_REVISION,
-                                                 image_sha256=example_image_sha256(dataset, row[0])) for row in rows),
+                                                 image_sha256=example_image_sha256(dataset, row[0]),
+                                                 hardware=machine) for row in rows),
                              time.perf_counter() - start, seconds, queries)
 
 
@@ -593,6 +604,31 @@ def worst_case_log(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+NOT_RECORDED = "not recorded"
+
+
+def _report_hardware(results: list[ExampleResult]) -> tuple[str, dict[str, int] | None, dict[str, Any]]:
+    """The ``hardware`` of a report over ``results``, its ``examples_per_hardware`` and, when the
+    examples were attacked on more than one machine, their seconds per image on each (a timing entry).
+
+    A state resumed on other hardware (another machine, thread count or device) holds examples
+    of both, so the report names each with its count instead of claiming the last run's. States
+    written before lines recorded it keep the old claim (this run's machine, without the device).
+    """
+    per_hardware = Counter(r.hardware or NOT_RECORDED for r in results)
+    if not results or set(per_hardware) == {NOT_RECORDED}:
+        return hardware_description(), None, {}
+    counts = {h: per_hardware[h] for h in sorted(per_hardware, key=lambda h: (-per_hardware[h], h == NOT_RECORDED, h))}
+    if len(counts) == 1:
+        return next(iter(counts)), counts, {}
+    seconds: dict[str, list[float]] = {}
+    for r in results:
+        if r.seconds is not None:
+            seconds.setdefault(r.hardware or NOT_RECORDED, []).append(r.seconds)
+    description = "mixed: " + "; ".join(f"{h} ({k} example{'s' if k != 1 else ''})" for h, k in counts.items())
+    return description, counts, {"seconds_per_image_per_hardware": {h: sum(v) / len(v) for h, v in seconds.items()}}
+
+
 def robust_report(results: list[ExampleResult], seconds: float, model: dict[str, Any],
                   settings: dict[str, Any], attacks: list[tuple[str, str]] | None = None,
                   attack_seconds: dict[str, float] | None = None, attack_queries: dict[str, int] | None = None,
@@ -617,16 +653,18 @@ def robust_report(results: list[ExampleResult], seconds: float, model: dict[str,
     # a resumed state can hold examples attacked by an older revision of the attacks: the report
     # claims the oldest, and says how many examples each revision attacked
     per_revision = Counter(r.attack_revision or 1 for r in results)
+    hardware, per_hardware, timing = _report_hardware(results)
     report = EvalReport(
         clean_acc=clean / max(1, n), robust_acc=robust / max(1, n), n=n, ci95=list(wilson_interval(clean, n)),
         robust_ci95=list(wilson_interval(robust, n)), seconds=seconds, seconds_per_image=per_image,
         timing={"wall_seconds_this_run": seconds, "examples_timed": len(timed),
                 "seconds_per_image": "each example's batch wall time / batch size, averaged over the timed "
-                                     "examples of every run and shard" if timed else "this run's wall time / n"},
+                                     "examples of every run and shard" if timed else "this run's wall time / n"}
+               | timing,
         forward_backward_passes_per_image=queries / max(1, n),
         max_linf=max((r.linf for r in results), default=0.0), max_l2=max((r.l2 for r in results), default=0.0),
         examples=[ExampleRow(r.index, r.label, r.clean_correct, r.robust_correct, r.broken_by) for r in results],
-        model=model, settings=settings, hardware=hardware_description(), seeds=seeds,
+        model=model, settings=settings, hardware=hardware, seeds=seeds, examples_per_hardware=per_hardware,
         attack_revision=min(per_revision, default=ATTACK_REVISION),
         examples_per_attack_revision=({str(k): per_revision[k] for k in sorted(per_revision)}
                                       if len(per_revision) > 1 else None))
@@ -872,7 +910,7 @@ class ResumeState:
                 row = asdict(r)
                 if row["broken_by"] is None:  # single attacks keep their old line format
                     del row["broken_by"]
-                for optional in ("seconds", "attack_revision", "image_sha256"):
+                for optional in ("seconds", "attack_revision", "image_sha256", "hardware"):
                     if row[optional] is None:
                         del row[optional]
                 f.write(json.dumps(row) + "\n")

@@ -462,6 +462,15 @@ def test_a_report_made_with_other_threads_is_reused_and_named_by_its_own_command
     assert not table.same_results("rdc eval --num-examples 3", "rdc eval --n 4")
 
 
+def test_a_rows_hardware_names_the_device_once_and_every_machine_of_a_resumed_state(table):
+    older = {"hardware": "Some CPU, 2 logical CPUs, torch 2.14.1, 1 threads", "settings": {"device": "cpu"}}
+    assert table.report_hardware(older) == "Some CPU, 2 logical CPUs, torch 2.14.1, 1 threads, device cpu"
+    # reports whose examples record their machine carry the device (and each machine) themselves
+    mixed = {"hardware": "mixed: A, device cuda:0 (2 examples); B, device cpu (1 example)",
+             "examples_per_hardware": {"A, device cuda:0": 2, "B, device cpu": 1}, "settings": {"device": "cpu"}}
+    assert table.report_hardware(mixed) == mixed["hardware"]
+
+
 # --- the README table ------------------------------------------------------------------------
 
 README = """# Project

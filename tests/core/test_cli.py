@@ -361,6 +361,39 @@ def test_eval_refuses_to_resume_a_state_made_on_other_data(tiny_checkpoint, tmp_
     assert main(args + ["--state", str(state)]) == 0
 
 
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_eval_report_names_every_machine_of_a_resumed_state(tiny_checkpoint, tmp_path):
+    """Each state line records the machine and device that attacked its example, so a report
+    over a state resumed elsewhere names both machines with their counts and seconds, not only
+    the last run's; lines written before they recorded it count as "not recorded"."""
+    from rdc_studio.core.evaluate import hardware_description, robust_log
+
+    args = ["eval", "--dataset", "mnist", "--n", "3", "--defense", "dc", "--attack", "apgd-ce", "--eps", "0.3",
+            "--steps", "1", "--levels", "2", "--batch-size", "3", "--model", str(tiny_checkpoint), "--device", "cpu"]
+    state, out = tmp_path / "state.jsonl", tmp_path / "out.json"
+    assert main(args + ["--state", str(state), "--out", str(out)]) == 0
+    here = hardware_description("cpu")
+    header, *lines = state.read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert [r["hardware"] for r in rows] == [here] * 3 and here.endswith(", device cpu")
+    report = json.loads(out.read_text())
+    assert report["hardware"] == here and report["examples_per_hardware"] == {here: 3}
+    assert "seconds_per_image_per_hardware" not in report["timing"]
+
+    gpu = "Some CPU, 16 logical CPUs, torch 2.14.1, 16 threads, GPU NVIDIA H200, device cuda:0"
+    older = {k: v for k, v in rows[2].items() if k != "hardware"}  # a line written before the machine
+    state.write_text("\n".join([header, lines[0], json.dumps(rows[1] | {"hardware": gpu, "seconds": 0.5}),
+                                json.dumps(older)]) + "\n")
+    assert main(args + ["--state", str(state), "--out", str(out)]) == 0  # nothing left to attack
+    report = json.loads(out.read_text())
+    assert report["examples_per_hardware"] == {gpu: 1, here: 1, "not recorded": 1}
+    machines = sorted([gpu, here]) + ["not recorded"]  # most examples first, then by name; unrecorded last
+    assert report["hardware"] == "mixed: " + "; ".join(f"{h} (1 example)" for h in machines)
+    per_machine = report["timing"]["seconds_per_image_per_hardware"]
+    assert per_machine[gpu] == 0.5 and per_machine[here] == rows[0]["seconds"]
+    assert f"hardware: {report['hardware']}\n" in robust_log(report)
+
+
 def test_eval_grows_a_smaller_runs_state(tiny_checkpoint, tmp_path):
     """A finished run's state serves a run over more examples: the examples it holds are
     not attacked again and the report equals an uninterrupted run over all of them."""
