@@ -22,6 +22,7 @@ from typing import Any, BinaryIO, Callable, Iterator
 import numpy as np
 import torch
 
+from .models import replacing_file
 from .runtime import raise_if_cancelled
 
 DATASETS = ("mnist", "cifar10")
@@ -243,14 +244,8 @@ def _read_mnist_record(raw_dst: Path) -> dict[str, Any]:
 
 
 def _write_mnist_record(raw_dst: Path, record: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=raw_dst, prefix=MNIST_SOURCE_FILE, suffix=".part")
-    try:
-        with os.fdopen(fd, "w") as out:
-            json.dump(record, out, indent=1)
-        os.replace(tmp, raw_dst / MNIST_SOURCE_FILE)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing_file(raw_dst / MNIST_SOURCE_FILE) as tmp, open(tmp, "w") as out:
+        json.dump(record, out, indent=1)
 
 
 def _is_current(entry: Any, identity: dict[str, Any], copy: Path, ndim: int) -> bool:
@@ -300,14 +295,8 @@ def _extract_mnist(data_root: str | Path | None, cache_dir: Path) -> Path:
             (raw_dst / name).unlink(missing_ok=True)
     for name in stale:
         raise_if_cancelled()
-        fd, tmp = tempfile.mkstemp(dir=raw_dst, prefix=name, suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                shape = _copy_idx(sources[name], out, "images" if "images" in name else "labels")
-            os.replace(tmp, raw_dst / name)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with replacing_file(raw_dst / name) as tmp, open(tmp, "wb") as out:
+            shape = _copy_idx(sources[name], out, "images" if "images" in name else "labels")
         record[name] = dict(identities[name], shape=shape)
         _write_mnist_record(raw_dst, record)
     for split in ("train", "t10k"):

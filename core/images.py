@@ -27,7 +27,6 @@ This module must not import Qt: it is shared by the command line and the GUI.
 from __future__ import annotations
 
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .models import publish_file
+from .models import replacing_file
 
 MAX_PIXELS = 50_000_000
 """Decompression-bomb guard: files whose header declares more pixels are refused."""
@@ -363,15 +362,8 @@ def save_png_atomic(arr: Any, path: str | os.PathLike, source: str | os.PathLike
     if source is not None and same_file(path, Path(source)):
         raise ValueError(f"{path}: refusing to overwrite the input image")
     img = image_from_array(arr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as file:
-            img.save(file, format="PNG")
-            file.flush()
-            os.fsync(file.fileno())
-        publish_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with replacing_file(path) as tmp, open(tmp, "wb") as file:
+        img.save(file, format="PNG")
+        file.flush()
+        os.fsync(file.fileno())
     return path

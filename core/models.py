@@ -7,13 +7,16 @@ never unpickles anything.
 """
 from __future__ import annotations
 
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from safetensors import SafetensorError
@@ -88,6 +91,50 @@ def publish_file(tmp: str | Path, path: str | Path) -> None:
     os.replace(tmp, path)
 
 
+STALE_PART_SECONDS = 3600
+"""A temporary ``*.part`` file not written for this long is a leftover of a killed writer."""
+
+
+def _remove_stale_parts(path: Path) -> None:
+    """Remove the temporary files that writers of ``path`` killed mid-write (SIGKILL, power
+    loss) left beside it: ``.NAME.XXXXXXXX.part`` (and ``NAMEXXXXXXXX.part``, the older naming)
+    not modified for :data:`STALE_PART_SECONDS`. ``mkstemp``'s eight random characters hold no
+    dot, so the patterns match the temporary files of ``path`` and of no other file."""
+    random_part = "[a-z0-9_]" * 8
+    now = time.time()
+    name = glob.escape(path.name)
+    for pattern in (f".{name}.{random_part}.part", f"{name}{random_part}.part"):
+        for leftover in path.parent.glob(pattern):
+            with contextlib.suppress(OSError):  # gone meanwhile, or not ours to remove
+                if leftover.is_file() and now - leftover.stat().st_mtime > STALE_PART_SECONDS:
+                    leftover.unlink()
+
+
+@contextlib.contextmanager
+def replacing_file(path: str | Path) -> Iterator[Path]:
+    """A temporary file beside ``path`` to write in the block; when the block ends without an
+    error it is renamed over ``path`` (:func:`publish_file`), otherwise removed, so ``path`` is
+    never half-written. Leftovers of earlier writers of ``path`` that were killed before they
+    could clean up are removed first (:data:`STALE_PART_SECONDS`).
+
+    Examples
+    --------
+    >>> with replacing_file("out/a.bin") as tmp:  # doctest: +SKIP
+    ...     tmp.write_bytes(b"data")
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_parts(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        publish_file(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def file_sha256(path: str | Path) -> str:
     """The sha256 of a file's bytes (hex), read in chunks."""
     h = hashlib.sha256()
@@ -122,17 +169,9 @@ def purifier_entry(card_weights: str | Path, purifier_weights: str | Path) -> di
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        publish_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Write ``data`` to ``path`` via a temporary file and ``os.replace`` (:func:`replacing_file`)."""
+    with replacing_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
@@ -188,18 +227,10 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
     ``before_publish``, if given, runs once the temporary file is complete and before the
     rename (to write a companion file only after the slow, failure-prone write succeeded).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".part")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata)
+    with replacing_file(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
         if before_publish is not None:
             before_publish()
-        publish_file(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 TENSORS_DIGEST_KEY = "tensors_sha256"

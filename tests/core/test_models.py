@@ -501,3 +501,47 @@ def test_a_torn_cnn_pair_is_refused(tmp_path):
     path.with_suffix(".json").write_bytes(old_card)
     with pytest.raises(CheckpointError, match="written for other weights"):
         load_cnn(path)
+
+
+def test_a_write_removes_what_killed_writers_of_the_same_file_left_and_nothing_else(tmp_path):
+    """A writer killed mid-write (SIGKILL, power loss) cannot remove its temporary file; the
+    next write of the same file does, once it is an hour old, and leaves every other file."""
+    import os
+    import time
+
+    from rdc_studio.core.models import STALE_PART_SECONDS, atomic_write_bytes
+
+    target = tmp_path / "m.safetensors"
+    old = time.time() - STALE_PART_SECONDS - 60
+    stale = [tmp_path / ".m.safetensors.k3j_x9a0.part", tmp_path / "m.safetensorsab12cd34.part"]  # new, older naming
+    kept = [tmp_path / ".m.safetensors.fresh123.part",  # a write in progress: recent
+            tmp_path / ".m.safetensors.bak.k3j_x9a0.part",  # another file's (m.safetensors.bak)
+            tmp_path / ".m.safetensor.k3j_x9a0.part",  # another file's
+            tmp_path / "notes.part"]
+    for leftover in stale + kept:
+        leftover.write_bytes(b"half written")
+        if leftover.name != ".m.safetensors.fresh123.part":
+            os.utime(leftover, (old, old))
+    atomic_write_bytes(target, b"whole")
+    assert target.read_bytes() == b"whole"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name] + [p.name for p in kept])
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary_file(tmp_path):
+    import os
+
+    from rdc_studio.core.models import replacing_file
+
+    target = tmp_path / "card.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="cancelled"):
+        with replacing_file(target) as tmp:
+            tmp.write_text("new, half")
+            raise RuntimeError("cancelled")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+    with replacing_file(target) as tmp:
+        tmp.write_text("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["card.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() gives, not mkstemp's 0600
