@@ -274,6 +274,40 @@ def _slug(eps: str) -> str:
     return eps.replace("/", "over")
 
 
+def canonical_eps(text: str) -> str:
+    """One spelling per radius, so that ``.3``, ``0.30`` and ``0.3`` name the same files and
+    reuse the same evaluations: a decimal in its shortest exact form (a whole number without
+    ``.0``), a fraction of whole numbers without padding (``8/255``). ``ValueError`` when
+    ``text`` is not a number ``rdc eval --eps`` takes."""
+    value = parse_fraction(text)
+    numerator, sep, denominator = text.partition("/")
+    if sep:
+        try:
+            return f"{int(numerator)}/{int(denominator)}"
+        except ValueError:  # e.g. 0.5/255: kept as written (the value decides what is computed)
+            return text.strip()
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)
+
+
+def eps_radius(text: str) -> str:
+    """argparse type of one radius: positive, in its canonical spelling (:func:`canonical_eps`)."""
+    try:
+        eps = canonical_eps(text)
+    except ValueError:
+        eps = None
+    if eps is None or not parse_fraction(eps) > 0:
+        raise argparse.ArgumentTypeError(f"{text.strip()!r} is not a positive radius (0.3 or 8/255)")
+    return eps
+
+
+def eps_list(text: str) -> str:
+    """argparse type of an eps sweep: comma-separated radii (:func:`eps_radius`)."""
+    radii = [eps_radius(part) for part in _split_list(text)]
+    if not radii:
+        raise argparse.ArgumentTypeError("no radius given")
+    return ",".join(radii)
+
+
 def _split_list(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
@@ -289,7 +323,7 @@ def parse_threats(text: str) -> list[tuple[str, str]]:
     Returns
     -------
     list of (norm, eps) pairs
-        In the given order, eps as written.
+        In the given order, eps in its canonical spelling (:func:`canonical_eps`).
 
     Raises
     ------
@@ -312,7 +346,7 @@ def parse_threats(text: str) -> list[tuple[str, str]]:
             raise SystemExit(f"robustness_table: --threats: {part!r}: eps must be a positive number")
         if any(n == norm and parse_fraction(e) == value for n, e in threats):
             raise SystemExit(f"robustness_table: --threats: {part!r} is given twice")
-        threats.append((norm, eps))
+        threats.append((norm, canonical_eps(eps)))
     if not threats:
         raise SystemExit("robustness_table: --threats names no threat model")
     return threats
@@ -1719,10 +1753,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-steps", type=whole_number(1), default=None, help="APGD iterations of the checks (default: --steps)")
     p.add_argument("--check-square-queries", type=whole_number(1), default=None,
                    help="Square queries of check (c) (default: the --budget's)")
-    p.add_argument("--sweep-linf", default="0.1,0.2,0.3", help="l-inf eps sweep of check (b)")
-    p.add_argument("--sweep-l2", default="0.5,1,1.5", help="l2 eps sweep of check (b)")
-    p.add_argument("--large-eps-linf", default="0.6", help="check (a); also the end of the sweep")
-    p.add_argument("--large-eps-l2", default="6")
+    p.add_argument("--sweep-linf", type=eps_list, default="0.1,0.2,0.3", help="l-inf eps sweep of check (b)")
+    p.add_argument("--sweep-l2", type=eps_list, default="0.5,1,1.5", help="l2 eps sweep of check (b)")
+    p.add_argument("--large-eps-linf", type=eps_radius, default="0.6", help="check (a); also the end of the sweep")
+    p.add_argument("--large-eps-l2", type=eps_radius, default="6")
     p.add_argument("--large-eps-max-acc", type=float, default=0.02, help="check (a): robust accuracy allowed")
     p.add_argument("--max-change", type=float, default=0.01, help="check (d): largest change allowed")
     p.add_argument("--dry-run", action="store_true",

@@ -147,6 +147,32 @@ def test_threat_models_and_per_row_n(table, capsys):
     assert [(r.key, r.eps) for r in table.build_rows(args)] == [("dc-l2-0.5", "0.5"), ("dc-linf-8over255", "8/255")]
 
 
+def test_one_radius_spelt_differently_names_the_same_rows_and_files(table, tmp_path, capsys):
+    """``.3``, ``0.30`` and ``0.3`` are one radius: the same row keys, evaluation files and
+    reused results (every committed file name already uses the canonical spelling)."""
+    for text, canonical in ((".3", "0.3"), ("0.30", "0.3"), ("1e-1", "0.1"), ("1.0", "1"), ("6", "6"),
+                            ("08/255", "8/255"), (" 8 / 255 ", "8/255"), ("0.5/255", "0.5/255")):
+        assert table.canonical_eps(text) == canonical
+    assert table.parse_threats("linf:.1,linf:0.30,l2:1.50") == THREATS
+    default = table.parse_args(["--rows", "dc-*"])
+    respelt = table.parse_args(["--rows", "dc-*", "--threats", "linf:.1,linf:0.30,l2:1.50", "--sweep-linf",
+                                ".1,0.20,.3", "--sweep-l2", "0.5,1.0,1.5", "--large-eps-linf", ".6",
+                                "--large-eps-l2", "6.0"])
+    for attr in ("sweep_linf", "sweep_l2", "large_eps_linf", "large_eps_l2"):
+        assert getattr(respelt, attr) == getattr(default, attr)
+    dry_run = ["--rows", "dc-*", "--dry-run", "--out-dir", str(tmp_path)]
+    assert table.main(dry_run) == 0
+    expected = capsys.readouterr().out
+    assert table.main(dry_run + ["--threats", "linf:.1,linf:0.30,l2:1.50", "--sweep-linf", ".1,0.20,.3",
+                                 "--large-eps-l2", "6.0"]) == 0
+    assert capsys.readouterr().out == expected
+    for bad in ("0", "-0.1", "abc", ""):
+        with pytest.raises(SystemExit):
+            table.parse_args(["--sweep-linf", bad])
+    with pytest.raises(SystemExit):
+        table.parse_args(["--large-eps-linf", "0.6,0.7"])
+
+
 def test_dry_run_with_checks_and_a_row_filter(table, capsys):
     assert table.main(["--dry-run", "--rows", "rdc-*-linf-0.3", "--sweep-linf", "0.1,0.2"]) == 0
     lines = capsys.readouterr().out.splitlines()
