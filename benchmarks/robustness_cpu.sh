@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The robustness rows of the default model at the reduced budget a 2-core CPU affords, in one
-# resumable command: the protocol that measured the shipped weights' l-inf 0.3 rows (stage 3)
-# and every DC and RDC row of the third-stage weights on the 2-core VM (the shipped weights'
-# l-inf 0.1 and l2 1.5 rows came from its GPU counterpart, benchmarks/robustness_gpu.sh, at
-# more digits); for re-measuring on a CPU whenever the bundled weights or their defense
-# settings change.
+# resumable command: the protocol by which the shipped weights' l-inf 0.3 rows (stage 3) and
+# every DC and RDC row of the third-stage weights were measured on the 2-core VM (by direct
+# benchmarks/robustness_table.py commands, recorded in robustness.json; the shipped weights'
+# l-inf 0.1 and l2 1.5 rows with the same protocol at more digits on an H200, which
+# benchmarks/robustness_gpu.sh reproduces); for re-measuring on a CPU whenever the bundled
+# weights or their defense settings change.
 #
 #   bash benchmarks/robustness_cpu.sh [MODEL]      (default: mnist-embedding)
 #

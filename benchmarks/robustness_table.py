@@ -861,7 +861,26 @@ def run_evaluation(ev: Evaluation, out_dir: Path) -> dict[str, Any]:
                              f"{_failure_hint(ev, out_dir, last)}")
         report = json.loads((out_dir / f"{ev.name}.json").read_text())
         _add_timing(ev, out_dir, report, before)
+    _warn_older_attack_revision(ev, out_dir, report)
     return _with_timing(ev, out_dir, report)
+
+
+def _warn_older_attack_revision(ev: Evaluation, out_dir: Path, report: dict[str, Any]) -> None:
+    """Say so when an attack report (reused, or resumed from a state) was made, wholly or in
+    part, by an older revision of the attacks than this code's: its row then claims that
+    revision, and only a run into a fresh ``--out-dir`` measures it with the current attacks."""
+    from rdc_studio.core.attacks import ATTACK_REVISION
+
+    if report.get("robust_acc") is None:  # a clean evaluation: no attack
+        return
+    revision = report.get("attack_revision", 1)  # reports before revision 2 did not record it
+    if revision < ATTACK_REVISION:
+        mixed = report.get("examples_per_attack_revision")
+        part = f" ({', '.join(f'revision {k}: {v}' for k, v in mixed.items())} examples)" if mixed else ""
+        print(f"robustness_table: {ev.name}: the report in {out_dir} was made by attack revision {revision}{part}; "
+              f"the attacks are now revision {ATTACK_REVISION}. Its row claims revision {revision}; to measure "
+              f"it with the current attacks, run again into a fresh --out-dir (e.g. "
+              f"benchmarks/results/robustness-runs-r{ATTACK_REVISION})", file=sys.stderr)
 
 
 def run_concurrently(evaluations: list[Evaluation], out_dir: Path, jobs: int,

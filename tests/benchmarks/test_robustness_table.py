@@ -497,6 +497,26 @@ def test_a_rows_hardware_names_the_device_once_and_every_machine_of_a_resumed_st
     assert table.report_hardware(mixed) == mixed["hardware"]
 
 
+def test_a_reused_report_of_older_attacks_is_named_with_the_way_to_measure_it_again(table, tmp_path, no_attacks,
+                                                                                    capsys):
+    from rdc_studio.core.attacks import ATTACK_REVISION
+
+    out_dir, results = tmp_path / "table", tmp_path / "robustness.json"
+    made = ["--out-dir", str(out_dir), "--results", str(results), "--rows", "dc-linf-0.1", "--n-dc", "3",
+            "--no-checks"]
+    fakes = _write_fake_reports(table, made, out_dir)  # as reports before revision 2: no attack_revision
+    assert table.main(made) == 0
+    err = capsys.readouterr().err
+    assert f"was made by attack revision 1; the attacks are now revision {ATTACK_REVISION}" in err
+    assert f"fresh --out-dir (e.g. benchmarks/results/robustness-runs-r{ATTACK_REVISION})" in err
+    assert json.loads(results.read_text())[0]["attack_revision"] == 1
+    args = table.add_model_digests(table.parse_args(made))
+    path = out_dir / f"{table.row_evaluation(args, table.build_rows(args)[0]).name}.json"
+    path.write_text(json.dumps(fakes["dc-linf-0.1"] | {"attack_revision": ATTACK_REVISION}))
+    assert table.main(made) == 0
+    assert "attack revision" not in capsys.readouterr().err
+
+
 # --- the README table ------------------------------------------------------------------------
 
 README = """# Project
