@@ -71,7 +71,9 @@ class _GuiThreadCollection:
     (seen once as a hung test run). So while any worker runs, automatic collection is off
     and a timer on the GUI thread collects, generation by generation as the automatic
     collection would (pyqtgraph's ``GarbageCollector`` does the same for a whole program);
-    once none runs, automatic collection is on again.
+    once none runs, automatic collection is on again: when the last runner's finished slot says
+    so, or at the timer's next tick (a runner deleted before its thread's queued ``finished``
+    arrived never says so).
     """
 
     INTERVAL_MS = 250
@@ -84,7 +86,7 @@ class _GuiThreadCollection:
         """A worker is about to start (call on the GUI thread)."""
         if self._timer is None:
             self._timer = QTimer()
-            self._timer.timeout.connect(self.collect)
+            self._timer.timeout.connect(self._tick)
         if not self._timer.isActive():
             self._was_enabled = gc.isenabled()
             gc.disable()
@@ -98,8 +100,15 @@ class _GuiThreadCollection:
                 gc.enable()
             self.collect()
 
+    def _tick(self) -> None:
+        if live_workers():
+            self.collect()
+        else:
+            self.workers_done()
+
     @staticmethod
     def collect() -> None:
+        """One collection of the generations the automatic collector would collect now."""
         count, threshold = gc.get_count(), gc.get_threshold()
         if count[0] > threshold[0]:
             gc.collect(2 if count[1] > threshold[1] and count[2] > threshold[2] else 1 if count[1] > threshold[1]
@@ -111,9 +120,7 @@ _COLLECTION = _GuiThreadCollection()
 
 def _restore_collection_if_idle() -> None:
     """Automatic garbage collection on again when no worker thread runs (GUI thread)."""
-    with _LIVE_LOCK:
-        idle = not any(t.isRunning() for t in _LIVE)
-    if idle:
+    if not live_workers():
         _COLLECTION.workers_done()
 
 

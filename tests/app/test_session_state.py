@@ -373,9 +373,9 @@ def test_garbage_collection_stays_on_the_gui_thread_while_a_worker_runs(qtbot):
     # the GUI thread and deadlock PySide; while a worker runs, the GUI thread collects.
     import gc
 
-    from rdc_studio.app.worker import JobRunner
+    from rdc_studio.app.worker import JobRunner, wait_for_workers
 
-    assert gc.isenabled()
+    assert wait_for_workers(10000) and gc.isenabled()  # no worker of an earlier test left running
     runner = JobRunner()
     release = threading.Event()
     seen_in_worker = []
@@ -401,6 +401,19 @@ def test_garbage_collection_stays_on_the_gui_thread_while_a_worker_runs(qtbot):
     assert not gc.isenabled()
     assert runner.shutdown(10000)
     assert gc.isenabled()
+
+
+def test_garbage_collection_comes_back_on_without_a_finished_slot(qtbot):
+    """A runner deleted before its thread's queued ``finished`` arrived never reports the end:
+    the GUI thread's collection timer then turns automatic collection back on by itself."""
+    import gc
+
+    from rdc_studio.app.worker import _COLLECTION, live_workers, wait_for_workers
+
+    assert wait_for_workers(10000) and live_workers() == 0
+    _COLLECTION.workers_started()  # as if a worker had started and its end was never reported
+    assert not gc.isenabled()
+    qtbot.waitUntil(gc.isenabled, timeout=10000)
 
 
 def test_cancelled_job_never_reports_and_drains(qtbot):
