@@ -339,14 +339,12 @@ def parse_threats(text: str) -> list[tuple[str, str]]:
             raise SystemExit(f"robustness_table: --threats: {part!r} is not NORM:EPS with NORM one of "
                              f"{', '.join(NORM_LABELS)}")
         try:
-            value = parse_fraction(eps)
-        except ValueError:
-            value = float("nan")
-        if not value > 0:
-            raise SystemExit(f"robustness_table: --threats: {part!r}: eps must be a positive number")
-        if any(n == norm and parse_fraction(e) == value for n, e in threats):
+            eps = eps_radius(eps)
+        except argparse.ArgumentTypeError:
+            raise SystemExit(f"robustness_table: --threats: {part!r}: eps must be a positive number") from None
+        if any(n == norm and parse_fraction(e) == parse_fraction(eps) for n, e in threats):  # 16/510 = 8/255
             raise SystemExit(f"robustness_table: --threats: {part!r} is given twice")
-        threats.append((norm, canonical_eps(eps)))
+        threats.append((norm, eps))
     if not threats:
         raise SystemExit("robustness_table: --threats names no threat model")
     return threats

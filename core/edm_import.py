@@ -715,9 +715,9 @@ def import_edm(source: str | Path, out: str | Path, command: str | None = None,
         where that is the output itself (e.g. ``runA/`` and ``runB/network-snapshot-200000.pkl``
         into one folder); a file already there is kept when it is the same snapshot's
         conversion (another card may name it by sha256) and refused otherwise; a checkpoint
-        is referenced where it is (and an output that would overwrite it is refused). The card then names it (path relative to the card,
-        sha256), so the pair loads as one model: the classifier classifies, the purifier's
-        network purifies. No file is written before both networks are converted and checked.
+        is referenced where it is (and an output that would overwrite it is refused). The
+        card then names it (path relative to the card, sha256), so the pair loads as one
+        model: the classifier classifies, the purifier's network purifies. No file is written before both networks are converted and checked.
     preset
         Optional: a preset name (:mod:`core.presets`) recorded as the card's default.
     """
