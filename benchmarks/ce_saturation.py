@@ -61,6 +61,18 @@ def trajectory(clf, x, y, ids, settings) -> tuple[list[dict], bool]:
                       "margin": round(float(record.margin[0]), 3), "step_size": float(record.step_size[0])})
 
 
+LOSSES = {"float32": contextlib.nullcontext, "float64": float64_cross_entropy}
+
+
+def loss_list(text: str) -> list[str]:
+    """``--losses``: a comma-separated subset of the cross-entropy precisions, in the given order."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in LOSSES]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(LOSSES)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="mnist-embedding")
@@ -71,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=20, help="APGD-CE steps (default 20)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--data-root", default=None)
+    p.add_argument("--losses", type=loss_list, default=list(LOSSES),
+                   help="which cross-entropies to run, comma-separated (default float32,float64); "
+                        "two processes with one each run the halves side by side on two cores")
     p.add_argument("--out", default=None, help="write the JSON report here")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -97,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     trace_settings = AttackSettings(method="apgd", loss="ce", norm="linf", eps=args.trace_eps, steps=args.steps)
     xi, yi = ds.float_images(torch.tensor([args.digit])), ds.labels[[args.digit]]
     traces = {}
-    for name, scope in (("float32", contextlib.nullcontext), ("float64", float64_cross_entropy)):
-        with scope():
+    for name in args.losses:
+        with LOSSES[name]():
             steps, broken = trajectory(clf, xi, yi, [args.digit], trace_settings)
         traces[name] = {"broken": broken, "steps": steps}
         print(f"digit {args.digit}, l-inf {args.trace_eps:g}, {name} cross-entropy: margin {steps[0]['margin']:.1f} "
@@ -109,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     broken_by = {}
     if saturated:
         xs, ys = ds.float_images(torch.tensor(saturated)), ds.labels[saturated]
-        for name, scope in (("float32", contextlib.nullcontext), ("float64", float64_cross_entropy)):
-            with scope():
+        for name in args.losses:
+            with LOSSES[name]():
                 result = run_to_end(run_attack(clf, xs, ys, compare, example_ids=saturated))
             broken_by[name] = [i for i, s in zip(saturated, result.success.tolist()) if s]
             print(f"APGD-CE, l-inf {args.eps:g}, {args.steps} steps, {name} cross-entropy: broke "

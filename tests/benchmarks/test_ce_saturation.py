@@ -42,3 +42,23 @@ def test_the_report_holds_margins_trace_and_comparison(bench, tiny_checkpoint, t
     assert len(report["trace"]["float32"]["steps"]) >= 1
     assert report["comparison"]["digits"] == report["saturated"]
     assert report["command"].startswith("python benchmarks/ce_saturation.py --model")
+
+
+def test_losses_option_picks_halves_in_order_and_rejects_unknown_names(bench):
+    assert bench.loss_list("float64") == ["float64"]
+    assert bench.loss_list("float64, float32,float64") == ["float64", "float32"]
+    with pytest.raises(Exception, match="float32, float64"):
+        bench.loss_list("float16")
+    with pytest.raises(Exception):
+        bench.loss_list(" , ")
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs ../shared/data MNIST")
+def test_one_half_reports_only_that_loss(bench, tiny_checkpoint, tmp_path):
+    out = tmp_path / "ce64.json"
+    assert bench.main(["--model", str(tiny_checkpoint), "--n", "3", "--steps", "2", "--losses", "float64",
+                       "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert "float64" in report["trace"] and "float32" not in report["trace"]
+    assert set(report["comparison"]["broken"]) <= {"float64"}
+    assert "--losses float64" in report["command"]
