@@ -38,9 +38,17 @@ _LIVE_LOCK = threading.Lock()
 
 
 def live_workers() -> int:
-    """How many worker threads (of any runner) are still running."""
+    """How many worker threads (of any runner) are still running.
+
+    Also forgets threads that have finished: a runner deleted before its thread's queued
+    ``finished`` arrived never discards its thread, and the set would keep it for ever.
+    """
     with _LIVE_LOCK:
-        return sum(1 for t in _LIVE if t.isRunning())
+        ended = [t for t in _LIVE if t.isFinished()]
+        _LIVE.difference_update(ended)
+        running = sum(1 for t in _LIVE if t.isRunning())
+    del ended  # the last references to threads of deleted runners, dropped outside the lock
+    return running
 
 
 def wait_for_workers(timeout_ms: int | None = 60000) -> bool:

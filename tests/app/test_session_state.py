@@ -416,6 +416,29 @@ def test_garbage_collection_comes_back_on_without_a_finished_slot(qtbot):
     qtbot.waitUntil(gc.isenabled, timeout=10000)
 
 
+def test_a_finished_thread_of_a_deleted_runner_is_forgotten(qtbot):
+    """A runner deleted before its thread's queued ``finished`` arrived never discards the
+    thread from the live set; the next look at the live workers does."""
+    from shiboken6 import isValid as shiboken_valid
+
+    from rdc_studio.app import worker
+
+    assert worker.wait_for_workers(10000) and worker.live_workers() == 0
+    runner = worker.JobRunner()
+    release = threading.Event()
+    runner.start(lambda cancelled: release.wait(10))
+    (thread,) = runner._threads.values()
+    with worker._LIVE_LOCK:
+        assert thread in worker._LIVE
+    runner.deleteLater()
+    qtbot.waitUntil(lambda: not shiboken_valid(runner), timeout=10000)  # the runner is gone
+    release.set()
+    assert thread.wait(10000)
+    assert worker.live_workers() == 0
+    with worker._LIVE_LOCK:
+        assert thread not in worker._LIVE
+
+
 def test_cancelled_job_never_reports_and_drains(qtbot):
     from rdc_studio.app.worker import JobRunner, live_workers
 
