@@ -216,8 +216,9 @@ class SessionState:
         self._notify("purification")
 
     @staticmethod
-    def error_summary(error: str, limit: int = 200) -> str:
-        """The first line of a run's error, shortened to ``limit`` characters ("" for none)."""
+    def error_summary(error: str, limit: int = 120) -> str:
+        """The first line of a run's error, shortened to ``limit`` characters ("" for none): about
+        two lines of a verdict; the whole error goes in its tooltip and the error dialog."""
         lines = error.strip().splitlines()
         line = lines[0] if lines else ""
         return line if len(line) <= limit else line[:limit - 1] + "\u2026"

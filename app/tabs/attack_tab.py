@@ -144,9 +144,10 @@ class AttackTab(QWidget):
         else:
             self.stopped()
 
-    def _set_verdict(self, text: str, colour: str) -> None:
+    def _set_verdict(self, text: str, colour: str, details: str = "") -> None:
         self.verdict.setText(text)
         self.verdict.setStyleSheet(VERDICT_STYLE.format(colour))
+        self.verdict.setToolTip(details)
 
     def begin(self, x: np.ndarray, source: str, iterations: int, binarize: float | None = None,
               settings: dict | None = None, known_class: int | None = None, of_input: bool = False,
@@ -233,7 +234,8 @@ class AttackTab(QWidget):
 
     def failed(self) -> None:
         error = self.state.error_summary(self.state.attack.error)
-        self._set_verdict("The attack failed with an error" + (f": {error}" if error else "."), BAD)
+        self._set_verdict("The attack failed with an error" + (f": {error}" if error else "."), BAD,
+                          details=self.state.attack.error.strip())
 
     def _on_purify_button_clicked(self) -> None:
         outcome = self.state.attack.outcome

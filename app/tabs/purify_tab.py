@@ -170,6 +170,7 @@ class PurifyTab(QWidget):
             error = self.state.error_summary(self.state.purification.error) if how == "Failed" else ""
             reason = f" ({error})" if error else ""
             self.view.caption.setText(f"{how} after step {done}{reason}; replay the steps made below.")
+            self.view.caption.setToolTip(self.state.purification.error.strip() if how == "Failed" else "")
         else:  # nothing of this run to show: not the last run's image either
             self.view.set_image(None, f"{how} before the first step.")
 

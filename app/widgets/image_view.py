@@ -46,6 +46,7 @@ class ImageView(QWidget):
             self.item.setImage(hwc, levels=(0.0, 1.0), autoLevels=False)
             self.fit()
         self.caption.setText(caption)
+        self.caption.setToolTip("")  # a tooltip explains the caption it came with
 
     def fit(self) -> None:
         """Show the whole image, as large as the pane allows (again after a resize until the
@@ -122,6 +123,7 @@ class PerturbationView(ImageView):
             self.image = None
             self.item.clear()
             self.caption.setText("")
+            self.caption.setToolTip("")
             return
         self.image = np.array(delta, copy=True)
         colour = delta.shape[0] == 3

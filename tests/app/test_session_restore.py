@@ -223,6 +223,8 @@ def test_failed_runs_reopen_failed_with_their_error_not_as_stopped(qtbot, window
     assert before["verdict"][0] == "The attack failed with an error: RuntimeError: CUDA out of memory (on purpose)"
     assert window.purify_view.title.text().startswith("<b>Failed")
     assert "(RuntimeError: CUDA out of memory (on purpose))" in window.purify_view.caption.text()
+    for label in (window.attack_tab.verdict, window.purify_view.caption):  # the whole error on hover
+        assert label.toolTip() == "RuntimeError: CUDA out of memory (on purpose)\nsecond line"
     path = tmp_path / "session.json"
     assert window.save_session(str(path))
     results = json.loads(path.read_text())["results"]

@@ -19,6 +19,14 @@ def test_session_state_imports_no_qt():
     assert out.strip() == "False"
 
 
+def test_an_error_summary_is_its_first_line_shortened_to_about_two_lines_of_a_verdict():
+    long = "CUDA out of memory. Tried to allocate 2.00 GiB " + "x" * 300 + "\nTraceback..."
+    summary = SessionState.error_summary(long)
+    assert len(summary) == 120 and summary.endswith("\u2026") and summary.startswith("CUDA out of memory.")
+    assert SessionState.error_summary("  short\nsecond") == "short"
+    assert SessionState.error_summary("") == "" and SessionState.error_summary("\n \n") == ""
+
+
 def test_session_state_notifies_and_exports():
     state = SessionState(["a", "b"])
     events = []
